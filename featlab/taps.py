@@ -1,0 +1,135 @@
+"""Taps: named intermediate tensors of a backbone graph, and how to expose them.
+
+A tap is what a researcher asks for by name (``stage4_unit1_conv1``, ``res3``)
+or by index in network order. Backbone-specific resolvers (``iresnet``,
+``dlibnet``, the dlib-age rules in ``backbones``) turn a graph into a list of
+:class:`TapInfo`; this module holds the common record and the helpers that
+every backbone shares: lookup with suggestions, and rewriting an ONNX graph so
+that the requested tensors become graph outputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    """One tap, in the spirit of timm's ``feature_info``.
+
+    name:    canonical name users ask for.
+    tensor:  the ONNX tensor (node output) that holds it.
+    shape:   per-face shape, e.g. (C, H, W) or (D,), at the backbone's input size.
+    index:   position in network order (0 = closest to the input).
+    aliases: other names that resolve to the same tensor.
+    note:    anything a user must know (e.g. "BatchNorm folded into this conv").
+    """
+
+    name: str
+    tensor: str
+    shape: tuple[int, ...]
+    index: int
+    aliases: tuple[str, ...] = field(default=())
+    note: str = ""
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+
+class UnknownTap(KeyError):
+    """A tap name that the backbone does not define; the message lists near names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want plain text
+        return str(self.args[0])
+
+
+def find_tap(taps: list[TapInfo], wanted: str | int) -> TapInfo:
+    """Resolve a tap by canonical name, alias, or integer index (negative allowed)."""
+    if isinstance(wanted, int) or (isinstance(wanted, str) and wanted.lstrip("-").isdigit()):
+        i = int(wanted)
+        try:
+            return taps[i]
+        except IndexError:
+            raise UnknownTap(f"tap index {i} is out of range: this backbone has {len(taps)} taps (0..{len(taps) - 1})") from None
+    for t in taps:
+        if wanted == t.name or wanted in t.aliases:
+            return t
+    names = [t.name for t in taps] + [a for t in taps for a in t.aliases]
+    near = difflib.get_close_matches(wanted, names, n=5, cutoff=0.5)
+    hint = f"; nearest valid names: {', '.join(near)}" if near else ""
+    raise UnknownTap(f"unknown tap {wanted!r}{hint} (run `featlab layers` for the full list)")
+
+
+def expose_outputs(model, tensors: list[str]):
+    """Return a copy of the ONNX ``model`` whose outputs are exactly ``tensors``.
+
+    Shapes and element types come from ONNX shape inference; nodes that no
+    requested output depends on are pruned so that a shallow tap does not pay
+    for the rest of the network.
+    """
+    import onnx
+    from onnx import helper, shape_inference
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    try:
+        inferred = shape_inference.infer_shapes(m)
+    except Exception:  # noqa: BLE001 - inference is a convenience only
+        inferred = m
+    vi = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
+    outs = []
+    for t in tensors:
+        if t in vi:
+            v = onnx.ValueInfoProto()
+            v.CopyFrom(vi[t])
+            outs.append(v)
+        else:
+            outs.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    del m.graph.output[:]
+    m.graph.output.extend(outs)
+    # prune nodes that no output needs
+    needed = set(tensors)
+    keep = []
+    for node in reversed(m.graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    keep.reverse()
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    used = {i for n in keep for i in n.input}
+    inits = [t for t in m.graph.initializer if t.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(inits)
+    return m
+
+
+def infer_shapes(model, input_size: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Per-face shapes (batch dimension dropped) of every tensor, by ONNX shape inference.
+
+    When the graph's spatial input dims are dynamic, ``input_size`` fixes them.
+    """
+    import onnx
+    from onnx import shape_inference
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inp = m.graph.input[0]
+    dims = inp.type.tensor_type.shape.dim
+    if input_size and len(dims) == 4:
+        for d in dims[2:]:
+            if not d.dim_value:
+                d.ClearField("dim_param")
+                d.dim_value = int(input_size)
+    m = shape_inference.infer_shapes(m)
+    out = {}
+    for v in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
+        ds = v.type.tensor_type.shape.dim
+        if len(ds) >= 1:
+            out[v.name] = tuple(int(d.dim_value) for d in ds[1:])
+    return out

@@ -1,3 +1,366 @@
-"""featlab's command line (placeholder until the full CLI lands)."""
-def main():
-    print("featlab")
+"""featlab's command line: one subcommand per pipeline step.
+
+Heavy libraries are imported inside the commands that use them, so that
+``featlab --help`` and the data commands start in well under a second;
+TensorFlow is imported only by train-head, evaluate, predict and the
+commands that chain them (run, demo, compare --sweep).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import FeatlabError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Probe frozen face-recognition networks for age and gender: prepare -> extract -> train-head -> evaluate -> compare.",
+)
+convert_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert third-party model files to ONNX.")
+app.add_typer(convert_app, name="convert")
+
+
+def _echo(msg: str = "") -> None:
+    typer.echo(msg)
+
+
+def _cfg(section: str, key: str, default=None):
+    from . import config
+
+    return config.get(section, key, default)
+
+
+def _need(value, what: str, hint: str):
+    if value in (None, "", []):
+        raise FeatlabError(f"no {what} given: {hint}")
+    return value
+
+
+# ------------------------------------------------------------------------------------ prepare
+@app.command()
+def prepare(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="adapter name (see --list)"),
+    root: Optional[Path] = typer.Option(None, "--root", help="dataset folder (or CSV file for --dataset csv)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="manifest CSV to write [features/manifests/DATASET.csv]"),
+    list_: bool = typer.Option(False, "--list", help="list the dataset adapters and exit"),
+    seed: int = typer.Option(0, help="seed of the stratified train/val/test split (datasets without their own)"),
+    face_score_min: float = typer.Option(1.0, help="imdb/wiki: keep faces with face_score above this"),
+    path_col: str = typer.Option("path", help="csv: column holding image paths"),
+    age_col: str = typer.Option("age", help="csv: column holding ages"),
+    gender_col: str = typer.Option("gender", help="csv: column holding genders"),
+    show_skipped: int = typer.Option(10, help="how many skipped images to name"),
+):
+    """Turn a dataset on disk into a featlab manifest (one schema for every dataset)."""
+    from .datasets import ADAPTERS, prepare_dataset
+    from .manifest import write_manifest
+
+    if list_:
+        for a in ADAPTERS.values():
+            _echo(f"{a.name:12s} {a.summary}")
+        return
+    dataset = _need(dataset, "--dataset", "pass --dataset NAME (see `featlab prepare --list`)")
+    root = Path(_need(root or _cfg("data", dataset), "--root", f"pass --root DIR or set [data].{dataset} in featlab.toml"))
+    opts = {"face_score_min": face_score_min, "path_col": path_col, "age_col": age_col, "gender_col": gender_col}
+    df, res = prepare_dataset(dataset, root, seed=seed, **opts)
+    from . import config
+
+    out = out or config.features_dir() / "manifests" / f"{dataset}.csv"
+    write_manifest(df, out)
+    _echo(f"wrote {out}: {len(df):,} rows from {root}")
+    if "split" in df and (df["split"] != "").any():
+        _echo("  split: " + ", ".join(f"{k} {v:,}" for k, v in df["split"].value_counts().items() if k))
+    if df["fold"].notna().any():
+        _echo("  folds: " + ", ".join(f"{int(k)}: {v:,}" for k, v in df["fold"].value_counts().sort_index().items()))
+    if res.counts:
+        _echo(f"skipped or filtered: {sum(res.counts.values()):,}")
+        for reason, n in sorted(res.counts.items(), key=lambda kv: -kv[1]):
+            _echo(f"  {n:7,}  {reason}")
+    for what, reason in res.skipped[:show_skipped]:
+        _echo(f"  skipped {what}: {reason}")
+    if len(res.skipped) > show_skipped:
+        _echo(f"  ... and {len(res.skipped) - show_skipped:,} more")
+
+
+# ------------------------------------------------------------------------------------ bins
+@app.command()
+def bins(manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="also count a manifest's ages per bin")):
+    """Print the age-bin schemes (5, 7, 8 groups) and, given a manifest, its counts per bin."""
+    from .bins import SCHEMES
+
+    df = None
+    if manifest:
+        from .manifest import read_manifest
+
+        df = read_manifest(manifest)
+    for key in ("5", "7", "8"):
+        s = SCHEMES[key]
+        _echo(f"--cats {key}")
+        counts = None
+        if df is not None:
+            import numpy as np
+
+            idx = s.assign(df["age"].to_numpy())
+            counts = np.bincount(idx[idx >= 0], minlength=s.n)
+        for i, (name, title) in enumerate(zip(s.names, s.titles)):
+            lo = s.lower[i]
+            hi = s.lower[i + 1] if i + 1 < s.n else None
+            rng = f"[{lo:g}, {hi:g})" if hi is not None else f"[{lo:g}, inf)"
+            line = f"  {i}  {name:>6s}  {title:14s} ages {rng}"
+            if counts is not None:
+                line += f"  {counts[i]:7,}"
+            _echo(line)
+    if df is not None:
+        _echo(f"rows without age: {int(df['age'].isna().sum()):,} of {len(df):,}")
+
+
+# ------------------------------------------------------------------------------------ peek
+@app.command()
+def peek(
+    manifest: Optional[Path] = typer.Option(None, "--manifest", "-m"),
+    n: int = typer.Option(64, "--n", help="number of images"),
+    out: Path = typer.Option(Path("sheet.png"), "--out", "-o"),
+    seed: int = typer.Option(0),
+):
+    """Draw a contact sheet of random manifest images with their labels, to check data by eye."""
+    from .manifest import read_manifest
+    from .peek import draw_contact_sheet
+
+    manifest = Path(_need(manifest or _cfg("paths", "manifest"), "--manifest", "pass --manifest M.csv"))
+    df = read_manifest(manifest)
+    p = draw_contact_sheet(df, out, n=n, seed=seed, title=manifest.name)
+    _echo(f"wrote {p}")
+
+
+# ------------------------------------------------------------------------------------ layers
+@app.command()
+def layers(
+    backbone: str = typer.Option(None, "--backbone", "-b", help="backbone name [r100, or featlab.toml]"),
+    model: Optional[str] = typer.Option(None, "--model", help="model file (ONNX; .dat for dlib-rec)"),
+    all_: bool = typer.Option(True, "--all/--main", help="every tap, or only the named/aliased ones"),
+):
+    """List every tap of a backbone with its shape (and, on folded graphs, what each conv includes)."""
+    from .backbones import REGISTRY, Backbone
+
+    backbone = backbone or _cfg("extract", "backbone", "r100")
+    bb = Backbone(backbone, model or _cfg("models", backbone))
+    _echo(f"{backbone}: {bb.model_path}")
+    _echo(f"  sha256 {bb.sha256[:16]}…  input {bb.geometry.size}x{bb.geometry.size} RGB, {bb.geometry.kind} geometry")
+    for t in bb.taps:
+        if not all_ and not t.aliases and t.name == t.tensor:
+            continue
+        shape = "x".join(str(d) for d in t.shape)
+        extra = f"  (= {', '.join(t.aliases)})" if t.aliases else ""
+        note = f"  [{t.note}]" if t.note else ""
+        _echo(f"  {t.index:4d}  {t.name:28s} {shape:>12s}{extra}{note}")
+    _echo(f"{len(bb.taps)} taps; ask for one with `featlab extract --backbone {backbone} --layer NAME`")
+    del REGISTRY
+
+
+# ------------------------------------------------------------------------------------ extract
+@app.command()
+def extract(
+    layer: List[str] = typer.Option(None, "--layer", "-l", help="tap name, alias or index; repeat for several; NAME@avg pools"),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="manifest CSV [featlab.toml paths.manifest]"),
+    backbone: str = typer.Option(None, "--backbone", "-b", help="backbone [r100, or featlab.toml extract.backbone]"),
+    model: Optional[str] = typer.Option(None, "--model", help="model file [featlab.toml models.BACKBONE, then the insightface packs]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 file [features/BACKBONE/DATASET.h5]"),
+    align: bool = typer.Option(False, "--align", help="detect and align faces (in-the-wild images)"),
+    flip: bool = typer.Option(False, "--flip", help="store the mean of the face and its mirror image"),
+    pool: Optional[str] = typer.Option(None, "--pool", help="pool every tap: avg, max, or avgN/maxN for an NxN grid"),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 or float32"),
+    compression: str = typer.Option("none", "--compression", help="none, lz4, zstd, blosclz"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="decode/align threads"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="only the first N manifest rows"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Run a frozen backbone over a manifest once, writing every requested tap to one HDF5 file (resumable)."""
+    from .extract import extract as run_extract
+
+    manifest = Path(_need(manifest or _cfg("paths", "manifest"), "--manifest", "pass --manifest M.csv or set [paths].manifest in featlab.toml"))
+    backbone = backbone or _cfg("extract", "backbone", "r100")
+    if dtype not in ("float16", "float32"):
+        raise FeatlabError("--dtype must be float16 or float32")
+    from .store import COMPRESSION
+
+    if compression not in COMPRESSION:
+        raise FeatlabError(f"--compression must be one of {', '.join(COMPRESSION)}")
+    rep = run_extract(manifest, list(layer or []), backbone=backbone, model=model or _cfg("models", backbone), out=out,
+                      align=align, flip=flip, pool=pool, dtype=dtype, compression=compression, batch_size=batch_size,
+                      workers=workers, limit=limit, progress=not quiet)
+    _echo(f"{rep.out}: {rep.rows_total:,} faces ({rep.rows_added:,} new, {rep.skipped_added:,} skipped) "
+          f"in {rep.seconds:.1f} s, {rep.images_per_s:,.0f} images/s on {rep.provider}")
+    for k, v in rep.filled.items():
+        _echo(f"  added tap {k} for {v:,} existing rows")
+    for why, n in sorted(rep.skip_reasons.items(), key=lambda kv: -kv[1]):
+        _echo(f"  skipped {n:,}: {why}")
+
+
+@app.command()
+def info(features: Path = typer.Argument(..., help="features .h5 file")):
+    """Summarise a features file: backbone, model hash, taps, rows, skipped images."""
+    from .store import FeatureStore
+
+    with FeatureStore.open_read(features) as s:
+        a = s.attrs
+        _echo(f"{features}: {s.nrows:,} faces, backbone {a.get('backbone')}, model sha256 {str(a.get('model_sha256'))[:16]}…")
+        _echo(f"  dataset {a.get('dataset')}  flip {a.get('flip')}  align {a.get('align')}  featlab {a.get('featlab_version')}")
+        for k, t in s.tap_info().items():
+            arr = s.array(k)
+            _echo(f"  tap {k:28s} {'x'.join(map(str, t['shape'])):>12s} {t['dtype']:8s} rows {arr.nrows:,}")
+        sk = s.skipped()
+        if len(sk):
+            _echo(f"  skipped {len(sk):,}:")
+            for r, n in sk["reason"].value_counts().items():
+                _echo(f"    {n:6,}  {r}")
+
+
+# ------------------------------------------------------------------------------------ heads
+@app.command("train-head")
+def train_head(
+    cats: Optional[int] = typer.Option(None, "--cats", help="age bins: 5, 7 or 8 groups"),
+    regression: bool = typer.Option(False, "--regression", help="age in years"),
+    target: Optional[str] = typer.Option(None, "--target", help="bins, age or gender"),
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="tap key in the features file [featlab.toml head.layer]"),
+    features: Optional[Path] = typer.Option(None, "--features", "-f", help="features .h5 [featlab.toml head.features]"),
+    fold: Optional[str] = typer.Option(None, "--fold", help="Adience protocol: test fold K (train on the others)"),
+    folds: Optional[str] = typer.Option(None, "--folds", help="'all' runs the 5-fold protocol"),
+    hidden: str = typer.Option("auto", "--hidden", help="hidden layer sizes, e.g. 512,128; 0 for a linear head"),
+    dropout: Optional[float] = typer.Option(None, "--dropout"),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    ordinal: Optional[bool] = typer.Option(None, "--ordinal/--softmax", help="bins: CORAL cumulative outputs or softmax"),
+    seed: int = typer.Option(0, "--seed"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Train a lean Keras head on one tap, then evaluate it on the test split."""
+    from .recipes import head_target, run_head
+
+    tgt, cats = head_target(target, cats, regression)
+    features = Path(_need(features or _cfg("head", "features"), "--features", "pass --features FILE.h5 or set [head].features in featlab.toml"))
+    layer = _need(layer or _cfg("head", "layer"), "--layer", "pass --layer TAP or set [head].layer in featlab.toml")
+    opts = {k: v for k, v in dict(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, ordinal=ordinal).items() if v is not None}
+    out = run_head(features, layer, tgt, cats, fold=folds or fold, seed=seed, verbose=0 if quiet else 1, **opts)
+    _echo(f"head written to {out}")
+
+
+@app.command()
+def evaluate(
+    head: Path = typer.Option(..., "--head", help="head folder (results/.../TARGET)"),
+    features: Optional[Path] = typer.Option(None, "--features", "-f", help="another features file of the same backbone and tap"),
+    split: str = typer.Option("test", "--split"),
+):
+    """Evaluate a trained head: accuracy, 1-off, MAE, confusion matrices (CSV + PNG), subgroups."""
+    from .evaluate import evaluate_head
+    from .recipes import summary_line
+
+    m = evaluate_head(head, features=features, split=split)
+    _echo(summary_line(m))
+
+
+@app.command()
+def compare(
+    cats: Optional[int] = typer.Option(None, "--cats"),
+    target: Optional[str] = typer.Option(None, "--target", help="bins, age or gender"),
+    regression: bool = typer.Option(False, "--regression"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d"),
+    features: Optional[Path] = typer.Option(None, "--features", "-f", help="with --sweep: the features file to extend"),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="with --sweep: the manifest"),
+    sweep: bool = typer.Option(False, "--sweep", help="extract, train and evaluate every residual-unit tap, then plot against depth"),
+):
+    """Gather every evaluated tap of one backbone and dataset into a comparison table and bar chart."""
+    from .recipes import compare_cmd, head_target
+
+    tgt, cats = head_target(target, cats or (None if (target or regression) else 7), regression)
+    res = compare_cmd(tgt, cats, backbone=backbone, dataset=dataset, sweep=sweep, features=features, manifest=manifest)
+    for p in res.get("files", []):
+        _echo(f"wrote {p}")
+
+
+# ------------------------------------------------------------------------------------ run / demo / predict
+@app.command()
+def run(
+    spec: Path = typer.Argument(..., help="experiment spec (TOML)"),
+    set_: List[str] = typer.Option(None, "--set", help="override a spec value: section.key=value"),
+    force: bool = typer.Option(False, "--force", help="redo steps even when their outputs exist"),
+):
+    """Run an experiment spec: prepare -> extract -> train-head -> evaluate -> compare, skipping finished steps."""
+    from .experiment import run_spec
+
+    report = run_spec(spec, overrides=list(set_ or []), force=force)
+    _echo(f"report: {report}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("."), "--out", help="where features/ and results/ go"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="dlib-rec (default when available) or dlib-age"),
+):
+    """The whole pipeline offline on the UTKFace sample shipped inside featlab (a few minutes on 2 cores)."""
+    from .experiment import run_demo
+
+    report = run_demo(out, backbone=backbone)
+    _echo(f"report: {report}")
+
+
+@app.command()
+def predict(
+    images: List[Path] = typer.Argument(..., help="image files or folders"),
+    head: List[Path] = typer.Option(..., "--head", help="trained head folder; repeat for several"),
+    annotate: Optional[Path] = typer.Option(None, "--annotate", help="write annotated copies here"),
+    model: Optional[str] = typer.Option(None, "--model", help="backbone model file, if not the one recorded in the head"),
+    no_align: bool = typer.Option(False, "--no-align", help="images are already aligned crops: no detection"),
+):
+    """Detect and align every face, run the backbone and the heads, print one line per face."""
+    from .predict import predict_paths
+
+    predict_paths(images, head, annotate=annotate, model=model, align=not no_align, echo=_echo)
+
+
+@convert_app.command("dlib")
+def convert_dlib_cmd(dat: Path = typer.Argument(..., help="dlib .dat network"), out: Path = typer.Argument(..., help="ONNX file to write")):
+    """Convert dlib's face-recognition ResNet (.dat) to ONNX with one named node per dlib layer."""
+    from .dlibnet import convert_dlib
+
+    p = convert_dlib(dat, out)
+    _echo(f"wrote {p}")
+
+
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context, version: bool = typer.Option(False, "--version", help="print the version and exit")):
+    if version:
+        from . import __version__
+
+        _echo(f"featlab {__version__}")
+        raise typer.Exit()
+    if ctx.invoked_subcommand is None:
+        _echo(ctx.get_help())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; a FeatlabError becomes one red line on stderr and exit status 2."""
+    try:
+        app(args=argv, prog_name="featlab")  # standalone: usage errors print and exit 2
+    except FeatlabError as e:
+        typer.secho(f"featlab: {e}", err=True, fg="red")
+        return 2
+    except KeyboardInterrupt:
+        typer.secho("featlab: interrupted (finished batches are kept; rerun the same command to resume)", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -199,8 +199,6 @@ def extract(
                 if ok:
                     chips = np.stack([results[i][0] for i in ok])
                     feats = _features(runner, chips, all_keys, flip)
-                else:
-                    feats = {k: np.empty((0,)) for k in all_keys}
                 store.append(feats, [label_row(records[start + i]) for i in ok], skipped)
                 report.rows_added += len(ok)
                 report.skipped_added += len(skipped)

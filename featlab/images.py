@@ -31,9 +31,11 @@ def load_rgb(path: str | Path) -> np.ndarray:
         raise BadImage("file not found") from None
     if size == 0:
         raise BadImage("empty file (0 bytes)")
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, before decoding
     try:
         with Image.open(p) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise BadImage(f"image too large ({im.width}x{im.height}, over {MAX_PIXELS // 1_000_000} megapixels)")
             if im.width * im.height > WORK_PIXELS and im.format == "JPEG":
                 im.draft("RGB", (im.width // 4, im.height // 4))
             im = ImageOps.exif_transpose(im)

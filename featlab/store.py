@@ -148,8 +148,12 @@ class FeatureStore:
                     f"cannot reopen {path} to resume ({e}); the file is damaged: move it aside and extract again"
                 ) from None
             store = cls(h5, path)
-            store._check_identity(identity)
-            store._repair()
+            try:
+                store._check_identity(identity)
+                store._repair()
+            except BaseException:
+                h5.close()
+                raise
             return store
         h5 = tb.open_file(str(path), mode="w", title="featlab features")
         h5.create_table("/", "labels", _label_description(), "faces, row-aligned with /taps/*")
@@ -270,7 +274,7 @@ class FeatureStore:
     def append(self, features: dict[str, np.ndarray], labels: list[tuple], skipped: list[tuple] = ()) -> None:
         """Append one block: tap rows first, then labels, then skipped; then flush."""
         n = len(labels)
-        for key, x in features.items():
+        for key, x in (features.items() if n else ()):
             if len(x) != n:
                 raise ValueError(f"tap {key}: {len(x)} rows for {n} labels")
             arr = self.array(key)

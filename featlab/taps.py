@@ -41,7 +41,10 @@ class TapInfo:
         return n
 
 
-class UnknownTap(KeyError):
+from .errors import FeatlabError
+
+
+class UnknownTap(FeatlabError, KeyError):
     """A tap name that the backbone does not define; the message lists near names."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want plain text

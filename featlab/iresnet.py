@@ -20,9 +20,10 @@ normalised). This module
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,6 +33,7 @@ __all__ = [
     "UNITS",
     "INPUT_MEAN",
     "INPUT_SCALE",
+    "PYTORCH_INPUT_SCALE",
     "NotIResNet",
     "build_iresnet",
     "save",
@@ -47,6 +49,9 @@ UNITS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30,
 #: the MXNet graphs compute (x - INPUT_MEAN) * INPUT_SCALE on raw 0..255 pixels
 INPUT_MEAN = 127.5
 INPUT_SCALE = 0.0078125  # 1 / 128
+#: PyTorch exports expect (x - INPUT_MEAN) * PYTORCH_INPUT_SCALE (InsightFace's
+#: own code feeds glintr100 / w600k_r50 (x - 127.5) / 127.5)
+PYTORCH_INPUT_SCALE = 1.0 / 127.5
 BN_EPS = 2e-5  # InsightFace's MXNet BatchNorm epsilon
 OPSET = 17
 IR_VERSION = 8
@@ -166,7 +171,6 @@ class _Writer:
         self.nodes = []
         self.inits = []
         self.counter = 0
-        self.op_counter = defaultdict(int)
 
     def _names(self, op, name):
         """(node name, output tensor name) for a new node."""
@@ -182,7 +186,6 @@ class _Writer:
         if self.style == "mxnet":
             iname = f"{node_name}_{role}"
         else:
-            self.op_counter[op] += 1
             iname = f"onnx::{op}_{1000 + len(self.inits)}"
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), iname))
         return iname
@@ -236,8 +239,9 @@ def build_iresnet(
     ``style="pytorch"``: the same network (same ``seed`` -> same weights) as
     torch.onnx exports it: anonymous names (``Conv_12``, tensor ``112``),
     every BatchNorm that follows a conv folded into the conv, and the input
-    expected already normalised. ``pytorch(normalise_input(x)) ==
-    mxnet(x)`` up to float32 rounding.
+    expected already normalised as InsightFace normalises it for its PyTorch
+    exports, ``(x - 127.5) / 127.5`` (conv0 absorbs the 127.5/128 factor).
+    ``pytorch(normalise_input(x)) == mxnet(x)`` up to float32 rounding.
 
     The batch dimension is dynamic; the spatial size is ``input_size``.
     """
@@ -253,7 +257,10 @@ def build_iresnet(
     if style == "mxnet":
         x = wr.node("Sub", [x], "_minusscalar0", [("second", np.array(INPUT_MEAN, np.float32))])
         x = wr.node("Mul", [x], "_mulscalar0", [("second", np.array(INPUT_SCALE, np.float32))])
-    x = wr.conv_bn(x, net["conv0"], net["bn0"], "conv0", "bn0")
+    w0 = net["conv0"]
+    if style == "pytorch":  # inputs come scaled by 1/127.5 instead of 1/128
+        w0 = w0.astype(np.float64) * (INPUT_SCALE / PYTORCH_INPUT_SCALE)
+    x = wr.conv_bn(x, w0, net["bn0"], "conv0", "bn0")
     x = wr.prelu(x, net["relu0"], "relu0")
     for k, unit in enumerate(net["units"]):
         n = unit["name"]
@@ -292,15 +299,29 @@ def save(model, path) -> None:
     onnx.save_model(model, str(path))
 
 
-def normalise_input(pixels: np.ndarray) -> np.ndarray:
-    """Raw 0..255 pixels -> the normalised input a PyTorch-exported graph expects."""
+def normalise_input(pixels: np.ndarray, scale: float = PYTORCH_INPUT_SCALE) -> np.ndarray:
+    """Raw 0..255 pixels -> ``(x - 127.5) * scale`` in float32: the input a
+    PyTorch-exported IResNet expects (InsightFace feeds glintr100 and
+    w600k_r50 ``(x - 127.5) / 127.5``). For graphs from :func:`build_iresnet`,
+    ``pytorch_graph(normalise_input(x)) == mxnet_graph(x)``. ``scale=INPUT_SCALE``
+    gives what the MXNet graphs compute inside.
+    """
     x = np.asarray(pixels, dtype=np.float32)
-    return (x - np.float32(INPUT_MEAN)) * np.float32(INPUT_SCALE)
+    return (x - np.float32(INPUT_MEAN)) * np.float32(scale)
 
 
 # --------------------------------------------------------------------------
 # finding the structure of a graph
 # --------------------------------------------------------------------------
+
+
+def _load(model):
+    """An ``onnx.ModelProto``, or a path to one."""
+    if isinstance(model, (str, os.PathLike)):
+        import onnx
+
+        return onnx.load(str(model))
+    return model
 
 
 class _Graph:
@@ -346,8 +367,9 @@ class _Graph:
         return t
 
     def only(self, t: str, ops) -> object | None:
-        """The single consumer of ``t`` if it is one of ``ops``, else None."""
-        nxt = self.after(t)
+        """The single consumer of ``t`` if it is one of ``ops``, else None
+        (a Shape consumer, as in torch's dynamic flatten, is ignored)."""
+        nxt = [n for n in self.after(t) if n.op_type != "Shape"]
         if len(nxt) == 1 and nxt[0].op_type in ops:
             return nxt[0]
         return None
@@ -387,7 +409,6 @@ class _Structure:
     pre_fc1: object | None = None  # node whose output is the FC result (Gemm, or MatMul's bias Add)
     fc1: object | None = None
     input: str = ""
-    ops_after: list = field(default_factory=list)
 
 
 def _out(n) -> str:
@@ -482,8 +503,9 @@ def _describe_ops(g: _Graph, t: str) -> str:
     return ", ".join(f"{n.op_type} {n.name or _out(n)!r}" for n in nxt[:3])
 
 
-def _find_structure(model) -> _Structure:
-    g = _Graph(model)
+def _find_preprocess(g: _Graph) -> tuple[list, str]:
+    """Elementwise ops by constants (Sub/Mul/Div/Add) right after the input:
+    the in-graph input normalisation. Returns (nodes, tensor after them)."""
     t = g.input
     pre = []
     while True:
@@ -492,6 +514,12 @@ def _find_structure(model) -> _Structure:
             break
         pre.append(n)
         t = _out(n)
+    return pre, t
+
+
+def _find_structure(model) -> _Structure:
+    g = _Graph(model)
+    pre, t = _find_preprocess(g)
     convs = [n for n in g.after(t) if n.op_type == "Conv"]
     if len(convs) != 1:
         raise NotIResNet(
@@ -645,7 +673,7 @@ def _shape_model(model, input_name: str, input_size: int | None):
 def _infer_shapes(model, input_name, input_size, tensors) -> dict[str, tuple[int, ...]]:
     from onnx import shape_inference
 
-    inferred = shape_inference.infer_shapes(_shape_model(model, input_name, input_size))
+    inferred = shape_inference.infer_shapes(_shape_model(model, input_name, input_size), data_prop=True)
     vis = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
     shapes = {}
     for v in vis:
@@ -661,7 +689,8 @@ def _infer_shapes(model, input_name, input_size, tensors) -> dict[str, tuple[int
 
 
 def resolve_taps(model, input_size: int | None = None) -> list[TapInfo]:
-    """Every tap of docs/taps.md on an IResNet ONNX graph, found from its structure.
+    """Every tap of docs/taps.md on an IResNet ONNX graph (ModelProto or path),
+    found from its structure.
 
     Canonical names, in network order: ``conv0``, ``bn0``, ``relu0``; per
     residual unit ``stageS_unitU_`` + ``bn1``, ``conv1``, ``bn2``, ``relu1``,
@@ -674,6 +703,7 @@ def resolve_taps(model, input_size: int | None = None) -> list[TapInfo]:
     from ONNX shape inference at the graph's input size (``input_size`` when
     the graph's spatial dims are dynamic). Raises :class:`NotIResNet`.
     """
+    model = _load(model)
     s = _find_structure(model)
     entries = _tap_entries(s)
     shapes = _infer_shapes(model, s.input, input_size, {e["tensor"] for e in entries})
@@ -726,15 +756,16 @@ def resolve(taps: list[TapInfo], wanted: str | int) -> TapInfo:
 def normalises_input(model) -> bool:
     """True when the graph normalises its input itself (MXNet exports start with
     Sub/Mul by constants before the first conv), False when it expects the
-    input already normalised (PyTorch exports)."""
-    return bool(_find_structure(model).preprocess)
+    input already normalised (PyTorch exports). Looks only at the ops right
+    after the input, so it works on any graph."""
+    return bool(_find_preprocess(_Graph(_load(model)))[0])
 
 
 def describe_depth(model) -> dict:
     """Units per stage, depth, export style ("unfolded" keeps every BatchNorm,
     "folded" has BatchNorms folded into convs) and whether the input is
     normalised in the graph."""
-    s = _find_structure(model)
+    s = _find_structure(_load(model))
     per_stage = defaultdict(int)
     for u in s.units:
         per_stage[u.stage] += 1

@@ -10,11 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-try:
-    import featlab  # noqa: F401
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
@@ -134,8 +129,10 @@ def test_same_seed_same_network_in_both_styles(graphs):
     for depth in (18, 50):
         mx, pt = graphs[depth, "mxnet"], graphs[depth, "pytorch"]
         a = _run(mx, [mx.graph.output[0].name], x)[mx.graph.output[0].name]
-        b = _run(pt, [pt.graph.output[0].name], ir.normalise_input(x))[pt.graph.output[0].name]
+        # PyTorch exports take (x - 127.5) / 127.5, as InsightFace feeds them
+        b = _run(pt, [pt.graph.output[0].name], (x - 127.5) / 127.5)[pt.graph.output[0].name]
         _assert_close(b, a, f"R{depth} embedding")
+        np.testing.assert_allclose(ir.normalise_input(x), (x - 127.5) / 127.5, rtol=1e-6, atol=1e-7)
     other = ir.build_iresnet(18, "mxnet", widths=WIDTHS, input_size=SIZE, embedding=32, seed=SEED + 1)
     c = _run(other, ["fc1"], x)["fc1"]
     assert not np.allclose(c, _run(graphs[18, "mxnet"], ["fc1"], x)["fc1"])
@@ -328,8 +325,11 @@ def test_not_an_iresnet():
     with pytest.raises(ir.NotIResNet, match="no residual unit"):
         ir.resolve_taps(stem_only)
     mlp = _tiny_graph([helper.make_node("Flatten", ["x"], ["f"])], {}, ["N", 192])
+    with pytest.raises(ir.NotIResNet, match="should feed one Conv"):
+        ir.resolve_taps(mlp)
     with pytest.raises(ValueError, match="not an IResNet"):
-        ir.normalises_input(mlp)
+        ir.describe_depth(mlp)
+    assert ir.normalises_input(mlp) is False
 
 
 def test_unknown_tap_lists_near_names(graphs):
@@ -360,3 +360,74 @@ def test_normalises_input_and_describe_depth(graphs):
     # normalisation is found by structure, not by name
     anon, _ = _anonymise(graphs[18, "mxnet"])
     assert ir.normalises_input(anon) is True
+
+
+def _replace_flatten_by_dynamic_reshape(m):
+    """torch's ``x.view(x.size(0), -1)``: Shape -> Gather -> Unsqueeze -> Concat -> Reshape."""
+    g = m.graph
+    k = next(i for i, n in enumerate(g.node) if n.op_type == "Flatten")
+    flat = g.node[k]
+    x, y = flat.input[0], flat.output[0]
+    new = [
+        helper.make_node("Shape", [x], ["shp"]),
+        helper.make_node("Gather", ["shp", "zero"], ["n0"], axis=0),
+        helper.make_node("Unsqueeze", ["n0", "axes0"], ["n0u"]),
+        helper.make_node("Concat", ["n0u", "minus1"], ["newshape"], axis=0),
+        helper.make_node("Reshape", [x, "newshape"], [y]),
+    ]
+    g.initializer.extend([
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array([0], np.int64), "axes0"),
+        numpy_helper.from_array(np.array([-1], np.int64), "minus1"),
+    ])
+    del g.node[k]
+    for j, n in enumerate(new):
+        g.node.insert(k + j, n)
+
+
+def test_export_variants_resolve_the_same(graphs):
+    """Dynamic flatten, Identity/Dropout in the flow, initializers listed as
+    inputs (old MXNet exports), and an fc1 BN folded into the Gemm."""
+    base = graphs[18, "pytorch"]
+    ref = ir.resolve_taps(base)
+    m = onnx.ModelProto()
+    m.CopyFrom(base)
+    _replace_flatten_by_dynamic_reshape(m)
+    g = m.graph
+    # Identity after relu0, Dropout after the head BN
+    relu0 = find_tap(ref, "relu0").tensor
+    bn1 = find_tap(ref, "bn1").tensor
+    for src, op in ((relu0, "Identity"), (bn1, "Dropout")):
+        for n in g.node:
+            for j, i in enumerate(n.input):
+                if i == src:
+                    n.input[j] = src + "_pass"
+        k = next(j for j, n in enumerate(g.node) if src in n.output)
+        g.node.insert(k + 1, helper.make_node(op, [src], [src + "_pass"]))
+    g.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer
+    )
+    onnx.checker.check_model(m)
+    taps = ir.resolve_taps(m)
+    assert [(t.name, t.tensor, t.shape, t.aliases) for t in taps] == [
+        (t.name, t.tensor, t.shape, t.aliases) for t in ref
+    ]
+    x = ir.normalise_input(_pixels())
+    a = _run(m, [find_tap(taps, "fc1").tensor], x)
+    b = _run(base, [find_tap(ref, "fc1").tensor], x)
+    _assert_close(next(iter(a.values())), next(iter(b.values())), "fc1")
+
+    # the embedding BN folded into the Gemm: fc1 becomes an alias of pre_fc1
+    del g.node[-1]
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info(find_tap(ref, "pre_fc1").tensor, TensorProto.FLOAT, ["N", 32]))
+    taps = ir.resolve_taps(m)
+    assert taps[-1].name == "pre_fc1" and "fc1" in taps[-1].aliases and "folded" in taps[-1].note
+    assert ir.resolve(taps, "add_17") is taps[-1]
+
+
+def test_resolve_from_a_saved_file(tmp_path, graphs):
+    path = tmp_path / "r18.onnx"
+    ir.save(graphs[18, "mxnet"], path)
+    assert ir.resolve_taps(path) == ir.resolve_taps(graphs[18, "mxnet"])
+    assert ir.normalises_input(str(path)) is True

@@ -1,0 +1,118 @@
+"""Recipes: the small glue between CLI options, experiment specs and the head API.
+
+Turns ``--cats/--regression/--target`` into one (target, cats) pair, names
+targets the way results folders do, and formats one-line summaries of an
+evaluation's metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import FeatlabError
+
+TARGETS = ("bins", "age", "gender")
+
+
+def head_target(target: str | None, cats: int | None, regression: bool = False) -> tuple[str, int | None]:
+    """CLI choices -> (target, cats). ``--cats 7`` alone means 7 age bins."""
+    if regression:
+        if target not in (None, "age", "regression"):
+            raise FeatlabError("--regression and --target disagree")
+        return "age", None
+    if target in ("regression",):
+        target = "age"
+    if target is None:
+        if cats is None:
+            raise FeatlabError("say what to predict: --cats 5|7|8, --regression, or --target gender")
+        target = "bins"
+    if target not in TARGETS:
+        raise FeatlabError(f"unknown target {target!r}: use bins (with --cats), age or gender")
+    if target == "bins":
+        if cats is None:
+            raise FeatlabError("--target bins needs --cats 5, 7 or 8")
+        from .bins import get_scheme
+
+        get_scheme(cats)
+        return "bins", int(cats)
+    return target, None
+
+
+def target_name(target: str, cats: int | None) -> str:
+    """Folder name of a target: bins7, bins8, age, gender."""
+    return f"bins{cats}" if target == "bins" else target
+
+
+def parse_hidden(text) -> tuple[int, ...] | None:
+    """'auto' -> None (the head's default); '0' or '' -> () linear; '512,128' -> (512, 128)."""
+    if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
+        return None
+    if isinstance(text, (list, tuple)):
+        return tuple(int(x) for x in text if int(x) > 0)
+    parts = [p for p in str(text).replace(" ", "").split(",") if p]
+    try:
+        return tuple(int(p) for p in parts if int(p) > 0)
+    except ValueError:
+        raise FeatlabError(f"--hidden takes sizes like 512,128 (or 0 for a linear head), not {text!r}") from None
+
+
+def run_head(features, layer: str, target: str, cats: int | None, fold=None, seed: int = 0, verbose: int = 1, **opts) -> Path:
+    from .heads import train_head
+
+    if "hidden" in opts:
+        h = parse_hidden(opts.pop("hidden"))
+        if h is not None:
+            opts["hidden"] = h
+    return Path(train_head(features, layer, target, cats, fold=fold, seed=seed, verbose=verbose, **opts))
+
+
+def headline(m: dict) -> dict:
+    """The few figures that matter for a metrics.json, by target."""
+    t = m.get("target") or m.get("config", {}).get("target")
+    pick = {
+        "bins": ("accuracy", "one_off"),
+        "age": ("mae", "rmse", "cs5"),
+        "gender": ("accuracy",),
+    }.get(t, ("accuracy", "one_off", "mae"))
+    return {k: m[k] for k in pick if k in m and m[k] is not None}
+
+
+def summary_line(m: dict) -> str:
+    parts = []
+    for k, v in headline(m).items():
+        parts.append(f"{k} {v:.2f}" if k in ("mae", "rmse") else f"{k} {100 * v:.1f}%")
+    n = m.get("n") or m.get("n_test") or m.get("count")
+    where = m.get("out_dir") or m.get("head_dir") or ""
+    return f"{m.get('target', '?')}: " + ", ".join(parts) + (f" on {n:,} faces" if isinstance(n, int) else "") + (f" ({where})" if where else "")
+
+
+def compare_cmd(target: str, cats: int | None, backbone=None, dataset=None, sweep=False, features=None, manifest=None) -> dict:
+    from . import config
+    from .compare import compare
+
+    if sweep:
+        from .experiment import sweep as run_sweep
+
+        return run_sweep(target, cats, backbone=backbone, features=features, manifest=manifest)
+    if not (backbone and dataset):
+        found = discover(config.results_dir())
+        if len(found) == 1 and not (backbone or dataset):
+            backbone, dataset = found[0]
+        else:
+            found = [f for f in found if (backbone in (None, f[0])) and (dataset in (None, f[1]))]
+            if len(found) != 1:
+                have = ", ".join(f"{b}/{d}" for b, d in found) or "none"
+                raise FeatlabError(f"say which results to compare with --backbone and --dataset (found: {have})")
+            backbone, dataset = found[0]
+    return compare(backbone, dataset, target=target, cats=cats)
+
+
+def discover(results_root: Path) -> list[tuple[str, str]]:
+    """(backbone, dataset) pairs that have results."""
+    out = []
+    root = Path(results_root)
+    if root.is_dir():
+        for b in sorted(p for p in root.iterdir() if p.is_dir()):
+            for d in sorted(p for p in b.iterdir() if p.is_dir()):
+                out.append((b.name, d.name))
+    return out

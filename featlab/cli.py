@@ -54,6 +54,8 @@ def prepare(
     path_col: str = typer.Option("path", help="csv: column holding image paths"),
     age_col: str = typer.Option("age", help="csv: column holding ages"),
     gender_col: str = typer.Option("gender", help="csv: column holding genders"),
+    race_col: Optional[str] = typer.Option(None, help="csv: column holding race labels"),
+    split_col: Optional[str] = typer.Option(None, help="csv: column holding train/val/test (else a seeded split)"),
     show_skipped: int = typer.Option(10, help="how many skipped images to name"),
 ):
     """Turn a dataset on disk into a featlab manifest (one schema for every dataset)."""
@@ -66,7 +68,8 @@ def prepare(
         return
     dataset = _need(dataset, "--dataset", "pass --dataset NAME (see `featlab prepare --list`)")
     root = Path(_need(root or _cfg("data", dataset), "--root", f"pass --root DIR or set [data].{dataset} in featlab.toml"))
-    opts = {"face_score_min": face_score_min, "path_col": path_col, "age_col": age_col, "gender_col": gender_col}
+    opts = {"face_score_min": face_score_min, "path_col": path_col, "age_col": age_col, "gender_col": gender_col,
+            "race_col": race_col, "split_col": split_col}
     df, res = prepare_dataset(dataset, root, seed=seed, **opts)
     from . import config
 
@@ -77,10 +80,14 @@ def prepare(
         _echo("  split: " + ", ".join(f"{k} {v:,}" for k, v in df["split"].value_counts().items() if k))
     if df["fold"].notna().any():
         _echo("  folds: " + ", ".join(f"{int(k)}: {v:,}" for k, v in df["fold"].value_counts().sort_index().items()))
-    if res.counts:
-        _echo(f"skipped or filtered: {sum(res.counts.values()):,}")
-        for reason, n in sorted(res.counts.items(), key=lambda kv: -kv[1]):
+    kept = {r: n for r, n in res.counts.items() if r.startswith("kept without")}
+    removed = {r: n for r, n in res.counts.items() if r not in kept}
+    if removed:
+        _echo(f"skipped or filtered: {sum(removed.values()):,}")
+        for reason, n in sorted(removed.items(), key=lambda kv: -kv[1]):
             _echo(f"  {n:7,}  {reason}")
+    for reason, n in sorted(kept.items(), key=lambda kv: -kv[1]):
+        _echo(f"  {n:7,}  {reason}")
     for what, reason in res.skipped[:show_skipped]:
         _echo(f"  skipped {what}: {reason}")
     if len(res.skipped) > show_skipped:

@@ -4,8 +4,6 @@ tap resolution by structure checked against independent references."""
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -4,8 +4,12 @@ Layout of the release::
 
     original images/00000A02.jpg ...   (full images)
     aligned faces/00000A02.jpg ...     (the same faces, aligned and cropped)
-    image sets/train.txt               lines "00000A02.jpg 0"
+    image sets/train.txt               lines "00000A02 0" (AAF's README: "%05dA%02d %d")
     image sets/val.txt
+
+Label lines may name the image with or without its extension
+(``00000A02 0`` or ``00000A02.jpg 0``); images and labels are matched on the
+name without extension.
 
 Images are found anywhere under ``root``. A name ``NNNNNAkk.jpg`` gives the age
 ``kk`` (AAF covers 2..80; other values are skipped as "age outside AAF's range
@@ -39,7 +43,7 @@ from pathlib import Path
 
 from ..errors import FeatlabError
 from ..manifest import PrepareResult, assign_splits, to_frame
-from . import iter_images, row
+from . import IMAGE_EXTS, iter_images, row
 
 _NAME = re.compile(r"^(\d{5})A(\d{2})\.(jpe?g|png|bmp)$", re.IGNORECASE)
 GENDER = {"0": "f", "1": "m"}
@@ -64,7 +68,7 @@ def find_label_file(root: Path, name: str) -> Path | None:
 
 
 def read_labels(path: Path, res: PrepareResult) -> dict[str, str]:
-    """``{image name: "f"/"m"}`` from an AAF label file; bad lines are counted."""
+    """``{image name without extension: "f"/"m"}`` from an AAF label file; bad lines are counted."""
     labels: dict[str, str] = {}
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -79,6 +83,8 @@ def read_labels(path: Path, res: PrepareResult) -> dict[str, str]:
             res.skip(f"{path}:{n}", "malformed label line (expected '<image> 0|1')")
             continue
         name = Path(parts[0].replace("\\", "/")).name
+        if Path(name).suffix.lower() in IMAGE_EXTS:
+            name = Path(name).stem
         g = GENDER[parts[1]]
         if labels.get(name, g) != g:
             res.skip(f"{path}:{n}", "conflicting gender labels for one image")
@@ -98,10 +104,10 @@ def prepare(root: Path, **_options) -> PrepareResult:
         if not m:
             res.skip(str(p), "malformed AAF file name (expected NNNNNAkk.jpg)")
             continue
-        if p.name in by_name:
+        if p.stem in by_name:
             res.skip(str(p), "same image name in another folder")
             continue
-        by_name[p.name] = p
+        by_name[p.stem] = p
 
     # 2. label files
     train_f, val_f = find_label_file(root, "train.txt"), find_label_file(root, "val.txt")
@@ -117,7 +123,7 @@ def prepare(root: Path, **_options) -> PrepareResult:
     # 3. rows
     groups: dict[str, list[dict]] = {"train": [], "val": [], "none": []}
     for name, p in sorted(by_name.items()):
-        age = int(_NAME.match(name).group(2))
+        age = int(_NAME.match(p.name).group(2))
         if not 2 <= age <= 80:
             res.skip(str(p), "age outside AAF's range 2..80")
             continue

@@ -164,6 +164,3 @@ def prepare_imdb(root: Path, face_score_min: float = 1.0, **_options) -> Prepare
 def prepare_wiki(root: Path, face_score_min: float = 1.0, **_options) -> PrepareResult:
     """Wikipedia part: ``wiki.mat`` with struct ``wiki``."""
     return _prepare("wiki", root, face_score_min)
-
-
-prepare = prepare_imdb

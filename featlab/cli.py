@@ -8,6 +8,7 @@ commands that chain them (run, demo, compare --sweep).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -15,6 +16,8 @@ from typing import List, Optional
 import typer
 
 from .errors import FeatlabError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ chatter, for the commands that load it
 
 app = typer.Typer(
     add_completion=False,
@@ -361,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.secho("featlab: interrupted (finished batches are kept; rerun the same command to resume)", err=True)
         return 130
+    except SystemExit as e:  # click's standalone mode exits; hand the status back to the caller
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
 
 

@@ -65,7 +65,7 @@ def resolve_keys(bb: Backbone, layers: list[str], pool: str | None = None) -> di
         tap = bb.tap(name)
         if kind is not None and len(tap.shape) != 3:
             kind, grid = None, 0  # pooling a vector is a no-op
-        key = tap.name + (f"@{kind}{grid or ''}" if kind else "")
+        key = name + (f"@{kind}{grid or ''}" if kind else "")  # stored under the name asked for
         keys[key] = (tap, kind, grid)
     return keys
 
@@ -170,9 +170,10 @@ def extract(
         store.set_attr("dataset", dataset)
         store.set_attr("manifest", str(manifest.resolve()))
         store.set_attr("manifest_sha256", file_sha256(manifest))
+        want = {store.resolve_key(k) or k: v for k, v in want.items()}  # another name of a stored tap
         for key, (tap, kind, grid) in want.items():
             store.ensure_array(key, pooled_shape(tap.shape, kind, grid), dtype=dtype, compression=compression,
-                               expected_rows=len(df), tap=tap.name, tensor=tap.tensor)
+                               expected_rows=len(df), tap=tap.name, tensor=tap.tensor, aliases=tap.aliases)
         # every tap already in the file must grow with new rows, not only the requested ones
         all_keys = dict(want)
         for key in store.keys():

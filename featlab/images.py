@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 MAX_PIXELS = 80_000_000  # refuse decompression bombs beyond this
 WORK_PIXELS = 4096 * 4096  # decode larger JPEGs at reduced size (draft mode)
 

@@ -226,12 +226,25 @@ class FeatureStore:
     def keys(self) -> list[str]:
         return [n._v_name for n in self.h5.list_nodes("/taps")]
 
+    def resolve_key(self, key: str) -> str | None:
+        """The stored key for ``key``: itself, or the key stored for another name of the same tap and pooling
+        (``add_98`` and ``stage4_unit3_out`` are one tensor on an IResNet-100)."""
+        if key in self.keys():
+            return key
+        name, kind, grid = parse_key(key)
+        pool = f"{kind}{grid or ''}" if kind else None
+        for k, t in self.tap_info().items():
+            names = {t.get("tap"), parse_key(k)[0], *(t.get("aliases") or [])}
+            if name in names and t.get("pool") == pool and k in self.keys():
+                return k
+        return None
+
     def array(self, key: str):
-        try:
-            return self.h5.get_node("/taps", key)
-        except Exception:  # noqa: BLE001
+        found = self.resolve_key(key)
+        if found is None:
             have = ", ".join(self.keys()) or "none"
-            raise FeatlabError(f"{self.path} has no tap {key!r} (it has: {have}); extract it with `featlab extract --layer {key}`") from None
+            raise FeatlabError(f"{self.path} has no tap {key!r} (it has: {have}); extract it with `featlab extract --layer {key}`")
+        return self.h5.get_node("/taps", found)
 
     @property
     def nrows(self) -> int:
@@ -249,9 +262,10 @@ class FeatureStore:
 
     # ---- writing -------------------------------------------------------------------------
     def ensure_array(self, key: str, shape: tuple[int, ...], dtype: str = "float16", compression: str = "none",
-                     expected_rows: int = 10000, tap: str | None = None, tensor: str | None = None):
+                     expected_rows: int = 10000, tap: str | None = None, tensor: str | None = None,
+                     aliases: tuple[str, ...] = ()):
         tb = _tables()
-        if key in self.keys():
+        if self.resolve_key(key) is not None:
             arr = self.array(key)
             if tuple(arr.shape[1:]) != tuple(shape):
                 raise FeatlabError(f"{self.path}: tap {key} has shape {tuple(arr.shape[1:])}, the backbone now gives {tuple(shape)}")
@@ -266,7 +280,7 @@ class FeatureStore:
                                     chunkshape=(rows_per_chunk, *shape), expectedrows=expected_rows)
         info = self.tap_info()
         t, kind, grid = parse_key(key)
-        info[key] = {"tap": tap or t, "tensor": tensor, "shape": list(shape), "dtype": dtype,
+        info[key] = {"tap": tap or t, "tensor": tensor, "aliases": sorted(set(aliases) - {key}), "shape": list(shape), "dtype": dtype,
                      "pool": (f"{kind}{grid or ''}" if kind else None), "compression": compression}
         self.set_attr("taps", info)
         return arr

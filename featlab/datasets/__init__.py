@@ -15,7 +15,7 @@ from typing import Callable
 from ..errors import FeatlabError
 from ..manifest import PrepareResult, assign_splits, to_frame
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+from ..images import IMAGE_EXTS  # noqa: F401 - one definition of what counts as an image
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,231 @@
+"""PNG figures (matplotlib, Agg canvas only: no display, no pyplot global state).
+
+- :func:`confusion_png`: heatmap normalised per true class, share and count in every cell
+- :func:`scatter_png`: predicted vs true age with the identity line
+- :func:`history_png`: loss and accuracy/MAE per epoch, train vs val
+- :func:`comparison_png`: one panel (bar group) per metric, one bar per tap in network order
+- :func:`sweep_png`: a metric against tap depth
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+DPI = 120
+TAP_COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C",
+               "#CCB974", "#64B5CD")
+
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    return path
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def confusion_png(cm, names, path, title: str = "", accuracy=None, one_off=None) -> Path:
+    """Rows = true class (with its count), columns = predicted; colour and big number = share of the
+    true class, small number = count."""
+    cm = np.asarray(cm, dtype=np.int64)
+    n = len(names)
+    tot = cm.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = np.where(tot > 0, cm / np.maximum(tot, 1), np.nan)
+    size = max(4.8, 0.85 * n + 2.4)
+    fig = _figure(size + 1.0, size)
+    ax = fig.add_subplot(111)
+    im = ax.imshow(np.nan_to_num(norm), cmap="Blues", vmin=0.0, vmax=1.0)
+    small = n > 6
+    for i in range(n):
+        for j in range(n):
+            v = norm[i, j]
+            if np.isnan(v):
+                continue
+            dark = v > 0.55
+            colour = "white" if dark else "#222222"
+            ax.text(j, i - 0.12, f"{100 * v:.0f}%", ha="center", va="center", color=colour,
+                    fontsize=10 if small else 12, fontweight="bold" if i == j else "normal")
+            ax.text(j, i + 0.25, f"{cm[i, j]}", ha="center", va="center", color=colour, fontsize=7 if small else 8.5)
+    ax.set_xticks(range(n))
+    ax.set_xticklabels(names, rotation=45 if max(len(s) for s in names) > 3 else 0, ha="right" if max(len(s) for s in names) > 3 else "center")
+    ax.set_yticks(range(n))
+    ax.set_yticklabels([f"{nm}  (n={int(t)})" for nm, t in zip(names, tot.ravel())])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_xticks(np.arange(-0.5, n, 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, n, 1), minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.5)
+    ax.tick_params(which="minor", length=0)
+    head = []
+    if accuracy is not None:
+        head.append(f"accuracy {_pct(accuracy)}")
+    if one_off is not None:
+        head.append(f"1-off {_pct(one_off)}")
+    head.append(f"n={int(cm.sum())}")
+    ax.set_title((title + "\n" if title else "") + "  ·  ".join(head) + "\n(rows normalised per true class)",
+                 fontsize=10)
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cb.set_label("share of true class")
+    return _save(fig, path)
+
+
+def scatter_png(y_true, y_pred, path, title: str = "", mae=None, cs5=None) -> Path:
+    t = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(y_pred, dtype=np.float64)
+    fig = _figure(6.2, 6.0)
+    ax = fig.add_subplot(111)
+    hi = float(max(t.max(initial=1), p.max(initial=1))) * 1.04
+    alpha = 0.5 if len(t) < 500 else (0.3 if len(t) < 3000 else 0.15)
+    ax.scatter(t, p, s=9, alpha=alpha, color="#4C72B0", edgecolors="none", label="faces")
+    ax.plot([0, hi], [0, hi], color="#C44E52", lw=1.5, label="identity (perfect)")
+    if len(t) > 10:
+        # median prediction per 5-year band of true age: shows the regression to the mean
+        edges = np.arange(0, hi + 5, 5)
+        idx = np.digitize(t, edges)
+        xs, ys = [], []
+        for k in np.unique(idx):
+            m = idx == k
+            if m.sum() >= 5:
+                xs.append(float(np.median(t[m])))
+                ys.append(float(np.median(p[m])))
+        ax.plot(xs, ys, color="#222222", lw=1.5, marker="o", ms=3, label="median prediction (5-year bands)")
+    ax.set_xlim(0, hi)
+    ax.set_ylim(0, hi)
+    ax.set_aspect("equal")
+    ax.set_xlabel("true age (years)")
+    ax.set_ylabel("predicted age (years)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    head = []
+    if mae is not None:
+        head.append(f"MAE {mae:.2f} years")
+    if cs5 is not None:
+        head.append(f"CS@5 {_pct(cs5)}")
+    head.append(f"n={len(t)}")
+    ax.set_title((title + "\n" if title else "") + "  ·  ".join(head), fontsize=10)
+    return _save(fig, path)
+
+
+def history_png(history: dict, path, metric: str = "accuracy", title: str = "", best_epoch: int | None = None) -> Path:
+    """Two panels: loss, and ``metric`` (accuracy as %, or MAE in years), train vs val."""
+    fig = _figure(11, 4.2)
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    labels = {"accuracy": "accuracy (%)", "mae_years": "MAE (years)"}
+    for i, (k, lab) in enumerate((("loss", "loss"), (metric, labels.get(metric, metric)))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        scale = 100.0 if k == "accuracy" else 1.0
+        for prefix, colour, name in (("", "#4C72B0", "train"), ("val_", "#DD8452", "val")):
+            v = history.get(prefix + k)
+            if v is not None:
+                ax.plot(epochs, np.asarray(v) * scale, color=colour, lw=1.8, label=name)
+        if best_epoch:
+            ax.axvline(best_epoch, color="#888888", ls="--", lw=1, label=f"best epoch ({best_epoch})")
+            vb = history.get("val_" + k)
+            if vb is not None and best_epoch <= len(vb):
+                ax.annotate(f"{vb[best_epoch - 1] * scale:.3g}", (best_epoch, vb[best_epoch - 1] * scale),
+                            textcoords="offset points", xytext=(6, 6), fontsize=8, color="#DD8452")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(lab)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(lab)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+METRIC_LABELS = {
+    "accuracy": ("accuracy", "%"), "one_off": ("1-off accuracy", "%"), "mae": ("MAE (years, lower is better)", "y"),
+    "cs5": ("CS@5 (|error| ≤ 5 years)", "%"), "balanced_accuracy": ("balanced accuracy", "%"),
+    "rmse": ("RMSE (years, lower is better)", "y"), "macro_f1": ("macro F1", "%"),
+}
+
+
+def metric_label(m: str) -> tuple[str, str]:
+    return METRIC_LABELS.get(m, (m, "%" if m.startswith(("accuracy", "one_off", "recall", "cs")) else ""))
+
+
+def comparison_png(taps: list[str], values: dict[str, list], path, title: str = "", errors: dict | None = None) -> Path:
+    """One panel per metric (each its own scale), one bar per tap in the given (network) order, values on bars."""
+    metrics = list(values)
+    n = len(taps)
+    width_per = max(3.2, 0.62 * n + 1.4)
+    fig = _figure(width_per * len(metrics) + 0.6, 4.8)
+    colours = [TAP_COLOURS[i % len(TAP_COLOURS)] for i in range(n)]
+    for k, m in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), k + 1)
+        label, unit = metric_label(m)
+        scale = 100.0 if unit == "%" else 1.0
+        vals = np.array([np.nan if v is None else float(v) * scale for v in values[m]])
+        err = None
+        if errors and errors.get(m) is not None:
+            err = np.array([0.0 if e is None else float(e) * scale for e in errors[m]])
+        x = np.arange(n)
+        bars = ax.bar(x, np.nan_to_num(vals), color=colours, yerr=err, capsize=3 if err is not None else 0,
+                      edgecolor="white")
+        top = np.nanmax(vals + (err if err is not None else 0)) if np.isfinite(vals).any() else 1.0
+        for b, v, e in zip(bars, vals, err if err is not None else [None] * n):
+            if np.isnan(v):
+                continue
+            txt = f"{v:.1f}" if unit == "%" else f"{v:.2f}"
+            if e:
+                txt += f"\n±{e:.1f}" if unit == "%" else f"\n±{e:.2f}"
+            ax.text(b.get_x() + b.get_width() / 2, b.get_height() + (e or 0) + top * 0.012, txt, ha="center",
+                    va="bottom", fontsize=8.5)
+        ax.set_xticks(x)
+        ax.set_xticklabels(taps, rotation=30 if max((len(t) for t in taps), default=0) > 6 else 0,
+                           ha="right" if max((len(t) for t in taps), default=0) > 6 else "center", fontsize=9)
+        ax.set_ylim(0, (top if np.isfinite(top) else 1.0) * 1.18 or 1.0)
+        ax.set_title(label, fontsize=10)
+        ax.set_ylabel(label.split(" (")[0] + (" (%)" if unit == "%" else " (years)" if unit == "y" else ""))
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        ax.set_xlabel("tap (network order →)")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def sweep_png(depths, taps: list[str], values: list, path, metric: str, title: str = "", reference: float | None = None,
+              reference_label: str = "") -> Path:
+    """``metric`` against tap depth (network position), one point per tap, names on the points."""
+    label, unit = metric_label(metric)
+    scale = 100.0 if unit == "%" else 1.0
+    d = np.asarray(depths, dtype=np.float64)
+    v = np.asarray([np.nan if x is None else float(x) * scale for x in values])
+    fig = _figure(max(6.5, 0.35 * len(d) + 3), 4.6)
+    ax = fig.add_subplot(111)
+    ax.plot(d, v, marker="o", color="#4C72B0", lw=1.8)
+    best = int(np.nanargmin(v) if unit == "y" else np.nanargmax(v)) if np.isfinite(v).any() else None
+    for i, (x, y, t) in enumerate(zip(d, v, taps)):
+        if np.isnan(y):
+            continue
+        ax.annotate(t, (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7.5,
+                    rotation=45 if len(taps) > 12 else 0, fontweight="bold" if i == best else "normal")
+    if reference is not None:
+        ax.axhline(reference * scale, color="#C44E52", ls="--", lw=1.2, label=reference_label or "reference")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("tap depth (position in the network, input → output)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    if best is not None:
+        title = (title + "\n" if title else "") + f"best: {taps[best]} ({v[best]:.1f}{'%' if unit == '%' else ''})"
+    ax.set_title(title, fontsize=10)
+    ax.margins(y=0.15)
+    return _save(fig, path)

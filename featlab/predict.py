@@ -1,0 +1,149 @@
+"""Predict: age and gender for every face in the user's own photos, from trained heads.
+
+Each face is detected (dlib HOG) and aligned the way the heads' backbone
+expects, run once through the backbone for every tap the heads need, and
+each head reads its tap. One line per face is printed; with ``annotate`` a
+copy of each image is written with boxes and labels ("F 25-32"). Images
+without a face are reported, not dropped silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FeatlabError
+from .images import IMAGE_EXTS, BadImage, load_rgb
+
+
+def expand_images(items) -> list[Path]:
+    out = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTS)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FeatlabError(f"no such image or folder: {p}")
+    if not out:
+        raise FeatlabError("no images found in " + ", ".join(map(str, items)))
+    return out
+
+
+def _backbone_for(cfgs: list[dict], model: str | None):
+    from .backbones import Backbone
+    from .store import FeatureStore
+
+    names = {c["backbone"] for c in cfgs}
+    shas = {c.get("features_model_sha256") for c in cfgs}
+    if len(names) > 1 or len(shas) > 1:
+        raise FeatlabError("the heads were trained on different backbones or model files; predict with one backbone at a time")
+    cfg = cfgs[0]
+    flip = False
+    model_path = model
+    feats = Path(cfg.get("features", ""))
+    if feats.is_file():
+        with FeatureStore.open_read(feats) as s:
+            a = s.attrs
+            flip = bool(a.get("flip", False))
+            model_path = model_path or a.get("model_path")
+    if model_path and not Path(model_path).is_file():
+        model_path = None
+    bb = Backbone(cfg["backbone"], model_path)
+    want = cfg.get("features_model_sha256")
+    if want and bb.sha256 != want:
+        raise FeatlabError(f"the model file {bb.model_path} (sha256 {bb.sha256[:12]}…) is not the one the heads were "
+                           f"trained on (sha256 {want[:12]}…); pass the right file with --model")
+    return bb, flip
+
+
+def _label(cfg: dict, pred: dict, i: int) -> tuple[str, str]:
+    """(long text for the console, short text for the picture)."""
+    t = cfg["target"]
+    if t == "age":
+        v = float(pred["pred"][i])
+        return f"age {v:.1f} y", f"{v:.0f}y"
+    names = cfg.get("class_names") or []
+    k = int(pred["pred"][i])
+    conf = float(pred["proba"][i][k]) if "proba" in pred else float("nan")
+    if t == "gender":
+        g = {"f": "F", "m": "M"}.get(names[k] if k < len(names) else "?", "?")
+        return f"gender {g} ({conf:.2f})", g
+    return f"age {names[k]} ({conf:.2f})", names[k]
+
+
+def predict_paths(images, head_dirs, annotate=None, model=None, align: bool = True, echo=print, upsample: int = 1) -> list[dict]:
+    from .heads import load_head, outputs_to_prediction
+    from .store import parse_key, pool_features
+
+    heads = [load_head(d) for d in head_dirs]
+    cfgs = [c for _, c in heads]
+    bb, flip = _backbone_for(cfgs, model)
+    taps = {}
+    for c in cfgs:
+        name, _, _ = parse_key(c["tap"])
+        taps[name] = bb.tap(name)
+    runner = bb.runner(list(taps.values()))
+    geometry = bb.geometry
+    if annotate:
+        Path(annotate).mkdir(parents=True, exist_ok=True)
+    records = []
+    for path in expand_images(images):
+        try:
+            img = load_rgb(path)
+        except BadImage as e:
+            echo(f"{path}: skipped ({e})")
+            records.append({"path": str(path), "error": str(e)})
+            continue
+        if align:
+            faces = geometry.faces(img, upsample=upsample)
+            boxes = [f.box for f in faces]
+            chips = [f.chip for f in faces]
+        else:
+            boxes = [(0, 0, img.shape[1] - 1, img.shape[0] - 1)]
+            chips = [geometry.chip(img, align=False)]
+        if not chips:
+            echo(f"{path}: no face found")
+            records.append({"path": str(path), "error": "no face found"})
+            continue
+        acts = runner.run(np.stack(chips), flip=flip)
+        preds = []
+        for model_, cfg in heads:
+            name, kind, grid = parse_key(cfg["tap"])
+            x = pool_features(acts[name], kind, grid).astype(np.float16).astype(np.float32)  # as stored
+            raw = np.asarray(model_.predict(x, verbose=0, batch_size=256))
+            preds.append(outputs_to_prediction(raw, cfg))
+        short_all = []
+        for i, box in enumerate(boxes):
+            texts = [_label(cfg, p, i) for (_, cfg), p in zip(heads, preds)]
+            echo(f"{path} face {i + 1} box {box}: " + ", ".join(t for t, _ in texts))
+            short = " ".join(s for _, s in sorted(texts, key=lambda ts: ts[1] not in ("F", "M")))
+            short_all.append(short)
+            records.append({"path": str(path), "face": i + 1, "box": box, "labels": [t for t, _ in texts]})
+        if annotate:
+            _draw(img, boxes, short_all, Path(annotate) / f"{path.stem}.jpg")
+    if annotate:
+        echo(f"annotated images in {annotate}")
+    return records
+
+
+def _draw(img: np.ndarray, boxes, labels, out: Path) -> None:
+    from PIL import Image, ImageDraw, ImageFont
+
+    im = Image.fromarray(img)
+    d = ImageDraw.Draw(im)
+    size = max(12, min(img.shape[:2]) // 40)
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # old Pillow
+        font = ImageFont.load_default()
+    width = max(2, min(img.shape[:2]) // 300)
+    for (l, t, r, b), text in zip(boxes, labels):
+        d.rectangle([l, t, r, b], outline=(0, 255, 0), width=width)
+        tb = d.textbbox((l, t), text, font=font)
+        y = max(0, t - (tb[3] - tb[1]) - 4)
+        d.rectangle([l, y, l + (tb[2] - tb[0]) + 6, y + (tb[3] - tb[1]) + 4], fill=(0, 255, 0))
+        d.text((l + 3, y + 1), text, fill=(0, 0, 0), font=font)
+    im.save(out, quality=92)

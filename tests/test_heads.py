@@ -1,0 +1,270 @@
+"""Heads on small generated features with a planted signal: they learn, reproduce, stream, and
+evaluation refuses features of another model. TensorFlow is imported once for the module."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:
+    import featlab  # noqa: F401
+except ImportError:  # running from a checkout without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+pytest.importorskip("keras")
+pytest.importorskip("tables")
+
+from featlab.bins import get_scheme
+from featlab.errors import FeatlabError
+from featlab.store import FeatureStore, label_row
+
+SHA = "ab" * 32
+FAST = dict(epochs=12, patience=4, batch_size=64, verbose=0)
+
+
+def make_features(path: Path, n: int = 1000, seed: int = 0, sha: str = SHA, folds: bool = False,
+                  split: bool = True, missing: int = 0, dataset: str = "synth") -> Path:
+    """A features file with taps 'conv' (6, 4, 4) and 'vec' (12,), age/gender planted in a few channels."""
+    rng = np.random.default_rng(seed)
+    age = rng.integers(1, 80, n).astype(float)
+    gender = rng.choice(["f", "m"], n)
+    race = rng.choice(["white", "black", "asian"], n)
+    if missing:
+        age[:missing] = np.nan
+        gender[missing : 2 * missing] = ""
+    order = rng.permutation(n)
+    sp = np.empty(n, dtype=object)
+    sp[order[: int(0.7 * n)]] = "train"
+    sp[order[int(0.7 * n) : int(0.85 * n)]] = "val"
+    sp[order[int(0.85 * n) :]] = "test"
+    fold = (order % 5) if folds else np.full(n, -1)
+    z = np.nan_to_num((age - 40.0) / 20.0)
+    g = np.where(gender == "m", 1.0, np.where(gender == "f", -1.0, 0.0))
+    conv = rng.normal(0, 1, (n, 6, 4, 4)).astype(np.float32)
+    conv[:, 0] += 1.2 * z[:, None, None]
+    conv[:, 1] += 1.2 * (z**2 - 1)[:, None, None]
+    conv[:, 2] += 1.0 * g[:, None, None]
+    conv += 3.0  # a non-zero mean that the standardisation must remove
+    vec = rng.normal(0, 0.5, (n, 12)).astype(np.float32)
+    vec[:, 0] += z
+    vec[:, 1] += g
+    identity = {"backbone": "synthetic", "model_sha256": sha, "preprocessing": {"size": 4}, "flip": False, "align": False}
+    with FeatureStore.open_for_append(path, identity) as st:
+        st.set_attr("dataset", dataset)
+        st.ensure_array("conv", (6, 4, 4), expected_rows=n)
+        st.ensure_array("vec", (12,), expected_rows=n)
+        for lo in range(0, n, 400):
+            hi = min(n, lo + 400)
+            labels = [label_row({"image_id": f"img{i:05d}", "path": f"/x/{i}.jpg", "age": age[i], "gender": gender[i],
+                                 "race": race[i], "split": (sp[i] if split else ""), "fold": int(fold[i])})
+                      for i in range(lo, hi)]
+            st.append({"conv": conv[lo:hi], "vec": vec[lo:hi]}, labels)
+    return path
+
+
+@pytest.fixture(scope="module")
+def feats(tmp_path_factory):
+    return make_features(tmp_path_factory.mktemp("feats") / "synth.h5", missing=20)
+
+
+@pytest.fixture(scope="module")
+def trained(feats, tmp_path_factory):
+    """One bins head (7 groups) shared by several tests."""
+    from featlab.heads import train_head
+
+    root = tmp_path_factory.mktemp("results")
+    d = train_head(feats, "conv", "bins", 7, out_root=root, **FAST)
+    return d
+
+
+def _majority_share(feats, target, cats=None, split="test"):
+    with FeatureStore.open_read(feats) as s:
+        df = s.labels()
+    df = df[df.split == split]
+    if target == "bins":
+        y = get_scheme(cats).assign(df.age.dropna())
+        return np.bincount(y).max() / len(y)
+    g = df.gender[df.gender != ""]
+    return g.value_counts().max() / len(g)
+
+
+def test_bins_head_learns_and_writes_everything(trained, feats):
+    d = trained
+    assert d.parts[-4:] == ("synthetic", "synth", "conv", "bins7")
+    for f in ("head.keras", "config.json", "history.csv", "history.png", "standardisation.npz", "metrics.json",
+              "confusion.csv", "confusion_counts.csv", "confusion.png", "subgroups.csv", "predictions.csv"):
+        assert (d / f).is_file(), f
+    m = json.loads((d / "metrics.json").read_text())
+    chance = _majority_share(feats, "bins", 7)
+    assert m["metrics"]["accuracy"] > chance + 0.25, (m["metrics"], chance)
+    assert m["metrics"]["one_off"] > 0.85
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["features_model_sha256"] == SHA and cfg["tap"] == "conv" and cfg["cats"] == 7
+    assert cfg["counts"]["dropped_missing_target"] == 20
+    assert cfg["counts"]["train"] + cfg["counts"]["val"] + cfg["counts"]["test"] == 1000 - 20
+    assert cfg["hyperparameters"]["hidden"] == [256] and cfg["seed"] == 0
+    assert cfg["data_loading"].startswith("train rows read in one go")
+    head = (d / "confusion.csv").read_text().splitlines()[0].split(",")
+    assert head[1:] == list(get_scheme(7).names)
+    assert (d / "subgroups.csv").read_text().startswith("grouping,group,n,accuracy")
+    hist = (d / "history.csv").read_text().splitlines()
+    assert hist[0].startswith("epoch,") and "val_loss" in hist[0] and len(hist) >= 2
+
+
+def test_age_head_beats_the_mean(feats, tmp_path):
+    from featlab.heads import train_head
+
+    d = train_head(feats, "vec", "age", out_root=tmp_path, **FAST)
+    m = json.loads((d / "metrics.json").read_text())
+    with FeatureStore.open_read(feats) as s:
+        df = s.labels()
+    tr, te = df[df.split == "train"].age.dropna(), df[df.split == "test"].age.dropna()
+    baseline = float(np.abs(te - tr.median()).mean())
+    assert m["metrics"]["mae"] < 0.5 * baseline, (m["metrics"]["mae"], baseline)
+    assert 0 <= m["metrics"]["cs5"] <= 1
+    for c in (5, 7, 8):
+        assert m["metrics"][f"accuracy_bins{c}"] > 0.4
+        assert (d / f"confusion_bins{c}.csv").is_file() and (d / f"confusion_bins{c}.png").is_file()
+    assert (d / "scatter.png").is_file()
+    assert d.name == "age"
+
+
+def test_gender_head(feats, tmp_path):
+    from featlab.heads import train_head
+
+    d = train_head(feats, "conv", "gender", out_root=tmp_path, pool="avg", **FAST)
+    assert d.parts[-2:] == ("conv@avg", "gender")  # pooled by the head: filed under the pooled key
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["metrics"]["accuracy"] > 0.8 > _majority_share(feats, "gender") + 0.2
+    assert set(m["metrics"]) >= {"recall_f", "recall_m"}
+    assert (d / "confusion.png").is_file()
+
+
+def test_ordinal_bins_head(feats, tmp_path):
+    from featlab.heads import train_head
+
+    d = train_head(feats, "vec", "bins", 5, out_root=tmp_path, ordinal=True, **FAST)
+    m = json.loads((d / "metrics.json").read_text())
+    assert json.loads((d / "config.json").read_text())["output"] == "coral"
+    assert m["metrics"]["accuracy"] > _majority_share(feats, "bins", 5) + 0.25
+    # the saved ordinal head reloads and evaluates the same
+    from featlab.evaluate import evaluate_head
+
+    again = evaluate_head(d, out_dir=tmp_path / "again")
+    assert again["metrics"]["accuracy"] == pytest.approx(m["metrics"]["accuracy"])
+
+
+def test_same_seed_same_predictions(feats, tmp_path, trained):
+    from featlab.heads import train_head
+
+    d2 = train_head(feats, "conv", "bins", 7, out_root=tmp_path, **FAST)
+    assert (trained / "predictions.csv").read_text() == (d2 / "predictions.csv").read_text()
+    h1 = (trained / "history.csv").read_text()
+    assert h1 == (d2 / "history.csv").read_text()
+
+
+def test_streaming_matches_in_memory(feats, tmp_path, trained):
+    from featlab.heads import train_head
+
+    d = train_head(feats, "conv", "bins", 7, out_root=tmp_path, memory_budget_mb=0.05, chunk_rows=128, **FAST)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["data_loading"].startswith("streamed")
+    a_mem = json.loads((trained / "metrics.json").read_text())["metrics"]["accuracy"]
+    a_str = json.loads((d / "metrics.json").read_text())["metrics"]["accuracy"]
+    assert a_str > _majority_share(feats, "bins", 7) + 0.25
+    assert abs(a_str - a_mem) < 0.1
+
+
+class _Recorder:
+    """Wraps an EArray and records how it is indexed."""
+
+    def __init__(self, arr):
+        self.arr, self.keys = arr, []
+        self.nrows, self.shape = arr.nrows, arr.shape
+
+    def __getitem__(self, k):
+        self.keys.append(k)
+        return self.arr[k]
+
+
+def test_stream_reads_contiguous_chunks_and_covers_split_once(feats):
+    from featlab.heads import _make_stream_class
+
+    Stream = _make_stream_class()
+    with FeatureStore.open_read(feats) as s:
+        df = s.labels()
+        rows = np.flatnonzero(df.split.to_numpy() == "train")
+        y = np.arange(len(rows), dtype=np.float32)  # y = position within the split: identifies the row
+        ds = Stream(s, "conv", rows, y, None, batch_size=50, shuffle=True, seed=3, chunk_rows=128)
+        rec = _Recorder(ds.arr)
+        ds.arr = rec
+        full = s.read("conv", rows)
+        for epoch in range(2):
+            seen = []
+            for i in range(len(ds)):
+                xb, yb = ds[i]
+                assert len(xb) == len(yb) <= 50
+                np.testing.assert_array_equal(xb, full[yb.astype(int)])  # features match their labels
+                seen.extend(yb.astype(int).tolist())
+            assert sorted(seen) == list(range(len(rows)))  # every split row once per epoch
+            if epoch == 0:
+                first = seen
+            ds.on_epoch_end()
+        assert seen != first  # reshuffled
+        assert rec.keys and all(isinstance(k, slice) and k.stop - k.start <= 128 for k in rec.keys)
+
+
+def test_evaluate_refuses_other_model_and_handles_held_out_file(trained, tmp_path):
+    from featlab.evaluate import evaluate_head
+
+    other = make_features(tmp_path / "other.h5", n=200, seed=5, sha="cd" * 32)
+    with pytest.raises(FeatlabError, match="another model file"):
+        evaluate_head(trained, features=other)
+    # same model, no split column: evaluated on every row, and said so
+    held = make_features(tmp_path / "held.h5", n=300, seed=6, split=False)
+    r = evaluate_head(trained, features=held)
+    assert r["n"] == 300 and "all 300 rows" in r["split_note"]
+    assert (trained / "eval-held" / "metrics.json").is_file()
+    assert r["metrics"]["accuracy"] > 0.5
+    # a file without the tap
+    notap = tmp_path / "notap.h5"
+    with FeatureStore.open_for_append(notap, {"backbone": "synthetic", "model_sha256": SHA}) as st:
+        st.ensure_array("vec", (12,))
+        st.append({"vec": np.zeros((1, 12), np.float32)},
+                  [label_row({"image_id": "a", "path": "/a", "age": 3, "gender": "f", "race": "", "split": "", "fold": -1})])
+    with pytest.raises(FeatlabError, match="no tap 'conv'"):
+        evaluate_head(trained, features=notap)
+
+
+def test_folds(tmp_path):
+    from featlab.heads import train_head
+
+    f = make_features(tmp_path / "adience.h5", n=600, seed=2, folds=True, split=False)
+    with pytest.raises(FeatlabError, match="--fold"):
+        train_head(f, "vec", "gender", out_root=tmp_path / "r", **FAST)
+    root = train_head(f, "vec", "gender", out_root=tmp_path / "r", fold="all", **{**FAST, "epochs": 4})
+    assert root.name == "gender"
+    for k in range(5):
+        cfg = json.loads((root / f"fold{k}" / "config.json").read_text())
+        assert cfg["fold"] == k and cfg["counts"]["test"] == 120
+    m = json.loads((root / "metrics.json").read_text())
+    assert m["kind"] == "folds" and m["folds"] == [0, 1, 2, 3, 4]
+    accs = [m["per_fold"][f"fold{k}"]["accuracy"] for k in range(5)]
+    assert m["metrics"]["accuracy"] == pytest.approx(np.mean(accs))
+    assert m["metrics_std"]["accuracy"] == pytest.approx(np.std(accs))
+    assert (root / "folds.csv").read_text().splitlines()[-1].startswith("std,")
+
+
+def test_bad_requests(feats, tmp_path):
+    from featlab.heads import train_head
+
+    with pytest.raises(FeatlabError, match="cats"):
+        train_head(feats, "vec", "bins", None, out_root=tmp_path)
+    with pytest.raises(FeatlabError, match="no tap"):
+        train_head(feats, "nope", "age", out_root=tmp_path)
+    with pytest.raises(FeatlabError, match="target"):
+        train_head(feats, "vec", "height", out_root=tmp_path)

@@ -1,0 +1,134 @@
+"""The whole pipeline from the command line: the offline demo (prepare -> extract -> heads ->
+evaluate -> compare -> report), a cheap rerun, predict on a group photo, specs that fail fast,
+and the R100 path on a generated IResNet graph."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featlab.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    from featlab.experiment import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    report = run_demo(out)
+    return out, report
+
+
+def test_demo_writes_every_artifact(demo_dir):
+    out, report = demo_dir
+    assert report.is_file() and report.name == "report.md"
+    root = out / "results" / "dlib-rec" / "utkface-sample"
+    text = report.read_text()
+    assert "## bins7" in text and "## age" in text and "## gender" in text
+    for tap in ("res13", "res14", "embedding"):
+        for t in ("bins7", "age", "gender"):
+            d = root / tap / t
+            for f in ("head.keras", "config.json", "history.csv", "history.png", "metrics.json"):
+                assert (d / f).is_file(), d / f
+        assert (root / tap / "bins7" / "confusion.csv").is_file()
+        assert (root / tap / "bins7" / "confusion.png").is_file()
+        assert (root / tap / "age" / "scatter.png").is_file()
+    for t in ("bins7", "age", "gender"):
+        assert (root / "compare" / t / "layer_comparison.csv").is_file()
+        assert (root / "compare" / t / "layer_comparison.png").is_file()
+    # the features file carries the config that made it
+    from featlab.store import FeatureStore
+
+    with FeatureStore.open_read(out / "features" / "dlib-rec" / "utkface-sample.h5") as s:
+        assert s.nrows == 600 and len(s.skipped()) == 0
+        assert len(s.attrs["model_sha256"]) == 64
+
+
+def test_demo_heads_beat_the_majority_class(demo_dir):
+    out, _ = demo_dir
+    root = out / "results" / "dlib-rec" / "utkface-sample" / "embedding"
+    g = json.loads((root / "gender" / "metrics.json").read_text())
+    counts = np.asarray(g["report"]["confusion"]).sum(axis=1)
+    assert g["metrics"]["accuracy"] > counts.max() / counts.sum() + 0.2  # ~0.5 majority -> > 0.7
+    b = json.loads((root / "bins7" / "metrics.json").read_text())
+    counts = np.asarray(b["report"]["confusion"]).sum(axis=1)
+    assert b["metrics"]["accuracy"] > counts.max() / counts.sum() + 0.1
+    a = json.loads((root / "age" / "metrics.json").read_text())
+    assert a["metrics"]["mae"] < 12.0  # predicting the train median gives ~15 on this sample
+
+
+def test_demo_rerun_skips_finished_steps(demo_dir, capsys):
+    from featlab.experiment import run_demo
+
+    out, _ = demo_dir
+    capsys.readouterr()
+    run_demo(out)
+    text = capsys.readouterr().out
+    assert "is current" in text and text.count("current, skipped") == 9 and "(0 new)" in text
+
+
+def test_predict_annotates_the_group_photo(demo_dir, tmp_path, capsys):
+    out, _ = demo_dir
+    photo = Path(str(resources.files("insightface") / "data" / "images" / "t1.jpg"))
+    heads = out / "results" / "dlib-rec" / "utkface-sample" / "embedding"
+    rc = main(["predict", str(photo), "--head", str(heads / "bins7"), "--head", str(heads / "gender"),
+               "--annotate", str(tmp_path / "ann")])
+    lines = [x for x in capsys.readouterr().out.splitlines() if " face " in x]
+    assert rc == 0 and len(lines) == 6  # the six friends
+    assert all("gender " in x and "age " in x for x in lines)
+    assert (tmp_path / "ann" / "t1.jpg").is_file()
+
+
+def test_predict_reports_images_without_faces(demo_dir, tmp_path, capsys):
+    from PIL import Image
+
+    out, _ = demo_dir
+    Image.new("RGB", (300, 300), (30, 200, 90)).save(tmp_path / "lawn.jpg")
+    head = out / "results" / "dlib-rec" / "utkface-sample" / "embedding" / "gender"
+    rc = main(["predict", str(tmp_path / "lawn.jpg"), "--head", str(head)])
+    assert rc == 0 and "no face found" in capsys.readouterr().out
+
+
+def test_seed_specs_fail_fast_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path / "nothing"))
+    specs = Path(__file__).resolve().parents[1] / "experiments"
+    for name in ("r100-utkface", "r100-imdb", "r100-adience"):
+        rc = main(["run", str(specs / f"{name}.toml"), "--set", f"dataset.root={tmp_path}"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "no model file for backbone r100" in err and "Traceback" not in err
+        assert err.count("\n") == 1
+    rc = main(["run", str(specs / "utkface-dlib-age.toml")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no dataset root" in err
+
+
+def test_r100_path_on_a_generated_graph(utk_small, tmp_path, capsys, monkeypatch):
+    """extract -> train-head -> evaluate on a tiny random-weight IResNet-100 (PyTorch export style)."""
+    from featlab.iresnet import build_iresnet, save
+
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "tiny_r100.onnx"
+    save(build_iresnet(100, "pytorch", widths=(8, 16, 32, 64), seed=1), model)
+    assert main(["layers", "-b", "r100", "--model", str(model), "--main"]) == 0
+    listing = capsys.readouterr().out
+    assert "stage4_unit3_out" in listing and "add_98" in listing and "BatchNorm folded in" in listing
+    rc = main(["extract", "-b", "r100", "--model", str(model), "-m", str(utk_small), "-q",
+               "-l", "add_98", "-l", "stage3_unit15_conv1", "-l", "stage4_unit1_conv1"])
+    assert rc == 0
+    feats = tmp_path / "features" / "r100" / "utksmall.h5"
+    from featlab.store import FeatureStore
+
+    with FeatureStore.open_read(feats) as s:
+        assert s.array("add_98").shape == (240, 64, 7, 7)
+        assert s.array("stage3_unit15_conv1").shape == (240, 32, 14, 14)
+        assert s.array("stage4_unit1_conv1").shape == (240, 64, 14, 14)
+    rc = main(["train-head", "--target", "gender", "-f", str(feats), "-l", "add_98", "--epochs", "3", "-q"])
+    assert rc == 0
+    head = tmp_path / "results" / "r100" / "utksmall" / "add_98" / "gender"
+    assert main(["evaluate", "--head", str(head)]) == 0
+    assert "gender: accuracy" in capsys.readouterr().out

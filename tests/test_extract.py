@@ -243,3 +243,24 @@ def test_cli_unknown_tap_lists_nearest(utk_small, tmp_path, capsys):
     rc = main(["extract", "-m", str(utk_small), "-b", "dlib-age", "-l", "res7", "-o", str(tmp_path / "x.h5")])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown tap 'res7'" in err and "res5" in err and "Traceback" not in err
+
+
+def test_scrfd_keypoints_drive_the_arcface_warp_when_its_pack_exists(utk_manifest, tmp_path, monkeypatch):
+    """With an insightface pack on disk, its detector's keypoints are used (here a stand-in detector)."""
+    import numpy as np
+    from PIL import Image
+
+    from featlab import faces
+
+    class FakeSCRFD:
+        def detect(self, img_bgr):
+            # one face: box and the ArcFace template's own 5 points scaled by 2 -> a pure 2x downscale
+            kps = faces.ARCFACE_DST * 2.0
+            return np.array([[0, 0, 223, 223, 0.99]]), kps[None]
+
+    monkeypatch.setattr(faces._local, "scrfd", FakeSCRFD(), raising=False)
+    img = np.asarray(Image.open(read_manifest(utk_manifest)["path"].iloc[0]).convert("RGB").resize((224, 224)))
+    got = faces.Geometry("arcface", 112).faces(img)
+    assert len(got) == 1 and got[0].box == (0, 0, 223, 223)
+    expect = faces.resize(img, 112)
+    assert np.abs(got[0].chip.astype(int) - expect.astype(int)).mean() < 8  # same picture, 2x smaller

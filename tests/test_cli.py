@@ -1,0 +1,76 @@
+"""The command line as a user meets it: fast help, one clear line for bad input, prepare on real data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from featlab.cli import main
+
+
+def test_help_is_fast_and_imports_no_heavy_library():
+    code = ("import sys, time; t=time.time(); from featlab.cli import main; rc = main(['--help']); "
+            "heavy = [m for m in ('tensorflow', 'keras', 'onnxruntime', 'tables', 'onnx', 'dlib') if m in sys.modules]; "
+            "print('HEAVY', heavy, time.time()-t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    line = [x for x in out.splitlines() if x.startswith("HEAVY")][0]
+    assert "HEAVY []" in line, line
+    assert "train-head" in out and "extract" in out
+    assert float(line.split()[-1]) < 3.0
+
+
+def test_prepare_real_utkface_reports_the_three_malformed_names(utk_dir, tmp_path, capsys):
+    out = tmp_path / "m.csv"
+    assert main(["prepare", "--dataset", "utkface", "--root", str(utk_dir), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "8,000 rows" in text
+    for name in ("24_0_1_20170116220224657 .jpg.chip.jpg", "39_1_20170116174525125.jpg.chip.jpg",
+                 "55_0_0_20170116232725357jpg.chip.jpg"):
+        assert name in text
+    assert sum(1 for _ in open(out)) == 8001
+
+
+def test_prepare_list_names_every_adapter(capsys):
+    assert main(["prepare", "--list"]) == 0
+    text = capsys.readouterr().out
+    for name in ("utkface", "imdb", "wiki", "adience", "aaf", "facial-age", "chalearn", "csv"):
+        assert name in text
+
+
+@pytest.mark.parametrize("case", ["missing-root", "unknown-dataset", "empty", "bad-mat", "no-manifest"])
+def test_bad_input_gives_one_line_and_status_2(case, tmp_path, capsys):
+    if case == "missing-root":
+        args = ["prepare", "-d", "utkface", "--root", str(tmp_path / "nope")]
+    elif case == "unknown-dataset":
+        args = ["prepare", "-d", "celebz", "--root", str(tmp_path)]
+    elif case == "empty":
+        (tmp_path / "empty").mkdir()
+        args = ["prepare", "-d", "utkface", "--root", str(tmp_path / "empty")]
+    elif case == "bad-mat":
+        (tmp_path / "imdb.mat").write_bytes(b"MATLAB 5.0 MAT-file, garbage" + bytes(300))
+        args = ["prepare", "-d", "imdb", "--root", str(tmp_path)]
+    else:
+        args = ["bins", "--manifest", str(tmp_path / "missing.csv")]
+    rc = main(args + (["--out", str(tmp_path / "m.csv")] if args[0] == "prepare" else []))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("featlab: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bins_counts_a_manifest(utk_manifest, capsys):
+    assert main(["bins", "--manifest", str(utk_manifest)]) == 0
+    text = capsys.readouterr().out
+    assert "--cats 8" in text and "Young Adults" in text and "60+" in text
+    counts = [int(x.split()[-1].replace(",", "")) for x in text.splitlines() if " ages [" in x]
+    assert sum(counts) == 3 * 8000
+
+
+def test_peek_draws_a_sheet(utk_manifest, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "sheet.png"
+    assert main(["peek", "--manifest", str(utk_manifest), "--n", "16", "--out", str(out)]) == 0
+    im = Image.open(out)
+    assert im.width >= 4 * 128 and im.height >= 4 * 128

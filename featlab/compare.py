@@ -122,7 +122,8 @@ def _out_dir(backbone, dataset, tname, results_root, out_dir) -> Path:
 
 
 def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_root=None, out_dir=None) -> dict:
-    """Write layer_comparison.csv/.png for every evaluated tap; returns {'csv', 'png', 'taps', 'metrics', 'rows'}."""
+    """Write layer_comparison.csv/.png for every evaluated tap; returns {'csv', 'png', 'files', 'taps', 'metrics',
+    'rows'} (taps in network order; rows as in the CSV)."""
     from .plots import comparison_png
 
     tname = target_name(target, cats)
@@ -155,19 +156,28 @@ def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_r
     folds = " (mean ± std over folds)" if errors else ""
     png = comparison_png(taps, values, out / "layer_comparison.png",
                          title=f"{backbone} on {dataset}: {tname} heads per tap, test split{folds}", errors=errors)
-    return {"csv": csv_path, "png": png, "taps": taps, "metrics": headline, "rows": rows}
+    return {"csv": csv_path, "png": png, "files": [csv_path, png], "taps": taps, "metrics": headline, "rows": rows}
 
 
 def sweep_plot(backbone: str, dataset: str, target: str = "bins", cats=7, metric: str | None = None,
-               results_root=None, out_dir=None, reference: float | None = None, reference_label: str = "") -> Path:
-    """``metric`` (default: accuracy, or MAE for age) against tap depth for every evaluated tap; writes
-    ``sweep_{metric}.png`` and ``sweep_{metric}.csv`` next to the layer comparison. Taps whose graph
-    position is unknown are placed by their order."""
+               results_root=None, out_dir=None, taps: list[str] | None = None, reference: float | None = None,
+               reference_label: str = "") -> Path:
+    """``metric`` (default: accuracy, or MAE for age) against tap depth for every evaluated tap (or only
+    ``taps``); writes ``sweep_{metric}.png`` and ``sweep_{metric}.csv`` next to the layer comparison.
+    Depth is the graph position when the backbone's graph is available for every tap, else the rank in
+    network order. ``reference`` draws a horizontal line (e.g. the backbone's zero-shot figure)."""
     from .plots import sweep_png
 
     tname = target_name(target, cats)
     metric = metric or ("mae" if target == "age" else "accuracy")
-    recs = _ordered(gather(backbone, dataset, target, cats, results_root), backbone)
+    recs = gather(backbone, dataset, target, cats, results_root)
+    if taps is not None:
+        want = set(taps)
+        missing = [t for t in taps if t not in {r["key"] for r in recs}]
+        if missing:
+            raise FeatlabError(f"no evaluated {tname} head for tap(s) {', '.join(missing)} under {backbone}/{dataset}")
+        recs = [r for r in recs if r["key"] in want]
+    recs = _ordered(recs, backbone)
     if not any(metric in r["metrics"] for r in recs):
         raise FeatlabError(f"no head for {tname} reports {metric!r}")
     have_pos = all(r["position"] is not None for r in recs)

@@ -126,7 +126,7 @@ def _evaluate(model, cfg: dict, store: FeatureStore, split: str, out_dir: Path, 
     title = f"{cfg['backbone']} · {cfg.get('head_key', cfg['tap'])} → {cfg['target_name']}"
     if cfg.get("fold") is not None:
         title += f" (fold {cfg['fold']})"
-    where = f"{split}, n={len(rows)}" + (f", {store.path.name}" if other else "")
+    where = f"{split} split" + (f" of {store.path.name}" if other else "")
 
     flat: dict = {}
     files = []
@@ -210,12 +210,18 @@ def _write_confusion(out_dir: Path, stem: str, cm: np.ndarray, names, title, acc
     from .metrics import normalise_rows
 
     norm = normalise_rows(cm)
-    for fname, mat, fmt in ((f"{stem}.csv", norm, "{:.4f}"), (f"{stem}_counts.csv", cm, "{:d}")):
+    def cell(v, counts):
+        v = v.item() if hasattr(v, "item") else v
+        if counts:
+            return str(int(v))
+        return "" if np.isnan(v) else f"{v:.4f}"
+
+    for fname, mat, counts in ((f"{stem}.csv", norm, False), (f"{stem}_counts.csv", cm, True)):
         with open(out_dir / fname, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["true \\ predicted", *names])
             for name, row in zip(names, mat):
-                w.writerow([name, *[("" if (isinstance(v, float) and np.isnan(v)) else fmt.format(v.item() if hasattr(v, "item") else v)) for v in row]])
+                w.writerow([name, *[cell(v, counts) for v in row]])
     plots.confusion_png(cm, names, out_dir / f"{stem}.png", title=title, accuracy=acc, one_off=one_off)
     return [f"{stem}.csv", f"{stem}_counts.csv", f"{stem}.png"]
 

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +36,19 @@ import numpy as np
 from . import __version__, config
 from .bins import get_scheme
 from .errors import FeatlabError
-from .store import FeatureStore, parse_key
+from .store import FeatureStore
 
 TARGETS = ("bins", "age", "gender")
 GENDERS = ("f", "m")
 CHUNK_ROWS = 4096
 
-# Defaults chosen by measurement on 8,000 UTKFace faces (dlib-age taps); see the module report in
-# docs and config.json of any head for what was used.
-DEFAULTS = dict(hidden=(256,), dropout=0.3, epochs=60, batch_size=128, lr=1e-3, optimizer="adam", patience=8,
-                class_weight=True, ordinal=False, pool=None, seed=0, memory_budget_mb=2048)
+def _keras():
+    """Import Keras (and TensorFlow) quietly: TF 2.21 logs a harmless tf.data NodeDef error per fit and
+    CPU-feature notices at import; Python exceptions still surface."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+
+    return keras
 
 
 # ------------------------------------------------------------------ names and paths
@@ -200,7 +204,7 @@ def _read_blocks(rows, store, key, budget_bytes: int = 256 << 20):
 
 
 def _make_stream_class():
-    import keras
+    keras = _keras()
 
     class ChunkStream(keras.utils.PyDataset):
         """Batches from contiguous chunks of file rows, chunk order shuffled per epoch, rows shuffled
@@ -266,7 +270,7 @@ def _make_stream_class():
 # ------------------------------------------------------------------ model
 def _custom_objects() -> dict:
     """Keras objects a saved head may need (registered once)."""
-    import keras
+    keras = _keras()
 
     name = "featlab>CoralOutput"
     obj = keras.saving.get_registered_object(name)
@@ -298,9 +302,10 @@ def _custom_objects() -> dict:
 
 
 def build_model(tap_shape, n_out: int, kind: str, mean, std, hidden=(256,), dropout=0.3, pool=None,
-                input_dropout: float = 0.0, weight_decay: float = 0.0):
-    """kind: 'softmax' (n_out classes), 'coral' (n_out classes, n_out-1 logits) or 'linear' (one unit)."""
-    import keras
+                input_dropout: float = 0.0, weight_decay: float = 0.0, age_grid=None):
+    """kind: 'softmax' (n_out classes), 'coral' (n_out classes, n_out-1 logits), 'linear' (one unit) or
+    'expectation' (a softmax over the ages in ``age_grid``: the prediction is its expected value)."""
+    keras = _keras()
     from keras import layers
 
     reg = keras.regularizers.L2(weight_decay) if weight_decay else None
@@ -323,6 +328,8 @@ def build_model(tap_shape, n_out: int, kind: str, mean, std, hidden=(256,), drop
         out = layers.Dense(n_out, activation="softmax", kernel_regularizer=reg, name="output")(x)
     elif kind == "coral":
         out = _custom_objects()["CoralOutput"](n_out - 1, name="output")(x)
+    elif kind == "expectation":
+        out = layers.Dense(len(age_grid), activation="softmax", kernel_regularizer=reg, name="output")(x)
     else:
         out = layers.Dense(1, kernel_regularizer=reg, name="output")(x)
     return keras.Model(inp, out, name="featlab_head")
@@ -330,7 +337,7 @@ def build_model(tap_shape, n_out: int, kind: str, mean, std, hidden=(256,), drop
 
 def load_head(head_dir: Path | str):
     """(model, config) of a saved head."""
-    import keras
+    keras = _keras()
 
     head_dir = Path(head_dir)
     cfg_path, model_path = head_dir / "config.json", head_dir / "head.keras"
@@ -348,9 +355,9 @@ def outputs_to_prediction(raw: np.ndarray, cfg: dict) -> dict:
     """Raw model outputs -> {'pred': class index or age in years, 'proba': class probabilities (classifiers)}."""
     raw = np.asarray(raw, dtype=np.float64)
     kind = cfg["output"]
-    if kind == "linear":
+    if kind in ("linear", "expectation"):
         t = cfg["target_transform"]
-        v = raw.reshape(-1)
+        v = raw @ np.asarray(cfg["age_grid"], dtype=np.float64) if kind == "expectation" else raw.reshape(-1)
         if t["kind"] == "log1p":
             age = np.expm1(v * t.get("scale", 1.0) + t.get("mean", 0.0))
         else:
@@ -384,8 +391,7 @@ def predict_rows(model, cfg: dict, store: FeatureStore, rows: np.ndarray) -> dic
 
 # ------------------------------------------------------------------ training
 def _setup_tf(seed: int):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
+    keras = _keras()
     import tensorflow as tf
 
     keras.utils.set_random_seed(int(seed))
@@ -394,6 +400,24 @@ def _setup_tf(seed: int):
     except Exception:  # noqa: BLE001
         pass
     return keras, tf
+
+
+def soft_bin_labels(ages: np.ndarray, scheme, sigma: float) -> np.ndarray:
+    """Bin targets that keep the age: a Gaussian of ``sigma`` years around each true age, integrated over
+    each bin's interval (rows sum to 1). A 22-year-old then counts mostly for 15-20 and partly for 25-32."""
+    from scipy.special import ndtr
+
+    edges = np.asarray([*scheme.lower[1:]], dtype=np.float64)
+    a = np.asarray(ages, dtype=np.float64)[:, None]
+    cdf = ndtr((edges[None, :] - a) / float(sigma))
+    cdf = np.concatenate([np.zeros((len(a), 1)), cdf, np.ones((len(a), 1))], axis=1)
+    p = np.diff(cdf, axis=1)
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def to_years_np(v, transform: dict) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64) * transform["scale"] + transform["mean"]
+    return np.expm1(v) if transform["kind"] == "log1p" else v
 
 
 def _make_targets(target: str, ordinal: bool, n_classes: int, y: np.ndarray, transform: dict | None):
@@ -407,19 +431,40 @@ def _make_targets(target: str, ordinal: bool, n_classes: int, y: np.ndarray, tra
     return np.eye(n_classes, dtype=np.float32)[y]
 
 
-def train_head(features, layer, target, cats=None, *, out_root=None, fold=None, hidden=(256,), dropout=0.3,
-               epochs=60, batch_size=128, lr=1e-3, optimizer="adam", patience=8, class_weight=True,
+def train_head(features, layer, target, cats=None, *, out_root=None, fold=None, hidden=(64,), dropout=0.5,
+               epochs=60, batch_size=128, lr=1e-3, optimizer="adam", patience=8, class_weight=False,
                ordinal=False, pool=None, seed=0, memory_budget_mb=2048, verbose=1,
-               label_smoothing: float = 0.0, age_transform: str = "z", age_loss: str = "mae",
-               input_dropout: float = 0.0, weight_decay: float = 0.0, val_share: float = 0.1,
+               input_dropout: float | None = None, weight_decay: float = 0.0, label_smoothing: float = 0.0,
+               age_head: str = "expectation", age_sigma: float | None = None, age_transform: str = "z",
+               age_loss: str = "mae", monitor: str = "val_loss", val_share: float = 0.1,
                chunk_rows: int = CHUNK_ROWS, evaluate: bool = True) -> Path:
-    """Train one head on tap ``layer`` of ``features`` for ``target`` ('bins' with cats 5/7/8, 'age', 'gender').
+    """Train one head on tap ``layer`` of ``features`` for ``target`` and evaluate it on the test split.
+
+    target: ``"bins"`` (with ``cats`` 5, 7 or 8), ``"age"`` (years) or ``"gender"``.
+    fold: None (the manifest's train/val/test split), K (Adience-style: test on fold K, train on the
+    others, val = a seeded ``val_share`` of those) or ``"all"`` (every fold, then mean and std).
+
+    The head: the tap as stored -> optional global ``pool`` ("avg"/"max") -> flatten -> standardisation
+    fit on the train rows -> ``input_dropout`` (default: 0.5 on inputs of 512 features or more, else 0.2)
+    -> ``hidden`` ReLU layers with ``dropout`` -> output:
+    softmax over the bins (or CORAL cumulative logits with ``ordinal=True``), softmax over f/m for
+    gender; for age, ``age_head="expectation"`` (default) is a softmax over whole years whose expected
+    value is the prediction, trained with L1 on that value plus cross-entropy to a Gaussian of
+    ``age_sigma`` years (default 2) around the true age; ``age_head="linear"`` is one linear unit on
+    the standardised (``age_transform="z"``) or log (``"log1p"``) age with ``age_loss`` mae/mse/huber.
+    Adam (or SGD with Nesterov momentum, or AdamW), ReduceLROnPlateau and EarlyStopping on ``monitor``
+    ("val_loss", or "val_metric": accuracy / MAE) restoring the best weights. ``class_weight``: False,
+    True/"balanced" or "sqrt". ``age_sigma`` > 0 with bins trains on soft bin targets (a Gaussian
+    around the true age). Train rows are read at once when they fit ``memory_budget_mb`` (float32),
+    otherwise streamed in contiguous chunks of ``chunk_rows`` file rows.
 
     Returns the head's folder (for ``fold="all"``: the folder holding fold0..fold4 and the mean/std summary).
     """
     if target not in TARGETS:
         raise FeatlabError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     tname = target_name(target, cats)
+    if age_sigma is None:
+        age_sigma = 2.0 if target == "age" else 0.0
     if target != "bins":
         cats = int(cats) if cats is not None else None
     if ordinal and target != "bins":
@@ -430,17 +475,28 @@ def train_head(features, layer, target, cats=None, *, out_root=None, fold=None, 
         raise FeatlabError(f"optimizer must be 'adam', 'adamw' or 'sgd', not {optimizer!r}")
     if age_transform not in ("z", "log1p"):
         raise FeatlabError(f"age_transform must be 'z' or 'log1p', not {age_transform!r}")
+    if age_head not in ("linear", "expectation"):
+        raise FeatlabError(f"age_head must be 'linear' or 'expectation', not {age_head!r}")
     kw = dict(hidden=tuple(int(h) for h in (hidden or ())), dropout=float(dropout), epochs=int(epochs),
               batch_size=int(batch_size), lr=float(lr), optimizer=optimizer, patience=int(patience),
               class_weight=class_weight, ordinal=bool(ordinal), pool=pool, seed=int(seed),
               memory_budget_mb=float(memory_budget_mb), verbose=verbose, label_smoothing=float(label_smoothing),
-              age_transform=age_transform, age_loss=age_loss, input_dropout=float(input_dropout),
-              weight_decay=float(weight_decay), val_share=float(val_share), chunk_rows=int(chunk_rows),
-              evaluate=evaluate)
+              age_sigma=float(age_sigma), age_head=age_head, age_transform=age_transform, age_loss=age_loss,
+              input_dropout=(None if input_dropout is None else float(input_dropout)),
+              weight_decay=float(weight_decay), val_share=float(val_share), monitor=monitor,
+              chunk_rows=int(chunk_rows), evaluate=evaluate)
     if fold == "all":
         return _train_all_folds(features, layer, target, cats, out_root, **kw)
     with FeatureStore.open_read(features) as store:
         return _train_one(store, layer, target, cats, tname, out_root, None if fold is None else int(fold), **kw)
+
+
+def default_hyperparameters() -> dict:
+    """train_head's keyword defaults (chosen by measurement on 8,000 UTKFace faces, dlib-age taps)."""
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(train_head).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in ("out_root", "fold", "verbose", "evaluate")}
 
 
 def _train_all_folds(features, layer, target, cats, out_root, **kw) -> Path:
@@ -487,8 +543,8 @@ def _train_all_folds(features, layer, target, cats, out_root, **kw) -> Path:
 
 def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, *, hidden, dropout, epochs,
                batch_size, lr, optimizer, patience, class_weight, ordinal, pool, seed, memory_budget_mb, verbose,
-               label_smoothing, age_transform, age_loss, input_dropout, weight_decay, val_share, chunk_rows,
-               evaluate) -> Path:
+               label_smoothing, age_sigma, age_head, age_transform, age_loss, input_dropout, weight_decay, val_share,
+               monitor, chunk_rows, evaluate) -> Path:
     t_start = time.perf_counter()
     attrs = store.attrs
     key = str(layer)
@@ -525,20 +581,31 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
     stream_val = len(va) * row_bytes > budget
     x_tr = None if stream else store.read(key, tr)
     mean, std = feature_stats(store, key, tr, pool, x=x_tr)
+    if input_dropout is None:
+        input_dropout = 0.5 if len(mean) >= 512 else 0.2
     transform = None
     if target == "age":
         a = y_all[tr].astype(np.float64)
         if age_transform == "log1p":
             a = np.log1p(a)
         transform = {"kind": age_transform, "mean": float(a.mean()), "scale": float(a.std() or 1.0)}
-    kind = "linear" if target == "age" else ("coral" if ordinal else "softmax")
+    kind = (age_head if target == "age" else ("coral" if ordinal else "softmax"))
+    age_grid = None
+    if kind == "expectation":
+        # one class per year from 0 to the oldest training age, their values in target units
+        g = np.arange(0.0, math.ceil(float(np.max(y_all[tr]))) + 1.0)
+        g = np.log1p(g) if transform["kind"] == "log1p" else g
+        age_grid = (g - transform["mean"]) / transform["scale"]
     y_tr = _make_targets(target, ordinal, n_classes, y_all[tr], transform)
+    if target == "bins" and age_sigma > 0 and not ordinal:
+        y_tr = soft_bin_labels(labels["age"].to_numpy()[tr], get_scheme(cats), age_sigma)
     y_va = _make_targets(target, ordinal, n_classes, y_all[va], transform)
     cw = class_weights(y_all[tr], n_classes, class_weight) if target != "age" else None
     w_tr = cw[y_all[tr]].astype(np.float32) if cw is not None else None
 
     # ---- model
-    model = build_model(tap_shape, n_classes, kind, mean, std, hidden, dropout, pool, input_dropout, weight_decay)
+    model = build_model(tap_shape, n_classes, kind, mean, std, hidden, dropout, pool, input_dropout, weight_decay,
+                        age_grid)
     if optimizer == "sgd":
         opt = keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True)
     elif optimizer == "adamw":
@@ -546,6 +613,7 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
     else:
         opt = keras.optimizers.Adam(learning_rate=lr)
     metrics = []
+    metric_name = "mae_years" if target == "age" else "accuracy"
     if kind == "softmax":
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
         metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
@@ -559,22 +627,52 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
 
         metrics = [accuracy]
     else:
-        loss = {"mae": keras.losses.MeanAbsoluteError(), "mse": keras.losses.MeanSquaredError(),
-                "huber": keras.losses.Huber(delta=0.5)}[age_loss]
         tsc, tmean, tkind = transform["scale"], transform["mean"], transform["kind"]
 
-        def mae_years(y_true, y_pred):
-            a, b = y_true * tsc + tmean, y_pred * tsc + tmean
-            if tkind == "log1p":
-                a, b = keras.ops.expm1(a), keras.ops.expm1(b)
-            return keras.ops.mean(keras.ops.abs(a - b))
+        def to_years(v):
+            v = v * tsc + tmean
+            return keras.ops.expm1(v) if tkind == "log1p" else v
+
+        if kind == "expectation":
+            grid_t = keras.ops.convert_to_tensor(np.asarray(age_grid, dtype=np.float32))
+            grid_y = keras.ops.convert_to_tensor(np.asarray(to_years_np(age_grid, transform), dtype=np.float32))
+            sig = float(age_sigma)
+
+            def expectation_loss(y_true, y_pred):
+                # L1 on the expected value (target units), plus, with age_sigma, cross-entropy to a Gaussian
+                # label distribution around the true age (DLDL-v2 style): keeps the distribution unimodal
+                e = keras.ops.sum(y_pred * grid_t, axis=-1)
+                l1 = keras.ops.abs(e - y_true[:, 0])
+                if sig <= 0:
+                    return l1
+                yy = to_years(y_true)  # (N, 1) years
+                q = keras.ops.exp(-keras.ops.square(grid_y[None, :] - yy) / (2.0 * sig * sig))
+                q = q / keras.ops.sum(q, axis=-1, keepdims=True)
+                ce = -keras.ops.sum(q * keras.ops.log(keras.ops.clip(y_pred, 1e-7, 1.0)), axis=-1)
+                return l1 + ce
+
+            loss = expectation_loss
+
+            def mae_years(y_true, y_pred):
+                e = keras.ops.sum(y_pred * grid_t, axis=-1, keepdims=True)
+                return keras.ops.mean(keras.ops.abs(to_years(y_true) - to_years(e)))
+        else:
+            loss = {"mae": keras.losses.MeanAbsoluteError(), "mse": keras.losses.MeanSquaredError(),
+                    "huber": keras.losses.Huber(delta=0.5)}[age_loss]
+
+            def mae_years(y_true, y_pred):
+                return keras.ops.mean(keras.ops.abs(to_years(y_true) - to_years(y_pred)))
 
         metrics = [mae_years]
     model.compile(optimizer=opt, loss=loss, metrics=metrics)
 
+    mon_key = {"val_loss": "val_loss", "val_metric": "val_" + metric_name}.get(monitor)
+    if mon_key is None:
+        raise FeatlabError(f"monitor must be 'val_loss' or 'val_metric', not {monitor!r}")
+    mon_mode = "max" if mon_key == "val_accuracy" else "min"
     callbacks = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(2, patience // 3),
+        keras.callbacks.EarlyStopping(monitor=mon_key, mode=mon_mode, patience=patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor=mon_key, mode=mon_mode, factor=0.5, patience=max(2, patience // 3),
                                           min_lr=lr / 64, verbose=0),
     ]
     Stream = _make_stream_class() if (stream or stream_val) else None
@@ -588,17 +686,23 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
     else:
         val_data = (store.read(key, va), y_va)
     t_fit = time.perf_counter()
-    hist = model.fit(validation_data=val_data, epochs=epochs, callbacks=callbacks,
-                     verbose=2 if verbose and verbose > 1 else 0, **fit_kw)
+    with warnings.catch_warnings():
+        # Keras 3.15 + TF 2.21 + numpy 2.4: np.array(EagerTensor) inside fit warns about `copy`; not ours
+        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+        hist = model.fit(validation_data=val_data, epochs=epochs, callbacks=callbacks,
+                         verbose=2 if verbose and verbose > 1 else 0, **fit_kw)
     fit_seconds = time.perf_counter() - t_fit
     h = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     h.pop("learning_rate", None)
     lrs = [float(v) for v in hist.history.get("learning_rate", [])]
-    best_epoch = int(np.argmin(h["val_loss"])) + 1
+    best_epoch = int(np.argmax(h[mon_key]) if mon_mode == "max" else np.argmin(h[mon_key])) + 1
     epochs_run = len(h["loss"])
 
     # ---- save
     out.mkdir(parents=True, exist_ok=True)
+    for old in ("metrics.json", "confusion*.csv", "confusion*.png", "scatter.png", "subgroups.csv", "predictions.csv"):
+        for f in out.glob(old):  # a previous run's report must not outlive its head
+            f.unlink()
     model.save(out / "head.keras")
     np.savez(out / "standardisation.npz", mean=mean, std=std)
     cfg = {
@@ -616,7 +720,9 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
         "target_name": tname,
         "cats": int(cats) if cats is not None else None,
         "class_names": names,
-        "n_outputs": n_classes - 1 if kind == "coral" else (1 if kind == "linear" else n_classes),
+        "n_outputs": (n_classes - 1 if kind == "coral" else len(age_grid) if kind == "expectation"
+                      else 1 if target == "age" else n_classes),
+        "age_grid": (age_grid.round(6).tolist() if age_grid is not None else None),
         "output": kind,
         "fold": fold,
         "split_note": sp["note"],
@@ -624,10 +730,12 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
             "hidden": list(hidden), "dropout": dropout, "input_dropout": input_dropout, "epochs": epochs,
             "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "patience": patience,
             "class_weight": class_weight, "ordinal": ordinal, "pool": pool, "label_smoothing": label_smoothing,
+            "age_sigma": age_sigma if target == "bins" else None,
+            "age_head": age_head if target == "age" else None,
             "age_transform": age_transform if target == "age" else None,
             "age_loss": age_loss if target == "age" else None, "weight_decay": weight_decay,
-            "val_share": val_share, "early_stopping": "val_loss, restore best weights",
-            "reduce_lr": {"monitor": "val_loss", "factor": 0.5, "patience": max(2, patience // 3), "min_lr": lr / 64},
+            "val_share": val_share, "early_stopping": f"{mon_key}, restore best weights",
+            "reduce_lr": {"monitor": mon_key, "factor": 0.5, "patience": max(2, patience // 3), "min_lr": lr / 64},
         },
         "seed": seed,
         "memory_budget_mb": memory_budget_mb,
@@ -650,10 +758,13 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     _write_history(out, h, lrs, cfg)
-    if evaluate:
+    if evaluate and len(te):
         from .evaluate import _evaluate
 
         _evaluate(model, cfg, store, "test", out, head_dir=out)
+    elif evaluate and verbose:
+        print(f"[featlab] no test rows in {store.path.name}: not evaluated (evaluate on a held-out features file "
+              "with `featlab evaluate --features`)")
     cfg["training"]["total_seconds"] = round(time.perf_counter() - t_start, 2)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     if verbose:

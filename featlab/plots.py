@@ -62,7 +62,8 @@ def confusion_png(cm, names, path, title: str = "", accuracy=None, one_off=None)
                     fontsize=10 if small else 12, fontweight="bold" if i == j else "normal")
             ax.text(j, i + 0.25, f"{cm[i, j]}", ha="center", va="center", color=colour, fontsize=7 if small else 8.5)
     ax.set_xticks(range(n))
-    ax.set_xticklabels(names, rotation=45 if max(len(s) for s in names) > 3 else 0, ha="right" if max(len(s) for s in names) > 3 else "center")
+    long_names = max(len(s) for s in names) > 3
+    ax.set_xticklabels(names, rotation=45 if long_names else 0, ha="right" if long_names else "center")
     ax.set_yticks(range(n))
     ax.set_yticklabels([f"{nm}  (n={int(t)})" for nm, t in zip(names, tot.ravel())])
     ax.set_xlabel("predicted")
@@ -123,6 +124,8 @@ def scatter_png(y_true, y_pred, path, title: str = "", mae=None, cs5=None) -> Pa
 
 def history_png(history: dict, path, metric: str = "accuracy", title: str = "", best_epoch: int | None = None) -> Path:
     """Two panels: loss, and ``metric`` (accuracy as %, or MAE in years), train vs val."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(11, 4.2)
     epochs = np.arange(1, len(history["loss"]) + 1)
     labels = {"accuracy": "accuracy (%)", "mae_years": "MAE (years)"}
@@ -140,6 +143,7 @@ def history_png(history: dict, path, metric: str = "accuracy", title: str = "", 
                 ax.annotate(f"{vb[best_epoch - 1] * scale:.3g}", (best_epoch, vb[best_epoch - 1] * scale),
                             textcoords="offset points", xytext=(6, 6), fontsize=8, color="#DD8452")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(lab)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -225,7 +229,8 @@ def sweep_png(depths, taps: list[str], values: list, path, metric: str, title: s
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     if best is not None:
-        title = (title + "\n" if title else "") + f"best: {taps[best]} ({v[best]:.1f}{'%' if unit == '%' else ''})"
+        shown = f"{v[best]:.1f}%" if unit == "%" else f"{v[best]:.2f}" + (" years" if unit == "y" else "")
+        title = (title + "\n" if title else "") + f"best: {taps[best]} ({shown})"
     ax.set_title(title, fontsize=10)
     ax.margins(y=0.15)
     return _save(fig, path)

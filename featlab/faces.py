@@ -253,3 +253,25 @@ def prepare_many(paths: list[str], geometry: Geometry, align: bool) -> list:
 def uses_dlib(geometry: Geometry, align: bool) -> bool:
     """Whether cutting chips runs dlib (landmarks or detection), which holds the GIL."""
     return bool(align) or geometry.kind == "dlib-chip"
+
+
+def serve_prepare() -> None:
+    """Worker loop of the extractor's decode/align processes: read pickled tasks on stdin, answer on stdout.
+
+    The first message is ``(geometry, align)``; each later one is a list of paths,
+    answered by :func:`prepare_many`'s list. Ends at end of input (the parent closed
+    the pipe or died).
+    """
+    import pickle
+    import sys
+
+    rd, wr = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write into the answer pipe
+    try:
+        geometry, align = pickle.load(rd)
+        while True:
+            paths = pickle.load(rd)
+            pickle.dump(prepare_many(paths, geometry, align), wr, protocol=pickle.HIGHEST_PROTOCOL)
+            wr.flush()
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        return

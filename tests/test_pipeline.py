@@ -29,7 +29,7 @@ def test_demo_writes_every_artifact(demo_dir):
     root = out / "results" / "dlib-rec" / "utkface-sample"
     text = report.read_text()
     assert "## bins7" in text and "## age" in text and "## gender" in text
-    for tap in ("res13", "res14", "embedding"):
+    for tap in ("res12", "res14", "embedding"):
         for t in ("bins7", "age", "gender"):
             d = root / tap / t
             for f in ("head.keras", "config.json", "history.csv", "history.png", "metrics.json"):

@@ -7,7 +7,9 @@ inside the repository except ``bench/RESULTS.md``.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
+import json
 import os
 import platform
 import subprocess
@@ -21,7 +23,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "RESULTS.md"
 UTK_DIR = ROOT.parent / "shared" / "data" / "utkface-dev"
-DEFAULT_MANIFEST = Path("/tmp/fl/utk.csv")
 
 
 def workdir() -> Path:
@@ -143,11 +144,9 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 # ----------------------------------------------------------------------- data
 def source_manifest(path: str | None = None) -> Path:
-    """The 8,000-image real UTKFace manifest: --manifest, /tmp/fl/utk.csv, or prepared from the shared sample."""
+    """The 8,000-image real UTKFace manifest: --manifest, or prepared once from the shared sample."""
     if path:
         return Path(path)
-    if DEFAULT_MANIFEST.is_file():
-        return DEFAULT_MANIFEST
     out = workdir() / "utkface-all.csv"
     if not out.is_file():
         from featlab.datasets import prepare_dataset
@@ -219,3 +218,21 @@ def rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------- scripts
+def parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark shares."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--manifest", default=None, help="source manifest [prepared from ../shared/data/utkface-dev]")
+    ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    return ap
+
+
+def child_result(cmd: list[str], **kw) -> dict:
+    """Run a child process that prints one ``RESULT {json}`` line; return that JSON."""
+    p = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise SystemExit(f"child {cmd[1:3]} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")

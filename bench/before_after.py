@@ -14,8 +14,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import sys
@@ -43,22 +41,15 @@ def run(pythonpath: str | None, man: Path, bb: str, out: Path) -> dict:
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    p = subprocess.run([sys.executable, "-c", CHILD, str(man), bb, str(out)], capture_output=True, text=True, env=env,
-                       cwd=tempfile.gettempdir())
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise SystemExit(f"run failed:\n{p.stderr[-3000:]}")
+    return C.child_result([sys.executable, "-c", CHILD, str(man), bb, str(out)], env=env, cwd=tempfile.gettempdir())
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = C.parser(__doc__)
     ap.add_argument("--ref", default="HEAD", help="git revision to compare with [HEAD]")
     ap.add_argument("--n-age", type=int, default=3000)
     ap.add_argument("--n-rec", type=int, default=600)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--manifest", default=None)
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     load0 = C.load()
     rows = []

@@ -28,7 +28,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import threading
@@ -262,7 +261,7 @@ def run_model(name, args, providers, tmp):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = C.parser(__doc__)
     ap.add_argument("--models", default="dlib-age,dlib-rec,r100", help="comma list of dlib-age, dlib-rec, r100")
     ap.add_argument("--r100", action="store_true", help="R100 only (same as --models r100), 200 faces on CPU")
     ap.add_argument("--n-age", type=int, default=3000, help="images for dlib-age [3000]")
@@ -278,8 +277,6 @@ def main(argv=None):
     ap.add_argument("--featlab-threads", type=int, default=0,
                     help="force extract(threads=N) (onnxruntime intra-op threads; 0: featlab's plan, timed on CPU)")
     ap.add_argument("--featlab-workers", type=int, default=0, help="force extract(workers=N) (0: featlab's plan)")
-    ap.add_argument("--manifest", default=None, help="source manifest [/tmp/fl/utk.csv]")
-    ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args(argv)
     models = ["r100"] if args.r100 else [m.strip() for m in args.models.split(",") if m.strip()]
     providers = providers_for(args.provider)

@@ -15,7 +15,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -67,13 +66,11 @@ def featlab_head(features, key, target, cats, epochs, root):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = C.parser(__doc__)
     ap.add_argument("--taps", default="dlib-age:res5", help="comma list of backbone:tap [dlib-age:res5]")
     ap.add_argument("--targets", default="gender,bins7", help="comma list of gender, bins5, bins7, bins8")
     ap.add_argument("--epochs", type=int, default=30, help="train_head epochs (early stopping on val) [30]")
     ap.add_argument("--lr-max-iter", type=int, default=300, help="LogisticRegression max_iter [300]")
-    ap.add_argument("--manifest", default=None)
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     load0 = C.load()
     from featlab.store import FeatureStore

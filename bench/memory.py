@@ -22,11 +22,9 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,23 +73,17 @@ def child(argv: list[str]) -> None:
 
 
 def run_child(*args) -> dict:
-    p = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True,
-                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise SystemExit(f"child {args[0]} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    return C.child_result([sys.executable, __file__, "--child", *map(str, args)],
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = C.parser(__doc__)
     ap.add_argument("--small", type=int, default=1000)
     ap.add_argument("--large", type=int, default=8000)
     ap.add_argument("--head-tap", default="res3", help="dlib-age tap for the head runs [res3: 6,272 values/row]")
     ap.add_argument("--budget-mb", type=float, default=16, help="memory_budget_mb of the streamed head run [16]")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per head run [3]")
-    ap.add_argument("--manifest", default=None)
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     load0 = C.load()
     rows = []

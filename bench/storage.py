@@ -24,7 +24,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -118,13 +117,11 @@ def read_fromfile(d: Path, feats) -> float:
 def main(argv=None):
     from featlab.store import CHUNK_BYTES, COMPRESSION
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = C.parser(__doc__)
     ap.add_argument("--n", type=int, default=8000, help="real images (rows) [8000]")
     ap.add_argument("--batch", type=int, default=128, help="rows per append, as extract's batch [128]")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions, best kept [3]")
     ap.add_argument("--chunks", default="65536,262144,1048576,4194304", help="chunk sizes (bytes) to try, no compression")
-    ap.add_argument("--manifest", default=None)
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     load0 = C.load()
 

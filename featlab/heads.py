@@ -173,12 +173,13 @@ def iter_row_chunks(rows: np.ndarray, chunk_rows: int = CHUNK_ROWS):
     yield from np.split(rows, bounds)
 
 
-def feature_stats(store: FeatureStore, key: str, rows: np.ndarray, pool=None, x=None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std (float64 accumulation) of the pooled, flattened features over ``rows``, read in chunks
-    (or from ``x`` when the rows are in memory already). Constant features get std 1."""
+def feature_stats(store: FeatureStore, key: str, rows: np.ndarray, pool=None, x=None,
+                  budget_bytes: int = 256 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (float64 accumulation) of the pooled, flattened features over ``rows``, read in blocks of
+    about ``budget_bytes`` (or from ``x`` when the rows are in memory already). Constant features get std 1."""
     s = s2 = None
     n = 0
-    blocks = [x] if x is not None else (store.read(key, r) for r in _read_blocks(rows, store, key))
+    blocks = [x] if x is not None else (store.read(key, r) for r in _read_blocks(rows, store, key, budget_bytes))
     for b in blocks:
         b = _pool_np(b, pool).reshape(len(b), -1).astype(np.float64)
         if s is None:
@@ -580,7 +581,8 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
     stream = len(tr) * row_bytes > budget
     stream_val = len(va) * row_bytes > budget
     x_tr = None if stream else store.read(key, tr)
-    mean, std = feature_stats(store, key, tr, pool, x=x_tr)
+    # a float32 block plus its two float64 copies stay within the budget
+    mean, std = feature_stats(store, key, tr, pool, x=x_tr, budget_bytes=int(min(256 << 20, budget / 5)))
     if input_dropout is None:
         input_dropout = 0.5 if len(mean) >= 512 else 0.2
     transform = None

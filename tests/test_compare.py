@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-try:
-    import featlab  # noqa: F401
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featlab.compare import compare, sweep_plot, tap_positions
 from featlab.errors import FeatlabError

@@ -4,16 +4,10 @@ evaluation refuses features of another model. TensorFlow is imported once for th
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-try:
-    import featlab  # noqa: F401
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 pytest.importorskip("keras")
 pytest.importorskip("tables")

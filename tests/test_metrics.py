@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-try:
-    import featlab  # noqa: F401
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featlab import metrics as M
 from featlab.bins import get_scheme

@@ -132,3 +132,16 @@ def test_r100_path_on_a_generated_graph(utk_small, tmp_path, capsys, monkeypatch
     head = tmp_path / "results" / "r100" / "utksmall" / "add_98" / "gender"
     assert main(["evaluate", "--head", str(head)]) == 0
     assert "gender: accuracy" in capsys.readouterr().out
+
+
+def test_compare_sweep_trains_every_residual_unit(utk_small, tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["compare", "--sweep", "--target", "gender", "-b", "dlib-age", "-m", str(utk_small)])
+    assert rc == 0
+    out = tmp_path / "results" / "dlib-age" / "utksmall" / "compare" / "gender"
+    table = pd.read_csv(out / "layer_comparison.csv")
+    assert list(table["tap"]) == [f"res{i}@avg2" for i in range(1, 6)]  # network order
+    assert (out / "sweep_accuracy.png").is_file()
+    assert table["accuracy"].between(0.0, 1.0).all()

@@ -77,7 +77,8 @@ def confusion_png(cm, names, path, title: str = "", accuracy=None, one_off=None)
         head.append(f"accuracy {_pct(accuracy)}")
     if one_off is not None:
         head.append(f"1-off {_pct(one_off)}")
-    head.append(f"n={int(cm.sum())}")
+    if "n=" not in (title or ""):
+        head.append(f"n={int(cm.sum())}")
     ax.set_title((title + "\n" if title else "") + "  ·  ".join(head) + "\n(rows normalised per true class)",
                  fontsize=10)
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -117,7 +118,8 @@ def scatter_png(y_true, y_pred, path, title: str = "", mae=None, cs5=None) -> Pa
         head.append(f"MAE {mae:.2f} years")
     if cs5 is not None:
         head.append(f"CS@5 {_pct(cs5)}")
-    head.append(f"n={len(t)}")
+    if "n=" not in (title or ""):
+        head.append(f"n={len(t)}")
     ax.set_title((title + "\n" if title else "") + "  ·  ".join(head), fontsize=10)
     return _save(fig, path)
 

@@ -41,7 +41,8 @@ from pathlib import Path
 
 from . import config
 from .errors import FeatlabError
-from .recipes import format_figure, headline, target_name
+from .heads import target_name
+from .recipes import format_figure, headline
 
 SAMPLE = "@sample"
 
@@ -166,9 +167,10 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
     for key in keys:
         for h in heads:
             results[(key, target_name(h["target"], h["cats"]))] = _head_step(rep.out, key, h, int(spec.get("seed", 0)), force, echo)
-    comparisons = {}
-    for h in {target_name(h["target"], h["cats"]): h for h in heads}.values():
-        comparisons[target_name(h["target"], h["cats"])] = _compare_step(backbone, dataset, h, echo)
+    from .compare import compare
+
+    comparisons = {tname: compare(backbone, dataset, target=h["target"], cats=h["cats"])
+                   for tname, h in {target_name(h["target"], h["cats"]): h for h in heads}.items()}
     return write_report(spec, backbone, dataset, rep, keys, heads, results, comparisons, echo)
 
 
@@ -215,13 +217,6 @@ def _head_step(features: Path, key: str, h: dict, seed: int, force: bool, echo) 
     figures = ", ".join(f"{k} {format_figure(k, v)}" for k, v in headline(m).items())
     echo(f"[head] {key} -> {tname}: {figures}")
     return m
-
-
-def _compare_step(backbone, dataset, h, echo) -> dict:
-    from .compare import compare
-
-    res = compare(backbone, dataset, target=h["target"], cats=h["cats"])
-    return res
 
 
 def write_report(spec, backbone, dataset, rep, keys, heads, results, comparisons, echo) -> Path:

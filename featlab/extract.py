@@ -32,7 +32,7 @@ import numpy as np
 from . import __version__, config
 from .backbones import Backbone, Runner, default_providers
 from .errors import FeatlabError
-from .faces import prepare, prepare_many, uses_dlib
+from .faces import prepare_many, uses_dlib
 from .manifest import dataset_name, file_sha256, read_manifest
 from .store import FeatureStore, label_row, parse_key, pool_features, pooled_shape
 
@@ -77,10 +77,6 @@ def resolve_keys(bb: Backbone, layers: list[str], pool: str | None = None) -> di
         key = name + (f"@{kind}{grid or ''}" if kind else "")  # stored under the name asked for
         keys[key] = (tap, kind, grid)
     return keys
-
-
-def _prepare_one(path: str, geometry, align: bool):
-    return prepare(path, geometry, align)
 
 
 def cpu_count() -> int:
@@ -273,7 +269,9 @@ class _ProcessPool:
                 p.stdout.close()
 
 
-def _features(runner, chips: np.ndarray, keys: dict, flip: bool) -> dict[str, np.ndarray]:
+def stored_features(runner, chips: np.ndarray, keys: dict, flip: bool) -> dict[str, np.ndarray]:
+    """Rows for each store key ``{key: (tap, pool kind, grid)}``, as the features file holds them
+    (pooled; cast to the stored dtype when the runner does that in its graph)."""
     if runner.outputs and not flip:  # pooled and cast in the graph
         feats = runner.run_keys(chips)
         return {k: feats[k] for k in keys}
@@ -370,7 +368,7 @@ def extract(
         records = todo.to_dict("records")
         if runner.provider != "CPUExecutionProvider":
             # a GPU picks its convolution algorithms on the first batch of a shape: do it here, in the set-up
-            _features(runner, np.zeros((batch_size, geometry.size, geometry.size, 3), np.uint8), all_keys, flip)
+            stored_features(runner, np.zeros((batch_size, geometry.size, geometry.size, 3), np.uint8), all_keys, flip)
         report.setup_seconds = time.perf_counter() - t0
         split_threads = max(1, plan["cores"] - workers)
         tuner = _Tuner(runner, lambda: Runner(bb, tap_list, providers, split_threads, spinning=False, outputs=outputs,
@@ -389,7 +387,7 @@ def extract(
                 feats = {}
                 if ok:
                     chips = np.stack([results[i][0] for i in ok])
-                    feats = _features(tuner.runner, chips, all_keys, flip)
+                    feats = stored_features(tuner.runner, chips, all_keys, flip)
                 commit(feats, [label_row(records[start + i]) for i in ok], skipped, len(results))
                 tuner.tick(len(results))
         if tuner.rates:
@@ -511,7 +509,7 @@ def _fill_lagging(store, bb, runner, all_keys, geometry, align, flip, batch_size
                     "the images changed since the file was made: extract into a new file"
                 )
             chips = np.stack([c for c, _ in results])
-            feats = _features(runner, chips, {k: all_keys[k] for k in lag}, flip)
+            feats = stored_features(runner, chips, {k: all_keys[k] for k in lag}, flip)
             row = start_row + start
             for k, have in lag.items():
                 if row + len(chips) > have:  # only rows this array lacks

@@ -245,7 +245,6 @@ def build_iresnet(
 
     The batch dimension is dynamic; the spatial size is ``input_size``.
     """
-    import onnx
     from onnx import TensorProto, helper
 
     if style not in ("mxnet", "pytorch"):

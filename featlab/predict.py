@@ -75,17 +75,22 @@ def _label(cfg: dict, pred: dict, i: int) -> tuple[str, str]:
 
 
 def predict_paths(images, head_dirs, annotate=None, model=None, align: bool = True, echo=print, upsample: int = 1) -> list[dict]:
+    from .backbones import Runner
+    from .extract import stored_features
     from .heads import load_head, outputs_to_prediction
-    from .store import parse_key, pool_features
+    from .store import parse_key
 
     heads = [load_head(d) for d in head_dirs]
     cfgs = [c for _, c in heads]
     bb, flip = _backbone_for(cfgs, model)
-    taps = {}
+    keys, dtypes = {}, {}
     for c in cfgs:
-        name, _, _ = parse_key(c["tap"])
-        taps[name] = bb.tap(name)
-    runner = bb.runner(list(taps.values()))
+        name, kind, grid = parse_key(c["tap"])
+        keys[c["tap"]] = (bb.tap(name), kind, grid)
+        dtypes[c["tap"]] = (c.get("tap_info") or {}).get("dtype") or "float16"
+    # the same transform as extraction, so that heads see their inputs exactly as they were stored
+    outputs = None if flip else {k: (*v, dtypes[k]) for k, v in keys.items()}
+    runner = Runner(bb, [t for t, _, _ in keys.values()], outputs=outputs, uint8_input=True)
     geometry = bb.geometry
     if annotate:
         Path(annotate).mkdir(parents=True, exist_ok=True)
@@ -108,11 +113,10 @@ def predict_paths(images, head_dirs, annotate=None, model=None, align: bool = Tr
             echo(f"{path}: no face found")
             records.append({"path": str(path), "error": "no face found"})
             continue
-        acts = runner.run(np.stack(chips), flip=flip)
+        feats = stored_features(runner, np.stack(chips), keys, flip)
         preds = []
         for model_, cfg in heads:
-            name, kind, grid = parse_key(cfg["tap"])
-            x = pool_features(acts[name], kind, grid).astype(np.float16).astype(np.float32)  # as stored
+            x = feats[cfg["tap"]].astype(dtypes[cfg["tap"]]).astype(np.float32)  # as stored
             raw = np.asarray(model_.predict(x, verbose=0, batch_size=256))
             preds.append(outputs_to_prediction(raw, cfg))
         short_all = []

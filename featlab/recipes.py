@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import FeatlabError
+from .heads import TARGETS
 
-TARGETS = ("bins", "age", "gender")
 
 
 def head_target(target: str | None, cats: int | None, regression: bool = False) -> tuple[str, int | None]:
@@ -36,11 +36,6 @@ def head_target(target: str | None, cats: int | None, regression: bool = False) 
         get_scheme(cats)
         return "bins", int(cats)
     return target, None
-
-
-def target_name(target: str, cats: int | None) -> str:
-    """Folder name of a target: bins7, bins8, age, gender."""
-    return f"bins{cats}" if target == "bins" else target
 
 
 def parse_hidden(text) -> tuple[int, ...] | None:

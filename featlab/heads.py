@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -36,19 +35,13 @@ import numpy as np
 from . import __version__, config
 from .bins import get_scheme
 from .errors import FeatlabError
+from .keras_env import keras as _keras
 from .store import FeatureStore
 
 TARGETS = ("bins", "age", "gender")
 GENDERS = ("f", "m")
 CHUNK_ROWS = 4096
 
-def _keras():
-    """Import Keras (and TensorFlow) quietly: TF 2.21 logs a harmless tf.data NodeDef error per fit and
-    CPU-feature notices at import; Python exceptions still surface."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
-
-    return keras
 
 
 # ------------------------------------------------------------------ names and paths

@@ -247,18 +247,33 @@ def train_head(
     lr: Optional[float] = typer.Option(None, "--lr"),
     ordinal: Optional[bool] = typer.Option(None, "--ordinal/--softmax", help="bins: CORAL cumulative outputs or softmax"),
     seed: int = typer.Option(0, "--seed"),
+    seeds: int = typer.Option(1, "--seeds", help="train N seeds (seed, seed+1, ...): mean and spread over seeds"),
+    memory_mb: Optional[float] = typer.Option(None, "--memory-mb", help="memory budget for features [featlab.toml head.memory_mb, 2048]"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """Train a lean Keras head on one tap, then evaluate it on the test split."""
+    """Train a lean Keras head on one tap; score it on val (for choices) and test (to report), with baselines."""
     from .recipes import head_target, run_head
 
     tgt, cats = head_target(target, cats, regression)
+    fold_arg = folds or fold
+    if fold_arg is not None and fold_arg != "all" and not str(fold_arg).lstrip("-").isdigit():
+        raise FeatlabError(f"--fold takes a fold number (0, 1, ...) and --folds takes 'all', not {fold_arg!r}")
+    if seeds < 1:
+        raise FeatlabError(f"--seeds must be at least 1, not {seeds}")
+    memory_mb = memory_mb if memory_mb is not None else _cfg("head", "memory_mb", 2048)
+    try:
+        memory_mb = float(memory_mb)
+    except (TypeError, ValueError):
+        memory_mb = -1.0
+    if not memory_mb > 0:
+        raise FeatlabError("--memory-mb (or [head] memory_mb) must be a positive number of MiB")
     features = Path(_need(features or _cfg("head", "features") or _default_features(), "--features",
                           "pass --features FILE.h5 or set [head].features (or [paths].manifest and [extract].backbone) in featlab.toml"))
     layer = _need(layer or _cfg("head", "layer") or _only_tap(features), "--layer",
                   f"pass --layer TAP or set [head].layer in featlab.toml (see `featlab info {features}`)")
     opts = {k: v for k, v in dict(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, ordinal=ordinal).items() if v is not None}
-    out = run_head(features, layer, tgt, cats, fold=folds or fold, seed=seed, verbose=0 if quiet else 1, **opts)
+    out = run_head(features, layer, tgt, cats, fold=fold_arg, seed=seed, seeds=seeds, memory_mb=memory_mb,
+                   verbose=0 if quiet else 1, **opts)
     _echo(f"head written to {out}")
 
 
@@ -286,14 +301,21 @@ def _only_tap(features: Path):
 def evaluate(
     head: Path = typer.Option(..., "--head", help="head folder (results/.../TARGET)"),
     features: Optional[Path] = typer.Option(None, "--features", "-f", help="another features file of the same backbone and tap"),
-    split: str = typer.Option("test", "--split"),
+    split: Optional[str] = typer.Option(None, "--split", help="test, val, train or all [test; all rows of another file]"),
 ):
-    """Evaluate a trained head: accuracy, 1-off, MAE, confusion matrices (CSV + PNG), subgroups."""
+    """Score a trained head (figures with 95 % intervals, confusion matrices, subgroups) into HEAD/eval/...;
+    the head's own record is never changed."""
+    if not (head / "config.json").is_file() and not any((head / f"{p}0").is_dir() for p in ("fold", "seed")):
+        raise FeatlabError(f"{head} is not a trained head (needs head.keras and config.json); train one with `featlab train-head`")
+    if split is not None and split not in ("test", "val", "train", "all"):
+        raise FeatlabError(f"unknown split {split!r}; choose one of test, val, train, all")
+    if features is not None and not Path(features).is_file():
+        raise FeatlabError(f"features file not found: {features}")
     from .evaluate import evaluate_head
     from .recipes import summary_line
 
     m = evaluate_head(head, features=features, split=split)
-    _echo(summary_line(m))
+    _echo(summary_line(m) + f" -> {m['out_dir']}")
 
 
 @app.command()
@@ -348,12 +370,13 @@ def predict(
     head: List[Path] = typer.Option(..., "--head", help="trained head folder; repeat for several"),
     annotate: Optional[Path] = typer.Option(None, "--annotate", help="write annotated copies here"),
     model: Optional[str] = typer.Option(None, "--model", help="backbone model file, if not the one recorded in the head"),
-    no_align: bool = typer.Option(False, "--no-align", help="images are already aligned crops: no detection"),
+    detect: Optional[bool] = typer.Option(None, "--detect/--no-detect",
+                                          help="find and align every face [as the heads' training features were made]"),
 ):
-    """Detect and align every face, run the backbone and the heads, print one line per face."""
+    """Run the backbone and the heads on each face, chips prepared as the heads' features were; one line per face."""
     from .predict import predict_paths
 
-    predict_paths(images, head, annotate=annotate, model=model, align=not no_align, echo=_echo)
+    predict_paths(images, head, annotate=annotate, model=model, detect=detect, echo=_echo)
 
 
 @convert_app.command("dlib")

@@ -1,18 +1,23 @@
-"""Evaluate a trained head on a split of a features file and write its report.
+"""Score a trained head on rows of a features file: every figure with its 95 % interval.
 
-:func:`evaluate_head` writes, into the head's folder (or ``eval-{stem}`` for another features file):
+:func:`score_rows` computes, for one set of rows, the flat figures (``metrics``: accuracy, 1-off, MAE,
+... each headline figure ``M`` with ``M_ci95`` beside it, a seeded bootstrap over the faces), the full
+breakdown (``report``), the per-face values behind each headline figure and the predictions.
 
-- ``metrics.json``: every figure (``metrics`` holds the headline scalars, ``report`` the full
-  breakdown), sample counts, input paths and the head's config
-- bins and gender: ``confusion.csv`` (normalised per true class, class names on rows and columns),
-  ``confusion_counts.csv``, ``confusion.png``
-- age regression: ``scatter.png``, and the regression binned into the 5/7/8-group schemes as
-  ``confusion_bins{5,7,8}.csv``/``_counts.csv``/``.png`` so it compares with bin heads
-- ``subgroups.csv``: the main metric by gender, age bin, gender x age bin and race, with counts
-- ``predictions.csv``: image_id, truth, prediction per evaluated row
+:func:`record_head` writes a freshly trained head's own record, into its folder:
 
-A features file other than the training one is refused when its model_sha256
-or the tap's shape differ, or when it lacks the tap.
+- ``metrics.json``: a ``val`` and a ``test`` section (``n``, ``metrics`` with intervals, ``report``),
+  the subgroups of the test split, and the head's config. Choices (tap, head size, ...) are made on
+  ``val``; ``test`` is what is reported.
+- ``faces.csv``: image_id, split and the per-face headline values (0/1 correct, |error| ...), which
+  comparisons pair across heads.
+- test split reports: ``confusion.csv``/``_counts.csv``/``.png`` (bins, gender); ``scatter.png`` and the
+  regression binned into 5/7/8 groups (age); ``subgroups.csv``; ``predictions.csv``
+  (``predictions_val.csv`` for val).
+
+:func:`evaluate_head` scores a saved head on another split or another features file and writes to
+``{head}/eval/{dataset-key}/{split}/``; it never changes the head's own record. On another features
+file it uses every row unless a split is asked for, and refuses features made differently.
 """
 
 from __future__ import annotations
@@ -23,46 +28,28 @@ from pathlib import Path
 
 import numpy as np
 
+from . import metrics as M
 from .bins import get_scheme
 from .errors import FeatlabError
+from .labels import GENDERS, HEADLINE, encode_target, face_scores, split_rows
+from .paths import dataset_key, differences, feature_set
 from .store import FeatureStore
+from .uncertainty import interval
 
 BIN_VIEWS = (5, 7, 8)
 SPLITS = ("test", "val", "train", "all")
 
 
-def evaluate_head(head_dir, features=None, split: str = "test", out_dir=None) -> dict:
-    """Evaluate the head in ``head_dir`` on ``split`` of ``features`` (default: the file it was trained on)."""
-    from .heads import load_head
-
-    head_dir = Path(head_dir)
-    if split not in SPLITS:
-        raise FeatlabError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    if (head_dir / "config.json").is_file() and json.loads((head_dir / "config.json").read_text()).get("kind") != "head":
-        raise FeatlabError(f"{head_dir} is not a single head (for --fold all, evaluate each fold{{K}} folder)")
-    if not (head_dir / "config.json").is_file() and (head_dir / "fold0").is_dir():
-        raise FeatlabError(f"{head_dir} holds per-fold heads: evaluate {head_dir}/fold0 ... fold4")
-    model, cfg = load_head(head_dir)
-    trained_on = Path(cfg["features"])
-    path = Path(features) if features is not None else trained_on
-    other = _resolved(path) != _resolved(trained_on)
-    with FeatureStore.open_read(path) as store:
-        if other:
-            check_compatible(store, cfg)
-        if out_dir is None:
-            out_dir = head_dir / f"eval-{path.stem}" if other else head_dir
-        return _evaluate(model, cfg, store, split, Path(out_dir), head_dir=head_dir, other=other)
-
-
 def _resolved(p: Path) -> Path:
     try:
-        return p.resolve()
+        return Path(p).resolve()
     except OSError:
-        return p
+        return Path(p)
 
 
 def check_compatible(store: FeatureStore, cfg: dict) -> None:
-    """Refuse features the head cannot read: another backbone model file, no such tap, another shape."""
+    """Refuse features the head cannot read, or that were made differently from its training features:
+    another model file, preprocessing, alignment, flip, pooling or dtype, a missing tap, another shape."""
     attrs = store.attrs
     want = cfg.get("features_model_sha256")
     have = attrs.get("model_sha256")
@@ -79,59 +66,31 @@ def check_compatible(store: FeatureStore, cfg: dict) -> None:
     if shape != list(cfg["tap_shape"]):
         raise FeatlabError(f"{store.path}: tap {key} has shape {tuple(shape)}, the head expects {tuple(cfg['tap_shape'])} "
                            "(different pooling or input size)")
+    mine = cfg.get("feature_set")
+    if mine:
+        keys = ("backbone", "preprocessing", "align", "flip", "pool", "dtype")
+        d = differences(feature_set(attrs, key), mine, keys)
+        if d:
+            raise FeatlabError(f"{store.path} was made differently from the head's training features: {', '.join(d)}")
 
 
-def _select_rows(store, cfg, labels, valid, split, other) -> tuple[np.ndarray, str]:
-    from .heads import split_rows
+def score_rows(model, cfg: dict, store: FeatureStore, rows: np.ndarray, labels=None, seed: int = 0) -> dict:
+    """Figures, intervals, report, per-face values and predictions of the head on ``rows``."""
+    from .model import predict_rows
 
-    if split == "all":
-        return np.flatnonzero(valid), "all rows"
-    if not other:
-        hp = cfg.get("hyperparameters", {})
-        sp = split_rows(labels, valid, cfg.get("fold"), int(cfg.get("seed", 0)), float(hp.get("val_share", 0.1)))
-        rows = sp[split]
-        if not len(rows):
-            raise FeatlabError(f"{store.path} has no '{split}' rows with a known {cfg['target']}; "
-                               "choose another --split, or evaluate on a held-out features file")
-        return rows, f"{split} split as in training ({sp['note']})"
-    col = labels["split"].astype(str).to_numpy()
-    rows = np.flatnonzero(valid & (col == split))
-    if len(rows):
-        return rows, f"rows with split '{split}'"
-    return np.flatnonzero(valid), f"{store.path.name} has no '{split}' rows: evaluated on all {int(valid.sum())} rows"
-
-
-def _evaluate(model, cfg: dict, store: FeatureStore, split: str, out_dir: Path, head_dir: Path, other: bool = False) -> dict:
-    from . import metrics as M
-    from . import plots
-    from .heads import GENDERS, encode_target, predict_rows
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = store.labels() if labels is None else labels
     target, cats = cfg["target"], cfg.get("cats")
-    labels = store.labels()
-    y_all, valid = encode_target(labels, target, cats)
-    rows, note = _select_rows(store, cfg, labels, valid, split, other)
-    if not len(rows):
-        raise FeatlabError(f"{store.path}: no rows with a known {target} to evaluate on")
+    y_all, _ = encode_target(labels, target, cats)
     pred = predict_rows(model, cfg, store, rows)
-    p = pred["pred"]
-    y = y_all[rows]
-    sub = labels.iloc[rows]
-    age = sub["age"].to_numpy(dtype=np.float64)
-    group_scheme = get_scheme(cats if target == "bins" else 7)
-    age_bin = np.array([group_scheme.names[i] if i >= 0 else "" for i in group_scheme.assign(age)], dtype=object)
-    groups = {"gender": sub["gender"].astype(str).to_numpy(dtype=object), "age_bin": age_bin,
-              "race": sub["race"].astype(str).to_numpy(dtype=object)}
-    title = f"{cfg['backbone']} · {cfg.get('head_key', cfg['tap'])} → {cfg['target_name']}"
-    if cfg.get("fold") is not None:
-        title += f" (fold {cfg['fold']})"
-    where = f"{split} split" + (f" of {store.path.name}" if other else "")
+    return score_predictions(target, cats, y_all[rows], pred, labels.iloc[rows], cfg.get("class_names"), seed)
 
-    flat: dict = {}
-    files = []
+
+def score_predictions(target: str, cats, y, pred: dict, sub, names=None, seed: int = 0) -> dict:
+    """Like :func:`score_rows`, from predictions already made (``pred['pred']``, ``pred['proba']``)."""
+    p = pred["pred"]
+    age = sub["age"].to_numpy(dtype=np.float64)
     if target in ("bins", "gender"):
-        names = list(cfg["class_names"]) if target == "bins" else list(GENDERS)
+        names = list(names) if names else (list(get_scheme(cats).names) if target == "bins" else list(GENDERS))
         rep = M.classification_report(y, p, names, ordinal=(target == "bins"))
         flat = {"accuracy": rep["accuracy"]}
         if target == "bins":
@@ -141,10 +100,41 @@ def _evaluate(model, cfg: dict, store: FeatureStore, split: str, out_dir: Path, 
         for c in rep["per_class"]:
             flat[f"recall_{c['class']}"] = c["recall"]
         if target == "bins":
-            # expected age from the bin probabilities is not comparable to a regression; the centre of the
-            # predicted bin gives a coarse MAE for reference only
+            # the centre of the predicted bin gives a coarse MAE, for reference only
             flat["mae_bin_centre"] = M.mae(age, get_scheme(cats).centre()[p])
-        files += _write_confusion(out_dir, "confusion", np.asarray(rep["confusion"]), names,
+    else:
+        rep = M.regression_report(y, p, [get_scheme(c) for c in BIN_VIEWS])
+        flat = {k: rep.get(k) for k in ("mae", "rmse", "cs5", "cs10", "bias", "pearson_r")}
+        for name, b in rep["binned"].items():
+            flat[f"accuracy_{name}"] = b["accuracy"]
+            flat[f"one_off_{name}"] = b["one_off"]
+    faces = face_scores(target, y, p)
+    for m in HEADLINE[target]:
+        flat[f"{m}_ci95"] = interval(faces[m], seed=seed)
+    return {"n": int(len(y)), "metrics": flat, "report": rep, "faces": faces, "y": y, "pred": pred, "sub": sub}
+
+
+def _groups_of(sub, target, cats) -> dict:
+    age = sub["age"].to_numpy(dtype=np.float64)
+    scheme = get_scheme(cats if target == "bins" else 7)
+    age_bin = np.array([scheme.names[i] if i >= 0 else "" for i in scheme.assign(age)], dtype=object)
+    return {"gender": sub["gender"].astype(str).to_numpy(dtype=object), "age_bin": age_bin,
+            "race": sub["race"].astype(str).to_numpy(dtype=object)}
+
+
+def write_reports(out_dir: Path, cfg: dict, scored: dict, where: str, suffix: str = "") -> list[str]:
+    """Confusion matrices / scatter, subgroups and predictions of one scored split into ``out_dir``."""
+    from . import plots
+
+    target = cfg["target"]
+    rep, y, p = scored["report"], scored["y"], scored["pred"]["pred"]
+    title = f"{cfg['backbone']} · {cfg.get('head_key', cfg['tap'])} → {cfg['target_name']}"
+    if cfg.get("fold") is not None:
+        title += f" (fold {cfg['fold']})"
+    files = []
+    if target in ("bins", "gender"):
+        names = rep["names"]
+        files += _write_confusion(out_dir, f"confusion{suffix}", np.asarray(rep["confusion"]), names,
                                   f"{title}\n{where}", rep["accuracy"], rep.get("one_off"), plots)
         metric_name = "accuracy"
         correct = (y == p)
@@ -152,64 +142,172 @@ def _evaluate(model, cfg: dict, store: FeatureStore, split: str, out_dir: Path, 
         def metric(m):
             return float(correct[m].mean()) if m.any() else float("nan")
     else:
-        schemes = [get_scheme(c) for c in BIN_VIEWS]
-        rep = M.regression_report(y, p, schemes)
-        flat = {k: rep.get(k) for k in ("mae", "rmse", "cs5", "cs10", "bias", "pearson_r")}
         for name, b in rep["binned"].items():
-            flat[f"accuracy_{name}"] = b["accuracy"]
-            flat[f"one_off_{name}"] = b["one_off"]
-            files += _write_confusion(out_dir, f"confusion_{name}", np.asarray(b["confusion"]), b["names"],
+            files += _write_confusion(out_dir, f"confusion_{name}{suffix}", np.asarray(b["confusion"]), b["names"],
                                       f"{title} (binned into {name})\n{where}", b["accuracy"], b["one_off"], plots)
-        plots.scatter_png(y, p, out_dir / "scatter.png", title=f"{title}\n{where}", mae=rep["mae"],
+        plots.scatter_png(y, p, out_dir / f"scatter{suffix}.png", title=f"{title}\n{where}", mae=rep["mae"],
                           cs5=rep["cs5"])
-        files.append("scatter.png")
+        files.append(f"scatter{suffix}.png")
         metric_name = "mae"
         err = np.abs(p - y)
 
         def metric(m):
             return float(err[m].mean()) if m.any() else float("nan")
 
-    sg = M.subgroup_table(groups, metric, metric_name, crosses=[("gender", "age_bin")])
-    with open(out_dir / "subgroups.csv", "w", newline="") as f:
+    sg = M.subgroup_table(_groups_of(scored["sub"], target, cfg.get("cats")), metric, metric_name,
+                          crosses=[("gender", "age_bin")])
+    with open(out_dir / f"subgroups{suffix}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["grouping", "group", "n", metric_name])
         w.writeheader()
         w.writerows(sg)
-    files.append("subgroups.csv")
-    _write_predictions(out_dir / "predictions.csv", sub, y, pred, cfg)
-    files.append("predictions.csv")
+    scored["subgroups"] = sg
+    _write_predictions(out_dir / f"predictions{suffix}.csv", scored["sub"], y, scored["pred"], cfg)
+    return files + [f"subgroups{suffix}.csv", f"predictions{suffix}.csv"]
 
+
+def write_faces(path: Path, sections: dict[str, dict]) -> None:
+    """faces.csv: image_id, split and the per-face headline values of every scored split."""
+    rows = []
+    for split, s in sections.items():
+        ids = s["sub"]["image_id"].astype(str).to_numpy()
+        for i, iid in enumerate(ids):
+            rows.append({"image_id": iid, "split": split, **{m: float(v[i]) for m, v in s["faces"].items()}})
+    names = list(next(iter(sections.values()))["faces"]) if sections else []
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image_id", "split", *names])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _section(s: dict, note: str) -> dict:
+    return {"n": s["n"], "split_note": note, "metrics": s["metrics"], "report": s["report"]}
+
+
+def record_head(model, cfg: dict, store: FeatureStore, head_dir: Path) -> dict:
+    """Score a freshly trained head on its val and test rows and write its record (see the module doc)."""
+    head_dir = Path(head_dir)
+    labels = store.labels()
+    y_all, valid = encode_target(labels, cfg["target"], cfg.get("cats"))
+    hp = cfg.get("hyperparameters", {})
+    sp = split_rows(labels, valid, cfg.get("fold"), int(cfg.get("seed", 0)), float(hp.get("val_share", 0.1)))
+    sections, files = {}, []
+    for split in ("val", "test"):
+        if not len(sp[split]):
+            continue
+        sections[split] = score_rows(model, cfg, store, sp[split], labels)
+        suffix = "" if split == "test" else "_val"
+        if split == "test":
+            files += write_reports(head_dir, cfg, sections[split], "test split", suffix)
+        else:
+            _write_predictions(head_dir / "predictions_val.csv", sections[split]["sub"], sections[split]["y"],
+                               sections[split]["pred"], cfg)
+            files.append("predictions_val.csv")
+    write_faces(head_dir / "faces.csv", sections)
     result = {
-        "kind": "evaluation",
-        "head_dir": str(Path(head_dir).resolve()),
-        "features": str(_resolved(Path(store.path))),
-        "features_model_sha256": store.attrs.get("model_sha256"),
-        "trained_on": cfg["features"],
-        "split": split,
-        "split_note": note,
-        "n": int(len(rows)),
-        "n_dropped_missing_target": int((~valid).sum()),
+        "kind": "head",
+        "head_dir": str(head_dir.resolve()),
+        "features": str(_resolved(store.path)),
+        "feature_set": cfg.get("feature_set"),
         "backbone": cfg["backbone"],
         "dataset": cfg["dataset"],
-        "eval_dataset": store.attrs.get("dataset"),
+        "dataset_key": cfg.get("dataset_key", cfg["dataset"]),
         "tap": cfg["tap"],
         "head_key": cfg.get("head_key", cfg["tap"]),
-        "target": target,
+        "target": cfg["target"],
         "target_name": cfg["target_name"],
         "fold": cfg.get("fold"),
-        "metrics": flat,
-        "report": rep,
-        "subgroups": sg,
-        "files": ["metrics.json", *files],
+        "seed": cfg.get("seed"),
+        "split_note": sp["note"],
+        "chosen_on": "val",
+        **{k: _section(v, sp["note"]) for k, v in sections.items()},
+        "subgroups_test": sections.get("test", {}).get("subgroups"),
+        "files": ["metrics.json", "faces.csv", *files],
         "config": cfg,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    (head_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def _write_confusion(out_dir: Path, stem: str, cm: np.ndarray, names, title, acc, one_off, plots) -> list[str]:
-    from .metrics import normalise_rows
+def evaluate_head(head_dir, features=None, split: str | None = None, out_dir=None) -> dict:
+    """Score the head in ``head_dir`` on ``split`` of ``features`` (default: its own file's test split;
+    every row of another file) into ``{head}/eval/{dataset-key}/{split}/metrics.json`` (or ``out_dir``)."""
+    from .model import load_head
 
-    norm = normalise_rows(cm)
+    head_dir = Path(head_dir)
+    if split is not None and split not in SPLITS:
+        raise FeatlabError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    cfg_path = head_dir / "config.json"
+    if not cfg_path.is_file():
+        if any((head_dir / f"{p}0").is_dir() for p in ("fold", "seed")):
+            raise FeatlabError(f"{head_dir} holds several heads (folds or seeds): evaluate one of its fold*/seed* folders")
+        raise FeatlabError(f"{head_dir} is not a trained head (needs head.keras and config.json); train one with `featlab train-head`")
+    try:
+        kind = json.loads(cfg_path.read_text()).get("kind")
+    except ValueError:
+        raise FeatlabError(f"{cfg_path} is not valid JSON") from None
+    if kind != "head":
+        raise FeatlabError(f"{head_dir} is not a single head (evaluate one of its fold*/seed* folders)")
+    model, cfg = load_head(head_dir)
+    trained_on = Path(cfg["features"])
+    path = Path(features) if features is not None else trained_on
+    other = _resolved(path) != _resolved(trained_on)
+    with FeatureStore.open_read(path) as store:
+        check_compatible(store, cfg)
+        labels = store.labels()
+        y_all, valid = encode_target(labels, cfg["target"], cfg.get("cats"))
+        if other and split is None:
+            split, rows, note = "all", np.flatnonzero(valid), f"every row of {path.name} with a known {cfg['target']}"
+        else:
+            split = split or "test"
+            rows, note = _rows_for(store, cfg, labels, valid, split, other)
+        if not len(rows):
+            raise FeatlabError(f"{store.path}: no rows with a known {cfg['target']} in split '{split}'")
+        dkey = dataset_key(feature_set(store.attrs)) if store.attrs.get("dataset") else path.stem
+        out = Path(out_dir) if out_dir is not None else head_dir / "eval" / dkey / split
+        out.mkdir(parents=True, exist_ok=True)
+        scored = score_rows(model, cfg, store, rows, labels)
+        files = write_reports(out, cfg, scored, f"{split} of {store.path.name}")
+        write_faces(out / "faces.csv", {split: scored})
+        result = {
+            "kind": "evaluation",
+            "head_dir": str(head_dir.resolve()),
+            "features": str(_resolved(store.path)),
+            "trained_on": cfg["features"],
+            "split": split,
+            "split_note": note,
+            "n": scored["n"],
+            "backbone": cfg["backbone"],
+            "dataset": cfg["dataset"],
+            "eval_dataset": store.attrs.get("dataset"),
+            "tap": cfg["tap"],
+            "head_key": cfg.get("head_key", cfg["tap"]),
+            "target": cfg["target"],
+            "target_name": cfg["target_name"],
+            "fold": cfg.get("fold"),
+            "metrics": scored["metrics"],
+            "report": scored["report"],
+            "subgroups": scored.get("subgroups"),
+            "files": ["metrics.json", "faces.csv", *files],
+            "out_dir": str(out),
+        }
+        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+        return result
+
+
+def _rows_for(store, cfg, labels, valid, split, other) -> tuple[np.ndarray, str]:
+    if split == "all":
+        return np.flatnonzero(valid), "all rows"
+    if not other:
+        hp = cfg.get("hyperparameters", {})
+        sp = split_rows(labels, valid, cfg.get("fold"), int(cfg.get("seed", 0)), float(hp.get("val_share", 0.1)))
+        return sp[split], f"{split} split as in training ({sp['note']})"
+    col = labels["split"].astype(str).to_numpy()
+    return np.flatnonzero(valid & (col == split)), f"rows with split '{split}'"
+
+
+def _write_confusion(out_dir: Path, stem: str, cm: np.ndarray, names, title, acc, one_off, plots) -> list[str]:
+    norm = M.normalise_rows(cm)
+
     def cell(v, counts):
         v = v.item() if hasattr(v, "item") else v
         if counts:

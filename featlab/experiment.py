@@ -41,7 +41,8 @@ from pathlib import Path
 
 from . import config
 from .errors import FeatlabError
-from .heads import target_name
+from .paths import dataset_key, feature_set
+from .labels import HEADLINE, target_name
 from .recipes import format_figure, headline
 
 SAMPLE = "@sample"
@@ -167,11 +168,41 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
     for key in keys:
         for h in heads:
             results[(key, target_name(h["target"], h["cats"]))] = _head_step(rep.out, key, h, int(spec.get("seed", 0)), force, echo)
+    if spec.get("zero_shot", True):
+        _zero_shot_step(rep.out, heads, echo)
     from .compare import compare
 
-    comparisons = {tname: compare(backbone, dataset, target=h["target"], cats=h["cats"])
+    comparisons = {tname: compare(backbone, dataset_key(feature_set(_attrs(rep.out))), target=h["target"], cats=h["cats"])
                    for tname, h in {target_name(h["target"], h["cats"]): h for h in heads}.items()}
     return write_report(spec, backbone, dataset, rep, keys, heads, results, comparisons, echo)
+
+
+def _attrs(features: Path) -> dict:
+    from .store import FeatureStore
+
+    with FeatureStore.open_read(features) as s:
+        return s.attrs
+
+
+def _zero_shot_step(features: Path, heads: list[dict], echo) -> None:
+    """Score dlib-age / dlib-gender's own outputs on the val and test rows of the features file."""
+    from .labels import encode_target, split_rows
+    from .store import FeatureStore
+    from .zeroshot import score_zero_shot
+
+    with FeatureStore.open_read(features) as s:
+        labels = s.labels()
+        dkey = dataset_key(feature_set(s.attrs))
+    for h in {target_name(h["target"], h["cats"]): h for h in heads if h.get("fold") is None}.values():
+        _, valid = encode_target(labels, h["target"], h["cats"])
+        sp = split_rows(labels, valid)
+        rec = score_zero_shot(features, h["target"], h["cats"], {"val": sp["val"], "test": sp["test"]}, dkey)
+        if "skipped" in rec:
+            echo(f"[zero-shot] {target_name(h['target'], h['cats'])}: skipped ({rec['skipped']})")
+        else:
+            t = rec["test"]["metrics"]
+            echo(f"[zero-shot] {rec['net']} -> {rec['target_name']}: " + ", ".join(
+                format_figure(m, t[m], t.get(f"{m}_ci95")) + f" {m}" for m in HEADLINE[h["target"]]))
 
 
 def _prepare_step(adapter, dataset, root: Path, options: dict, seed: int, force: bool, echo) -> Path:
@@ -194,73 +225,93 @@ def _prepare_step(adapter, dataset, root: Path, options: dict, seed: int, force:
 
 
 def _head_step(features: Path, key: str, h: dict, seed: int, force: bool, echo) -> dict:
-    from .heads import head_dir
+    from .paths import head_dir, head_key
     from .recipes import run_head
     from .store import FeatureStore
 
     with FeatureStore.open_read(features) as s:
         attrs = s.attrs
         n = s.nrows
+        shape = s.array(key).shape[1:] if key in s.keys() else ()
     opts = {k: v for k, v in h.items() if k not in ("target", "cats", "fold")}
     fold = h.get("fold")
     inputs = {"features": str(Path(features).resolve()), "model_sha256": attrs.get("model_sha256"), "rows": n,
               "key": key, "target": h["target"], "cats": h["cats"], "fold": fold, "seed": seed, "options": opts}
     fp = _fingerprint(inputs)
     tname = target_name(h["target"], h["cats"])
-    folder = head_dir(attrs["backbone"], attrs["dataset"], key, tname, None if fold == "all" else fold)
+    ident = feature_set(attrs, key)
+    folder = head_dir(attrs["backbone"], dataset_key(ident), head_key(key, opts.get("pool"), shape, ident["dtype"]),
+                      tname, None if fold == "all" else fold)
     if not force and _is_current(folder, fp, "metrics.json"):
         echo(f"[head] {key} -> {tname}: current, skipped")
     else:
         folder = run_head(features, key, h["target"], h["cats"], fold=fold, seed=seed, verbose=0, **opts)
         _mark(folder, fp, inputs)
     m = json.loads((folder / "metrics.json").read_text())
-    figures = ", ".join(f"{k} {format_figure(k, v)}" for k, v in headline(m).items())
-    echo(f"[head] {key} -> {tname}: {figures}")
+    val = ", ".join(f"{k} {format_figure(k, v)}" for k, (v, _) in headline(m, "val").items())
+    test = ", ".join(f"{k} {format_figure(k, v, ci)}" for k, (v, ci) in headline(m).items())
+    echo(f"[head] {key} -> {tname}: val {val}; test {test}")
     return m
 
 
 def write_report(spec, backbone, dataset, rep, keys, heads, results, comparisons, echo) -> Path:
-    """results/{backbone}/{dataset}/report.md: tables of every head's figures and the comparison charts."""
-    root = config.results_dir() / backbone / dataset
+    """results/{backbone}/{dataset-key}/report.md: per target, the tap chosen on validation and every
+    tap's test figure with its interval, paired test against the chosen tap, and the baselines."""
+    dkey = dataset_key(feature_set(_attrs(rep.out)))
+    root = config.results_dir() / backbone / dkey
     root.mkdir(parents=True, exist_ok=True)
     out = root / "report.md"
-    lines = [f"# {spec['name']}: {backbone} on {dataset}", ""]
+    lines = [f"# {spec['name']}: {backbone} on {dkey}", ""]
     lines += [f"- spec: `{spec['_path']}`", f"- features: `{rep.out}` ({rep.rows_total:,} faces)",
-              f"- taps: {', '.join(f'`{k}`' for k in keys)}", ""]
-    table_rows = []
-    for tname in dict.fromkeys(target_name(h["target"], h["cats"]) for h in heads):
-        ms = {k: results[(k, tname)] for k in keys if (k, tname) in results}
-        names = list(dict.fromkeys(n for m in ms.values() for n in headline(m)))
-        lines += [f"## {tname}", "", "| tap | " + " | ".join(names) + " | test faces |",
-                  "|---|" + "---|" * len(names) + "---|"]
-        for k, m in ms.items():
-            hl = headline(m)
-            lines.append(f"| `{k}` | " + " | ".join(format_figure(n, hl[n]) if n in hl else "" for n in names)
-                         + f" | {m.get('n', m.get('n', {}))} |")
-            table_rows.append((tname, k, hl))
-        comp = comparisons.get(tname) or {}
+              f"- taps: {', '.join(f'`{k}`' for k in keys)}",
+              "- every tap is **chosen on the validation split**; the test split is only reported. Intervals: 95 % "
+              "bootstrap over test faces; p: paired bootstrap against the chosen tap on the same faces, "
+              "Benjamini-Hochberg adjusted; taps with p >= 0.05 cannot be told from the chosen one.", ""]
+    table = []
+    for tname, comp in comparisons.items():
+        lines += [f"## {tname}", "", f"Chosen on validation: `{comp['chosen']}`.", ""]
+        lines += comparison_table(comp)
         for f in comp.get("files", []):
             if str(f).endswith(".png"):
                 lines += ["", f"![{tname} layer comparison]({Path(f).resolve().relative_to(root.resolve())})"]
-        best = _best(ms, tname)
-        if best:
-            k, m = best
-            cm = "confusion.png" if tname != "age" else "scatter.png"
-            p = Path(m["head_dir"]) / cm
-            if p.is_file():
-                lines += ["", f"Best tap `{k}`:", "", f"![{tname} {cm}]({p.resolve().relative_to(root.resolve())})"]
+        chosen_dir = next((Path(r["head_dir"]) for r in comp["rows"] if r.get("chosen")), None)
+        cm = "confusion.png" if tname != "age" else "scatter.png"
+        if chosen_dir is not None and (chosen_dir / cm).is_file():
+            lines += ["", f"Tap chosen on validation, `{comp['chosen']}`:", "",
+                      f"![{tname} {cm}]({(chosen_dir / cm).resolve().relative_to(root.resolve())})"]
         lines.append("")
+        table += [(tname, r) for r in comp["rows"]]
     out.write_text("\n".join(lines))
-    _print_table(table_rows, echo)
+    _print_table(table, echo)
     return out
 
 
-def _best(ms: dict, tname: str):
-    if not ms:
-        return None
-    if tname == "age":
-        return min(ms.items(), key=lambda kv: kv[1]["metrics"].get("mae", 1e9))
-    return max(ms.items(), key=lambda kv: kv[1]["metrics"].get("accuracy", 0))
+def _reader_name(r: dict) -> str:
+    return f"`{r['tap']}` {r['reader']}" if r["tap"] else r["reader"]
+
+
+def comparison_table(comp: dict) -> list[str]:
+    """A markdown table of a comparison's rows (test figures with intervals, paired tests)."""
+    ms = comp["metrics"]
+    sel = ms[0] if "mae" not in ms else "mae"
+    head = ["reader", f"val {sel}", *[f"test {m} [95 % CI]" for m in ms], "diff vs chosen", "p (BH)", ""]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in comp["rows"]:
+        cells = [_reader_name(r), format_figure(sel, r[f"val_{sel}"]) if r.get(f"val_{sel}") is not None else ""]
+        for m in ms:
+            lo = r.get("ci95_low" if m == sel else f"{m}_ci95_low")
+            hi = r.get("ci95_high" if m == sel else f"{m}_ci95_high")
+            v = r.get(m)
+            cells.append(format_figure(m, v, [lo, hi] if lo is not None and hi is not None else None)
+                         if v is not None else "")
+        d = r.get("diff_vs_best")
+        cells.append("" if r.get("chosen") or d is None else
+                     (f"{d:+.2f}" if sel == "mae" else f"{100 * d:+.1f} pts"))
+        p = r.get("p_vs_best")
+        cells.append("" if p is None else (f"{p:.3f}" if p >= 0.001 else "<0.001"))
+        cells.append("chosen" if r.get("chosen") else ("≈ chosen" if r.get("indistinguishable") else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _print_table(rows, echo) -> None:
@@ -269,11 +320,17 @@ def _print_table(rows, echo) -> None:
         from rich.table import Table
     except ImportError:  # pragma: no cover
         return
-    t = Table(title="featlab results (test split)")
-    for c in ("target", "tap", "figures"):
+    t = Table(title="featlab results (test split; taps chosen on validation)")
+    for c in ("target", "reader", "test [95 % CI]", "p vs chosen", ""):
         t.add_column(c)
-    for tname, k, hl in rows:
-        t.add_row(tname, k, ", ".join(f"{n} {format_figure(n, v)}" for n, v in hl.items()))
+    for tname, r in rows:
+        ms = [m for m in HEADLINE.get("age" if tname == "age" else "gender" if tname == "gender" else "bins")]
+        sel = "mae" if tname == "age" else "accuracy"
+        fig = ", ".join(format_figure(m, r[m], [r["ci95_low"], r["ci95_high"]] if m == sel and r.get("ci95_low") is not None
+                                      else None) + f" {m}" for m in ms if r.get(m) is not None)
+        p = r.get("p_vs_best")
+        t.add_row(tname, _reader_name(r).replace("`", ""), fig, "" if p is None else f"{p:.3f}",
+                  "chosen" if r.get("chosen") else ("≈" if r.get("indistinguishable") else ""))
     Console().print(t)
 
 
@@ -303,37 +360,3 @@ def run_demo(out: Path = Path("."), backbone: str | None = None, echo=print) -> 
         return (out / run_spec(builtin_spec("demo"), overrides, echo=echo)).resolve()
     finally:
         os.chdir(cwd)
-
-
-def sweep(target: str, cats, backbone=None, features=None, manifest=None, pool: str = "avg2", echo=print) -> dict:
-    """Extract every residual-unit tap (pooled to a 2x2 grid by default), train and evaluate one head on each,
-    and plot the metric against depth."""
-    import re
-
-    from .backbones import Backbone
-    from .compare import compare, sweep_plot
-    from .extract import extract
-    from .recipes import run_head
-
-    if not manifest:
-        manifest = config.get("paths", "manifest")
-    if not manifest:
-        raise FeatlabError("--sweep needs --manifest M.csv (or [paths].manifest in featlab.toml)")
-    backbone = backbone or config.get("extract", "backbone", "r100")
-    bb = Backbone(backbone, config.get("models", backbone))
-    unit = re.compile(r"^(res\d+|stage\d+_unit\d+_out)$")
-    taps = [t.name for t in bb.taps if unit.match(t.name)]
-    if not taps:
-        raise FeatlabError(f"{backbone} has no residual-unit taps to sweep")
-    rep = extract(manifest, taps, backbone=backbone, model=config.get("models", backbone), out=features, pool=pool)
-    keys = [f"{t}@{pool}" if pool else t for t in taps]
-    for k in keys:
-        d = run_head(rep.out, k, target, cats, verbose=0)
-        echo(f"[sweep] {k}: {d}")
-    from .store import FeatureStore
-
-    with FeatureStore.open_read(rep.out) as s:
-        dataset = s.attrs["dataset"]
-    res = compare(backbone, dataset, target=target, cats=cats)
-    res.setdefault("files", []).append(sweep_plot(backbone, dataset, target=target, cats=cats, taps=keys))
-    return res

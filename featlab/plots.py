@@ -166,50 +166,87 @@ def metric_label(m: str) -> tuple[str, str]:
     return METRIC_LABELS.get(m, (m, "%" if m.startswith(("accuracy", "one_off", "recall", "cs")) else ""))
 
 
-def comparison_png(taps: list[str], values: dict[str, list], path, title: str = "", errors: dict | None = None) -> Path:
-    """One panel per metric (each its own scale), one bar per tap in the given (network) order, values on bars."""
-    metrics = list(values)
+def comparison_png(rows: list[dict], taps: list[str], metrics: list[str], path, title: str = "") -> Path:
+    """One panel per headline metric: per tap (network order) the head's test figure with its 95 % interval
+    and the linear probe beside it; the tap chosen on validation as a star, taps the paired test cannot tell
+    from it filled, the others hollow; the majority and zero-shot baselines as lines with their bands."""
     n = len(taps)
-    width_per = max(3.2, 0.62 * n + 1.4)
-    fig = _figure(width_per * len(metrics) + 0.6, 4.8)
-    colours = [TAP_COLOURS[i % len(TAP_COLOURS)] for i in range(n)]
+    fig = _figure(max(4.2, 0.75 * n + 2.2) * len(metrics) + 0.6, 5.0)
+    x = np.arange(n)
     for k, m in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), k + 1)
         label, unit = metric_label(m)
         scale = 100.0 if unit == "%" else 1.0
-        vals = np.array([np.nan if v is None else float(v) * scale for v in values[m]])
-        err = None
-        if errors and errors.get(m) is not None:
-            err = np.array([0.0 if e is None else float(e) * scale for e in errors[m]])
-        x = np.arange(n)
-        bars = ax.bar(x, np.nan_to_num(vals), color=colours, yerr=err, capsize=3 if err is not None else 0,
-                      edgecolor="white")
-        top = np.nanmax(vals + (err if err is not None else 0)) if np.isfinite(vals).any() else 1.0
-        for b, v, e in zip(bars, vals, err if err is not None else [None] * n):
-            if np.isnan(v):
-                continue
-            txt = f"{v:.1f}" if unit == "%" else f"{v:.2f}"
-            if e:
-                txt += f"\n±{e:.1f}" if unit == "%" else f"\n±{e:.2f}"
-            ax.text(b.get_x() + b.get_width() / 2, b.get_height() + (e or 0) + top * 0.012, txt, ha="center",
-                    va="bottom", fontsize=8.5)
+        lo_key, hi_key = ("ci95_low", "ci95_high") if m == _primary(metrics) else (f"{m}_ci95_low", f"{m}_ci95_high")
+
+        def pts(reader):
+            v = np.full(n, np.nan)
+            lo = np.full(n, np.nan)
+            hi = np.full(n, np.nan)
+            ind = np.zeros(n, dtype=bool)
+            ch = np.zeros(n, dtype=bool)
+            for r in rows:
+                if r["reader"] == reader and r["tap"] in taps:
+                    i = taps.index(r["tap"])
+                    v[i] = _num(r.get(m)) * scale
+                    lo[i] = _num(r.get(lo_key)) * scale
+                    hi[i] = _num(r.get(hi_key)) * scale
+                    ind[i] = bool(r.get("indistinguishable"))
+                    ch[i] = bool(r.get("chosen"))
+            return v, lo, hi, ind, ch
+
+        v, lo, hi, ind, ch = pts("head")
+        ax.errorbar(x - 0.1, v, yerr=[v - lo, hi - v], fmt="none", ecolor="#4C72B0", capsize=3, lw=1.2)
+        ax.scatter(x[ind & ~ch] - 0.1, v[ind & ~ch], color="#4C72B0", s=36, zorder=3,
+                   label="head (indistinguishable from chosen)")
+        ax.scatter(x[~ind] - 0.1, v[~ind], facecolors="white", edgecolors="#4C72B0", s=36, zorder=3,
+                   label="head (differs from chosen, BH p < 0.05)")
+        ax.scatter(x[ch] - 0.1, v[ch], marker="*", color="#C44E52", s=160, zorder=4, label="head, tap chosen on val")
+        for i in range(n):
+            if np.isfinite(v[i]):
+                ax.annotate(f"{v[i]:.1f}" if unit == "%" else f"{v[i]:.2f}", (x[i] - 0.1, hi[i]),
+                            textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
+        lv, llo, lhi, _, _ = pts("linear")
+        if np.isfinite(lv).any():
+            ax.errorbar(x + 0.15, lv, yerr=[lv - llo, lhi - lv], fmt="s", color="#8C8C8C", ms=4, capsize=2, lw=1,
+                        label="linear probe")
+        for r, colour, ls in [(r, c, s) for r in rows for c, s in [("#55A868", "--")] if r["reader"] == "majority"] + \
+                [(r, "#DD8452", ":") for r in rows if str(r["reader"]).startswith("zero-shot")]:
+            val = _num(r.get(m)) * scale
+            if np.isfinite(val):
+                ax.axhline(val, color=colour, ls=ls, lw=1.3, label=f"{r['reader']} {val:.1f}" if unit == "%" else
+                           f"{r['reader']} {val:.2f}")
+                blo, bhi = _num(r.get(lo_key)) * scale, _num(r.get(hi_key)) * scale
+                if np.isfinite(blo) and np.isfinite(bhi):
+                    ax.axhspan(blo, bhi, color=colour, alpha=0.12, lw=0)
         ax.set_xticks(x)
         ax.set_xticklabels(taps, rotation=30 if max((len(t) for t in taps), default=0) > 6 else 0,
                            ha="right" if max((len(t) for t in taps), default=0) > 6 else "center", fontsize=9)
-        ax.set_ylim(0, (top if np.isfinite(top) else 1.0) * 1.18 or 1.0)
-        ax.set_title(label, fontsize=10)
+        ax.set_title(label + " (test, 95 % CI)", fontsize=10)
         ax.set_ylabel(label.split(" (")[0] + (" (%)" if unit == "%" else " (years)" if unit == "y" else ""))
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
         ax.set_xlabel("tap (network order →)")
+        ax.legend(fontsize=7, loc="best")
     if title:
-        fig.suptitle(title, fontsize=11)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
 
+def _primary(metrics: list[str]) -> str:
+    return "mae" if "mae" in metrics else "accuracy"
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def sweep_png(depths, taps: list[str], values: list, path, metric: str, title: str = "", reference: float | None = None,
-              reference_label: str = "") -> Path:
+              reference_label: str = "", intervals: list | None = None, chosen: list | None = None) -> Path:
     """``metric`` against tap depth (network position), one point per tap, names on the points."""
     label, unit = metric_label(metric)
     scale = 100.0 if unit == "%" else 1.0
@@ -218,7 +255,14 @@ def sweep_png(depths, taps: list[str], values: list, path, metric: str, title: s
     fig = _figure(max(6.5, 0.35 * len(d) + 3), 4.6)
     ax = fig.add_subplot(111)
     ax.plot(d, v, marker="o", color="#4C72B0", lw=1.8)
-    best = int(np.nanargmin(v) if unit == "y" else np.nanargmax(v)) if np.isfinite(v).any() else None
+    if intervals is not None:
+        lo = np.array([np.nan if not c else c[0] * scale for c in intervals])
+        hi = np.array([np.nan if not c else c[1] * scale for c in intervals])
+        ax.fill_between(d, lo, hi, color="#4C72B0", alpha=0.15, lw=0, label="95 % interval (test)")
+    best = None  # the tap chosen on validation, never the test optimum
+    if chosen is not None and any(chosen):
+        best = int(np.flatnonzero(chosen)[0])
+        ax.scatter([d[best]], [v[best]], marker="*", s=160, color="#C44E52", zorder=4, label="chosen on val")
     for i, (x, y, t) in enumerate(zip(d, v, taps)):
         if np.isnan(y):
             continue
@@ -226,13 +270,14 @@ def sweep_png(depths, taps: list[str], values: list, path, metric: str, title: s
                     rotation=45 if len(taps) > 12 else 0, fontweight="bold" if i == best else "normal")
     if reference is not None:
         ax.axhline(reference * scale, color="#C44E52", ls="--", lw=1.2, label=reference_label or "reference")
+    if reference is not None or intervals is not None or best is not None:
         ax.legend(fontsize=8)
     ax.set_xlabel("tap depth (position in the network, input → output)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     if best is not None:
         shown = f"{v[best]:.1f}%" if unit == "%" else f"{v[best]:.2f}" + (" years" if unit == "y" else "")
-        title = (title + "\n" if title else "") + f"best: {taps[best]} ({shown})"
+        title = (title + "\n" if title else "") + f"chosen on validation: {taps[best]} (test {shown})"
     ax.set_title(title, fontsize=10)
     ax.margins(y=0.15)
     return _save(fig, path)

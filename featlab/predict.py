@@ -9,6 +9,7 @@ without a face are reported, not dropped silently.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +42,18 @@ def _backbone_for(cfgs: list[dict], model: str | None):
     if len(names) > 1 or len(shas) > 1:
         raise FeatlabError("the heads were trained on different backbones or model files; predict with one backbone at a time")
     cfg = cfgs[0]
-    flip = False
+    sets = {json.dumps({k: (c.get("feature_set") or {}).get(k) for k in ("align", "flip", "preprocessing")},
+                       sort_keys=True) for c in cfgs}
+    if len(sets) > 1:
+        raise FeatlabError("the heads' features were prepared differently (align, flip or preprocessing): "
+                           "predict with heads of one feature set at a time")
+    ident = cfg.get("feature_set") or {}
+    flip = bool(ident.get("flip", False))
     model_path = model
     feats = Path(cfg.get("features", ""))
-    if feats.is_file():
+    if feats.is_file() and not model_path:
         with FeatureStore.open_read(feats) as s:
-            a = s.attrs
-            flip = bool(a.get("flip", False))
-            model_path = model_path or a.get("model_path")
+            model_path = s.attrs.get("model_path")
     if model_path and not Path(model_path).is_file():
         model_path = None
     bb = Backbone(cfg["backbone"], model_path)
@@ -56,7 +61,10 @@ def _backbone_for(cfgs: list[dict], model: str | None):
     if want and bb.sha256 != want:
         raise FeatlabError(f"the model file {bb.model_path} (sha256 {bb.sha256[:12]}…) is not the one the heads were "
                            f"trained on (sha256 {want[:12]}…); pass the right file with --model")
-    return bb, flip
+    if ident.get("preprocessing") and bb.preprocessing() != ident["preprocessing"]:
+        raise FeatlabError(f"{cfg['backbone']} now prepares images differently from the heads' training features "
+                           f"({bb.preprocessing()} vs {ident['preprocessing']})")
+    return bb, flip, bool(ident.get("align", False))
 
 
 def _label(cfg: dict, pred: dict, i: int) -> tuple[str, str]:
@@ -74,15 +82,22 @@ def _label(cfg: dict, pred: dict, i: int) -> tuple[str, str]:
     return f"age {names[k]} ({conf:.2f})", names[k]
 
 
-def predict_paths(images, head_dirs, annotate=None, model=None, align: bool = True, echo=print, upsample: int = 1) -> list[dict]:
+def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | None = None, echo=print,
+                  upsample: int = 1) -> list[dict]:
+    """Run the heads on every face of ``images``, with chips made as the heads' training features were
+    (alignment, flip, preprocessing from the heads' record). ``detect``: find and align every face even when
+    the heads were trained on unaligned crops (a group photo); default: as in training."""
     from .backbones import Runner
     from .extract import stored_features
-    from .heads import load_head, outputs_to_prediction
+    from .model import load_head, outputs_to_prediction
     from .store import parse_key
 
     heads = [load_head(d) for d in head_dirs]
     cfgs = [c for _, c in heads]
-    bb, flip = _backbone_for(cfgs, model)
+    bb, flip, trained_align = _backbone_for(cfgs, model)
+    align = trained_align if detect is None else bool(detect)
+    if align and not trained_align:
+        echo("note: the heads were trained on unaligned crops; these faces are detected and aligned instead")
     keys, dtypes = {}, {}
     for c in cfgs:
         name, kind, grid = parse_key(c["tap"])

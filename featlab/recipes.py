@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import FeatlabError
-from .heads import TARGETS
+from .labels import HEADLINE, TARGETS
 
 
 
@@ -52,7 +52,7 @@ def parse_hidden(text) -> tuple[int, ...] | None:
 
 
 def run_head(features, layer: str, target: str, cats: int | None, fold=None, seed: int = 0, verbose: int = 1, **opts) -> Path:
-    from .heads import train_head
+    from .workflow import train_head
 
     if "hidden" in opts:
         h = parse_hidden(opts.pop("hidden"))
@@ -61,24 +61,22 @@ def run_head(features, layer: str, target: str, cats: int | None, fold=None, see
     return Path(train_head(features, layer, target, cats, fold=fold, seed=seed, verbose=verbose, **opts))
 
 
-def headline(m: dict) -> dict:
-    """The few figures that matter in a metrics.json (``{"target": ..., "metrics": {...}}``), by target."""
-    figures = m.get("metrics", m)
-    pick = {
-        "bins": ("accuracy", "one_off"),
-        "age": ("mae", "cs5"),
-        "gender": ("accuracy",),
-    }.get(m.get("target"), ("accuracy", "one_off", "mae"))
-    return {k: figures[k] for k in pick if isinstance(figures.get(k), (int, float))}
+def headline(m: dict, split: str = "test") -> dict:
+    """The few figures that matter in a metrics.json, by target: ``{name: (value, [low, high] or None)}``
+    (a head's record has ``val``/``test`` sections; an evaluation has ``metrics``)."""
+    figures = (m.get(split) or {}).get("metrics") or m.get("metrics", m)
+    pick = HEADLINE.get(m.get("target"), ("accuracy", "one_off", "mae"))
+    return {k: (figures[k], figures.get(f"{k}_ci95")) for k in pick if isinstance(figures.get(k), (int, float))}
 
 
-def format_figure(name: str, value: float) -> str:
-    return f"{value:.2f}" if name in ("mae", "rmse", "mae_bin_centre") else f"{100 * value:.1f}%"
+def format_figure(name: str, value: float, ci=None) -> str:
+    f = (lambda v: f"{v:.2f}") if name in ("mae", "rmse", "mae_bin_centre") else (lambda v: f"{100 * v:.1f}%")
+    return f(value) + (f" [{f(ci[0])}, {f(ci[1])}]" if ci else "")
 
 
 def summary_line(m: dict) -> str:
-    parts = [f"{k} {format_figure(k, v)}" for k, v in headline(m).items()]
-    n = m.get("n")
+    parts = [f"{k} {format_figure(k, v, ci)}" for k, (v, ci) in headline(m).items()]
+    n = m.get("n") if "n" in m else (m.get("test") or {}).get("n")
     where = f" ({m['head_dir']})" if m.get("head_dir") else ""
     count = f" on {n:,} faces" if isinstance(n, int) else ""
     return f"{m.get('target_name', m.get('target', '?'))}: " + ", ".join(parts) + count + where
@@ -89,7 +87,7 @@ def compare_cmd(target: str, cats: int | None, backbone=None, dataset=None, swee
     from .compare import compare
 
     if sweep:
-        from .experiment import sweep as run_sweep
+        from .workflow import sweep as run_sweep
 
         return run_sweep(target, cats, backbone=backbone, features=features, manifest=manifest)
     if not (backbone and dataset):

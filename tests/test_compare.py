@@ -14,14 +14,37 @@ from featlab.compare import compare, sweep_plot, tap_positions
 from featlab.errors import FeatlabError
 
 
+def _faces(value: float, n: int, rng, binary: bool) -> np.ndarray:
+    if binary:  # exactly round(value * n) ones, in a seeded order
+        v = np.zeros(n)
+        v[: int(round(value * n))] = 1.0
+        return rng.permutation(v)
+    return np.full(n, float(value))
+
+
 def _write_metrics(root: Path, backbone: str, dataset: str, key: str, tname: str, metrics: dict, features=None,
-                   std: dict | None = None) -> None:
+                   std: dict | None = None, val: dict | None = None, n: int = 100, faces: dict | None = None,
+                   identity: dict | None = None) -> Path:
+    """A head record as featlab.evaluate.record_head writes it: val and test sections and faces.csv."""
     d = root / backbone / dataset / key / tname
     d.mkdir(parents=True, exist_ok=True)
-    m = {"kind": "folds" if std else "evaluation", "metrics": metrics, "n": 100, "features": features}
-    if std:
-        m["metrics_std"] = std
+    rng = np.random.default_rng(abs(hash((key, tname))) % 2**32)
+    val = val or metrics
+    rows = []
+    for split, ms in (("val", val), ("test", metrics)):
+        cols = {m: (faces or {}).get(m) if split == "test" and faces else _faces(v, n, rng, m != "mae")
+                for m, v in ms.items()}
+        for i in range(n):
+            rows.append({"image_id": f"img{i:04d}", "split": split, **{m: c[i] for m, c in cols.items()}})
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(d / "faces.csv", index=False)
+    m = {"kind": "folds" if std else "head", "feature_set": identity or {"model_sha256": "0" * 64},
+         "val": {"n": n, "metrics": dict(val)},
+         "test": {"n": n, "metrics": dict(metrics), **({"metrics_std": std} if std else {})},
+         "config": {"features": features}}
     (d / "metrics.json").write_text(json.dumps(m))
+    return d
 
 
 def _features_with_taps(path: Path, keys: list[str]) -> Path:
@@ -92,7 +115,7 @@ def test_compare_fold_summaries_and_sweep(tmp_path):
                        std={"accuracy": 0.02, "one_off": 0.01})
     r = compare("mystery", "adience", "bins", 8, results_root=root)
     rows = _read_csv(r["csv"])
-    assert float(rows[0]["accuracy_std"]) == pytest.approx(0.02)
+    assert float(rows[0]["accuracy_std_over_folds"]) == pytest.approx(0.02)
     p = sweep_plot("mystery", "adience", "bins", 8, results_root=root)
     assert p.name == "sweep_accuracy.png" and p.is_file()
     sweep = _read_csv(p.with_suffix(".csv"))
@@ -130,3 +153,61 @@ def test_sweep_plot_restricted_to_taps(tmp_path):
     assert [s["tap"] for s in _read_csv(p.with_suffix(".csv"))] == ["res1", "res2", "res3"]
     with pytest.raises(FeatlabError, match="res9"):
         sweep_plot("mystery", "ds", "age", results_root=root, taps=["res9"])
+
+
+def test_the_tap_is_chosen_on_validation_not_test(tmp_path):
+    """Validation prefers b, test prefers a: the comparison chooses b, and says it chose on val."""
+    root = tmp_path / "results"
+    _write_metrics(root, "mystery", "ds", "a", "gender", {"accuracy": 0.80}, val={"accuracy": 0.70}, n=400)
+    _write_metrics(root, "mystery", "ds", "b", "gender", {"accuracy": 0.75}, val={"accuracy": 0.74}, n=400)
+    r = compare("mystery", "ds", "gender", results_root=root)
+    assert r["chosen"] == "b" and r["summary"]["chosen_on"] == "val"
+    rows = {(row["tap"], row["reader"]): row for row in _read_csv(r["csv"])}
+    assert rows[("b", "head")]["chosen"] == "True" and rows[("a", "head")]["chosen"] == "False"
+    assert all(row["chosen_on"] == "val" for row in rows.values())
+    # a is better on test by 5 points: its difference to the chosen tap is +0.05
+    assert float(rows[("a", "head")]["diff_vs_best"]) == pytest.approx(0.05)
+
+
+def test_paired_test_finds_a_planted_difference_and_not_a_copy(tmp_path):
+    root = tmp_path / "results"
+    rng = np.random.default_rng(0)
+    n = 2000
+    base = (rng.random(n) < 0.70).astype(float)
+    better = base.copy()
+    wrong = np.flatnonzero(base == 0)
+    better[rng.choice(wrong, 100, replace=False)] = 1.0  # +5 points on the same faces
+    _write_metrics(root, "m", "ds", "best", "gender", {"accuracy": better.mean()}, val={"accuracy": 0.9}, n=n,
+                   faces={"accuracy": better})
+    _write_metrics(root, "m", "ds", "worse", "gender", {"accuracy": base.mean()}, val={"accuracy": 0.5}, n=n,
+                   faces={"accuracy": base})
+    _write_metrics(root, "m", "ds", "copy", "gender", {"accuracy": better.mean()}, val={"accuracy": 0.6}, n=n,
+                   faces={"accuracy": better})
+    r = compare("m", "ds", "gender", results_root=root)
+    rows = {row["tap"]: row for row in _read_csv(r["csv"]) if row["reader"] == "head"}
+    assert r["chosen"] == "best"
+    assert float(rows["worse"]["p_vs_best"]) < 0.01 and rows["worse"]["indistinguishable"] == "False"
+    assert float(rows["worse"]["diff_vs_best"]) == pytest.approx(-0.05)
+    assert float(rows["copy"]["p_vs_best"]) == pytest.approx(1.0) and rows["copy"]["indistinguishable"] == "True"
+    assert r["summary"]["indistinguishable_from_chosen"] == ["copy"]
+    lo, hi = float(rows["worse"]["ci95_low"]), float(rows["worse"]["ci95_high"])
+    assert lo < base.mean() < hi
+
+
+def test_heads_of_different_feature_sets_are_never_compared(tmp_path):
+    root = tmp_path / "results"
+    _write_metrics(root, "m", "ds", "a", "gender", {"accuracy": 0.8}, identity={"model_sha256": "1" * 64})
+    _write_metrics(root, "m", "ds", "b", "gender", {"accuracy": 0.8}, identity={"model_sha256": "2" * 64})
+    with pytest.raises(FeatlabError, match="made differently.*model_sha256"):
+        compare("m", "ds", "gender", results_root=root)
+
+
+def test_interval_width_matches_the_binomial_formula():
+    from featlab.uncertainty import interval
+
+    p, n = 0.7, 2000
+    v = np.zeros(n)
+    v[: int(p * n)] = 1
+    lo, hi = interval(v)
+    assert lo < p < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(p * (1 - p) / n), rel=0.1)

@@ -68,7 +68,7 @@ def feats(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(feats, tmp_path_factory):
     """One bins head (7 groups) shared by several tests."""
-    from featlab.heads import train_head
+    from featlab.workflow import train_head
 
     root = tmp_path_factory.mktemp("results")
     d = train_head(feats, "conv", "bins", 7, out_root=root, **FAST)
@@ -94,8 +94,8 @@ def test_bins_head_learns_and_writes_everything(trained, feats):
         assert (d / f).is_file(), f
     m = json.loads((d / "metrics.json").read_text())
     chance = _majority_share(feats, "bins", 7)
-    assert m["metrics"]["accuracy"] > chance + 0.25, (m["metrics"], chance)
-    assert m["metrics"]["one_off"] > 0.85
+    assert m["test"]["metrics"]["accuracy"] > chance + 0.25, (m["test"]["metrics"], chance)
+    assert m["test"]["metrics"]["one_off"] > 0.85
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["features_model_sha256"] == SHA and cfg["tap"] == "conv" and cfg["cats"] == 7
     assert cfg["counts"]["dropped_missing_target"] == 20
@@ -111,7 +111,7 @@ def test_bins_head_learns_and_writes_everything(trained, feats):
 
 
 def test_age_head_beats_the_mean(feats, tmp_path):
-    from featlab.heads import train_head
+    from featlab.workflow import train_head
 
     d = train_head(feats, "conv", "age", out_root=tmp_path, **FAST)
     m = json.loads((d / "metrics.json").read_text())
@@ -119,42 +119,47 @@ def test_age_head_beats_the_mean(feats, tmp_path):
         df = s.labels()
     tr, te = df[df.split == "train"].age.dropna(), df[df.split == "test"].age.dropna()
     baseline = float(np.abs(te - tr.median()).mean())
-    assert m["metrics"]["mae"] < 0.5 * baseline, (m["metrics"]["mae"], baseline)
-    assert 0 <= m["metrics"]["cs5"] <= 1
+    assert m["test"]["metrics"]["mae"] < 0.5 * baseline, (m["test"]["metrics"]["mae"], baseline)
+    assert 0 <= m["test"]["metrics"]["cs5"] <= 1
     for c in (5, 7, 8):
-        assert m["metrics"][f"accuracy_bins{c}"] > 0.4
+        assert m["test"]["metrics"][f"accuracy_bins{c}"] > 0.4
         assert (d / f"confusion_bins{c}.csv").is_file() and (d / f"confusion_bins{c}.png").is_file()
     assert (d / "scatter.png").is_file()
     assert d.name == "age"
 
 
 def test_gender_head(feats, tmp_path):
-    from featlab.heads import train_head
+    from featlab.workflow import train_head
 
     d = train_head(feats, "conv", "gender", out_root=tmp_path, pool="avg", **FAST)
-    assert d.parts[-2:] == ("conv@avg", "gender")  # pooled by the head: filed under the pooled key
+    assert d.parts[-2:] == ("conv~avg", "gender")  # pooled by the head: never where a tap pooled at extraction goes
     m = json.loads((d / "metrics.json").read_text())
-    assert m["metrics"]["accuracy"] > 0.8 > _majority_share(feats, "gender") + 0.2
-    assert set(m["metrics"]) >= {"recall_f", "recall_m"}
+    assert m["test"]["metrics"]["accuracy"] > 0.8 > _majority_share(feats, "gender") + 0.2
+    assert set(m["test"]["metrics"]) >= {"recall_f", "recall_m"}
     assert (d / "confusion.png").is_file()
 
 
 def test_ordinal_bins_head(feats, tmp_path):
-    from featlab.heads import train_head
+    from featlab.workflow import train_head
 
     d = train_head(feats, "conv", "bins", 5, out_root=tmp_path, ordinal=True, **FAST)
     m = json.loads((d / "metrics.json").read_text())
     assert json.loads((d / "config.json").read_text())["output"] == "coral"
-    assert m["metrics"]["accuracy"] > _majority_share(feats, "bins", 5) + 0.25
+    assert m["test"]["metrics"]["accuracy"] > _majority_share(feats, "bins", 5) + 0.25
     # the saved ordinal head reloads and evaluates the same
     from featlab.evaluate import evaluate_head
 
+    before = (d / "metrics.json").read_bytes()
     again = evaluate_head(d, out_dir=tmp_path / "again")
-    assert again["metrics"]["accuracy"] == pytest.approx(m["metrics"]["accuracy"])
+    assert again["metrics"]["accuracy"] == pytest.approx(m["test"]["metrics"]["accuracy"])
+    evaluate_head(d, split="val")  # other splits and files never touch the head's own record
+    assert (d / "metrics.json").read_bytes() == before
+    assert json.loads((d / "eval" / "synth" / "val" / "metrics.json").read_text())["metrics"]["accuracy"] == \
+        pytest.approx(m["val"]["metrics"]["accuracy"])
 
 
 def test_same_seed_same_predictions(feats, tmp_path, trained):
-    from featlab.heads import train_head
+    from featlab.workflow import train_head
 
     d2 = train_head(feats, "conv", "bins", 7, out_root=tmp_path, **FAST)
     assert (trained / "predictions.csv").read_text() == (d2 / "predictions.csv").read_text()
@@ -163,54 +168,48 @@ def test_same_seed_same_predictions(feats, tmp_path, trained):
 
 
 def test_streaming_matches_in_memory(feats, tmp_path, trained):
-    from featlab.heads import train_head
+    from featlab.workflow import train_head
 
-    d = train_head(feats, "conv", "bins", 7, out_root=tmp_path, memory_budget_mb=0.05, chunk_rows=128, **FAST)
+    d = train_head(feats, "conv", "bins", 7, out_root=tmp_path, memory_mb=0.05, **FAST)
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["data_loading"].startswith("streamed")
-    a_mem = json.loads((trained / "metrics.json").read_text())["metrics"]["accuracy"]
-    a_str = json.loads((d / "metrics.json").read_text())["metrics"]["accuracy"]
+    a_mem = json.loads((trained / "metrics.json").read_text())["test"]["metrics"]["accuracy"]
+    a_str = json.loads((d / "metrics.json").read_text())["test"]["metrics"]["accuracy"]
     assert a_str > _majority_share(feats, "bins", 7) + 0.25
     assert abs(a_str - a_mem) < 0.1
 
 
-class _Recorder:
-    """Wraps an EArray and records how it is indexed."""
+def test_stream_shuffles_the_whole_split_every_epoch(feats):
+    """Each block of a streamed epoch is a uniform draw from the whole split (not file-order chunks), every row
+    comes once per epoch with its own label, and validation streams read only their own rows."""
+    from featlab.featureio import ShuffledBatches
 
-    def __init__(self, arr):
-        self.arr, self.keys = arr, []
-        self.nrows, self.shape = arr.nrows, arr.shape
-
-    def __getitem__(self, k):
-        self.keys.append(k)
-        return self.arr[k]
-
-
-def test_stream_reads_contiguous_chunks_and_covers_split_once(feats):
-    from featlab.heads import _make_stream_class
-
-    Stream = _make_stream_class()
     with FeatureStore.open_read(feats) as s:
         df = s.labels()
         rows = np.flatnonzero(df.split.to_numpy() == "train")
         y = np.arange(len(rows), dtype=np.float32)  # y = position within the split: identifies the row
-        ds = Stream(s, "conv", rows, y, None, batch_size=50, shuffle=True, seed=3, chunk_rows=128)
-        rec = _Recorder(ds.arr)
-        ds.arr = rec
+        ds = ShuffledBatches(s, "conv", rows, y, None, batch_size=50, shuffle=True, seed=3, budget_bytes=200 * 384)
         full = s.read("conv", rows)
+        firsts = []
         for epoch in range(2):
             seen = []
             for i in range(len(ds)):
-                xb, yb = ds[i]
+                xb, yb = ds.batch(i)
                 assert len(xb) == len(yb) <= 50
                 np.testing.assert_array_equal(xb, full[yb.astype(int)])  # features match their labels
                 seen.extend(yb.astype(int).tolist())
             assert sorted(seen) == list(range(len(rows)))  # every split row once per epoch
-            if epoch == 0:
-                first = seen
-            ds.on_epoch_end()
-        assert seen != first  # reshuffled
-        assert rec.keys and all(isinstance(k, slice) and k.stop - k.start <= 128 for k in rec.keys)
+            # the first block (200 rows) spans the whole file, not one stretch of it
+            first = rows[np.asarray(seen[:200])]
+            assert first.min() < 0.1 * len(df) and first.max() > 0.9 * len(df)
+            firsts.append(seen)
+            ds.next_epoch()
+        assert firsts[0] != firsts[1]  # reshuffled
+        val = np.flatnonzero(df.split.to_numpy() == "val")
+        vs = ShuffledBatches(s, "conv", val, np.zeros(len(val)), None, batch_size=64, shuffle=False, budget_bytes=1 << 16)
+        for i in range(len(vs)):
+            vs.batch(i)
+        assert vs.rows_read == len(val)
 
 
 def test_evaluate_refuses_other_model_and_handles_held_out_file(trained, tmp_path):
@@ -222,8 +221,8 @@ def test_evaluate_refuses_other_model_and_handles_held_out_file(trained, tmp_pat
     # same model, no split column: evaluated on every row, and said so
     held = make_features(tmp_path / "held.h5", n=300, seed=6, split=False)
     r = evaluate_head(trained, features=held)
-    assert r["n"] == 300 and "all 300 rows" in r["split_note"]
-    assert (trained / "eval-held" / "metrics.json").is_file()
+    assert r["n"] == 300 and "every row of held.h5" in r["split_note"]
+    assert (trained / "eval" / "synth" / "all" / "metrics.json").is_file()
     assert r["metrics"]["accuracy"] > 0.5
     # a file without the tap
     notap = tmp_path / "notap.h5"
@@ -236,7 +235,7 @@ def test_evaluate_refuses_other_model_and_handles_held_out_file(trained, tmp_pat
 
 
 def test_folds(tmp_path):
-    from featlab.heads import train_head
+    from featlab.workflow import train_head
 
     f = make_features(tmp_path / "adience.h5", n=600, seed=2, folds=True, split=False)
     with pytest.raises(FeatlabError, match="--fold"):
@@ -248,14 +247,17 @@ def test_folds(tmp_path):
         assert cfg["fold"] == k and cfg["counts"]["test"] == 120
     m = json.loads((root / "metrics.json").read_text())
     assert m["kind"] == "folds" and m["folds"] == [0, 1, 2, 3, 4]
-    accs = [m["per_fold"][f"fold{k}"]["accuracy"] for k in range(5)]
-    assert m["metrics"]["accuracy"] == pytest.approx(np.mean(accs))
-    assert m["metrics_std"]["accuracy"] == pytest.approx(np.std(accs))
-    assert (root / "folds.csv").read_text().splitlines()[-1].startswith("std,")
+    accs = [p["accuracy"] for p in m["test"]["per_member"]]
+    assert m["test"]["metrics_std"]["accuracy"] == pytest.approx(np.std(accs))
+    # the pooled figure is over every face once: the fold accuracies weighted by their sizes
+    assert m["test"]["n"] == 600 and m["test"]["metrics"]["accuracy"] == pytest.approx(np.mean(accs))
+    lo, hi = m["test"]["metrics"]["accuracy_ci95"]
+    assert lo < m["test"]["metrics"]["accuracy"] < hi
+    assert len((root / "folds.csv").read_text().splitlines()) == 6
 
 
 def test_bad_requests(feats, tmp_path):
-    from featlab.heads import train_head
+    from featlab.workflow import train_head
 
     with pytest.raises(FeatlabError, match="cats"):
         train_head(feats, "vec", "bins", None, out_root=tmp_path)

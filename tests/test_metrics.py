@@ -124,7 +124,7 @@ def test_mean_std_over_folds():
 def test_metrics_module_is_numpy_only():
     import subprocess
 
-    code = ("import sys, featlab.metrics, featlab.plots, featlab.compare, featlab.evaluate, featlab.heads; "
+    code = ("import sys, featlab.metrics, featlab.plots, featlab.compare, featlab.evaluate, featlab.workflow, featlab.train; "
             "bad = [m for m in ('tensorflow', 'keras', 'matplotlib', 'torch') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -32,7 +32,7 @@ def test_extract_all_8000_faces_with_dlib_age(utk_manifest, tmp_path):
 @pytest.mark.slow
 def test_heads_beat_the_zero_shot_dlib_nets(utk_manifest, tmp_path, monkeypatch):
     """On UTKFace, dlib-age's own output scores MAE ~6.2 and ~60 % on the 8 Adience groups, dlib-gender ~92 %."""
-    from featlab.heads import train_head
+    from featlab.workflow import train_head
 
     monkeypatch.chdir(tmp_path)
     rep = extract(utk_manifest, ["res14"], backbone="dlib-rec", out=tmp_path / "rec.h5", progress=False)

@@ -1,0 +1,137 @@
+"""The Keras head: build it, load it, turn its outputs into predictions.
+
+Keras comes from :mod:`featlab.keras_env` inside the functions, never at import time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FeatlabError
+from .featureio import read_blocks
+from .keras_env import keras as _keras
+from .store import FeatureStore
+
+
+def custom_objects() -> dict:
+    """Keras objects a saved head may need (registered once)."""
+    keras = _keras()
+
+    name = "featlab>CoralOutput"
+    obj = keras.saving.get_registered_object(name)
+    if obj is not None:
+        return {name: obj, "CoralOutput": obj}
+
+    @keras.saving.register_keras_serializable(package="featlab")
+    class CoralOutput(keras.layers.Layer):
+        """CORAL ordinal output: one shared weight vector and K-1 ordered thresholds.
+        Returns K-1 logits of P(y > k)."""
+
+        def __init__(self, thresholds: int, **kw):
+            super().__init__(**kw)
+            self.thresholds = int(thresholds)
+
+        def build(self, input_shape):
+            self.kernel = self.add_weight(shape=(int(input_shape[-1]), 1), initializer="glorot_uniform", name="kernel")
+            init = np.linspace(1.0, -1.0, self.thresholds).astype("float32")
+            self.bias = self.add_weight(shape=(self.thresholds,), name="bias",
+                                        initializer=keras.initializers.Constant(init))
+
+        def call(self, x):
+            return keras.ops.matmul(x, self.kernel) + self.bias
+
+        def get_config(self):
+            return {**super().get_config(), "thresholds": self.thresholds}
+
+    return {name: CoralOutput, "CoralOutput": CoralOutput}
+
+
+def build_model(tap_shape, n_out: int, kind: str, mean, std, hidden=(256,), dropout=0.3, pool=None,
+                input_dropout: float = 0.0, weight_decay: float = 0.0, age_grid=None):
+    """kind: 'softmax' (n_out classes), 'coral' (n_out classes, n_out-1 logits), 'linear' (one unit) or
+    'expectation' (a softmax over the ages in ``age_grid``: the prediction is its expected value)."""
+    keras = _keras()
+    from keras import layers
+
+    reg = keras.regularizers.L2(weight_decay) if weight_decay else None
+    inp = keras.Input(shape=tuple(int(d) for d in tap_shape), name="tap")
+    x = inp
+    if pool and len(tap_shape) == 3:
+        x = (layers.GlobalAveragePooling2D if pool == "avg" else layers.GlobalMaxPooling2D)(
+            data_format="channels_first", name=f"pool_{pool}")(x)
+    if len(x.shape) > 2:
+        x = layers.Flatten(name="flatten")(x)
+    x = layers.Normalization(mean=np.asarray(mean), variance=np.asarray(std, dtype=np.float64) ** 2,
+                             name="standardise")(x)
+    if input_dropout:
+        x = layers.Dropout(input_dropout, name="input_dropout")(x)
+    for i, h in enumerate(hidden or ()):
+        x = layers.Dense(int(h), activation="relu", kernel_regularizer=reg, name=f"hidden{i + 1}")(x)
+        if dropout:
+            x = layers.Dropout(dropout, name=f"dropout{i + 1}")(x)
+    if kind == "softmax":
+        out = layers.Dense(n_out, activation="softmax", kernel_regularizer=reg, name="output")(x)
+    elif kind == "coral":
+        out = custom_objects()["CoralOutput"](n_out - 1, name="output")(x)
+    elif kind == "expectation":
+        out = layers.Dense(len(age_grid), activation="softmax", kernel_regularizer=reg, name="output")(x)
+    else:
+        out = layers.Dense(1, kernel_regularizer=reg, name="output")(x)
+    return keras.Model(inp, out, name="featlab_head")
+
+
+def load_head(head_dir: Path | str):
+    """(model, config) of a saved head."""
+    keras = _keras()
+
+    head_dir = Path(head_dir)
+    cfg_path, model_path = head_dir / "config.json", head_dir / "head.keras"
+    if not cfg_path.is_file() or not model_path.is_file():
+        raise FeatlabError(f"{head_dir} is not a trained head (needs head.keras and config.json); train one with `featlab train-head`")
+    cfg = json.loads(cfg_path.read_text())
+    try:
+        model = keras.saving.load_model(model_path, custom_objects=custom_objects(), compile=False)
+    except Exception as e:  # noqa: BLE001
+        raise FeatlabError(f"cannot load {model_path}: {e}") from None
+    return model, cfg
+
+
+def outputs_to_prediction(raw: np.ndarray, cfg: dict) -> dict:
+    """Raw model outputs -> {'pred': class index or age in years, 'proba': class probabilities (classifiers)}."""
+    raw = np.asarray(raw, dtype=np.float64)
+    kind = cfg["output"]
+    if kind in ("linear", "expectation"):
+        t = cfg["target_transform"]
+        v = raw @ np.asarray(cfg["age_grid"], dtype=np.float64) if kind == "expectation" else raw.reshape(-1)
+        if t["kind"] == "log1p":
+            age = np.expm1(v * t.get("scale", 1.0) + t.get("mean", 0.0))
+        else:
+            age = v * t["scale"] + t["mean"]
+        return {"pred": np.clip(age, 0.0, None)}
+    if kind == "coral":
+        p_gt = 1.0 / (1.0 + np.exp(-raw))  # P(y > k), k = 0..K-2
+        cum = np.concatenate([np.ones((len(raw), 1)), p_gt, np.zeros((len(raw), 1))], axis=1)
+        proba = np.clip(cum[:, :-1] - cum[:, 1:], 0.0, None)
+        proba /= np.maximum(proba.sum(axis=1, keepdims=True), 1e-12)
+        return {"pred": (p_gt > 0.5).sum(axis=1).astype(np.int64), "proba": proba}
+    return {"pred": raw.argmax(axis=1).astype(np.int64), "proba": raw}
+
+
+def predict_rows(model, cfg: dict, store: FeatureStore, rows: np.ndarray) -> dict:
+    """Predictions for ``rows`` of the head's tap, read in sorted contiguous blocks."""
+    key = cfg["tap"]
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    raws = []
+    for block in read_blocks(rows[order], store, key):
+        x = store.read(key, block)
+        for i in range(0, len(x), 2048):  # eager calls: no tf.function tracing per head
+            raws.append(np.asarray(model(x[i : i + 2048], training=False)))
+    raw = np.concatenate(raws) if raws else np.empty((0, max(1, cfg.get("n_outputs", 1))))
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order))
+    out = outputs_to_prediction(raw[inv] if len(raw) else raw, cfg)
+    return out

@@ -1,0 +1,81 @@
+"""Where every head artifact goes, from what was computed: feature set, tap, target.
+
+A **feature set** is identified by what changes the numbers in a features file: backbone, model file
+(sha256), preprocessing, alignment, flip, the manifest (sha256) and, per tap, pooling and dtype.
+:func:`feature_set` reads it from a file's attributes; heads record it in ``config.json``.
+
+Results go to ``{results}/{backbone}/{dataset-key}/{head-key}/{target}/`` where
+
+- ``dataset-key`` is the dataset name plus ``-align``, ``-flip`` and ``-imported`` when they apply, so
+  heads of differently prepared features never share a folder;
+- ``head-key`` is the tap key as stored (``res14``, ``res14@avg`` when pooled at extraction), plus
+  ``~avg``/``~max`` when the head pools a map itself, plus ``.f32`` for a float32 tap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import config
+from .errors import FeatlabError
+
+IDENTITY_KEYS = ("backbone", "model_sha256", "preprocessing", "align", "flip", "manifest_sha256", "imported")
+TAP_KEYS = ("pool", "dtype")
+
+
+def feature_set(attrs: dict, key: str | None = None) -> dict:
+    """The identity of a features file (and of one of its taps, with ``key``)."""
+    out = {k: attrs.get(k) for k in IDENTITY_KEYS}
+    out["align"] = bool(out["align"])
+    out["flip"] = bool(out["flip"])
+    out["imported"] = bool(out["imported"])
+    out["dataset"] = str(attrs.get("dataset") or "")
+    if key is not None:
+        info = (attrs.get("taps") or {}).get(key) or {}
+        out["tap"] = key
+        out["pool"] = info.get("pool")
+        out["dtype"] = info.get("dtype", "float16")
+    return out
+
+
+def dataset_key(identity: dict) -> str:
+    """``utkface``, ``utkface-align``, ``utkface-align-flip``, ``utkface-imported`` ..."""
+    return identity["dataset"] + "".join(f"-{k}" for k in ("align", "flip", "imported") if identity.get(k))
+
+
+def head_key(key: str, pool: str | None, tap_shape, dtype: str = "float16") -> str:
+    """The tap key a head is filed under (see the module doc)."""
+    k = key
+    if pool and len(tap_shape) == 3:
+        k += f"~{pool}"
+    if dtype == "float32":
+        k += ".f32"
+    return k
+
+
+def head_dir(backbone: str, dkey: str, hkey: str, tname: str, fold=None, seed=None, out_root=None) -> Path:
+    root = Path(out_root) if out_root is not None else config.results_dir()
+    d = root / backbone / dkey / hkey / tname
+    if fold is not None and fold != "all":
+        d = d / f"fold{int(fold)}"
+    if seed is not None:
+        d = d / f"seed{int(seed)}"
+    return d
+
+
+def differences(a: dict, b: dict, keys=IDENTITY_KEYS + TAP_KEYS) -> list[str]:
+    """What differs between two feature-set identities, as ``name (x vs y)`` phrases."""
+    out = []
+    for k in keys:
+        if k in a and k in b and a[k] != b[k]:
+            x, y = str(a[k]), str(b[k])
+            if k.endswith("sha256"):
+                x, y = x[:12] + "…", y[:12] + "…"
+            out.append(f"{k} ({x} vs {y})")
+    return out
+
+
+def require_same(a: dict, b: dict, what: str, keys=IDENTITY_KEYS + TAP_KEYS) -> None:
+    d = differences(a, b, keys)
+    if d:
+        raise FeatlabError(f"{what}: features made differently never mix: {', '.join(d)}")

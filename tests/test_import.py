@@ -274,3 +274,55 @@ def test_readme_seed_example_through_the_cli(tmp_path, monkeypatch, capsys):
     test = lab[lab.split == "test"]
     majority = np.bincount(get_scheme(7).assign(test.age.to_numpy())).max() / len(test)
     assert m["n"] == len(test) and m["metrics"]["accuracy"] >= majority + 0.3, (m["metrics"], majority)
+
+
+# ------------------------------------------------------------------------------------ large inputs, identity
+@pytest.mark.parametrize("kind", ["npy", "npz", "hdf5"])
+def test_large_inputs_are_copied_in_blocks(kind, tmp_path, monkeypatch):
+    """A 34 MB source imported with 1 MiB blocks: Python-side allocations stay far below the source size
+    (loading it whole would take 34 MB at once)."""
+    import tracemalloc
+
+    import featlab.tapimport
+
+    monkeypatch.setattr(featlab.tapimport, "BLOCK_BYTES", 1 << 20)
+    labels = _sample_manifest(tmp_path, 600)
+    x = np.random.default_rng(0).normal(size=(600, 7, 2000)).astype(np.float32)  # 33.6 MB
+    src = tmp_path / f"big.{kind}"
+    if kind == "npy":
+        np.save(src, x)
+    elif kind == "npz":
+        np.savez(src, big=x)
+    else:
+        with tables.open_file(str(src), "w") as h5:
+            h5.create_earray("/", "data", obj=x, chunkshape=(8, 7, 2000))
+    del x
+    out = tmp_path / "big.h5"
+    tracemalloc.start()
+    try:
+        _import(src, "--labels", labels, "--backbone", "b", "--out", out)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 << 20, f"peak {peak / 2**20:.1f} MiB"
+    with FeatureStore.open_read(out) as s:
+        y = s.read("big")
+    np.testing.assert_array_equal(y, np.random.default_rng(0).normal(size=(600, 7, 2000)).astype(np.float32))
+
+
+def test_model_sha256_never_looks_like_a_model_file_and_source_id_joins_imports(tmp_path):
+    from featlab.tapimport import import_taps
+
+    labels = _sample_manifest(tmp_path, 10)
+    rng = np.random.default_rng(0)
+    for i in (1, 2):
+        np.save(tmp_path / f"t{i}.npy", rng.normal(size=(10, 5)).astype(np.float32))
+    r1 = import_taps([tmp_path / "t1.npy"], labels, "b", tmp_path / "1.h5", names=["t"])
+    r2 = import_taps([tmp_path / "t2.npy"], labels, "b", tmp_path / "2.h5", names=["t"])
+    r3 = import_taps([tmp_path / "t1.npy"], labels, "b", tmp_path / "3.h5", names=["t"], source_id="seed r100 run 1")
+    r4 = import_taps([tmp_path / "t2.npy"], labels, "b", tmp_path / "4.h5", names=["t"], source_id="seed r100 run 1")
+    assert r1.model_sha256 != r2.model_sha256 and r3.model_sha256 == r4.model_sha256 != r1.model_sha256
+    for r in (r1, r3):
+        assert r.model_sha256.startswith("imported:") and len(r.model_sha256) == 9 + 64
+    with FeatureStore.open_read(tmp_path / "4.h5") as s:
+        assert s.attrs["model_sha256"] == r4.model_sha256 and s.attrs["config"]["source_id"] == "seed r100 run 1"

@@ -62,6 +62,13 @@ def split_spec(spec: str) -> tuple[Path, str | None]:
     raise FeatlabError(f"file not found: {spec}")
 
 
+def _file_part(spec: str) -> Path:
+    try:
+        return split_spec(spec)[0]
+    except FeatlabError:  # reported when the file is opened
+        return Path(spec)
+
+
 def file_kind(path: Path) -> str:
     """'npy', 'npz' or 'hdf5', from the file's first bytes."""
     with open(path, "rb") as f:
@@ -308,8 +315,7 @@ def check_options(tapfiles, names, layout: str, dtype: str) -> list[str]:
     if names and len(names) != len(tapfiles):
         raise FeatlabError(f"{len(names)} --name for {len(tapfiles)} tap files: give one per file, in order")
     if not names:
-        names = [Path(str(t)).name.split(":")[0] for t in tapfiles]
-        names = [n[: -len(Path(n).suffix)] if Path(n).suffix else n for n in names]
+        names = [_file_part(str(t)).stem for t in tapfiles]
     for n in names:
         if not n or "/" in n or n.startswith(".") or n != n.strip():
             raise FeatlabError(f"{n!r} is not a usable tap name: pass --name")

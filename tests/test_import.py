@@ -326,3 +326,19 @@ def test_model_sha256_never_looks_like_a_model_file_and_source_id_joins_imports(
         assert r.model_sha256.startswith("imported:") and len(r.model_sha256) == 9 + 64
     with FeatureStore.open_read(tmp_path / "4.h5") as s:
         assert s.attrs["model_sha256"] == r4.model_sha256 and s.attrs["config"]["source_id"] == "seed r100 run 1"
+
+
+def test_an_array_inside_an_hdf5_group_is_named_by_its_file(tmp_path, capsys):
+    labels = _sample_manifest(tmp_path, 30)
+    x = np.arange(30 * 6, dtype=np.float64).reshape(30, 6) / 7
+    with tables.open_file(str(tmp_path / "run7.h5"), "w") as h5:
+        g = h5.create_group("/", "feats")
+        h5.create_carray(g, "pooled", obj=x, chunkshape=(4, 6))
+        h5.create_array(g, "ids", np.arange(30))
+    out = tmp_path / "o.h5"
+    assert main(["import", str(tmp_path / "run7.h5"), "--labels", str(labels), "--backbone", "b", "--out", str(out)]) == 2
+    assert "holds 2 arrays (/feats/ids, /feats/pooled)" in capsys.readouterr().err
+    _import(f"{tmp_path / 'run7.h5'}:/feats/pooled", "--labels", labels, "--backbone", "b", "--out", out)
+    with FeatureStore.open_read(out) as s:
+        assert s.keys() == ["run7"] and s.attrs["imported_from"][0]["key"] == "/feats/pooled"
+        np.testing.assert_array_equal(s.read("run7"), x.astype(np.float32))

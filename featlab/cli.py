@@ -221,6 +221,10 @@ def info(features: Path = typer.Argument(..., help="features .h5 file")):
         a = s.attrs
         _echo(f"{features}: {s.nrows:,} faces, backbone {a.get('backbone')}, model sha256 {str(a.get('model_sha256'))[:16]}…")
         _echo(f"  dataset {a.get('dataset')}  flip {a.get('flip')}  align {a.get('align')}  featlab {a.get('featlab_version')}")
+        from .tapimport import describe_import
+
+        for line in describe_import(a):
+            _echo(line)
         for k, t in s.tap_info().items():
             arr = s.array(k)
             _echo(f"  tap {k:28s} {'x'.join(map(str, t['shape'])):>12s} {t['dtype']:8s} rows {arr.nrows:,}")
@@ -229,6 +233,37 @@ def info(features: Path = typer.Argument(..., help="features .h5 file")):
             _echo(f"  skipped {len(sk):,}:")
             for r, n in sk["reason"].value_counts().items():
                 _echo(f"    {n:6,}  {r}")
+
+
+@app.command("import")
+def import_cmd(
+    tapfiles: List[str] = typer.Argument(None, help="one array per tap: FILE (.npy, .npz, HDF5) or FILE:KEY (FILE.h5:/group/array)"),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="labels CSV in featlab's manifest schema (e.g. from `featlab prepare`)"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="name of the network that made the taps (heads are filed under it)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="features .h5 file to write (must not exist)"),
+    name: List[str] = typer.Option(None, "--name", help="tap name, one per file in order [the file stems]"),
+    layout: str = typer.Option("nchw", "--layout", help="nchw, or nhwc to transpose (rows, H, W, C) maps to featlab's CHW"),
+    ids: Optional[str] = typer.Option(None, "--ids", help="per-row image_id or path: an array FILE[:KEY], a .txt, or FILE.csv:COLUMN"),
+    dtype: str = typer.Option("float32", "--dtype", help="stored dtype: float32 or float16"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="dataset name heads are filed under [the labels file stem]"),
+    source_id: Optional[str] = typer.Option(None, "--source-id", help="same text for imports made by one network: their heads may be evaluated on each other"),
+    force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
+):
+    """Import taps extracted elsewhere (.npy, .npz, HDF5) into a featlab features file, row-aligned with a labels CSV."""
+    from .tapimport import check_options
+
+    tapfiles = _need(list(tapfiles or []), "tap files", "featlab import TAPFILE... --labels LABELS.csv --backbone NAME --out FILE.h5")
+    labels = _need(labels, "--labels", "pass --labels LABELS.csv (a featlab manifest)")
+    backbone = _need(backbone, "--backbone", "pass --backbone NAME (the network that made the taps)")
+    out = _need(out, "--out", "pass --out FILE.h5")
+    check_options(tapfiles, name, layout, dtype)
+    from .tapimport import import_taps
+
+    rep = import_taps(tapfiles, labels, backbone, out, names=list(name or []), layout=layout, ids=ids, dtype=dtype,
+                      dataset=dataset, source_id=source_id, overwrite=force)
+    _echo(f"{rep.out}: {rep.rows:,} faces, backbone {backbone} (imported), in {rep.seconds:.1f} s")
+    for k, shape in rep.taps.items():
+        _echo(f"  tap {k:28s} {'x'.join(map(str, shape)):>12s} {dtype}")
 
 
 # ------------------------------------------------------------------------------------ heads

@@ -100,7 +100,7 @@ def test_pytables_import_trains_the_same_head_and_is_never_mixed(original, expor
     """Seed-style PyTables files, stored float16 like the original: same bits, so a head with the same
     seed reaches the same metrics; evaluating it on the featlab extraction is refused."""
     from featlab.evaluate import evaluate_head
-    from featlab.heads import train_head
+    from featlab.workflow import train_head
 
     d, _ = exported
     out = tmp_path / "imported16.h5"
@@ -118,9 +118,9 @@ def test_pytables_import_trains_the_same_head_and_is_never_mixed(original, expor
 
     h_orig = train_head(original, "res4", "bins", 7, out_root=tmp_path / "r-orig", seed=3, **FAST)
     h_imp = train_head(out, "res4", "bins", 7, out_root=tmp_path / "r-imp", seed=3, **FAST)
-    assert h_imp.parts[-4:] == ("dlib-age", "utksmall", "res4", "bins7")
-    m_orig = json.loads((h_orig / "metrics.json").read_text())["metrics"]
-    m_imp = json.loads((h_imp / "metrics.json").read_text())["metrics"]
+    assert h_imp.parts[-4:] == ("dlib-age", "utksmall-imported", "res4", "bins7")  # never beside extracted heads
+    m_orig = json.loads((h_orig / "metrics.json").read_text())["test"]["metrics"]
+    m_imp = json.loads((h_imp / "metrics.json").read_text())["test"]["metrics"]
     assert m_imp == m_orig
     cfg = json.loads((h_imp / "config.json").read_text())
     assert cfg["features_model_sha256"].startswith("imported:")
@@ -267,13 +267,14 @@ def test_readme_seed_example_through_the_cli(tmp_path, monkeypatch, capsys):
     rc = main(["train-head", "--cats", "7", "--layer", "stage4_unit1_conv1", "--features", "features/r100-seed/utkface.h5",
                "--epochs", "8", "--quiet"])
     assert rc == 0
-    d = tmp_path / "results" / "r100" / "utkface" / "stage4_unit1_conv1" / "bins7"
+    d = tmp_path / "results" / "r100" / "utkface-imported" / "stage4_unit1_conv1.f32" / "bins7"
     m = json.loads((d / "metrics.json").read_text())
     with FeatureStore.open_read(tmp_path / "features/r100-seed/utkface.h5") as s:
         lab = s.labels()
     test = lab[lab.split == "test"]
     majority = np.bincount(get_scheme(7).assign(test.age.to_numpy())).max() / len(test)
-    assert m["n"] == len(test) and m["metrics"]["accuracy"] >= majority + 0.3, (m["metrics"], majority)
+    t = m["test"]
+    assert t["n"] == len(test) and t["metrics"]["accuracy"] >= majority + 0.3, (t["metrics"], majority)
 
 
 # ------------------------------------------------------------------------------------ large inputs, identity

@@ -386,7 +386,8 @@ class FeatureStore:
         out = {}
         for key, x in features.items():
             arr = self._node(key)
-            y = x.astype(arr.atom.dtype, copy=False)
+            with np.errstate(over="ignore"):  # an overflow is found below, and said in one line
+                y = x.astype(arr.atom.dtype, copy=False)
             bad = _nonfinite_mask(y)
             if bad is not None:
                 raise FeatlabError(self._nonfinite_message(key, x, y, bad, first_row, ids))
@@ -607,13 +608,14 @@ class FeatureStore:
             t = info.get(key)
             if t is None:
                 continue
-            done = min(int(t.get("checked_rows", 0)), arr.nrows)
-            if done == arr.nrows and "nonfinite" in t:
+            n = int(arr.nrows)
+            done = min(int(t.get("checked_rows", 0)), n)
+            if done == n and "nonfinite" in t:
                 t["checked_rows"] = done
                 continue
-            count, first = self.count_nonfinite(key, slice(done, arr.nrows))
+            count, first = self.count_nonfinite(key, slice(done, n))
             t["nonfinite"] = int(t.get("nonfinite", 0)) + count
-            t["checked_rows"] = arr.nrows
+            t["checked_rows"] = n
             if count:
                 bad.append((key, count, first))
         self.set_attr("taps", info)

@@ -535,8 +535,7 @@ class FeatureStore:
         for the rows it has)."""
         a = self.attrs
         parts = ["featlab extract", f"-m {a.get('manifest')}", f"-b {a.get('backbone')}"]
-        cfg = a.get("config") or {}
-        model = cfg.get("model") if isinstance(cfg, dict) else None
+        model = a.get("model_path")
         if model:
             parts.append(f"--model {model}")
         parts += [f"-l {k}" for k in self.keys()]

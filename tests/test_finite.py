@@ -154,6 +154,24 @@ def test_an_overflow_in_a_later_batch_keeps_the_earlier_rows(model, tmp_path):
     _all_finite(out)
 
 
+def test_a_tap_added_to_a_file_is_checked_too(model, faces8, tmp_path):
+    """Adding a tap fills the rows already stored (FeatureStore.fill): an overflow there stops too, and the
+    float32 rerun the message asks for works in the same file."""
+    out = tmp_path / "add.h5"
+    extract(faces8, ["calm"], backbone="dlib-age", model=model, out=out, batch_size=4, progress=False)
+    with pytest.raises(FeatlabError, match="tap loud overflows float16"):
+        extract(faces8, ["loud"], backbone="dlib-age", model=model, out=out, batch_size=4, progress=False)
+    with FeatureStore.open_read(out) as s:
+        assert s.nrows == 8 and s.array("loud").nrows == 0 and s.count_nonfinite("calm") == (0, None)
+    rep = extract(faces8, ["loud"], backbone="dlib-age", model=model, out=out, batch_size=4, dtype="float32",
+                  progress=False)
+    assert rep.filled == {"loud": 8} and rep.rows_added == 0
+    with FeatureStore.open_read(out) as s:
+        assert s.array("loud").atom.dtype == np.float32 and s.array("calm").atom.dtype == np.float16
+        np.testing.assert_array_equal(s.read("loud"), _expected(read_manifest(faces8)["path"].tolist(), LOUD))
+    _all_finite(out)
+
+
 def test_non_finite_values_from_the_backbone_stop_the_run(model, faces8, tmp_path):
     out = tmp_path / "nan.h5"
     with pytest.raises(FeatlabError) as e:

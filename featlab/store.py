@@ -48,7 +48,6 @@ from .errors import FeatlabError
 
 PATH_BYTES = 1024
 GROUP_BYTES = 64
-F16_MAX = 65504.0
 CHUNK_BYTES = 1 << 20  # target chunk size of the tap arrays (bench/storage.py measures others)
 READ_BLOCK_BYTES = 4 << 20  # FeatureStore.read converts this much stored data at a time
 
@@ -74,7 +73,6 @@ def _label_description():
         "age_low": tb.Float32Col(pos=8, dflt=np.nan),
         "age_high": tb.Float32Col(pos=9, dflt=np.nan),
     }
-
 
 
 def _skipped_description():

@@ -7,7 +7,6 @@ import shlex
 import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from featlab import manifest as manifest_mod
@@ -66,9 +65,8 @@ def test_reprepared_manifest_is_refused_then_resynced_without_the_backbone(work,
     assert moved > 50  # another seed moves many faces to another split
     write_manifest(new, m)
 
-    with FeatureStore.open_read(out) as s:
-        with pytest.raises(FeatlabError) as e:
-            s.check_labels_current()
+    with FeatureStore.open_read(out) as s, pytest.raises(FeatlabError) as e:
+        s.check_labels_current()
     msg = str(e.value)
     assert "\n" not in msg and "labels are stale (manifest" in msg and "changed since extraction" in msg
     cmd = msg.split("run `", 1)[1].split("`", 1)[0]

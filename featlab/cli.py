@@ -226,6 +226,13 @@ def info(features: Path = typer.Argument(..., help="features .h5 file")):
         a = s.attrs
         _echo(f"{features}: {s.nrows:,} faces, backbone {a.get('backbone')}, model sha256 {str(a.get('model_sha256'))[:16]}…")
         _echo(f"  dataset {a.get('dataset')}  flip {a.get('flip')}  align {a.get('align')}  featlab {a.get('featlab_version')}")
+        if a.get("manifest"):
+            try:
+                s.check_labels_current()
+                state = "labels current" if Path(a["manifest"]).is_file() else "file gone: labels as extracted"
+            except FeatlabError:
+                state = f"labels STALE: re-sync with `{s.resync_command()}`"
+            _echo(f"  manifest {a['manifest']} ({state})")
         for k, t in s.tap_info().items():
             arr = s.array(k)
             if "nonfinite" in t and int(t.get("checked_rows", 0)) >= arr.nrows:

@@ -72,10 +72,13 @@ def test_reprepared_manifest_is_refused_then_resynced_without_the_backbone(work,
     cmd = msg.split("run `", 1)[1].split("`", 1)[0]
     assert cmd.startswith("featlab extract ") and f"-l {TAP}" in cmd
 
-    # the command the message gives does it, and runs no backbone
-    _no_backbone(monkeypatch)
     from featlab.cli import main
 
+    assert main(["info", str(out)]) == 0
+    assert "(labels STALE: re-sync with `featlab extract" in " ".join(capsys.readouterr().out.split())
+
+    # the command the message gives does it, and runs no backbone
+    _no_backbone(monkeypatch)
     assert main(shlex.split(cmd)[1:] + ["--quiet"]) == 0
     said = capsys.readouterr().out
     assert f"labels of {moved + 1:,} stored rows re-synced" in said  # the moved rows and the corrected age
@@ -91,6 +94,8 @@ def test_reprepared_manifest_is_refused_then_resynced_without_the_backbone(work,
     np.testing.assert_array_equal(lab["age"].to_numpy(), want.loc[lab["image_id"], "age"].to_numpy())
     assert lab.loc[lab["image_id"] == new["image_id"].iloc[3], "age"].item() == 61.0
 
+    assert main(["info", str(out)]) == 0
+    assert "(labels current)" in capsys.readouterr().out
     rep = extract(m, [TAP], backbone="dlib-age", out=out, progress=False)  # nothing left to do
     assert rep.rows_added == 0 and rep.labels_resynced == 0 and rep.rows_not_in_manifest == 0
 

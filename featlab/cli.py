@@ -208,6 +208,11 @@ def extract(
           f"in {rep.seconds:.1f} s, {rep.images_per_s:,.0f} images/s on {rep.provider}")
     for k, v in rep.filled.items():
         _echo(f"  added tap {k} for {v:,} existing rows")
+    if rep.labels_resynced:
+        _echo(f"  labels of {rep.labels_resynced:,} stored rows re-synced from the manifest (no backbone run)")
+    if rep.rows_not_in_manifest:
+        _echo(f"  {rep.rows_not_in_manifest:,} stored rows are no longer in the manifest: kept, out of every split "
+              "(split '', fold -1)")
     for why, n in sorted(rep.skip_reasons.items(), key=lambda kv: -kv[1]):
         _echo(f"  skipped {n:,}: {why}")
 
@@ -225,9 +230,20 @@ def info(features: Path = typer.Argument(..., help="features .h5 file")):
 
         for line in describe_import(a):
             _echo(line)
+        if a.get("manifest"):
+            try:
+                s.check_labels_current()
+                state = "labels current" if Path(a["manifest"]).is_file() else "file gone: labels as extracted"
+            except FeatlabError:
+                state = f"labels STALE: re-sync with `{s.resync_command()}`"
+            _echo(f"  manifest {a['manifest']} ({state})")
         for k, t in s.tap_info().items():
             arr = s.array(k)
-            _echo(f"  tap {k:28s} {'x'.join(map(str, t['shape'])):>12s} {t['dtype']:8s} rows {arr.nrows:,}")
+            if "nonfinite" in t and int(t.get("checked_rows", 0)) >= arr.nrows:
+                finite = f"nonfinite {t['nonfinite']:,}"
+            else:  # a file from before the check: counted when it is next extracted into
+                finite = f"nonfinite ? ({arr.nrows - int(t.get('checked_rows', 0)):,} rows unchecked)"
+            _echo(f"  tap {k:28s} {'x'.join(map(str, t['shape'])):>12s} {t['dtype']:8s} rows {arr.nrows:,}  {finite}")
         sk = s.skipped()
         if len(sk):
             _echo(f"  skipped {len(sk):,}:")

@@ -8,6 +8,12 @@ threads) is decided by :func:`plan_workers`, from measurements in
 ``bench/RESULTS.md``. Pooling (``@avg``/``@max``), the cast to float16 and the
 input normalisation run inside the ONNX graph (on the GPU when there is one).
 
+Labels follow the manifest: a rerun on a re-prepared manifest rewrites the
+labels of the rows already stored (by image id) without running the backbone
+for them. Nothing non-finite is stored: a batch with inf or nan in a tap (a
+float16 overflow, or the backbone's own nan) stops the run with one line
+before any of it is written (:meth:`featlab.store.FeatureStore.append`).
+
 Every batch is committed to the HDF5 store (taps, labels, skipped images,
 one flush), in order, so an interrupted run, even by ``kill -9``, resumes
 where it stopped: rows already stored or skipped are recognised by image id
@@ -50,6 +56,8 @@ class ExtractReport:
     skip_reasons: dict = field(default_factory=dict)
     setup_seconds: float = 0.0  # opening the model, session and file, before the first batch
     plan: dict = field(default_factory=dict)  # workers, prep, threads, batch_size used
+    labels_resynced: int = 0  # stored rows whose labels were rewritten from a changed manifest
+    rows_not_in_manifest: int = 0  # stored rows whose image left the manifest: kept, split '' and fold -1
 
     @property
     def images_per_s(self) -> float:
@@ -313,7 +321,9 @@ def extract(
     """
     t0 = time.perf_counter()
     manifest = Path(manifest)
+    manifest_sha = file_sha256(manifest) if manifest.is_file() else None
     df = read_manifest(manifest)
+    all_rows = df
     if limit:
         df = df.iloc[: int(limit)]
     dataset = dataset_name(manifest)
@@ -340,8 +350,11 @@ def extract(
         store.set_attr("model_path", str(bb.model_path))
         store.set_attr("featlab_version", __version__)
         store.set_attr("dataset", dataset)
+        # labels of rows already stored follow the manifest (a re-prepared split, corrected ages): rewritten by
+        # image id, taps untouched; then the file records the manifest its labels now come from
+        report.labels_resynced, report.rows_not_in_manifest = store.sync_labels(all_rows)
         store.set_attr("manifest", str(manifest.resolve()))
-        store.set_attr("manifest_sha256", file_sha256(manifest))
+        store.set_attr("manifest_sha256", manifest_sha)
         want = {store.resolve_key(k) or k: v for k, v in want.items()}  # another name of a stored tap
         for key, (tap, kind, grid) in want.items():
             store.ensure_array(key, pooled_shape(tap.shape, kind, grid), dtype=dtype, compression=compression,

@@ -79,6 +79,7 @@ def score_rows(model, cfg: dict, store: FeatureStore, rows: np.ndarray, labels=N
     from .model import predict_rows
 
     labels = store.labels() if labels is None else labels
+    store.check_finite(cfg["tap"], rows)
     target, cats = cfg["target"], cfg.get("cats")
     y_all, _ = encode_target(labels, target, cats)
     pred = predict_rows(model, cfg, store, rows)
@@ -253,6 +254,7 @@ def evaluate_head(head_dir, features=None, split: str | None = None, out_dir=Non
     other = _resolved(path) != _resolved(trained_on)
     with FeatureStore.open_read(path) as store:
         check_compatible(store, cfg)
+        store.check_labels_current()
         labels = store.labels()
         y_all, valid = encode_target(labels, cfg["target"], cfg.get("cats"))
         if other and split is None:

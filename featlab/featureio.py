@@ -4,7 +4,7 @@ Everything here works on a :class:`featlab.store.FeatureStore` and numpy; no Ten
 
 - :func:`read_blocks`: sorted row groups of at most ``budget`` bytes (as float32).
 - :func:`feature_stats`: mean and std of the (pooled, flattened) features over some rows, in blocks,
-  refusing non-finite values with one line.
+
 - :class:`ShuffledBatches`: batches of a split read from the file when it does not fit in memory. Every
   epoch draws a fresh permutation of all the split's rows (a shuffle across the whole train set, as in
   memory), reads it in blocks that fit the budget, and cuts each block into batches; validation reads
@@ -40,16 +40,6 @@ def read_blocks(rows, store: FeatureStore, key: str, budget_bytes: int = 256 << 
         yield rows[i : i + per]
 
 
-def check_finite(x: np.ndarray, key: str, rows=None, where: str = "") -> None:
-    """Refuse a block holding inf/NaN, naming the tap and the first bad row."""
-    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        row = int(rows[i]) if rows is not None else i
-        raise FeatlabError(f"tap {key}{where} holds non-finite values (first at row {row}): a float16 tap that "
-                           "overflowed? extract it again with --dtype float32")
-
-
 def feature_stats(store: FeatureStore, key: str, rows: np.ndarray, pool=None, x=None,
                   budget_bytes: int = 256 << 20) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of the pooled, flattened features over ``rows``, read in blocks of about
@@ -63,7 +53,6 @@ def feature_stats(store: FeatureStore, key: str, rows: np.ndarray, pool=None, x=
     else:
         blocks = ((store.read(key, r), r) for r in read_blocks(rows, store, key, budget_bytes // 3))
     for b, r in blocks:
-        check_finite(b, key, r)
         b = pool_np(b, pool).reshape(len(b), -1).astype(np.float64)
         if s is None:
             s, s2 = np.zeros(b.shape[1]), np.zeros(b.shape[1])
@@ -117,7 +106,6 @@ class ShuffledBatches:
         if self._cached[0] != b:
             pos = self.order[b * self.block : (b + 1) * self.block]
             x = self.store.read(self.key, self.rows[pos])  # store.read sorts for the read, returns in this order
-            check_finite(x, self.key, self.rows[pos])
             self.reads += 1
             self.rows_read += len(pos)
             self._cached = (b, (x, pos))

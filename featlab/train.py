@@ -27,7 +27,7 @@ import numpy as np
 from . import __version__
 from .bins import get_scheme
 from .errors import FeatlabError
-from .featureio import ShuffledBatches, check_finite, feature_stats, row_bytes
+from .featureio import ShuffledBatches, feature_stats, row_bytes
 from .keras_env import keras as _keras
 from .labels import (TARGETS, class_names, class_weights, dropped_reasons, encode_target, make_targets,
                      soft_bin_labels, split_rows, target_name, to_years_np)
@@ -157,6 +157,7 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
     hkey = head_key(key, pool, tap_shape, ident["dtype"])
     out = head_dir(backbone, dataset_key(ident), hkey, tname, fold, seed if seed_dir else None, out_root)
 
+    store.check_labels_current()
     labels = store.labels()
     y_all, valid = encode_target(labels, target, cats)
     dropped = int((~valid).sum())
@@ -165,6 +166,8 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
                            f"({', '.join(f'{v:,} {k}' for k, v in dropped_reasons(labels, target, valid).items())})")
     sp = split_rows(labels, valid, fold, seed, val_share)
     tr, va, te = sp["train"], sp["val"], sp["test"]
+    for rows in (tr, va, te):
+        store.check_finite(key, rows)  # heads never learn from, or are scored on, inf/NaN
     n_classes = get_scheme(cats).n if target == "bins" else (2 if target == "gender" else 1)
     names = class_names(target, cats)
     if target != "age" and len(set(y_all[tr].tolist())) < 2:
@@ -287,9 +290,7 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
         val_data = keras_batches(ShuffledBatches(store, key, va, y_va, None, max(batch_size, 1024), False, seed,
                                                  block_budget))
     else:
-        x_va = store.read(key, va)
-        check_finite(x_va, key, va)
-        val_data = (x_va, y_va)
+        val_data = (store.read(key, va), y_va)
     t_fit = time.perf_counter()
     with warnings.catch_warnings():
         # Keras 3.15 + TF 2.21 + numpy 2.4: np.array(EagerTensor) inside fit warns about `copy`; not ours

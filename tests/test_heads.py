@@ -265,3 +265,52 @@ def test_bad_requests(feats, tmp_path):
         train_head(feats, "nope", "age", out_root=tmp_path)
     with pytest.raises(FeatlabError, match="target"):
         train_head(feats, "vec", "height", out_root=tmp_path)
+
+
+def test_training_never_reads_a_test_row_and_standardises_on_train_only(feats, tmp_path, monkeypatch):
+    """Spy on every read of the tap and on the statistics: fitting a head touches train and val rows only,
+    and the standardisation is computed from exactly the train rows."""
+    import featlab.train as T
+    from featlab.labels import encode_target, split_rows
+
+    reads, stats = [], []
+    real_read, real_stats = FeatureStore.read, T.feature_stats
+
+    def spy_read(self, key, rows=None, dtype=np.float32):
+        reads.append(np.arange(self.nrows) if rows is None else np.asarray(rows).ravel())
+        return real_read(self, key, rows, dtype)
+
+    def spy_stats(store, key, rows, *a, **k):
+        stats.append(np.asarray(rows))
+        return real_stats(store, key, rows, *a, **k)
+
+    monkeypatch.setattr(FeatureStore, "read", spy_read)
+    monkeypatch.setattr(T, "feature_stats", spy_stats)
+    d = T.fit_head(feats, "vec", "gender", out_root=tmp_path, **FAST)
+    with FeatureStore.open_read(feats) as s:
+        lab = s.labels()
+    _, valid = encode_target(lab, "gender")
+    sp = split_rows(lab, valid)
+    touched = np.unique(np.concatenate(reads))
+    assert not np.intersect1d(touched, sp["test"]).size
+    assert len(stats) == 1 and np.array_equal(np.sort(stats[0]), sp["train"])
+    z = np.load(d / "standardisation.npz")
+    with FeatureStore.open_read(feats) as s:
+        x = real_read(s, "vec", sp["train"])
+    np.testing.assert_allclose(z["mean"], x.mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_features_and_stale_labels_are_refused(tmp_path):
+    from featlab.workflow import train_head
+
+    f = make_features(tmp_path / "bad.h5", n=300, seed=4)
+    with FeatureStore.open_for_append(f, {"backbone": "synthetic", "model_sha256": SHA}) as st:
+        arr = st.array("vec")
+        row = arr[17]
+        row[3] = np.inf
+        arr[17] = row
+        info = st.tap_info()
+        info["vec"].pop("checked_rows", None)  # as a file written before the check
+        st.set_attr("taps", info)
+    with pytest.raises(FeatlabError, match=r"vec.*(non-finite|inf|nan)"):
+        train_head(f, "vec", "gender", out_root=tmp_path / "r", **FAST)

@@ -16,9 +16,15 @@ from featlab.extract import extract
 from featlab.store import FeatureStore
 
 
-def test_extract_all_8000_faces_with_dlib_age(utk_manifest, tmp_path):
-    out = tmp_path / "utkface.h5"
+@pytest.fixture(scope="module")
+def all_faces(utk_manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("real") / "utkface.h5"
     rep = extract(utk_manifest, ["res4", "res5"], backbone="dlib-age", out=out, progress=False)
+    return out, rep
+
+
+def test_extract_all_8000_faces_with_dlib_age(all_faces):
+    out, rep = all_faces
     assert rep.rows_total == 8000 and rep.skipped_added == 0
     with FeatureStore.open_read(out) as s:
         assert s.array("res4").shape == (8000, 256, 3, 3) and s.array("res5").shape == (8000, 256, 3, 3)
@@ -27,6 +33,25 @@ def test_extract_all_8000_faces_with_dlib_age(utk_manifest, tmp_path):
         assert dict(lab["split"].value_counts()) == {"train": 5600, "test": 1602, "val": 798}
         x = s.read("res5", slice(0, 500))
         assert np.isfinite(x).all() and x.std() > 0.01
+
+
+def test_streamed_training_matches_in_memory_on_an_age_sorted_file(all_faces, tmp_path):
+    """UTKFace's manifest is sorted by file name, i.e. by age: a stream that only shuffled within file chunks
+    would see one age range after another. Streamed with a tiny budget, the head must score like in memory."""
+    from featlab.workflow import train_head
+
+    out, _ = all_faces
+    with FeatureStore.open_read(out) as s:
+        age = s.labels()["age"].to_numpy()
+    assert np.corrcoef(np.arange(len(age))[:4000], age[:4000])[0, 1] > 0.3  # the file really is age-sorted
+    kw = dict(epochs=25, patience=5, verbose=0, baselines=False, seed=1)
+    mem = train_head(out, "res5", "bins", 5, out_root=tmp_path / "mem", **kw)
+    st = train_head(out, "res5", "bins", 5, out_root=tmp_path / "stream", memory_mb=4, **kw)
+    cfg = json.loads((st / "config.json").read_text())
+    assert cfg["data_loading"].startswith("streamed")
+    a = json.loads((mem / "metrics.json").read_text())["test"]["metrics"]["accuracy"]
+    b = json.loads((st / "metrics.json").read_text())["test"]["metrics"]["accuracy"]
+    assert abs(a - b) < 0.015, (a, b)
 
 
 @pytest.mark.slow
@@ -39,7 +64,7 @@ def test_heads_beat_the_zero_shot_dlib_nets(utk_manifest, tmp_path, monkeypatch)
     got = {}
     for target, cats in (("age", None), ("bins", 8), ("gender", None)):
         d = train_head(rep.out, "res14", target, cats, verbose=0)
-        got[target] = json.loads((d / "metrics.json").read_text())["metrics"]
+        got[target] = json.loads((d / "metrics.json").read_text())["test"]["metrics"]
     assert got["age"]["mae"] < 6.2
     assert got["bins"]["accuracy"] > 0.60
     assert got["gender"]["accuracy"] > 0.92

@@ -264,6 +264,8 @@ class _Infer:
         return stored_features(self.runner, chips, self.keys, self.flip)
 
     def __call__(self, batch: dict) -> dict:
+        from .store import pooled_shape
+
         reasons = [str(r) for r in batch["reason"]]
         paths = [str(p) for p in batch["path"]]
         ok = [i for i, r in enumerate(reasons) if not r]
@@ -281,20 +283,15 @@ class _Infer:
                 ok = [i for i in ok if not reasons[i]]
         n = len(reasons)
         out = {"row": np.asarray(batch["row"], dtype=np.int64), "reason": np.asarray(reasons, dtype=object)}
-        for k in self.keys:
-            if feats is not None and k in feats:
+        for k, (tap, kind, grid) in self.keys.items():
+            # one row per item of the batch (a block's columns are all as long); skipped items' rows are zeros
+            # that the driver drops
+            if feats is not None:
                 x = np.asarray(feats[k])
-                full = np.zeros((n, *x.shape[1:]), dtype=x.dtype)
-                full[ok] = x
+                out[k] = np.zeros((n, *x.shape[1:]), dtype=x.dtype)
+                out[k][ok] = x
             else:
-                continue
-            out[k] = full
-        if not ok:  # nothing computed: zero rows of the right width are still needed for a uniform block
-            for k, (tap, kind, grid) in self.keys.items():
-                from .store import pooled_shape
-
-                dtype = np.float16 if (self.runner.outputs.get(k, (None,) * 4)[3] == "float16") else np.float32
-                out[k] = np.zeros((n, *pooled_shape(tap.shape, kind, grid)), dtype=dtype)
+                out[k] = np.zeros((n, *pooled_shape(tap.shape, kind, grid)), dtype=np.float32)
         return out
 
     def _one_by_one(self, chips, paths, ok, reasons) -> dict[str, np.ndarray] | None:

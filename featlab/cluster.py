@@ -51,6 +51,7 @@ from .errors import FeatlabError
 
 INSTALL_HINT = "pip install 'featlab[ray]'  (or: pip install 'ray[data]')"
 TEST_FAIL_PATH = "FEATLAB_TEST_FAIL_PATH"  # test hook: inference raises on any batch holding a path containing this
+TEST_DIE_ONCE = "FEATLAB_TEST_DIE_ONCE"  # test hook: the first worker to get a batch creates this file and dies
 
 
 def ray_installed() -> bool:
@@ -163,7 +164,8 @@ class RayPlan:
                             compute=ActorPoolStrategy(size=self.workers), num_cpus=actor_cpus, num_gpus=gpus or None,
                             fn_constructor_kwargs={"bb": light, "model": ray.put(model), "keys": keys,
                                                    "outputs": outputs, "flip": flip, "threads": threads,
-                                                   "gpu": bool(gpus), "fail_path": os.environ.get(TEST_FAIL_PATH)})
+                                                   "gpu": bool(gpus), "fail_path": os.environ.get(TEST_FAIL_PATH),
+                                                   "die_once": os.environ.get(TEST_DIE_ONCE)})
         expected = 0
         try:
             for b in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
@@ -231,7 +233,7 @@ class _Infer:
     """Ray actor: one onnxruntime session; a batch of chips -> the stored rows of every key."""
 
     def __init__(self, bb, model, keys: dict, outputs: dict | None, flip: bool, threads: int, gpu: bool,
-                 fail_path: str | None = None):
+                 fail_path: str | None = None, die_once: str | None = None):
         import onnx
         import onnxruntime as ort
 
@@ -254,7 +256,7 @@ class _Infer:
         self.keys, self.flip = keys, flip
         tap_list = [t for t, _, _ in keys.values()]
         self.runner = Runner(bb, tap_list, providers, threads, spinning=bool(gpu), outputs=outputs, uint8_input=True)
-        self.fail_path = fail_path or None  # test hook, read from the driver's environment
+        self.fail_path, self.die_once = fail_path or None, die_once or None  # test hooks, from the driver's environment
 
     def _features(self, chips: np.ndarray, paths: list[str]) -> dict[str, np.ndarray]:
         from .extract import stored_features
@@ -265,6 +267,15 @@ class _Infer:
 
     def __call__(self, batch: dict) -> dict:
         from .store import pooled_shape
+
+        if self.die_once:
+            try:
+                with open(self.die_once, "x"):
+                    pass
+            except FileExistsError:
+                pass
+            else:
+                os._exit(17)  # the process dies in the middle of a batch, as on a crash or a lost node
 
         reasons = [str(r) for r in batch["reason"]]
         paths = [str(p) for p in batch["path"]]

@@ -24,7 +24,7 @@ from featlab.store import FeatureStore
 pytest.importorskip("ray")
 pytest.importorskip("pyarrow")
 
-from featlab.cluster import TEST_FAIL_PATH, RayPlan  # noqa: E402
+from featlab.cluster import TEST_DIE_ONCE, TEST_FAIL_PATH, RayPlan  # noqa: E402
 
 TAPS = ["res4", "res5@avg"]
 N_FACES = 400
@@ -145,6 +145,19 @@ def test_worker_raising_on_a_batch_skips_only_that_image(manifest, reference, ra
     sk, _ = _assert_same_file(out, reference, missing={victim["image_id"]})  # its 31 batch mates are all there
     row = sk[sk["image_id"] == victim["image_id"]]
     assert len(row) == 1 and row["reason"].iloc[0].startswith("inference failed: RuntimeError: test hook")
+
+
+def test_worker_process_dying_is_restarted_and_its_batch_redone(manifest, reference, ray_address, tmp_path,
+                                                                monkeypatch):
+    flag = tmp_path / "died"
+    monkeypatch.setenv(TEST_DIE_ONCE, str(flag))
+    out = tmp_path / "died.h5"
+    rep = extract(manifest, TAPS, backbone="dlib-age", out=out, batch_size=BATCH, progress=False,
+                  cluster=RayPlan(workers=2))
+    assert flag.exists()  # a worker did die
+    assert rep.rows_total == N_FACES and rep.skipped_added == 4
+    sk, sk_ref = _assert_same_file(out, reference)
+    pd.testing.assert_frame_equal(sk, sk_ref)
 
 
 def test_gpus_asked_of_a_cluster_without_any(manifest, ray_address, tmp_path):

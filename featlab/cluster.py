@@ -111,7 +111,7 @@ class RayPlan:
     def _init(self, ray) -> bool:
         from .extract import cpu_count
 
-        kw = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        kw = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
         if ray.is_initialized():
             return False
         try:

@@ -215,7 +215,9 @@ def extract(
         raise FeatlabError(f"--compression must be one of {', '.join(COMPRESSION)}")
     rep = run_extract(manifest, list(layer or []), backbone=backbone, model=model or _cfg("models", backbone), out=out,
                       align=align, flip=flip, pool=pool, dtype=dtype, compression=compression, batch_size=batch_size,
-                      workers=workers, limit=limit, progress=not quiet, cluster=cluster)
+                      workers=workers, limit=limit, progress=not quiet, cluster=cluster,
+                      # with --ray the driver's own session only adds a tap to old rows: keep it off the workers' GPUs
+                      providers=["CPUExecutionProvider"] if cluster else None)
     _echo(f"{rep.out}: {rep.rows_total:,} faces ({rep.rows_added:,} new, {rep.skipped_added:,} skipped) "
           f"in {rep.seconds:.1f} s, {rep.images_per_s:,.0f} images/s on {rep.provider}")
     for k, v in rep.filled.items():

@@ -186,11 +186,23 @@ def extract(
     dtype: str = typer.Option("float16", "--dtype", help="float16 or float32"),
     compression: str = typer.Option("none", "--compression", help="none, lz4, zstd, blosclz"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="decode/align threads"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="decode/align threads; with --ray: Ray workers, one backbone session each [2]"),
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N manifest rows"),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
+                                      help="run the batches on Ray: alone, a local runtime; with ADDRESS, join that cluster (needs featlab[ray])"),
+    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="with --ray: GPUs per worker (0: CPU)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Run a frozen backbone over a manifest once, writing every requested tap to one HDF5 file (resumable)."""
+    cluster = None
+    if ray is not None:
+        from .cluster import RayPlan, require_ray
+
+        require_ray()
+        cluster = RayPlan(address=ray, workers=2 if workers is None else workers, gpus_per_worker=gpus_per_worker)
+        workers = None  # the local decode/align workers keep their default (only used to add a tap to old rows)
+    elif gpus_per_worker:
+        raise FeatlabError("--gpus-per-worker needs --ray")
     from .extract import extract as run_extract
 
     manifest = Path(_need(manifest or _cfg("paths", "manifest"), "--manifest", "pass --manifest M.csv or set [paths].manifest in featlab.toml"))
@@ -203,7 +215,9 @@ def extract(
         raise FeatlabError(f"--compression must be one of {', '.join(COMPRESSION)}")
     rep = run_extract(manifest, list(layer or []), backbone=backbone, model=model or _cfg("models", backbone), out=out,
                       align=align, flip=flip, pool=pool, dtype=dtype, compression=compression, batch_size=batch_size,
-                      workers=workers, limit=limit, progress=not quiet)
+                      workers=workers, limit=limit, progress=not quiet, cluster=cluster,
+                      # with --ray the driver's own session only adds a tap to old rows: keep it off the workers' GPUs
+                      providers=["CPUExecutionProvider"] if cluster else None)
     _echo(f"{rep.out}: {rep.rows_total:,} faces ({rep.rows_added:,} new, {rep.skipped_added:,} skipped) "
           f"in {rep.seconds:.1f} s, {rep.images_per_s:,.0f} images/s on {rep.provider}")
     for k, v in rep.filled.items():
@@ -450,8 +464,21 @@ def _root(ctx: typer.Context, version: bool = typer.Option(False, "--version", h
         _echo(ctx.get_help())
 
 
+def _optional_values(argv: list[str]) -> list[str]:
+    """``--ray`` takes an optional ADDRESS (click has no optional option values): alone, it means ``local``."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--":
+            break
+        if a == "--ray" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out.insert(i + 1, "local")
+            break
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; a FeatlabError becomes one red line on stderr and exit status 2."""
+    argv = _optional_values(sys.argv[1:] if argv is None else argv)
     try:
         app(args=argv, prog_name="featlab")  # standalone: usage errors print and exit 2
     except FeatlabError as e:

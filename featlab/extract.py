@@ -312,12 +312,14 @@ def extract(
     progress: bool = True,
     prep: str = "auto",
     providers: list[str] | None = None,
+    cluster=None,
 ) -> ExtractReport:
     """Extract ``layers`` of ``backbone`` for every image of ``manifest`` into ``out`` (resumable).
 
     ``workers``/``prep``: decode/align workers and whether they are threads or
     processes; ``threads``: onnxruntime intra-op threads (0: all cores). The
-    defaults come from :func:`plan_workers`.
+    defaults come from :func:`plan_workers`. ``cluster`` (a :class:`featlab.cluster.RayPlan`): the batches
+    run on Ray instead, and their rows are committed here, through the same write path.
     """
     t0 = time.perf_counter()
     manifest = Path(manifest)
@@ -379,7 +381,7 @@ def extract(
         todo = df[~df["image_id"].isin(done)].drop_duplicates("image_id")
         paths = todo["path"].tolist()
         records = todo.to_dict("records")
-        if runner.provider != "CPUExecutionProvider":
+        if runner.provider != "CPUExecutionProvider" and cluster is None:
             # a GPU picks its convolution algorithms on the first batch of a shape: do it here, in the set-up
             stored_features(runner, np.zeros((batch_size, geometry.size, geometry.size, 3), np.uint8), all_keys, flip)
         report.setup_seconds = time.perf_counter() - t0
@@ -389,7 +391,7 @@ def extract(
                        enabled=plan["tune"] and len(paths) >= 12 * batch_size)
         with _progress(progress, len(paths), f"extract {backbone} -> {out.name}") as bar, \
                 _Committer(store, report, bar) as commit:
-            for start, results in _batches(paths, batch_size, geometry, align, workers, prep=prep):
+            for start, results in (() if cluster is not None else _batches(paths, batch_size, geometry, align, workers, prep=prep)):
                 ok = [i for i, (chip, _) in enumerate(results) if chip is not None]
                 skipped = []
                 for i, (chip, why) in enumerate(results):
@@ -403,6 +405,9 @@ def extract(
                     feats = stored_features(tuner.runner, chips, all_keys, flip)
                 commit(feats, [label_row(records[start + i]) for i in ok], skipped, len(results))
                 tuner.tick(len(results))
+            if cluster is not None:  # featlab.cluster: batches computed by Ray workers, committed here in order
+                for block in cluster.blocks(bb, records, all_keys, outputs, geometry, align, flip, batch_size, report):
+                    commit(*block)
         if tuner.rates:
             report.plan["tuning"] = {k: round(v, 1) for k, v in tuner.rates.items()}
             report.plan["threads"] = split_threads if tuner.chose == "split" else 0

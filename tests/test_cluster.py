@@ -80,6 +80,8 @@ def _assert_same_file(got: Path, ref: Path, missing: set[str] = frozenset()):
             np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-3)  # float16: ~3 significant digits
         attrs_a = {k: v for k, v in a.attrs.items()}
         attrs_b = {k: v for k, v in b.attrs.items()}
+        for k in TAPS:  # every stored row was checked for non-finite values, however many rows each file has
+            assert attrs_a["taps"][k].pop("checked_rows") == a.nrows and attrs_b["taps"][k].pop("checked_rows") == b.nrows
         assert attrs_a == attrs_b  # backbone, model sha256, preprocessing, taps, manifest, config...
         return a.skipped(), b.skipped()
 

@@ -66,7 +66,8 @@ def to_frame(rows: list[dict]):
 
     df = pd.DataFrame(rows, columns=COLUMNS)
     for c in TEXT_COLUMNS:
-        df[c] = df[c].fillna("").astype(str)
+        col = df[c].astype(object)
+        df[c] = col.where(col.notna(), "").astype(str)
     df["fold"] = pd.to_numeric(df["fold"], errors="coerce").astype("Int64")
     return _age_columns(df)
 

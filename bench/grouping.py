@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
 AGE_GROUPS = ((0, 2), (3, 12), (13, 19), (20, 39), (40, 59), (60, 200))
 RULES = [("single", t) for t in (0.25, 0.3, 0.35, 0.4, 0.6)] + \
@@ -45,7 +45,7 @@ def mirrored_recrop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = image.shape[:2]
     flipped = image[:, ::-1]
     s = rng.uniform(0.90, 0.97)
-    ch, cw = int(round(h * s)), int(round(w * s))
+    ch, cw = round(h * s), round(w * s)
     y0 = int(np.clip((h - ch) // 2 + rng.integers(-6, 7), 0, h - ch))
     x0 = int(np.clip((w - cw) // 2 + rng.integers(-6, 7), 0, w - cw))
     crop = flipped[y0 : y0 + ch, x0 : x0 + cw]
@@ -148,8 +148,8 @@ def main(argv=None):
     ag = np.full(n, -1)
     for k, (lo, hi) in enumerate(AGE_GROUPS):
         ag[(age >= lo) & (age <= hi)] = k
-    out = [f"{n:,} real UTKFace faces (utkface-dev), {len(copy_idx):,} mirrored + re-cropped copies "
-           f"(every {args.copy_every}th face)"]
+    out = [(f"{n:,} real UTKFace faces (utkface-dev), {len(copy_idx):,} mirrored + re-cropped copies "
+            f"(every {args.copy_every}th face)")]
     if t_faces:
         out.append(f"signals: {t_faces:.0f} s for {n:,} faces ({n / t_faces:.0f} faces/s)")
     out.append("")
@@ -165,7 +165,7 @@ def main(argv=None):
     rows = []
     for k, (lo, hi) in enumerate(AGE_GROUPS):
         c, r = ag[copy_idx] == k, ag[ri] == k
-        p = lambda a, q: f"{np.percentile(a, q):.3f}"  # noqa: E731
+        p = lambda a, q: f"{np.percentile(a, q):.3f}"
         rows.append([f"{lo}-{hi}" if hi < 200 else f"{lo}+", f"{int((ag == k).sum()):,}",
                      f"{p(cd[c], 50)} / {p(cd[c], 95)} / {cd[c].max():.3f}",
                      f"{p(rd[r], 0.1)} / {p(rd[r], 1)} / {p(rd[r], 50)}",

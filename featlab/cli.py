@@ -76,7 +76,11 @@ def prepare(
     root = Path(_need(root or _cfg("data", dataset), "--root", f"pass --root DIR or set [data].{dataset} in featlab.toml"))
     opts = {"face_score_min": face_score_min, "path_col": path_col, "age_col": age_col, "gender_col": gender_col,
             "race_col": race_col, "split_col": split_col, "group_col": group_col}
-    df, res = prepare_dataset(dataset, root, seed=seed, group_by_face=group_by_face, **opts)
+    progress = None
+    if group_by_face and sys.stderr.isatty():
+        def progress(done: int, total: int) -> None:
+            typer.echo(f"\r  embedding faces {done:,}/{total:,}", err=True, nl=done >= total)
+    df, res = prepare_dataset(dataset, root, seed=seed, group_by_face=group_by_face, progress=progress, **opts)
     from . import config
 
     out = out or config.features_dir() / "manifests" / f"{dataset}.csv"

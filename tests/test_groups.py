@@ -14,7 +14,14 @@ from featlab.bins import SCHEMES
 from featlab.cli import main
 from featlab.datasets import prepare_dataset
 from featlab.errors import FeatlabError
-from featlab.manifest import COLUMNS, assign_splits, hold_out_groups, read_manifest, to_frame, write_manifest
+from featlab.manifest import (
+    COLUMNS,
+    assign_splits,
+    hold_out_groups,
+    read_manifest,
+    to_frame,
+    write_manifest,
+)
 
 _JPEG: bytes | None = None
 
@@ -170,7 +177,7 @@ def test_adience_groups_ranges_and_group_held_out_validation(tmp_path):
     users_tr, users_va = set(train_rows["group"].iloc[tr]), set(train_rows["group"].iloc[va])
     assert users_va and not users_tr & users_va
     assert len(users_va) == 6  # 25 % of the 24 training users
-    tr2, va2 = hold_out_groups(list(train_rows["group"]), 0.25, seed=7)
+    _, va2 = hold_out_groups(list(train_rows["group"]), 0.25, seed=7)
     assert (va2 == va).all()
     _, va3 = hold_out_groups(train_rows, 0.25, seed=8)
     assert set(va3) != set(va)
@@ -180,7 +187,7 @@ def test_hold_out_groups_empty_group_is_a_singleton_and_bad_share():
     groups = ["a", "a", "a", "", "", "", "b", "b"]
     seen = set()
     for seed in range(30):
-        tr, va = hold_out_groups(groups, 0.4, seed)
+        _, va = hold_out_groups(groups, 0.4, seed)
         for g in ("a", "b"):
             sides = {i in set(va) for i, x in enumerate(groups) if x == g}
             assert len(sides) == 1
@@ -216,7 +223,7 @@ def test_assign_range_adience_ranges_and_edges():
     s8, s7, s5 = SCHEMES["8"], SCHEMES["7"], SCHEMES["5"]
     lo = [0, 4, 8, 15, 25, 38, 48, 60, 27, 8, 38]
     hi = [2, 6, 13, 20, 32, 43, 53, 100, 32, 23, 48]
-    names = lambda s, idx: [s.names[i] if i >= 0 else None for i in idx]  # noqa: E731
+    names = lambda s, idx: [s.names[i] if i >= 0 else None for i in idx]
     assert names(s8, s8.assign_range(lo, hi)) == [
         "0-2", "4-6", "8-13", "15-20", "25-32", "38-43", "48-53", "60+", "25-32", None, None]
     # 5 groups (edges 18, 30, 45, 60): (15, 20) and (25, 32) straddle; (38, 43) is inside 30-44

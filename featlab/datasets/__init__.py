@@ -50,13 +50,13 @@ def get_adapter(name: str) -> Callable[..., PrepareResult]:
     return fn
 
 
-def prepare_dataset(name: str, root: Path, *, seed: int = 0, group_by_face: bool = False, **options):
+def prepare_dataset(name: str, root: Path, *, seed: int = 0, group_by_face: bool = False, progress=None, **options):
     """Run adapter ``name`` over ``root``; return (manifest DataFrame, PrepareResult).
 
     Datasets without their own split get a seeded one that never divides a
     ``group``. ``group_by_face``: first give faces groups from what they look
-    like (:func:`featlab.facegroups.group_by_face`); the report lands in
-    ``PrepareResult.face_groups``.
+    like (:func:`featlab.facegroups.group_by_face`, ``progress(done, total)``
+    called per batch of faces); the report lands in ``PrepareResult.face_groups``.
     """
     root = Path(root)
     if not root.exists():
@@ -71,7 +71,8 @@ def prepare_dataset(name: str, root: Path, *, seed: int = 0, group_by_face: bool
     if group_by_face:
         from ..facegroups import group_by_face as _group_by_face
 
-        df, result.face_groups = _group_by_face(df, seed=seed, resplit=not result.has_splits)
+        df, result.face_groups = _group_by_face(df, seed=seed, resplit=not result.has_splits,
+                                                  progress=progress)
     return df, result
 
 

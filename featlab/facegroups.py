@@ -192,7 +192,7 @@ def group_by_face(df, seed: int = 0, resplit: bool = True, model: str | None = N
     """Give ``df`` face groups (and, with ``resplit``, a new split by group); return ``(df, FaceGroupReport)``.
 
     ``df`` is a manifest frame with the split made before grouping (what the
-    report measures). ``embeddings`` skips the backbone (rows in ``df`` order).
+    report measures; rows without a split are compared by ``fold``). ``embeddings`` skips the backbone (rows in ``df`` order).
     """
     from .manifest import assign_splits
 
@@ -223,7 +223,10 @@ def group_by_face(df, seed: int = 0, resplit: bool = True, model: str | None = N
     rep.groups = len(np.unique(labels[multi]))
     rep.grouped_faces = int(multi.sum())
     rep.largest = int(sizes.max()) if len(sizes) else 0
-    before = df["split"].astype(str).to_numpy()
+    # the sides before grouping: the split, or the fold where the dataset has folds (Adience)
+    fold = df["fold"].astype("string").fillna("").to_numpy() if "fold" in df else np.full(len(df), "")
+    before = np.where(df["split"].astype(str).to_numpy() != "", df["split"].astype(str).to_numpy(),
+                      np.char.add("fold", fold.astype(str))).astype(object)
     gi, gj = _pairs_within(labels)
     rep.same_group_pairs = len(gi)
     rep.same_group_across = int(np.sum(before[gi] != before[gj]))

@@ -18,6 +18,17 @@ Schemes map an age in years to a group index:
 
 Fractional ages (IMDB-WIKI's mid-year estimate, ChaLearn's apparent-age
 means) are binned by the same half-open real intervals.
+
+Range labels (Adience's ``(25, 32)``: any age from 25 to 32 years) are binned
+by :meth:`BinScheme.assign_range`: a range gets a group only when both of its
+ends, hence every age between them, fall in that group; otherwise -1 (the
+caller skips the row and counts it). The 8 Adience groups therefore take every
+Adience group range directly ((15, 20) -> 15-20, (60, 100) -> 60+), and also
+stray ranges inside one group ((27, 32) -> 25-32); ranges across groups
+((8, 23), (38, 48)) get -1. With 5 or 7 groups, (0, 2) -> 0-17 / 0-12 and
+(38, 43) -> 30-44, but (15, 20) and (25, 32) straddle 5-group edges (18, 30)
+and (15, 20) the 7-group edge 20: -1. An exact age (low == high) gets what
+:meth:`BinScheme.assign` gives it.
 """
 
 from __future__ import annotations
@@ -54,6 +65,19 @@ class BinScheme:
         if np.any(flat[~np.isnan(flat)] < 0):
             raise ValueError("negative age")
         return out.reshape(a.shape)
+
+    def assign_range(self, low, high) -> np.ndarray:
+        """Group index for each age range [low, high] (years, both included); -1 where it is not inside one group.
+
+        NaN in either bound -> -1; ``low > high`` or a negative bound is a ValueError.
+        """
+        lo = np.asarray(low, dtype=np.float64)
+        hi = np.asarray(high, dtype=np.float64)
+        lo, hi = np.broadcast_arrays(lo, hi)
+        if np.any(lo > hi):  # NaN compares False: those stay -1 below
+            raise ValueError("age range with low > high")
+        a, b = self.assign(lo), self.assign(hi)
+        return np.where(a == b, a, -1).astype(np.int64)
 
     def centre(self) -> np.ndarray:
         """A representative age per group (midpoint of its nominal range; open top: lower + 10)."""

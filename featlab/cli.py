@@ -59,6 +59,9 @@ def prepare(
     gender_col: str = typer.Option("gender", help="csv: column holding genders"),
     race_col: Optional[str] = typer.Option(None, help="csv: column holding race labels"),
     split_col: Optional[str] = typer.Option(None, help="csv: column holding train/val/test (else a seeded split)"),
+    group_col: Optional[str] = typer.Option(None, help="csv: column holding an identity (person, subject) the split must not divide"),
+    group_by_face: bool = typer.Option(False, "--group-by-face", help="group faces by dlib-rec embedding + chip similarity "
+                                       "(near-duplicates, same person and session) and split by group; reports the leaks"),
     show_skipped: int = typer.Option(10, help="how many skipped images to name"),
 ):
     """Turn a dataset on disk into a featlab manifest (one schema for every dataset)."""
@@ -72,8 +75,12 @@ def prepare(
     dataset = _need(dataset, "--dataset", "pass --dataset NAME (see `featlab prepare --list`)")
     root = Path(_need(root or _cfg("data", dataset), "--root", f"pass --root DIR or set [data].{dataset} in featlab.toml"))
     opts = {"face_score_min": face_score_min, "path_col": path_col, "age_col": age_col, "gender_col": gender_col,
-            "race_col": race_col, "split_col": split_col}
-    df, res = prepare_dataset(dataset, root, seed=seed, **opts)
+            "race_col": race_col, "split_col": split_col, "group_col": group_col}
+    progress = None
+    if group_by_face and sys.stderr.isatty():
+        def progress(done: int, total: int) -> None:
+            typer.echo(f"\r  embedding faces {done:,}/{total:,}", err=True, nl=done >= total)
+    df, res = prepare_dataset(dataset, root, seed=seed, group_by_face=group_by_face, progress=progress, **opts)
     from . import config
 
     out = out or config.features_dir() / "manifests" / f"{dataset}.csv"
@@ -81,6 +88,13 @@ def prepare(
     _echo(f"wrote {out}: {len(df):,} rows from {root}")
     if "split" in df and (df["split"] != "").any():
         _echo("  split: " + ", ".join(f"{k} {v:,}" for k, v in df["split"].value_counts().items() if k))
+    if (df["group"] != "").any():
+        sizes = df.loc[df["group"] != "", "group"].value_counts()
+        _echo(f"  groups: {len(sizes):,} (largest {int(sizes.iloc[0]):,} rows; {int(sizes[sizes > 1].sum()):,} rows "
+              f"in groups of 2+; {int((df['group'] == '').sum()):,} rows without a group)")
+    if res.face_groups is not None:
+        for line in res.face_groups.lines():
+            _echo("  " + line)
     if df["fold"].notna().any():
         _echo("  folds: " + ", ".join(f"{int(k)}: {v:,}" for k, v in df["fold"].value_counts().sort_index().items()))
     kept = {r: n for r, n in res.counts.items() if r.startswith("kept without")}

@@ -58,13 +58,8 @@ def encode_target(labels, target: str, cats=None) -> tuple[np.ndarray, np.ndarra
         exact = np.isfinite(age) & (hi - lo <= 0)
         if target == "age":
             return age.astype(np.float32), exact
-        scheme = get_scheme(cats)
-        y = np.full(len(age), -1, dtype=np.int64)
-        known = np.isfinite(age)
-        a, b = scheme.assign(np.where(known, lo, 0.0)), scheme.assign(np.where(known, hi, 0.0))
-        ok = known & (a == b)
-        y[ok] = a[ok]
-        return y, ok
+        y = get_scheme(cats).assign_range(np.where(np.isfinite(age), lo, np.nan), np.where(np.isfinite(age), hi, np.nan))
+        return y, y >= 0
     if target == "gender":
         g = labels["gender"].astype(str).str.lower().str[:1].to_numpy()
         y = np.where(g == "m", 1, np.where(g == "f", 0, -1)).astype(np.int64)
@@ -87,38 +82,15 @@ def dropped_reasons(labels, target: str, valid: np.ndarray) -> dict[str, int]:
     return {k: v for k, v in out.items() if v}
 
 
-def _groups(labels) -> np.ndarray:
-    """Identity per row; rows without one are their own group."""
-    ids = labels["image_id"].astype(str).to_numpy()
-    if "group" not in labels:
-        return ids
-    g = labels["group"].fillna("").astype(str).to_numpy()
-    return np.where(g == "", np.char.add("image:", ids.astype(str)), g)
+def hold_out(rows: np.ndarray, labels, seed: int, share: float) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded ``share`` of whole groups among ``rows`` -> (rest, held out), both sorted
+    (:func:`featlab.manifest.hold_out_groups`; rows without a group are groups of their own)."""
+    from .manifest import hold_out_groups
 
-
-def hold_out(rows: np.ndarray, groups: np.ndarray, seed: int, share: float) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded ``share`` of whole groups among ``rows`` -> (rest, held out), both sorted.
-
-    Groups are ordered by a seeded permutation of their sorted names and taken until the held-out rows
-    reach the share, so the result does not depend on the order of ``rows``."""
     rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) < 2:
-        return np.sort(rows), np.empty(0, dtype=np.int64)
-    g = np.asarray(groups)[rows]
-    names, inv, counts = np.unique(g, return_inverse=True, return_counts=True)
-    order = np.random.default_rng(seed + 7919).permutation(len(names))
-    want = max(1, int(round(share * len(rows))))
-    take = np.zeros(len(names), dtype=bool)
-    taken = 0
-    for i in order:
-        if taken >= want:
-            break
-        if taken + counts[i] > 2 * want and taken > 0:
-            continue  # a very large group would swallow the split
-        take[i] = True
-        taken += counts[i]
-    held = take[inv]
-    return np.sort(rows[~held]), np.sort(rows[held])
+    groups = labels["group"].to_numpy()[rows] if "group" in labels else np.full(len(rows), "", dtype=object)
+    tr, va = hold_out_groups(list(groups), share, seed + 7919)
+    return np.sort(rows[tr]), np.sort(rows[va])
 
 
 def split_rows(labels, valid: np.ndarray, fold=None, seed: int = 0, val_share: float = 0.1) -> dict:
@@ -130,7 +102,6 @@ def split_rows(labels, valid: np.ndarray, fold=None, seed: int = 0, val_share: f
     """
     split = labels["split"].astype(str).to_numpy()
     folds = labels["fold"].to_numpy(dtype=np.int64)
-    groups = _groups(labels)
     note = "manifest split"
     if fold is not None:
         k = int(fold)
@@ -141,7 +112,7 @@ def split_rows(labels, valid: np.ndarray, fold=None, seed: int = 0, val_share: f
             raise FeatlabError(f"fold {k} is not in this features file (it has folds {', '.join(map(str, have))})")
         test = np.flatnonzero(valid & (folds == k))
         pool = np.flatnonzero(valid & (folds >= 0) & (folds != k))
-        train, val = hold_out(pool, groups, seed, val_share)
+        train, val = hold_out(pool, labels, seed, val_share)
         note = f"fold {k} as test, the other folds as train, a seeded {val_share:.0%} of their groups as val"
     else:
         train = np.flatnonzero(valid & (split == "train"))
@@ -153,7 +124,7 @@ def split_rows(labels, valid: np.ndarray, fold=None, seed: int = 0, val_share: f
             raise FeatlabError("this features file has no rows with split 'train' (and no folds): "
                                "give the manifest a split column (train/val/test)")
         if not len(val):
-            train, val = hold_out(train, groups, seed, val_share)
+            train, val = hold_out(train, labels, seed, val_share)
             note = f"manifest split; no 'val' rows, so a seeded {val_share:.0%} of the training groups is val"
     if len(val) == 0:
         raise FeatlabError("no validation rows: too few training rows")

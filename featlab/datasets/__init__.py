@@ -50,8 +50,14 @@ def get_adapter(name: str) -> Callable[..., PrepareResult]:
     return fn
 
 
-def prepare_dataset(name: str, root: Path, *, seed: int = 0, **options):
-    """Run adapter ``name`` over ``root``; return (manifest DataFrame, PrepareResult)."""
+def prepare_dataset(name: str, root: Path, *, seed: int = 0, group_by_face: bool = False, progress=None, **options):
+    """Run adapter ``name`` over ``root``; return (manifest DataFrame, PrepareResult).
+
+    Datasets without their own split get a seeded one that never divides a
+    ``group``. ``group_by_face``: first give faces groups from what they look
+    like (:func:`featlab.facegroups.group_by_face`, ``progress(done, total)``
+    called per batch of faces); the report lands in ``PrepareResult.face_groups``.
+    """
     root = Path(root)
     if not root.exists():
         raise FeatlabError(f"dataset root does not exist: {root}")
@@ -62,6 +68,11 @@ def prepare_dataset(name: str, root: Path, *, seed: int = 0, **options):
     df = to_frame(result.rows)
     if not result.has_splits:
         df = assign_splits(df, seed=seed)
+    if group_by_face:
+        from ..facegroups import group_by_face as _group_by_face
+
+        df, result.face_groups = _group_by_face(df, seed=seed, resplit=not result.has_splits,
+                                                  progress=progress)
     return df, result
 
 
@@ -75,8 +86,12 @@ def iter_images(root: Path):
     return sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
-def row(source: str, root: Path, path: Path, *, age=None, gender="", race="", split="", fold=None) -> dict:
-    """One manifest row; path stored absolute; id from the path relative to root."""
+def row(source: str, root: Path, path: Path, *, age=None, gender="", race="", split="", fold=None, group="",
+        age_low=None, age_high=None) -> dict:
+    """One manifest row; path stored absolute; id from the path relative to root.
+
+    ``age_low``/``age_high`` default to ``age`` (an exact age); ``group`` to '' (unknown identity).
+    """
     from ..manifest import make_image_id
 
     path = Path(path)
@@ -93,4 +108,7 @@ def row(source: str, root: Path, path: Path, *, age=None, gender="", race="", sp
         "split": split,
         "fold": fold,
         "source": source,
+        "group": group,
+        "age_low": age if age_low is None else age_low,
+        "age_high": age if age_high is None else age_high,
     }

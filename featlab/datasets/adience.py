@@ -15,7 +15,8 @@ Ages. Adience labels are mostly the 8 group ranges 0-2, 4-6, 8-13, 15-20,
 25-32, 38-43, 48-53, 60-100, with some stray ranges and single numbers:
 
 - a range that is one of the groups or lies inside one (``(25, 32)``,
-  ``(27, 32)``, ``(8, 12)``) becomes its midpoint (``28.5``, ``29.5``, ``10``);
+  ``(27, 32)``, ``(8, 12)``) keeps its bounds in ``age_low``/``age_high`` and
+  its midpoint in ``age`` (``28.5``, ``29.5``, ``10``);
 - a single number (``35``, ``(35, 35)``) is an exact age and is kept as is,
   even between groups (the bin schemes place such ages);
 - a range that straddles groups (``(8, 23)``, ``(38, 48)``) has no single
@@ -32,7 +33,10 @@ with the missing field empty, and counted under ``kept without age: <why>``
 ``no usable age or gender (<age why>; <gender why>)``. A record naming the
 same image as an earlier one is skipped ("duplicate record").
 
-``fold`` is N, ``split`` is empty, ``has_splits`` is True.
+``fold`` is N, ``split`` is empty, ``has_splits`` is True. ``group`` is the
+record's ``user_id`` (the Flickr album, i.e. the subject or photo session):
+validation rows carved from training folds must be whole ``user_id`` groups
+(:func:`featlab.manifest.hold_out_groups`).
 """
 
 from __future__ import annotations
@@ -53,18 +57,22 @@ GROUPS = tuple((float(lo), float("inf") if hi is None else float(hi)) for lo, hi
 
 
 def adience_age(text: str) -> tuple[float | None, str]:
-    """(age, "") for a usable Adience age label, else (None, reason)."""
+    """(age, "") for a usable Adience age label (a range's midpoint), else (None, reason)."""
+    r, why = adience_range(text)
+    return (None, why) if r is None else ((r[0] + r[1]) / 2.0, "")
+
+
+def adience_range(text: str) -> tuple[tuple[float, float] | None, str]:
+    """((low, high), "") for a usable Adience age label (low == high for a single number), else (None, reason)."""
     t = str(text).strip()
     if not t or t.lower() in {"none", "nan"}:
         return None, "no age label"
     r = parse_range(t)
     if r is None:
         return None, "unparsable age label"
-    lo, hi = r
-    if lo == hi:
-        return float(lo), ""
-    if any(g_lo <= lo and hi <= g_hi for g_lo, g_hi in GROUPS):
-        return (lo + hi) / 2.0, ""
+    lo, hi = float(r[0]), float(r[1])
+    if lo == hi or any(g_lo <= lo and hi <= g_hi for g_lo, g_hi in GROUPS):
+        return (lo, hi), ""
     return None, "unusable age range (straddles Adience groups)"
 
 
@@ -130,7 +138,8 @@ def prepare(root: Path, **_options) -> PrepareResult:
                 if key in seen:
                     res.skip(f"{where} {p}", "duplicate record")
                     continue
-                age, age_why = adience_age(vals["age"])
+                rng, age_why = adience_range(vals["age"])
+                age = None if rng is None else (rng[0] + rng[1]) / 2.0
                 g = vals["gender"].lower()
                 gender, gender_why = (g, "") if g in ("f", "m") else ("", "gender unknown")
                 if age is None and not gender:
@@ -141,5 +150,7 @@ def prepare(root: Path, **_options) -> PrepareResult:
                 if not gender:
                     note(res, f"kept without gender: {gender_why}")
                 seen.add(key)
-                res.rows.append(row("adience", root, p, age=age, gender=gender, fold=fold))
+                lo, hi = rng if rng is not None else (None, None)
+                res.rows.append(row("adience", root, p, age=age, gender=gender, fold=fold, group=vals["user_id"],
+                                    age_low=lo, age_high=hi))
     return res

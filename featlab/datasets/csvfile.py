@@ -11,7 +11,10 @@ Columns (options; names matched exactly, else case-insensitively):
 - ``age_col`` (``age``) and ``gender_col`` (``gender``): at least one must be
   present (a FeatlabError lists the columns found otherwise); a column named
   explicitly (not the default) must exist.
-- ``race_col``, ``split_col``: optional; when given they must exist.
+- ``race_col``, ``split_col``, ``group_col``: optional; when given they must
+  exist. ``group_col`` names the identity column (a person, a subject, a
+  photo session): the seeded split never puts one group on two sides; an
+  empty cell is a group of its own.
 
 Values:
 
@@ -107,17 +110,18 @@ def parse_age(text: str) -> float | None:
 
 def prepare(root: Path, csv: str | None = None, path_col: str = "path", age_col: str = "age",
             gender_col: str = "gender", race_col: str | None = None, split_col: str | None = None,
-            **_options) -> PrepareResult:
+            group_col: str | None = None, **_options) -> PrepareResult:
     path = find_csv(root, csv)
     base = path.parent
     header, records = read_table(path)
     found = ", ".join(header) or "none"
     cols = {k: find_column(header, n) for k, n in
-            (("path", path_col), ("age", age_col), ("gender", gender_col), ("race", race_col), ("split", split_col))}
+            (("path", path_col), ("age", age_col), ("gender", gender_col), ("race", race_col), ("split", split_col),
+             ("group", group_col))}
     if cols["path"] is None:
         raise FeatlabError(f"{path}: no path column {path_col!r} (columns found: {found}); name it with path_col")
     for key, name, default in (("age", age_col, "age"), ("gender", gender_col, "gender"),
-                               ("race", race_col, None), ("split", split_col, None)):
+                               ("race", race_col, None), ("split", split_col, None), ("group", group_col, None)):
         if name is not None and name != default and cols[key] is None:
             raise FeatlabError(f"{path}: no {key} column {name!r} (columns found: {found})")
     if cols["age"] is None and cols["gender"] is None:
@@ -175,5 +179,6 @@ def prepare(root: Path, csv: str | None = None, path_col: str = "path", age_col:
         if not gender and cols["gender"] is not None:
             _note(res, f"kept without gender: {gender_why}")
         seen.add(key)
-        res.rows.append(row("csv", base, p, age=age, gender=gender, race=get("race"), split=split))
+        res.rows.append(row("csv", base, p, age=age, gender=gender, race=get("race"), split=split,
+                            group=get("group")))
     return res

@@ -36,7 +36,11 @@ it fails (``PrepareResult.counts`` and the skipped list, with the image path):
    cost a file-system look-up.
 
 Gender becomes ``m``/``f``; there is no race and no official split
-(``has_splits`` False: the registry assigns a seeded one).
+(``has_splits`` False: the registry assigns a seeded one, which never divides
+a ``group``). ``group`` is the person: ``imdb.mat``'s ``celeb_id`` (as
+``celeb:<id>``); ``wiki.mat`` has no ``celeb_id``, so its ``name`` (as
+``name:<name>``: people who share a name share a group, which can only make
+the split stricter). A file without either field leaves ``group`` empty.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from ..manifest import PrepareResult
 from . import row
 
 FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
+IDENTITY_FIELDS = ("celeb_id", "name")  # optional; the first present gives ``group``
 
 
 def matlab_datenum_to_datetime(dob: float) -> datetime:
@@ -107,7 +112,26 @@ def load_mat(path: Path, name: str) -> dict[str, np.ndarray]:
     except (TypeError, ValueError):
         raise FeatlabError(f"{path}: field {f!r} of {name!r} is not numeric") from None
     out["full_path"] = np.array([_cell_str(x) for x in out["full_path"]], dtype=object)
+    out["group"] = _identities(path, name, s, rec, len(out["dob"]))
     return out
+
+
+def _identities(path: Path, name: str, s, rec, n: int) -> np.ndarray:
+    """``group`` per record from the first identity field present ('' where the record has none)."""
+    for f in IDENTITY_FIELDS:
+        if f not in s.dtype.names:
+            continue
+        vals = np.asarray(rec[f]).ravel()
+        if len(vals) != n:
+            raise FeatlabError(f"{path}: field {f!r} of {name!r} has {len(vals)} entries, other fields {n}")
+        if f == "celeb_id":
+            try:
+                ids = vals.astype(np.float64)
+            except (TypeError, ValueError):
+                raise FeatlabError(f"{path}: field 'celeb_id' of {name!r} is not numeric") from None
+            return np.array([f"celeb:{int(v)}" if np.isfinite(v) else "" for v in ids], dtype=object)
+        return np.array([f"name:{t}" if (t := _cell_str(v).strip()) else "" for v in vals], dtype=object)
+    return np.full(n, "", dtype=object)
 
 
 def _cell_str(x) -> str:
@@ -152,7 +176,7 @@ def _prepare(name: str, root: Path, face_score_min: float = 1.0) -> PrepareResul
         if not rel or not p.is_file():
             res.skip(what, "image file not found")
             continue
-        res.rows.append(row(name, base, p, age=age, gender="m" if g == 1.0 else "f"))
+        res.rows.append(row(name, base, p, age=age, gender="m" if g == 1.0 else "f", group=meta["group"][i]))
     return res
 
 

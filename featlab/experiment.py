@@ -219,8 +219,12 @@ def _prepare_step(adapter, dataset, root: Path, options: dict, seed: int, force:
     df, res = prepare_dataset(adapter, root, seed=seed, **options)
     write_manifest(df, out)
     _mark(side, fp, inputs)
-    (side / "done").write_text(json.dumps({"rows": len(df), "skipped": res.skipped}, indent=1))
+    groups = getattr(res, "face_groups", None)
+    (side / "done").write_text(json.dumps({"rows": len(df), "skipped": res.skipped,
+                                           "face_groups": groups.lines() if groups else None}, indent=1))
     echo(f"[prepare] {out}: {len(df):,} rows, {len(res.skipped):,} skipped")
+    for line in (groups.lines() if groups else []):
+        echo(f"[prepare] {line}")
     return out
 
 

@@ -94,3 +94,11 @@ def keras():
         import keras as _k
         import tensorflow  # noqa: F401  (keras imports it lazily on some paths: pay for it, and its notices, here)
     return _k
+
+
+def tensorflow():
+    """TensorFlow itself, imported the same quiet way (for code that needs ``tf.config`` and the like)."""
+    keras()
+    import tensorflow as _tf
+
+    return _tf

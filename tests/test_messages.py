@@ -172,3 +172,35 @@ def test_read_manifest_refuses_impossible_ages_naming_the_row(tmp_path):
         bad.write_text(head + f"a,/x/a.jpg,30,m,,train,,csv\nb,/x/b.jpg,{cell},f,,test,,csv\n")
         with pytest.raises(FeatlabError, match=rf"bad\.csv, line 3 \(b\): age {shown}(\.0)? is not a number in 0\.\.150"):
             read_manifest(bad)
+
+
+def test_layers_and_info_say_which_provider_a_run_uses(tiny, capsys, monkeypatch):
+    from importlib import metadata
+
+    import onnxruntime as ort
+
+    from featlab import backbones
+    from featlab.cli import main
+
+    want = "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPUExecutionProvider"
+    installed = [n for n in ("onnxruntime", "onnxruntime-gpu") if _installed(metadata, n)]
+    assert main(["layers", "-b", "dlib-age", "--main"]) == 0
+    out = capsys.readouterr().out
+    line = [x for x in out.splitlines() if "runs on " in x][0]
+    assert line.startswith(f"  runs on {want} (") and all(f"{n} {metadata.version(n)}" in line for n in installed), line
+    assert main(["info", str(tiny[0])]) == 0
+    assert f"extraction here runs on {want}" in capsys.readouterr().out
+    # the double install of `pip install -e '.[gpu]'`: said, with the fix
+    monkeypatch.setattr(backbones, "onnxruntime_packages", lambda: {"onnxruntime": "1.30.0", "onnxruntime-gpu": "1.30.0"})
+    assert main(["layers", "-b", "dlib-age", "--main"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: both onnxruntime and onnxruntime-gpu are installed" in out
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu>=1.30,<1.31'" in out
+
+
+def _installed(metadata, name: str) -> bool:
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False

@@ -8,7 +8,6 @@ commands that chain them (run, demo, compare --sweep).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional

@@ -75,12 +75,12 @@ def utk_manifest(utk_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def utk_full_manifest(utk_manifest) -> Path:
+def utk_full_manifest(request) -> Path:
     """The 8,000-face manifest, for checks calibrated on all of them; skips on the shipped sample."""
     if UTK_IS_SAMPLE:
         pytest.skip(f"needs the 8,000 faces of {SHARED_UTK} (its thresholds are calibrated on them); "
                     "the shipped 600-face sample is too small for them")
-    return utk_manifest
+    return request.getfixturevalue("utk_manifest")
 
 
 @pytest.fixture(scope="session")

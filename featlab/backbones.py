@@ -235,6 +235,8 @@ class Backbone:
         self.spec = get_spec(name)
         self.name = name
         self.model_path = Path(self.spec.locate(str(model) if model else None))
+        if not self.model_path.is_file():
+            raise FeatlabError(f"--model {model or self.model_path}: no such file")
 
     @cached_property
     def sha256(self) -> str:
@@ -288,6 +290,60 @@ def default_providers() -> list[str]:
 
     have = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
+
+
+#: The one GPU install onnxruntime's maintainers recommend: onnxruntime-gpu alone (it holds the CPU provider too).
+#: Both packages write the same ``onnxruntime`` module, so the one to keep is reinstalled after removing both.
+GPU_FIX = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu>=1.30,<1.31'"
+
+
+def onnxruntime_packages() -> dict[str, str]:
+    """Installed onnxruntime distributions (they all provide the module ``onnxruntime``) -> version."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _probe_session_provider(providers: list[str]) -> str:
+    """The provider a session actually gets (CUDA is listed whenever it is compiled in, but falls back to CPU
+    when its CUDA/cuDNN libraries do not load): one Identity node, built in memory."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers).get_providers()[0]
+    except Exception:  # noqa: BLE001
+        return "CPUExecutionProvider"
+
+
+def provider_lines() -> list[str]:
+    """Where an extraction would run, and what is wrong with the onnxruntime install if anything: for
+    ``featlab layers`` and ``featlab info``."""
+    packages = onnxruntime_packages()
+    providers = default_providers()
+    used = _probe_session_provider(providers) if providers[0] != "CPUExecutionProvider" else providers[0]
+    which = ", ".join(f"{k} {v}" for k, v in packages.items()) or "onnxruntime"
+    lines = [f"{used} ({which})"]
+    if len(packages) > 1:
+        lines.append(f"warning: both {' and '.join(packages)} are installed; they share the module `onnxruntime` and "
+                     f"the CPU one can shadow the GPU one. Keep one: {GPU_FIX}")
+    elif "CUDAExecutionProvider" in providers and used != "CUDAExecutionProvider":
+        lines.append("warning: onnxruntime-gpu is installed but its CUDA provider does not load (no GPU, or CUDA 12 / "
+                     "cuDNN 9 libraries missing: pip install 'onnxruntime-gpu[cuda,cudnn]>=1.30,<1.31')")
+    return lines
 
 
 class Runner:

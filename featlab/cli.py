@@ -8,7 +8,6 @@ commands that chain them (run, demo, compare --sweep).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -16,8 +15,6 @@ from typing import List, Optional
 import typer
 
 from .errors import FeatlabError
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ chatter, for the commands that load it
 
 app = typer.Typer(
     add_completion=False,
@@ -43,6 +40,51 @@ def _need(value, what: str, hint: str):
     if value in (None, "", []):
         raise FeatlabError(f"no {what} given: {hint}")
     return value
+
+
+# Arguments are checked here, before any command imports a heavy library (TensorFlow above all), so that bad
+# input costs a fraction of a second and prints one line.
+def _positive(value, option: str, minimum: int = 1):
+    if value is not None and value < minimum:
+        raise FeatlabError(f"{option} must be at least {minimum}, not {value}")
+    return value
+
+
+def _fold_choice(fold: str | None, folds: str | None):
+    """--fold K / --fold all / --folds all -> None, K (int) or 'all'."""
+    if folds is not None:
+        if folds.strip().lower() != "all":
+            raise FeatlabError(f"--folds takes only 'all' (the 5-fold protocol), not {folds!r}; one fold is --fold K")
+        if fold is not None:
+            raise FeatlabError("give --fold K or --folds all, not both")
+        return "all"
+    if fold is None:
+        return None
+    if fold.strip().lower() == "all":
+        return "all"
+    try:
+        k = int(fold)
+    except ValueError:
+        raise FeatlabError(f"--fold takes a fold number (e.g. --fold 0) or 'all', not {fold!r}") from None
+    if k < 0:
+        raise FeatlabError(f"--fold must be a fold number >= 0, not {k}")
+    return k
+
+
+def _check_head_dir(head: Path) -> None:
+    """A trained head folder (or one holding per-fold heads), checked before TensorFlow is imported."""
+    if (head / "config.json").is_file() and (head / "head.keras").is_file():
+        return
+    if (head / "config.json").is_file() or (head / "fold0").is_dir() or (head / "seed0").is_dir():
+        return  # evaluate says what it is (a --folds all summary, per-fold heads)
+    if not head.exists():
+        raise FeatlabError(f"--head {head}: no such folder (heads are written under results/ by `featlab train-head`)")
+    raise FeatlabError(f"{head} is not a trained head (needs head.keras and config.json); train one with `featlab train-head`")
+
+
+def _check_file(path: Optional[Path], what: str, hint: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise FeatlabError(f"{what} not found: {path} ({hint})")
 
 
 # ------------------------------------------------------------------------------------ prepare
@@ -169,11 +211,13 @@ def layers(
     all_: bool = typer.Option(True, "--all/--main", help="every tap, or only the named/aliased ones"),
 ):
     """List every tap of a backbone with its shape (and, on folded graphs, what each conv includes)."""
-    from .backbones import REGISTRY, Backbone
+    from .backbones import REGISTRY, Backbone, provider_lines
 
     backbone = backbone or _cfg("extract", "backbone", "r100")
     bb = Backbone(backbone, model or _cfg("models", backbone))
     _echo(f"{backbone}: {bb.model_path}")
+    for i, line in enumerate(provider_lines()):
+        _echo(f"  {'runs on ' if i == 0 else ''}{line}")
     _echo(f"  sha256 {bb.sha256[:16]}…  input {bb.geometry.size}x{bb.geometry.size} RGB, {bb.geometry.kind} geometry")
     for t in bb.taps:
         if not all_ and not t.aliases and t.name == t.tensor:
@@ -223,10 +267,18 @@ def extract(
     backbone = backbone or _cfg("extract", "backbone", "r100")
     if dtype not in ("float16", "float32"):
         raise FeatlabError("--dtype must be float16 or float32")
-    from .store import COMPRESSION
+    from .store import COMPRESSION, parse_key
 
     if compression not in COMPRESSION:
         raise FeatlabError(f"--compression must be one of {', '.join(COMPRESSION)}")
+    for key in list(layer or []) + ([f"TAP@{pool}"] if pool else []):
+        parse_key(key)  # an unknown @pooling is one line before the backbone loads
+    _positive(batch_size, "--batch-size")
+    _positive(workers, "--workers")
+    _positive(limit, "--limit")
+    from .backbones import get_spec
+
+    get_spec(backbone)
     rep = run_extract(manifest, list(layer or []), backbone=backbone, model=model or _cfg("models", backbone), out=out,
                       align=align, flip=flip, pool=pool, dtype=dtype, compression=compression, batch_size=batch_size,
                       workers=workers, limit=limit, progress=not quiet, cluster=cluster,
@@ -247,7 +299,7 @@ def extract(
 
 @app.command()
 def info(features: Path = typer.Argument(..., help="features .h5 file")):
-    """Summarise a features file: backbone, model hash, taps, rows, skipped images."""
+    """Summarise a features file: backbone, model hash, taps, rows, skipped images; and where extraction runs."""
     from .store import FeatureStore
 
     with FeatureStore.open_read(features) as s:
@@ -277,6 +329,10 @@ def info(features: Path = typer.Argument(..., help="features .h5 file")):
             _echo(f"  skipped {len(sk):,}:")
             for r, n in sk["reason"].value_counts().items():
                 _echo(f"    {n:6,}  {r}")
+    from .backbones import provider_lines
+
+    for i, line in enumerate(provider_lines()):
+        _echo(f"  {'extraction here runs on ' if i == 0 else ''}{line}")
 
 
 @app.command("import")
@@ -331,12 +387,16 @@ def train_head(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Train a lean Keras head on one tap; score it on val (for choices) and test (to report), with baselines."""
-    from .recipes import head_target, run_head
+    from .recipes import head_target, parse_hidden, run_head
 
     tgt, cats = head_target(target, cats, regression)
-    fold_arg = folds or fold
-    if fold_arg is not None and fold_arg != "all" and not str(fold_arg).lstrip("-").isdigit():
-        raise FeatlabError(f"--fold takes a fold number (0, 1, ...) and --folds takes 'all', not {fold_arg!r}")
+    fold_arg = _fold_choice(fold, folds)
+    parse_hidden(hidden)
+    _positive(epochs, "--epochs")
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise FeatlabError(f"--dropout must be in [0, 1), not {dropout}")
+    if lr is not None and not 0.0 < lr < float("inf"):
+        raise FeatlabError(f"--lr must be a positive number, not {lr}")
     if seeds < 1:
         raise FeatlabError(f"--seeds must be at least 1, not {seeds}")
     memory_mb = memory_mb if memory_mb is not None else _cfg("head", "memory_mb", 2048)
@@ -384,13 +444,12 @@ def evaluate(
 ):
     """Score a trained head (figures with 95 % intervals, confusion matrices, subgroups) into HEAD/eval/...;
     the head's own record is never changed."""
-    if not (head / "config.json").is_file() and not any((head / f"{p}0").is_dir() for p in ("fold", "seed")):
-        raise FeatlabError(f"{head} is not a trained head (needs head.keras and config.json); train one with `featlab train-head`")
-    if split is not None and split not in ("test", "val", "train", "all"):
-        raise FeatlabError(f"unknown split {split!r}; choose one of test, val, train, all")
-    if features is not None and not Path(features).is_file():
-        raise FeatlabError(f"features file not found: {features}")
-    from .evaluate import evaluate_head
+    from .evaluate import SPLITS, evaluate_head
+
+    _check_head_dir(head)
+    _check_file(features, "features file", "make it with `featlab extract`")
+    if split is not None and split not in SPLITS:
+        raise FeatlabError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     from .recipes import summary_line
 
     m = evaluate_head(head, features=features, split=split)
@@ -453,14 +512,18 @@ def predict(
                                           help="find and align every face [as the heads' training features were made]"),
 ):
     """Run the backbone and the heads on each face, chips prepared as the heads' features were; one line per face."""
-    from .predict import predict_paths
+    from .predict import expand_images, predict_paths
 
+    for h in head:
+        _check_head_dir(h)
+    images = expand_images(images)
     predict_paths(images, head, annotate=annotate, model=model, detect=detect, echo=_echo)
 
 
 @convert_app.command("dlib")
 def convert_dlib_cmd(dat: Path = typer.Argument(..., help="dlib .dat network"), out: Path = typer.Argument(..., help="ONNX file to write")):
     """Convert dlib's face-recognition ResNet (.dat) to ONNX with one named node per dlib layer."""
+    _check_file(dat, "dlib network file", "pass dlib's .dat network, e.g. dlib_face_recognition_resnet_model_v1.dat")
     from .dlibnet import convert_dlib
 
     p = convert_dlib(dat, out)

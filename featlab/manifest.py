@@ -5,7 +5,8 @@ Columns (CSV, one row per image):
 - ``image_id``: stable across runs: a hash of the source name and the image's
   path relative to the dataset root.
 - ``path``: absolute, or relative to the manifest file's folder.
-- ``age``: float years, empty when unknown.
+- ``age``: float years in 0..150, empty when unknown (anything else is refused
+  by :func:`read_manifest`, naming the row).
 - ``gender``: ``f``, ``m`` or empty.
 - ``race``: dataset's own label, may be empty.
 - ``split``: ``train``/``val``/``test``, or empty when the dataset uses folds.
@@ -38,6 +39,7 @@ COLUMNS = ["image_id", "path", "age", "gender", "race", "split", "fold", "source
 TEXT_COLUMNS = ("image_id", "path", "gender", "race", "split", "source", "group")
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
+MAX_AGE = 150.0  # a manifest age above this (or below 0) is an error, not data
 
 
 def make_image_id(source: str, relpath: str) -> str:
@@ -268,6 +270,7 @@ def read_manifest(path: Path | str):
     for c in COLUMNS:
         if c not in df.columns:
             df[c] = "" if c in TEXT_COLUMNS else np.nan
+    df["age"] = _checked_ages(df, path)
     df = _age_columns(df, str(path))
     df["fold"] = pd.to_numeric(df["fold"], errors="coerce").astype("Int64")
     base = path.resolve().parent
@@ -276,6 +279,24 @@ def read_manifest(path: Path | str):
         src = df["source"].where(df["source"] != "", "csv")
         df.loc[df["image_id"] == "", "image_id"] = [make_image_id(s, p) for s, p in zip(src, df["path"])]
     return df[COLUMNS]
+
+
+def _checked_ages(df, path: Path):
+    """The age column as float years; a cell that is not empty and not a number in 0..MAX_AGE is an error naming
+    its row (adapters already skip such records, so one here means a hand-edited or foreign manifest)."""
+    import pandas as pd
+
+    raw = df["age"]
+    age = pd.to_numeric(raw, errors="coerce").astype("float64")
+    ok = age.between(0.0, MAX_AGE) | (age.isna() & raw.isna())
+    if not ok.all():
+        bad = np.flatnonzero(~ok.to_numpy())
+        i = int(bad[0])
+        who = df["image_id"].iloc[i] or df["path"].iloc[i]
+        more = f" (and {len(bad) - 1:,} more row{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+        raise FeatlabError(f"{path}, line {i + 2} ({who}): age {raw.iloc[i]} is not a number in 0..{MAX_AGE:g} "
+                           f"(leave the cell empty when the age is unknown){more}")
+    return age
 
 
 def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:

@@ -54,7 +54,7 @@ def build_model(tap_shape, n_out: int, kind: str, mean, std, hidden=(256,), drop
     """kind: 'softmax' (n_out classes), 'coral' (n_out classes, n_out-1 logits), 'linear' (one unit) or
     'expectation' (a softmax over the ages in ``age_grid``: the prediction is its expected value)."""
     keras = _keras()
-    from keras import layers
+    layers = keras.layers
 
     reg = keras.regularizers.L2(weight_decay) if weight_decay else None
     inp = keras.Input(shape=tuple(int(d) for d in tap_shape), name="tap")
@@ -85,12 +85,11 @@ def build_model(tap_shape, n_out: int, kind: str, mean, std, hidden=(256,), drop
 
 def load_head(head_dir: Path | str):
     """(model, config) of a saved head."""
-    keras = _keras()
-
     head_dir = Path(head_dir)
     cfg_path, model_path = head_dir / "config.json", head_dir / "head.keras"
     if not cfg_path.is_file() or not model_path.is_file():
         raise FeatlabError(f"{head_dir} is not a trained head (needs head.keras and config.json); train one with `featlab train-head`")
+    keras = _keras()
     cfg = json.loads(cfg_path.read_text())
     try:
         model = keras.saving.load_model(model_path, custom_objects=custom_objects(), compile=False)

@@ -52,6 +52,12 @@ CHUNK_BYTES = 1 << 20  # target chunk size of the tap arrays (bench/storage.py m
 READ_BLOCK_BYTES = 4 << 20  # FeatureStore.read converts this much stored data at a time
 
 
+def _last_line(e: BaseException) -> str:
+    """The last non-empty line of an exception's message (HDF5 errors carry a whole C back trace)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
 def _tables():
     import tables
 
@@ -147,14 +153,14 @@ class FeatureStore:
     # ---- opening -------------------------------------------------------------------------
     @classmethod
     def open_read(cls, path: Path | str) -> "FeatureStore":
-        tb = _tables()
         path = Path(path)
         if not path.is_file():
             raise FeatlabError(f"features file not found: {path} (make it with `featlab extract`)")
+        tb = _tables()
         try:
             h5 = tb.open_file(str(path), mode="r")
         except Exception as e:  # noqa: BLE001
-            raise FeatlabError(f"cannot read features file {path}: {e}") from None
+            raise FeatlabError(f"cannot read features file {path}: {_last_line(e)}") from None
         if "/labels" not in h5:
             h5.close()
             if "/labels_old" in h5:
@@ -188,7 +194,7 @@ class FeatureStore:
                     h5 = tb.open_file(str(path), mode="a")
             except Exception as e:  # noqa: BLE001
                 raise FeatlabError(
-                    f"cannot reopen {path} to resume ({e}); the file is damaged: move it aside and extract again"
+                    f"cannot reopen {path} to resume ({_last_line(e)}); the file is damaged: move it aside and extract again"
                 ) from None
             store = cls(h5, path)
             try:

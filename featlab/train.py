@@ -29,6 +29,7 @@ from .bins import get_scheme
 from .errors import FeatlabError
 from .featureio import ShuffledBatches, feature_stats, row_bytes
 from .keras_env import keras as _keras
+from .keras_env import tensorflow as _tensorflow
 from .labels import (TARGETS, class_names, class_weights, dropped_reasons, encode_target, make_targets,
                      soft_bin_labels, split_rows, target_name, to_years_np)
 from .model import build_model
@@ -59,7 +60,7 @@ def keras_batches(batches: ShuffledBatches):
 
 def _setup_tf(seed: int):
     keras = _keras()
-    import tensorflow as tf
+    tf = _tensorflow()
 
     keras.utils.set_random_seed(int(seed))
     try:

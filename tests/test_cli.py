@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import MALFORMED_UTK_NAMES, UTK_IS_SAMPLE, expected_split, usable_faces
 from featlab.cli import main
 
 
@@ -21,15 +22,19 @@ def test_help_is_fast_and_imports_no_heavy_library():
     assert float(line.split()[-1]) < 3.0
 
 
-def test_prepare_real_utkface_reports_the_three_malformed_names(utk_dir, tmp_path, capsys):
+def test_prepare_real_utkface_reports_the_malformed_names(utk_dir, tmp_path, capsys):
     out = tmp_path / "m.csv"
     assert main(["prepare", "--dataset", "utkface", "--root", str(utk_dir), "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "8,000 rows" in text
-    for name in ("24_0_1_20170116220224657 .jpg.chip.jpg", "39_1_20170116174525125.jpg.chip.jpg",
-                 "55_0_0_20170116232725357jpg.chip.jpg"):
+    n = usable_faces(utk_dir)  # 8,000 in ../shared (3 malformed names), 600 in the shipped sample (none)
+    assert f"{n:,} rows" in text
+    present = [name for name in MALFORMED_UTK_NAMES if (utk_dir / name).exists()]
+    assert len(present) == (0 if UTK_IS_SAMPLE else 3)
+    for name in present:
         assert name in text
-    assert sum(1 for _ in open(out)) == 8001
+    assert sum(1 for _ in open(out)) == n + 1
+    split = ", ".join(f"{k} {v:,}" for k, v in sorted(expected_split().items(), key=lambda kv: -kv[1]))
+    assert f"split: {split}" in text
 
 
 def test_prepare_list_names_every_adapter(capsys):
@@ -64,7 +69,7 @@ def test_bins_counts_a_manifest(utk_manifest, capsys):
     text = capsys.readouterr().out
     assert "--cats 8" in text and "Young Adults" in text and "60+" in text
     counts = [int(x.split()[-1].replace(",", "")) for x in text.splitlines() if " ages [" in x]
-    assert sum(counts) == 3 * 8000
+    assert sum(counts) == 3 * usable_faces()
 
 
 def test_peek_draws_a_sheet(utk_manifest, tmp_path):

@@ -1,4 +1,4 @@
-"""Dataset adapters on generated miniature datasets, plus the real UTKFace dev subset."""
+"""Dataset adapters on generated miniature datasets, plus real UTKFace faces (../shared or the shipped sample)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import MALFORMED_UTK_NAMES, UTK_IS_SAMPLE, expected_split, usable_faces
 from featlab.datasets import ADAPTERS, get_adapter, prepare_dataset
 from featlab.errors import FeatlabError
 from featlab.manifest import COLUMNS, make_image_id
 
-UTK_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "utkface-dev"
 
 _JPEG = None
 
@@ -455,24 +455,23 @@ def test_csv_missing_columns(tmp_path):
 # ---------------------------------------------------------------- the real UTKFace dev subset
 
 
-@pytest.mark.skipif(not UTK_DEV.is_dir(), reason="shared/data/utkface-dev not present")
-def test_utkface_dev_real():
-    df, res = prepare_dataset("utkface", UTK_DEV)
-    assert len(df) == 8000 and len(res.skipped) == 3
-    assert sorted(Path(w).name for w, _ in res.skipped) == sorted([
-        "24_0_1_20170116220224657 .jpg.chip.jpg",
-        "39_1_20170116174525125.jpg.chip.jpg",
-        "55_0_0_20170116232725357jpg.chip.jpg",
-    ])
+def test_utkface_real(utk_dir):
+    """On ../shared/data/utkface-dev (8,000 usable, 3 malformed names) or the shipped 600-face sample."""
+    df, res = prepare_dataset("utkface", utk_dir)
+    present = sorted(n for n in MALFORMED_UTK_NAMES if (utk_dir / n).exists())
+    assert len(df) == usable_faces(utk_dir) and len(res.skipped) == len(present)
+    assert len(df) == (600 if UTK_IS_SAMPLE else 8000) and len(present) == (0 if UTK_IS_SAMPLE else 3)
+    assert sorted(Path(w).name for w, _ in res.skipped) == present
     assert df["image_id"].is_unique
+    assert dict(df["split"].value_counts()) == expected_split()
     frac = df["split"].value_counts(normalize=True)
     assert abs(frac["train"] - 0.7) < 0.01 and abs(frac["val"] - 0.1) < 0.01 and abs(frac["test"] - 0.2) < 0.01
     for g in ("m", "f"):
         sub = df.loc[df["gender"] == g, "split"].value_counts(normalize=True)
         assert set(sub.index) == {"train", "val", "test"}
         assert abs(sub["train"] - 0.7) < 0.02 and abs(sub["test"] - 0.2) < 0.02
-    df2, _ = prepare_dataset("utkface", UTK_DEV)
+    df2, _ = prepare_dataset("utkface", utk_dir)
     a, b = df.set_index("image_id")["split"], df2.set_index("image_id")["split"]
     assert (a.sort_index() == b.sort_index()).all()
-    df3, _ = prepare_dataset("utkface", UTK_DEV, seed=1)
+    df3, _ = prepare_dataset("utkface", utk_dir, seed=1)
     assert (df3.set_index("image_id")["split"].sort_index() != a.sort_index()).any()

@@ -16,7 +16,6 @@ from featlab import dlibnet  # noqa: E402
 from featlab.errors import FeatlabError  # noqa: E402
 from featlab.taps import expose_outputs, find_tap  # noqa: E402
 
-UTK_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "utkface-dev"
 N_FACES = 8
 
 RES_SHAPES = {
@@ -80,13 +79,10 @@ def _shape_predictor_path(dat: pathlib.Path) -> pathlib.Path | None:
 
 
 @pytest.fixture(scope="session")
-def faces(dat):
-    """(images, landmark shapes, chips) for a few real UTKFace crops."""
-    if not UTK_DIR.is_dir():
-        pytest.skip(f"UTKFace dev data not found at {UTK_DIR} (the shared/ folder beside the repo)")
-    files = sorted(UTK_DIR.glob("*.jpg"))
-    if len(files) < N_FACES:
-        pytest.skip(f"fewer than {N_FACES} images in {UTK_DIR}")
+def faces(dat, utk_dir):
+    """(images, landmark shapes, chips) for a few real UTKFace crops (../shared or the shipped sample)."""
+    files = sorted(utk_dir.glob("*.jpg"))
+    assert len(files) >= N_FACES, utk_dir
     sp_path = _shape_predictor_path(dat)
     if sp_path is None:
         pytest.skip("no shape_predictor_5_face_landmarks.dat installed")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from featlab.labels import dropped_reasons, encode_target, split_rows
 

@@ -1,0 +1,206 @@
+"""What a user reads: no TensorFlow noise in a run that succeeds, one line and exit status 2 for bad input,
+and bad arguments refused before TensorFlow (or any heavy library) is imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featlab.errors import FeatlabError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: TensorFlow's harmless lines as issue #14 quotes them (independent of featlab.keras_env.HARMLESS).
+NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operations", "node_def_util.cc",
+         "use_unbounded_threadpool", "cpu_feature_guard", "I0000 ", "E0000 ", "W0000 ")
+
+
+def _features(path: Path, sha: str, n: int = 160) -> Path:
+    """A tiny features file: tap 'vec' (8,), gender planted in column 0, a train/val/test split."""
+    from featlab.store import FeatureStore, label_row
+
+    rng = np.random.default_rng(0)
+    gender = rng.choice(["f", "m"], n)
+    vec = rng.normal(0, 1, (n, 8)).astype(np.float32)
+    vec[:, 0] += np.where(gender == "m", 1.5, -1.5)
+    split = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
+    identity = {"backbone": "synthetic", "model_sha256": sha, "preprocessing": {"size": 4}, "flip": False, "align": False}
+    with FeatureStore.open_for_append(path, identity) as st:
+        st.set_attr("dataset", "tiny")
+        st.ensure_array("vec", (8,), expected_rows=n)
+        labels = [label_row({"image_id": f"i{i:04d}", "path": f"/x/{i}.jpg", "age": float(20 + i % 50),
+                             "gender": gender[i], "race": "", "split": split[i], "fold": -1}) for i in range(n)]
+        st.append({"vec": vec}, labels)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    return _features(d / "tiny.h5", "ab" * 32), _features(d / "other.h5", "cd" * 32), d
+
+
+def _clean_env(**extra) -> dict:
+    """The environment of a new user's shell: none of TensorFlow's logging variables set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_") and k != "FEATLAB_NO_SHARED"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def test_train_and_evaluate_print_no_tensorflow_noise_and_real_errors_still_show(tiny):
+    """One process, as the CLI runs: train-head (imports TensorFlow, fits, evaluates on the test split), then a
+    real error after TensorFlow is loaded: evaluate on features of another model file."""
+    feats, other, d = tiny
+    code = (
+        "import sys; from featlab.cli import main\n"
+        "f, o = sys.argv[1:3]\n"
+        "rc1 = main(['train-head', '--target', 'gender', '-f', f, '-l', 'vec', '--epochs', '3', '--hidden', '8'])\n"
+        "head = 'results/synthetic/tiny/vec/gender'\n"
+        "sys.stderr.write('<<ERR>>\\n'); sys.stderr.flush()\n"
+        "rc2 = main(['evaluate', '--head', head, '-f', o])\n"
+        "print('RCS', rc1, rc2, 'tensorflow' in sys.modules)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(feats), str(other)], cwd=d, env=_clean_env(),
+                       capture_output=True, text=True, timeout=300)
+    out, err = p.stdout, p.stderr
+    assert p.returncode == 0, err[-3000:]
+    assert "RCS 0 2 True" in out, out[-2000:] + err[-2000:]
+    assert "head written to results/synthetic/tiny/vec/gender" in out
+    for line in (out + err).splitlines():
+        assert not any(s in line for s in NOISE), line
+    before, after = err.split("<<ERR>>\n")
+    assert before.strip() == "", before  # a successful train-head (fit + evaluation) writes nothing on stderr
+    lines = after.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("featlab: ") and "extracted with another model file" in lines[0], after
+
+
+def test_keras_env_drops_only_the_listed_lines(capfd):
+    from featlab.keras_env import harmless_lines_dropped
+
+    with harmless_lines_dropped():
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")
+        os.write(2, b"I0000 00:00:1796137067.955460    6137 port.cc:153] oneDNN custom operations are on. You may see\n")
+        os.write(2, b"E0000 00:00:1796137126.180466    6693 node_def_util.cc:682] NodeDef mentions attribute "
+                    b"use_unbounded_threadpool which is not in the op definition\n")
+        os.write(2, b"E0000 00:00:1796137126.180466    6693 cuda_driver.cc:1] failed call to cuInit: a real error\n")
+        os.write(2, b"something else\n")
+    err = capfd.readouterr().err
+    assert err.splitlines() == ["E0000 00:00:1796137126.180466    6693 cuda_driver.cc:1] failed call to cuInit: a real error",
+                                "something else"]
+
+
+def _bad_cases(tiny, tmp_path) -> dict[str, tuple[list[str], str]]:
+    feats, _, _ = tiny
+    neg = tmp_path / "neg.csv"
+    neg.write_text("image_id,path,age,gender,race,split,fold,source\n"
+                   "a1,/x/1.jpg,30,m,white,train,,utkface\na2,/x/2.jpg,-3,f,white,test,,utkface\n")
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5")
+    head = tmp_path / "results" / "h"
+    head.mkdir(parents=True)
+    fake = tmp_path / "results" / "fake"  # looks like a head: the image check comes next
+    fake.mkdir()
+    (fake / "config.json").write_text("{}")
+    (fake / "head.keras").write_bytes(b"")
+    f, v = str(feats), ["-l", "vec", "--target", "gender"]
+    return {
+        "fold-x": (["train-head", "-f", f, *v, "--fold", "x"], "--fold takes a fold number"),
+        "folds-some": (["train-head", "-f", f, *v, "--folds", "some"], "--folds takes only 'all'"),
+        "epochs-0": (["train-head", "-f", f, *v, "--epochs", "0"], "--epochs must be at least 1"),
+        "dropout": (["train-head", "-f", f, *v, "--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        "lr": (["train-head", "-f", f, *v, "--lr", "-1"], "--lr must be a positive number"),
+        "no-tap": (["train-head", "-f", f, "-l", "nope", "--target", "gender"], "has no tap 'nope'"),
+        "junk-features": (["train-head", "-f", str(junk), *v], "cannot read features file"),
+        "negative-age": (["bins", "-m", str(neg)], "line 3 (a2): age -3 is not a number in 0..150"),
+        "no-head": (["evaluate", "--head", "DOES-NOT-EXIST"], "--head DOES-NOT-EXIST: no such folder"),
+        "not-a-head": (["evaluate", "--head", str(head)], "is not a trained head"),
+        "predict-no-head": (["predict", str(neg), "--head", str(head)], "is not a trained head"),
+        "predict-no-image": (["predict", str(tmp_path / "nope.jpg"), "--head", str(fake)], "no such image or folder"),
+        "pool": (["extract", "-m", str(neg), "-b", "dlib-age", "--pool", "mean"], "unknown pooling 'mean'"),
+        "batch": (["extract", "-m", str(neg), "-b", "dlib-age", "--batch-size", "0"], "--batch-size must be at least 1"),
+        "model": (["layers", "-b", "dlib-age", "--model", str(tmp_path / "nope.onnx")], "no such file"),
+        "info-junk": (["info", str(junk)], "cannot read features file"),
+        "convert": (["convert", "dlib", str(tmp_path / "nope.dat"), str(tmp_path / "o.onnx")], "dlib network file not found"),
+    }
+
+
+def test_bad_input_is_one_line_before_any_heavy_import(tiny, tmp_path):
+    """Every case through the CLI's main in one fresh interpreter: exit status 2, one 'featlab:' line naming the
+    problem, and TensorFlow, Keras and onnxruntime still not imported after it."""
+    cases = _bad_cases(tiny, tmp_path)
+    code = (
+        "import io, json, sys, contextlib\n"
+        "from featlab.cli import main\n"
+        "got = {}\n"
+        "for name, args in json.loads(sys.argv[1]).items():\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        rc = main(args)\n"
+        "    heavy = [m for m in ('tensorflow', 'keras', 'onnxruntime') if m in sys.modules]\n"
+        "    got[name] = {'rc': rc, 'err': err.getvalue(), 'heavy': heavy}\n"
+        "print(json.dumps(got))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, json.dumps({k: a for k, (a, _) in cases.items()})], cwd=tmp_path,
+                       env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stderr == "", p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    for name, (_, expect) in cases.items():
+        g = got[name]
+        assert g["rc"] == 2, (name, g)
+        assert g["err"].startswith("featlab: ") and g["err"].count("\n") == 1, (name, g["err"])
+        assert expect in g["err"], (name, g["err"])
+        assert g["heavy"] == [], (name, g)
+
+
+def test_read_manifest_refuses_impossible_ages_naming_the_row(tmp_path):
+    from featlab.manifest import read_manifest
+
+    head = "image_id,path,age,gender,race,split,fold,source\n"
+    ok = tmp_path / "ok.csv"
+    ok.write_text(head + "a,/x/a.jpg,0,m,,train,,csv\nb,/x/b.jpg,,f,,test,,csv\nc,/x/c.jpg,150,f,,val,,csv\n")
+    df = read_manifest(ok)
+    assert df["age"].tolist()[0] == 0.0 and np.isnan(df["age"].tolist()[1]) and df["age"].tolist()[2] == 150.0
+    for cell, shown in (("-3", "-3"), ("151", "151"), ("abc", "abc"), ("inf", "inf")):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(head + f"a,/x/a.jpg,30,m,,train,,csv\nb,/x/b.jpg,{cell},f,,test,,csv\n")
+        with pytest.raises(FeatlabError, match=rf"bad\.csv, line 3 \(b\): age {shown}(\.0)? is not a number in 0\.\.150"):
+            read_manifest(bad)
+
+
+def test_layers_and_info_say_which_provider_a_run_uses(tiny, capsys, monkeypatch):
+    from importlib import metadata
+
+    import onnxruntime as ort
+
+    from featlab import backbones
+    from featlab.cli import main
+
+    want = "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPUExecutionProvider"
+    installed = [n for n in ("onnxruntime", "onnxruntime-gpu") if _installed(metadata, n)]
+    assert main(["layers", "-b", "dlib-age", "--main"]) == 0
+    out = capsys.readouterr().out
+    line = [x for x in out.splitlines() if "runs on " in x][0]
+    assert line.startswith(f"  runs on {want} (") and all(f"{n} {metadata.version(n)}" in line for n in installed), line
+    assert main(["info", str(tiny[0])]) == 0
+    assert f"extraction here runs on {want}" in capsys.readouterr().out
+    # the double install of `pip install -e '.[gpu]'`: said, with the fix
+    monkeypatch.setattr(backbones, "onnxruntime_packages", lambda: {"onnxruntime": "1.30.0", "onnxruntime-gpu": "1.30.0"})
+    assert main(["layers", "-b", "dlib-age", "--main"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: both onnxruntime and onnxruntime-gpu are installed" in out
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu>=1.30,<1.31'" in out
+
+
+def _installed(metadata, name: str) -> bool:
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False

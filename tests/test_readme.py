@@ -1,0 +1,44 @@
+"""Figures typed in README.md that a run can check: they must match what featlab actually makes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import EXPECTED_SPLIT
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def _int(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def _demo_manifest():
+    """The manifest `featlab demo` makes: its built-in spec's adapter, root, options and seed (the cheap first step)."""
+    from featlab.datasets import prepare_dataset
+    from featlab.experiment import SAMPLE, builtin_spec, load_spec, sample_root
+
+    spec = load_spec(builtin_spec("demo"))
+    ds = spec["dataset"]
+    assert ds["root"] == SAMPLE
+    df, _ = prepare_dataset(ds.get("adapter") or ds["name"], sample_root(), seed=int(spec.get("seed", 0)),
+                            **ds.get("options", {}))
+    return df
+
+
+def test_demo_figures_in_the_readme_are_the_demo_s():
+    df = _demo_manifest()
+    m = re.search(r"prepares the shipped sample \(([\d,]+) train / ([\d,]+) val / ([\d,]+) test\)", README)
+    assert m, "the README's demo split sentence is gone: keep it, or update this test"
+    counts = df["split"].value_counts()
+    assert (_int(m[1]), _int(m[2]), _int(m[3])) == (counts["train"], counts["val"], counts["test"])
+    m = re.search(r"### The demo \(`featlab demo`, ([\d,]+) faces", README)
+    assert m and _int(m[1]) == len(df)
+    m = re.search(r"a\s+([\d,]+)-image UTKFace sample shipped in the package", README)
+    assert m and _int(m[1]) == len(df)
+
+
+def test_utkface_test_split_in_the_readme_is_the_seeded_split():
+    m = re.search(r"Test split: ([\d,]+) faces", README)
+    assert m and _int(m[1]) == EXPECTED_SPLIT["utkface-dev"]["test"]  # checked on the real faces by tests/test_real.py

@@ -32,7 +32,7 @@ def expand_images(items) -> list[Path]:
     return out
 
 
-def _backbone_for(cfgs: list[dict], model: str | None):
+def backbone_for(cfgs: list[dict], model: str | None):
     from .backbones import Backbone
     from .store import FeatureStore
 
@@ -82,7 +82,7 @@ def predict_paths(images, head_dirs, annotate=None, model=None, align: bool = Tr
 
     heads = [load_head(d) for d in head_dirs]
     cfgs = [c for _, c in heads]
-    bb, flip = _backbone_for(cfgs, model)
+    bb, flip = backbone_for(cfgs, model)
     keys, dtypes = {}, {}
     for c in cfgs:
         name, kind, grid = parse_key(c["tap"])

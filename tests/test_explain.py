@@ -243,3 +243,13 @@ def test_settings_record_what_ran():
     s = Settings(patch=12, stride=6, masks=50).check()
     d = s.describe(["occlusion", "rise"])
     assert d["patch"] == 12 and d["stride"] == 6 and d["masks"] == 50 and d["baseline"] == "mean"
+
+
+def test_importing_explain_loads_neither_tensorflow_nor_onnxruntime():
+    import subprocess
+    import sys
+
+    code = ("import sys, featlab.explain, featlab.heatmaps; "
+            "print(sorted(m for m in ('tensorflow', 'keras', 'onnxruntime', 'matplotlib.pyplot') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

@@ -8,11 +8,11 @@ them). The parent only compares.
 1. Extraction, dlib-age default taps (res3, res4, res5), real UTKFace images, into a
    new file: 1,000 vs 8,000 images. Streaming means the peak does not grow with the
    number of images (target: 8,000 / 1,000 <= 1.2x).
-2. Head training (``featlab.heads.train_head``) on dlib-age ``res3`` of 8,000 images
+2. Head training (``featlab.train.fit_head``) on dlib-age ``res3`` of 8,000 images
    (6,272 values per row: ~140 MB of float32 train rows), once with a memory budget
-   larger than that (rows read in one go) and once with ``memory_budget_mb`` far
+   larger than that (rows read in one go) and once with ``memory_mb`` far
    below it (streamed in chunks). The baseline is a process that imports TensorFlow
-   and featlab.heads and reads the labels only.
+   and featlab.train and reads the labels only.
 
 Usage::
 
@@ -52,19 +52,18 @@ def child(argv: list[str]) -> None:
         rep = extract(man, [], backbone="dlib-age", out=dest, progress=False)
         out = {"rows": int(rep.rows_total), "plan": rep.plan, "file_mib": round(Path(dest).stat().st_size / 2**20, 1)}
     elif kind == "baseline-tf":
-        import featlab.heads  # noqa: F401  (what a head run imports)
+        import featlab.train  # noqa: F401  (what a head run imports)
         import tensorflow  # noqa: F401
         from featlab.store import FeatureStore
 
         with FeatureStore.open_read(argv[1]) as s:
             s.labels()
     elif kind == "head":
-        from featlab.heads import train_head
+        from featlab.train import fit_head
 
         features, key, budget, epochs, root = argv[1], argv[2], float(argv[3]), int(argv[4]), argv[5]
-        kw = {"chunk_rows": int(argv[6])} if len(argv) > 6 else {}
-        d = train_head(features, key, "gender", out_root=root, epochs=epochs, patience=epochs, memory_budget_mb=budget,
-                       verbose=0, evaluate=False, **kw)
+        d = fit_head(features, key, "gender", out_root=root, epochs=epochs, patience=epochs, memory_mb=budget,
+                     verbose=0)
         cfg = json.loads((Path(d) / "config.json").read_text())
         out = {"data_loading": cfg.get("data_loading"), "epochs": cfg["training"]["epochs_run"],
                "fit_seconds": cfg["training"]["fit_seconds"]}
@@ -82,7 +81,7 @@ def main(argv=None):
     ap.add_argument("--small", type=int, default=1000)
     ap.add_argument("--large", type=int, default=8000)
     ap.add_argument("--head-tap", default="res3", help="dlib-age tap for the head runs [res3: 6,272 values/row]")
-    ap.add_argument("--budget-mb", type=float, default=16, help="memory_budget_mb of the streamed head run [16]")
+    ap.add_argument("--budget-mb", type=float, default=16, help="memory_mb of the streamed head run [16]")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per head run [3]")
     args = ap.parse_args(argv)
     load0 = C.load()
@@ -110,7 +109,7 @@ def main(argv=None):
         per_row = int(__import__("numpy").prod(shape[1:])) * 4
         train_mib = 0.7 * shape[0] * per_row / 2**20
         base = run_child("baseline-tf", feats)
-        print(f"baseline (import TensorFlow + featlab.heads, read labels): {base['rss_mib']:.0f} MiB", flush=True)
+        print(f"baseline (import TensorFlow + featlab.train, read labels): {base['rss_mib']:.0f} MiB", flush=True)
         big = run_child("head", feats, args.head_tap, 4096, args.epochs, tmp / "heads-mem")
         print(f"head, budget 4096 MB ({big['data_loading']}): {big['rss_mib']:.0f} MiB", flush=True)
         small = run_child("head", feats, args.head_tap, args.budget_mb, args.epochs, tmp / "heads-stream")
@@ -119,21 +118,12 @@ def main(argv=None):
         tiny = run_child("head", feats, "res5", 4096, args.epochs, tmp / "heads-tiny")
         print(f"head on res5 in memory (~{0.7 * shape[0] * 2304 * 4 / 2**20:.0f} MiB train rows): "
               f"{tiny['rss_mib']:.0f} MiB", flush=True)
-        # the same streamed run with chunks sized from the budget (a third of it per chunk)
-        fit_rows = max(64, int(args.budget_mb * 2**20 / 3 // per_row))
-        small2 = run_child("head", feats, args.head_tap, args.budget_mb, args.epochs, tmp / "heads-stream2", fit_rows)
-        print(f"head, budget {args.budget_mb:g} MB, chunk_rows {fit_rows}: {small2['rss_mib']:.0f} MiB", flush=True)
         rows.append([f"train_head gender on {args.head_tap} ({shape[1:]}, ~{train_mib:.0f} MiB float32 train rows): "
                      f"in memory vs streamed (budget {args.budget_mb:g} MB)",
                      f"{big['rss_mib']:.0f} MiB", f"{small['rss_mib']:.0f} MiB", small["rss_mib"] / big["rss_mib"],
                      f"baseline TF process {base['rss_mib']:.0f} MiB: +{big['rss_mib'] - base['rss_mib']:.0f} vs "
                      f"+{small['rss_mib'] - base['rss_mib']:.0f} MiB; {args.epochs} epochs "
                      f"{big['fit_seconds']} s vs {small['fit_seconds']} s"])
-        rows.append([f"train_head gender on {args.head_tap}: streamed, chunk_rows={fit_rows} (a third of the budget) "
-                     f"instead of the default 4096", f"{big['rss_mib']:.0f} MiB", f"{small2['rss_mib']:.0f} MiB",
-                     small2["rss_mib"] / big["rss_mib"],
-                     f"+{small2['rss_mib'] - base['rss_mib']:.0f} MiB over the TF baseline; {args.epochs} epochs "
-                     f"{small2['fit_seconds']} s"])
         rows.append(["TensorFlow training footprint: train_head gender on res5 (2,304 values/row, "
                      f"~{0.7 * shape[0] * 2304 * 4 / 2**20:.0f} MiB train rows) in memory, vs the import-only baseline",
                      f"{base['rss_mib']:.0f} MiB", f"{tiny['rss_mib']:.0f} MiB", tiny["rss_mib"] / base["rss_mib"],

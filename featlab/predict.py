@@ -83,10 +83,11 @@ def _label(cfg: dict, pred: dict, i: int) -> tuple[str, str]:
 
 
 def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | None = None, echo=print,
-                  upsample: int = 1) -> list[dict]:
+                  upsample: int = 1, keep_features: bool = False) -> list[dict]:
     """Run the heads on every face of ``images``, with chips made as the heads' training features were
     (alignment, flip, preprocessing from the heads' record). ``detect``: find and align every face even when
-    the heads were trained on unaligned crops (a group photo); default: as in training."""
+    the heads were trained on unaligned crops (a group photo); default: as in training. ``keep_features``:
+    each record also holds the tap values the heads read (``features``: {tap: array}), as stored."""
     from .backbones import Runner
     from .extract import stored_features
     from .model import load_head, outputs_to_prediction
@@ -128,11 +129,11 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
             echo(f"{path}: no face found")
             records.append({"path": str(path), "error": "no face found"})
             continue
-        feats = stored_features(runner, np.stack(chips), keys, flip)
+        raw_feats = stored_features(runner, np.stack(chips), keys, flip)
+        feats = {k: v.astype(dtypes[k]).astype(np.float32) for k, v in raw_feats.items()}  # as stored
         preds = []
         for model_, cfg in heads:
-            x = feats[cfg["tap"]].astype(dtypes[cfg["tap"]]).astype(np.float32)  # as stored
-            raw = np.asarray(model_.predict(x, verbose=0, batch_size=256))
+            raw = np.asarray(model_.predict(feats[cfg["tap"]], verbose=0, batch_size=256))
             preds.append(outputs_to_prediction(raw, cfg))
         short_all = []
         for i, box in enumerate(boxes):
@@ -140,7 +141,8 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
             echo(f"{path} face {i + 1} box {box}: " + ", ".join(t for t, _ in texts))
             short = " ".join(s for _, s in sorted(texts, key=lambda ts: ts[1] not in ("F", "M")))
             short_all.append(short)
-            records.append({"path": str(path), "face": i + 1, "box": box, "labels": [t for t, _ in texts]})
+            records.append({"path": str(path), "face": i + 1, "box": box, "labels": [t for t, _ in texts],
+                            **({"features": {k: v[i] for k, v in feats.items()}} if keep_features else {})})
         if annotate:
             _draw(img, boxes, short_all, Path(annotate) / f"{path.stem}.jpg")
     if annotate:

@@ -220,7 +220,9 @@ def test_evaluate_refuses_other_model_and_handles_held_out_file(trained, tmp_pat
         evaluate_head(trained, features=other)
     # same model, no split column: evaluated on every row, and said so
     held = make_features(tmp_path / "held.h5", n=300, seed=6, split=False)
+    before = (trained / "metrics.json").read_bytes()
     r = evaluate_head(trained, features=held)
+    assert (trained / "metrics.json").read_bytes() == before
     assert r["n"] == 300 and "every row of held.h5" in r["split_note"]
     assert (trained / "eval" / "synth" / "all" / "metrics.json").is_file()
     assert r["metrics"]["accuracy"] > 0.5

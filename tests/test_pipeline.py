@@ -158,8 +158,14 @@ def test_r100_path_on_a_generated_graph(utk_small, tmp_path, capsys, monkeypatch
     rc = main(["train-head", "--target", "gender", "-f", str(feats), "-l", "add_98", "--epochs", "3", "-q"])
     assert rc == 0
     head = tmp_path / "results" / "r100" / "utksmall" / "add_98" / "gender"
+    before = (head / "metrics.json").read_bytes()
     assert main(["evaluate", "--head", str(head)]) == 0
     assert "gender: accuracy" in capsys.readouterr().out
+    # a re-evaluation of the same rows gives the head's own test figure, written beside it, not over it
+    own = json.loads(before)["test"]["metrics"]
+    again = json.loads((head / "eval" / "utksmall" / "test" / "metrics.json").read_text())["metrics"]
+    assert again["accuracy"] == pytest.approx(own["accuracy"]) and again["accuracy_ci95"] == own["accuracy_ci95"]
+    assert (head / "metrics.json").read_bytes() == before
 
 
 def test_compare_sweep_trains_every_residual_unit(utk_small, tmp_path, monkeypatch, capsys):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conftest import EXPECTED_SPLIT
-
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
@@ -37,8 +35,3 @@ def test_demo_figures_in_the_readme_are_the_demo_s():
     assert m and _int(m[1]) == len(df)
     m = re.search(r"a\s+([\d,]+)-image UTKFace sample shipped in the package", README)
     assert m and _int(m[1]) == len(df)
-
-
-def test_utkface_test_split_in_the_readme_is_the_seeded_split():
-    m = re.search(r"Test split: ([\d,]+) faces", README)
-    assert m and _int(m[1]) == EXPECTED_SPLIT["utkface-dev"]["test"]  # checked on the real faces by tests/test_real.py

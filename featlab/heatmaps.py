@@ -80,7 +80,8 @@ def class_grid_png(mean_faces: np.ndarray, maps: np.ndarray, row_names: list[str
     rows, cols = maps.shape[:2]
     one = cols == 1
     nr, nc = (1, rows) if one else (rows, cols)
-    fig = _figure(2.1 * nc + 0.6, 2.1 * nr + (0.9 if one else 0.6))
+    fig_h = 2.1 * nr + (0.9 if one else 0.6)
+    fig = _figure(2.1 * nc + 0.6, fig_h)
     for r in range(rows):
         face = np.clip(mean_faces[r], 0, 255)
         for k in range(cols):
@@ -98,8 +99,8 @@ def class_grid_png(mean_faces: np.ndarray, maps: np.ndarray, row_names: list[str
                 if k == 0:
                     ax.set_ylabel(row_names[r], fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.subplots_adjust(wspace=0.04, hspace=0.08)
+        fig.suptitle(title, fontsize=9, y=1.0 - 0.12 / fig_h)
+    fig.subplots_adjust(wspace=0.04, hspace=0.08, top=1.0 - 0.5 / fig_h)
     return _save(fig, path)
 
 

@@ -361,7 +361,7 @@ class HeadScorer:
         """(explained class or None, text of the prediction) of head k for row i of ``pred``."""
         c = self.cfgs[k]
         if c["target"] == "age":
-            return None, f"age {float(pred['pred'][i]):.1f} y"
+            return None, f"{float(pred['pred'][i]):.1f} y"
         cls = int(pred["pred"][i])
         names = c.get("class_names") or []
         name = names[cls] if cls < len(names) else str(cls)

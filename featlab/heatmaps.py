@@ -55,7 +55,7 @@ def _colourbar(fig, ax, vmax: float, label: str):
 def image_png(chip: np.ndarray, maps: list, titles: list[str], path, title: str = "") -> Path:
     """The chip, then one signed map per head (own colour scale each)."""
     n = len(maps)
-    fig = _figure(2.6 * (n + 1), 3.0)
+    fig = _figure(2.9 * (n + 1), 3.0)
     ax = fig.add_subplot(1, n + 1, 1)
     ax.imshow(chip)
     ax.set_title("chip the backbone saw", fontsize=8)
@@ -66,7 +66,7 @@ def image_png(chip: np.ndarray, maps: list, titles: list[str], path, title: str 
         ax.imshow(overlay(chip, m, v))
         ax.set_title(t, fontsize=8)
         ax.axis("off")
-        _colourbar(fig, ax, v, "against  <-  0  ->  for")
+        _colourbar(fig, ax, v, "against  <-  0  ->  for" if k == n - 1 else "")
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)

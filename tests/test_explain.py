@@ -253,3 +253,33 @@ def test_importing_explain_loads_neither_tensorflow_nor_onnxruntime():
             "print(sorted(m for m in ('tensorflow', 'keras', 'onnxruntime', 'matplotlib.pyplot') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_blur_baseline_also_finds_the_quadrant(quadrant_model):
+    from featlab.explain import baseline_image
+
+    chip = _chip(4)
+    blur = baseline_image(chip, "blur", 8)
+    assert blur.shape == chip.shape and 0 < np.abs(blur - chip).mean() < np.abs(chip - chip.mean()).mean()
+    m = occlusion(quadrant_model, chip, patch=8, stride=4, baseline="blur")
+    # a blur keeps the quadrant's mean brightness, so the evidence is its fine texture and its edge: smaller and
+    # signed, but still only where the model looks
+    assert np.all(m[Q + 8 :, :] == 0) and np.all(m[:, Q + 8 :] == 0) and np.abs(m[:Q, :Q]).sum() > 0
+    assert _share_in_quadrant(m) > 0.6
+
+
+def test_dataset_view_groups_by_the_heads_target():
+    import pandas as pd
+
+    from featlab.errors import FeatlabError
+    from featlab.explain import _groups
+
+    labels = pd.DataFrame({"age": [3.0, 25.0, 70.0, np.nan], "gender": ["f", "m", "", "m"]})
+    idx, names, what = _groups([{"target": "gender"}], labels, None)
+    assert idx.tolist() == [0, 1, -1, 1] and names == ["f", "m"] and what == "gender"
+    idx, names, _ = _groups([{"target": "bins", "cats": 7}, {"target": "age", "cats": None}], labels, None)
+    assert idx.tolist() == [0, 2, 6, -1] and names[2] == "20-29"
+    idx, names, what = _groups([{"target": "age", "cats": None}], labels, 8)
+    assert idx.tolist() == [1, 4, 7, -1] and "8 groups" in what
+    with pytest.raises(FeatlabError, match="gender and age"):
+        _groups([{"target": "gender"}, {"target": "age", "cats": None}], labels, None)

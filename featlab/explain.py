@@ -488,6 +488,40 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
     return summary
 
 
+def compare_heads(features, target_name: str, results=None) -> list[Path]:
+    """Every trained head of ``target_name`` (``age``, ``bins7``, ``gender``...) on the features file's backbone,
+    dataset and model file, as ``compare`` files them (results/BACKBONE/DATASET/TAP/TARGET), shallow to deep."""
+    from . import config
+    from .backbones import Backbone
+    from .store import FeatureStore, parse_key
+
+    features = Path(features)
+    if not features.is_file():
+        raise FeatlabError(f"no such features file: {features}")
+    with FeatureStore.open_read(features) as s:
+        a = s.attrs
+    root = Path(results or config.results_dir()) / str(a.get("backbone")) / str(a.get("dataset"))
+    found = []
+    for cfg_path in sorted(root.glob(f"*/{target_name}/config.json")):
+        c = json.loads(cfg_path.read_text())
+        if (cfg_path.parent / "head.keras").is_file() and c.get("features_model_sha256") == a.get("model_sha256"):
+            found.append((cfg_path.parent, c))
+    if not found:
+        raise FeatlabError(f"no trained '{target_name}' heads of this model file under {root}; train them with "
+                           "`featlab train-head` or `featlab compare --sweep`")
+    model = a.get("model_path") if a.get("model_path") and Path(str(a.get("model_path"))).is_file() else None
+    bb = Backbone(str(a["backbone"]), model)
+
+    def depth(c):
+        try:
+            return bb.tap(parse_key(c["tap"])[0]).index
+        except FeatlabError:
+            return 1 << 30
+
+    found.sort(key=lambda dc: (depth(dc[1]), dc[1]["tap"]))
+    return [d for d, _ in found]
+
+
 def _groups(cfgs: list[dict], labels, groups: str | int | None):
     """(group index per row (-1: none), group names, what the groups are)."""
     from .bins import get_scheme

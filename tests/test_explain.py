@@ -283,3 +283,25 @@ def test_dataset_view_groups_by_the_heads_target():
     assert idx.tolist() == [1, 4, 7, -1] and "8 groups" in what
     with pytest.raises(FeatlabError, match="gender and age"):
         _groups([{"target": "gender"}, {"target": "age", "cats": None}], labels, None)
+
+
+def test_compare_finds_the_heads_of_the_features_file(age_head, capsys, tmp_path):
+    from featlab.errors import FeatlabError
+    from featlab.explain import compare_heads
+
+    work, feats, head = age_head
+    # a second, shallower head filed beside it (a copy of the same files under res3) comes first
+    shallow = work / "results" / head.relative_to(work / "results").parts[0] / head.parts[-3] / "res3" / "age"
+    shallow.mkdir(parents=True, exist_ok=True)
+    for f in ("head.keras", "config.json"):
+        (shallow / f).write_bytes((head / f).read_bytes())
+    try:
+        assert compare_heads(feats, "age", results=work / "results") == [shallow, head]
+        with pytest.raises(FeatlabError, match="no trained 'gender' heads"):
+            compare_heads(feats, "gender", results=work / "results")
+    finally:
+        import shutil
+
+        shutil.rmtree(shallow.parent)
+    assert main(["explain", "--compare", "age", "--out", str(tmp_path / "o")]) == 2
+    assert "--compare needs --features" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -64,7 +64,7 @@ class Settings:
     batch: int = 64          # masked chips per call of the scorer
     seed: int = 0
 
-    def check(self) -> "Settings":
+    def check(self) -> Settings:
         for name in ("patch", "stride", "masks", "rise_grid", "cell", "steps", "batch"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:

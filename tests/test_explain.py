@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 
 from featlab.cli import main
-from featlab.explain import (Settings, cell_order, deletion_curve, occlusion, random_order, rise,
-                             summarise_curves)
+from featlab.explain import (
+    Settings,
+    cell_order,
+    deletion_curve,
+    occlusion,
+    random_order,
+    rise,
+    summarise_curves,
+)
 
 SIZE = 64
 Q = SIZE // 2
@@ -211,7 +218,7 @@ def test_explain_dataset_view_end_to_end(age_head, tmp_path, capsys):
 def test_bad_inputs_write_nothing(age_head, tmp_path, capsys):
     from PIL import Image
 
-    work, feats, head = age_head
+    _, feats, head = age_head
     lawn = tmp_path / "lawn.jpg"
     Image.new("RGB", (300, 300), (30, 200, 90)).save(lawn)
     broken = tmp_path / "broken.jpg"

@@ -488,6 +488,32 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
     return summary
 
 
+def _check_not_stale(scorer: HeadScorer, features: Path, rows: np.ndarray, chips: list, paths: list,
+                     tolerance: float = 0.02) -> None:
+    """The chips cut now must give the tap rows the features file holds (relative L2 difference per face within
+    ``tolerance``): otherwise the images changed since extraction, or the chips are not cut the same way."""
+    from .extract import stored_features
+    from .store import FeatureStore
+
+    with FeatureStore.open_read(features) as s:
+        for key in scorer.keys:
+            stored_key = s.resolve_key(key)
+            if stored_key is None:
+                raise FeatlabError(f"{features.name} has no tap {key}, which the head reads")
+            stored = s.read(stored_key, rows).reshape(len(rows), -1)
+            for a in range(0, len(chips), 64):
+                now = stored_features(scorer.runner, np.stack(chips[a : a + 64]), {key: scorer.keys[key]},
+                                      scorer.flip)[key].astype(np.float32).reshape(-1, stored.shape[1])
+                ref = stored[a : a + 64]
+                err = np.linalg.norm(now - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-6)
+                bad = np.flatnonzero(~(err <= tolerance))
+                if len(bad):
+                    i = a + int(bad[0])
+                    raise FeatlabError(f"{paths[i]} no longer gives the {key} features stored in {features.name} "
+                                       f"(relative difference {err[bad[0]]:.3f}): the image changed since extraction; "
+                                       "extract again")
+
+
 def compare_heads(features, target_name: str, results=None) -> list[Path]:
     """Every trained head of ``target_name`` (``age``, ``bins7``, ``gender``...) on the features file's backbone,
     dataset and model file, as ``compare`` files them (results/BACKBONE/DATASET/TAP/TARGET), shallow to deep."""
@@ -589,6 +615,7 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
         c["_dir"] = str(d)
     align = bool(attrs.get("align", False))
     chips = [_chip_for(scorer, p, align) for p in paths]
+    _check_not_stale(scorer, features, rows, chips, paths)
     h, w = chips[0].shape[:2]
     K, G = len(scorer.cfgs), len(names)
     sums = {m: np.zeros((G, K, h, w)) for m in methods}

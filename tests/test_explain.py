@@ -312,3 +312,20 @@ def test_compare_finds_the_heads_of_the_features_file(age_head, capsys, tmp_path
         shutil.rmtree(shallow.parent)
     assert main(["explain", "--compare", "age", "--out", str(tmp_path / "o")]) == 2
     assert "--compare needs --features" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_dataset_view_refuses_images_changed_since_extraction(age_head):
+    from featlab.errors import FeatlabError
+    from featlab.explain import HeadScorer, _check_not_stale, _chip_for
+    from featlab.store import FeatureStore
+
+    _, feats, head = age_head
+    with FeatureStore.open_read(feats) as s:
+        paths = [Path(p) for p in s.labels()["path"].to_numpy()[[3, 8, 20]]]
+    rows = np.array([3, 8, 20])
+    scorer = HeadScorer([head])
+    chips = [_chip_for(scorer, p, False) for p in paths]
+    _check_not_stale(scorer, feats, rows, chips, paths)  # as extracted: passes
+    chips[1] = np.ascontiguousarray(chips[1][:, ::-1])  # "the image changed": mirrored
+    with pytest.raises(FeatlabError, match=f"{paths[1].name} no longer gives the res5 features"):
+        _check_not_stale(scorer, feats, rows, chips, paths)

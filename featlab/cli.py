@@ -538,6 +538,7 @@ def explain(
     n: int = typer.Option(200, "--n", help="dataset view: number of faces"),
     split: str = typer.Option("test", "--split", help="dataset view: which split's faces"),
     groups: Optional[int] = typer.Option(None, "--groups", help="dataset view, age heads: 5, 7 or 8 age groups [the head's, else 5]"),
+    compare: Optional[str] = typer.Option(None, "--compare", help="dataset view: every trained head of this target (age, bins7, gender...) of the features file's backbone, shallow to deep"),
     model: Optional[str] = typer.Option(None, "--model", help="backbone model file, if not the one recorded in the head"),
     no_align: bool = typer.Option(False, "--no-align", help="images are already aligned crops: no detection"),
 ):
@@ -547,8 +548,17 @@ def explain(
     settings = Settings(patch=patch, stride=stride, masks=masks, baseline=baseline, cell=cell, steps=steps,
                         batch=batch, seed=seed).check()
     methods = check_methods(method)
-    heads = check_head_dirs(head)
     out = Path(_need(out, "--out", "pass --out DIR for the figures"))
+    if compare is not None:
+        if features is None:
+            raise FeatlabError("--compare needs --features FILE.h5 (the dataset view)")
+        if head:
+            raise FeatlabError("give --head DIR... or --compare TARGET, not both")
+        from .explain import compare_heads
+
+        head = compare_heads(features, compare)
+        _echo("heads: " + ", ".join(str(h) for h in head))
+    heads = check_head_dirs(head)
     if groups is not None:
         from .bins import get_scheme
 

@@ -64,7 +64,7 @@ class Settings:
     batch: int = 64          # masked chips per call of the scorer
     seed: int = 0
 
-    def check(self) -> "Settings":
+    def check(self) -> Settings:
         for name in ("patch", "stride", "masks", "rise_grid", "cell", "steps", "batch"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
@@ -361,7 +361,7 @@ class HeadScorer:
         """(explained class or None, text of the prediction) of head k for row i of ``pred``."""
         c = self.cfgs[k]
         if c["target"] == "age":
-            return None, f"age {float(pred['pred'][i]):.1f} y"
+            return None, f"{float(pred['pred'][i]):.1f} y"
         cls = int(pred["pred"][i])
         names = c.get("class_names") or []
         name = names[cls] if cls < len(names) else str(cls)
@@ -488,6 +488,66 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
     return summary
 
 
+def _check_not_stale(scorer: HeadScorer, features: Path, rows: np.ndarray, chips: list, paths: list,
+                     tolerance: float = 0.02) -> None:
+    """The chips cut now must give the tap rows the features file holds (relative L2 difference per face within
+    ``tolerance``): otherwise the images changed since extraction, or the chips are not cut the same way."""
+    from .extract import stored_features
+    from .store import FeatureStore
+
+    with FeatureStore.open_read(features) as s:
+        for key in scorer.keys:
+            stored_key = s.resolve_key(key)
+            if stored_key is None:
+                raise FeatlabError(f"{features.name} has no tap {key}, which the head reads")
+            stored = s.read(stored_key, rows).reshape(len(rows), -1)
+            for a in range(0, len(chips), 64):
+                now = stored_features(scorer.runner, np.stack(chips[a : a + 64]), {key: scorer.keys[key]},
+                                      scorer.flip)[key].astype(np.float32).reshape(-1, stored.shape[1])
+                ref = stored[a : a + 64]
+                err = np.linalg.norm(now - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-6)
+                bad = np.flatnonzero(~(err <= tolerance))
+                if len(bad):
+                    i = a + int(bad[0])
+                    raise FeatlabError(f"{paths[i]} no longer gives the {key} features stored in {features.name} "
+                                       f"(relative difference {err[bad[0]]:.3f}): the image changed since extraction; "
+                                       "extract again")
+
+
+def compare_heads(features, target_name: str, results=None) -> list[Path]:
+    """Every trained head of ``target_name`` (``age``, ``bins7``, ``gender``...) on the features file's backbone,
+    dataset and model file, as ``compare`` files them (results/BACKBONE/DATASET/TAP/TARGET), shallow to deep."""
+    from . import config
+    from .backbones import Backbone
+    from .store import FeatureStore, parse_key
+
+    features = Path(features)
+    if not features.is_file():
+        raise FeatlabError(f"no such features file: {features}")
+    with FeatureStore.open_read(features) as s:
+        a = s.attrs
+    root = Path(results or config.results_dir()) / str(a.get("backbone")) / str(a.get("dataset"))
+    found = []
+    for cfg_path in sorted(root.glob(f"*/{target_name}/config.json")):
+        c = json.loads(cfg_path.read_text())
+        if (cfg_path.parent / "head.keras").is_file() and c.get("features_model_sha256") == a.get("model_sha256"):
+            found.append((cfg_path.parent, c))
+    if not found:
+        raise FeatlabError(f"no trained '{target_name}' heads of this model file under {root}; train them with "
+                           "`featlab train-head` or `featlab compare --sweep`")
+    model = a.get("model_path") if a.get("model_path") and Path(str(a.get("model_path"))).is_file() else None
+    bb = Backbone(str(a["backbone"]), model)
+
+    def depth(c):
+        try:
+            return bb.tap(parse_key(c["tap"])[0]).index
+        except FeatlabError:
+            return 1 << 30
+
+    found.sort(key=lambda dc: (depth(dc[1]), dc[1]["tap"]))
+    return [d for d, _ in found]
+
+
 def _groups(cfgs: list[dict], labels, groups: str | int | None):
     """(group index per row (-1: none), group names, what the groups are)."""
     from .bins import get_scheme
@@ -555,6 +615,7 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
         c["_dir"] = str(d)
     align = bool(attrs.get("align", False))
     chips = [_chip_for(scorer, p, align) for p in paths]
+    _check_not_stale(scorer, features, rows, chips, paths)
     h, w = chips[0].shape[:2]
     K, G = len(scorer.cfgs), len(names)
     sums = {m: np.zeros((G, K, h, w)) for m in methods}

@@ -55,7 +55,7 @@ def _colourbar(fig, ax, vmax: float, label: str):
 def image_png(chip: np.ndarray, maps: list, titles: list[str], path, title: str = "") -> Path:
     """The chip, then one signed map per head (own colour scale each)."""
     n = len(maps)
-    fig = _figure(2.6 * (n + 1), 3.0)
+    fig = _figure(2.9 * (n + 1), 3.0)
     ax = fig.add_subplot(1, n + 1, 1)
     ax.imshow(chip)
     ax.set_title("chip the backbone saw", fontsize=8)
@@ -66,7 +66,7 @@ def image_png(chip: np.ndarray, maps: list, titles: list[str], path, title: str 
         ax.imshow(overlay(chip, m, v))
         ax.set_title(t, fontsize=8)
         ax.axis("off")
-        _colourbar(fig, ax, v, "against  <-  0  ->  for")
+        _colourbar(fig, ax, v, "against  <-  0  ->  for" if k == n - 1 else "")
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)
@@ -80,7 +80,8 @@ def class_grid_png(mean_faces: np.ndarray, maps: np.ndarray, row_names: list[str
     rows, cols = maps.shape[:2]
     one = cols == 1
     nr, nc = (1, rows) if one else (rows, cols)
-    fig = _figure(2.1 * nc + 0.6, 2.1 * nr + (0.9 if one else 0.6))
+    fig_h = 2.1 * nr + (0.9 if one else 0.6)
+    fig = _figure(2.1 * nc + 0.6, fig_h)
     for r in range(rows):
         face = np.clip(mean_faces[r], 0, 255)
         for k in range(cols):
@@ -98,8 +99,8 @@ def class_grid_png(mean_faces: np.ndarray, maps: np.ndarray, row_names: list[str
                 if k == 0:
                     ax.set_ylabel(row_names[r], fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.subplots_adjust(wspace=0.04, hspace=0.08)
+        fig.suptitle(title, fontsize=9, y=1.0 - 0.12 / fig_h)
+    fig.subplots_adjust(wspace=0.04, hspace=0.08, top=1.0 - 0.5 / fig_h)
     return _save(fig, path)
 
 

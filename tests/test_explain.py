@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 
 from featlab.cli import main
-from featlab.explain import (Settings, cell_order, deletion_curve, occlusion, random_order, rise,
-                             summarise_curves)
+from featlab.explain import (
+    Settings,
+    cell_order,
+    deletion_curve,
+    occlusion,
+    random_order,
+    rise,
+    summarise_curves,
+)
 
 SIZE = 64
 Q = SIZE // 2
@@ -211,7 +218,7 @@ def test_explain_dataset_view_end_to_end(age_head, tmp_path, capsys):
 def test_bad_inputs_write_nothing(age_head, tmp_path, capsys):
     from PIL import Image
 
-    work, feats, head = age_head
+    _, feats, head = age_head
     lawn = tmp_path / "lawn.jpg"
     Image.new("RGB", (300, 300), (30, 200, 90)).save(lawn)
     broken = tmp_path / "broken.jpg"
@@ -253,3 +260,72 @@ def test_importing_explain_loads_neither_tensorflow_nor_onnxruntime():
             "print(sorted(m for m in ('tensorflow', 'keras', 'onnxruntime', 'matplotlib.pyplot') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_blur_baseline_also_finds_the_quadrant(quadrant_model):
+    from featlab.explain import baseline_image
+
+    chip = _chip(4)
+    blur = baseline_image(chip, "blur", 8)
+    assert blur.shape == chip.shape and 0 < np.abs(blur - chip).mean() < np.abs(chip - chip.mean()).mean()
+    m = occlusion(quadrant_model, chip, patch=8, stride=4, baseline="blur")
+    # a blur keeps the quadrant's mean brightness, so the evidence is its fine texture and its edge: smaller and
+    # signed, but still only where the model looks
+    assert np.all(m[Q + 8 :, :] == 0) and np.all(m[:, Q + 8 :] == 0) and np.abs(m[:Q, :Q]).sum() > 0
+    assert _share_in_quadrant(m) > 0.6
+
+
+def test_dataset_view_groups_by_the_heads_target():
+    import pandas as pd
+
+    from featlab.errors import FeatlabError
+    from featlab.explain import _groups
+
+    labels = pd.DataFrame({"age": [3.0, 25.0, 70.0, np.nan], "gender": ["f", "m", "", "m"]})
+    idx, names, what = _groups([{"target": "gender"}], labels, None)
+    assert idx.tolist() == [0, 1, -1, 1] and names == ["f", "m"] and what == "gender"
+    idx, names, _ = _groups([{"target": "bins", "cats": 7}, {"target": "age", "cats": None}], labels, None)
+    assert idx.tolist() == [0, 2, 6, -1] and names[2] == "20-29"
+    idx, names, what = _groups([{"target": "age", "cats": None}], labels, 8)
+    assert idx.tolist() == [1, 4, 7, -1] and "8 groups" in what
+    with pytest.raises(FeatlabError, match="gender and age"):
+        _groups([{"target": "gender"}, {"target": "age", "cats": None}], labels, None)
+
+
+def test_compare_finds_the_heads_of_the_features_file(age_head, capsys, tmp_path):
+    from featlab.errors import FeatlabError
+    from featlab.explain import compare_heads
+
+    work, feats, head = age_head
+    # a second, shallower head filed beside it (a copy of the same files under res3) comes first
+    shallow = work / "results" / head.relative_to(work / "results").parts[0] / head.parts[-3] / "res3" / "age"
+    shallow.mkdir(parents=True, exist_ok=True)
+    for f in ("head.keras", "config.json"):
+        (shallow / f).write_bytes((head / f).read_bytes())
+    try:
+        assert compare_heads(feats, "age", results=work / "results") == [shallow, head]
+        with pytest.raises(FeatlabError, match="no trained 'gender' heads"):
+            compare_heads(feats, "gender", results=work / "results")
+    finally:
+        import shutil
+
+        shutil.rmtree(shallow.parent)
+    assert main(["explain", "--compare", "age", "--out", str(tmp_path / "o")]) == 2
+    assert "--compare needs --features" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_dataset_view_refuses_images_changed_since_extraction(age_head):
+    from featlab.errors import FeatlabError
+    from featlab.explain import HeadScorer, _check_not_stale, _chip_for
+    from featlab.store import FeatureStore
+
+    _, feats, head = age_head
+    with FeatureStore.open_read(feats) as s:
+        paths = [Path(p) for p in s.labels()["path"].to_numpy()[[3, 8, 20]]]
+    rows = np.array([3, 8, 20])
+    scorer = HeadScorer([head])
+    chips = [_chip_for(scorer, p, False) for p in paths]
+    _check_not_stale(scorer, feats, rows, chips, paths)  # as extracted: passes
+    chips[1] = np.ascontiguousarray(chips[1][:, ::-1])  # "the image changed": mirrored
+    with pytest.raises(FeatlabError, match=f"{paths[1].name} no longer gives the res5 features"):
+        _check_not_stale(scorer, feats, rows, chips, paths)

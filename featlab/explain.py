@@ -519,6 +519,7 @@ def compare_heads(features, target_name: str, results=None) -> list[Path]:
     dataset and model file, as ``compare`` files them (results/BACKBONE/DATASET/TAP/TARGET), shallow to deep."""
     from . import config
     from .backbones import Backbone
+    from .paths import dataset_key, feature_set
     from .store import FeatureStore, parse_key
 
     features = Path(features)
@@ -526,7 +527,7 @@ def compare_heads(features, target_name: str, results=None) -> list[Path]:
         raise FeatlabError(f"no such features file: {features}")
     with FeatureStore.open_read(features) as s:
         a = s.attrs
-    root = Path(results or config.results_dir()) / str(a.get("backbone")) / str(a.get("dataset"))
+    root = Path(results or config.results_dir()) / str(a.get("backbone")) / dataset_key(feature_set(a))
     found = []
     for cfg_path in sorted(root.glob(f"*/{target_name}/config.json")):
         c = json.loads(cfg_path.read_text())

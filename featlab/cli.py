@@ -540,7 +540,8 @@ def explain(
     groups: Optional[int] = typer.Option(None, "--groups", help="dataset view, age heads: 5, 7 or 8 age groups [the head's, else 5]"),
     compare: Optional[str] = typer.Option(None, "--compare", help="dataset view: every trained head of this target (age, bins7, gender...) of the features file's backbone, shallow to deep"),
     model: Optional[str] = typer.Option(None, "--model", help="backbone model file, if not the one recorded in the head"),
-    no_align: bool = typer.Option(False, "--no-align", help="images are already aligned crops: no detection"),
+    detect: Optional[bool] = typer.Option(None, "--detect/--no-detect",
+                                          help="find and align the face [as the heads' training features were made]"),
 ):
     """Signed heatmaps (occlusion, RISE) of where heads find their evidence, with deletion curves vs random order."""
     from .explain import Settings, check_head_dirs, check_methods
@@ -574,7 +575,7 @@ def explain(
         raise FeatlabError("no images given: pass image files or folders, or --features FILE.h5 for the dataset view")
     from .explain import explain_images
 
-    explain_images(images, heads, out, methods, settings, model=model, align=not no_align, echo=_echo)
+    explain_images(images, heads, out, methods, settings, model=model, align=detect, echo=_echo)
 
 
 @convert_app.command("dlib")

@@ -434,12 +434,12 @@ def _chip_for(scorer: HeadScorer, path: Path, align: bool) -> np.ndarray:
         return scorer.geometry.chip(img, align=False)
     faces = scorer.geometry.faces(img, largest_only=True)
     if not faces:
-        raise FeatlabError(f"{path}: no face found (pass --no-align for images that are already face crops)")
+        raise FeatlabError(f"{path}: no face found (pass --no-detect for images that are already face crops)")
     return faces[0].chip
 
 
 def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Settings | None = None,
-                   model: str | None = None, align: bool = True, echo=print) -> dict:
+                   model: str | None = None, align: bool | None = None, echo=print) -> dict:
     """Per image (its largest face) and method: one PNG with the chip and a signed map per head, the prediction
     in each title; and explain_summary.json. Every image is checked and explained before anything is written."""
     from .heatmaps import deletion_png, image_png
@@ -453,6 +453,7 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
     scorer = HeadScorer(head_dirs, model)
     for d, c in zip(head_dirs, scorer.cfgs):
         c["_dir"] = str(d)
+    align = scorer.align if align is None else bool(align)  # default: as the heads' features were made
     chips = [_chip_for(scorer, p, align) for p in paths]  # every image first: one bad one stops before any work
     curves = {(m, k): _Curves() for m in methods for k in range(len(scorer.cfgs))}
     figures = []

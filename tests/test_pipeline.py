@@ -187,3 +187,30 @@ def test_compare_sweep_trains_every_residual_unit(utk_small, tmp_path, monkeypat
         assert row["accuracy"] == pytest.approx(faces[faces.split == "test"]["accuracy"].mean())
         val[row["tap"]] = json.loads((d / "metrics.json").read_text())["val"]["metrics"]["accuracy"]
     assert list(heads[heads.chosen]["tap"]) == [max(val, key=val.get)]
+
+
+def test_readme_demo_table_is_what_the_demo_makes(demo_dir):
+    """The README's demo table: the same chosen taps and, within a rounding-level tolerance, the same figures
+    and intervals as a fresh demo run (summary_table is what report.md holds)."""
+    import re
+
+    from featlab.compare import compare
+    from featlab.experiment import summary_table
+
+    out, _ = demo_dir
+    comps = {t: compare("dlib-rec", "utkface-sample", target=tg, cats=c, results_root=out / "results")
+             for t, tg, c in (("bins7", "bins", 7), ("age", "age", None), ("gender", "gender", None))}
+    ours = [x for x in summary_table(comps)[2:]]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### The demo"):readme.index("### UTKFace")]
+    theirs = [x for x in section.splitlines() if x.startswith("| ") and ("bins," in x or "MAE" in x or "gender," in x)]
+    assert len(theirs) == len(ours) == 3
+
+    def numbers(line):
+        return [float(v) for v in re.findall(r"\d+\.\d+", line)]
+
+    for a, b in zip(ours, theirs):
+        assert a.split("|")[1:3] == b.split("|")[1:3]  # target and the tap chosen on validation
+        x, y = numbers(a), numbers(b)
+        assert len(x) == len(y) and np.allclose(x, y, atol=2.6), (a, b)  # within ~3 test faces of 119
+        assert a.count("*") == b.count("*")

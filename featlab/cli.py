@@ -472,6 +472,12 @@ def compare(
 
     tgt, cats = head_target(target, cats or (None if (target or regression) else 7), regression)
     res = compare_cmd(tgt, cats, backbone=backbone, dataset=dataset, sweep=sweep, features=features, manifest=manifest)
+    from .experiment import comparison_table
+
+    _echo(f"chosen on validation: {res['chosen']} (test figures with 95 % intervals; p: paired test against the "
+          "chosen tap, Benjamini-Hochberg adjusted)")
+    for line in comparison_table(res):
+        _echo(line)
     for p in res.get("files", []):
         _echo(f"wrote {p}")
 

@@ -48,6 +48,8 @@ from .keras_env import keras as _keras
 from .labels import encode_target, split_rows, target_name
 from .model import build_model
 from .store import FeatureStore
+STEPS_PER_EXECUTION = 16  # batches per call of the traced train step: less Python per batch, same batches
+
 from .train import (_setup_tf, check_hyperparameters, fit_head, loss_and_metrics, make_optimizer, plan_head,
                     save_head)
 
@@ -193,7 +195,7 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
         outputs = [subs[i]([inputs[p] for p in plans[i]["parts"]] if plans[i]["fused"] else inputs[plans[i]["parts"][0]])
                    for i in run]
         joint = keras.Model([inputs[p] for p in used], outputs, name="featlab_grid")
-        joint.compile(optimizer=optimizer, loss=[losses[i] for i in run])
+        joint.compile(optimizer=optimizer, loss=[losses[i] for i in run], steps_per_execution=STEPS_PER_EXECUTION)
         stopper.running = run
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluate import score_predictions
-from .featureio import pool_np, read_blocks, row_bytes
+from .featureio import read_blocks, read_pooled, row_bytes
 from .labels import encode_target, selection_metric, split_rows
 from .store import FeatureStore
 
@@ -33,7 +33,7 @@ ALPHA_GRID = (1.0, 10.0, 100.0, 1000.0, 10000.0)
 def _design(store: FeatureStore, key: str, rows, pool, mean, std, budget: int) -> np.ndarray:
     parts = []
     for r in read_blocks(rows, store, key, max(1 << 20, budget // 4)):
-        x = pool_np(store.read(key, r), pool).reshape(len(r), -1)
+        x = read_pooled(store, key, r, pool)  # a fusion key: its taps concatenated
         parts.append(((x - mean) / std).astype(np.float32))
     return np.concatenate(parts) if parts else np.empty((0, len(mean)), np.float32)
 

@@ -367,12 +367,38 @@ def import_cmd(
 
 
 # ------------------------------------------------------------------------------------ heads
+def head_targets(targets, cats, regression: bool = False) -> list[tuple[str, int | None]]:
+    """CLI choices -> [(target, cats)]: every ``--cats`` value is a bin scheme, ``--regression`` is age,
+    each ``--target`` (repeatable, or a comma list) is age, gender, ``bins8`` or ``bins`` (whose
+    schemes are the ``--cats`` values). ``--cats 7``, ``--regression``, ``--target gender`` and
+    ``--target bins --cats 7`` alone mean one head, as always."""
+    from .recipes import head_target
+
+    targets = [t.strip() for v in (targets or []) for t in str(v).split(",") if t.strip()]
+    cats = list(cats or [])
+    out: list[tuple[str, int | None]] = []
+    for t in targets:
+        if t == "bins":
+            if not cats:
+                raise FeatlabError("--target bins needs --cats 5, 7 or 8")
+        elif t.startswith("bins") and t[4:].isdigit():
+            out.append(head_target("bins", int(t[4:])))
+        else:
+            out.append(head_target(t, None))
+    out += [head_target("bins", c) for c in cats]
+    if regression:
+        out.append(("age", None))
+    if not out:
+        head_target(None, None)  # raises: say what to predict
+    return list(dict.fromkeys(out))
+
+
 @app.command("train-head")
 def train_head(
-    cats: Optional[int] = typer.Option(None, "--cats", help="age bins: 5, 7 or 8 groups"),
+    cats: Optional[List[int]] = typer.Option(None, "--cats", help="age bins: 5, 7 or 8 groups; repeat for several"),
     regression: bool = typer.Option(False, "--regression", help="age in years"),
-    target: Optional[str] = typer.Option(None, "--target", help="bins, age or gender"),
-    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="tap key in the features file [featlab.toml head.layer]"),
+    target: Optional[List[str]] = typer.Option(None, "--target", help="bins, age or gender (or bins8); repeat or comma-separate for several"),
+    layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="tap key in the features file; repeat for several; a+b fuses taps into one head [featlab.toml head.layer]"),
     features: Optional[Path] = typer.Option(None, "--features", "-f", help="features .h5 [featlab.toml head.features]"),
     fold: Optional[str] = typer.Option(None, "--fold", help="Adience protocol: test fold K (train on the others)"),
     folds: Optional[str] = typer.Option(None, "--folds", help="'all' runs the 5-fold protocol"),
@@ -386,10 +412,11 @@ def train_head(
     memory_mb: Optional[float] = typer.Option(None, "--memory-mb", help="memory budget for features [featlab.toml head.memory_mb, 2048]"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """Train a lean Keras head on one tap; score it on val (for choices) and test (to report), with baselines."""
-    from .recipes import head_target, parse_hidden, run_head
+    """Train lean Keras heads on taps; score each on val (for choices) and test (to report), with baselines.
+    Several --layer and targets train every (tap, target) head together in one pass (featlab.grid)."""
+    from .recipes import parse_hidden, run_head
 
-    tgt, cats = head_target(target, cats, regression)
+    tgts = head_targets(target, cats, regression)
     fold_arg = _fold_choice(fold, folds)
     parse_hidden(hidden)
     _positive(epochs, "--epochs")
@@ -408,12 +435,24 @@ def train_head(
         raise FeatlabError("--memory-mb (or [head] memory_mb) must be a positive number of MiB")
     features = Path(_need(features or _cfg("head", "features") or _default_features(), "--features",
                           "pass --features FILE.h5 or set [head].features (or [paths].manifest and [extract].backbone) in featlab.toml"))
-    layer = _need(layer or _cfg("head", "layer") or _only_tap(features), "--layer",
-                  f"pass --layer TAP or set [head].layer in featlab.toml (see `featlab info {features}`)")
+    layers = list(dict.fromkeys(layer or [])) or [
+        _need(_cfg("head", "layer") or _only_tap(features), "--layer",
+              f"pass --layer TAP or set [head].layer in featlab.toml (see `featlab info {features}`)")]
     opts = {k: v for k, v in dict(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, ordinal=ordinal).items() if v is not None}
-    out = run_head(features, layer, tgt, cats, fold=fold_arg, seed=seed, seeds=seeds, memory_mb=memory_mb,
-                   verbose=0 if quiet else 1, **opts)
-    _echo(f"head written to {out}")
+    if len(layers) == 1 and len(tgts) == 1:
+        out = run_head(features, layers[0], tgts[0][0], tgts[0][1], fold=fold_arg, seed=seed, seeds=seeds,
+                       memory_mb=memory_mb, verbose=0 if quiet else 1, **opts)
+        _echo(f"head written to {out}")
+        return
+    from .workflow import train_grid
+
+    h = parse_hidden(opts.pop("hidden", None))
+    if h is not None:
+        opts["hidden"] = h
+    outs = train_grid(features, layers, tgts, fold=fold_arg, seed=seed, seeds=seeds, memory_mb=memory_mb,
+                      verbose=0 if quiet else 1, **opts)
+    for d in outs:
+        _echo(f"head written to {d}")
 
 
 def _default_features():

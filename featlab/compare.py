@@ -96,8 +96,9 @@ def gather(backbone: str, dataset: str, target: str = "bins", cats=7, results_ro
 
 def tap_positions(backbone: str, keys: list[str], features_files: list[str] = ()) -> dict[str, tuple]:
     """Sort key per tap key: (0, graph index) from the backbone's graph, else (1, position in a features
-    file's taps attribute), else (2, natural name order)."""
-    pos: dict[str, tuple] = {}
+    file's taps attribute), else (2, natural name order); fusion heads (``a+b``) last: (3, natural order)."""
+    pos: dict[str, tuple] = {k: (3, 0, _natural(k)) for k in keys if "+" in k}
+    keys = [k for k in keys if k not in pos]
     try:
         from .backbones import Backbone
 
@@ -138,7 +139,7 @@ def _ordered(records: list[dict], backbone: str) -> list[dict]:
     pos = tap_positions(backbone, [r["key"] for r in records], [r["features"] for r in records])
     for r in records:
         r["position"] = pos[r["key"]][1] if pos[r["key"]][0] == 0 else None
-        r["order_source"] = ("graph", "features file", "name")[pos[r["key"]][0]]
+        r["order_source"] = ("graph", "features file", "name", "fusion")[pos[r["key"]][0]]
     return sorted(records, key=lambda r: (pos[r["key"]][0], pos[r["key"]][1], _natural(r["key"])))
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from . import metrics as M
 from .bins import get_scheme
 from .errors import FeatlabError
+from .featureio import check_finite
 from .labels import GENDERS, HEADLINE, encode_target, face_scores, split_rows
 from .paths import dataset_key, differences, feature_set
 from .store import FeatureStore
@@ -58,6 +59,10 @@ def check_compatible(store: FeatureStore, cfg: dict) -> None:
             f"{store.path} was extracted with another model file (model_sha256 {str(have)[:12]}..., the head was "
             f"trained on {str(want)[:12]}... from {cfg.get('backbone')}); heads only apply to features of the same model"
         )
+    if cfg.get("fusion"):  # a fusion head: every tap checked like a head of its own
+        for part in cfg["fusion"]:
+            check_compatible(store, {**cfg, **part, "fusion": None})
+        return
     key = cfg["tap"]
     if key not in store.keys():
         have_keys = ", ".join(store.keys()) or "none"
@@ -79,7 +84,7 @@ def score_rows(model, cfg: dict, store: FeatureStore, rows: np.ndarray, labels=N
     from .model import predict_rows
 
     labels = store.labels() if labels is None else labels
-    store.check_finite(cfg["tap"], rows)
+    check_finite(store, cfg["tap"], rows)
     target, cats = cfg["target"], cfg.get("cats")
     y_all, _ = encode_target(labels, target, cats)
     pred = predict_rows(model, cfg, store, rows)

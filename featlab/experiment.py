@@ -164,10 +164,7 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
 
     keys = list(resolve_keys(bb, taps, ex.get("pool")))
     heads = _heads(spec)
-    results = {}
-    for key in keys:
-        for h in heads:
-            results[(key, target_name(h["target"], h["cats"]))] = _head_step(rep.out, key, h, int(spec.get("seed", 0)), force, echo)
+    results = _heads_step(rep.out, keys, heads, int(spec.get("seed", 0)), force, echo)
     if spec.get("zero_shot", True):
         _zero_shot_step(rep.out, heads, echo)
     from .compare import compare
@@ -228,34 +225,80 @@ def _prepare_step(adapter, dataset, root: Path, options: dict, seed: int, force:
     return out
 
 
-def _head_step(features: Path, key: str, h: dict, seed: int, force: bool, echo) -> dict:
+def _head_inputs(features: Path, key: str, h: dict, seed: int, attrs: dict, n: int, shape) -> tuple[str, dict, Path]:
+    """(fingerprint, inputs, folder) of one (tap, target) head of a spec."""
     from .paths import head_dir, head_key
-    from .recipes import run_head
-    from .store import FeatureStore
 
-    with FeatureStore.open_read(features) as s:
-        attrs = s.attrs
-        n = s.nrows
-        shape = s.array(key).shape[1:] if key in s.keys() else ()
     opts = {k: v for k, v in h.items() if k not in ("target", "cats", "fold")}
     fold = h.get("fold")
     inputs = {"features": str(Path(features).resolve()), "model_sha256": attrs.get("model_sha256"), "rows": n,
               "key": key, "target": h["target"], "cats": h["cats"], "fold": fold, "seed": seed, "options": opts}
-    fp = _fingerprint(inputs)
-    tname = target_name(h["target"], h["cats"])
     ident = feature_set(attrs, key)
     folder = head_dir(attrs["backbone"], dataset_key(ident), head_key(key, opts.get("pool"), shape, ident["dtype"]),
-                      tname, None if fold == "all" else fold)
-    if not force and _is_current(folder, fp, "metrics.json"):
-        echo(f"[head] {key} -> {tname}: current, skipped")
-    else:
-        folder = run_head(features, key, h["target"], h["cats"], fold=fold, seed=seed, verbose=0, **opts)
-        _mark(folder, fp, inputs)
-    m = json.loads((folder / "metrics.json").read_text())
-    val = ", ".join(f"{k} {format_figure(k, v)}" for k, (v, _) in headline(m, "val").items())
-    test = ", ".join(f"{k} {format_figure(k, v, ci)}" for k, (v, ci) in headline(m).items())
-    echo(f"[head] {key} -> {tname}: val {val}; test {test}")
-    return m
+                      target_name(h["target"], h["cats"]), None if fold == "all" else fold)
+    return _fingerprint(inputs), inputs, folder
+
+
+def _heads_step(features: Path, keys: list[str], heads: list[dict], seed: int, force: bool, echo) -> dict:
+    """Every (tap, head) of a spec: current ones skipped, the others trained together, one grid
+    (:func:`featlab.workflow.train_grid`) per set of options, fold and taps."""
+    from .store import FeatureStore
+
+    with FeatureStore.open_read(features) as s:
+        attrs, n = s.attrs, s.nrows
+        shapes = {k: (s.array(k).shape[1:] if k in s.keys() else ()) for k in keys}
+    todo: dict[str, list] = {}
+    steps = {}
+    for key in keys:
+        for h in heads:
+            fp, inputs, folder = _head_inputs(features, key, h, seed, attrs, n, shapes[key])
+            tname = target_name(h["target"], h["cats"])
+            steps[(key, tname)] = (fp, inputs, folder)
+            if not force and _is_current(folder, fp, "metrics.json"):
+                echo(f"[head] {key} -> {tname}: current, skipped")
+                continue
+            opts = {k: v for k, v in h.items() if k not in ("target", "cats")}
+            todo.setdefault(json.dumps(opts, sort_keys=True, default=str), []).append((key, h))
+    for pairs in todo.values():
+        # one grid per set of stale targets: the taps that miss the same targets train together
+        by_key: dict[str, list] = {}
+        for key, h in pairs:
+            by_key.setdefault(key, []).append(h)
+        grids: dict[str, tuple[list, list]] = {}
+        for key, hs in by_key.items():
+            sig = json.dumps([(h["target"], h["cats"]) for h in hs])
+            grids.setdefault(sig, ([], hs))[0].append(key)
+        for gkeys, hs in grids.values():
+            folders = _train_grid(features, gkeys, hs, seed)
+            for (key, h), folder in zip([(k, h) for k in gkeys for h in hs], folders):
+                fp, inputs, _ = steps[(key, target_name(h["target"], h["cats"]))]
+                steps[(key, target_name(h["target"], h["cats"]))] = (fp, inputs, folder)
+                _mark(folder, fp, inputs)
+    results = {}
+    for key in keys:
+        for h in heads:
+            tname = target_name(h["target"], h["cats"])
+            folder = steps[(key, tname)][2]
+            m = json.loads((folder / "metrics.json").read_text())
+            val = ", ".join(f"{k} {format_figure(k, v)}" for k, (v, _) in headline(m, "val").items())
+            test = ", ".join(f"{k} {format_figure(k, v, ci)}" for k, (v, ci) in headline(m).items())
+            echo(f"[head] {key} -> {tname}: val {val}; test {test}")
+            results[(key, tname)] = m
+    return results
+
+
+def _train_grid(features: Path, keys: list[str], hs: list[dict], seed: int) -> list[Path]:
+    """Train the heads ``keys`` x ``hs`` (which share their options) in one grid; folders key-major."""
+    from .recipes import parse_hidden
+    from .workflow import train_grid
+
+    opts = {k: v for k, v in hs[0].items() if k not in ("target", "cats", "fold")}
+    if "hidden" in opts:
+        hidden = parse_hidden(opts.pop("hidden"))
+        if hidden is not None:
+            opts["hidden"] = hidden
+    return [Path(d) for d in train_grid(features, keys, [(h["target"], h["cats"]) for h in hs], fold=hs[0].get("fold"),
+                                        seed=seed, verbose=0, **opts)]
 
 
 def write_report(spec, backbone, dataset, rep, keys, heads, results, comparisons, echo) -> Path:

@@ -5,6 +5,9 @@ Everything here works on a :class:`featlab.store.FeatureStore` and numpy; no Ten
 - :func:`read_blocks`: sorted row groups of at most ``budget`` bytes (as float32).
 - :func:`feature_stats`: mean and std of the (pooled, flattened) features over some rows, in blocks,
 
+- fusion keys: ``res12+res14+embedding`` names one head input made of several taps
+  (:func:`fusion_parts`); :func:`read_input` gives a list of arrays for them, :func:`read_pooled` their
+  pooled, flattened concatenation, :func:`check_finite` checks every part.
 - :class:`ShuffledBatches`: batches of a split read from the file when it does not fit in memory. Every
   epoch draws a fresh permutation of all the split's rows (a shuffle across the whole train set, as in
   memory), reads it in blocks that fit the budget, and cuts each block into batches; validation reads
@@ -21,6 +24,40 @@ from .errors import FeatlabError
 from .store import FeatureStore
 
 
+FUSION = "+"
+
+
+def fusion_parts(key: str) -> list[str]:
+    """The taps of a head input: ``"res12+res14"`` -> ``["res12", "res14"]``; a plain tap -> ``[key]``."""
+    parts = [p for p in str(key).split(FUSION)]
+    if any(not p for p in parts) or len(set(parts)) != len(parts):
+        raise FeatlabError(f"fusion key {key!r}: name each tap once, joined by '+' (e.g. res12+res14+embedding)")
+    return parts
+
+
+def is_fusion(key: str) -> bool:
+    return FUSION in str(key)
+
+
+def read_input(store: FeatureStore, key: str, rows):
+    """What a head's model takes for ``rows``: the tap's array, or for a fusion key a list (one per tap)."""
+    if not is_fusion(key):
+        return store.read(key, rows)
+    return [store.read(p, rows) for p in fusion_parts(key)]
+
+
+def read_pooled(store: FeatureStore, key: str, rows, pool=None) -> np.ndarray:
+    """The head's (pooled, flattened) input features for ``rows``, a fusion key's taps concatenated (float32)."""
+    xs = [pool_np(store.read(p, rows), pool).reshape(len(rows), -1) for p in fusion_parts(key)]
+    return xs[0].astype(np.float32, copy=False) if len(xs) == 1 else np.concatenate(xs, axis=1).astype(np.float32)
+
+
+def check_finite(store: FeatureStore, key: str, rows) -> None:
+    """:meth:`FeatureStore.check_finite` for every tap of ``key``."""
+    for p in fusion_parts(key):
+        store.check_finite(p, rows)
+
+
 def pool_np(x: np.ndarray, pool: str | None) -> np.ndarray:
     if pool and x.ndim == 4:
         return x.mean(axis=(2, 3)) if pool == "avg" else x.max(axis=(2, 3))
@@ -28,8 +65,8 @@ def pool_np(x: np.ndarray, pool: str | None) -> np.ndarray:
 
 
 def row_bytes(store: FeatureStore, key: str) -> int:
-    """Bytes of one row as float32 (what heads read)."""
-    return int(np.prod(store.array(key).shape[1:])) * 4
+    """Bytes of one row as float32 (what heads read); a fusion key counts all its taps."""
+    return sum(int(np.prod(store.array(p).shape[1:])) * 4 for p in fusion_parts(key))
 
 
 def read_blocks(rows, store: FeatureStore, key: str, budget_bytes: int = 256 << 20):

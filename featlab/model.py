@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeatlabError
-from .featureio import read_blocks
+from .featureio import read_blocks, read_input
 from .keras_env import keras as _keras
 from .store import FeatureStore
 
@@ -49,23 +49,40 @@ def custom_objects() -> dict:
     return {name: CoralOutput, "CoralOutput": CoralOutput}
 
 
+def _is_shape_list(tap_shape) -> bool:
+    return len(tap_shape) > 0 and isinstance(tap_shape[0], (list, tuple))
+
+
 def build_model(tap_shape, n_out: int, kind: str, mean, std, hidden=(256,), dropout=0.3, pool=None,
-                input_dropout: float = 0.0, weight_decay: float = 0.0, age_grid=None):
+                input_dropout: float = 0.0, weight_decay: float = 0.0, age_grid=None, name: str = "featlab_head"):
     """kind: 'softmax' (n_out classes), 'coral' (n_out classes, n_out-1 logits), 'linear' (one unit) or
-    'expectation' (a softmax over the ages in ``age_grid``: the prediction is its expected value)."""
+    'expectation' (a softmax over the ages in ``age_grid``: the prediction is its expected value).
+
+    A fusion head (several taps): ``tap_shape`` is a list of shapes and ``mean``/``std`` lists of the
+    same length; each tap gets its own input (``tap0``, ``tap1``, ...), pooling, flattening and
+    standardisation (``standardise0``, ...), then they are concatenated before the dropout and dense layers."""
     keras = _keras()
     layers = keras.layers
 
     reg = keras.regularizers.L2(weight_decay) if weight_decay else None
-    inp = keras.Input(shape=tuple(int(d) for d in tap_shape), name="tap")
-    x = inp
-    if pool and len(tap_shape) == 3:
-        x = (layers.GlobalAveragePooling2D if pool == "avg" else layers.GlobalMaxPooling2D)(
-            data_format="channels_first", name=f"pool_{pool}")(x)
-    if len(x.shape) > 2:
-        x = layers.Flatten(name="flatten")(x)
-    x = layers.Normalization(mean=np.asarray(mean), variance=np.asarray(std, dtype=np.float64) ** 2,
-                             name="standardise")(x)
+    fused = _is_shape_list(tap_shape)
+    shapes = list(tap_shape) if fused else [tap_shape]
+    means, stds = (list(mean), list(std)) if fused else ([mean], [std])
+    inputs, branches = [], []
+    for i, (shape, m, sd) in enumerate(zip(shapes, means, stds)):
+        sfx = str(i) if fused else ""
+        inp = keras.Input(shape=tuple(int(d) for d in shape), name=f"tap{sfx}")
+        x = inp
+        if pool and len(shape) == 3:
+            x = (layers.GlobalAveragePooling2D if pool == "avg" else layers.GlobalMaxPooling2D)(
+                data_format="channels_first", name=f"pool_{pool}{sfx}")(x)
+        if len(x.shape) > 2:
+            x = layers.Flatten(name=f"flatten{sfx}")(x)
+        x = layers.Normalization(mean=np.asarray(m), variance=np.asarray(sd, dtype=np.float64) ** 2,
+                                 name=f"standardise{sfx}")(x)
+        inputs.append(inp)
+        branches.append(x)
+    x = layers.Concatenate(name="fuse")(branches) if fused else branches[0]
     if input_dropout:
         x = layers.Dropout(input_dropout, name="input_dropout")(x)
     for i, h in enumerate(hidden or ()):
@@ -80,7 +97,7 @@ def build_model(tap_shape, n_out: int, kind: str, mean, std, hidden=(256,), drop
         out = layers.Dense(len(age_grid), activation="softmax", kernel_regularizer=reg, name="output")(x)
     else:
         out = layers.Dense(1, kernel_regularizer=reg, name="output")(x)
-    return keras.Model(inp, out, name="featlab_head")
+    return keras.Model(inputs if fused else inputs[0], out, name=name)
 
 
 def load_head(head_dir: Path | str):
@@ -120,15 +137,17 @@ def outputs_to_prediction(raw: np.ndarray, cfg: dict) -> dict:
 
 
 def predict_rows(model, cfg: dict, store: FeatureStore, rows: np.ndarray) -> dict:
-    """Predictions for ``rows`` of the head's tap, read in sorted contiguous blocks."""
+    """Predictions for ``rows`` of the head's tap (or taps, for a fusion head), read in sorted contiguous blocks."""
     key = cfg["tap"]
     rows = np.asarray(rows, dtype=np.int64)
     order = np.argsort(rows, kind="stable")
     raws = []
     for block in read_blocks(rows[order], store, key):
-        x = store.read(key, block)
-        for i in range(0, len(x), 2048):  # eager calls: no tf.function tracing per head
-            raws.append(np.asarray(model(x[i : i + 2048], training=False)))
+        x = read_input(store, key, block)  # a list of arrays for a fusion head
+        n = len(x[0]) if isinstance(x, list) else len(x)
+        for i in range(0, n, 2048):  # eager calls: no tf.function tracing per head
+            xb = [a[i : i + 2048] for a in x] if isinstance(x, list) else x[i : i + 2048]
+            raws.append(np.asarray(model(xb, training=False)))
     raw = np.concatenate(raws) if raws else np.empty((0, max(1, cfg.get("n_outputs", 1))))
     inv = np.empty_like(order)
     inv[order] = np.arange(len(order))

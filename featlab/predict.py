@@ -101,9 +101,11 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
         echo("note: the heads were trained on unaligned crops; these faces are detected and aligned instead")
     keys, dtypes = {}, {}
     for c in cfgs:
-        name, kind, grid = parse_key(c["tap"])
-        keys[c["tap"]] = (bb.tap(name), kind, grid)
-        dtypes[c["tap"]] = (c.get("tap_info") or {}).get("dtype") or "float16"
+        fused = {p["tap"]: (p.get("feature_set") or {}).get("dtype") for p in (c.get("fusion") or [])}
+        for key in fused or [c["tap"]]:  # a fusion head needs every one of its taps
+            name, kind, grid = parse_key(key)
+            keys[key] = (bb.tap(name), kind, grid)
+            dtypes[key] = (fused.get(key) if fused else (c.get("tap_info") or {}).get("dtype")) or "float16"
     # the same transform as extraction, so that heads see their inputs exactly as they were stored
     outputs = None if flip else {k: (*v, dtypes[k]) for k, v in keys.items()}
     runner = Runner(bb, [t for t, _, _ in keys.values()], outputs=outputs, uint8_input=True)
@@ -133,7 +135,9 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
         feats = {k: v.astype(dtypes[k]).astype(np.float32) for k, v in raw_feats.items()}  # as stored
         preds = []
         for model_, cfg in heads:
-            raw = np.asarray(model_.predict(feats[cfg["tap"]], verbose=0, batch_size=256))
+            parts = [p["tap"] for p in cfg.get("fusion") or []] or [cfg["tap"]]
+            x = [feats[k] for k in parts] if cfg.get("fusion") else feats[parts[0]]
+            raw = np.asarray(model_.predict(x, verbose=0, batch_size=256))
             preds.append(outputs_to_prediction(raw, cfg))
         short_all = []
         for i, box in enumerate(boxes):

@@ -27,7 +27,7 @@ import numpy as np
 from . import __version__
 from .bins import get_scheme
 from .errors import FeatlabError
-from .featureio import ShuffledBatches, feature_stats, row_bytes
+from .featureio import FUSION, ShuffledBatches, check_finite, feature_stats, fusion_parts, read_input, row_bytes
 from .keras_env import keras as _keras
 from .keras_env import tensorflow as _tensorflow
 from .labels import (TARGETS, class_names, class_weights, dropped_reasons, encode_target, make_targets,
@@ -99,31 +99,15 @@ def fit_head(features, layer, target, cats=None, *, out_root=None, fold=None, hi
 
     Returns the head's folder (``.../seed{S}`` with ``seed_dir``).
     """
-    if target not in TARGETS:
-        raise FeatlabError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    tname = target_name(target, cats)
-    if age_sigma is None:
-        age_sigma = 2.0 if target == "age" else 0.0
     if target != "bins":
         cats = int(cats) if cats is not None else None
-    if ordinal and target != "bins":
-        raise FeatlabError("--ordinal applies to age bins only")
-    if pool not in (None, "avg", "max"):
-        raise FeatlabError(f"pool must be 'avg' or 'max', not {pool!r}")
-    if optimizer not in ("adam", "sgd", "adamw"):
-        raise FeatlabError(f"optimizer must be 'adam', 'adamw' or 'sgd', not {optimizer!r}")
-    if age_transform not in ("z", "log1p"):
-        raise FeatlabError(f"age_transform must be 'z' or 'log1p', not {age_transform!r}")
-    if age_head not in ("linear", "expectation"):
-        raise FeatlabError(f"age_head must be 'linear' or 'expectation', not {age_head!r}")
-    kw = dict(hidden=tuple(int(h) for h in (hidden or ())), dropout=float(dropout), epochs=int(epochs),
-              batch_size=int(batch_size), lr=float(lr), optimizer=optimizer, patience=int(patience),
-              class_weight=class_weight, ordinal=bool(ordinal), pool=pool, seed=int(seed),
-              memory_mb=float(memory_mb), verbose=verbose, label_smoothing=float(label_smoothing),
-              age_sigma=float(age_sigma), age_head=age_head, age_transform=age_transform, age_loss=age_loss,
-              input_dropout=(None if input_dropout is None else float(input_dropout)),
-              weight_decay=float(weight_decay), val_share=float(val_share), monitor=monitor,
-              seed_dir=bool(seed_dir))
+    kw = check_hyperparameters(target, cats, dict(
+        hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        patience=patience, class_weight=class_weight, ordinal=ordinal, pool=pool, seed=seed, memory_mb=memory_mb,
+        verbose=verbose, label_smoothing=label_smoothing, age_sigma=age_sigma, age_head=age_head,
+        age_transform=age_transform, age_loss=age_loss, input_dropout=input_dropout, weight_decay=weight_decay,
+        val_share=val_share, monitor=monitor, seed_dir=seed_dir))
+    tname = target_name(target, cats)
     if fold == "all":
         raise FeatlabError("fit_head trains one fold; featlab.workflow.train_head runs --fold all")
     with FeatureStore.open_read(features) as store:
@@ -138,25 +122,105 @@ def default_hyperparameters() -> dict:
             if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in ("out_root", "fold", "verbose", "seed_dir")}
 
 
-def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, *, hidden, dropout, epochs,
-               batch_size, lr, optimizer, patience, class_weight, ordinal, pool, seed, memory_mb, verbose,
-               label_smoothing, age_sigma, age_head, age_transform, age_loss, input_dropout, weight_decay, val_share,
-               monitor, seed_dir) -> Path:
+def check_hyperparameters(target, cats, hp: dict) -> dict:
+    """Validate and normalise the keyword hyperparameters of :func:`fit_head` (one line on a bad value)."""
+    if target not in TARGETS:
+        raise FeatlabError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    hp = {**default_hyperparameters(), "verbose": 1, "seed_dir": False, **hp}
+    if hp["age_sigma"] is None:
+        hp["age_sigma"] = 2.0 if target == "age" else 0.0
+    if hp["ordinal"] and target != "bins":
+        raise FeatlabError("--ordinal applies to age bins only")
+    if hp["pool"] not in (None, "avg", "max"):
+        raise FeatlabError(f"pool must be 'avg' or 'max', not {hp['pool']!r}")
+    if hp["optimizer"] not in ("adam", "sgd", "adamw"):
+        raise FeatlabError(f"optimizer must be 'adam', 'adamw' or 'sgd', not {hp['optimizer']!r}")
+    if hp["age_transform"] not in ("z", "log1p"):
+        raise FeatlabError(f"age_transform must be 'z' or 'log1p', not {hp['age_transform']!r}")
+    if hp["age_head"] not in ("linear", "expectation"):
+        raise FeatlabError(f"age_head must be 'linear' or 'expectation', not {hp['age_head']!r}")
+    if hp["monitor"] not in ("val_loss", "val_metric"):
+        raise FeatlabError(f"monitor must be 'val_loss' or 'val_metric', not {hp['monitor']!r}")
+    return dict(hidden=tuple(int(h) for h in (hp["hidden"] or ())), dropout=float(hp["dropout"]),
+                epochs=int(hp["epochs"]), batch_size=int(hp["batch_size"]), lr=float(hp["lr"]),
+                optimizer=hp["optimizer"], patience=int(hp["patience"]), class_weight=hp["class_weight"],
+                ordinal=bool(hp["ordinal"]), pool=hp["pool"], seed=int(hp["seed"]), memory_mb=float(hp["memory_mb"]),
+                verbose=hp["verbose"], label_smoothing=float(hp["label_smoothing"]), age_sigma=float(hp["age_sigma"]),
+                age_head=hp["age_head"], age_transform=hp["age_transform"], age_loss=hp["age_loss"],
+                input_dropout=(None if hp["input_dropout"] is None else float(hp["input_dropout"])),
+                weight_decay=float(hp["weight_decay"]), val_share=float(hp["val_share"]), monitor=hp["monitor"],
+                seed_dir=bool(hp["seed_dir"]))
+
+
+def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, **hp) -> Path:
     t_start = time.perf_counter()
+    keras, tf = _setup_tf(hp["seed"])
+    plan = plan_head(store, layer, target, cats, out_root, fold, hp)
+    key, tr, va = plan["key"], plan["tr"], plan["va"]
+    model = build_model(plan["tap_shape"], plan["n_classes"], plan["kind"], plan["mean"], plan["std"], hp["hidden"],
+                        hp["dropout"], plan["pool"], plan["input_dropout"], hp["weight_decay"], plan["age_grid"])
+    loss, metrics = loss_and_metrics(plan, hp)
+    model.compile(optimizer=make_optimizer(hp), loss=loss, metrics=metrics)
+    mon_key, mon_mode = plan["mon_key"], plan["mon_mode"]
+    patience, lr = hp["patience"], hp["lr"]
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor=mon_key, mode=mon_mode, patience=patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor=mon_key, mode=mon_mode, factor=0.5, patience=max(2, patience // 3),
+                                          min_lr=lr / 64, verbose=0),
+    ]
+    block_budget = plan["block_budget"]
+    if plan["stream"]:
+        train_data = keras_batches(ShuffledBatches(store, key, tr, plan["y_tr"], plan["w_tr"], hp["batch_size"], True,
+                                                   hp["seed"], block_budget))
+        fit_kw = dict(x=train_data, shuffle=False)
+    else:
+        fit_kw = dict(x=plan.pop("x_tr"), y=plan["y_tr"], sample_weight=plan["w_tr"], batch_size=hp["batch_size"],
+                      shuffle=True)
+    if plan["stream_val"]:
+        val_data = keras_batches(ShuffledBatches(store, key, va, plan["y_va"], None, max(hp["batch_size"], 1024), False,
+                                                 hp["seed"], block_budget))
+    else:
+        val_data = (read_input(store, key, va), plan["y_va"])
+    t_fit = time.perf_counter()
+    with warnings.catch_warnings():
+        # Keras 3.15 + TF 2.21 + numpy 2.4: np.array(EagerTensor) inside fit warns about `copy`; not ours
+        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+        hist = model.fit(validation_data=val_data, epochs=hp["epochs"], callbacks=callbacks,
+                         verbose=2 if hp["verbose"] and hp["verbose"] > 1 else 0, **fit_kw)
+    fit_seconds = time.perf_counter() - t_fit
+    h = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    h.pop("learning_rate", None)
+    lrs = [float(v) for v in hist.history.get("learning_rate", [])]
+    return save_head(plan, store, model, h, lrs, fit_seconds, t_start, hp)
+
+
+def plan_head(store: FeatureStore, layer, target, cats, out_root, fold, hp: dict, read=None) -> dict:
+    """Everything about one head before its fit: rows, targets, weights, standardisation, output kind,
+    folder. ``layer`` may be a fusion key (``a+b``). ``read(part, rows)`` replaces ``store.read`` (a
+    cache of rows already in memory). Holds ``x_tr`` (the train input) unless the rows are streamed."""
+    read = read or store.read
+    tname = target_name(target, cats)
     attrs = store.attrs
     key = str(layer)
-    if key not in store.keys():
-        store.array(key)  # raises the helpful error
-    arr = store.array(key)
-    tap_shape = tuple(int(d) for d in arr.shape[1:])
-    if pool and len(tap_shape) != 3:
+    parts = fusion_parts(key)
+    fused = len(parts) > 1
+    for p in parts:
+        if p not in store.keys():
+            store.array(p)  # raises the helpful error
+    shapes = [tuple(int(d) for d in store.array(p).shape[1:]) for p in parts]
+    pool = hp["pool"]
+    if pool and not any(len(sh) == 3 for sh in shapes):
         pool = None  # pooling a vector is a no-op
     backbone = str(attrs.get("backbone", "unknown"))
-    ident = feature_set(attrs, key)
+    ident = feature_set(attrs, parts[0])
     if not ident["dataset"]:
         ident["dataset"] = Path(store.path).stem
-    hkey = head_key(key, pool, tap_shape, ident["dtype"])
-    out = head_dir(backbone, dataset_key(ident), hkey, tname, fold, seed if seed_dir else None, out_root)
+    part_ids = [feature_set(attrs, p) for p in parts]
+    if fused:
+        ident.update(tap=key, pool=[i["pool"] for i in part_ids], dtype=[i["dtype"] for i in part_ids])
+    hkey = FUSION.join(head_key(p, pool, sh, i["dtype"]) for p, sh, i in zip(parts, shapes, part_ids))
+    seed = hp["seed"]
+    out = head_dir(backbone, dataset_key(ident), hkey, tname, fold, seed if hp["seed_dir"] else None, out_root)
 
     store.check_labels_current()
     labels = store.labels()
@@ -165,37 +229,41 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
     if not valid.any():
         raise FeatlabError(f"no row of {store.path.name} has a usable {target} label "
                            f"({', '.join(f'{v:,} {k}' for k, v in dropped_reasons(labels, target, valid).items())})")
-    sp = split_rows(labels, valid, fold, seed, val_share)
+    sp = split_rows(labels, valid, fold, seed, hp["val_share"])
     tr, va, te = sp["train"], sp["val"], sp["test"]
     for rows in (tr, va, te):
-        store.check_finite(key, rows)  # heads never learn from, or are scored on, inf/NaN
+        check_finite(store, key, rows)  # heads never learn from, or are scored on, inf/NaN
     n_classes = get_scheme(cats).n if target == "bins" else (2 if target == "gender" else 1)
-    names = class_names(target, cats)
     if target != "age" and len(set(y_all[tr].tolist())) < 2:
         raise FeatlabError(f"the training rows hold a single class of {tname}; nothing to learn")
-    if verbose:
+    if hp["verbose"]:
         print(f"[featlab] {backbone}/{dataset_key(ident)} tap {key} -> {tname}{'' if fold is None else f' fold {fold}'}: "
               f"train {len(tr)}, val {len(va)}, test {len(te)}; {dropped} rows without {target} dropped")
 
-    keras, tf = _setup_tf(seed)
-
-    # ---- data
     rb = row_bytes(store, key)
-    budget = float(memory_mb) * (1 << 20)
+    budget = float(hp["memory_mb"]) * (1 << 20)
     stream = len(tr) * rb > budget
     stream_val = len(va) * rb > budget
-    x_tr = None if stream else store.read(key, tr)
+    if fused and (stream or stream_val):
+        raise FeatlabError(f"fusion head {key}: its train rows need {len(tr) * rb >> 20} MiB, over the "
+                           f"{int(hp['memory_mb'])} MiB budget (fusion heads train in memory): raise --memory-mb")
+    x_tr = None if stream else ([read(p, tr) for p in parts] if fused else read(key, tr))
     # statistics walk the rows in slices: their float64 copies stay within a fraction of the budget
-    mean, std = feature_stats(store, key, tr, pool, x=x_tr, budget_bytes=int(min(256 << 20, budget / 4)))
+    sb = int(min(256 << 20, budget / 4))
+    stats = [feature_stats(store, p, tr, pool, x=(x_tr[i] if fused else x_tr), budget_bytes=sb)
+             for i, p in enumerate(parts)]
+    n_features = sum(len(m) for m, _ in stats)
+    input_dropout = hp["input_dropout"]
     if input_dropout is None:
-        input_dropout = 0.5 if len(mean) >= 512 else 0.2
+        input_dropout = 0.5 if n_features >= 512 else 0.2
     transform = None
     if target == "age":
         a = y_all[tr].astype(np.float64)
-        if age_transform == "log1p":
+        if hp["age_transform"] == "log1p":
             a = np.log1p(a)
-        transform = {"kind": age_transform, "mean": float(a.mean()), "scale": float(a.std() or 1.0)}
-    kind = (age_head if target == "age" else ("coral" if ordinal else "softmax"))
+        transform = {"kind": hp["age_transform"], "mean": float(a.mean()), "scale": float(a.std() or 1.0)}
+    ordinal = hp["ordinal"]
+    kind = (hp["age_head"] if target == "age" else ("coral" if ordinal else "softmax"))
     age_grid = None
     if kind == "expectation":
         # one class per year from 0 to the oldest training age, their values in target units
@@ -203,109 +271,99 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
         g = np.log1p(g) if transform["kind"] == "log1p" else g
         age_grid = (g - transform["mean"]) / transform["scale"]
     y_tr = make_targets(target, ordinal, n_classes, y_all[tr], transform)
-    if target == "bins" and age_sigma > 0 and not ordinal:
-        y_tr = soft_bin_labels(labels["age"].to_numpy()[tr], get_scheme(cats), age_sigma)
+    if target == "bins" and hp["age_sigma"] > 0 and not ordinal:
+        y_tr = soft_bin_labels(labels["age"].to_numpy()[tr], get_scheme(cats), hp["age_sigma"])
     y_va = make_targets(target, ordinal, n_classes, y_all[va], transform)
-    cw = class_weights(y_all[tr], n_classes, class_weight) if target != "age" else None
+    cw = class_weights(y_all[tr], n_classes, hp["class_weight"]) if target != "age" else None
     w_tr = cw[y_all[tr]].astype(np.float32) if cw is not None else None
-
-    # ---- model
-    model = build_model(tap_shape, n_classes, kind, mean, std, hidden, dropout, pool, input_dropout, weight_decay,
-                        age_grid)
-    if optimizer == "sgd":
-        opt = keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True)
-    elif optimizer == "adamw":
-        opt = keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay or 1e-4)
-    else:
-        opt = keras.optimizers.Adam(learning_rate=lr)
-    metrics = []
     metric_name = "mae_years" if target == "age" else "accuracy"
-    if kind == "softmax":
-        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
-        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
-    elif kind == "coral":
-        loss = keras.losses.BinaryCrossentropy(from_logits=True)
+    mon_key = {"val_loss": "val_loss", "val_metric": "val_" + metric_name}[hp["monitor"]]
+    return dict(
+        key=key, parts=parts, fused=fused, tap_shape=[list(sh) for sh in shapes] if fused else shapes[0],
+        part_ids=part_ids, pool=pool, backbone=backbone, ident=ident, hkey=hkey, out=out, target=target, cats=cats,
+        tname=tname, fold=fold, sp=sp, tr=tr, va=va, te=te, labels=labels, y_all=y_all, valid=valid, dropped=dropped,
+        n_classes=n_classes, names=class_names(target, cats), stream=stream, stream_val=stream_val, x_tr=x_tr,
+        mean=[m for m, _ in stats] if fused else stats[0][0], std=[s for _, s in stats] if fused else stats[0][1],
+        input_dropout=input_dropout, transform=transform, kind=kind, age_grid=age_grid, y_tr=y_tr, y_va=y_va,
+        cw=cw, w_tr=w_tr, metric_name=metric_name, mon_key=mon_key, mon_mode="max" if mon_key == "val_accuracy" else "min",
+        block_budget=sb, attrs=attrs,
+    )
 
+
+def make_optimizer(hp: dict):
+    keras = _keras()
+    if hp["optimizer"] == "sgd":
+        return keras.optimizers.SGD(learning_rate=hp["lr"], momentum=0.9, nesterov=True)
+    if hp["optimizer"] == "adamw":
+        return keras.optimizers.AdamW(learning_rate=hp["lr"], weight_decay=hp["weight_decay"] or 1e-4)
+    return keras.optimizers.Adam(learning_rate=hp["lr"])
+
+
+def loss_and_metrics(plan: dict, hp: dict):
+    """(loss, [metric]) of a head: its Keras loss, and accuracy or MAE in years named as in its history."""
+    keras = _keras()
+    kind, transform, age_grid = plan["kind"], plan["transform"], plan["age_grid"]
+    if kind == "softmax":
+        return (keras.losses.CategoricalCrossentropy(label_smoothing=hp["label_smoothing"]),
+                [keras.metrics.CategoricalAccuracy(name="accuracy")])
+    if kind == "coral":
         def accuracy(y_true, y_pred):
             t = keras.ops.sum(y_true, axis=-1)
             p = keras.ops.sum(keras.ops.cast(y_pred > 0.0, "float32"), axis=-1)
             return keras.ops.mean(keras.ops.cast(keras.ops.equal(t, p), "float32"))
 
-        metrics = [accuracy]
-    else:
-        tsc, tmean, tkind = transform["scale"], transform["mean"], transform["kind"]
+        return keras.losses.BinaryCrossentropy(from_logits=True), [accuracy]
+    tsc, tmean, tkind = transform["scale"], transform["mean"], transform["kind"]
 
-        def to_years(v):
-            v = v * tsc + tmean
-            return keras.ops.expm1(v) if tkind == "log1p" else v
+    def to_years(v):
+        v = v * tsc + tmean
+        return keras.ops.expm1(v) if tkind == "log1p" else v
 
-        if kind == "expectation":
-            grid_t = keras.ops.convert_to_tensor(np.asarray(age_grid, dtype=np.float32))
-            grid_y = keras.ops.convert_to_tensor(np.asarray(to_years_np(age_grid, transform), dtype=np.float32))
-            sig = float(age_sigma)
+    if kind == "expectation":
+        grid_t = keras.ops.convert_to_tensor(np.asarray(age_grid, dtype=np.float32))
+        grid_y = keras.ops.convert_to_tensor(np.asarray(to_years_np(age_grid, transform), dtype=np.float32))
+        sig = float(hp["age_sigma"])
 
-            def expectation_loss(y_true, y_pred):
-                # L1 on the expected value (target units), plus, with age_sigma, cross-entropy to a Gaussian
-                # label distribution around the true age (DLDL-v2 style): keeps the distribution unimodal
-                e = keras.ops.sum(y_pred * grid_t, axis=-1)
-                l1 = keras.ops.abs(e - y_true[:, 0])
-                if sig <= 0:
-                    return l1
-                yy = to_years(y_true)  # (N, 1) years
-                q = keras.ops.exp(-keras.ops.square(grid_y[None, :] - yy) / (2.0 * sig * sig))
-                q = q / keras.ops.sum(q, axis=-1, keepdims=True)
-                ce = -keras.ops.sum(q * keras.ops.log(keras.ops.clip(y_pred, 1e-7, 1.0)), axis=-1)
-                return l1 + ce
+        def expectation_loss(y_true, y_pred):
+            # L1 on the expected value (target units), plus, with age_sigma, cross-entropy to a Gaussian
+            # label distribution around the true age (DLDL-v2 style): keeps the distribution unimodal
+            e = keras.ops.sum(y_pred * grid_t, axis=-1)
+            l1 = keras.ops.abs(e - y_true[:, 0])
+            if sig <= 0:
+                return l1
+            yy = to_years(y_true)  # (N, 1) years
+            q = keras.ops.exp(-keras.ops.square(grid_y[None, :] - yy) / (2.0 * sig * sig))
+            q = q / keras.ops.sum(q, axis=-1, keepdims=True)
+            ce = -keras.ops.sum(q * keras.ops.log(keras.ops.clip(y_pred, 1e-7, 1.0)), axis=-1)
+            return l1 + ce
 
-            loss = expectation_loss
+        def mae_years(y_true, y_pred):
+            e = keras.ops.sum(y_pred * grid_t, axis=-1, keepdims=True)
+            return keras.ops.mean(keras.ops.abs(to_years(y_true) - to_years(e)))
 
-            def mae_years(y_true, y_pred):
-                e = keras.ops.sum(y_pred * grid_t, axis=-1, keepdims=True)
-                return keras.ops.mean(keras.ops.abs(to_years(y_true) - to_years(e)))
-        else:
-            loss = {"mae": keras.losses.MeanAbsoluteError(), "mse": keras.losses.MeanSquaredError(),
-                    "huber": keras.losses.Huber(delta=0.5)}[age_loss]
+        return expectation_loss, [mae_years]
+    loss = {"mae": keras.losses.MeanAbsoluteError(), "mse": keras.losses.MeanSquaredError(),
+            "huber": keras.losses.Huber(delta=0.5)}[hp["age_loss"]]
 
-            def mae_years(y_true, y_pred):
-                return keras.ops.mean(keras.ops.abs(to_years(y_true) - to_years(y_pred)))
+    def mae_years(y_true, y_pred):
+        return keras.ops.mean(keras.ops.abs(to_years(y_true) - to_years(y_pred)))
 
-        metrics = [mae_years]
-    model.compile(optimizer=opt, loss=loss, metrics=metrics)
+    return loss, [mae_years]
 
-    mon_key = {"val_loss": "val_loss", "val_metric": "val_" + metric_name}.get(monitor)
-    if mon_key is None:
-        raise FeatlabError(f"monitor must be 'val_loss' or 'val_metric', not {monitor!r}")
-    mon_mode = "max" if mon_key == "val_accuracy" else "min"
-    callbacks = [
-        keras.callbacks.EarlyStopping(monitor=mon_key, mode=mon_mode, patience=patience, restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor=mon_key, mode=mon_mode, factor=0.5, patience=max(2, patience // 3),
-                                          min_lr=lr / 64, verbose=0),
-    ]
-    block_budget = int(min(256 << 20, budget / 4))
-    if stream:
-        train_data = keras_batches(ShuffledBatches(store, key, tr, y_tr, w_tr, batch_size, True, seed, block_budget))
-        fit_kw = dict(x=train_data, shuffle=False)
-    else:
-        fit_kw = dict(x=x_tr, y=y_tr, sample_weight=w_tr, batch_size=batch_size, shuffle=True)
-    if stream_val:
-        val_data = keras_batches(ShuffledBatches(store, key, va, y_va, None, max(batch_size, 1024), False, seed,
-                                                 block_budget))
-    else:
-        val_data = (store.read(key, va), y_va)
-    t_fit = time.perf_counter()
-    with warnings.catch_warnings():
-        # Keras 3.15 + TF 2.21 + numpy 2.4: np.array(EagerTensor) inside fit warns about `copy`; not ours
-        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
-        hist = model.fit(validation_data=val_data, epochs=epochs, callbacks=callbacks,
-                         verbose=2 if verbose and verbose > 1 else 0, **fit_kw)
-    fit_seconds = time.perf_counter() - t_fit
-    h = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
-    h.pop("learning_rate", None)
-    lrs = [float(v) for v in hist.history.get("learning_rate", [])]
+
+def save_head(plan: dict, store: FeatureStore, model, h: dict, lrs: list, fit_seconds: float, t_start: float,
+              hp: dict, training: dict | None = None) -> Path:
+    """Write a trained head's folder (head.keras, config.json, standardisation.npz, history) from its plan,
+    its model and its per-epoch history ``h`` (loss, val_loss, metric, val_metric)."""
+    out, key, tr, va, te = plan["out"], plan["key"], plan["tr"], plan["va"], plan["te"]
+    mon_key, mon_mode, lr, patience = plan["mon_key"], plan["mon_mode"], hp["lr"], hp["patience"]
+    kind, age_grid, target, cats, transform = plan["kind"], plan["age_grid"], plan["target"], plan["cats"], plan["transform"]
+    n_classes, attrs, pool, cw, labels = plan["n_classes"], plan["attrs"], plan["pool"], plan["cw"], plan["labels"]
     best_epoch = int(np.argmax(h[mon_key]) if mon_mode == "max" else np.argmin(h[mon_key])) + 1
     epochs_run = len(h["loss"])
+    mean = np.concatenate(plan["mean"]) if plan["fused"] else plan["mean"]
+    std = np.concatenate(plan["std"]) if plan["fused"] else plan["std"]
 
-    # ---- save
     out.mkdir(parents=True, exist_ok=True)
     for old in ("metrics.json", "confusion*.csv", "confusion*.png", "scatter.png", "subgroups*.csv", "predictions*.csv",
                 "faces.csv", "baselines*"):
@@ -313,65 +371,73 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
             f.unlink()
     model.save(out / "head.keras")
     np.savez(out / "standardisation.npz", mean=mean, std=std)
+    ident = plan["ident"]
     cfg = {
         "featlab_version": __version__,
         "kind": "head",
         "features": str(Path(store.path).resolve()),
         "features_model_sha256": attrs.get("model_sha256"),
         "feature_set": ident,
-        "backbone": backbone,
+        "backbone": plan["backbone"],
         "dataset": ident["dataset"],
         "dataset_key": dataset_key(ident),
         "tap": key,
-        "head_key": hkey,
-        "tap_info": (attrs.get("taps") or {}).get(key),
-        "tap_shape": list(tap_shape),
+        "head_key": plan["hkey"],
+        "tap_info": ((attrs.get("taps") or {}).get(key) if not plan["fused"]
+                     else {p: (attrs.get("taps") or {}).get(p) for p in plan["parts"]}),
+        "tap_shape": plan["tap_shape"],
+        "fusion": ([{"tap": p, "tap_shape": sh, "feature_set": i}
+                    for p, sh, i in zip(plan["parts"], plan["tap_shape"], plan["part_ids"])] if plan["fused"] else None),
         "target": target,
-        "target_name": tname,
+        "target_name": plan["tname"],
         "cats": int(cats) if cats is not None else None,
-        "class_names": names,
+        "class_names": plan["names"],
         "n_outputs": (n_classes - 1 if kind == "coral" else len(age_grid) if kind == "expectation"
                       else 1 if target == "age" else n_classes),
         "age_grid": (age_grid.round(6).tolist() if age_grid is not None else None),
         "output": kind,
-        "fold": fold,
-        "split_note": sp["note"],
+        "fold": plan["fold"],
+        "split_note": plan["sp"]["note"],
         "hyperparameters": {
-            "hidden": list(hidden), "dropout": dropout, "input_dropout": input_dropout, "epochs": epochs,
-            "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "patience": patience,
-            "class_weight": class_weight, "ordinal": ordinal, "pool": pool, "label_smoothing": label_smoothing,
-            "age_sigma": age_sigma if target == "bins" else None,
-            "age_head": age_head if target == "age" else None,
-            "age_transform": age_transform if target == "age" else None,
-            "age_loss": age_loss if target == "age" else None, "weight_decay": weight_decay,
-            "val_share": val_share, "early_stopping": f"{mon_key}, restore best weights",
+            "hidden": list(hp["hidden"]), "dropout": hp["dropout"], "input_dropout": plan["input_dropout"],
+            "epochs": hp["epochs"], "batch_size": hp["batch_size"], "lr": lr, "optimizer": hp["optimizer"],
+            "patience": patience, "class_weight": hp["class_weight"], "ordinal": hp["ordinal"], "pool": pool,
+            "label_smoothing": hp["label_smoothing"],
+            "age_sigma": hp["age_sigma"] if target == "bins" else None,
+            "age_head": hp["age_head"] if target == "age" else None,
+            "age_transform": hp["age_transform"] if target == "age" else None,
+            "age_loss": hp["age_loss"] if target == "age" else None, "weight_decay": hp["weight_decay"],
+            "val_share": hp["val_share"], "early_stopping": f"{mon_key}, restore best weights",
             "reduce_lr": {"monitor": mon_key, "factor": 0.5, "patience": max(2, patience // 3), "min_lr": lr / 64},
         },
-        "seed": seed,
-        "memory_mb": memory_mb,
+        "seed": hp["seed"],
+        "memory_mb": hp["memory_mb"],
         "data_loading": ("streamed: a fresh permutation of all train rows every epoch, read in blocks of "
-                         f"{block_budget >> 20} MiB" if stream else "train rows read in one go"),
+                         f"{plan['block_budget'] >> 20} MiB" if plan["stream"] else "train rows read in one go"),
         "counts": {"train": int(len(tr)), "val": int(len(va)), "test": int(len(te)),
-                   "dropped_missing_target": dropped, "dropped": dropped_reasons(labels, target, valid),
+                   "dropped_missing_target": plan["dropped"], "dropped": dropped_reasons(labels, target, plan["valid"]),
                    "rows_in_file": int(store.nrows)},
-        "class_counts_train": (np.bincount(y_all[tr], minlength=n_classes).tolist() if target != "age" else None),
+        "class_counts_train": (np.bincount(plan["y_all"][tr], minlength=n_classes).tolist() if target != "age" else None),
         "class_weights": (cw.round(6).tolist() if cw is not None else None),
         "standardisation": {
-            "fit_on": f"the {len(tr)} train rows" + (f", after global {pool} pooling" if pool else ""),
-            "where": "head.keras (Normalization layer 'standardise') and standardisation.npz (mean, std)",
+            "fit_on": f"the {len(tr)} train rows" + (f", after global {pool} pooling" if pool else "")
+                      + (", each tap on its own, concatenated in the order of the key" if plan["fused"] else ""),
+            "where": ("head.keras (Normalization layer 'standardise') and standardisation.npz (mean, std)" if not plan["fused"]
+                      else "head.keras (Normalization layers 'standardise0', 'standardise1', ... one per tap) and "
+                           "standardisation.npz (mean, std of the concatenated features)"),
             "n_features": int(len(mean)),
             "constant_features": int((std == 1.0).sum()),
         },
         "target_transform": transform,
-        "training": {"epochs_run": epochs_run, "best_epoch": best_epoch, "stopped_early": epochs_run < epochs,
+        "training": {"epochs_run": epochs_run, "best_epoch": best_epoch, "stopped_early": epochs_run < hp["epochs"],
                      "fit_seconds": round(fit_seconds, 2), "final_lr": lrs[-1] if lrs else lr,
-                     "best_val_loss": float(min(h["val_loss"]))},
+                     "best_val_loss": float(min(h["val_loss"])), **(training or {})},
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     _write_history(out, h, lrs, cfg)
     cfg["training"]["total_seconds"] = round(time.perf_counter() - t_start, 2)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    if verbose:
+    if hp["verbose"]:
         print(f"[featlab] {out}: {epochs_run} epochs (best {best_epoch}), {time.perf_counter() - t_start:.1f} s")
     return out
 

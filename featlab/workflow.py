@@ -1,11 +1,12 @@
-"""Train, then score: the one place that chains :mod:`featlab.train`, :mod:`featlab.evaluate` and the
-baselines, for one head, several seeds, or the fold protocol.
+"""Train, then score: the one place that chains :mod:`featlab.train` (or :mod:`featlab.grid`),
+:mod:`featlab.evaluate` and the baselines, for one head, a grid of heads, several seeds, or the fold protocol.
 
 :func:`train_head` is what ``featlab train-head``, experiment specs and the sweep call. With
 ``seeds=N`` it trains N heads (``seed{S}/`` folders) and writes a summary beside them: each figure's
 mean and spread over seeds (training variance) next to a bootstrap interval over faces of the
 per-face mean (test-sample variance). With ``fold="all"`` it runs every fold (``fold{K}/``) and
-summarises the same way, the faces of all folds pooled.
+summarises the same way, the faces of all folds pooled. :func:`train_grid` does the same for every
+(tap, target) head of a grid, trained together in one pass (:mod:`featlab.grid`).
 """
 
 from __future__ import annotations
@@ -26,18 +27,26 @@ from .uncertainty import interval
 
 def _train_and_record(features, layer, target, cats, *, fold, seed, seed_dir, baselines, out_root, verbose,
                       **hp) -> Path:
-    from .baselines import fit_baselines
-    from .evaluate import record_head
-    from .model import load_head
     from .train import fit_head
 
     d = fit_head(features, layer, target, cats, fold=fold, seed=seed, seed_dir=seed_dir, out_root=out_root,
                  verbose=verbose, **hp)
+    _record(features, d, baselines, verbose, hp.get("memory_mb", 2048))
+    return d
+
+
+def _record(features, d: Path, baselines: bool, verbose, memory_mb) -> dict:
+    """Score a saved head on val and test (metrics.json) and fit its baselines."""
+    from .baselines import fit_baselines
+    from .evaluate import record_head
+    from .model import load_head
+
     model, cfg = load_head(d)
+    target = cfg["target"]
     with FeatureStore.open_read(features) as store:
         rec = record_head(model, cfg, store, d)
         if baselines:
-            fit_baselines(store, cfg, d, hp.get("memory_mb", 2048))
+            fit_baselines(store, cfg, d, memory_mb)
     if verbose:
         t = rec.get("test") or {}
         v = rec.get("val") or {}
@@ -45,7 +54,7 @@ def _train_and_record(features, layer, target, cats, *, fold, seed, seed_dir, ba
                          f"{_fmt(m, t['metrics'][m + '_ci95'][1])}]" for m in HEADLINE[target] if t)
         vf = ", ".join(f"{m} {_fmt(m, v['metrics'][m])}" for m in HEADLINE[target] if v)
         print(f"[featlab] {d}: val {vf}; test {figs or 'no test rows'}")
-    return d
+    return rec
 
 
 def _fmt(m: str, v) -> str:
@@ -77,6 +86,43 @@ def train_head(features, layer, target, cats=None, *, fold=None, seed: int = 0, 
                               baselines=baselines and s == seed, out_root=out_root, verbose=verbose, **hp)
             for s in range(seed, seed + seeds)]
     return summarise(dirs, "seeds", dirs[0].parent)
+
+
+def train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: int = 1, baselines: bool = True,
+               out_root=None, verbose=1, **hp) -> list[Path]:
+    """Train and score every (tap, target) head of ``layers`` x ``targets`` (``[(target, cats)]``): one
+    :func:`featlab.grid.fit_grid` per seed and fold, then each head scored on its own (``record_head``,
+    baselines) and, with ``seeds`` > 1 or ``fold="all"``, summarised like :func:`train_head`. One head
+    alone goes through :func:`train_head`. Returns the heads' record folders, layer-major."""
+    from .grid import fit_grid, grid_heads
+
+    seeds = int(seeds)
+    if seeds < 1:
+        raise FeatlabError(f"--seeds must be at least 1, not {seeds}")
+    heads = grid_heads(layers, targets)
+    if len(heads) == 1:
+        layer, t, c = heads[0]
+        return [train_head(features, layer, t, c, fold=fold, seed=seed, seeds=seeds, baselines=baselines,
+                           out_root=out_root, verbose=verbose, **hp)]
+    if fold == "all":
+        with FeatureStore.open_read(features) as store:
+            folds = store.labels()["fold"].to_numpy()
+        have = sorted(set(int(f) for f in folds if f >= 0))
+        if not have:
+            raise FeatlabError("--fold all: this features file has no folds (fold is -1 for every row)")
+        per_fold = [train_grid(features, layers, targets, fold=k, seed=seed, seeds=seeds, baselines=baselines,
+                               out_root=out_root, verbose=verbose, **hp) for k in have]
+        return [summarise([f[i] for f in per_fold], "folds", per_fold[0][i].parent) for i in range(len(heads))]
+    per_seed = []
+    for s in range(seed, seed + seeds):
+        dirs = fit_grid(features, layers, targets, fold=fold, seed=s, seed_dir=seeds > 1, out_root=out_root,
+                        verbose=verbose, **hp)
+        for d in dirs:
+            _record(features, d, baselines and s == seed, verbose, hp.get("memory_mb", 2048))
+        per_seed.append(dirs)
+    if seeds == 1:
+        return per_seed[0]
+    return [summarise([p[i] for p in per_seed], "seeds", per_seed[0][i].parent) for i in range(len(heads))]
 
 
 def read_faces(path: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -176,8 +222,7 @@ def sweep(target: str, cats, backbone=None, features=None, manifest=None, pool: 
         raise FeatlabError(f"{backbone} has no residual-unit taps to sweep")
     rep = extract(manifest, taps, backbone=backbone, model=config.get("models", backbone), out=features, pool=pool)
     keys = [f"{t}@{pool}" if pool else t for t in taps]
-    for k in keys:
-        d = train_head(rep.out, k, target, cats, verbose=0)
+    for k, d in zip(keys, train_grid(rep.out, keys, [(target, cats)], verbose=0)):  # one pass: every tap at once
         echo(f"[sweep] {k}: {d}")
     from .store import FeatureStore
 

@@ -154,8 +154,8 @@ def check_hyperparameters(target, cats, hp: dict) -> dict:
 
 def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, **hp) -> Path:
     t_start = time.perf_counter()
+    plan = plan_head(store, layer, target, cats, out_root, fold, hp)  # bad input fails here, before TensorFlow
     keras, tf = _setup_tf(hp["seed"])
-    plan = plan_head(store, layer, target, cats, out_root, fold, hp)
     key, tr, va = plan["key"], plan["tr"], plan["va"]
     model = build_model(plan["tap_shape"], plan["n_classes"], plan["kind"], plan["mean"], plan["std"], hp["hidden"],
                         hp["dropout"], plan["pool"], plan["input_dropout"], hp["weight_decay"], plan["age_grid"])

@@ -63,6 +63,16 @@ def _fmt(m: str, v) -> str:
     return f"{v:.2f}" if m in ("mae", "rmse") else f"{100 * v:.1f}%"
 
 
+def folds_of(features) -> list[int]:
+    """The folds of a features file (for ``--fold all``); one line when it has none."""
+    with FeatureStore.open_read(features) as store:
+        folds = store.labels()["fold"].to_numpy()
+    have = sorted(set(int(f) for f in folds if f >= 0))
+    if not have:
+        raise FeatlabError("--fold all: this features file has no folds (fold is -1 for every row)")
+    return have
+
+
 def train_head(features, layer, target, cats=None, *, fold=None, seed: int = 0, seeds: int = 1,
                baselines: bool = True, out_root=None, verbose=1, **hp) -> Path:
     """Train and score one head (or ``seeds`` heads, or every fold with ``fold="all"``); returns the
@@ -71,13 +81,8 @@ def train_head(features, layer, target, cats=None, *, fold=None, seed: int = 0, 
     if seeds < 1:
         raise FeatlabError(f"--seeds must be at least 1, not {seeds}")
     if fold == "all":
-        with FeatureStore.open_read(features) as store:
-            folds = store.labels()["fold"].to_numpy()
-        have = sorted(set(int(f) for f in folds if f >= 0))
-        if not have:
-            raise FeatlabError("--fold all: this features file has no folds (fold is -1 for every row)")
         dirs = [train_head(features, layer, target, cats, fold=k, seed=seed, seeds=seeds, baselines=baselines,
-                           out_root=out_root, verbose=verbose, **hp) for k in have]
+                           out_root=out_root, verbose=verbose, **hp) for k in folds_of(features)]
         return summarise(dirs, "folds", dirs[0].parent)
     if seeds == 1:
         return _train_and_record(features, layer, target, cats, fold=fold, seed=seed, seed_dir=False,
@@ -105,13 +110,8 @@ def train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: in
         return [train_head(features, layer, t, c, fold=fold, seed=seed, seeds=seeds, baselines=baselines,
                            out_root=out_root, verbose=verbose, **hp)]
     if fold == "all":
-        with FeatureStore.open_read(features) as store:
-            folds = store.labels()["fold"].to_numpy()
-        have = sorted(set(int(f) for f in folds if f >= 0))
-        if not have:
-            raise FeatlabError("--fold all: this features file has no folds (fold is -1 for every row)")
         per_fold = [train_grid(features, layers, targets, fold=k, seed=seed, seeds=seeds, baselines=baselines,
-                               out_root=out_root, verbose=verbose, **hp) for k in have]
+                               out_root=out_root, verbose=verbose, **hp) for k in folds_of(features)]
         return [summarise([f[i] for f in per_fold], "folds", per_fold[0][i].parent) for i in range(len(heads))]
     per_seed = []
     for s in range(seed, seed + seeds):

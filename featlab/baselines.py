@@ -55,7 +55,7 @@ def fit_baselines(store: FeatureStore, cfg: dict, head_dir: Path, memory_mb: flo
     labels = store.labels()
     y_all, valid = encode_target(labels, target, cats)
     hp = cfg.get("hyperparameters", {})
-    sp = split_rows(labels, valid, cfg.get("fold"), int(cfg.get("seed", 0)), float(hp.get("val_share", 0.1)))
+    sp = split_rows(labels, valid, cfg.get("fold"), float(hp.get("val_share", 0.1)))
     tr, va, te = sp["train"], sp["val"], sp["test"]
     n_classes = len(cfg.get("class_names") or []) or 1
     names = cfg.get("class_names")

@@ -195,7 +195,7 @@ def record_head(model, cfg: dict, store: FeatureStore, head_dir: Path) -> dict:
     labels = store.labels()
     y_all, valid = encode_target(labels, cfg["target"], cfg.get("cats"))
     hp = cfg.get("hyperparameters", {})
-    sp = split_rows(labels, valid, cfg.get("fold"), int(cfg.get("seed", 0)), float(hp.get("val_share", 0.1)))
+    sp = split_rows(labels, valid, cfg.get("fold"), float(hp.get("val_share", 0.1)))
     sections, files = {}, []
     for split in ("val", "test"):
         if not len(sp[split]):
@@ -306,7 +306,7 @@ def _rows_for(store, cfg, labels, valid, split, other) -> tuple[np.ndarray, str]
         return np.flatnonzero(valid), "all rows"
     if not other:
         hp = cfg.get("hyperparameters", {})
-        sp = split_rows(labels, valid, cfg.get("fold"), int(cfg.get("seed", 0)), float(hp.get("val_share", 0.1)))
+        sp = split_rows(labels, valid, cfg.get("fold"), float(hp.get("val_share", 0.1)))
         return sp[split], f"{split} split as in training ({sp['note']})"
     col = labels["split"].astype(str).to_numpy()
     return np.flatnonzero(valid & (col == split)), f"rows with split '{split}'"

@@ -98,7 +98,7 @@ def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: b
         for t, c in {(t, c) for _, t, c in heads}:
             _, valid = encode_target(labels, t, c)
             if valid.any():
-                sp = split_rows(labels, valid, fold, base["seed"], base["val_share"])
+                sp = split_rows(labels, valid, fold, base["val_share"])
                 rows[(t, c)] = (sp["train"], sp["val"])
         tr_all = np.unique(np.concatenate([r[0] for r in rows.values()])) if rows else np.empty(0, np.int64)
         va_all = np.unique(np.concatenate([r[1] for r in rows.values()])) if rows else np.empty(0, np.int64)

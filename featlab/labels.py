@@ -93,11 +93,15 @@ def hold_out(rows: np.ndarray, labels, seed: int, share: float) -> tuple[np.ndar
     return np.sort(rows[tr]), np.sort(rows[va])
 
 
-def split_rows(labels, valid: np.ndarray, fold=None, seed: int = 0, val_share: float = 0.1) -> dict:
+SPLIT_SEED = 0  # the held-out validation groups never depend on a head's training seed
+
+
+def split_rows(labels, valid: np.ndarray, fold=None, val_share: float = 0.1) -> dict:
     """Row indices (sorted) for train/val/test, only rows with a valid target.
 
     Without ``fold``: the manifest's split column; when it has no 'val' rows a seeded ``val_share`` of
-    the training groups is held out. With ``fold=K`` (Adience-style folds 0..4): test = fold K, train =
+    the training groups is held out (seed ``SPLIT_SEED``, the same for every head and training seed, so
+    seeds differ in training only and heads are compared on the same validation faces). With ``fold=K`` (Adience-style folds 0..4): test = fold K, train =
     the other folds, val = a seeded ``val_share`` of their groups (whole subjects).
     """
     split = labels["split"].astype(str).to_numpy()
@@ -112,7 +116,7 @@ def split_rows(labels, valid: np.ndarray, fold=None, seed: int = 0, val_share: f
             raise FeatlabError(f"fold {k} is not in this features file (it has folds {', '.join(map(str, have))})")
         test = np.flatnonzero(valid & (folds == k))
         pool = np.flatnonzero(valid & (folds >= 0) & (folds != k))
-        train, val = hold_out(pool, labels, seed, val_share)
+        train, val = hold_out(pool, labels, SPLIT_SEED, val_share)
         note = f"fold {k} as test, the other folds as train, a seeded {val_share:.0%} of their groups as val"
     else:
         train = np.flatnonzero(valid & (split == "train"))
@@ -124,7 +128,7 @@ def split_rows(labels, valid: np.ndarray, fold=None, seed: int = 0, val_share: f
             raise FeatlabError("this features file has no rows with split 'train' (and no folds): "
                                "give the manifest a split column (train/val/test)")
         if not len(val):
-            train, val = hold_out(train, labels, seed, val_share)
+            train, val = hold_out(train, labels, SPLIT_SEED, val_share)
             note = f"manifest split; no 'val' rows, so a seeded {val_share:.0%} of the training groups is val"
     if len(val) == 0:
         raise FeatlabError("no validation rows: too few training rows")

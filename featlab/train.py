@@ -229,7 +229,7 @@ def plan_head(store: FeatureStore, layer, target, cats, out_root, fold, hp: dict
     if not valid.any():
         raise FeatlabError(f"no row of {store.path.name} has a usable {target} label "
                            f"({', '.join(f'{v:,} {k}' for k, v in dropped_reasons(labels, target, valid).items())})")
-    sp = split_rows(labels, valid, fold, seed, hp["val_share"])
+    sp = split_rows(labels, valid, fold, hp["val_share"])
     tr, va, te = sp["train"], sp["val"], sp["test"]
     for rows in (tr, va, te):
         check_finite(store, key, rows)  # heads never learn from, or are scored on, inf/NaN

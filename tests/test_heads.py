@@ -316,3 +316,24 @@ def test_non_finite_features_and_stale_labels_are_refused(tmp_path):
         st.set_attr("taps", info)
     with pytest.raises(FeatlabError, match=r"vec.*(non-finite|inf|nan)"):
         train_head(f, "vec", "gender", out_root=tmp_path / "r", **FAST)
+
+
+def test_seeds_share_their_validation_faces_and_summarise_the_spread(tmp_path):
+    """--seeds N: seeds differ in training only (the held-out validation groups do not move with the seed);
+    the summary gives the mean over seeds, its spread, and an interval over the per-face mean."""
+    import pandas as pd
+
+    from featlab.workflow import train_head
+
+    f = make_features(tmp_path / "folds.h5", n=500, seed=3, folds=True, split=False)
+    root = train_head(f, "vec", "gender", fold=0, seeds=2, out_root=tmp_path / "r", **{**FAST, "epochs": 3})
+    faces = [pd.read_csv(root / f"seed{s}" / "faces.csv") for s in (0, 1)]
+    vals = [set(x[x.split == "val"].image_id) for x in faces]
+    assert vals[0] == vals[1] and len(vals[0]) > 20
+    m = json.loads((root / "metrics.json").read_text())
+    accs = [json.loads((root / f"seed{s}" / "metrics.json").read_text())["test"]["metrics"]["accuracy"] for s in (0, 1)]
+    assert m["kind"] == "seeds" and m["seeds"] == [0, 1]
+    assert m["test"]["metrics"]["accuracy"] == pytest.approx(np.mean(accs))
+    assert m["test"]["metrics_std"]["accuracy"] == pytest.approx(np.std(accs))
+    lo, hi = m["test"]["metrics"]["accuracy_ci95"]
+    assert lo <= m["test"]["metrics"]["accuracy"] <= hi

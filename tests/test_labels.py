@@ -23,7 +23,7 @@ def test_fold_validation_rows_are_whole_subjects():
     lab = _labels()
     _, valid = encode_target(lab, "gender")
     for k in range(5):
-        sp = split_rows(lab, valid, fold=k, seed=3)
+        sp = split_rows(lab, valid, fold=k)
         g = lab["group"].to_numpy()
         assert not set(g[sp["val"]]) & set(g[sp["train"]])  # no subject on both sides
         assert set(g[sp["test"]]).isdisjoint(g[sp["train"]])
@@ -34,7 +34,7 @@ def test_manifest_without_val_holds_out_whole_groups():
     lab = _labels(folds=False)
     lab["split"] = np.where(lab.index % 5 == 0, "test", "train")
     _, valid = encode_target(lab, "gender")
-    sp = split_rows(lab, valid, seed=1)
+    sp = split_rows(lab, valid)
     g = lab["group"].to_numpy()
     assert len(sp["val"]) and not set(g[sp["val"]]) & set(g[sp["train"]])
 

@@ -294,7 +294,8 @@ def test_group_by_face_keeps_a_real_face_and_its_mirrored_recrop_together(utk_di
     from featlab.images import load_rgb
 
     names = sorted(p.name for p in utk_dir.glob("*.chip.jpg"))
-    picked = [n for n in names if n.split("_")[0].isdigit() and 25 <= int(n.split("_")[0]) <= 60][::400][:7]
+    adults = [n for n in names if n.split("_")[0].isdigit() and 25 <= int(n.split("_")[0]) <= 60]
+    picked = adults[:: max(1, len(adults) // 7)][:7]  # 7 people spread over the folder (8,000 or the 600 sample)
     root = tmp_path / "utk"
     root.mkdir()
     for n in picked:

@@ -42,8 +42,8 @@ from pathlib import Path
 from . import config
 from .errors import FeatlabError
 from .paths import dataset_key, feature_set
-from .labels import HEADLINE, target_name
-from .recipes import format_figure, headline
+from .labels import HEADLINE, format_figure, target_name
+from .recipes import headline
 
 SAMPLE = "@sample"
 
@@ -165,23 +165,20 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
     keys = list(resolve_keys(bb, taps, ex.get("pool")))
     heads = _heads(spec)
     results = _heads_step(rep.out, keys, heads, int(spec.get("seed", 0)), force, echo)
-    if spec.get("zero_shot", True):
-        _zero_shot_step(rep.out, heads, echo)
-    from .compare import compare
-
-    comparisons = {tname: compare(backbone, dataset_key(feature_set(_attrs(rep.out))), target=h["target"], cats=h["cats"])
-                   for tname, h in {target_name(h["target"], h["cats"]): h for h in heads}.items()}
-    return write_report(spec, backbone, dataset, rep, keys, heads, results, comparisons, echo)
-
-
-def _attrs(features: Path) -> dict:
     from .store import FeatureStore
 
-    with FeatureStore.open_read(features) as s:
-        return s.attrs
+    with FeatureStore.open_read(rep.out) as s:
+        dkey = dataset_key(feature_set(s.attrs))  # where this feature set's results live
+    if spec.get("zero_shot", True):
+        _zero_shot_step(rep.out, dkey, heads, echo)
+    from .compare import compare
+
+    comparisons = {tname: compare(backbone, dkey, target=h["target"], cats=h["cats"])
+                   for tname, h in {target_name(h["target"], h["cats"]): h for h in heads}.items()}
+    return write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, echo)
 
 
-def _zero_shot_step(features: Path, heads: list[dict], echo) -> None:
+def _zero_shot_step(features: Path, dkey: str, heads: list[dict], echo) -> None:
     """Score dlib-age / dlib-gender's own outputs on the val and test rows of the features file."""
     from .labels import encode_target, split_rows
     from .store import FeatureStore
@@ -189,7 +186,6 @@ def _zero_shot_step(features: Path, heads: list[dict], echo) -> None:
 
     with FeatureStore.open_read(features) as s:
         labels = s.labels()
-        dkey = dataset_key(feature_set(s.attrs))
     for h in {target_name(h["target"], h["cats"]): h for h in heads if h.get("fold") is None}.values():
         _, valid = encode_target(labels, h["target"], h["cats"])
         sp = split_rows(labels, valid)
@@ -301,10 +297,9 @@ def _train_grid(features: Path, keys: list[str], hs: list[dict], seed: int) -> l
                                         seed=seed, verbose=0, **opts)]
 
 
-def write_report(spec, backbone, dataset, rep, keys, heads, results, comparisons, echo) -> Path:
+def write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, echo) -> Path:
     """results/{backbone}/{dataset-key}/report.md: per target, the tap chosen on validation and every
     tap's test figure with its interval, paired test against the chosen tap, and the baselines."""
-    dkey = dataset_key(feature_set(_attrs(rep.out)))
     root = config.results_dir() / backbone / dkey
     root.mkdir(parents=True, exist_ok=True)
     out = root / "report.md"

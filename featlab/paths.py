@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import config
-from .errors import FeatlabError
 
 IDENTITY_KEYS = ("backbone", "model_sha256", "preprocessing", "align", "flip", "manifest_sha256", "imported")
 TAP_KEYS = ("pool", "dtype")
@@ -73,9 +72,3 @@ def differences(a: dict, b: dict, keys=IDENTITY_KEYS + TAP_KEYS) -> list[str]:
                 x, y = x[:12] + "…", y[:12] + "…"
             out.append(f"{k} ({x} vs {y})")
     return out
-
-
-def require_same(a: dict, b: dict, what: str, keys=IDENTITY_KEYS + TAP_KEYS) -> None:
-    d = differences(a, b, keys)
-    if d:
-        raise FeatlabError(f"{what}: features made differently never mix: {', '.join(d)}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import FeatlabError
-from .labels import HEADLINE, TARGETS
+from .labels import HEADLINE, TARGETS, format_figure
 
 
 
@@ -67,11 +67,6 @@ def headline(m: dict, split: str = "test") -> dict:
     figures = (m.get(split) or {}).get("metrics") or m.get("metrics", m)
     pick = HEADLINE.get(m.get("target"), ("accuracy", "one_off", "mae"))
     return {k: (figures[k], figures.get(f"{k}_ci95")) for k in pick if isinstance(figures.get(k), (int, float))}
-
-
-def format_figure(name: str, value: float, ci=None) -> str:
-    f = (lambda v: f"{v:.2f}") if name in ("mae", "rmse", "mae_bin_centre") else (lambda v: f"{100 * v:.1f}%")
-    return f(value) + (f" [{f(ci[0])}, {f(ci[1])}]" if ci else "")
 
 
 def summary_line(m: dict) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import config
 from .errors import FeatlabError
-from .labels import HEADLINE
+from .labels import HEADLINE, format_figure
 from .paths import dataset_key, feature_set
 from .store import FeatureStore
 from .uncertainty import interval
@@ -50,17 +50,11 @@ def _record(features, d: Path, baselines: bool, verbose, memory_mb) -> dict:
     if verbose:
         t = rec.get("test") or {}
         v = rec.get("val") or {}
-        figs = ", ".join(f"{m} {_fmt(m, t['metrics'][m])} [{_fmt(m, t['metrics'][m + '_ci95'][0])}, "
-                         f"{_fmt(m, t['metrics'][m + '_ci95'][1])}]" for m in HEADLINE[target] if t)
-        vf = ", ".join(f"{m} {_fmt(m, v['metrics'][m])}" for m in HEADLINE[target] if v)
+        figs = ", ".join(f"{m} {format_figure(m, t['metrics'][m], t['metrics'].get(m + '_ci95'))}"
+                         for m in HEADLINE[target] if t)
+        vf = ", ".join(f"{m} {format_figure(m, v['metrics'][m])}" for m in HEADLINE[target] if v)
         print(f"[featlab] {d}: val {vf}; test {figs or 'no test rows'}")
     return rec
-
-
-def _fmt(m: str, v) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.2f}" if m in ("mae", "rmse") else f"{100 * v:.1f}%"
 
 
 def folds_of(features) -> list[int]:
@@ -123,17 +117,6 @@ def train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: in
     if seeds == 1:
         return per_seed[0]
     return [summarise([p[i] for p in per_seed], "seeds", per_seed[0][i].parent) for i in range(len(heads))]
-
-
-def read_faces(path: Path) -> dict[str, dict[str, np.ndarray]]:
-    """faces.csv -> {split: {"image_id": ids, metric: values}}."""
-    import pandas as pd
-
-    df = pd.read_csv(path, dtype={"image_id": str, "split": str})
-    out = {}
-    for split, g in df.groupby("split", sort=False):
-        out[split] = {c: g[c].to_numpy() for c in g.columns if c != "split"}
-    return out
 
 
 def summarise(dirs: list[Path], kind: str, root: Path) -> Path:

@@ -26,10 +26,6 @@ NETS = {"age": "dlib-age", "bins": "dlib-age", "gender": "dlib-gender"}
 AGE_WEIGHTS = np.array([0.25] + list(range(1, 81)), dtype=np.float64)
 
 
-def zero_shot_net(target: str) -> str:
-    return NETS[target]
-
-
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = np.asarray(z, dtype=np.float64)
     p = np.exp(z - z.max(axis=1, keepdims=True))

@@ -102,9 +102,12 @@ def main(argv=None):
               "grid val", "epochs seq / grid", "seq fit s"]
     table = C.md_table(header, rows)
     print("\n" + summary + "\n\n" + table)
-    notes = (summary + " Both sides train, score (record_head: val and test) and fit the baselines; TensorFlow "
-             "was started before either clock. The grid is one Keras model holding every head (own input, loss, "
-             "early stopping and best weights; one learning-rate schedule), fed from one read of each tap.")
+    notes = (summary + " Both sides train and score (record_head: val and test"
+             + ("" if args.no_baselines else ", and fit the baselines") + "); TensorFlow was started before "
+             "either clock. The grid (featlab.grid) holds every head in one graph (own layers, loss, early "
+             "stopping and best weights; one learning-rate schedule), heads reading a tap the same way share its "
+             "standardised, dropped-out input and one wide first layer, one epoch is one traced loop, fed from one "
+             "read of each tap. The sequential side is train_head as users call it (Keras fit per head).")
     C.record("Heads: grid vs sequential", [sys.argv[0], *(argv if argv is not None else sys.argv[1:])], table, notes,
              load_before=load0, extra_versions=("tensorflow-cpu", "tensorflow", "keras", "scikit-learn"),
              enabled=not args.no_record)

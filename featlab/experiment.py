@@ -111,6 +111,22 @@ def _mark(folder: Path, fp: str, inputs: dict) -> None:
     (folder / ".inputs.json").write_text(json.dumps({"fingerprint": fp, "inputs": inputs}, indent=2, default=str))
 
 
+def fusion_keys(spec: dict, keys: list[str]) -> list[str]:
+    """The spec's ``fusion`` heads (``fusion = ["res12+res14+embedding"]``): each names taps the spec
+    extracts (as stored: ``add_98@avg`` when pooled), joined by ``+``."""
+    from .featureio import fusion_parts
+
+    out = []
+    for item in spec.get("fusion") or []:
+        parts = fusion_parts(str(item).replace(" ", ""))
+        missing = [p for p in parts if p not in keys]
+        if len(parts) < 2 or missing:
+            raise FeatlabError(f"spec {spec['name']}: fusion {item!r} must join two or more of the extracted taps "
+                               f"({', '.join(keys)})" + (f"; not extracted: {', '.join(missing)}" if missing else ""))
+        out.append("+".join(parts))
+    return out
+
+
 def _heads(spec: dict) -> list[dict]:
     """Expand [[heads]] into one dict per (target, cats)."""
     out = []
@@ -163,6 +179,7 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
     from .extract import resolve_keys
 
     keys = list(resolve_keys(bb, taps, ex.get("pool")))
+    keys += fusion_keys(spec, keys)
     heads = _heads(spec)
     results = _heads_step(rep.out, keys, heads, int(spec.get("seed", 0)), force, echo)
     from .store import FeatureStore
@@ -221,16 +238,16 @@ def _prepare_step(adapter, dataset, root: Path, options: dict, seed: int, force:
     return out
 
 
-def _head_inputs(features: Path, key: str, h: dict, seed: int, attrs: dict, n: int, shape) -> tuple[str, dict, Path]:
-    """(fingerprint, inputs, folder) of one (tap, target) head of a spec."""
-    from .paths import head_dir, head_key
+def _head_inputs(features: Path, key: str, h: dict, seed: int, attrs: dict, n: int, shapes) -> tuple[str, dict, Path]:
+    """(fingerprint, inputs, folder) of one (tap or fusion, target) head of a spec; ``shapes``: tap shapes."""
+    from .paths import head_dir, input_key
 
     opts = {k: v for k, v in h.items() if k not in ("target", "cats", "fold")}
     fold = h.get("fold")
     inputs = {"features": str(Path(features).resolve()), "model_sha256": attrs.get("model_sha256"), "rows": n,
               "key": key, "target": h["target"], "cats": h["cats"], "fold": fold, "seed": seed, "options": opts}
     ident = feature_set(attrs, key)
-    folder = head_dir(attrs["backbone"], dataset_key(ident), head_key(key, opts.get("pool"), shape, ident["dtype"]),
+    folder = head_dir(attrs["backbone"], dataset_key(ident), input_key(key, opts.get("pool"), attrs, shapes),
                       target_name(h["target"], h["cats"]), None if fold == "all" else fold)
     return _fingerprint(inputs), inputs, folder
 
@@ -242,12 +259,12 @@ def _heads_step(features: Path, keys: list[str], heads: list[dict], seed: int, f
 
     with FeatureStore.open_read(features) as s:
         attrs, n = s.attrs, s.nrows
-        shapes = {k: (s.array(k).shape[1:] if k in s.keys() else ()) for k in keys}
+        shapes = {p: (s.array(p).shape[1:] if p in s.keys() else ()) for k in keys for p in k.split("+")}
     todo: dict[str, list] = {}
     steps = {}
     for key in keys:
         for h in heads:
-            fp, inputs, folder = _head_inputs(features, key, h, seed, attrs, n, shapes[key])
+            fp, inputs, folder = _head_inputs(features, key, h, seed, attrs, n, shapes)
             tname = target_name(h["target"], h["cats"])
             steps[(key, tname)] = (fp, inputs, folder)
             if not force and _is_current(folder, fp, "metrics.json"):
@@ -399,7 +416,7 @@ def _print_table(rows, echo) -> None:
         return
     t = Table(title="featlab results (test split; taps chosen on validation)")
     for c in ("target", "reader", "test [95 % CI]", "p vs chosen", ""):
-        t.add_column(c)
+        t.add_column(c, overflow="fold")  # a fusion key is shown whole
     for tname, r in rows:
         ms = [m for m in HEADLINE.get("age" if tname == "age" else "gender" if tname == "gender" else "bins")]
         sel = "mae" if tname == "age" else "accuracy"
@@ -408,7 +425,8 @@ def _print_table(rows, echo) -> None:
         p = r.get("p_vs_best")
         t.add_row(tname, _reader_name(r).replace("`", ""), fig, "" if p is None else f"{p:.3f}",
                   "chosen" if r.get("chosen") else ("≈" if r.get("indistinguishable") else ""))
-    Console().print(t)
+    console = Console()
+    (console if console.is_terminal else Console(width=120)).print(t)  # a log file gets the table unfolded
 
 
 # ----------------------------------------------------------------------------- demo and sweep
@@ -429,7 +447,7 @@ def run_demo(out: Path = Path("."), backbone: str | None = None, echo=print) -> 
         from .backbones import get_spec
 
         overrides += [f"backbone.name={json.dumps(backbone)}",
-                      f"extract.taps={json.dumps(list(get_spec(backbone).default_taps))}"]
+                      f"extract.taps={json.dumps(list(get_spec(backbone).default_taps))}", "fusion=[]"]
     cwd = Path.cwd()
     os.chdir(out)
     try:

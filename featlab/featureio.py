@@ -21,10 +21,8 @@ import math
 import numpy as np
 
 from .errors import FeatlabError
+from .paths import FUSION
 from .store import FeatureStore
-
-
-FUSION = "+"
 
 
 def fusion_parts(key: str) -> list[str]:

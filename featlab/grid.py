@@ -5,17 +5,21 @@ train and val rows of every target together, as float32) when they fit the memor
 the heads are split into groups of taps that fit, one fit per group, and a head whose tap alone does
 not fit is trained on its own by :func:`featlab.train.fit_head` (streamed).
 
-Within a group, one Keras model holds every head: each head is exactly
-:func:`featlab.model.build_model` for its tap (or taps, for a fusion key ``a+b``) and target, with its
-own input(s), standardisation, layers, output and loss. The training rows are the union of the heads'
-train rows; a row outside a head's train rows (no such label, or another split) has sample weight 0
-for that head's output, so each head learns from exactly its own rows. A callback scores every head
-on its own val rows after each epoch (its val loss, and accuracy or MAE in years) and stops each head
-as :class:`keras.callbacks.EarlyStopping` would alone: once its patience runs out its best weights are
-kept and its history ends; the fit ends when every head has stopped or at ``epochs``. Once the
-stopped heads hold a quarter of the running heads' input features, the fit restarts without them
-(the same optimizer, so the others keep their Adam moments and step count), so that stopped heads
-stop costing time.
+Within a group, one Keras graph (:class:`GridNet`) holds every head, each built from the same pieces
+as :func:`featlab.model.build_model` for its tap (or taps, for a fusion key ``a+b``) and target, with its
+own layers, output and loss. Heads that read the same input the same way (:func:`trunk_signature`:
+taps, pooling, standardisation, input dropout) share a *trunk*: that input is standardised and
+dropped out once per batch, and their first hidden layers run as one wide Dense layer, each head
+owning its slice of the columns. The training rows are the union of the heads' train rows; a row
+outside a head's train rows (no such label, or another split) has sample weight 0 for that head's
+output, so each head learns from exactly its own rows. One epoch is one traced TensorFlow loop over
+the batches (:func:`_epoch_loop`: no Keras ``fit`` machinery per batch). After each epoch every head is
+scored on its own val rows (its val loss, and accuracy or MAE in years) and stopped as
+:class:`keras.callbacks.EarlyStopping` would alone (:class:`HeadStopping`): once its patience runs out
+its best weights are kept, its loss weight becomes 0 and its history ends; the fit ends when every
+head has stopped or at ``epochs``. Once the trunks whose heads have all stopped hold a quarter of the
+running trunks' input features, the loop is traced again without them (same layers, same optimizer,
+so the others keep their Adam moments and step count).
 
 Differences from training each head alone (why the figures are close, not identical):
 
@@ -26,6 +30,9 @@ Differences from training each head alone (why the figures are close, not identi
 - the batches are drawn from the union of the heads' train rows, so a head sees fewer of its own rows
   per batch when the targets' rows differ (and its loss is scaled by that share; Adam is insensitive
   to the scale);
+- heads of one trunk share the input dropout mask of each row: each head still sees a fresh mask on
+  every row of every batch, the distribution it sees alone; their noise is correlated, their weights
+  are not;
 - the random initialisation and the shuffling differ from a lone fit with the same seed.
 
 Each head is then saved as its own standalone model (rebuilt with ``build_model`` and given the
@@ -46,10 +53,8 @@ from .errors import FeatlabError
 from .featureio import fusion_parts, row_bytes
 from .keras_env import keras as _keras
 from .labels import encode_target, split_rows, target_name
-from .model import build_model
+from .model import build_model, head_layers, standardised_input
 from .store import FeatureStore
-STEPS_PER_EXECUTION = 16  # batches per call of the traced train step: less Python per batch, same batches
-
 from .train import (_setup_tf, check_hyperparameters, fit_head, loss_and_metrics, make_optimizer, plan_head,
                     save_head)
 
@@ -134,10 +139,20 @@ def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: b
     return [out[i] for i in range(len(heads))]
 
 
+def trunk_signature(plan: dict, hp: dict) -> tuple:
+    """Heads with equal signatures read the same input the same way (taps, pooling, standardisation,
+    input dropout) and start with a hidden layer of the same kind: the grid computes that input once and
+    their first hidden layers as one wide layer (see :func:`_fit_group`)."""
+    stats = b"".join(np.ascontiguousarray(a, dtype=np.float64).tobytes()
+                     for a in ([*plan["mean"], *plan["std"]] if plan["fused"] else [plan["mean"], plan["std"]]))
+    return (tuple(plan["parts"]), plan["pool"], float(plan["input_dropout"] or 0.0), float(hp["weight_decay"]),
+            bool(hp["hidden"]), hash(stats))
+
+
 def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, n_groups: int) -> list[Path]:
     t_start = time.perf_counter()
     base = hps[0]
-    keras, _ = _setup_tf(base["seed"])
+    keras, tf = _setup_tf(base["seed"])
     parts = list(dict.fromkeys(p for layer, _, _ in heads for p in fusion_parts(layer)))
     cache_rows = np.union1d(tr_all, va_all)
     t_read = time.perf_counter()
@@ -158,16 +173,10 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
         plan.pop("x_tr", None)  # the grid feeds the cache; no per-head copy of the train rows is kept
         plan["n_inputs"] = int(sum(np.prod(store.array(p).shape[1:]) for p in plan["parts"]))
         plans.append(plan)
-    subs, losses, metrics = [], [], []
-    for i, (plan, hp) in enumerate(zip(plans, hps)):
-        subs.append(build_model(plan["tap_shape"], plan["n_classes"], plan["kind"], plan["mean"], plan["std"],
-                                hp["hidden"], hp["dropout"], plan["pool"], plan["input_dropout"], hp["weight_decay"],
-                                plan["age_grid"], name=f"head{i}"))
-        loss, mets = loss_and_metrics(plan, hp)
-        losses.append(loss)
-        metrics.append(mets[0])
+    net = GridNet(plans, hps, parts, {p: cache[p].shape[1:] for p in parts})
     rows = np.unique(np.concatenate([p["tr"] for p in plans]))
-    x_fit = {p: read(p, rows) for p in parts}
+    pos_fit = np.searchsorted(cache_rows, rows)
+    x_fit = {p: tf.constant(cache[p][pos_fit]) for p in parts}
     y_fit, w_fit = [], []
     for plan in plans:
         pos = np.searchsorted(rows, plan["tr"])
@@ -175,78 +184,195 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
         y[pos] = plan["y_tr"]
         w = np.zeros(len(rows), dtype=np.float32)
         w[pos] = plan["w_tr"] if plan["w_tr"] is not None else 1.0
-        y_fit.append(y)
-        w_fit.append(w)
+        y_fit.append(tf.constant(y))
+        w_fit.append(tf.constant(w))
     val_rows = np.unique(np.concatenate([p["va"] for p in plans]))
-    x_val = {p: read(p, val_rows) for p in parts}
-    stopper = grid_stopping(subs, plans, hps, losses, metrics, x_val, val_rows, base["lr"], base["patience"],
-                            base["verbose"])
+    x_val = {p: cache[p][np.searchsorted(cache_rows, val_rows)] for p in parts}
+    cache.clear()  # the fit and val rows now live in x_fit and x_val
+    stopper = HeadStopping(plans, hps, net, val_rows, base["lr"], base["patience"])
     optimizer = make_optimizer(base)  # one optimizer for the whole fit: Adam's moments are per parameter
+    optimizer.build(net.full.trainable_variables)
+    rng = np.random.default_rng(base["seed"])
     t_fit = time.perf_counter()
-    fits = 0
-    while True:
-        # the joint model of the heads still training: one input per tap they read, one output per head.
-        # Once stopped heads hold a quarter of the inputs, the fit restarts without them (same optimizer and
-        # moments); every head's weights are set back to its best epoch at the end.
-        run = [i for i in range(len(plans)) if not stopper.stopped[i]]
-        used = list(dict.fromkeys(p for i in run for p in plans[i]["parts"]))
-        inputs = {p: keras.Input(shape=tuple(int(d) for d in x_fit[p].shape[1:]), name=f"in{parts.index(p)}")
-                  for p in used}
-        outputs = [subs[i]([inputs[p] for p in plans[i]["parts"]] if plans[i]["fused"] else inputs[plans[i]["parts"][0]])
-                   for i in run]
-        joint = keras.Model([inputs[p] for p in used], outputs, name="featlab_grid")
-        joint.compile(optimizer=optimizer, loss=[losses[i] for i in run], steps_per_execution=STEPS_PER_EXECUTION)
-        stopper.running = run
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
-            joint.fit(x=[x_fit[p] for p in used], y=[y_fit[i] for i in run], sample_weight=[w_fit[i] for i in run],
-                      batch_size=base["batch_size"], epochs=base["epochs"], initial_epoch=stopper.epoch + 1,
-                      shuffle=True, callbacks=[stopper], verbose=2 if base["verbose"] and base["verbose"] > 1 else 0)
-        fits += 1
-        if all(stopper.stopped) or stopper.epoch + 1 >= base["epochs"]:
-            stopper.stop_all()
-            break
+    traces, epoch, run_trunks, step = 0, 0, None, None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+        while epoch < base["epochs"] and not all(stopper.stopped):
+            live = [k for k, t in enumerate(net.trunks) if not all(stopper.stopped[i] for i in t["heads"])]
+            if run_trunks is None or _worth_restart(net, run_trunks, live):
+                # the model of the trunks still training: one input per tap they read, one output per head.
+                # The same layers (and optimizer slots) throughout; only the traced loop is new
+                run_trunks = live
+                run, model, used = net.model_of(run_trunks)
+                step = _epoch_loop(tf, model, [y_fit[i] for i in run], [w_fit[i] for i in run],
+                                   [x_fit[p] for p in used], [stopper.loss_fns[i] for i in run], optimizer,
+                                   base["batch_size"])
+                predict = tf.function(lambda xs, m=model: m(xs, training=False))
+                traces += 1
+            active = tf.constant([0.0 if stopper.stopped[i] else 1.0 for i in run], dtype=tf.float32)
+            perm = tf.constant(rng.permutation(len(rows)), dtype=tf.int32)
+            train_losses = dict(zip(run, np.asarray(step(perm, active)).tolist()))
+            outs = [np.asarray(o) for o in _as_list(predict([x_val[p] for p in used]))]
+            stopper.end_epoch(epoch, float(np.asarray(optimizer.learning_rate)), train_losses, dict(zip(run, outs)),
+                              optimizer)
+            epoch += 1
     fit_seconds = time.perf_counter() - t_fit
-    stopper.restore()
     dirs = []
     grid_info = {"heads": len(plans), "groups": n_groups, "taps_read_once": parts, "rows_read": int(len(cache_rows)),
                  "read_seconds": round(read_seconds, 2), "fit_seconds_all_heads": round(fit_seconds, 2),
-                 "epochs_run_all_heads": stopper.epoch + 1, "keras_fits": fits,
+                 "epochs_run_all_heads": epoch, "traced_loops": traces,
+                 "shared_input": [[f"{plans[i]['key']} -> {plans[i]['tname']}" for i in t["heads"]] for t in net.trunks],
                  "learning_rate": "one ReduceLROnPlateau for the grid: halved when no running head improved "
                                   f"for {max(2, base['patience'] // 3)} epochs"}
-    for i, (plan, hp, sub) in enumerate(zip(plans, hps, subs)):
+    for i, (plan, hp) in enumerate(zip(plans, hps)):
         alone = build_model(plan["tap_shape"], plan["n_classes"], plan["kind"], plan["mean"], plan["std"],
                             hp["hidden"], hp["dropout"], plan["pool"], plan["input_dropout"], hp["weight_decay"],
                             plan["age_grid"])
-        alone.set_weights(sub.get_weights())
-        h = stopper.history[i]
-        dirs.append(save_head(plan, store, alone, h, stopper.lrs[i], fit_seconds / len(plans), t_start, hp,
-                              training={"grid": {**grid_info, "index": i}}))
+        for name, ws in stopper.best_weights[i].items():
+            alone.get_layer(name).set_weights(ws)
+        dirs.append(save_head(plan, store, alone, stopper.history[i], stopper.lrs[i], fit_seconds / len(plans),
+                              t_start, hp, training={"grid": {**grid_info, "index": i}}))
     if base["verbose"]:
-        print(f"[grid] {len(plans)} heads on {', '.join(parts)} in one fit: {stopper.epoch + 1} epochs, "
+        print(f"[grid] {len(plans)} heads on {', '.join(parts)} in one fit: {epoch} epochs, "
               f"{time.perf_counter() - t_start:.1f} s")
     return dirs
 
 
-def grid_stopping(*args):
-    """The grid's per-head early stopping as a :class:`keras.callbacks.Callback` (see the module doc;
-    the class is made here so that this module imports without TensorFlow)."""
-    cls = type("GridStopping", (_GridStoppingImpl, _keras().callbacks.Callback), {})
-    cb = cls()
-    cb._setup(*args)
-    return cb
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-class _GridStoppingImpl:
-    """Per head: val loss and metric on its own val rows, best weights, patience; one shared learning rate."""
+def _worth_restart(net: "GridNet", running: list[int], live: list[int]) -> bool:
+    """Drop the trunks whose heads have all stopped once they hold a quarter of the running trunks'
+    input features: a restart costs a new trace of the epoch loop (about a second)."""
+    width = {k: net.trunks[k]["width"] for k in running}
+    return sum(w for k, w in width.items() if k not in live) >= 0.25 * sum(width.values())
 
-    def _setup(self, subs, plans, hps, losses, metrics, x_val, val_rows, lr, patience, verbose):
-        self.subs, self.plans, self.hps, self.losses, self.metrics = subs, plans, hps, losses, metrics
-        self.x_val, self.val_rows = x_val, val_rows
-        self.lr, self.min_lr = float(lr), float(lr) / 64
+
+def _epoch_loop(tf, model, ys, ws, xs, loss_fns, optimizer, batch_size: int):
+    """One epoch as one traced TensorFlow function: every batch of a permutation of the fit rows, each
+    head's weighted loss (``active``: 0 for heads that have stopped), one optimizer step for all heads.
+    Returns each head's mean train loss over the epoch's batches (as Keras logs it)."""
+    b = int(batch_size)
+
+    @tf.function
+    def step(perm, active):
+        n = tf.shape(perm)[0]
+        steps = (n + b - 1) // b
+        sums = tf.zeros_like(active)
+        for s in tf.range(steps):
+            idx = perm[s * b: tf.minimum((s + 1) * b, n)]
+            xb = [tf.gather(x, idx) for x in xs]
+            with tf.GradientTape() as tape:
+                outs = model(xb, training=True)
+                outs = outs if isinstance(outs, (list, tuple)) else [outs]
+                ls = tf.stack([fn(tf.gather(y, idx), o, sample_weight=tf.gather(w, idx))
+                               for fn, y, w, o in zip(loss_fns, ys, ws, outs)])
+                total = tf.reduce_sum(ls * active)
+                if model.losses:
+                    total = total + tf.add_n(model.losses)
+            grads = tape.gradient(total, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            sums = sums + ls
+        return sums / tf.cast(steps, sums.dtype)
+
+    return step
+
+
+class GridNet:
+    """Every head of a group in one Keras graph. Heads with the same :func:`trunk_signature` share a
+    trunk: their taps' input is pooled, standardised and dropped out once, and their first hidden
+    layers are one Dense layer as wide as all of them (a head owns its slice of its columns: its
+    kernel columns, its biases). Dropout after it, further layers and the output are each head's own,
+    built by :func:`featlab.model.head_layers` with the names of a head trained alone, prefixed
+    ``g{i}_``.
+
+    Sharing the input dropout mask couples the heads' noise, not their weights: each head still sees a
+    fresh Bernoulli mask on every row of every batch, exactly the distribution it sees alone."""
+
+    def __init__(self, plans, hps, parts, shapes):
+        keras = _keras()
+        self.plans, self.hps = plans, hps
+        self.inputs = {p: keras.Input(shape=tuple(int(d) for d in shapes[p]), name=f"in{j}") for j, p in enumerate(parts)}
+        sig: dict[tuple, list[int]] = {}
+        for i, (plan, hp) in enumerate(zip(plans, hps)):
+            sig.setdefault(trunk_signature(plan, hp), []).append(i)
+        self.trunks, self.outputs, self.cols = [], {}, {}
+        for k, members in enumerate(sig.values()):
+            plan0, hp0 = plans[members[0]], hps[members[0]]
+            ins = [self.inputs[p] for p in plan0["parts"]]
+            x = standardised_input(ins, plan0["mean"] if plan0["fused"] else [plan0["mean"]],
+                                   plan0["std"] if plan0["fused"] else [plan0["std"]], plan0["pool"], plan0["fused"],
+                                   prefix=f"t{k}_")
+            if plan0["input_dropout"]:
+                x = keras.layers.Dropout(plan0["input_dropout"], name=f"t{k}_input_dropout")(x)
+            dense = None
+            if hp0["hidden"]:
+                widths = [int(hps[i]["hidden"][0]) for i in members]
+                wd = hp0["weight_decay"]
+                dense = keras.layers.Dense(sum(widths), activation="relu", name=f"t{k}_hidden1",
+                                           kernel_regularizer=keras.regularizers.L2(wd) if wd else None)
+                h = dense(x)
+                a = 0
+                for i, w in zip(members, widths):
+                    self.cols[i] = (a, a + w)
+                    xi = h[:, a: a + w]
+                    if hps[i]["dropout"]:
+                        xi = keras.layers.Dropout(hps[i]["dropout"], name=f"g{i}_dropout1")(xi)
+                    self._head(i, xi, first=1)
+                    a += w
+            else:
+                for i in members:
+                    self._head(i, x, first=0)
+            self.trunks.append({"heads": members, "dense": dense, "parts": plan0["parts"],
+                                "width": int(plan0["n_inputs"]) * len(members)})
+        self.trunk_of = {i: k for k, tr in enumerate(self.trunks) for i in tr["heads"]}
+        _, self.full, _ = self.model_of(range(len(self.trunks)))
+        self.own = {i: [layer for layer in self.full.layers if layer.name.startswith(f"g{i}_") and layer.weights]
+                    for i in range(len(plans))}
+
+    def _head(self, i: int, x, first: int) -> None:
+        plan, hp = self.plans[i], self.hps[i]
+        self.outputs[i] = head_layers(x, plan["n_classes"], plan["kind"], hp["hidden"], hp["dropout"],
+                                      hp["weight_decay"], plan["age_grid"], prefix=f"g{i}_", first=first)
+
+    def model_of(self, trunks):
+        """(heads, model, taps) for the given trunks: a Keras model over the graph's own layers."""
+        keras = _keras()
+        run = [i for k in trunks for i in self.trunks[k]["heads"]]
+        used = list(dict.fromkeys(p for k in trunks for p in self.trunks[k]["parts"]))
+        model = keras.Model([self.inputs[p] for p in used], [self.outputs[i] for i in run], name="featlab_grid")
+        return run, model, used
+
+    def head_weights(self, i: int) -> dict[str, list[np.ndarray]]:
+        """Head ``i``'s trained weights by the layer names of the head built alone (copies)."""
+        out = {}
+        dense = self.trunks[self.trunk_of[i]]["dense"]
+        if dense is not None:
+            a, b = self.cols[i]
+            kern, bias = dense.get_weights()
+            out["hidden1"] = [kern[:, a:b].copy(), bias[a:b].copy()]
+        for layer in self.own[i]:
+            out[layer.name[len(f"g{i}_"):]] = [w.copy() for w in layer.get_weights()]
+        return out
+
+
+class HeadStopping:
+    """Per head, as :class:`keras.callbacks.EarlyStopping` and ``ReduceLROnPlateau`` would do alone: val
+    loss and metric on its own val rows, best weights, patience; one shared learning rate (halved when
+    no running head improved for ``max(2, patience // 3)`` epochs)."""
+
+    def __init__(self, plans, hps, net: GridNet, val_rows, lr, patience):
+        keras = _keras()
+        self.plans, self.hps, self.net, self.val_rows = plans, hps, net, val_rows
+        self.loss_fns, self.metrics = [], []
+        for plan, hp in zip(plans, hps):
+            loss, mets = loss_and_metrics(plan, hp)
+            self.loss_fns.append(loss if isinstance(loss, keras.losses.Loss) else _per_sample_loss(loss))
+            self.metrics.append(mets[0])
+        self.min_lr = float(lr) / 64
         self.lr_patience = max(2, int(patience) // 3)
-        self.verbose = verbose
-        n = len(subs)
+        n = len(plans)
         self.history = [{} for _ in range(n)]
         self.lrs = [[] for _ in range(n)]
         self.best = [None] * n
@@ -255,34 +381,20 @@ class _GridStoppingImpl:
         self.stopped = [False] * n
         self.lr_best = [None] * n
         self.lr_wait = 0
-        self.epoch = -1
-        self.running = list(range(n))
 
-    def _val_output(self, i):
-        plan = self.plans[i]
-        xs = [self.x_val[p] for p in plan["parts"]]
-        outs = []
-        for j in range(0, len(self.val_rows), 4096):
-            xb = [x[j : j + 4096] for x in xs]
-            outs.append(np.asarray(self.subs[i](xb if plan["fused"] else xb[0], training=False)))
-        return np.concatenate(outs)
-
-    def on_epoch_end(self, epoch, logs=None):
+    def end_epoch(self, epoch: int, lr_now: float, train_losses: dict, outputs: dict, optimizer) -> None:
         keras = _keras()
-        logs = logs or {}
-        self.epoch = epoch
-        lr_now = float(np.asarray(self.model.optimizer.learning_rate))
         improved_any = False
         for i, plan in enumerate(self.plans):
             if self.stopped[i]:
                 continue
             pos = np.searchsorted(self.val_rows, plan["va"])
-            y, p = plan["y_va"], self._val_output(i)[pos]
-            yt, pt = keras.ops.convert_to_tensor(y), keras.ops.convert_to_tensor(p)
-            vl = float(np.mean(np.asarray(self.losses[i](yt, pt))))
-            reg = self.subs[i].losses
-            if reg:
-                vl += float(sum(np.asarray(r) for r in reg))
+            yt = keras.ops.convert_to_tensor(plan["y_va"])
+            pt = keras.ops.convert_to_tensor(outputs[i][pos])
+            vl = float(np.mean(np.asarray(self.loss_fns[i](yt, pt))))
+            wd = self.hps[i]["weight_decay"]
+            if wd and plan["kind"] != "coral":
+                vl += wd * sum(float(np.sum(np.square(ws[0]))) for ws in self.net.head_weights(i).values())
             met = self.metrics[i]
             if hasattr(met, "update_state"):
                 met.reset_state()
@@ -291,8 +403,7 @@ class _GridStoppingImpl:
             else:
                 vm = float(np.mean(np.asarray(met(yt, pt))))
             h = self.history[i]
-            tl = _train_loss(logs, i, self.running)
-            h.setdefault("loss", []).append(tl)
+            h.setdefault("loss", []).append(float(train_losses[i]))
             h.setdefault("val_loss", []).append(vl)
             h.setdefault("val_" + plan["metric_name"], []).append(vm)
             self.lrs[i].append(lr_now)
@@ -301,7 +412,7 @@ class _GridStoppingImpl:
             self.wait[i] += 1
             if better:
                 self.best[i] = cur
-                self.best_weights[i] = self.subs[i].get_weights()
+                self.best_weights[i] = self.net.head_weights(i)
                 self.wait[i] = 0
             if self.wait[i] >= self.hps[i]["patience"] and epoch > 0:
                 self.stopped[i] = True
@@ -310,33 +421,19 @@ class _GridStoppingImpl:
             if lb is None or (cur > lb + 1e-4 if plan["mon_mode"] == "max" else cur < lb - 1e-4):
                 self.lr_best[i] = cur
                 improved_any = True
-        if all(self.stopped):
-            self.model.stop_training = True
-            return
-        # the fit goes on without the heads that stopped (see _fit_group) once they hold a quarter of the
-        # running heads' inputs: a restart costs a new trace of the train step (about a second)
-        width = {i: self.plans[i]["n_inputs"] for i in self.running}
-        if sum(w for i, w in width.items() if self.stopped[i]) >= 0.25 * sum(width.values()):
-            self.model.stop_training = True
         self.lr_wait = 0 if improved_any else self.lr_wait + 1
         if self.lr_wait >= self.lr_patience and lr_now > self.min_lr:
-            self.model.optimizer.learning_rate.assign(max(lr_now * 0.5, self.min_lr))
+            optimizer.learning_rate.assign(max(lr_now * 0.5, self.min_lr))
             self.lr_wait = 0
 
-    def stop_all(self) -> None:
-        """The fit is over (every head stopped, or ``epochs`` reached)."""
-        self.stopped = [True] * len(self.stopped)
 
-    def restore(self) -> None:
-        """Every head back to its best epoch's weights."""
-        for sub, w in zip(self.subs, self.best_weights):
-            if w is not None:
-                sub.set_weights(w)
+def _per_sample_loss(fn):
+    """A plain ``fn(y_true, y_pred)`` as a Keras loss (sample weights, mean over the batch), as
+    ``Model.compile`` wraps it."""
+    keras = _keras()
 
+    class PerSample(keras.losses.Loss):
+        def call(self, y_true, y_pred):
+            return fn(y_true, y_pred)
 
-def _train_loss(logs: dict, i: int, running: list[int]) -> float:
-    """Head ``i``'s train loss from a joint fit's logs (Keras names each output's loss after its sub-model)."""
-    for k in (f"head{i}_loss", f"output_{running.index(i)}_loss"):
-        if k in logs:
-            return float(logs[k])
-    return float(logs.get("loss", np.nan)) if len(running) == 1 else float("nan")
+    return PerSample(name=getattr(fn, "__name__", "loss"))

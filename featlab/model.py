@@ -62,42 +62,60 @@ def build_model(tap_shape, n_out: int, kind: str, mean, std, hidden=(256,), drop
     same length; each tap gets its own input (``tap0``, ``tap1``, ...), pooling, flattening and
     standardisation (``standardise0``, ...), then they are concatenated before the dropout and dense layers."""
     keras = _keras()
-    layers = keras.layers
-
-    reg = keras.regularizers.L2(weight_decay) if weight_decay else None
     fused = _is_shape_list(tap_shape)
     shapes = list(tap_shape) if fused else [tap_shape]
-    means, stds = (list(mean), list(std)) if fused else ([mean], [std])
-    inputs, branches = [], []
-    for i, (shape, m, sd) in enumerate(zip(shapes, means, stds)):
-        sfx = str(i) if fused else ""
-        inp = keras.Input(shape=tuple(int(d) for d in shape), name=f"tap{sfx}")
+    inputs = [keras.Input(shape=tuple(int(d) for d in sh), name=f"tap{i if fused else ''}") for i, sh in enumerate(shapes)]
+    x = standardised_input(inputs, mean if fused else [mean], std if fused else [std], pool, fused)
+    if input_dropout:
+        x = keras.layers.Dropout(input_dropout, name="input_dropout")(x)
+    out = head_layers(x, n_out, kind, hidden, dropout, weight_decay, age_grid)
+    return keras.Model(inputs if fused else inputs[0], out, name=name)
+
+
+def standardised_input(inputs, means, stds, pool=None, fused=None, prefix: str = ""):
+    """The head's input: each tap's tensor in ``inputs`` globally pooled (``pool``, maps only),
+    flattened and standardised (``standardise{i}``, fixed mean and std), concatenated (``fuse``) when
+    there are several (``fused``: name the layers by tap index even for one)."""
+    keras = _keras()
+    layers = keras.layers
+    fused = len(inputs) > 1 if fused is None else fused
+    branches = []
+    for i, (inp, m, sd) in enumerate(zip(inputs, means, stds)):
+        sfx = prefix + (str(i) if fused else "")
         x = inp
-        if pool and len(shape) == 3:
+        if pool and len(x.shape) == 4:
             x = (layers.GlobalAveragePooling2D if pool == "avg" else layers.GlobalMaxPooling2D)(
                 data_format="channels_first", name=f"pool_{pool}{sfx}")(x)
         if len(x.shape) > 2:
             x = layers.Flatten(name=f"flatten{sfx}")(x)
         x = layers.Normalization(mean=np.asarray(m), variance=np.asarray(sd, dtype=np.float64) ** 2,
                                  name=f"standardise{sfx}")(x)
-        inputs.append(inp)
         branches.append(x)
-    x = layers.Concatenate(name="fuse")(branches) if fused else branches[0]
-    if input_dropout:
-        x = layers.Dropout(input_dropout, name="input_dropout")(x)
+    return layers.Concatenate(name=f"{prefix}fuse")(branches) if fused else branches[0]
+
+
+def head_layers(x, n_out: int, kind: str, hidden=(256,), dropout=0.3, weight_decay: float = 0.0, age_grid=None,
+                prefix: str = "", first: int = 0):
+    """The dense layers after the (dropped-out) input: ``hidden[first:]`` as ``hidden{k}`` + ``dropout{k}``
+    (k counted from 1 over all of ``hidden``; ``first``: how many hidden layers ``x`` has already been
+    through, their dropout included), then the output layer for ``kind`` (``output``). ``prefix`` goes
+    before every layer name."""
+    keras = _keras()
+    layers = keras.layers
+    reg = keras.regularizers.L2(weight_decay) if weight_decay else None
     for i, h in enumerate(hidden or ()):
-        x = layers.Dense(int(h), activation="relu", kernel_regularizer=reg, name=f"hidden{i + 1}")(x)
+        if i < first:
+            continue
+        x = layers.Dense(int(h), activation="relu", kernel_regularizer=reg, name=f"{prefix}hidden{i + 1}")(x)
         if dropout:
-            x = layers.Dropout(dropout, name=f"dropout{i + 1}")(x)
+            x = layers.Dropout(dropout, name=f"{prefix}dropout{i + 1}")(x)
     if kind == "softmax":
-        out = layers.Dense(n_out, activation="softmax", kernel_regularizer=reg, name="output")(x)
-    elif kind == "coral":
-        out = custom_objects()["CoralOutput"](n_out - 1, name="output")(x)
-    elif kind == "expectation":
-        out = layers.Dense(len(age_grid), activation="softmax", kernel_regularizer=reg, name="output")(x)
-    else:
-        out = layers.Dense(1, kernel_regularizer=reg, name="output")(x)
-    return keras.Model(inputs if fused else inputs[0], out, name=name)
+        return layers.Dense(n_out, activation="softmax", kernel_regularizer=reg, name=f"{prefix}output")(x)
+    if kind == "coral":
+        return custom_objects()["CoralOutput"](n_out - 1, name=f"{prefix}output")(x)
+    if kind == "expectation":
+        return layers.Dense(len(age_grid), activation="softmax", kernel_regularizer=reg, name=f"{prefix}output")(x)
+    return layers.Dense(1, kernel_regularizer=reg, name=f"{prefix}output")(x)
 
 
 def load_head(head_dir: Path | str):

@@ -9,7 +9,8 @@ Results go to ``{results}/{backbone}/{dataset-key}/{head-key}/{target}/`` where
 - ``dataset-key`` is the dataset name plus ``-align``, ``-flip`` and ``-imported`` when they apply, so
   heads of differently prepared features never share a folder;
 - ``head-key`` is the tap key as stored (``res14``, ``res14@avg`` when pooled at extraction), plus
-  ``~avg``/``~max`` when the head pools a map itself, plus ``.f32`` for a float32 tap.
+  ``~avg``/``~max`` when the head pools a map itself, plus ``.f32`` for a float32 tap; a fusion head's
+  key joins its taps' keys with ``+``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from . import config
 
 IDENTITY_KEYS = ("backbone", "model_sha256", "preprocessing", "align", "flip", "manifest_sha256", "imported")
 TAP_KEYS = ("pool", "dtype")
+FUSION = "+"  # joins the taps of a fusion head's input: res12+res14+embedding
 
 
 def feature_set(attrs: dict, key: str | None = None) -> dict:
@@ -50,6 +52,12 @@ def head_key(key: str, pool: str | None, tap_shape, dtype: str = "float16") -> s
     if dtype == "float32":
         k += ".f32"
     return k
+
+
+def input_key(key: str, pool: str | None, attrs: dict, shapes: dict) -> str:
+    """The head key of a head input ``key`` (a tap, or taps joined by ``+``: each part's
+    :func:`head_key`, joined the same way); ``shapes``: each part's tap shape."""
+    return FUSION.join(head_key(p, pool, shapes[p], feature_set(attrs, p)["dtype"]) for p in key.split(FUSION))
 
 
 def head_dir(backbone: str, dkey: str, hkey: str, tname: str, fold=None, seed=None, out_root=None) -> Path:

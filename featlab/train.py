@@ -27,13 +27,13 @@ import numpy as np
 from . import __version__
 from .bins import get_scheme
 from .errors import FeatlabError
-from .featureio import FUSION, ShuffledBatches, check_finite, feature_stats, fusion_parts, read_input, row_bytes
+from .featureio import ShuffledBatches, check_finite, feature_stats, fusion_parts, read_input, row_bytes
 from .keras_env import keras as _keras
 from .keras_env import tensorflow as _tensorflow
 from .labels import (TARGETS, class_names, class_weights, dropped_reasons, encode_target, make_targets,
                      soft_bin_labels, split_rows, target_name, to_years_np)
 from .model import build_model
-from .paths import dataset_key, feature_set, head_dir, head_key
+from .paths import dataset_key, feature_set, head_dir, input_key
 from .store import FeatureStore
 
 
@@ -218,7 +218,7 @@ def plan_head(store: FeatureStore, layer, target, cats, out_root, fold, hp: dict
     part_ids = [feature_set(attrs, p) for p in parts]
     if fused:
         ident.update(tap=key, pool=[i["pool"] for i in part_ids], dtype=[i["dtype"] for i in part_ids])
-    hkey = FUSION.join(head_key(p, pool, sh, i["dtype"]) for p, sh, i in zip(parts, shapes, part_ids))
+    hkey = input_key(key, pool, attrs, dict(zip(parts, shapes)))
     seed = hp["seed"]
     out = head_dir(backbone, dataset_key(ident), hkey, tname, fold, seed if hp["seed_dir"] else None, out_root)
 

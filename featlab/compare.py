@@ -96,8 +96,9 @@ def gather(backbone: str, dataset: str, target: str = "bins", cats=7, results_ro
 
 def tap_positions(backbone: str, keys: list[str], features_files: list[str] = ()) -> dict[str, tuple]:
     """Sort key per tap key: (0, graph index) from the backbone's graph, else (1, position in a features
-    file's taps attribute), else (2, natural name order); fusion heads (``a+b``) last: (3, natural order)."""
-    pos: dict[str, tuple] = {k: (3, 0, _natural(k)) for k in keys if "+" in k}
+    file's taps attribute), else (2, natural name order); fusion heads (``a+b``) last, fewer taps first:
+    (3, number of taps, natural order)."""
+    pos: dict[str, tuple] = {k: (3, k.count("+") + 1, _natural(k)) for k in keys if "+" in k}
     keys = [k for k in keys if k not in pos]
     try:
         from .backbones import Backbone
@@ -141,13 +142,6 @@ def _ordered(records: list[dict], backbone: str) -> list[dict]:
         r["position"] = pos[r["key"]][1] if pos[r["key"]][0] == 0 else None
         r["order_source"] = ("graph", "features file", "name", "fusion")[pos[r["key"]][0]]
     return sorted(records, key=lambda r: (pos[r["key"]][0], pos[r["key"]][1], _natural(r["key"])))
-
-
-def _out_dir(backbone, dataset, tname, results_root, out_dir) -> Path:
-    if out_dir is not None:
-        return Path(out_dir)
-    root = Path(results_root) if results_root is not None else config.results_dir()
-    return root / backbone / dataset / "compare" / tname
 
 
 def _out_dir(backbone, dataset, tname, results_root, out_dir) -> Path:
@@ -275,7 +269,9 @@ def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_r
     png = comparison_png(rows, taps, headline, out / "layer_comparison.png",
                          title=f"{backbone} on {dataset}: {tname}, test split{seeds}; "
                                f"tap chosen on validation: {chosen['key']}")
+    fusions = [r for r in recs if "+" in r["key"]]
     summary = {"chosen": chosen["key"], "chosen_on": "val", "selection_metric": sel,
+               "best_fusion": choose(fusions, target)["key"] if fusions else None,
                "indistinguishable_from_chosen": [row["tap"] for row in rows if row["reader"] == "head"
                                                  and row["indistinguishable"] and not row["chosen"]],
                "alpha": ALPHA, "correction": "Benjamini-Hochberg over every row"}

@@ -331,6 +331,9 @@ def write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, e
     table = []
     for tname, comp in comparisons.items():
         lines += [f"## {tname}", "", f"Chosen on validation: `{comp['chosen']}`.", ""]
+        fusion = best_fusion_line(comp)
+        if fusion:
+            lines += [fusion, ""]
         lines += comparison_table(comp)
         for f in comp.get("files", []):
             if str(f).endswith(".png"):
@@ -406,6 +409,23 @@ def summary_table(comparisons: dict) -> list[str]:
                  (cell(zs) + f" ({zs['reader'][len('zero-shot '):]})") if zs else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def best_fusion_line(comp: dict) -> str:
+    """One sentence on the fusion head chosen on validation among the fusion heads (none: '')."""
+    key = comp.get("summary", {}).get("best_fusion")
+    row = next((r for r in comp["rows"] if r["reader"] == "head" and r["tap"] == key), None)
+    if row is None:
+        return ""
+    sel = comp["summary"]["selection_metric"]
+    fig = format_figure(sel, row[sel], [row["ci95_low"], row["ci95_high"]])
+    if row.get("chosen"):
+        return f"Best fusion head on validation: `{key}`, the chosen head (test {fig})."
+    d = row["diff_vs_best"]
+    diff = f"{d:+.2f} years" if sel == "mae" else f"{100 * d:+.1f} pts"
+    return (f"Best fusion head on validation: `{key}`: test {fig}; against the chosen `{comp['chosen']}` "
+            f"{diff} (paired p {row['p_vs_best']:.3f}, " + ("not resolved)." if row.get("indistinguishable")
+                                                           else "resolved)."))
 
 
 def _print_table(rows, echo) -> None:

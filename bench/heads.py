@@ -96,7 +96,7 @@ def main(argv=None):
         n_test = _figures(seq_dirs[0])["n"]
     summary = (("baselines not fitted; " if args.no_baselines else "with baselines; ") + f"{len(seq_dirs)} heads ({', '.join(taps)} x {', '.join(target_name(t, c) for t, c in targets)}) on "
                f"{feats.name}: sequential {t_seq:.0f} s, grid {t_grid:.0f} s -> **{t_seq / t_grid:.2f}x** wall time "
-               f"(Keras fits alone: {seq_fit:.0f} s summed vs {grid_fit:.0f} s, {seq_fit / max(grid_fit, 1e-9):.2f}x); "
+               f"(training alone: {seq_fit:.0f} s summed vs {grid_fit:.0f} s, {seq_fit / max(grid_fit, 1e-9):.2f}x); "
                f"{inside} of {len(seq_dirs)} grid heads inside the sequential head's 95 % interval ({n_test:,} test faces).")
     header = ["tap", "target", "metric", "sequential test [95 % CI]", "grid test", "inside", "sequential val",
               "grid val", "epochs seq / grid", "seq fit s"]

@@ -169,6 +169,25 @@ def test_the_tap_is_chosen_on_validation_not_test(tmp_path):
     assert float(rows[("a", "head")]["diff_vs_best"]) == pytest.approx(0.05)
 
 
+def test_best_fusion_is_chosen_on_validation_and_reported(tmp_path):
+    """Among the fusion heads, a+b+c wins on validation and a+b on test: a+b+c is the best fusion; the
+    report's sentence gives its test figure, interval and paired comparison with the chosen tap;
+    fusions are listed after the single taps, fewer taps first."""
+    from featlab.experiment import best_fusion_line
+
+    root = tmp_path / "results"
+    _write_metrics(root, "mystery", "ds", "a", "gender", {"accuracy": 0.78}, val={"accuracy": 0.80}, n=400)
+    _write_metrics(root, "mystery", "ds", "a+b+c", "gender", {"accuracy": 0.74}, val={"accuracy": 0.79}, n=400)
+    _write_metrics(root, "mystery", "ds", "a+b", "gender", {"accuracy": 0.81}, val={"accuracy": 0.75}, n=400)
+    r = compare("mystery", "ds", "gender", results_root=root)
+    assert r["chosen"] == "a" and r["summary"]["best_fusion"] == "a+b+c"
+    assert r["taps"] == ["a", "a+b", "a+b+c"]
+    line = best_fusion_line(r)
+    row = next(x for x in r["rows"] if x["tap"] == "a+b+c" and x["reader"] == "head")
+    assert line.startswith("Best fusion head on validation: `a+b+c`: test 74.0% [")
+    assert "against the chosen `a` -4.0 pts" in line and f"paired p {row['p_vs_best']:.3f}" in line
+
+
 def test_paired_test_finds_a_planted_difference_and_not_a_copy(tmp_path):
     root = tmp_path / "results"
     rng = np.random.default_rng(0)

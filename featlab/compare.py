@@ -269,7 +269,7 @@ def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_r
     png = comparison_png(rows, taps, headline, out / "layer_comparison.png",
                          title=f"{backbone} on {dataset}: {tname}, test split{seeds}; "
                                f"tap chosen on validation: {chosen['key']}")
-    fusions = [r for r in recs if "+" in r["key"]]
+    fusions = [r for r in recs if "+" in r["key"] and r["val"].get(sel) is not None]
     summary = {"chosen": chosen["key"], "chosen_on": "val", "selection_metric": sel,
                "best_fusion": choose(fusions, target)["key"] if fusions else None,
                "indistinguishable_from_chosen": [row["tap"] for row in rows if row["reader"] == "head"

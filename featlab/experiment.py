@@ -123,7 +123,8 @@ def fusion_keys(spec: dict, keys: list[str]) -> list[str]:
         if len(parts) < 2 or missing:
             raise FeatlabError(f"spec {spec['name']}: fusion {item!r} must join two or more of the extracted taps "
                                f"({', '.join(keys)})" + (f"; not extracted: {', '.join(missing)}" if missing else ""))
-        out.append("+".join(parts))
+        if "+".join(parts) not in out:
+            out.append("+".join(parts))
     return out
 
 
@@ -418,14 +419,16 @@ def best_fusion_line(comp: dict) -> str:
     if row is None:
         return ""
     sel = comp["summary"]["selection_metric"]
-    fig = format_figure(sel, row[sel], [row["ci95_low"], row["ci95_high"]])
+    lo, hi = row.get("ci95_low"), row.get("ci95_high")
+    fig = format_figure(sel, row[sel], [lo, hi] if lo is not None and hi is not None else None)
     if row.get("chosen"):
         return f"Best fusion head on validation: `{key}`, the chosen head (test {fig})."
-    d = row["diff_vs_best"]
+    d, p = row.get("diff_vs_best"), row.get("p_vs_best")
+    if d is None or p is None:  # no faces in common with the chosen head: no paired test
+        return f"Best fusion head on validation: `{key}`: test {fig}; no paired test against `{comp['chosen']}`."
     diff = f"{d:+.2f} years" if sel == "mae" else f"{100 * d:+.1f} pts"
     return (f"Best fusion head on validation: `{key}`: test {fig}; against the chosen `{comp['chosen']}` "
-            f"{diff} (paired p {row['p_vs_best']:.3f}, " + ("not resolved)." if row.get("indistinguishable")
-                                                           else "resolved)."))
+            f"{diff} (paired p {p:.3f}, " + ("not resolved)." if row.get("indistinguishable") else "resolved)."))
 
 
 def _print_table(rows, echo) -> None:

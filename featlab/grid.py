@@ -43,6 +43,7 @@ trained weights) into exactly the folder and with the same files and ``config.js
 
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
 from pathlib import Path
@@ -146,7 +147,7 @@ def trunk_signature(plan: dict, hp: dict) -> tuple:
     stats = b"".join(np.ascontiguousarray(a, dtype=np.float64).tobytes()
                      for a in ([*plan["mean"], *plan["std"]] if plan["fused"] else [plan["mean"], plan["std"]]))
     return (tuple(plan["parts"]), plan["pool"], float(plan["input_dropout"] or 0.0), float(hp["weight_decay"]),
-            bool(hp["hidden"]), hash(stats))
+            bool(hp["hidden"]), hashlib.sha256(stats).hexdigest())
 
 
 def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, n_groups: int) -> list[Path]:
@@ -173,19 +174,22 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
         plan.pop("x_tr", None)  # the grid feeds the cache; no per-head copy of the train rows is kept
         plan["n_inputs"] = int(sum(np.prod(store.array(p).shape[1:]) for p in plan["parts"]))
         plans.append(plan)
-    net = GridNet(plans, hps, parts, {p: cache[p].shape[1:] for p in parts})
+    net = GridNet(plans, hps, parts, {p: cache[p].shape[1:] for p in parts}, seed=base["seed"])
     rows = np.unique(np.concatenate([p["tr"] for p in plans]))
     pos_fit = np.searchsorted(cache_rows, rows)
     x_fit = {p: tf.constant(cache[p][pos_fit]) for p in parts}
-    y_fit, w_fit = [], []
+    y_fit, w_fit, m_fit = [], [], []
     for plan in plans:
         pos = np.searchsorted(rows, plan["tr"])
         y = np.zeros((len(rows), *plan["y_tr"].shape[1:]), dtype=np.float32)
         y[pos] = plan["y_tr"]
         w = np.zeros(len(rows), dtype=np.float32)
         w[pos] = plan["w_tr"] if plan["w_tr"] is not None else 1.0
+        member = np.zeros(len(rows), dtype=np.float32)
+        member[pos] = 1.0
         y_fit.append(tf.constant(y))
         w_fit.append(tf.constant(w))
+        m_fit.append(tf.constant(member))
     val_rows = np.unique(np.concatenate([p["va"] for p in plans]))
     x_val = {p: cache[p][np.searchsorted(cache_rows, val_rows)] for p in parts}
     cache.clear()  # the fit and val rows now live in x_fit and x_val
@@ -205,8 +209,8 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
                 run_trunks = live
                 run, model, used = net.model_of(run_trunks)
                 step = _epoch_loop(tf, model, [y_fit[i] for i in run], [w_fit[i] for i in run],
-                                   [x_fit[p] for p in used], [stopper.loss_fns[i] for i in run], optimizer,
-                                   base["batch_size"])
+                                   [m_fit[i] for i in run], [x_fit[p] for p in used],
+                                   [stopper.loss_fns[i] for i in run], optimizer, base["batch_size"])
                 predict = tf.function(lambda xs, m=model: m(xs, training=False))
                 traces += 1
             active = tf.constant([0.0 if stopper.stopped[i] else 1.0 for i in run], dtype=tf.float32)
@@ -249,10 +253,12 @@ def _worth_restart(net: "GridNet", running: list[int], live: list[int]) -> bool:
     return sum(w for k, w in width.items() if k not in live) >= 0.25 * sum(width.values())
 
 
-def _epoch_loop(tf, model, ys, ws, xs, loss_fns, optimizer, batch_size: int):
-    """One epoch as one traced TensorFlow function: every batch of a permutation of the fit rows, each
-    head's weighted loss (``active``: 0 for heads that have stopped), one optimizer step for all heads.
-    Returns each head's mean train loss over the epoch's batches (as Keras logs it)."""
+def _epoch_loop(tf, model, ys, ws, members, xs, loss_fns, optimizer, batch_size: int):
+    """One epoch as one traced TensorFlow function: every batch of a permutation of the fit rows, one
+    optimizer step for all heads. A head's loss on a batch is its weighted loss over ITS rows of the
+    batch (``members``), as if the batch held only them (Keras' mean over the batch, alone); ``active``:
+    0 for heads that have stopped. Returns each head's train loss over the epoch, the mean over its
+    batches weighted by its rows in each (as Keras logs it, without the weight penalty)."""
     b = int(batch_size)
 
     @tf.function
@@ -260,21 +266,26 @@ def _epoch_loop(tf, model, ys, ws, xs, loss_fns, optimizer, batch_size: int):
         n = tf.shape(perm)[0]
         steps = (n + b - 1) // b
         sums = tf.zeros_like(active)
+        counts = tf.zeros_like(active)
         for s in tf.range(steps):
             idx = perm[s * b: tf.minimum((s + 1) * b, n)]
             xb = [tf.gather(x, idx) for x in xs]
+            size = tf.cast(tf.size(idx), tf.float32)
+            cnt = tf.stack([tf.reduce_sum(tf.gather(m, idx)) for m in members])
             with tf.GradientTape() as tape:
                 outs = model(xb, training=True)
                 outs = outs if isinstance(outs, (list, tuple)) else [outs]
                 ls = tf.stack([fn(tf.gather(y, idx), o, sample_weight=tf.gather(w, idx))
                                for fn, y, w, o in zip(loss_fns, ys, ws, outs)])
-                total = tf.reduce_sum(ls * active)
+                ls = ls * size / tf.maximum(cnt, 1.0)  # Keras divides by the batch size; alone, that is cnt
+                total = tf.reduce_sum(tf.where(active > 0, ls, tf.zeros_like(ls)))  # a stopped head's NaN stays out
                 if model.losses:
                     total = total + tf.add_n(model.losses)
             grads = tape.gradient(total, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            sums = sums + ls
-        return sums / tf.cast(steps, sums.dtype)
+            sums = sums + ls * cnt
+            counts = counts + cnt
+        return sums / tf.maximum(counts, 1.0)
 
     return step
 
@@ -290,8 +301,9 @@ class GridNet:
     Sharing the input dropout mask couples the heads' noise, not their weights: each head still sees a
     fresh Bernoulli mask on every row of every batch, exactly the distribution it sees alone."""
 
-    def __init__(self, plans, hps, parts, shapes):
+    def __init__(self, plans, hps, parts, shapes, seed: int = 0):
         keras = _keras()
+        rng = np.random.default_rng(seed)
         self.plans, self.hps = plans, hps
         self.inputs = {p: keras.Input(shape=tuple(int(d) for d in shapes[p]), name=f"in{j}") for j, p in enumerate(parts)}
         sig: dict[tuple, list[int]] = {}
@@ -313,6 +325,12 @@ class GridNet:
                 dense = keras.layers.Dense(sum(widths), activation="relu", name=f"t{k}_hidden1",
                                            kernel_regularizer=keras.regularizers.L2(wd) if wd else None)
                 h = dense(x)
+                # each head's columns start as a lone head's first layer would: Glorot-uniform over
+                # (inputs, its own width), not over the trunk's whole width
+                fan_in = int(dense.kernel.shape[0])
+                dense.kernel.assign(np.concatenate(
+                    [rng.uniform(-1, 1, (fan_in, w)) * np.sqrt(6.0 / (fan_in + w)) for w in widths], axis=1
+                ).astype(np.float32))
                 a = 0
                 for i, w in zip(members, widths):
                     self.cols[i] = (a, a + w)
@@ -393,8 +411,9 @@ class HeadStopping:
             pt = keras.ops.convert_to_tensor(outputs[i][pos])
             vl = float(np.mean(np.asarray(self.loss_fns[i](yt, pt))))
             wd = self.hps[i]["weight_decay"]
-            if wd and plan["kind"] != "coral":
-                vl += wd * sum(float(np.sum(np.square(ws[0]))) for ws in self.net.head_weights(i).values())
+            if wd:  # L2 on the kernels of the hidden layers and of a Dense output (not CORAL's), as Keras adds it
+                vl += wd * sum(float(np.sum(np.square(ws[0]))) for name, ws in self.net.head_weights(i).items()
+                               if name.startswith("hidden") or (name == "output" and plan["kind"] != "coral"))
             met = self.metrics[i]
             if hasattr(met, "update_state"):
                 met.reset_state()
@@ -414,7 +433,7 @@ class HeadStopping:
                 self.best[i] = cur
                 self.best_weights[i] = self.net.head_weights(i)
                 self.wait[i] = 0
-            if self.wait[i] >= self.hps[i]["patience"] and epoch > 0:
+            elif self.wait[i] >= self.hps[i]["patience"] and epoch > 0:
                 self.stopped[i] = True
             # the shared learning rate: ReduceLROnPlateau's min_delta 1e-4 on each running head's own figure
             lb = self.lr_best[i]

@@ -75,21 +75,22 @@ def build_model(tap_shape, n_out: int, kind: str, mean, std, hidden=(256,), drop
 def standardised_input(inputs, means, stds, pool=None, fused=None, prefix: str = ""):
     """The head's input: each tap's tensor in ``inputs`` globally pooled (``pool``, maps only),
     flattened and standardised (``standardise{i}``, fixed mean and std), concatenated (``fuse``) when
-    there are several (``fused``: name the layers by tap index even for one)."""
+    there are several (``fused``: name the layers by tap index even for one). ``prefix`` goes before
+    every layer name."""
     keras = _keras()
     layers = keras.layers
     fused = len(inputs) > 1 if fused is None else fused
     branches = []
     for i, (inp, m, sd) in enumerate(zip(inputs, means, stds)):
-        sfx = prefix + (str(i) if fused else "")
+        sfx = str(i) if fused else ""
         x = inp
         if pool and len(x.shape) == 4:
             x = (layers.GlobalAveragePooling2D if pool == "avg" else layers.GlobalMaxPooling2D)(
-                data_format="channels_first", name=f"pool_{pool}{sfx}")(x)
+                data_format="channels_first", name=f"{prefix}pool_{pool}{sfx}")(x)
         if len(x.shape) > 2:
-            x = layers.Flatten(name=f"flatten{sfx}")(x)
+            x = layers.Flatten(name=f"{prefix}flatten{sfx}")(x)
         x = layers.Normalization(mean=np.asarray(m), variance=np.asarray(sd, dtype=np.float64) ** 2,
-                                 name=f"standardise{sfx}")(x)
+                                 name=f"{prefix}standardise{sfx}")(x)
         branches.append(x)
     return layers.Concatenate(name=f"{prefix}fuse")(branches) if fused else branches[0]
 

@@ -230,3 +230,19 @@ def test_interval_width_matches_the_binomial_formula():
     lo, hi = interval(v)
     assert lo < p < hi
     assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(p * (1 - p) / n), rel=0.1)
+
+
+def test_spec_fusion_keys_name_extracted_taps():
+    """A spec's fusion heads join two or more extracted taps (spaces ignored); anything else stops with
+    one line naming what is extracted and what is not."""
+    from featlab.errors import FeatlabError
+    from featlab.experiment import fusion_keys
+
+    keys = ["res12", "res14", "embedding@avg"]
+    spec = {"name": "s", "fusion": ["res12 + res14", "res14+embedding@avg"]}
+    assert fusion_keys(spec, keys) == ["res12+res14", "res14+embedding@avg"]
+    assert fusion_keys({"name": "s"}, keys) == []
+    for bad, says in ((["res12+res10"], "not extracted: res10"), (["res12"], "two or more"),
+                      (["res12+res12"], "name each tap once")):
+        with pytest.raises(FeatlabError, match=says):
+            fusion_keys({"name": "s", "fusion": bad}, keys)

@@ -163,3 +163,23 @@ def test_cli_trains_a_grid_and_compare_puts_fusions_last(feats, tmp_path, monkey
     assert sorted(r["key"] for r in recs) == ["conv+vec", "vec"]
     pos = tap_positions("synthetic", ["conv+vec", "vec", "conv"])
     assert sorted(pos, key=lambda k: pos[k][:2]) [-1] == "conv+vec"
+
+
+def test_trunk_columns_start_like_a_lone_head():
+    """Four heads share a 256-wide input and one 4x64-wide first layer: each head's columns start with
+    a lone head's Glorot range sqrt(6 / (256 + 64)), not the wide layer's sqrt(6 / (256 + 256))."""
+    from featlab.grid import GridNet
+
+    plans = [dict(parts=["t"], fused=False, mean=np.zeros(256), std=np.ones(256), pool=None, input_dropout=0.5,
+                  n_inputs=256, n_classes=2, kind="softmax", age_grid=None, key="t", tname="gender")
+             for _ in range(4)]
+    hps = [dict(hidden=(64,), dropout=0.5, weight_decay=0.0)] * 4
+    net = GridNet(plans, hps, ["t"], {"t": (256,)}, seed=0)
+    assert len(net.trunks) == 1
+    kernel = np.asarray(net.trunks[0]["dense"].kernel)
+    assert kernel.shape == (256, 256)
+    lone = np.sqrt(6.0 / (256 + 64))
+    for i in range(4):
+        cols = kernel[:, 64 * i: 64 * (i + 1)]
+        assert np.abs(cols).max() <= lone and np.abs(cols).max() > 0.97 * lone
+        assert net.head_weights(i)["hidden1"][0].tolist() == cols.tolist()

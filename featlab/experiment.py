@@ -387,7 +387,7 @@ def summary_table(comparisons: dict) -> list[str]:
     differs from the chosen tap, paired test, BH p < 0.05), the chosen tap's linear probe, the majority
     baseline and the zero-shot net on the same faces."""
     taps = list(dict.fromkeys(t for c in comparisons.values() for t in c["taps"]))
-    head = ["target", "chosen on val", *[f"`{t}`" for t in taps], "linear probe (chosen tap)", "majority", "zero-shot net"]
+    head = ["target", "chosen on val", *[f"`{t}`" for t in taps], "linear probe (chosen input)", "majority", "zero-shot net"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for tname, comp in comparisons.items():
         sel = "mae" if tname == "age" else "accuracy"

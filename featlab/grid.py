@@ -28,8 +28,10 @@ Differences from training each head alone (why the figures are close, not identi
   (ReduceLROnPlateau); here the rate is halved when none of the heads still training has improved
   for ``max(2, patience // 3)`` epochs, so a head may run at a higher rate than alone;
 - the batches are drawn from the union of the heads' train rows, so a head sees fewer of its own rows
-  per batch when the targets' rows differ (and its loss is scaled by that share; Adam is insensitive
-  to the scale);
+  per batch when the targets' rows differ (its loss is the mean over its own rows of the batch, as
+  alone, so a smaller batch of its own rather than a down-weighted one);
+- each head's columns of a trunk's first layer are drawn Glorot-uniform over (inputs, its own width),
+  as alone, but from featlab's seeded generator, not Keras';
 - heads of one trunk share the input dropout mask of each row: each head still sees a fresh mask on
   every row of every batch, the distribution it sees alone; their noise is correlated, their weights
   are not;
@@ -168,9 +170,9 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
                 return cache[p][pos]
         return store.read(p, rows)
 
-    plans = []
+    plans, memo = [], {}
     for (layer, t, c), hp in zip(heads, hps):
-        plan = plan_head(store, layer, t, c, out_root, fold, hp, read=read)
+        plan = plan_head(store, layer, t, c, out_root, fold, hp, read=read, memo=memo)
         plan.pop("x_tr", None)  # the grid feeds the cache; no per-head copy of the train rows is kept
         plan["n_inputs"] = int(sum(np.prod(store.array(p).shape[1:]) for p in plan["parts"]))
         plans.append(plan)

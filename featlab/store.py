@@ -464,9 +464,13 @@ class FeatureStore:
 
     # ---- reading -------------------------------------------------------------------------
     def labels(self):
-        """The labels table as a DataFrame (strings decoded; age NaN, fold -1 when unknown)."""
+        """The labels table as a DataFrame (strings decoded; age NaN, fold -1 when unknown). A file open
+        for reading decodes its table once (each call gets its own copy)."""
         import pandas as pd
 
+        cached = getattr(self, "_labels_read", None)
+        if cached is not None:
+            return cached.copy()
         t = self.h5.root.labels.read()
         df = pd.DataFrame({
             "image_id": [x.decode() for x in t["image_id"]],
@@ -482,6 +486,8 @@ class FeatureStore:
         df["group"] = [x.decode("utf-8", "replace") for x in t["group"]]
         df["age_low"] = t["age_low"].astype(np.float64)
         df["age_high"] = t["age_high"].astype(np.float64)
+        if self.h5.mode == "r":  # nothing can change it while it is open
+            self._labels_read = df.copy()
         return df
 
     def sync_labels(self, manifest_df) -> tuple[int, int]:

@@ -16,6 +16,7 @@ output) on one tap and saves it with everything needed to reproduce it::
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import time
@@ -27,7 +28,7 @@ import numpy as np
 from . import __version__
 from .bins import get_scheme
 from .errors import FeatlabError
-from .featureio import ShuffledBatches, check_finite, feature_stats, fusion_parts, read_input, row_bytes
+from .featureio import ShuffledBatches, feature_stats, fusion_parts, read_input, row_bytes
 from .keras_env import keras as _keras
 from .keras_env import tensorflow as _tensorflow
 from .labels import (TARGETS, class_names, class_weights, dropped_reasons, encode_target, make_targets,
@@ -194,11 +195,19 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
     return save_head(plan, store, model, h, lrs, fit_seconds, t_start, hp)
 
 
-def plan_head(store: FeatureStore, layer, target, cats, out_root, fold, hp: dict, read=None) -> dict:
+def plan_head(store: FeatureStore, layer, target, cats, out_root, fold, hp: dict, read=None, memo=None) -> dict:
     """Everything about one head before its fit: rows, targets, weights, standardisation, output kind,
     folder. ``layer`` may be a fusion key (``a+b``). ``read(part, rows)`` replaces ``store.read`` (a
-    cache of rows already in memory). Holds ``x_tr`` (the train input) unless the rows are streamed."""
+    cache of rows already in memory); ``memo``: a dict shared by the plans of one grid, so that the
+    finiteness checks and statistics of a tap over the same rows are computed once. Holds ``x_tr``
+    (the train input) unless the rows are streamed."""
     read = read or store.read
+    memo = {} if memo is None else memo
+
+    def once(key, fn):
+        if key not in memo:
+            memo[key] = fn()
+        return memo[key]
     tname = target_name(target, cats)
     attrs = store.attrs
     key = str(layer)
@@ -231,8 +240,9 @@ def plan_head(store: FeatureStore, layer, target, cats, out_root, fold, hp: dict
                            f"({', '.join(f'{v:,} {k}' for k, v in dropped_reasons(labels, target, valid).items())})")
     sp = split_rows(labels, valid, fold, hp["val_share"])
     tr, va, te = sp["train"], sp["val"], sp["test"]
-    for rows in (tr, va, te):
-        check_finite(store, key, rows)  # heads never learn from, or are scored on, inf/NaN
+    for rows in (tr, va, te):  # heads never learn from, or are scored on, inf/NaN
+        for p in parts:
+            once(("finite", p, _digest(rows)), lambda p=p, rows=rows: store.check_finite(p, rows))
     n_classes = get_scheme(cats).n if target == "bins" else (2 if target == "gender" else 1)
     if target != "age" and len(set(y_all[tr].tolist())) < 2:
         raise FeatlabError(f"the training rows hold a single class of {tname}; nothing to learn")
@@ -250,7 +260,8 @@ def plan_head(store: FeatureStore, layer, target, cats, out_root, fold, hp: dict
     x_tr = None if stream else ([read(p, tr) for p in parts] if fused else read(key, tr))
     # statistics walk the rows in slices: their float64 copies stay within a fraction of the budget
     sb = int(min(256 << 20, budget / 4))
-    stats = [feature_stats(store, p, tr, pool, x=(x_tr[i] if fused else x_tr), budget_bytes=sb)
+    stats = [once(("stats", p, pool, _digest(tr)),
+                  lambda i=i, p=p: feature_stats(store, p, tr, pool, x=(x_tr[i] if fused else x_tr), budget_bytes=sb))
              for i, p in enumerate(parts)]
     n_features = sum(len(m) for m, _ in stats)
     input_dropout = hp["input_dropout"]
@@ -288,6 +299,10 @@ def plan_head(store: FeatureStore, layer, target, cats, out_root, fold, hp: dict
         cw=cw, w_tr=w_tr, metric_name=metric_name, mon_key=mon_key, mon_mode="max" if mon_key == "val_accuracy" else "min",
         block_budget=sb, attrs=attrs,
     )
+
+
+def _digest(rows) -> str:
+    return hashlib.sha1(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
 
 
 def make_optimizer(hp: dict):

@@ -193,7 +193,7 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
         w_fit.append(tf.constant(w))
         m_fit.append(tf.constant(member))
     val_rows = np.unique(np.concatenate([p["va"] for p in plans]))
-    x_val = {p: cache[p][np.searchsorted(cache_rows, val_rows)] for p in parts}
+    x_val = {p: tf.constant(cache[p][np.searchsorted(cache_rows, val_rows)]) for p in parts}
     cache.clear()  # the fit and val rows now live in x_fit and x_val
     stopper = HeadStopping(plans, hps, net, val_rows, base["lr"], base["patience"])
     optimizer = make_optimizer(base)  # one optimizer for the whole fit: Adam's moments are per parameter
@@ -218,7 +218,9 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
             active = tf.constant([0.0 if stopper.stopped[i] else 1.0 for i in run], dtype=tf.float32)
             perm = tf.constant(rng.permutation(len(rows)), dtype=tf.int32)
             train_losses = dict(zip(run, np.asarray(step(perm, active)).tolist()))
-            outs = [np.asarray(o) for o in _as_list(predict([x_val[p] for p in used]))]
+            chunks = [_as_list(predict([x_val[p][j: j + VAL_CHUNK] for p in used]))
+                      for j in range(0, max(len(val_rows), 1), VAL_CHUNK)]  # bounded activations on a large val split
+            outs = [np.concatenate([np.asarray(c[h]) for c in chunks]) for h in range(len(run))]
             stopper.end_epoch(epoch, float(np.asarray(optimizer.learning_rate)), train_losses, dict(zip(run, outs)),
                               optimizer)
             epoch += 1
@@ -242,6 +244,9 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
         print(f"[grid] {len(plans)} heads on {', '.join(parts)} in one fit: {epoch} epochs, "
               f"{time.perf_counter() - t_start:.1f} s")
     return dirs
+
+
+VAL_CHUNK = 4096  # val rows per inference call of the grid
 
 
 def _as_list(x):

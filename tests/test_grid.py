@@ -25,12 +25,16 @@ def feats(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def grid(feats, tmp_path_factory):
-    """taps conv, vec and their fusion x targets bins7, age, gender, trained and scored in one grid."""
+    """taps conv, vec and their fusion x targets bins7, age, gender, trained and scored in one grid
+    (validation scored in chunks of 17 rows, so that the chunks' seams are exercised)."""
+    import featlab.grid
     from featlab.workflow import train_grid
 
     root = tmp_path_factory.mktemp("gridres")
-    dirs = train_grid(feats, ["conv", "vec", "conv+vec"], [("bins", 7), ("age", None), ("gender", None)],
-                      out_root=root, **FAST)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(featlab.grid, "VAL_CHUNK", 17)
+        dirs = train_grid(feats, ["conv", "vec", "conv+vec"], [("bins", 7), ("age", None), ("gender", None)],
+                          out_root=root, **FAST)
     return root, dirs
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from . import config
 from .errors import FeatlabError
+from .featureio import fusion_parts, is_fusion
 from .labels import HEADLINE, LOWER_IS_BETTER, selection_metric, target_name
 from .paths import IDENTITY_KEYS, differences
 from .store import parse_key
@@ -98,7 +99,7 @@ def tap_positions(backbone: str, keys: list[str], features_files: list[str] = ()
     """Sort key per tap key: (0, graph index) from the backbone's graph, else (1, position in a features
     file's taps attribute), else (2, natural name order); fusion heads (``a+b``) last, fewer taps first:
     (3, number of taps, natural order)."""
-    pos: dict[str, tuple] = {k: (3, k.count("+") + 1, _natural(k)) for k in keys if "+" in k}
+    pos: dict[str, tuple] = {k: (3, len(fusion_parts(k)), _natural(k)) for k in keys if is_fusion(k)}
     keys = [k for k in keys if k not in pos]
     try:
         from .backbones import Backbone
@@ -269,7 +270,7 @@ def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_r
     png = comparison_png(rows, taps, headline, out / "layer_comparison.png",
                          title=f"{backbone} on {dataset}: {tname}, test split{seeds}; "
                                f"tap chosen on validation: {chosen['key']}")
-    fusions = [r for r in recs if "+" in r["key"] and r["val"].get(sel) is not None]
+    fusions = [r for r in recs if is_fusion(r["key"]) and r["val"].get(sel) is not None]
     summary = {"chosen": chosen["key"], "chosen_on": "val", "selection_metric": sel,
                "best_fusion": choose(fusions, target)["key"] if fusions else None,
                "indistinguishable_from_chosen": [row["tap"] for row in rows if row["reader"] == "head"

@@ -41,7 +41,8 @@ from pathlib import Path
 
 from . import config
 from .errors import FeatlabError
-from .paths import dataset_key, feature_set
+from .featureio import fusion_parts
+from .paths import FUSION, dataset_key, feature_set, head_dir, input_key
 from .labels import HEADLINE, format_figure, target_name
 from .recipes import headline
 
@@ -114,8 +115,6 @@ def _mark(folder: Path, fp: str, inputs: dict) -> None:
 def fusion_keys(spec: dict, keys: list[str]) -> list[str]:
     """The spec's ``fusion`` heads (``fusion = ["res12+res14+embedding"]``): each names taps the spec
     extracts (as stored: ``add_98@avg`` when pooled), joined by ``+``."""
-    from .featureio import fusion_parts
-
     out = []
     for item in spec.get("fusion") or []:
         parts = fusion_parts(str(item).replace(" ", ""))
@@ -123,8 +122,8 @@ def fusion_keys(spec: dict, keys: list[str]) -> list[str]:
         if len(parts) < 2 or missing:
             raise FeatlabError(f"spec {spec['name']}: fusion {item!r} must join two or more of the extracted taps "
                                f"({', '.join(keys)})" + (f"; not extracted: {', '.join(missing)}" if missing else ""))
-        if "+".join(parts) not in out:
-            out.append("+".join(parts))
+        if FUSION.join(parts) not in out:
+            out.append(FUSION.join(parts))
     return out
 
 
@@ -241,8 +240,6 @@ def _prepare_step(adapter, dataset, root: Path, options: dict, seed: int, force:
 
 def _head_inputs(features: Path, key: str, h: dict, seed: int, attrs: dict, n: int, shapes) -> tuple[str, dict, Path]:
     """(fingerprint, inputs, folder) of one (tap or fusion, target) head of a spec; ``shapes``: tap shapes."""
-    from .paths import head_dir, input_key
-
     opts = {k: v for k, v in h.items() if k not in ("target", "cats", "fold")}
     fold = h.get("fold")
     inputs = {"features": str(Path(features).resolve()), "model_sha256": attrs.get("model_sha256"), "rows": n,
@@ -260,7 +257,7 @@ def _heads_step(features: Path, keys: list[str], heads: list[dict], seed: int, f
 
     with FeatureStore.open_read(features) as s:
         attrs, n = s.attrs, s.nrows
-        shapes = {p: (s.array(p).shape[1:] if p in s.keys() else ()) for k in keys for p in k.split("+")}
+        shapes = {p: (s.array(p).shape[1:] if p in s.keys() else ()) for k in keys for p in fusion_parts(k)}
     todo: dict[str, list] = {}
     steps = {}
     for key in keys:

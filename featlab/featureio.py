@@ -79,15 +79,16 @@ def feature_stats(store: FeatureStore, key: str, rows: np.ndarray, pool=None, x=
                   budget_bytes: int = 256 << 20) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of the pooled, flattened features over ``rows``, read in blocks of about
     ``budget_bytes`` (or from ``x`` when the rows are in memory already, walked in slices so no full-size
-    float64 copy is made). Constant features get std 1. Non-finite features are refused."""
+    float64 copy is made). Constant features get std 1. Callers check finiteness first
+    (:meth:`FeatureStore.check_finite`)."""
     s = s2 = None
     n = 0
     if x is not None:
         per = max(1, int(budget_bytes) // max(1, int(np.prod(x.shape[1:])) * 8))
-        blocks = ((x[i : i + per], np.asarray(rows)[i : i + per]) for i in range(0, len(x), per))
+        blocks = (x[i : i + per] for i in range(0, len(x), per))
     else:
-        blocks = ((store.read(key, r), r) for r in read_blocks(rows, store, key, budget_bytes // 3))
-    for b, r in blocks:
+        blocks = (store.read(key, r) for r in read_blocks(rows, store, key, budget_bytes // 3))
+    for b in blocks:
         b = pool_np(b, pool).reshape(len(b), -1).astype(np.float64)
         if s is None:
             s, s2 = np.zeros(b.shape[1]), np.zeros(b.shape[1])

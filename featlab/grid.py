@@ -172,9 +172,9 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
 
     plans, memo = [], {}
     for (layer, t, c), hp in zip(heads, hps):
-        plan = plan_head(store, layer, t, c, out_root, fold, hp, read=read, memo=memo)
-        plan.pop("x_tr", None)  # the grid feeds the cache; no per-head copy of the train rows is kept
-        plan["n_inputs"] = int(sum(np.prod(store.array(p).shape[1:]) for p in plan["parts"]))
+        # the grid feeds the cache: no per-head copy of the train rows
+        plan = plan_head(store, layer, t, c, out_root, fold, hp, read=read, memo=memo, keep_x=False)
+        plan["n_inputs"] = row_bytes(store, layer) // 4
         plans.append(plan)
     net = GridNet(plans, hps, parts, {p: cache[p].shape[1:] for p in parts}, seed=base["seed"])
     rows = np.unique(np.concatenate([p["tr"] for p in plans]))

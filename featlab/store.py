@@ -149,6 +149,7 @@ class FeatureStore:
     def __init__(self, h5, path: Path):
         self.h5 = h5
         self.path = Path(path)
+        self._labels_read = None  # the decoded labels of a file open for reading (see labels())
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
@@ -468,9 +469,8 @@ class FeatureStore:
         for reading decodes its table once (each call gets its own copy)."""
         import pandas as pd
 
-        cached = getattr(self, "_labels_read", None)
-        if cached is not None:
-            return cached.copy()
+        if self._labels_read is not None:
+            return self._labels_read.copy()
         t = self.h5.root.labels.read()
         df = pd.DataFrame({
             "image_id": [x.decode() for x in t["image_id"]],

@@ -195,12 +195,13 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
     return save_head(plan, store, model, h, lrs, fit_seconds, t_start, hp)
 
 
-def plan_head(store: FeatureStore, layer, target, cats, out_root, fold, hp: dict, read=None, memo=None) -> dict:
+def plan_head(store: FeatureStore, layer, target, cats, out_root, fold, hp: dict, read=None, memo=None,
+              keep_x: bool = True) -> dict:
     """Everything about one head before its fit: rows, targets, weights, standardisation, output kind,
     folder. ``layer`` may be a fusion key (``a+b``). ``read(part, rows)`` replaces ``store.read`` (a
     cache of rows already in memory); ``memo``: a dict shared by the plans of one grid, so that the
     finiteness checks and statistics of a tap over the same rows are computed once. Holds ``x_tr``
-    (the train input) unless the rows are streamed."""
+    (the train input) unless the rows are streamed or ``keep_x`` is false (the grid feeds its own)."""
     read = read or store.read
     memo = {} if memo is None else memo
 
@@ -257,11 +258,17 @@ def plan_head(store: FeatureStore, layer, target, cats, out_root, fold, hp: dict
     if fused and (stream or stream_val):
         raise FeatlabError(f"fusion head {key}: its train rows need {len(tr) * rb >> 20} MiB, over the "
                            f"{int(hp['memory_mb'])} MiB budget (fusion heads train in memory): raise --memory-mb")
-    x_tr = None if stream else ([read(p, tr) for p in parts] if fused else read(key, tr))
+    x_tr = None if stream or not keep_x else ([read(p, tr) for p in parts] if fused else read(key, tr))
+
+    def train_x(i, p):
+        if stream:
+            return None  # read in blocks by feature_stats
+        return read(p, tr) if x_tr is None else (x_tr[i] if fused else x_tr)
+
     # statistics walk the rows in slices: their float64 copies stay within a fraction of the budget
     sb = int(min(256 << 20, budget / 4))
     stats = [once(("stats", p, pool, _digest(tr)),
-                  lambda i=i, p=p: feature_stats(store, p, tr, pool, x=(x_tr[i] if fused else x_tr), budget_bytes=sb))
+                  lambda i=i, p=p: feature_stats(store, p, tr, pool, x=train_x(i, p), budget_bytes=sb))
              for i, p in enumerate(parts)]
     n_features = sum(len(m) for m, _ in stats)
     input_dropout = hp["input_dropout"]

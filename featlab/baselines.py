@@ -22,7 +22,7 @@ import numpy as np
 
 from .evaluate import score_predictions
 from .featureio import read_blocks, read_pooled, row_bytes
-from .labels import encode_target, selection_metric, split_rows
+from .labels import encode_target, face_scores, selection_metric, split_rows
 from .store import FeatureStore
 
 C_GRID = (1e-3, 1e-2, 1e-1)
@@ -93,12 +93,11 @@ def fit_baselines(store: FeatureStore, cfg: dict, head_dir: Path, memory_mb: flo
             for c in ALPHA_GRID:  # LSQR: a few matrix-vector products per alpha, also for very wide taps
                 r = Ridge(alpha=c, solver="lsqr").fit(x["train"], y_all[tr])
                 pv = {"pred": np.clip(r.predict(x["val"]), 0.0, None)}
-                score = score_predictions(target, cats, y_all[va], pv, labels.iloc[va], names)["metrics"][sel]
+                score = face_scores(target, y_all[va], pv["pred"])[sel].mean()  # the figure, without its interval
                 if best is None or score < best[0]:
-                    best = (score, c, r)
-            _, c, m = best
+                    best = (score, c, r, pv)
+            _, c, m, pv = best
             pt = {"pred": np.clip(m.predict(x["test"]), 0.0, None)}
-            pv = {"pred": np.clip(m.predict(x["val"]), 0.0, None)}
         else:
             best = None
             m = LogisticRegression(C=C_GRID[0], max_iter=MAX_ITER, warm_start=True)
@@ -107,12 +106,11 @@ def fit_baselines(store: FeatureStore, cfg: dict, head_dir: Path, memory_mb: flo
                     warnings.simplefilter("ignore")  # convergence notes at the iteration cap
                     m.set_params(C=c).fit(x["train"], y_all[tr])
                 pv = _proba_pred(target, m.predict_proba(x["val"]), m.classes_, n_classes)
-                score = score_predictions(target, cats, y_all[va], pv, labels.iloc[va], names)["metrics"][sel]
+                score = face_scores(target, y_all[va], pv["pred"])[sel].mean()  # the figure, without its interval
                 if best is None or score > best[0]:
-                    best = (score, c, m.coef_.copy(), m.intercept_.copy())
-            _, c, m.coef_, m.intercept_ = best
+                    best = (score, c, m.coef_.copy(), m.intercept_.copy(), pv)
+            _, c, m.coef_, m.intercept_, pv = best
             pt = _proba_pred(target, m.predict_proba(x["test"]), m.classes_, n_classes)
-            pv = _proba_pred(target, m.predict_proba(x["val"]), m.classes_, n_classes)
         preds["linear"] = ({"val": pv, "test": pt},
                            {"model": "Ridge(alpha, solver='lsqr')" if target == "age" else "LogisticRegression(C)",
                             "chosen_on": "val",

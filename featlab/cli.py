@@ -418,7 +418,7 @@ def train_head(
 
     tgts = head_targets(target, cats, regression)
     fold_arg = _fold_choice(fold, folds)
-    parse_hidden(hidden)
+    hidden = parse_hidden(hidden)  # checked (one line) and parsed once; None = the head's default
     _positive(epochs, "--epochs")
     if dropout is not None and not 0.0 <= dropout < 1.0:
         raise FeatlabError(f"--dropout must be in [0, 1), not {dropout}")
@@ -446,9 +446,6 @@ def train_head(
         return
     from .workflow import train_grid
 
-    h = parse_hidden(opts.pop("hidden", None))
-    if h is not None:
-        opts["hidden"] = h
     outs = train_grid(features, layers, tgts, fold=fold_arg, seed=seed, seeds=seeds, memory_mb=memory_mb,
                       verbose=0 if quiet else 1, **opts)
     for d in outs:

@@ -128,7 +128,7 @@ def _groups_of(sub, target, cats) -> dict:
             "race": sub["race"].astype(str).to_numpy(dtype=object)}
 
 
-def write_reports(out_dir: Path, cfg: dict, scored: dict, where: str, suffix: str = "") -> list[str]:
+def write_reports(out_dir: Path, cfg: dict, scored: dict, where: str) -> list[str]:
     """Confusion matrices / scatter, subgroups and predictions of one scored split into ``out_dir``."""
     from . import plots
 
@@ -140,7 +140,7 @@ def write_reports(out_dir: Path, cfg: dict, scored: dict, where: str, suffix: st
     files = []
     if target in ("bins", "gender"):
         names = rep["names"]
-        files += _write_confusion(out_dir, f"confusion{suffix}", np.asarray(rep["confusion"]), names,
+        files += _write_confusion(out_dir, "confusion", np.asarray(rep["confusion"]), names,
                                   f"{title}\n{where}", rep["accuracy"], rep.get("one_off"), plots)
         metric_name = "accuracy"
         correct = (y == p)
@@ -149,11 +149,11 @@ def write_reports(out_dir: Path, cfg: dict, scored: dict, where: str, suffix: st
             return float(correct[m].mean()) if m.any() else float("nan")
     else:
         for name, b in rep["binned"].items():
-            files += _write_confusion(out_dir, f"confusion_{name}{suffix}", np.asarray(b["confusion"]), b["names"],
+            files += _write_confusion(out_dir, f"confusion_{name}", np.asarray(b["confusion"]), b["names"],
                                       f"{title} (binned into {name})\n{where}", b["accuracy"], b["one_off"], plots)
-        plots.scatter_png(y, p, out_dir / f"scatter{suffix}.png", title=f"{title}\n{where}", mae=rep["mae"],
+        plots.scatter_png(y, p, out_dir / "scatter.png", title=f"{title}\n{where}", mae=rep["mae"],
                           cs5=rep["cs5"])
-        files.append(f"scatter{suffix}.png")
+        files.append("scatter.png")
         metric_name = "mae"
         err = np.abs(p - y)
 
@@ -162,13 +162,13 @@ def write_reports(out_dir: Path, cfg: dict, scored: dict, where: str, suffix: st
 
     sg = M.subgroup_table(_groups_of(scored["sub"], target, cfg.get("cats")), metric, metric_name,
                           crosses=[("gender", "age_bin")])
-    with open(out_dir / f"subgroups{suffix}.csv", "w", newline="") as f:
+    with open(out_dir / "subgroups.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["grouping", "group", "n", metric_name])
         w.writeheader()
         w.writerows(sg)
     scored["subgroups"] = sg
-    _write_predictions(out_dir / f"predictions{suffix}.csv", scored["sub"], y, scored["pred"], cfg)
-    return files + [f"subgroups{suffix}.csv", f"predictions{suffix}.csv"]
+    _write_predictions(out_dir / "predictions.csv", scored["sub"], y, scored["pred"], cfg)
+    return files + ["subgroups.csv", "predictions.csv"]
 
 
 def write_faces(path: Path, sections: dict[str, dict]) -> None:
@@ -201,9 +201,8 @@ def record_head(model, cfg: dict, store: FeatureStore, head_dir: Path) -> dict:
         if not len(sp[split]):
             continue
         sections[split] = score_rows(model, cfg, store, sp[split], labels)
-        suffix = "" if split == "test" else "_val"
         if split == "test":
-            files += write_reports(head_dir, cfg, sections[split], "test split", suffix)
+            files += write_reports(head_dir, cfg, sections[split], "test split")
         else:
             _write_predictions(head_dir / "predictions_val.csv", sections[split]["sub"], sections[split]["y"],
                                sections[split]["pred"], cfg)

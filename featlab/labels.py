@@ -35,7 +35,7 @@ def target_name(target: str, cats=None) -> str:
 
 def format_figure(name: str, value: float, ci=None) -> str:
     """``0.661`` -> ``66.1%``, MAE ``5.14`` -> ``5.14``; with ``ci``: ``66.1% [63.9%, 68.4%]``."""
-    f = (lambda v: f"{v:.2f}") if name in ("mae", "rmse", "mae_bin_centre") else (lambda v: f"{100 * v:.1f}%")
+    f = (lambda v: f"{v:.2f}") if name in LOWER_IS_BETTER else (lambda v: f"{100 * v:.1f}%")  # years, or a share
     return f(value) + (f" [{f(ci[0])}, {f(ci[1])}]" if ci else "")
 
 

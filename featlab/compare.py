@@ -8,12 +8,23 @@ and ``.png``, taps in network order:
 
 - the tap is **chosen on validation** (best val accuracy, or lowest val MAE); test figures are only
   reported;
-- every row has its test figure with a 95 % bootstrap interval (``ci95_low``/``ci95_high``), the
-  paired bootstrap difference to the chosen tap on the same test faces (``diff_vs_best``, its
-  interval) and ``p_vs_best``, Benjamini-Hochberg adjusted over all rows; ``indistinguishable`` marks
-  rows whose adjusted p is >= 0.05: no winner among those;
+- every row has its test figure with a 95 % bootstrap interval (``ci95_low``/``ci95_high``) that
+  resamples **people** (the faces' ``group``: identity or face group; a face without one is its own
+  unit), with the unit, the number of units and the design effect (cluster variance / face variance)
+  beside it (``unit``, ``n_units``, ``design_effect``);
+- per headline metric, the paired bootstrap difference to the chosen tap on the same test faces (people
+  resampled; ``diff_vs_best`` and its interval), its p-value ``p_vs_best`` and the two one-sided
+  equivalence test within a stated margin (``p_equivalence``; defaults 1 point of accuracy, 0.15 years of
+  MAE, :data:`featlab.uncertainty.MARGINS`), each Benjamini-Hochberg adjusted **within its family**: the
+  heads (single taps and fusions) are one family, the baselines another (``family``). ``verdict`` reads
+  them: ``worse``/``better`` (the difference is resolved), ``equivalent`` (shown to lie within the
+  margin) or ``inconclusive`` (neither: "not significant" is never "equal"); other metrics' columns carry
+  their name as a prefix (``one_off_verdict``);
 - baselines on the same faces: the linear probe of each tap (``reader = linear``), the majority
   class / median age, and the zero-shot net (dlib-age / dlib-gender) when it was scored.
+
+``choice.json`` names the chosen tap, the best fusion on validation, the families, the margins, the unit
+and every row's verdict.
 
 Heads whose feature sets differ (another model file, manifest, alignment, flip, pooling or dtype) are
 never put in one comparison: :func:`compare` refuses with one line saying what differs.
@@ -37,9 +48,8 @@ from .featureio import fusion_parts, is_fusion
 from .labels import HEADLINE, LOWER_IS_BETTER, selection_metric, target_name
 from .paths import IDENTITY_KEYS, differences
 from .store import parse_key
-from .uncertainty import adjust, interval, paired_difference
-
-ALPHA = 0.05
+from .uncertainty import (ALPHA, MARGINS, VERDICTS, adjust_within, design_effect, interval, paired_difference,
+                          unit_of, verdict)
 
 
 def _natural(s: str):
@@ -209,9 +219,53 @@ def _readers(recs: list[dict], target: str, results_root, dataset: str, tname: s
     return rows
 
 
-def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_root=None, out_dir=None) -> dict:
-    """Write layer_comparison.csv/.png (see the module doc). Returns {'csv', 'png', 'files', 'taps',
-    'metrics', 'rows', 'chosen'}; rows as in the CSV, taps in network order."""
+def _with_groups(readers: list[dict]) -> None:
+    """Give every reader's faces a ``group`` column: its own when its faces.csv has one, else the group the
+    heads' faces.csv give the same image (baselines, older records); '' = the face is its own unit."""
+    gmap: dict[str, str] = {}
+    for x in readers:
+        f = x["faces"]
+        if f is not None and "group" in f:
+            for iid, g in zip(f["image_id"], f["group"].fillna("").astype(str)):
+                if g:
+                    gmap.setdefault(iid, g)
+    for x in readers:
+        f = x["faces"]
+        if f is None:
+            continue
+        f = f.copy()
+        own = f["group"].fillna("").astype(str) if "group" in f else None
+        mapped = f["image_id"].astype(str).map(lambda i: gmap.get(i, ""))
+        f["group"] = own.where(own != "", mapped) if own is not None else mapped
+        x["faces"] = f
+
+
+def family_of(row: dict) -> str:
+    """The multiple-testing family of a comparison row: the heads (single taps and fusions) against the
+    chosen one are one family, the baselines (linear probes, majority, zero-shot) another."""
+    return "heads" if row["reader"] == "head" else "baselines"
+
+
+def margins_for(metrics, margins: dict | None = None) -> dict:
+    """Equivalence margin per headline metric (defaults :data:`featlab.uncertainty.MARGINS`)."""
+    out = dict(MARGINS)
+    out.update({k: float(v) for k, v in (margins or {}).items()})
+    unknown = sorted(set(margins or {}) - set(MARGINS))
+    if unknown:
+        raise FeatlabError(f"unknown equivalence margin {', '.join(unknown)}; margins exist for {', '.join(MARGINS)}")
+    return {m: out[m] for m in metrics}
+
+
+def _col(m: str, sel: str, name: str) -> str:
+    """Column name of a per-metric test figure: the selection metric's plain (``p_vs_best``), the others
+    prefixed (``one_off_p_vs_best``)."""
+    return name if m == sel else f"{m}_{name}"
+
+
+def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_root=None, out_dir=None,
+            margins: dict | None = None) -> dict:
+    """Write layer_comparison.csv/.png and choice.json (see the module doc). Returns {'csv', 'png', 'files',
+    'taps', 'metrics', 'rows', 'chosen', 'summary'}; rows as in the CSV, taps in network order."""
     from .plots import comparison_png
 
     tname = target_name(target, cats)
@@ -219,7 +273,9 @@ def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_r
     chosen = choose(recs, target)
     sel = selection_metric(target)
     headline = list(HEADLINE[target])
+    margin = margins_for(headline, margins)
     readers = _readers(recs, target, results_root, dataset, tname)
+    _with_groups(readers)
     best_faces = next(x["faces"] for x in readers if x["reader"] == "head" and x["rec"] is chosen)
     out = _out_dir(backbone, dataset, tname, results_root, out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,14 +283,21 @@ def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_r
     for x in readers:
         r = x["rec"]
         row = {"tap": x["tap"], "reader": x["reader"], "position": r["position"] if r and x["reader"] != "majority" else "",
-               "kind": x["kind"], "chosen_on": "val", "chosen": bool(x["reader"] == "head" and r is chosen),
-               f"val_{sel}": x["val"].get(sel)}
+               "kind": x["kind"], "family": family_of(x), "chosen_on": "val",
+               "chosen": bool(x["reader"] == "head" and r is chosen), f"val_{sel}": x["val"].get(sel)}
         faces = x["faces"]
+        have = faces is not None and len(faces) > 0
         row["n"] = int(len(faces)) if faces is not None else None
+        if have:
+            row.update(unit_of(faces["group"].to_numpy(dtype=object)))
         for m in headline:
             row[m] = x["metrics"].get(m)
-            ci = x["metrics"].get(f"{m}_ci95") or (
-                interval(faces[m].to_numpy()) if faces is not None and len(faces) else None)
+            if have and m in faces:
+                g = faces["group"].to_numpy(dtype=object)
+                ci = interval(faces[m].to_numpy(), groups=g)
+                row[_col(m, sel, "design_effect")] = design_effect(faces[m].to_numpy(), g)
+            else:  # no per-face values: the record's own interval
+                ci = x["metrics"].get(f"{m}_ci95")
             lo, hi = (ci or [None, None])
             if m == sel:
                 row["ci95_low"], row["ci95_high"] = lo, hi
@@ -242,22 +305,33 @@ def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_r
                 row[f"{m}_ci95_low"], row[f"{m}_ci95_high"] = lo, hi
             if x["metrics_std"].get(m) is not None:
                 row[f"{m}_std_over_{x['kind']}"] = x["metrics_std"][m]
-        diff, p = None, None
-        if faces is not None and best_faces is not None and not row["chosen"]:
-            j = best_faces.merge(faces, on="image_id", suffixes=("_best", ""))
-            if len(j):
-                d = paired_difference(j[sel].to_numpy(), j[f"{sel}_best"].to_numpy())
-                diff, p = d["diff"], d["p"]
-                row["diff_ci95_low"], row["diff_ci95_high"] = d["ci95"]
-                row["n_paired"] = int(len(j))
-        row["diff_vs_best"] = diff if not row["chosen"] else 0.0
-        row["p_raw"] = p
+        j = None
+        if have and best_faces is not None and not row["chosen"]:
+            j = best_faces.merge(faces.drop(columns=["group"]), on="image_id", suffixes=("_best", ""))
+            row["n_paired"] = int(len(j))
+        for m in headline:
+            c = lambda name: _col(m, sel, name)  # noqa: E731
+            row[c("diff_vs_best")] = 0.0 if row["chosen"] else None
+            row[c("p_raw")] = row[c("p_equivalence_raw")] = None
+            if j is not None and len(j) and m in j and f"{m}_best" in j:
+                d = paired_difference(j[m].to_numpy(), j[f"{m}_best"].to_numpy(),
+                                      groups=j["group"].to_numpy(dtype=object), margin=margin[m])
+                row[c("diff_vs_best")], row[c("p_raw")] = d["diff"], d["p"]
+                row[c("diff_ci95_low")], row[c("diff_ci95_high")] = d["ci95"]
+                row[c("p_equivalence_raw")] = d["p_equivalence"]
         row["head_dir"] = r["dir"] if r else ""
         rows.append(row)
-    padj = adjust([np.nan if row["p_raw"] is None else row["p_raw"] for row in rows])
-    for row, pa in zip(rows, padj):
-        row["p_vs_best"] = None if row["chosen"] or not np.isfinite(pa) else pa
-        row["indistinguishable"] = bool(row["chosen"] or (row["p_vs_best"] is not None and row["p_vs_best"] >= ALPHA))
+    families = [None if row["chosen"] else row["family"] for row in rows]
+    for m in headline:
+        c = lambda name: _col(m, sel, name)  # noqa: E731
+        padj = adjust_within([row[c("p_raw")] for row in rows], families)
+        eadj = adjust_within([row[c("p_equivalence_raw")] for row in rows], families)
+        for row, pa, pe in zip(rows, padj, eadj):
+            row[c("p_vs_best")] = None if row["chosen"] or not np.isfinite(pa) else pa
+            row[c("p_equivalence")] = None if row["chosen"] or not np.isfinite(pe) else pe
+            row[c("margin")] = margin[m]
+            row[c("verdict")] = "chosen" if row["chosen"] else verdict(
+                row[c("diff_vs_best")], row[c("p_vs_best")], row[c("p_equivalence")], m in LOWER_IS_BETTER)
     fields = list(dict.fromkeys(k for row in rows for k in row))
     csv_path = out / "layer_comparison.csv"
     with open(csv_path, "w", newline="") as f:
@@ -267,15 +341,26 @@ def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_r
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
     taps = [r["key"] for r in recs]
     seeds = " (mean over seeds/folds)" if any(r["metrics_std"] for r in recs) else ""
+    units = {row.get("unit") for row in rows if row.get("unit")}
+    unit = "person" if "person" in units else "face"
     png = comparison_png(rows, taps, headline, out / "layer_comparison.png",
                          title=f"{backbone} on {dataset}: {tname}, test split{seeds}; "
-                               f"tap chosen on validation: {chosen['key']}")
+                               f"tap chosen on validation: {chosen['key']}; intervals resample {unit}s")
     fusions = [r for r in recs if is_fusion(r["key"]) and r["val"].get(sel) is not None]
+    chosen_row = next(row for row in rows if row["chosen"])
     summary = {"chosen": chosen["key"], "chosen_on": "val", "selection_metric": sel,
                "best_fusion": choose(fusions, target)["key"] if fusions else None,
-               "indistinguishable_from_chosen": [row["tap"] for row in rows if row["reader"] == "head"
-                                                 and row["indistinguishable"] and not row["chosen"]],
-               "alpha": ALPHA, "correction": "Benjamini-Hochberg over every row"}
+               "verdicts": {v: [row["tap"] or row["reader"] for row in rows if row["verdict"] == v and not row["chosen"]]
+                            for v in VERDICTS[1:]},
+               "unit": chosen_row.get("unit", "face"), "n_units": chosen_row.get("n_units"),
+               "design_effect": chosen_row.get("design_effect"),
+               "alpha": ALPHA, "margins": margin,
+               "families": {f: [row["tap"] or row["reader"] for row in rows if row["family"] == f and not row["chosen"]]
+                            for f in ("heads", "baselines")},
+               "correction": "Benjamini-Hochberg within each family (heads vs the chosen head; baselines vs the "
+                             "chosen head), separately for the difference and the equivalence tests",
+               "verdict_rule": "worse/better: paired bootstrap p (BH) < alpha; equivalent: two one-sided tests "
+                               "(BH) < alpha that the difference lies within +-margin; otherwise inconclusive"}
     (out / "choice.json").write_text(json.dumps(summary, indent=2))
     return {"csv": csv_path, "png": png, "files": [csv_path, png], "taps": taps, "metrics": headline, "rows": rows,
             "chosen": chosen["key"], "summary": summary}

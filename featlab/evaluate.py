@@ -35,7 +35,7 @@ from .featureio import check_finite
 from .labels import GENDERS, HEADLINE, encode_target, face_scores, split_rows
 from .paths import dataset_key, differences, feature_set
 from .store import FeatureStore
-from .uncertainty import interval
+from .uncertainty import design_effect, interval, unit_of
 
 BIN_VIEWS = (5, 7, 8)
 SPLITS = ("test", "val", "train", "all")
@@ -115,9 +115,25 @@ def score_predictions(target: str, cats, y, pred: dict, sub, names=None, seed: i
             flat[f"accuracy_{name}"] = b["accuracy"]
             flat[f"one_off_{name}"] = b["one_off"]
     faces = face_scores(target, y, p)
+    groups = groups_of(sub)
     for m in HEADLINE[target]:
-        flat[f"{m}_ci95"] = interval(faces[m], seed=seed)
-    return {"n": int(len(y)), "metrics": flat, "report": rep, "faces": faces, "y": y, "pred": pred, "sub": sub}
+        flat[f"{m}_ci95"] = interval(faces[m], seed=seed, groups=groups)
+    return {"n": int(len(y)), "metrics": flat, "report": rep, "faces": faces, "y": y, "pred": pred, "sub": sub,
+            "uncertainty": uncertainty_note(faces, groups, HEADLINE[target])}
+
+
+def groups_of(sub) -> np.ndarray:
+    """The independent unit of each face: its ``group`` (identity, face group); '' = a group of its own."""
+    if sub is None or "group" not in sub:
+        return np.full(0 if sub is None else len(sub), "", dtype=object)
+    return sub["group"].fillna("").astype(str).to_numpy(dtype=object)
+
+
+def uncertainty_note(faces: dict, groups, metrics) -> dict:
+    """What the intervals resample: the unit (``person`` when faces share groups, else ``face``), the
+    number of units, and each figure's design effect (cluster variance / face variance)."""
+    return {**unit_of(groups), "interval": "95 % BCa bootstrap over the unit",
+            "design_effect": {m: design_effect(faces[m], groups) for m in metrics}}
 
 
 def _groups_of(sub, target, cats) -> dict:
@@ -172,21 +188,25 @@ def write_reports(out_dir: Path, cfg: dict, scored: dict, where: str) -> list[st
 
 
 def write_faces(path: Path, sections: dict[str, dict]) -> None:
-    """faces.csv: image_id, split and the per-face headline values of every scored split."""
+    """faces.csv: image_id, split, group (the unit intervals resample; '' = the face alone) and the per-face
+    headline values of every scored split."""
     rows = []
     for split, s in sections.items():
         ids = s["sub"]["image_id"].astype(str).to_numpy()
+        groups = groups_of(s["sub"])
         for i, iid in enumerate(ids):
-            rows.append({"image_id": iid, "split": split, **{m: float(v[i]) for m, v in s["faces"].items()}})
+            rows.append({"image_id": iid, "split": split, "group": groups[i],
+                         **{m: float(v[i]) for m, v in s["faces"].items()}})
     names = list(next(iter(sections.values()))["faces"]) if sections else []
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image_id", "split", *names])
+        w = csv.DictWriter(f, fieldnames=["image_id", "split", "group", *names])
         w.writeheader()
         w.writerows(rows)
 
 
 def _section(s: dict, note: str) -> dict:
-    return {"n": s["n"], "split_note": note, "metrics": s["metrics"], "report": s["report"]}
+    return {"n": s["n"], "split_note": note, "metrics": s["metrics"], "uncertainty": s["uncertainty"],
+            "report": s["report"]}
 
 
 def record_head(model, cfg: dict, store: FeatureStore, head_dir: Path) -> dict:
@@ -291,6 +311,7 @@ def evaluate_head(head_dir, features=None, split: str | None = None, out_dir=Non
             "target_name": cfg["target_name"],
             "fold": cfg.get("fold"),
             "metrics": scored["metrics"],
+            "uncertainty": scored["uncertainty"],
             "report": scored["report"],
             "subgroups": scored.get("subgroups"),
             "files": ["metrics.json", "faces.csv", *files],

@@ -321,11 +321,9 @@ def write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, e
     lines = [f"# {spec['name']}: {backbone} on {dkey}", ""]
     lines += [f"- spec: `{spec['_path']}`", f"- features: `{rep.out}` ({rep.rows_total:,} faces)",
               f"- taps: {', '.join(f'`{k}`' for k in keys)}",
-              "- every tap is **chosen on the validation split**; the test split is only reported. Intervals: 95 % "
-              "bootstrap over test faces; p: paired bootstrap against the chosen tap on the same faces, "
-              "Benjamini-Hochberg adjusted; taps with p >= 0.05 cannot be told from the chosen one.", ""]
-    lines += ["Test figures [95 % CI]; `*`: differs from the tap chosen on validation (paired test, BH p < 0.05).", "",
-              *summary_table(comparisons), ""]
+              "- every tap is **chosen on the validation split**; the test split is only reported.",
+              f"- {uncertainty_line(comparisons)}", ""]
+    lines += [f"Test figures [95 % CI]; {VERDICT_MARKS_TEXT}", "", *summary_table(comparisons), ""]
     table = []
     for tname, comp in comparisons.items():
         lines += [f"## {tname}", "", f"Chosen on validation: `{comp['chosen']}`.", ""]
@@ -348,6 +346,31 @@ def write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, e
     return out
 
 
+VERDICT_MARKS = {"worse": "*", "better": "*", "equivalent": "≈", "inconclusive": ""}
+VERDICT_MARKS_TEXT = ("`*`: resolved from the input chosen on validation (paired test, BH p < 0.05); `≈`: shown "
+                      "equivalent to it within the margin (two one-sided tests, BH p < 0.05); no mark: inconclusive "
+                      "(neither shown different nor shown equivalent).")
+
+
+def uncertainty_line(comparisons: dict) -> str:
+    """One sentence: what the intervals resample, the families and the margins of the tests."""
+    s = next(iter(comparisons.values()))["summary"] if comparisons else {}
+    unit = s.get("unit", "face")
+    what = (f"people ({s.get('n_units'):,} face groups or identities among the test faces; design effect "
+            f"{s['design_effect']:.2f} on the chosen input's figure)" if unit == "person" and s.get("n_units")
+            and s.get("design_effect") else "faces (no face shares a group)")
+    margins = ", ".join(f"{m} {format_margin(m, v)}" for m, v in
+                        {m: v for c in comparisons.values() for m, v in c["summary"].get("margins", {}).items()}.items())
+    return (f"Intervals: 95 % bootstrap over {what}. Paired tests against the chosen input resample the same "
+            f"units; Benjamini-Hochberg within each family (heads; baselines). Each row is `worse`/`better` "
+            f"(difference resolved), `equivalent` (two one-sided tests show it within the margin: {margins}) or "
+            f"`inconclusive`.")
+
+
+def format_margin(metric: str, v: float) -> str:
+    return f"±{v:.2f} years" if metric in ("mae",) else f"±{100 * v:.1f} pts"
+
+
 def _reader_name(r: dict) -> str:
     return f"`{r['tap']}` {r['reader']}" if r["tap"] else r["reader"]
 
@@ -356,7 +379,8 @@ def comparison_table(comp: dict) -> list[str]:
     """A markdown table of a comparison's rows (test figures with intervals, paired tests)."""
     ms = comp["metrics"]
     sel = ms[0] if "mae" not in ms else "mae"
-    head = ["reader", f"val {sel}", *[f"test {m} [95 % CI]" for m in ms], "diff vs chosen", "p (BH)", ""]
+    head = ["reader", f"val {sel}", *[f"test {m} [95 % CI]" for m in ms], "diff vs chosen [95 % CI]", "p (BH)",
+            "p equiv. (BH)", "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in comp["rows"]:
         cells = [_reader_name(r), format_figure(sel, r[f"val_{sel}"]) if r.get(f"val_{sel}") is not None else ""]
@@ -367,13 +391,22 @@ def comparison_table(comp: dict) -> list[str]:
             cells.append(format_figure(m, v, [lo, hi] if lo is not None and hi is not None else None)
                          if v is not None else "")
         d = r.get("diff_vs_best")
-        cells.append("" if r.get("chosen") or d is None else
-                     (f"{d:+.2f}" if sel == "mae" else f"{100 * d:+.1f} pts"))
-        p = r.get("p_vs_best")
-        cells.append("" if p is None else (f"{p:.3f}" if p >= 0.001 else "<0.001"))
-        cells.append("chosen" if r.get("chosen") else ("≈ chosen" if r.get("indistinguishable") else ""))
+        lo, hi = r.get("diff_ci95_low"), r.get("diff_ci95_high")
+        cells.append("" if r.get("chosen") or d is None else format_diff(sel, d, lo, hi))
+        cells += [format_p(r.get("p_vs_best")), format_p(r.get("p_equivalence"))]
+        cells.append(r.get("verdict") or "")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def format_p(p) -> str:
+    return "" if p is None else (f"{p:.3f}" if p >= 0.001 else "<0.001")
+
+
+def format_diff(metric: str, d: float, lo=None, hi=None) -> str:
+    f = (lambda v: f"{v:+.2f}") if metric == "mae" else (lambda v: f"{100 * v:+.1f}")
+    unit = " years" if metric == "mae" else " pts"
+    return f(d) + unit + (f" [{f(lo)}, {f(hi)}]" if lo is not None and hi is not None else "")
 
 
 TARGET_TITLES = {"age": "age, MAE (years)", "gender": "gender, accuracy"}
@@ -395,7 +428,7 @@ def summary_table(comparisons: dict) -> list[str]:
                 return ""
             lo, hi = r.get("ci95_low"), r.get("ci95_high")
             txt = format_figure(sel, r[sel], [lo, hi] if lo is not None and hi is not None else None)
-            return txt + ("*" if not r.get("indistinguishable") else "")
+            return txt + VERDICT_MARKS.get(r.get("verdict"), "")
 
         def find(reader, tap=""):
             return next((r for r in rows if r["reader"] == reader and (not tap or r["tap"] == tap)), None)
@@ -423,9 +456,9 @@ def best_fusion_line(comp: dict) -> str:
     d, p = row.get("diff_vs_best"), row.get("p_vs_best")
     if d is None or p is None:  # no faces in common with the chosen head: no paired test
         return f"Best fusion head on validation: `{key}`: test {fig}; no paired test against `{comp['chosen']}`."
-    diff = f"{d:+.2f} years" if sel == "mae" else f"{100 * d:+.1f} pts"
+    diff = format_diff(sel, d, row.get("diff_ci95_low"), row.get("diff_ci95_high"))
     return (f"Best fusion head on validation: `{key}`: test {fig}; against the chosen `{comp['chosen']}` "
-            f"{diff} (paired p {p:.3f}, " + ("not resolved)." if row.get("indistinguishable") else "resolved)."))
+            f"{diff} (paired p {p:.3f}, equivalence p {format_p(row.get('p_equivalence'))}): {row.get('verdict')}.")
 
 
 def _print_table(rows, echo) -> None:
@@ -435,7 +468,7 @@ def _print_table(rows, echo) -> None:
     except ImportError:  # pragma: no cover
         return
     t = Table(title="featlab results (test split; taps chosen on validation)")
-    for c in ("target", "reader", "test [95 % CI]", "p vs chosen", ""):
+    for c in ("target", "reader", "test [95 % CI]", "p vs chosen", "verdict"):
         t.add_column(c, overflow="fold")  # a fusion key is shown whole
     for tname, r in rows:
         ms = [m for m in HEADLINE.get("age" if tname == "age" else "gender" if tname == "gender" else "bins")]
@@ -444,7 +477,7 @@ def _print_table(rows, echo) -> None:
                                       else None) + f" {m}" for m in ms if r.get(m) is not None)
         p = r.get("p_vs_best")
         t.add_row(tname, _reader_name(r).replace("`", ""), fig, "" if p is None else f"{p:.3f}",
-                  "chosen" if r.get("chosen") else ("≈" if r.get("indistinguishable") else ""))
+                  r.get("verdict") or "")
     console = Console()
     (console if console.is_terminal else Console(width=120)).print(t)  # a log file gets the table unfolded
 

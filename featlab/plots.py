@@ -166,10 +166,18 @@ def metric_label(m: str) -> tuple[str, str]:
     return METRIC_LABELS.get(m, (m, "%" if m.startswith(("accuracy", "one_off", "recall", "cs")) else ""))
 
 
+# markers of a comparison panel, from that panel's own paired test against the chosen head
+VERDICT_STYLES = (
+    (["equivalent"], {"facecolors": "#4C72B0"}, "equivalent to chosen (TOST within margin, BH p < 0.05)"),
+    (["worse", "better"], {"facecolors": "white", "marker": "D"}, "resolved from chosen (BH p < 0.05)"),
+    (["inconclusive", ""], {"facecolors": "#A8BCDB"}, "inconclusive (neither resolved nor equivalent)"),
+)
+
+
 def comparison_png(rows: list[dict], taps: list[str], metrics: list[str], path, title: str = "") -> Path:
     """One panel per headline metric: per tap (network order) the head's test figure with its 95 % interval
-    and the linear probe beside it; the tap chosen on validation as a star, taps the paired test cannot tell
-    from it filled, the others hollow; the majority and zero-shot baselines as lines with their bands."""
+    and the linear probe beside it; the tap chosen on validation as a star, the others marked by the panel's
+    own verdict (:data:`VERDICT_STYLES`); the majority and zero-shot baselines as lines with their bands."""
     n = len(taps)
     fig = _figure(max(4.2, 0.75 * n + 2.2) * len(metrics) + 0.6, 5.0)
     x = np.arange(n)
@@ -183,24 +191,25 @@ def comparison_png(rows: list[dict], taps: list[str], metrics: list[str], path, 
             v = np.full(n, np.nan)
             lo = np.full(n, np.nan)
             hi = np.full(n, np.nan)
-            ind = np.zeros(n, dtype=bool)
+            verdicts = np.full(n, "", dtype=object)
             ch = np.zeros(n, dtype=bool)
+            vkey = "verdict" if m == _primary(metrics) else f"{m}_verdict"  # this panel's own paired test
             for r in rows:
                 if r["reader"] == reader and r["tap"] in taps:
                     i = taps.index(r["tap"])
                     v[i] = _num(r.get(m)) * scale
                     lo[i] = _num(r.get(lo_key)) * scale
                     hi[i] = _num(r.get(hi_key)) * scale
-                    ind[i] = bool(r.get("indistinguishable"))
+                    verdicts[i] = r.get(vkey) or ""
                     ch[i] = bool(r.get("chosen"))
-            return v, lo, hi, ind, ch
+            return v, lo, hi, verdicts, ch
 
-        v, lo, hi, ind, ch = pts("head")
+        v, lo, hi, verdicts, ch = pts("head")
         ax.errorbar(x - 0.1, v, yerr=[v - lo, hi - v], fmt="none", ecolor="#4C72B0", capsize=3, lw=1.2)
-        ax.scatter(x[ind & ~ch] - 0.1, v[ind & ~ch], color="#4C72B0", s=36, zorder=3,
-                   label=f"head (paired test on {_primary(metrics)}: ≈ chosen)")
-        ax.scatter(x[~ind] - 0.1, v[~ind], facecolors="white", edgecolors="#4C72B0", s=36, zorder=3,
-                   label=f"head (differs from chosen on {_primary(metrics)}, BH p < 0.05)")
+        for kind, style, text in VERDICT_STYLES:
+            sel = np.isin(verdicts, kind) & ~ch
+            if sel.any():
+                ax.scatter(x[sel] - 0.1, v[sel], s=36, zorder=3, edgecolors="#4C72B0", label=f"head: {text}", **style)
         ax.scatter(x[ch] - 0.1, v[ch], marker="*", color="#C44E52", s=160, zorder=4, label="head, tap chosen on val")
         for i in range(n):
             if np.isfinite(v[i]):

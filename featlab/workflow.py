@@ -125,6 +125,8 @@ def summarise(dirs: list[Path], kind: str, root: Path) -> Path:
     figure from those faces with its interval, plus mean and std of the per-head figures."""
     import pandas as pd
 
+    from .evaluate import uncertainty_note
+
     recs = [json.loads((Path(d) / "metrics.json").read_text()) for d in dirs]
     target = recs[0]["target"]
     heads = HEADLINE[target]
@@ -134,9 +136,12 @@ def summarise(dirs: list[Path], kind: str, root: Path) -> Path:
         f["member"] = i
         frames.append(f)
     faces = pd.concat(frames, ignore_index=True)
+    if "group" not in faces:  # records from before faces.csv carried the group: every face its own unit
+        faces["group"] = ""
+    faces["group"] = faces["group"].fillna("").astype(str)
     if kind == "seeds":
-        faces = faces.groupby(["image_id", "split"], sort=False, as_index=False)[list(heads)].mean()
-    faces = faces[["image_id", "split", *heads]]
+        faces = faces.groupby(["image_id", "split", "group"], sort=False, as_index=False)[list(heads)].mean()
+    faces = faces[["image_id", "split", "group", *heads]]
     out = {"kind": kind, "members": [str(Path(d).resolve()) for d in dirs], "target": target,
            "target_name": recs[0]["target_name"], "tap": recs[0]["tap"], "head_key": recs[0]["head_key"],
            "backbone": recs[0]["backbone"], "dataset": recs[0]["dataset"],
@@ -152,14 +157,16 @@ def summarise(dirs: list[Path], kind: str, root: Path) -> Path:
         if not per:
             continue
         sub = faces[faces["split"] == split]
+        groups = sub["group"].to_numpy(dtype=object)
         figures, spread = {}, {}
         for m in heads:
             figures[m] = float(sub[m].mean())
-            figures[f"{m}_ci95"] = interval(sub[m].to_numpy())
+            figures[f"{m}_ci95"] = interval(sub[m].to_numpy(), groups=groups)
             vals = [p[m] for p in per if p.get(m) is not None]
             spread[m] = float(np.std(vals)) if vals else None
             figures[f"{m}_mean_of_{kind}"] = float(np.mean(vals)) if vals else None
         out[split] = {"n": int(len(sub)), "metrics": figures, "metrics_std": spread,
+                      "uncertainty": uncertainty_note({m: sub[m].to_numpy() for m in heads}, groups, heads),
                       "per_member": per, "spread_over": kind}
     faces.to_csv(root / "faces.csv", index=False)
     base = [Path(d) / "baselines_faces.csv" for d in dirs if (Path(d) / "baselines_faces.csv").is_file()]

@@ -205,10 +205,10 @@ def test_paired_test_finds_a_planted_difference_and_not_a_copy(tmp_path):
     r = compare("m", "ds", "gender", results_root=root)
     rows = {row["tap"]: row for row in _read_csv(r["csv"]) if row["reader"] == "head"}
     assert r["chosen"] == "best"
-    assert float(rows["worse"]["p_vs_best"]) < 0.01 and rows["worse"]["indistinguishable"] == "False"
+    assert float(rows["worse"]["p_vs_best"]) < 0.01 and rows["worse"]["verdict"] == "worse"
     assert float(rows["worse"]["diff_vs_best"]) == pytest.approx(-0.05)
-    assert float(rows["copy"]["p_vs_best"]) == pytest.approx(1.0) and rows["copy"]["indistinguishable"] == "True"
-    assert r["summary"]["indistinguishable_from_chosen"] == ["copy"]
+    assert float(rows["copy"]["p_vs_best"]) == pytest.approx(1.0) and rows["copy"]["verdict"] == "equivalent"
+    assert r["summary"]["verdicts"]["equivalent"] == ["copy"] and r["summary"]["verdicts"]["worse"] == ["worse"]
     lo, hi = float(rows["worse"]["ci95_low"]), float(rows["worse"]["ci95_high"])
     assert lo < base.mean() < hi
 

@@ -1,0 +1,166 @@
+"""Uncertainty over people, not photos: cluster bootstrap, design effect, BH families, equivalence tests."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from featlab.uncertainty import (adjust_within, design_effect, interval, paired_difference, unit_of, verdict)
+
+P, K = 40, 10  # people x photos each
+
+
+def _correlated(seed: int = 0):
+    """40 people x 10 photos; each person's photos share that person's accuracy p_i ~ Beta(2, 2): the
+    intra-class correlation is 1 / (2 + 2 + 1) = 0.2, so the planted design effect is 1 + (10 - 1) 0.2 = 2.8."""
+    rng = np.random.default_rng(seed)
+    p = rng.beta(2, 2, size=P)
+    groups = np.repeat([f"person{i}" for i in range(P)], K)
+    v = (rng.random(P * K) < np.repeat(p, K)).astype(float)
+    return v, groups
+
+
+def test_cluster_interval_is_wider_by_about_the_planted_design_effect():
+    planted = 1 + (K - 1) * 0.2
+    ratios, deffs = [], []
+    for seed in range(5):
+        v, g = _correlated(seed)
+        lo_f, hi_f = interval(v)
+        lo_c, hi_c = interval(v, groups=g)
+        assert lo_c < v.mean() < hi_c
+        ratios.append((hi_c - lo_c) / (hi_f - lo_f))
+        deffs.append(design_effect(v, g))
+    # width scales with the square root of the variance ratio
+    assert np.mean(ratios) == pytest.approx(np.sqrt(planted), rel=0.2)
+    assert np.mean(deffs) == pytest.approx(planted, rel=0.3)
+    # and the bootstrap's own width agrees with the analytic design effect, seed by seed
+    assert np.allclose(np.square(ratios), deffs, rtol=0.35)
+    assert unit_of(g) == {"unit": "person", "n_units": P}
+
+
+def test_one_face_per_group_is_exactly_the_face_bootstrap():
+    rng = np.random.default_rng(3)
+    v = rng.random(300)
+    assert interval(v, groups=[f"g{i}" for i in range(300)]) == interval(v)
+    assert interval(v, groups=[""] * 300) == interval(v)  # no group: each face its own unit
+    assert design_effect(v, [""] * 300) == 1.0
+    assert unit_of([""] * 300) == {"unit": "face", "n_units": 300}
+
+
+def test_a_difference_on_three_people_is_resolved_for_faces_not_for_people():
+    v, g = _correlated(1)
+    b = v.copy()
+    b[: 3 * K] = 1.0  # the second head differs only on the first 3 people's photos
+    assert (b != v).sum() > 0
+    face = paired_difference(b, v)
+    person = paired_difference(b, v, groups=g)
+    assert face["diff"] == person["diff"]
+    assert face["p"] < 0.01
+    assert person["p"] > 0.05
+    assert person["ci95"][1] - person["ci95"][0] > 2 * (face["ci95"][1] - face["ci95"][0])
+
+
+def test_bh_families_worked_example():
+    heads = [0.012, 0.03, 0.5, 0.6, 0.7, 0.8]
+    base = [1 / 2001] * 9
+    alone = adjust_within(heads, ["heads"] * 6)
+    assert alone[:2] == pytest.approx([0.072, 0.09])
+    both = adjust_within(heads + base, ["heads"] * 6 + ["baselines"] * 9)
+    assert both[:6] == pytest.approx(alone)
+    # one family padded with the baselines loosens exactly these two tests
+    padded = adjust_within(heads + base, ["all"] * 15)
+    assert padded[:2] == pytest.approx([0.018, 0.0409], abs=1e-3)
+    assert adjust_within([0.01, None], ["heads", None])[1] != adjust_within([0.01, None], ["heads", None])[1]  # NaN
+
+
+def test_equivalence_worse_and_inconclusive():
+    rng = np.random.default_rng(0)
+    n = 2000
+    a = (rng.random(n) < 0.8).astype(float)
+    same = paired_difference(a.copy(), a, margin=0.01)
+    assert verdict(same["diff"], same["p"], same["p_equivalence"], False) == "equivalent"
+    worse = a.copy()
+    worse[rng.choice(np.flatnonzero(a == 1), 100, replace=False)] = 0.0  # -5 points
+    d = paired_difference(worse, a, margin=0.01)
+    assert d["diff"] == pytest.approx(-0.05)
+    assert verdict(d["diff"], d["p"], d["p_equivalence"], False) == "worse"
+    assert verdict(-d["diff"], d["p"], d["p_equivalence"], False) == "better"
+    # a 0.5-point gap on 200 faces: neither resolved nor shown within a 1-point margin
+    m = 200
+    x = (rng.random(m) < 0.8).astype(float)
+    y = x.copy()
+    y[np.flatnonzero(x == 1)[:1]] = 0.0
+    d = paired_difference(y, x, margin=0.01)
+    assert d["diff"] == pytest.approx(-0.005)
+    assert verdict(d["diff"], d["p"], d["p_equivalence"], False) == "inconclusive"
+    # MAE: lower is better, so a negative difference is "better"
+    assert verdict(-0.5, 0.001, 0.9, True) == "better"
+
+
+def _head(root, key, faces: pd.DataFrame, val_acc):
+    import json
+
+    d = root / "m" / "ds" / key / "gender"
+    d.mkdir(parents=True)
+    faces.to_csv(d / "faces.csv", index=False)
+    t = faces[faces["split"] == "test"]
+    (d / "metrics.json").write_text(json.dumps({
+        "kind": "head", "feature_set": {"model_sha256": "0" * 64},
+        "val": {"n": 10, "metrics": {"accuracy": val_acc}},
+        "test": {"n": len(t), "metrics": {"accuracy": float(t["accuracy"].mean())}}, "config": {}}))
+    return d
+
+
+def test_compare_resamples_people_and_keeps_baselines_out_of_the_heads_family(tmp_path):
+    from featlab.compare import compare
+
+    v, g = _correlated(1)
+    b = v.copy()
+    b[: 3 * K] = 1.0
+    ids = [f"img{i:04d}" for i in range(len(v))]
+    root = tmp_path / "results"
+
+    def faces(vals, with_groups=True):
+        df = pd.DataFrame({"image_id": ids, "split": "test", "accuracy": vals})
+        if with_groups:
+            df.insert(2, "group", g)
+        return df
+
+    best = _head(root, "best", faces(b), 0.9)
+    _head(root, "other", faces(v), 0.5)
+    r = compare("m", "ds", "gender", results_root=root)
+    rows = {row["tap"]: row for row in r["rows"] if row["reader"] == "head"}
+    assert rows["best"]["unit"] == "person" and rows["best"]["n_units"] == P
+    assert rows["other"]["p_vs_best"] > 0.05 and rows["other"]["verdict"] == "inconclusive"
+    assert rows["other"]["design_effect"] > 1.5
+    assert r["summary"]["unit"] == "person" and r["summary"]["families"]["heads"] == ["other"]
+    p_heads_alone = rows["other"]["p_vs_best"]
+    with open(tmp_path / "results" / "m" / "ds" / "compare" / "gender" / "layer_comparison.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert {row["unit"] for row in csv_rows} == {"person"}
+
+    # the same faces without groups: a face-level test resolves the difference
+    root2 = tmp_path / "faces"
+    _head(root2, "best", faces(b, False), 0.9)
+    _head(root2, "other", faces(v, False), 0.5)
+    r2 = compare("m", "ds", "gender", results_root=root2)
+    other = next(row for row in r2["rows"] if row["tap"] == "other")
+    assert other["unit"] == "face" and other["p_vs_best"] < 0.01 and other["verdict"] == "worse"
+
+    # baselines with tiny p-values beside the heads leave the heads' adjusted p unchanged
+    rows_b = []
+    for name in ("linear", "majority"):
+        for split in ("val", "test"):
+            for iid in ids:
+                rows_b.append({"image_id": iid, "split": split, "baseline": name, "accuracy": 0.0})
+    pd.DataFrame(rows_b).to_csv(best / "baselines_faces.csv", index=False)
+    (best / "baselines.json").write_text("{}")
+    r3 = compare("m", "ds", "gender", results_root=root)
+    rows3 = {(row["tap"], row["reader"]): row for row in r3["rows"]}
+    assert rows3[("other", "head")]["p_vs_best"] == pytest.approx(p_heads_alone)
+    assert rows3[("", "majority")]["family"] == "baselines" and rows3[("", "majority")]["verdict"] == "worse"
+    # the baselines take the heads' groups: their intervals resample people too
+    assert rows3[("best", "linear")]["unit"] == "person"

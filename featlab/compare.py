@@ -61,7 +61,7 @@ def _read_faces(path: Path, split: str = "test"):
 
     if not path.is_file():
         return None
-    df = pd.read_csv(path, dtype={"image_id": str, "split": str})
+    df = pd.read_csv(path, dtype={"image_id": str, "split": str, "group": str})
     return df[df["split"] == split]
 
 
@@ -226,7 +226,7 @@ def _with_groups(readers: list[dict]) -> None:
     for x in readers:
         f = x["faces"]
         if f is not None and "group" in f:
-            for iid, g in zip(f["image_id"], f["group"].fillna("").astype(str)):
+            for iid, g in zip(f["image_id"], f["group"].astype(object).fillna("").astype(str)):
                 if g:
                     gmap.setdefault(iid, g)
     for x in readers:
@@ -234,7 +234,7 @@ def _with_groups(readers: list[dict]) -> None:
         if f is None:
             continue
         f = f.copy()
-        own = f["group"].fillna("").astype(str) if "group" in f else None
+        own = f["group"].astype(object).fillna("").astype(str) if "group" in f else None
         mapped = f["image_id"].astype(str).map(lambda i: gmap.get(i, ""))
         f["group"] = own.where(own != "", mapped) if own is not None else mapped
         x["faces"] = f

@@ -132,13 +132,13 @@ def summarise(dirs: list[Path], kind: str, root: Path) -> Path:
     heads = HEADLINE[target]
     frames = []
     for i, d in enumerate(dirs):
-        f = pd.read_csv(Path(d) / "faces.csv", dtype={"image_id": str, "split": str})
+        f = pd.read_csv(Path(d) / "faces.csv", dtype={"image_id": str, "split": str, "group": str})
         f["member"] = i
         frames.append(f)
     faces = pd.concat(frames, ignore_index=True)
     if "group" not in faces:  # records from before faces.csv carried the group: every face its own unit
         faces["group"] = ""
-    faces["group"] = faces["group"].fillna("").astype(str)
+    faces["group"] = faces["group"].astype(object).fillna("").astype(str)
     if kind == "seeds":
         faces = faces.groupby(["image_id", "split", "group"], sort=False, as_index=False)[list(heads)].mean()
     faces = faces[["image_id", "split", "group", *heads]]

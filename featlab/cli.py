@@ -502,16 +502,19 @@ def compare(
     features: Optional[Path] = typer.Option(None, "--features", "-f", help="with --sweep: the features file to extend"),
     manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="with --sweep: the manifest"),
     sweep: bool = typer.Option(False, "--sweep", help="extract, train and evaluate every residual-unit tap, then plot against depth"),
+    margin: List[str] = typer.Option(None, "--margin", help="equivalence margin METRIC=VALUE, e.g. accuracy=0.02 "
+                                     "or mae=0.25 (defaults: 0.01 for accuracy, 1-off and CS@5; 0.15 years for MAE)"),
 ):
     """Gather every evaluated tap of one backbone and dataset into a comparison table and bar chart."""
-    from .recipes import compare_cmd, head_target
+    from .recipes import compare_cmd, head_target, parse_margins
 
+    margins = parse_margins(margin or [])
     tgt, cats = head_target(target, cats or (None if (target or regression) else 7), regression)
-    res = compare_cmd(tgt, cats, backbone=backbone, dataset=dataset, sweep=sweep, features=features, manifest=manifest)
-    from .experiment import comparison_table
+    res = compare_cmd(tgt, cats, backbone=backbone, dataset=dataset, sweep=sweep, features=features, manifest=manifest,
+                      margins=margins)
+    from .experiment import comparison_table, uncertainty_line
 
-    _echo(f"chosen on validation: {res['chosen']} (test figures with 95 % intervals; p: paired test against the "
-          "chosen tap, Benjamini-Hochberg adjusted)")
+    _echo(f"chosen on validation: {res['chosen']}. {uncertainty_line({'': res})}")
     for line in comparison_table(res):
         _echo(line)
     for p in res.get("files", []):

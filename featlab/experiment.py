@@ -22,6 +22,8 @@ A spec::
     [[heads]]
     target = "gender"
     # fold = "all"   (Adience's 5-fold protocol), hidden = [512], epochs = 60 ...
+    [compare]
+    margins = { accuracy = 0.01, mae = 0.15 }  # equivalence margins of the paired tests (the defaults)
 
 ``featlab run SPEC --set dataset.root=/data/UTKFace`` overrides any value.
 Running does prepare -> extract -> train-head (+ evaluate) -> compare and
@@ -190,7 +192,8 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
         _zero_shot_step(rep.out, dkey, heads, echo)
     from .compare import compare
 
-    comparisons = {tname: compare(backbone, dkey, target=h["target"], cats=h["cats"])
+    margins = (spec.get("compare") or {}).get("margins")
+    comparisons = {tname: compare(backbone, dkey, target=h["target"], cats=h["cats"], margins=margins)
                    for tname, h in {target_name(h["target"], h["cats"]): h for h in heads}.items()}
     return write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, echo)
 

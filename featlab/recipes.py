@@ -77,7 +77,27 @@ def summary_line(m: dict) -> str:
     return f"{m.get('target_name', m.get('target', '?'))}: " + ", ".join(parts) + count + where
 
 
-def compare_cmd(target: str, cats: int | None, backbone=None, dataset=None, sweep=False, features=None, manifest=None) -> dict:
+def parse_margins(items) -> dict[str, float]:
+    """``["accuracy=0.02", "mae=0.25"]`` -> ``{"accuracy": 0.02, "mae": 0.25}`` (one line on anything else)."""
+    from .uncertainty import MARGINS
+
+    out = {}
+    for item in items:
+        name, _, value = str(item).partition("=")
+        name = name.strip()
+        try:
+            v = float(value)
+        except ValueError:
+            v = float("nan")
+        if name not in MARGINS or not v > 0:
+            raise FeatlabError(f"--margin takes METRIC=VALUE with METRIC one of {', '.join(MARGINS)} and VALUE > 0 "
+                               f"(a share for accuracy, years for mae), not {item!r}")
+        out[name] = v
+    return out
+
+
+def compare_cmd(target: str, cats: int | None, backbone=None, dataset=None, sweep=False, features=None, manifest=None,
+                margins=None) -> dict:
     from . import config
     from .compare import compare
 
@@ -95,7 +115,7 @@ def compare_cmd(target: str, cats: int | None, backbone=None, dataset=None, swee
                 have = ", ".join(f"{b}/{d}" for b, d in found) or "none"
                 raise FeatlabError(f"say which results to compare with --backbone and --dataset (found: {have})")
             backbone, dataset = found[0]
-    return compare(backbone, dataset, target=target, cats=cats)
+    return compare(backbone, dataset, target=target, cats=cats, margins=margins)
 
 
 def discover(results_root: Path) -> list[tuple[str, str]]:

@@ -204,3 +204,29 @@ def _installed(metadata, name: str) -> bool:
         return True
     except metadata.PackageNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("given, quiet, after", [(None, True, "3"), ("", True, "3"), ("1", True, "3"), ("2", True, "3"),
+                                                  (" 2 ", True, "3"), ("x", True, "3"), ("3", True, "3"),
+                                                  ("4", True, "4"), ("0", False, "0")])
+def test_tf_log_level_below_3_stays_quiet_unless_0(monkeypatch, given, quiet, after):
+    from featlab.keras_env import configure_environment
+
+    if given is None:
+        monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", given)
+    assert configure_environment() is quiet
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == after
+
+
+def test_train_head_is_quiet_with_tf_cpp_min_log_level_2(tiny, tmp_path):
+    """A user's TF_CPP_MIN_LOG_LEVEL=2 (issue #21: it brought back five notices): a train-head (import, fit,
+    evaluation) still writes nothing on stderr."""
+    feats, _, _ = tiny
+    p = subprocess.run([sys.executable, "-m", "featlab.cli", "train-head", "--target", "gender", "-f", str(feats), "-l",
+                        "vec", "--epochs", "2", "--hidden", "8", "-q"], cwd=tmp_path,
+                       env=_clean_env(TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "head written to" in p.stdout
+    assert p.stderr == "", p.stderr

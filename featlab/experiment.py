@@ -25,7 +25,9 @@ A spec::
     [compare]
     margins = { accuracy = 0.01, mae = 0.15 }  # equivalence margins of the paired tests (the defaults)
 
-``featlab run SPEC --set dataset.root=/data/UTKFace`` overrides any value.
+``featlab run SPEC --set dataset.root=/data/UTKFace`` overrides any value. Every section and key is
+checked against :mod:`featlab.specschema` when the spec is loaded; ``docs/spec.md`` (generated from that
+schema by ``featlab spec-doc``) lists them all.
 Running does prepare -> extract -> train-head (+ evaluate) -> compare and
 writes ``results/{backbone}/{dataset}/report.md``. Every step whose outputs
 exist for the same inputs is skipped (a fingerprint of its inputs is kept
@@ -68,6 +70,10 @@ def _parse_value(text: str):
 
 
 def load_spec(path: Path | str, overrides: list[str] = ()) -> dict:
+    """The spec at ``path`` (or a built-in one by name) with ``--set`` overrides applied, checked against the
+    schema (:mod:`featlab.specschema`); returned as written, plus ``name`` and ``_path``."""
+    from .specschema import check_set_path, validate  # pydantic: only where a spec is read
+
     path = Path(path)
     if not path.is_file():
         alt = builtin_spec(path.stem) if path.suffix in ("", ".toml") else None
@@ -84,18 +90,14 @@ def load_spec(path: Path | str, overrides: list[str] = ()) -> dict:
             raise FeatlabError(f"--set takes section.key=value, not {item!r}")
         key, value = item.split("=", 1)
         node = spec
-        parts = key.strip().split(".")
+        parts = check_set_path(key)  # a path the schema does not have: one line naming the nearest key
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise FeatlabError(f"--set {key}: {p} is not a section")
         node[parts[-1]] = _parse_value(value.strip())
     spec.setdefault("name", path.stem)
-    for section in ("dataset", "backbone"):
-        if section not in spec:
-            raise FeatlabError(f"{path}: the spec has no [{section}] section")
-    if not spec.get("heads"):
-        raise FeatlabError(f"{path}: the spec names no [[heads]]")
+    validate(spec, str(path))  # unknown sections and keys, wrong types: one line (docs/spec.md lists them all)
     spec["_path"] = str(path)
     return spec
 
@@ -236,6 +238,9 @@ def _prepare_step(adapter, dataset, root: Path, options: dict, seed: int, force:
     (side / "done").write_text(json.dumps({"rows": len(df), "skipped": res.skipped,
                                            "face_groups": groups.lines() if groups else None}, indent=1))
     echo(f"[prepare] {out}: {len(df):,} rows, {len(res.skipped):,} skipped")
+    for reason, n in sorted(res.counts.items(), key=lambda kv: -kv[1]):
+        if reason.startswith("kept without"):  # a label column the data lacks is said, not found out later
+            echo(f"[prepare] {n:,} {reason}")
     for line in (groups.lines() if groups else []):
         echo(f"[prepare] {line}")
     return out

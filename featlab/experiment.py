@@ -251,8 +251,11 @@ def _prepare_step(spec: dict, adapter, root: Path, options: dict, seed: int, for
     side = out.parent / f".{out.stem}"
     if out.exists():  # a manifest another spec (or `featlab prepare`) wrote: its features and heads depend on it
         rec = side / ".inputs.json"
-        prev = json.loads(rec.read_text()).get("inputs", {}).get("spec") if rec.is_file() else None
-        if prev != owner:
+        was = json.loads(rec.read_text()).get("inputs", {}) if rec.is_file() else {}
+        prev = was.get("spec")
+        # a spec run of an older featlab recorded no spec: the same preparation (adapter, root, options, seed) is ours
+        legacy = rec.is_file() and prev is None and was == json.loads(json.dumps({k: v for k, v in inputs.items() if k != "spec"}))
+        if prev != owner and not legacy:
             by = f"by spec {prev}" if prev else "outside this spec (featlab prepare, or an older featlab)"
             raise FeatlabError(f"spec {spec['name']}: {out} was prepared {by}; it is not re-prepared for {owner}: "
                                "give this spec another name, or remove that manifest")

@@ -66,6 +66,15 @@ def test_each_spec_prepares_its_own_manifest_and_refuses_another_s(utk30, tmp_pa
     assert main(["prepare", "--dataset", "utkface", "--root", str(utk30), "--out", "features/manifests/study-c.csv"]) == 0
     with pytest.raises(FeatlabError, match="prepared outside this spec"):
         _prepare(_spec(tmp_path / "specs" / "c.toml", "study-c", utk30))
+    # a spec run of an older featlab (its record names no spec) with the same inputs is taken over, not refused
+    side = Path("features/manifests/.study-c")
+    side.mkdir()
+    legacy = {"adapter": "utkface", "root": str(utk30.resolve()), "options": {}, "seed": 0}
+    (side / ".inputs.json").write_text(json.dumps({"fingerprint": "old", "inputs": legacy}))
+    assert _prepare(tmp_path / "specs" / "c.toml")[0] == Path("features/manifests/study-c.csv")
+    (side / ".inputs.json").write_text(json.dumps({"fingerprint": "old", "inputs": {**legacy, "seed": 1}}))
+    with pytest.raises(FeatlabError, match="prepared outside this spec"):  # another preparation: refused
+        _prepare(tmp_path / "specs" / "c.toml")
 
 
 def test_a_spec_refused_through_the_cli_is_one_line(utk30, tmp_path, monkeypatch, capsys):

@@ -343,13 +343,18 @@ def import_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="features .h5 file to write (must not exist)"),
     name: List[str] = typer.Option(None, "--name", help="tap name, one per file in order [the file stems]"),
     layout: str = typer.Option("nchw", "--layout", help="nchw, or nhwc to transpose (rows, H, W, C) maps to featlab's CHW"),
-    ids: Optional[str] = typer.Option(None, "--ids", help="per-row image_id or path: an array FILE[:KEY], a .txt, or FILE.csv:COLUMN"),
+    ids: Optional[str] = typer.Option(None, "--ids", help="per-row image_id or path: an array FILE[:KEY], a .txt, or FILE.csv:COLUMN "
+                                      "(rows are then written in the labels' order)"),
+    rows_in_manifest_order: bool = typer.Option(False, "--rows-in-manifest-order",
+                                                help="without ids: row i of the tap files IS row i of --labels (you vouch for it; "
+                                                     "without ids or this, import refuses)"),
     dtype: str = typer.Option("float32", "--dtype", help="stored dtype: float32 or float16"),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="dataset name heads are filed under [the labels file stem]"),
     source_id: Optional[str] = typer.Option(None, "--source-id", help="same text for imports made by one network: their heads may be evaluated on each other"),
     force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
 ):
-    """Import taps extracted elsewhere (.npy, .npz, HDF5) into a featlab features file, row-aligned with a labels CSV."""
+    """Import taps extracted elsewhere (.npy, .npz, HDF5) into a featlab features file, each row matched to its
+    labels row by --ids (or ids stored beside the taps), or in order with --rows-in-manifest-order."""
     from .tapimport import check_options
 
     tapfiles = _need(list(tapfiles or []), "tap files", "featlab import TAPFILE... --labels LABELS.csv --backbone NAME --out FILE.h5")
@@ -360,7 +365,7 @@ def import_cmd(
     from .tapimport import import_taps
 
     rep = import_taps(tapfiles, labels, backbone, out, names=list(name or []), layout=layout, ids=ids, dtype=dtype,
-                      dataset=dataset, source_id=source_id, overwrite=force)
+                      dataset=dataset, source_id=source_id, overwrite=force, rows_in_manifest_order=rows_in_manifest_order)
     _echo(f"{rep.out}: {rep.rows:,} faces, backbone {backbone} (imported), in {rep.seconds:.1f} s")
     for k, shape in rep.taps.items():
         _echo(f"  tap {k:28s} {'x'.join(map(str, shape)):>12s} {dtype}")
@@ -410,6 +415,8 @@ def train_head(
     seed: int = typer.Option(0, "--seed"),
     seeds: int = typer.Option(1, "--seeds", help="train N seeds (seed, seed+1, ...): mean and spread over seeds"),
     memory_mb: Optional[float] = typer.Option(None, "--memory-mb", help="memory budget for features [featlab.toml head.memory_mb, 2048]"),
+    ranges: str = typer.Option("refuse", "--ranges", help="range labels a target cannot place (Adience (15, 20) with --cats 5 "
+                               "or 7; every range for --regression): refuse (stop, giving the count) or drop (train on the rest)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Train lean Keras heads on taps; score each on val (for choices) and test (to report), with baselines.
@@ -426,6 +433,10 @@ def train_head(
         raise FeatlabError(f"--lr must be a positive number, not {lr}")
     if seeds < 1:
         raise FeatlabError(f"--seeds must be at least 1, not {seeds}")
+    from .labels import RANGE_POLICIES
+
+    if ranges not in RANGE_POLICIES:
+        raise FeatlabError(f"--ranges must be {' or '.join(RANGE_POLICIES)}, not {ranges!r}")
     memory_mb = memory_mb if memory_mb is not None else _cfg("head", "memory_mb", 2048)
     try:
         memory_mb = float(memory_mb)
@@ -439,6 +450,7 @@ def train_head(
         _need(_cfg("head", "layer") or _only_tap(features), "--layer",
               f"pass --layer TAP or set [head].layer in featlab.toml (see `featlab info {features}`)")]
     opts = {k: v for k, v in dict(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, ordinal=ordinal).items() if v is not None}
+    opts["ranges"] = ranges
     if len(layers) == 1 and len(tgts) == 1:
         out = run_head(features, layers[0], tgts[0][0], tgts[0][1], fold=fold_arg, seed=seed, seeds=seeds,
                        memory_mb=memory_mb, verbose=0 if quiet else 1, **opts)

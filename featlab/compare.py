@@ -46,7 +46,7 @@ from . import config
 from .errors import FeatlabError
 from .featureio import fusion_parts, is_fusion
 from .labels import HEADLINE, LOWER_IS_BETTER, selection_metric, target_name
-from .paths import IDENTITY_KEYS, differences
+from .paths import IDENTITY_KEYS, differences, zeroshot_dir
 from .store import parse_key
 from .uncertainty import (ALPHA, MARGINS, VERDICTS, adjust_within, design_effect, interval, paired_difference,
                           unit_of, verdict)
@@ -216,8 +216,7 @@ def _readers(recs: list[dict], target: str, results_root, dataset: str, tname: s
                 rows.append(row)
                 if name == "majority":
                     majority = row
-    root = Path(results_root) if results_root is not None else config.results_dir()
-    zf = root / "zeroshot" / dataset / tname / "faces.csv"
+    zf = zeroshot_dir(recs[0]["identity"], tname, results_root) / "faces.csv"  # same feature set and manifest only
     if zf.is_file():
         z = _read_faces(zf)
         zj = json.loads((zf.parent / "metrics.json").read_text())

@@ -6,8 +6,8 @@ A spec::
     [dataset]
     adapter = "utkface"                 # a `featlab prepare --list` name
     root = "../shared/data/utkface-dev" # or "@sample": the UTKFace sample inside featlab
-    # name = "utkface"                  # dataset name in artifact paths [adapter]
-    # options = { face_score_min = 1.0 }
+    # options = { group_by_face = true } (every UTKFace spec), { face_score_min = 1.0 } (imdb)
+    # manifest = "m.csv"                # a manifest made elsewhere instead of root (not prepared)
     [backbone]
     name = "dlib-rec"
     # model = "/models/glintr100.onnx"
@@ -22,14 +22,21 @@ A spec::
     [[heads]]
     target = "gender"
     # fold = "all"   (Adience's 5-fold protocol), hidden = [512], epochs = 60 ...
+    # ranges = "drop" (train a scheme that loses range labels, e.g. Adience with 7 groups; else it stops)
     [compare]
     margins = { accuracy = 0.01, mae = 0.15 }  # equivalence margins of the paired tests (the defaults)
 
 ``featlab run SPEC --set dataset.root=/data/UTKFace`` overrides any value. Every section and key is
 checked against :mod:`featlab.specschema` when the spec is loaded; ``docs/spec.md`` (generated from that
 schema by ``featlab spec-doc``) lists them all.
+
+Each spec prepares its own manifest, ``features/manifests/{name}.csv`` (``name``: the spec's name), so
+its features file (``features/{backbone}/{name}.h5``) and results (``results/{backbone}/{name}/``) are
+its own: two specs never re-prepare, re-label or overwrite each other's. A manifest at that path that
+another spec (another spec file of the same name) or ``featlab prepare`` wrote is refused, not reused.
+
 Running does prepare -> extract -> train-head (+ evaluate) -> compare and
-writes ``results/{backbone}/{dataset}/report.md``. Every step whose outputs
+writes ``results/{backbone}/{name}/report.md``. Every step whose outputs
 exist for the same inputs is skipped (a fingerprint of its inputs is kept
 beside its outputs), so a rerun is cheap and an interrupted run resumes.
 """
@@ -98,6 +105,9 @@ def load_spec(path: Path | str, overrides: list[str] = ()) -> dict:
         node[parts[-1]] = _parse_value(value.strip())
     spec.setdefault("name", path.stem)
     validate(spec, str(path))  # unknown sections and keys, wrong types: one line (docs/spec.md lists them all)
+    name = str(spec["name"])
+    if not name or name != name.strip() or name.startswith(".") or any(c in name for c in '/\\:'):
+        raise FeatlabError(f"{path}: name {name!r} cannot name the spec's files (features/manifests/NAME.csv)")
     spec["_path"] = str(path)
     return spec
 
@@ -156,7 +166,6 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
     spec = load_spec(path, overrides)
     ds, bbs, ex = spec["dataset"], spec["backbone"], spec.get("extract", {})
     adapter = ds.get("adapter") or ds.get("name")
-    dataset = ds.get("name") or adapter
     backbone = bbs["name"]
     # fail fast, before any work: the model file and the data must exist
     bb = Backbone(backbone, bbs.get("model") or config.get("models", backbone))
@@ -172,7 +181,9 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
         root = sample_root() if root == SAMPLE else Path(root).expanduser()
         if not root.exists():
             raise FeatlabError(f"spec {spec['name']}: dataset root does not exist: {root} (pass --set dataset.root=DIR)")
-        manifest = _prepare_step(adapter, dataset, root, ds.get("options", {}), int(spec.get("seed", 0)), force, echo)
+        manifest = _prepare_step(spec, adapter, root, ds.get("options", {}), int(spec.get("seed", 0)), force, echo)
+    heads = _heads(spec)
+    _check_ranges(manifest, heads)  # a head that would lose range labels stops before extraction
     taps = list(ex.get("taps") or bb.spec.default_taps)
     t0 = time.perf_counter()
     rep = extract(manifest, taps, backbone=backbone, model=bbs.get("model") or config.get("models", backbone),
@@ -184,14 +195,13 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
 
     keys = list(resolve_keys(bb, taps, ex.get("pool")))
     keys += fusion_keys(spec, keys)
-    heads = _heads(spec)
     results = _heads_step(rep.out, keys, heads, int(spec.get("seed", 0)), force, echo)
     from .store import FeatureStore
 
     with FeatureStore.open_read(rep.out) as s:
         dkey = dataset_key(feature_set(s.attrs))  # where this feature set's results live
     if spec.get("zero_shot", True):
-        _zero_shot_step(rep.out, dkey, heads, echo)
+        _zero_shot_step(rep.out, heads, echo)
     from .compare import compare
 
     margins = (spec.get("compare") or {}).get("margins")
@@ -200,7 +210,7 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
     return write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, echo)
 
 
-def _zero_shot_step(features: Path, dkey: str, heads: list[dict], echo) -> None:
+def _zero_shot_step(features: Path, heads: list[dict], echo) -> None:
     """Score dlib-age / dlib-gender's own outputs on the val and test rows of the features file."""
     from .labels import encode_target, split_rows
     from .store import FeatureStore
@@ -211,7 +221,7 @@ def _zero_shot_step(features: Path, dkey: str, heads: list[dict], echo) -> None:
     for h in {target_name(h["target"], h["cats"]): h for h in heads if h.get("fold") is None}.values():
         _, valid = encode_target(labels, h["target"], h["cats"])
         sp = split_rows(labels, valid)
-        rec = score_zero_shot(features, h["target"], h["cats"], {"val": sp["val"], "test": sp["test"]}, dkey)
+        rec = score_zero_shot(features, h["target"], h["cats"], {"val": sp["val"], "test": sp["test"]})
         if "skipped" in rec:
             echo(f"[zero-shot] {target_name(h['target'], h['cats'])}: skipped ({rec['skipped']})")
         else:
@@ -220,14 +230,40 @@ def _zero_shot_step(features: Path, dkey: str, heads: list[dict], echo) -> None:
                 format_figure(m, t[m], t.get(f"{m}_ci95")) + f" {m}" for m in HEADLINE[h["target"]]))
 
 
-def _prepare_step(adapter, dataset, root: Path, options: dict, seed: int, force: bool, echo) -> Path:
+def spec_manifest(spec: dict) -> Path:
+    """The manifest a spec prepares: ``features/manifests/{spec name}.csv`` (its own, never shared)."""
+    return config.features_dir() / "manifests" / f"{spec['name']}.csv"
+
+
+def _check_ranges(manifest: Path, heads: list[dict]) -> None:
+    """Every head's range-label policy against the manifest's labels (:func:`featlab.labels.check_ranges`)."""
+    from .labels import check_ranges
+    from .manifest import read_manifest
+
+    df = read_manifest(manifest)
+    for h in heads:
+        check_ranges(df, h["target"], h["cats"], h.get("ranges", "refuse"))
+
+
+def _prepare_step(spec: dict, adapter, root: Path, options: dict, seed: int, force: bool, echo) -> Path:
     from .datasets import prepare_dataset
     from .manifest import write_manifest
 
-    out = config.features_dir() / "manifests" / f"{dataset}.csv"
-    inputs = {"adapter": adapter, "root": str(root.resolve()), "options": options, "seed": seed}
+    out = spec_manifest(spec)
+    owner = str(Path(spec["_path"]).resolve())
+    inputs = {"spec": owner, "adapter": adapter, "root": str(root.resolve()), "options": options, "seed": seed}
     fp = _fingerprint(inputs)
     side = out.parent / f".{out.stem}"
+    if out.exists():  # a manifest another spec (or `featlab prepare`) wrote: its features and heads depend on it
+        rec = side / ".inputs.json"
+        was = json.loads(rec.read_text()).get("inputs", {}) if rec.is_file() else {}
+        prev = was.get("spec")
+        # a spec run of an older featlab recorded no spec: the same preparation (adapter, root, options, seed) is ours
+        legacy = rec.is_file() and prev is None and was == json.loads(json.dumps({k: v for k, v in inputs.items() if k != "spec"}))
+        if prev != owner and not legacy:
+            by = f"by spec {prev}" if prev else "outside this spec (featlab prepare, or an older featlab)"
+            raise FeatlabError(f"spec {spec['name']}: {out} was prepared {by}; it is not re-prepared for {owner}: "
+                               "give this spec another name, or remove that manifest")
     if not force and _is_current(side, fp, "done") and out.is_file():
         echo(f"[prepare] {out} is current")
         return out
@@ -332,6 +368,7 @@ def write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, e
               "- every tap is **chosen on the validation split**; the test split is only reported.",
               f"- {uncertainty_line(comparisons)}", ""]
     lines += [f"Test figures [95 % CI]; {VERDICT_MARKS_TEXT}", "", *summary_table(comparisons), ""]
+    lines += [line for tname in comparisons for line in ranges_lines(results, tname)]
     table = []
     for tname, comp in comparisons.items():
         lines += [f"## {tname}", "", f"Chosen on validation: `{comp['chosen']}`.", ""]
@@ -377,6 +414,19 @@ def uncertainty_line(comparisons: dict) -> str:
 
 def format_margin(metric: str, v: float) -> str:
     return f"±{v:.2f} years" if metric in ("mae",) else f"±{100 * v:.1f} pts"
+
+
+def ranges_lines(results: dict, tname: str) -> list[str]:
+    """A report paragraph for a target whose heads dropped range labels (``ranges = "drop"``): how many
+    rows and which range labels lost them (from the heads' ``config.json``); none otherwise."""
+    for (_, t), m in results.items():
+        r = (m.get("config") or {}).get("ranges") if t == tname else None
+        if r and r.get("dropped"):
+            by = ", ".join(f"{k} ({v:,})" for k, v in r["by_range"].items())
+            return [f"- **{tname}: {r['dropped']:,} range-labelled rows left out** (`ranges = \"drop\"`: their "
+                    f"labels have no single {'age' if tname == 'age' else 'group of this scheme'}); rows lost by "
+                    f"range label: {by}. Its figures are over the other rows only.", ""]
+    return []
 
 
 def _reader_name(r: dict) -> str:

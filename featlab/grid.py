@@ -55,7 +55,7 @@ import numpy as np
 from .errors import FeatlabError
 from .featureio import fusion_parts, row_bytes
 from .keras_env import keras as _keras
-from .labels import encode_target, split_rows, target_name
+from .labels import check_ranges, encode_target, split_rows, target_name
 from .model import build_model, head_layers, standardised_input
 from .store import FeatureStore
 from .train import (_setup_tf, check_hyperparameters, fit_head, loss_and_metrics, make_optimizer, plan_head,
@@ -104,6 +104,7 @@ def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: b
                 store.array(p)  # a missing tap fails before any training
         rows = {}
         for t, c in {(t, c) for _, t, c in heads}:
+            check_ranges(labels, t, c, base["ranges"])  # a head that would lose range labels stops before TensorFlow
             _, valid = encode_target(labels, t, c)
             if valid.any():
                 sp = split_rows(labels, valid, fold, base["val_share"])

@@ -3,7 +3,9 @@
 - :func:`target_name`, :func:`encode_target`: ``bins`` (5/7/8 groups), ``age`` (years) and ``gender``
   as integer classes or floats, with a validity mask. Range labels (Adience's ``(25, 32)``, kept in the
   ``age_low``/``age_high`` columns) go to a bin only when the range lies inside one group, and are left
-  out of age regression (they have no single true age to score against).
+  out of age regression (they have no single true age to score against). :func:`check_ranges` stops a
+  head that would lose range labels that way unless the user asks for it (``ranges="drop"``);
+  :func:`range_losses` counts them per range.
 - :func:`split_rows`: the rows of each split. Validation rows that featlab holds out itself (datasets
   without a val split, the fold protocol) are whole ``group``s (identities), never single images.
 - :func:`class_weights`, :func:`soft_bin_labels`, :func:`make_targets`, :func:`to_years_np`.
@@ -86,6 +88,49 @@ def dropped_reasons(labels, target: str, valid: np.ndarray) -> dict[str, int]:
         out["no age"] = int(no_age.sum())
         out["range label spans several groups" if target == "bins" else "range label (no single age)"] = int(rng.sum())
     return {k: v for k, v in out.items() if v}
+
+
+RANGE_POLICIES = ("refuse", "drop")
+
+
+def _range_name(lo: float, hi: float) -> str:
+    return f"{lo:g}-{hi:g}"
+
+
+def range_losses(labels, target: str, cats=None) -> dict[str, int]:
+    """Rows whose age label is a range (``age_low < age_high``) that ``target`` leaves out, counted per
+    range label (``{"15-20": 1234, "25-32": 987}``, youngest first): for bins the ranges that span
+    several of the scheme's groups, for age regression every range (it keeps exact ages only)."""
+    if target == "gender":
+        return {}
+    _, valid = encode_target(labels, target, cats)
+    age = labels["age"].to_numpy(dtype=np.float64)
+    lo, hi = _ranges(labels)
+    lost = np.isfinite(age) & (hi - lo > 0) & ~valid
+    if not lost.any():
+        return {}
+    pairs, counts = np.unique(np.stack([lo[lost], hi[lost]], axis=1), axis=0, return_counts=True)
+    return {_range_name(a, b): int(n) for (a, b), n in zip(pairs.tolist(), counts.tolist())}
+
+
+def check_ranges(labels, target: str, cats=None, ranges: str = "refuse") -> dict:
+    """The range labels a head of ``target`` would lose, checked against the policy ``ranges``:
+    ``"refuse"`` (the default) stops with one line giving the count when any would be dropped;
+    ``"drop"`` (asked for explicitly: ``--ranges drop``, ``ranges = "drop"`` in a spec's [[heads]])
+    lets the head train on the rest. Returns ``{"policy", "dropped", "by_range"}`` for the head's record."""
+    if ranges not in RANGE_POLICIES:
+        raise FeatlabError(f"ranges must be {' or '.join(repr(r) for r in RANGE_POLICIES)}, not {ranges!r}")
+    lost = range_losses(labels, target, cats)
+    n = sum(lost.values())
+    if n and ranges != "drop":
+        tname = target_name(target, cats)
+        detail = ", ".join(f"{k}: {v:,}" for k, v in lost.items())
+        why = ("age regression keeps exact ages only" if target == "age"
+               else f"their ranges span several of the {tname[4:]} groups")
+        raise FeatlabError(f"{tname} would drop {n:,} range-labelled rows ({why}; by range {detail}): train the "
+                           "8 Adience groups (--cats 8), or pass --ranges drop (ranges = \"drop\" in a spec's "
+                           "[[heads]]) to train on the rest")
+    return {"policy": ranges, "dropped": int(n), "by_range": lost}
 
 
 def hold_out(rows: np.ndarray, labels, seed: int, share: float) -> tuple[np.ndarray, np.ndarray]:

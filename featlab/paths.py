@@ -11,6 +11,9 @@ Results go to ``{results}/{backbone}/{dataset-key}/{head-key}/{target}/`` where
 - ``head-key`` is the tap key as stored (``res14``, ``res14@avg`` when pooled at extraction), plus
   ``~avg``/``~max`` when the head pools a map itself, plus ``.f32`` for a float32 tap; a fusion head's
   key joins its taps' keys with ``+``.
+
+Zero-shot nets' scores go to :func:`zeroshot_dir` (feature set and manifest hash), the one rule both
+their writer (:mod:`featlab.zeroshot`) and :mod:`featlab.compare` use.
 """
 
 from __future__ import annotations
@@ -68,6 +71,19 @@ def head_dir(backbone: str, dkey: str, hkey: str, tname: str, fold=None, seed=No
     if seed is not None:
         d = d / f"seed{int(seed)}"
     return d
+
+
+def zeroshot_dir(identity: dict, tname: str, results_root=None) -> Path:
+    """Where a zero-shot net's scores on the val and test faces of a feature set are filed, and where
+    :func:`featlab.compare.compare` looks for them: ``{results}/zeroshot/{backbone}/{dataset-key}/
+    manifest-{sha256[:12]}/{target}``, ``identity`` being the heads' :func:`feature_set` (as in their
+    ``config.json``). The rows scored come from that features file and its manifest, so a zero-shot
+    record scored on another manifest (a re-prepared split) is never found beside the heads."""
+    root = Path(results_root) if results_root is not None else config.results_dir()
+    ident = {"dataset": "", **(identity or {})}
+    sha = str(ident.get("manifest_sha256") or "unknown")
+    return (root / "zeroshot" / str(ident.get("backbone") or "unknown") / dataset_key(ident)
+            / f"manifest-{sha[:12]}" / tname)
 
 
 def differences(a: dict, b: dict, keys=IDENTITY_KEYS + TAP_KEYS) -> list[str]:

@@ -5,7 +5,11 @@ Each tap comes from one array in a ``.npy``, ``.npz`` or HDF5 file (any file nam
 from the file's first bytes). ``FILE:KEY`` names the array inside a file holding several
 (``feats.npz:add_98``, ``feats.h5:/group/array``); a file holding one array needs no key. The
 array's first axis is the row (face) axis; rows are aligned with a labels CSV in featlab's manifest
-schema, in order, or matched to its rows by ``image_id`` or ``path`` through an ids array.
+schema: matched to its rows by ``image_id`` or ``path`` through an ids array (``--ids``, or an array
+named ``image_id``/``image_ids``/``path``/``paths`` stored beside the tap in its .npz or HDF5 group:
+:func:`carried_ids`), the rows then written in the labels' order; or, only when the user says so
+(``--rows-in-manifest-order``), taken to be the labels' rows in order. Without either the import is
+refused: rows in another order would otherwise get other faces' labels without a sound.
 
 The result is an ordinary features file written through :class:`featlab.store.FeatureStore`
 (labels and skipped tables, ``taps`` info, attributes backbone, dataset, manifest,
@@ -42,6 +46,7 @@ BLOCK_BYTES = 32 << 20  # float32 bytes of all taps together copied per block
 LAYOUTS = ("nchw", "nhwc")
 DTYPES = ("float32", "float16")
 ID_TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
+ID_NAMES = ("image_id", "image_ids", "path", "paths")  # an ids array stored beside a tap under one of these names
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -238,6 +243,24 @@ def open_source(spec: str) -> _Source:
 
 
 # ------------------------------------------------------------------------------------ labels and ids
+def carried_ids(src: _Source) -> str | None:
+    """``FILE:KEY`` of an ids array the tap's own file carries beside it (a member of the same .npz, an
+    array in the same HDF5 group) named one of :data:`ID_NAMES`; None when it carries none."""
+    if src.kind == "npz":
+        members = {n[:-4] for n in src.zf.namelist() if n.endswith(".npy")}
+        name = next((m for m in ID_NAMES if m in members and m != src.key), None)
+        return None if name is None else f"{src.path}:{name}"
+    if src.kind == "hdf5":
+        from .store import _tables
+
+        parent = src.node._v_parent
+        for m in ID_NAMES:
+            child = parent._v_children.get(m)
+            if child is not None and child is not src.node and isinstance(child, _tables().Array):
+                return f"{src.path}:{child._v_pathname}"
+    return None
+
+
 def read_ids(spec: str) -> list[str]:
     """Row identifiers (image ids or paths), one per tap row: a 1-D array (.npy/.npz/HDF5, ``FILE:KEY``),
     a text file with one per line, or a CSV column (``FILE.csv:COLUMN``, or a CSV of one column)."""
@@ -325,20 +348,25 @@ def check_options(tapfiles, names, layout: str, dtype: str) -> list[str]:
     return names
 
 
-def _checked_block(x: np.ndarray, name: str, src: _Source, lo: int, out_dtype: np.dtype) -> np.ndarray:
-    """Refuse non-finite values and values the stored dtype cannot hold; one line naming the row."""
+def _checked_block(x: np.ndarray, name: str, src: _Source, lo: int, out_dtype: np.dtype,
+                   rows: np.ndarray | None = None) -> np.ndarray:
+    """Refuse non-finite values and values the stored dtype cannot hold; one line naming the row (of the
+    source: ``rows`` gives each block row's source row when they were reordered, else ``lo`` + i)."""
+    def where(i: int) -> int:
+        return int(rows[i]) if rows is not None else lo + i
+
     if x.dtype.kind == "f":
         bad = ~np.isfinite(x)
         if bad.any():
             idx = np.argwhere(bad)[0]
-            raise FeatlabError(f"tap {name}: non-finite value {x[tuple(idx)]} at row {lo + int(idx[0]):,} "
+            raise FeatlabError(f"tap {name}: non-finite value {x[tuple(idx)]} at row {where(int(idx[0])):,} "
                                f"of {src.where}; nothing written")
     if x.size and (x.dtype.itemsize > out_dtype.itemsize or x.dtype.kind != "f"):
         limit = float(np.finfo(out_dtype).max)
         hi = max(float(x.max()), -float(x.min()))
         if hi > limit:
             flat = np.abs(x.astype(np.float64, copy=False)).reshape(len(x), -1).max(axis=1)
-            row = lo + int(np.argmax(flat > limit))
+            row = where(int(np.argmax(flat > limit)))
             hint = " (import with --dtype float32)" if out_dtype == np.float16 else ""
             raise FeatlabError(f"tap {name}: value {hi:.6g} at row {row:,} of {src.where} is beyond "
                                f"{out_dtype.name}'s range ({limit:,.0f}){hint}; nothing written")
@@ -356,13 +384,17 @@ def imported_model_sha256(sources: list[dict], source_id: str | None = None) -> 
 
 def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str | Path, *, names=None,
                 layout: str = "nchw", ids: str | None = None, dtype: str = "float32", dataset: str | None = None,
-                source_id: str | None = None, overwrite: bool = False, block_bytes: int | None = None) -> ImportReport:
+                source_id: str | None = None, overwrite: bool = False, block_bytes: int | None = None,
+                rows_in_manifest_order: bool = False) -> ImportReport:
     """Import one array per tap file into a new features file ``out`` (see the module docstring).
 
     ``tapfiles``: ``FILE`` or ``FILE:KEY`` each; ``names``: tap names (default: the file stems);
     ``layout``: ``"nhwc"`` transposes 3-D maps (rows, H, W, C) to featlab's (rows, C, H, W);
-    ``ids``: per-row image ids or paths (see :func:`read_ids`) giving the row order against the labels
-    manifest; without it rows are the labels' rows in order. ``dtype``: stored float32 or float16.
+    ``ids``: per-row image ids or paths (see :func:`read_ids`) matching each tap row to its labels row;
+    without it, ids the tap files carry (:func:`carried_ids`); the rows are written in the labels' order
+    (a subset of the labels keeps their order). ``rows_in_manifest_order``: no ids, the user states that
+    row i is the labels' row i; without ids and without it the import is refused (one line).
+    ``dtype``: stored float32 or float16.
     ``dataset``: the dataset name heads are filed under (default: the labels file's stem).
     """
     from . import __version__
@@ -378,6 +410,7 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
     out_dtype = np.dtype(dtype)
 
     sources: list[_Source] = []
+    spooled: list[Path] = []  # temporary copies of sources that cannot be read in any order
     try:
         for spec in tapfiles:
             sources.append(open_source(str(spec)))
@@ -397,14 +430,35 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
             raise FeatlabError(f"{sources[0].where} has no rows")
 
         df = read_manifest(labels)
-        if ids:
-            id_list = read_ids(ids)
+        id_from = ids
+        if not ids:
+            carried = sorted({c for c in (carried_ids(src) for src in sources) if c})
+            lists = [read_ids(c) for c in carried]
+            if any(x != lists[0] for x in lists[1:]):
+                raise FeatlabError(f"the tap files carry different ids ({', '.join(carried)}): pass --ids")
+            id_from = carried[0] if carried else None
+        if id_from and rows_in_manifest_order:
+            raise FeatlabError(f"ids are given ({id_from}): leave out --rows-in-manifest-order, the ids match the rows")
+        order = None  # the source row of each output row, when matching the ids reorders them
+        if id_from:
+            id_list = read_ids(id_from)
             if len(id_list) != n:
-                raise FeatlabError(f"--ids {ids} has {len(id_list):,} ids for {n:,} tap rows")
-            df = df.iloc[match_ids(df, id_list, labels)].reset_index(drop=True)
+                raise FeatlabError(f"--ids {id_from} has {len(id_list):,} ids for {n:,} tap rows")
+            mrows = match_ids(df, id_list, labels)
+            perm = np.argsort(mrows, kind="stable")  # written in the labels' order, as an extraction would be
+            df = df.iloc[mrows[perm]].reset_index(drop=True)
+            if (perm != np.arange(n)).any():
+                order = perm
+            row_order = f"matched to the labels by the ids in {id_from}, written in the labels' order"
+        elif not rows_in_manifest_order:
+            raise FeatlabError(f"no ids for the {n:,} tap rows: nothing says which row of {labels.name} each one is "
+                               "(rows in another order would get other faces' labels); pass --ids FILE (an image_id "
+                               "or path per row), or --rows-in-manifest-order if row i is the labels' row i")
         elif len(df) != n:
             raise FeatlabError(f"the tap files have {n:,} rows but {labels} has {len(df):,}: rows must align "
                                "(or pass --ids to match them by image_id or path)")
+        else:
+            row_order = "the labels' rows in order, as stated by --rows-in-manifest-order (not checked)"
         from .store import FeatureStore, label_row
 
         label_rows = [label_row(r) for r in df.to_dict("records")]
@@ -438,16 +492,22 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
                 store.set_attr("manifest_sha256", file_sha256(labels))
                 store.set_attr("config", {"tapfiles": [str(t) for t in tapfiles], "labels": str(labels),
                                           "backbone": backbone, "names": names, "layout": layout, "ids": ids,
+                                          "ids_from": id_from, "row_order": row_order,
                                           "dtype": dtype, "source_id": source_id})
                 for name, src in zip(names, sources):
                     store.ensure_array(name, shapes[name], dtype=dtype, expected_rows=n, tap=name, tensor=src.key)
                 row_bytes = sum(int(np.prod(s, dtype=np.int64)) * 4 for s in shapes.values())
                 block = max(1, int(block_bytes or BLOCK_BYTES) // max(1, row_bytes))
+                if order is not None:  # rows taken in the labels' order: random access to every source
+                    spools = [_random_access(src, out.parent, spooled, block) for src in sources]
                 for lo in range(0, n, block):
                     hi = min(n, lo + block)
                     feats = {}
-                    for name, src in zip(names, sources):
-                        x = _checked_block(src.rows(lo, hi), name, src, lo, out_dtype)
+                    for i, (name, src) in enumerate(zip(names, sources)):
+                        if order is None:
+                            x = _checked_block(src.rows(lo, hi), name, src, lo, out_dtype)
+                        else:
+                            x = _checked_block(_take(spools[i], order[lo:hi]), name, src, lo, out_dtype, order[lo:hi])
                         if layout == "nhwc" and x.ndim == 4:
                             x = x.transpose(0, 3, 1, 2)
                         feats[name] = np.ascontiguousarray(x, dtype=out_dtype)
@@ -459,7 +519,35 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
     finally:
         for src in sources:
             src.close()
+        spools = None
+        for f in spooled:
+            f.unlink(missing_ok=True)
     return ImportReport(out=out, rows=n, taps=shapes, model_sha256=model_sha, seconds=time.perf_counter() - t0)
+
+
+def _random_access(src: _Source, folder: Path, spooled: list[Path], block: int):
+    """An array of ``src`` that can be indexed by any rows: a .npy's own memory map; other sources are
+    first copied, in order and in blocks, into a temporary .npy beside the output (deleted at the end)."""
+    if src.kind == "npy":
+        return src.arr
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".import-", suffix=".npy")
+    os.close(fd)
+    spooled.append(Path(name))
+    arr = np.lib.format.open_memmap(name, mode="w+", dtype=src.dtype, shape=src.shape)
+    for lo in range(0, src.nrows, block):
+        hi = min(src.nrows, lo + block)
+        arr[lo:hi] = src.rows(lo, hi)
+    arr.flush()
+    return arr
+
+
+def _take(arr, rows: np.ndarray) -> np.ndarray:
+    """``arr[rows]`` for rows in any order (read in increasing order, then put back in the asked order)."""
+    pos = np.argsort(rows, kind="stable")
+    x = np.asarray(arr[rows[pos]])
+    out = np.empty_like(x)
+    out[pos] = x
+    return out
 
 
 def describe_import(attrs: dict) -> list[str]:
@@ -470,6 +558,9 @@ def describe_import(attrs: dict) -> list[str]:
     if isinstance(src, str):
         src = json.loads(src)
     lines = [f"  imported (not extracted by featlab) from {len(src)} file(s):"]
+    order = (attrs.get("config") or {}).get("row_order") if isinstance(attrs.get("config"), dict) else None
+    if order:
+        lines.append(f"    rows: {order}")
     for s in src:
         where = s["file"] + (f":{s['key']}" if s.get("key") else "")
         lines.append(f"    {s['tap']} <- {where}  {'x'.join(map(str, s['shape']))} {s['dtype']} {s.get('layout', '')}"

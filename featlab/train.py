@@ -31,8 +31,8 @@ from .errors import FeatlabError
 from .featureio import ShuffledBatches, feature_stats, fusion_parts, read_input, row_bytes
 from .keras_env import keras as _keras
 from .keras_env import tensorflow as _tensorflow
-from .labels import (TARGETS, class_names, class_weights, dropped_reasons, encode_target, make_targets,
-                     soft_bin_labels, split_rows, target_name, to_years_np)
+from .labels import (RANGE_POLICIES, TARGETS, check_ranges, class_names, class_weights, dropped_reasons,
+                     encode_target, make_targets, soft_bin_labels, split_rows, target_name, to_years_np)
 from .model import build_model
 from .paths import dataset_key, feature_set, head_dir, input_key
 from .store import FeatureStore
@@ -77,7 +77,7 @@ def fit_head(features, layer, target, cats=None, *, out_root=None, fold=None, hi
                input_dropout: float | None = None, weight_decay: float = 0.0, label_smoothing: float = 0.0,
                age_head: str = "expectation", age_sigma: float | None = None, age_transform: str = "z",
                age_loss: str = "mae", monitor: str = "val_loss", val_share: float = 0.1,
-               seed_dir: bool = False) -> Path:
+               ranges: str = "refuse", seed_dir: bool = False) -> Path:
     """Train one head on tap ``layer`` of ``features`` for ``target`` (no evaluation: see featlab.workflow).
 
     target: ``"bins"`` (with ``cats`` 5, 7 or 8), ``"age"`` (years) or ``"gender"``.
@@ -98,6 +98,11 @@ def fit_head(features, layer, target, cats=None, *, out_root=None, fold=None, hi
     around the true age). Train rows are read at once when they fit ``memory_mb`` (float32),
     otherwise streamed: a fresh permutation of all train rows every epoch, read in blocks within the budget.
 
+    ``ranges``: range labels (Adience's ``(15, 20)``) that the target cannot place (a range across two
+    groups of ``cats``; every range for age regression): ``"refuse"`` stops with one line giving their
+    count, ``"drop"`` trains on the other rows and records the count per range in ``config.json``
+    (``ranges``); see :func:`featlab.labels.check_ranges`.
+
     Returns the head's folder (``.../seed{S}`` with ``seed_dir``).
     """
     if target != "bins":
@@ -107,7 +112,7 @@ def fit_head(features, layer, target, cats=None, *, out_root=None, fold=None, hi
         patience=patience, class_weight=class_weight, ordinal=ordinal, pool=pool, seed=seed, memory_mb=memory_mb,
         verbose=verbose, label_smoothing=label_smoothing, age_sigma=age_sigma, age_head=age_head,
         age_transform=age_transform, age_loss=age_loss, input_dropout=input_dropout, weight_decay=weight_decay,
-        val_share=val_share, monitor=monitor, seed_dir=seed_dir))
+        val_share=val_share, monitor=monitor, ranges=ranges, seed_dir=seed_dir))
     tname = target_name(target, cats)
     if fold == "all":
         raise FeatlabError("fit_head trains one fold; featlab.workflow.train_head runs --fold all")
@@ -142,6 +147,8 @@ def check_hyperparameters(target, cats, hp: dict) -> dict:
         raise FeatlabError(f"age_head must be 'linear' or 'expectation', not {hp['age_head']!r}")
     if hp["monitor"] not in ("val_loss", "val_metric"):
         raise FeatlabError(f"monitor must be 'val_loss' or 'val_metric', not {hp['monitor']!r}")
+    if hp["ranges"] not in RANGE_POLICIES:
+        raise FeatlabError(f"ranges must be {' or '.join(repr(r) for r in RANGE_POLICIES)}, not {hp['ranges']!r}")
     return dict(hidden=tuple(int(h) for h in (hp["hidden"] or ())), dropout=float(hp["dropout"]),
                 epochs=int(hp["epochs"]), batch_size=int(hp["batch_size"]), lr=float(hp["lr"]),
                 optimizer=hp["optimizer"], patience=int(hp["patience"]), class_weight=hp["class_weight"],
@@ -150,7 +157,7 @@ def check_hyperparameters(target, cats, hp: dict) -> dict:
                 age_head=hp["age_head"], age_transform=hp["age_transform"], age_loss=hp["age_loss"],
                 input_dropout=(None if hp["input_dropout"] is None else float(hp["input_dropout"])),
                 weight_decay=float(hp["weight_decay"]), val_share=float(hp["val_share"]), monitor=hp["monitor"],
-                seed_dir=bool(hp["seed_dir"]))
+                ranges=hp["ranges"], seed_dir=bool(hp["seed_dir"]))
 
 
 def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, **hp) -> Path:
@@ -235,6 +242,7 @@ def plan_head(store: FeatureStore, layer, target, cats, out_root, fold, hp: dict
     store.check_labels_current()
     labels = store.labels()
     y_all, valid = encode_target(labels, target, cats)
+    ranges = check_ranges(labels, target, cats, hp.get("ranges", "refuse"))  # range labels it would lose: asked for?
     dropped = int((~valid).sum())
     if not valid.any():
         raise FeatlabError(f"no row of {store.path.name} has a usable {target} label "
@@ -304,7 +312,7 @@ def plan_head(store: FeatureStore, layer, target, cats, out_root, fold, hp: dict
         mean=[m for m, _ in stats] if fused else stats[0][0], std=[s for _, s in stats] if fused else stats[0][1],
         input_dropout=input_dropout, transform=transform, kind=kind, age_grid=age_grid, y_tr=y_tr, y_va=y_va,
         cw=cw, w_tr=w_tr, metric_name=metric_name, mon_key=mon_key, mon_mode="max" if mon_key == "val_accuracy" else "min",
-        block_budget=sb, attrs=attrs,
+        block_budget=sb, attrs=attrs, ranges=ranges,
     )
 
 
@@ -429,7 +437,7 @@ def save_head(plan: dict, store: FeatureStore, model, h: dict, lrs: list, fit_se
             "age_head": hp["age_head"] if target == "age" else None,
             "age_transform": hp["age_transform"] if target == "age" else None,
             "age_loss": hp["age_loss"] if target == "age" else None, "weight_decay": hp["weight_decay"],
-            "val_share": hp["val_share"], "early_stopping": f"{mon_key}, restore best weights",
+            "val_share": hp["val_share"], "ranges": hp["ranges"], "early_stopping": f"{mon_key}, restore best weights",
             "reduce_lr": {"monitor": mon_key, "factor": 0.5, "patience": max(2, patience // 3), "min_lr": lr / 64},
         },
         "seed": hp["seed"],
@@ -439,6 +447,7 @@ def save_head(plan: dict, store: FeatureStore, model, h: dict, lrs: list, fit_se
         "counts": {"train": int(len(tr)), "val": int(len(va)), "test": int(len(te)),
                    "dropped_missing_target": plan["dropped"], "dropped": dropped_reasons(labels, target, plan["valid"]),
                    "rows_in_file": int(store.nrows)},
+        "ranges": plan["ranges"],
         "class_counts_train": (np.bincount(plan["y_all"][tr], minlength=n_classes).tolist() if target != "age" else None),
         "class_weights": (cw.round(6).tolist() if cw is not None else None),
         "standardisation": {

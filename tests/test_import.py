@@ -77,7 +77,8 @@ def _sample_manifest(tmp_path: Path, n: int = 200) -> Path:
 def test_npy_import_equals_the_original_row_for_row(original, exported, utk_small, tmp_path):
     d, values = exported
     out = tmp_path / "imported.h5"
-    _import(d / "res4.npy", d / "logits.npy", "--labels", utk_small, "--backbone", "dlib-age", "--out", out)
+    _import(d / "res4.npy", d / "logits.npy", "--labels", utk_small, "--backbone", "dlib-age", "--out", out,
+            "--rows-in-manifest-order")
     with FeatureStore.open_read(original) as o, FeatureStore.open_read(out) as s:
         a, b = o.attrs, s.attrs
         assert sorted(s.keys()) == sorted(TAPS)
@@ -105,7 +106,7 @@ def test_pytables_import_trains_the_same_head_and_is_never_mixed(original, expor
     d, _ = exported
     out = tmp_path / "imported16.h5"
     _import(d / "tables" / "res4", d / "tables" / "logits", "--labels", utk_small, "--backbone", "dlib-age",
-            "--dtype", "float16", "--out", out)
+            "--dtype", "float16", "--out", out, "--rows-in-manifest-order")
     with FeatureStore.open_read(original) as o, FeatureStore.open_read(out) as s:
         for k in TAPS:
             assert s.array(k).atom.dtype == np.float16
@@ -129,9 +130,12 @@ def test_pytables_import_trains_the_same_head_and_is_never_mixed(original, expor
 
 
 def test_nhwc_layout_equals_the_chw_original(original, exported, utk_small, tmp_path):
+    """NHWC maps in a compressed .npz, rows reversed, their image ids stored beside them (``image_id``): the
+    import finds the ids itself and writes the rows back in the labels' order, equal to the original."""
     d, values = exported
     nhwc = tmp_path / "res4_nhwc.npz"
-    np.savez_compressed(nhwc, res4=values["res4"].transpose(0, 2, 3, 1), other=np.zeros(3))
+    ids = read_manifest(utk_small)["image_id"].to_numpy().astype(str)
+    np.savez_compressed(nhwc, res4=values["res4"].transpose(0, 2, 3, 1)[::-1], other=np.zeros(3), image_id=ids[::-1])
     out = tmp_path / "nhwc.h5"
     _import(f"{nhwc}:res4", "--name", "res4", "--layout", "nhwc", "--labels", utk_small, "--backbone", "x",
             "--out", out)
@@ -139,11 +143,13 @@ def test_nhwc_layout_equals_the_chw_original(original, exported, utk_small, tmp_
         assert s.array("res4").shape == (240, 256, 3, 3)
         np.testing.assert_array_equal(s.read("res4"), o.read("res4"))
         assert s.attrs["imported_from"][0]["shape"] == [240, 3, 3, 256]
+        assert s.labels().equals(o.labels()) and s.attrs["config"]["ids_from"] == f"{nhwc}:image_id"
+    assert not list(tmp_path.glob(".import-*"))  # the temporary copy made to read the .npz in any order is gone
 
 
 def test_ids_match_shuffled_rows_to_the_manifest(original, exported, utk_small, tmp_path):
     """Rows in another order, a subset of the manifest: --ids (an array of image ids, or a CSV column of
-    file names) puts each row's own labels beside it."""
+    file names) puts each row's own labels beside it, the rows written in the manifest's order."""
     d, values = exported
     df = read_manifest(utk_small)
     rng = np.random.default_rng(1)
@@ -152,16 +158,57 @@ def test_ids_match_shuffled_rows_to_the_manifest(original, exported, utk_small, 
     np.save(tmp_path / "ids.npy", df["image_id"].to_numpy()[pick].astype("S16"))
     with open(tmp_path / "order.csv", "w") as f:
         f.write("n,file\n" + "".join(f"{i},{Path(p).name}\n" for i, p in enumerate(df["path"].to_numpy()[pick])))
+    kept = np.sort(pick)  # the manifest's order
     with FeatureStore.open_read(original) as o:
-        want = o.read("res4", pick)
+        want = o.read("res4", kept)
     for ids in (tmp_path / "ids.npy", f"{tmp_path / 'order.csv'}:file"):
         out = tmp_path / f"ids-{Path(str(ids)).suffix[1:4]}.h5"
         _import(tmp_path / "res4.npy", "--ids", ids, "--labels", utk_small, "--backbone", "x", "--out", out)
         with FeatureStore.open_read(out) as s:
             lab = s.labels()
-            assert list(lab["image_id"]) == list(df["image_id"].to_numpy()[pick])
-            np.testing.assert_allclose(lab["age"].to_numpy(), df["age"].to_numpy()[pick])
+            assert list(lab["image_id"]) == list(df["image_id"].to_numpy()[kept])
+            np.testing.assert_allclose(lab["age"].to_numpy(), df["age"].to_numpy()[kept])
             np.testing.assert_array_equal(s.read("res4"), want)
+
+
+def test_reversed_rows_without_ids_are_refused_and_with_ids_train_the_original_head(original, exported, utk_small,
+                                                                                    tmp_path, capsys):
+    """The seed-study trap: tap rows in reversed order. Without ids the import refuses (one line, no file);
+    --rows-in-manifest-order is the user's own word. With --ids the rows are put back in the labels' order:
+    the file equals the original bit for bit and a head with the same seed reaches the same figures."""
+    from featlab.workflow import train_head
+
+    d, values = exported
+    df = read_manifest(utk_small)
+    np.save(tmp_path / "logits.npy", values["logits"][::-1])
+    np.save(tmp_path / "ids.npy", df["image_id"].to_numpy()[::-1].astype("S16"))
+    out = tmp_path / "rev.h5"
+    capsys.readouterr()
+    rc = main(["import", str(tmp_path / "logits.npy"), "--labels", str(utk_small), "--backbone", "dlib-age",
+               "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no ids for the 240 tap rows" in err[0] and "--rows-in-manifest-order" in err[0]
+    assert not out.exists()
+    _import(tmp_path / "logits.npy", "--ids", tmp_path / "ids.npy", "--labels", utk_small, "--backbone", "dlib-age",
+            "--dtype", "float16", "--out", out)
+    with FeatureStore.open_read(original) as o, FeatureStore.open_read(out) as s:
+        assert s.labels().equals(o.labels())
+        np.testing.assert_array_equal(s.array("logits").read().view(np.uint16), o.array("logits").read().view(np.uint16))
+        assert "matched to the labels by the ids" in s.attrs["config"]["row_order"]
+    h_orig = train_head(original, "logits", "gender", out_root=tmp_path / "r-orig", seed=5, **FAST)
+    h_imp = train_head(out, "logits", "gender", out_root=tmp_path / "r-imp", seed=5, **FAST)
+    a, b = (json.loads((h / "metrics.json").read_text())["test"]["metrics"] for h in (h_orig, h_imp))
+    assert a["accuracy"] == b["accuracy"] and a["accuracy_ci95"] == b["accuracy_ci95"]
+
+
+def test_ids_and_rows_in_manifest_order_do_not_go_together(tmp_path, capsys):
+    labels = _sample_manifest(tmp_path, 10)
+    np.save(tmp_path / "t.npy", np.ones((10, 3), np.float32))
+    ids = read_manifest(labels)["image_id"].to_numpy().astype("S16")
+    np.save(tmp_path / "ids.npy", ids)
+    rc = main(["import", str(tmp_path / "t.npy"), "--labels", str(labels), "--backbone", "b", "--out",
+               str(tmp_path / "o.h5"), "--ids", str(tmp_path / "ids.npy"), "--rows-in-manifest-order"])
+    assert rc == 2 and "leave out --rows-in-manifest-order" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -220,7 +267,8 @@ def test_bad_input_gives_one_line_and_leaves_no_file(case, tmp_path, capsys, mon
     before = sorted(p.name for p in tmp_path.iterdir())
     out = tmp_path / "out.h5"
     capsys.readouterr()
-    rc = main(["import", *map(str, args), "--labels", str(labels), "--backbone", "seed", "--out", str(out)])
+    order = [] if "--ids" in map(str, args) else ["--rows-in-manifest-order"]
+    rc = main(["import", *map(str, args), "--labels", str(labels), "--backbone", "seed", "--out", str(out), *order])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and BAD[case] in err[0], err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == before
@@ -231,9 +279,10 @@ def test_an_existing_output_is_kept(tmp_path, capsys):
     np.save(tmp_path / "t.npy", np.ones((10, 3), np.float32))
     out = tmp_path / "out.h5"
     out.write_bytes(b"precious")
-    assert main(["import", str(tmp_path / "t.npy"), "--labels", str(labels), "--backbone", "b", "--out", str(out)]) == 2
+    assert main(["import", str(tmp_path / "t.npy"), "--labels", str(labels), "--backbone", "b", "--out", str(out),
+                 "--rows-in-manifest-order"]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"precious"
-    _import(tmp_path / "t.npy", "--labels", labels, "--backbone", "b", "--out", out, "--force")
+    _import(tmp_path / "t.npy", "--labels", labels, "--backbone", "b", "--out", out, "--force", "--rows-in-manifest-order")
     with FeatureStore.open_read(out) as s:
         assert s.read("t").shape == (10, 3) and s.nrows == 10
 
@@ -260,7 +309,8 @@ def test_readme_seed_example_through_the_cli(tmp_path, monkeypatch, capsys):
         with tables.open_file(str(tmp_path / "seed" / name), "w") as h5:
             h5.create_array("/", "data", x)
     args = ["import", "seed/add_98", "seed/stage3_unit15_conv1", "seed/stage4_unit1_conv1",
-            "--labels", "utkface.csv", "--backbone", "r100", "--layout", "nhwc", "--out", "features/r100-seed/utkface.h5"]
+            "--labels", "utkface.csv", "--backbone", "r100", "--layout", "nhwc", "--out", "features/r100-seed/utkface.h5",
+            "--rows-in-manifest-order"]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "200 faces" in text and "32x14x14" in text and "32x7x7" in text and "16x14x14" in text
@@ -301,7 +351,7 @@ def test_large_inputs_are_copied_in_blocks(kind, tmp_path, monkeypatch):
     out = tmp_path / "big.h5"
     tracemalloc.start()
     try:
-        _import(src, "--labels", labels, "--backbone", "b", "--out", out)
+        _import(src, "--labels", labels, "--backbone", "b", "--out", out, "--rows-in-manifest-order")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -318,10 +368,12 @@ def test_model_sha256_never_looks_like_a_model_file_and_source_id_joins_imports(
     rng = np.random.default_rng(0)
     for i in (1, 2):
         np.save(tmp_path / f"t{i}.npy", rng.normal(size=(10, 5)).astype(np.float32))
-    r1 = import_taps([tmp_path / "t1.npy"], labels, "b", tmp_path / "1.h5", names=["t"])
-    r2 = import_taps([tmp_path / "t2.npy"], labels, "b", tmp_path / "2.h5", names=["t"])
-    r3 = import_taps([tmp_path / "t1.npy"], labels, "b", tmp_path / "3.h5", names=["t"], source_id="seed r100 run 1")
-    r4 = import_taps([tmp_path / "t2.npy"], labels, "b", tmp_path / "4.h5", names=["t"], source_id="seed r100 run 1")
+    r1 = import_taps([tmp_path / "t1.npy"], labels, "b", tmp_path / "1.h5", names=["t"], rows_in_manifest_order=True)
+    r2 = import_taps([tmp_path / "t2.npy"], labels, "b", tmp_path / "2.h5", names=["t"], rows_in_manifest_order=True)
+    r3 = import_taps([tmp_path / "t1.npy"], labels, "b", tmp_path / "3.h5", names=["t"], source_id="seed r100 run 1",
+                     rows_in_manifest_order=True)
+    r4 = import_taps([tmp_path / "t2.npy"], labels, "b", tmp_path / "4.h5", names=["t"], source_id="seed r100 run 1",
+                     rows_in_manifest_order=True)
     assert r1.model_sha256 != r2.model_sha256 and r3.model_sha256 == r4.model_sha256 != r1.model_sha256
     for r in (r1, r3):
         assert r.model_sha256.startswith("imported:") and len(r.model_sha256) == 9 + 64
@@ -339,7 +391,8 @@ def test_an_array_inside_an_hdf5_group_is_named_by_its_file(tmp_path, capsys):
     out = tmp_path / "o.h5"
     assert main(["import", str(tmp_path / "run7.h5"), "--labels", str(labels), "--backbone", "b", "--out", str(out)]) == 2
     assert "holds 2 arrays (/feats/ids, /feats/pooled)" in capsys.readouterr().err
-    _import(f"{tmp_path / 'run7.h5'}:/feats/pooled", "--labels", labels, "--backbone", "b", "--out", out)
+    _import(f"{tmp_path / 'run7.h5'}:/feats/pooled", "--labels", labels, "--backbone", "b", "--out", out,
+            "--rows-in-manifest-order")
     with FeatureStore.open_read(out) as s:
         assert s.keys() == ["run7"] and s.attrs["imported_from"][0]["key"] == "/feats/pooled"
         np.testing.assert_array_equal(s.read("run7"), x.astype(np.float32))

@@ -113,6 +113,19 @@ def _bad_cases(tiny, tmp_path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "results" / "dlib-rec" / "utkface-sample" / "embedding").mkdir(parents=True)  # as after the demo
     nopath = tmp_path / "nopath.csv"
     nopath.write_text("file,age\nx.jpg,30\n")
+    ranges = tmp_path / "ranges.h5"  # Adience-style range labels: (15, 20) spans the 7-group edge at 20
+    from featlab.store import FeatureStore, label_row
+
+    with FeatureStore.open_for_append(ranges, {"backbone": "synthetic", "model_sha256": "ef" * 32}) as st:
+        st.ensure_array("vec", (8,), expected_rows=40)
+        st.append({"vec": np.zeros((40, 8), np.float32)},
+                  [label_row({"image_id": f"r{i}", "path": f"/x/{i}.jpg", "age": 17.5, "gender": "f", "race": "",
+                              "split": "", "fold": i % 5, "group": f"u{i}", "age_low": 15.0, "age_high": 20.0})
+                   for i in range(40)])
+    good = tmp_path / "good.csv"
+    good.write_text("image_id,path,age,gender,race,split,fold,source\n"
+                    "a1,/x/1.jpg,30,m,white,train,,utkface\na2,/x/2.jpg,40,f,white,test,,utkface\n")
+    np.save(tmp_path / "taps.npy", np.zeros((2, 3), np.float32))
     return {
         "compare-other-dataset": (["compare", "--dataset", "utkface"], "no results for --dataset utkface under results; "
                                   "results exist for dlib-rec/utkface-sample (pass them as --backbone B --dataset D)"),
@@ -120,6 +133,11 @@ def _bad_cases(tiny, tmp_path) -> dict[str, tuple[list[str], str]]:
                          "results exist for dlib-rec/utkface-sample"),
         "csv-no-path-column": (["prepare", "--dataset", "csv", "--root", str(nopath), "--out", str(tmp_path / "m.csv")],
                                "no path column 'path' (columns found: file, age); name it with --path-col"),
+        "ranges-value": (["train-head", "-f", f, *v, "--ranges", "keep"], "--ranges must be refuse or drop"),
+        "ranges-7": (["train-head", "-f", str(ranges), "-l", "vec", "--cats", "7", "--folds", "all"],
+                     "bins7 would drop 40 range-labelled rows"),
+        "import-no-ids": (["import", str(tmp_path / "taps.npy"), "--labels", str(good), "--backbone", "b", "--out",
+                           str(tmp_path / "o.h5")], "no ids for the 2 tap rows"),
         "fold-x": (["train-head", "-f", f, *v, "--fold", "x"], "--fold takes a fold number"),
         "folds-some": (["train-head", "-f", f, *v, "--folds", "some"], "--folds takes only 'all'"),
         "epochs-0": (["train-head", "-f", f, *v, "--epochs", "0"], "--epochs must be at least 1"),

@@ -190,7 +190,7 @@ def test_the_csv_example_of_the_reference_prepares_a_csv_of_your_own(tmp_path, m
     spec = load_spec(spec_path)
     monkeypatch.chdir(tmp_path)
     ds = spec["dataset"]
-    out = _prepare_step(ds["adapter"], ds["name"], Path(ds["root"]), ds["options"], spec["seed"], False, lambda *_: None)
+    out = _prepare_step(spec, ds["adapter"], Path(ds["root"]), ds["options"], spec["seed"], False, lambda *_: None)
     df = read_manifest(out).sort_values("path")
     assert len(df) == 12
     want = {str((tmp_path / "img" / f"{i}.jpg").resolve()): (float(p.name.split("_")[0]), "m" if p.name.split("_")[1] == "0" else "f")

@@ -550,16 +550,27 @@ def predict(
     head: List[Path] = typer.Option(..., "--head", help="trained head folder; repeat for several"),
     annotate: Optional[Path] = typer.Option(None, "--annotate", help="write annotated copies here"),
     model: Optional[str] = typer.Option(None, "--model", help="backbone model file, if not the one recorded in the head"),
-    detect: Optional[bool] = typer.Option(None, "--detect/--no-detect",
-                                          help="find and align every face [as the heads' training features were made]"),
+    detect: bool = typer.Option(False, "--detect",
+                                help="align every face with the backbone's own geometry (as extract --align) even "
+                                     "for heads trained on face crops [faces are cut like the heads' training crops]"),
 ):
-    """Run the backbone and the heads on each face, chips prepared as the heads' features were; one line per face."""
-    from .predict import expand_images, predict_paths
+    """Find every face of each image and run the backbone and the heads on it; one line per face.
+
+    Each face is cut out the way the heads' training chips were made (an image that is such a crop is read
+    whole; a group photo gives one chip per face). An image without a face, or a file that is not an image,
+    is skipped by name. Exit status: 0 when every image gave at least one face, 1 when any was skipped,
+    2 on bad input (one line).
+    """
+    from .predict import check_images, expand_images, predict_paths
 
     for h in head:
         _check_head_dir(h)
-    images = expand_images(images)
-    predict_paths(images, head, annotate=annotate, model=model, detect=detect, echo=_echo)
+    images = check_images(expand_images(images))
+    records = predict_paths(images, head, annotate=annotate, model=model, detect=True if detect else None, echo=_echo)
+    skipped = [r for r in records if "error" in r]
+    if skipped:
+        _echo(f"{len(skipped)} of {len({r['path'] for r in records})} images skipped")
+        raise typer.Exit(1)
 
 
 @app.command()

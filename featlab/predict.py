@@ -204,7 +204,7 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
         for model_, cfg in heads:
             parts = [p["tap"] for p in cfg.get("fusion") or []] or [cfg["tap"]]
             x = [feats[k] for k in parts] if cfg.get("fusion") else feats[parts[0]]
-            raw = np.asarray(model_.predict(x, verbose=0, batch_size=256))
+            raw = np.asarray(model_(x, training=False))  # eager: no tf.function retraced per batch shape
             preds.append(outputs_to_prediction(raw, cfg))
         short_all = []
         for i, box in enumerate(boxes):

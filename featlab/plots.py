@@ -1,10 +1,14 @@
 """PNG figures (matplotlib, Agg canvas only: no display, no pyplot global state).
 
 - :func:`confusion_png`: heatmap normalised per true class, share and count in every cell
-- :func:`scatter_png`: predicted vs true age with the identity line
-- :func:`history_png`: loss and accuracy/MAE per epoch, train vs val
+- :func:`scatter_png`: predicted vs true age with the identity line and the median prediction over the whole
+  age range (:func:`median_line`)
+- :func:`history_png`: loss and accuracy/MAE per epoch, train vs val; a run that hit its epoch cap says so
+  (:func:`cap_note`)
 - :func:`comparison_png`: one panel (bar group) per metric, one bar per tap in network order
 - :func:`sweep_png`: a metric against tap depth
+
+Legends sit below their panel, outside the data (:func:`_legends_below`).
 """
 
 from __future__ import annotations

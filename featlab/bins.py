@@ -79,6 +79,22 @@ class BinScheme:
         a, b = self.assign(lo), self.assign(hi)
         return np.where(a == b, a, -1).astype(np.int64)
 
+    def edges(self) -> list[tuple[float, float]]:
+        """Each group's real interval [low, high) in years (the last one's high is inf)."""
+        lo = [float(v) for v in self.lower]
+        return list(zip(lo, lo[1:] + [float("inf")]))
+
+    def labels(self) -> list[str]:
+        """Group names that show where every age goes. Where each name already says it for whole years
+        ("0-12" is [0, 13)), the names; else (the 8 Adience groups, whose names leave gaps) each name with its
+        real interval: "25-32 [22.5, 35)" (a 34-year-old is in it), "60+ [56.5, ∞)"."""
+        said, real = [], []
+        for name, (lo, hi) in zip(self.names, self.edges()):
+            first = int(np.ceil(lo))
+            said.append(f"{first}+" if np.isinf(hi) else f"{first}-{int(np.ceil(hi)) - 1}")
+            real.append(f"{name} [{lo:g}, {'∞' if np.isinf(hi) else f'{hi:g}'})")
+        return list(self.names) if list(self.names) == said else real
+
     def centre(self) -> np.ndarray:
         """A representative age per group (midpoint of its nominal range; open top: lower + 10)."""
         out = []
@@ -129,6 +145,15 @@ SCHEMES: dict[str, BinScheme] = {
         ("Minors", "Young adults", "Adults", "Middle-aged", "Seniors"),
     ),
 }
+
+
+def group_labels(names) -> list[str]:
+    """:meth:`BinScheme.labels` for a scheme's group names (a figure's tick labels); other names unchanged."""
+    names = [str(n) for n in names]
+    for scheme in SCHEMES.values():
+        if tuple(names) == scheme.names:
+            return scheme.labels()
+    return names
 
 
 def get_scheme(cats: int | str) -> BinScheme:

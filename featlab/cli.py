@@ -188,10 +188,10 @@ def bins(manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help=
 # ------------------------------------------------------------------------------------ peek
 @app.command()
 def peek(
-    manifest: Optional[Path] = typer.Option(None, "--manifest", "-m"),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="manifest CSV [featlab.toml paths.manifest]"),
     n: int = typer.Option(64, "--n", help="number of images"),
-    out: Path = typer.Option(Path("sheet.png"), "--out", "-o"),
-    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("sheet.png"), "--out", "-o", help="PNG file to write"),
+    seed: int = typer.Option(0, help="seeds the random draw of images"),
 ):
     """Draw a contact sheet of random manifest images with their labels, to check data by eye."""
     from .manifest import read_manifest
@@ -243,13 +243,13 @@ def extract(
     pool: Optional[str] = typer.Option(None, "--pool", help="pool every tap: avg, max, or avgN/maxN for an NxN grid"),
     dtype: str = typer.Option("float16", "--dtype", help="float16 or float32"),
     compression: str = typer.Option("none", "--compression", help="none, lz4, zstd, blosclz"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per backbone call [featlab.toml extract.batch_size, else the backbone's]"),
     workers: Optional[int] = typer.Option(None, "--workers", help="decode/align threads; with --ray: Ray workers, one backbone session each [2]"),
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N manifest rows"),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
                                       help="run the batches on Ray: alone, a local runtime; with ADDRESS, join that cluster (needs featlab[ray])"),
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="with --ray: GPUs per worker (0: CPU)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ):
     """Run a frozen backbone over a manifest once, writing every requested tap to one HDF5 file (resumable)."""
     cluster = None
@@ -408,16 +408,16 @@ def train_head(
     fold: Optional[str] = typer.Option(None, "--fold", help="Adience protocol: test fold K (train on the others)"),
     folds: Optional[str] = typer.Option(None, "--folds", help="'all' runs the 5-fold protocol"),
     hidden: str = typer.Option("auto", "--hidden", help="hidden layer sizes, e.g. 512,128; 0 for a linear head"),
-    dropout: Optional[float] = typer.Option(None, "--dropout"),
-    epochs: Optional[int] = typer.Option(None, "--epochs"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="dropout after each hidden layer, in [0, 1) [0.5]"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="epoch cap; early stopping on val usually ends sooner [60]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate [0.001]"),
     ordinal: Optional[bool] = typer.Option(None, "--ordinal/--softmax", help="bins: CORAL cumulative outputs or softmax"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="seeds the initial weights, shuffling and dropout"),
     seeds: int = typer.Option(1, "--seeds", help="train N seeds (seed, seed+1, ...): mean and spread over seeds"),
     memory_mb: Optional[float] = typer.Option(None, "--memory-mb", help="memory budget for features [featlab.toml head.memory_mb, 2048]"),
     ranges: str = typer.Option("refuse", "--ranges", help="range labels a target cannot place (Adience (15, 20) with --cats 5 "
                                "or 7; every range for --regression): refuse (stop, giving the count) or drop (train on the rest)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no per-head progress lines"),
 ):
     """Train lean Keras heads on taps; score each on val (for choices) and test (to report), with baselines.
     Several --layer and targets train every (tap, target) head together in one pass (featlab.grid)."""
@@ -506,11 +506,11 @@ def evaluate(
 
 @app.command()
 def compare(
-    cats: Optional[int] = typer.Option(None, "--cats"),
+    cats: Optional[int] = typer.Option(None, "--cats", help="age-bin heads with 5, 7 or 8 groups [7 without --target or --regression]"),
     target: Optional[str] = typer.Option(None, "--target", help="bins, age or gender"),
-    regression: bool = typer.Option(False, "--regression"),
-    backbone: Optional[str] = typer.Option(None, "--backbone", "-b"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d"),
+    regression: bool = typer.Option(False, "--regression", help="age heads in years (same as --target age)"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="backbone of the results [the only one under results/]"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="dataset (feature set) of the results, e.g. utkface-sample [the only one]"),
     features: Optional[Path] = typer.Option(None, "--features", "-f", help="with --sweep: the features file to extend"),
     manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="with --sweep: the manifest"),
     sweep: bool = typer.Option(False, "--sweep", help="extract, train and evaluate every residual-unit tap, then plot against depth"),
@@ -573,16 +573,27 @@ def predict(
     head: List[Path] = typer.Option(..., "--head", help="trained head folder; repeat for several"),
     annotate: Optional[Path] = typer.Option(None, "--annotate", help="write annotated copies here"),
     model: Optional[str] = typer.Option(None, "--model", help="backbone model file, if not the one recorded in the head"),
-    detect: Optional[bool] = typer.Option(None, "--detect/--no-detect",
-                                          help="find and align every face [as the heads' training features were made]"),
+    detect: bool = typer.Option(False, "--detect",
+                                help="align every face with the backbone's own geometry (as extract --align) even "
+                                     "for heads trained on face crops [faces are cut like the heads' training crops]"),
 ):
-    """Run the backbone and the heads on each face, chips prepared as the heads' features were; one line per face."""
-    from .predict import expand_images, predict_paths
+    """Find every face of each image and run the backbone and the heads on it; one line per face.
+
+    Each face is cut out the way the heads' training chips were made (an image that is such a crop is read
+    whole; a group photo gives one chip per face). An image without a face, or a file that is not an image,
+    is skipped by name. Exit status: 0 when every image gave at least one face, 1 when any was skipped,
+    2 on bad input (one line).
+    """
+    from .predict import check_images, expand_images, predict_paths
 
     for h in head:
         _check_head_dir(h)
-    images = expand_images(images)
-    predict_paths(images, head, annotate=annotate, model=model, detect=detect, echo=_echo)
+    images = check_images(expand_images(images))
+    records = predict_paths(images, head, annotate=annotate, model=model, detect=True if detect else None, echo=_echo)
+    skipped = [r for r in records if "error" in r]
+    if skipped:
+        _echo(f"{len(skipped)} of {len({r['path'] for r in records})} images skipped")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -662,6 +673,21 @@ def _root(ctx: typer.Context, version: bool = typer.Option(False, "--version", h
         raise typer.Exit()
     if ctx.invoked_subcommand is None:
         _echo(ctx.get_help())
+
+
+def _full_summaries(*typers: typer.Typer) -> None:
+    """Each command's summary in ``featlab --help`` is its docstring's whole first paragraph (click would cut
+    it to one line with "...")."""
+    import inspect
+
+    for t in typers:
+        for info in t.registered_commands:
+            doc = info.help or (info.callback.__doc__ if info.callback else None)
+            if info.short_help is None and doc:
+                info.short_help = " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+
+
+_full_summaries(app, convert_app)
 
 
 def _optional_values(argv: list[str]) -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics as M
-from .bins import get_scheme
+from .bins import get_scheme, group_labels
 from .errors import FeatlabError
 from .featureio import check_finite
 from .labels import GENDERS, HEADLINE, encode_target, face_scores, split_rows
@@ -347,7 +347,8 @@ def _write_confusion(out_dir: Path, stem: str, cm: np.ndarray, names, title, acc
             w.writerow(["true \\ predicted", *names])
             for name, row in zip(names, mat):
                 w.writerow([name, *[cell(v, counts) for v in row]])
-    plots.confusion_png(cm, names, out_dir / f"{stem}.png", title=title, accuracy=acc, one_off=one_off)
+    # the figure names each age group with its real interval where the names leave gaps (8 groups)
+    plots.confusion_png(cm, group_labels(names), out_dir / f"{stem}.png", title=title, accuracy=acc, one_off=one_off)
     return [f"{stem}.csv", f"{stem}_counts.csv", f"{stem}.png"]
 
 

@@ -275,3 +275,120 @@ def serve_prepare() -> None:
             wr.flush()
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return
+
+
+# ------------------------------------------------------------------------------ crops like the training chips
+@dataclass(frozen=True)
+class CropTemplate:
+    """Where a face sits in the crops a head was trained on: the mean eye centres and nose base (dlib's
+    5 points; left eye, right eye, nose) as fractions of the crop's width and height, and the crops'
+    median size in pixels (width, height). Measured by :func:`crop_template`."""
+
+    points: tuple  # ((x, y), (x, y), (x, y)), fractions of width and height
+    size: tuple  # (width, height) in pixels
+    n: int = 0  # crops it was measured on (0: the built-in UTKFace template)
+
+    def pixels(self) -> np.ndarray:
+        return np.asarray(self.points, dtype=np.float64) * np.asarray(self.size, dtype=np.float64)
+
+
+#: UTKFace's "aligned & cropped" 200x200 chips (what the shipped sample and the demo's heads use), measured
+#: with :func:`crop_template` on the 597 of the 600 shipped sample faces where dlib's detector finds a face.
+UTKFACE_TEMPLATE = CropTemplate(points=((0.2985, 0.3041), (0.6832, 0.3037), (0.4897, 0.5888)), size=(200, 200))
+
+#: A detected face is the whole image (a crop made like the training chips) when the crop the template puts
+#: around it overlaps the image by at least this intersection-over-union: the shipped sample's chips give
+#: 0.56-1.00 (median 0.93), each face of insightface's group photo t1.jpg under 0.03.
+CROP_IOU = 0.5
+
+
+def eyes_nose(image: np.ndarray, rect) -> np.ndarray:
+    """Left eye centre, right eye centre and nose base (3 x 2, image pixels) from dlib's 5-point landmarks."""
+    shape = landmarks(image, rect)
+    p = np.array([[shape.part(i).x, shape.part(i).y] for i in range(5)], dtype=np.float64)
+    a, b = p[0:2].mean(axis=0), p[2:4].mean(axis=0)
+    left, right = (a, b) if a[0] < b[0] else (b, a)
+    return np.stack([left, right, p[4]])
+
+
+def _iou(a, b) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def find_faces(image: np.ndarray, upsample: int = 1) -> list:
+    """Every face of ``image``, largest first, as :func:`detect`'s tuples: detections at the image's own
+    scale (a face filling a crop, which an upsampled search can miss) and at ``upsample`` (small faces),
+    one per face (a detection overlapping a larger one by IoU > 0.5 is the same face)."""
+    found = detect(image, 0) + (detect(image, upsample) if upsample > 0 else [])
+    out = []
+    for f in sorted(found, key=lambda f: -f[0].area()):
+        box = (f[0].left(), f[0].top(), f[0].right(), f[0].bottom())
+        if all(_iou(box, (g[0].left(), g[0].top(), g[0].right(), g[0].bottom())) <= 0.5 for g in out):
+            out.append(f)
+    return out
+
+
+def crop_template(paths, limit: int = 64, seed: int = 0) -> CropTemplate | None:
+    """The :class:`CropTemplate` of face crops (the images a head was trained on): up to ``limit`` of
+    ``paths`` (a seeded draw), the largest face of each; None when no face is found in any."""
+    from .images import load_rgb
+
+    paths = list(paths)
+    if len(paths) > limit:
+        rng = np.random.default_rng(seed)
+        paths = [paths[i] for i in sorted(rng.choice(len(paths), limit, replace=False))]
+    pts, sizes = [], []
+    for p in paths:
+        try:
+            img = load_rgb(p)
+        except (BadImage, OSError):
+            continue
+        faces = detect(img, 0)
+        if not faces:
+            continue
+        h, w = img.shape[:2]
+        pts.append(eyes_nose(img, faces[0][0]) / np.array([w, h], dtype=np.float64))
+        sizes.append((w, h))
+    if not pts:
+        return None
+    mean = np.mean(pts, axis=0)
+    size = tuple(int(round(v)) for v in np.median(np.array(sizes, dtype=np.float64), axis=0))
+    return CropTemplate(tuple(tuple(round(float(v), 4) for v in row) for row in mean), size, len(pts))
+
+
+@dataclass(frozen=True)
+class FaceCrop:
+    box: tuple[int, int, int, int]  # the detection, left, top, right, bottom
+    crop: np.ndarray  # the image itself (whole) or the face cut out like a training crop
+    whole: bool  # the image is one face crop made like the training chips
+    iou: float  # overlap of the template's crop around the face with the image
+
+
+def training_crops(image: np.ndarray, template: CropTemplate, upsample: int = 1,
+                   min_iou: float = CROP_IOU) -> list[FaceCrop]:
+    """One crop per face found in ``image``, each made the way ``template``'s crops were: the similarity
+    transform that puts the face's eyes and nose where the template has them. A face whose crop would be
+    (nearly) the image itself (IoU >= ``min_iou``) is the image, untouched: a crop like the training chips
+    is read exactly as they were. No face: an empty list."""
+    import cv2
+
+    h, w = image.shape[:2]
+    tw, th = template.size
+    out = []
+    for rect, _score, _kps in find_faces(image, upsample):
+        box = (rect.left(), rect.top(), rect.right(), rect.bottom())
+        m = similarity(eyes_nose(image, rect), template.pixels())
+        inv = cv2.invertAffineTransform(m)
+        corners = np.array([[0, 0, 1], [tw, 0, 1], [0, th, 1], [tw, th, 1]], dtype=np.float64) @ inv.T
+        implied = (*corners.min(axis=0), *corners.max(axis=0))
+        iou = _iou(implied, (0, 0, w, h))
+        if iou >= min_iou:
+            out.append(FaceCrop(box, image, True, iou))
+        else:
+            crop = np.ascontiguousarray(cv2.warpAffine(image, m, (tw, th), flags=cv2.INTER_LINEAR, borderValue=0.0))
+            out.append(FaceCrop(box, crop, False, iou))
+    return out

@@ -1,10 +1,14 @@
 """PNG figures (matplotlib, Agg canvas only: no display, no pyplot global state).
 
 - :func:`confusion_png`: heatmap normalised per true class, share and count in every cell
-- :func:`scatter_png`: predicted vs true age with the identity line
-- :func:`history_png`: loss and accuracy/MAE per epoch, train vs val
+- :func:`scatter_png`: predicted vs true age with the identity line and the median prediction over the whole
+  age range (:func:`median_line`)
+- :func:`history_png`: loss and accuracy/MAE per epoch, train vs val; a run that hit its epoch cap says so
+  (:func:`cap_note`)
 - :func:`comparison_png`: one panel (bar group) per metric, one bar per tap in network order
 - :func:`sweep_png`: a metric against tap depth
+
+Legends sit below their panel, outside the data (:func:`_legends_below`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,20 @@ def _save(fig, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
     return path
+
+
+def _legends_below(fig, axes, **kw) -> list:
+    """Each axes' legend under its own tick labels and x label, outside the data (placed once the layout
+    is final: the figure is saved with a tight bounding box, which takes the legends in)."""
+    renderer = fig.canvas.get_renderer()
+    out = []
+    for ax in axes:
+        if not ax.get_legend_handles_labels()[0]:
+            continue
+        bottom = ax.get_tightbbox(renderer).y0  # display units: ticks, tick labels and x label included
+        y = ax.transAxes.inverted().transform((0.0, bottom))[1]
+        out.append(ax.legend(loc="upper center", bbox_to_anchor=(0.5, y - 0.02), borderaxespad=0.0, **kw))
+    return out
 
 
 def _pct(v) -> str:
@@ -95,24 +113,16 @@ def scatter_png(y_true, y_pred, path, title: str = "", mae=None, cs5=None) -> Pa
     alpha = 0.5 if len(t) < 500 else (0.3 if len(t) < 3000 else 0.15)
     ax.scatter(t, p, s=9, alpha=alpha, color="#4C72B0", edgecolors="none", label="faces")
     ax.plot([0, hi], [0, hi], color="#C44E52", lw=1.5, label="identity (perfect)")
-    if len(t) > 10:
-        # median prediction per 5-year band of true age: shows the regression to the mean
-        edges = np.arange(0, hi + 5, 5)
-        idx = np.digitize(t, edges)
-        xs, ys = [], []
-        for k in np.unique(idx):
-            m = idx == k
-            if m.sum() >= 5:
-                xs.append(float(np.median(t[m])))
-                ys.append(float(np.median(p[m])))
-        ax.plot(xs, ys, color="#222222", lw=1.5, marker="o", ms=3, label="median prediction (5-year bands)")
+    xs, ys = median_line(t, p)
+    if len(xs):
+        ax.plot(xs, ys, color="#222222", lw=1.5, marker="o", ms=3,
+                label="median prediction (5-year bands of true age, widened to 8 faces or more)")
     ax.set_xlim(0, hi)
     ax.set_ylim(0, hi)
     ax.set_aspect("equal")
     ax.set_xlabel("true age (years)")
     ax.set_ylabel("predicted age (years)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
     head = []
     if mae is not None:
         head.append(f"MAE {mae:.2f} years")
@@ -121,18 +131,54 @@ def scatter_png(y_true, y_pred, path, title: str = "", mae=None, cs5=None) -> Pa
     if "n=" not in (title or ""):
         head.append(f"n={len(t)}")
     ax.set_title((title + "\n" if title else "") + "  ·  ".join(head), fontsize=10)
+    _legends_below(fig, [ax], fontsize=8, ncol=2)
     return _save(fig, path)
 
 
-def history_png(history: dict, path, metric: str = "accuracy", title: str = "", best_epoch: int | None = None) -> Path:
-    """Two panels: loss, and ``metric`` (accuracy as %, or MAE in years), train vs val."""
+def median_line(y_true, y_pred, width: float = 5.0, min_faces: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The scatter's median prediction over the whole range of true ages: ``width``-year bands of true age,
+    each merged with the next until it holds at least ``min_faces`` faces (the few left at the top join the
+    last band), so that sparse old ages get a wider band instead of none; per band the median true and the
+    median predicted age. Every face is in exactly one band."""
+    t = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(y_pred, dtype=np.float64)
+    if len(t) < 2 * min_faces:
+        return np.array([]), np.array([])
+    order = np.argsort(t, kind="stable")
+    band = np.floor(t[order] / width).astype(np.int64)
+    groups, start = [], 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or (band[i] != band[i - 1] and i - start >= min_faces):
+            groups.append(order[start:i])
+            start = i
+    if len(groups) > 1 and len(groups[-1]) < min_faces:
+        groups[-2:] = [np.concatenate(groups[-2:])]
+    return np.array([np.median(t[g]) for g in groups]), np.array([np.median(p[g]) for g in groups])
+
+
+def cap_note(epochs_run: int, max_epochs: int | None, best_epoch: int | None = None) -> str | None:
+    """What a history plot says when training ran into its epoch cap (early stopping never fired), else None."""
+    if not max_epochs or epochs_run < max_epochs:
+        return None
+    best = f"; best val at epoch {best_epoch}" if best_epoch else ""
+    still = " (val still improving: more epochs may help)" if best_epoch and best_epoch >= epochs_run - 2 else ""
+    return f"stopped at the epoch cap ({max_epochs} epochs), not by early stopping{best}{still}"
+
+
+def history_png(history: dict, path, metric: str = "accuracy", title: str = "", best_epoch: int | None = None,
+                max_epochs: int | None = None) -> Path:
+    """Two panels: loss, and ``metric`` (accuracy as %, or MAE in years), train vs val. A run that reached
+    ``max_epochs`` (the cap, not early stopping, ended it) is marked by a line at the cap and a note."""
     from matplotlib.ticker import MaxNLocator
 
     fig = _figure(11, 4.2)
     epochs = np.arange(1, len(history["loss"]) + 1)
+    note = cap_note(len(epochs), max_epochs, best_epoch)
     labels = {"accuracy": "accuracy (%)", "mae_years": "MAE (years)"}
+    axes = []
     for i, (k, lab) in enumerate((("loss", "loss"), (metric, labels.get(metric, metric)))):
         ax = fig.add_subplot(1, 2, i + 1)
+        axes.append(ax)
         scale = 100.0 if k == "accuracy" else 1.0
         for prefix, colour, name in (("", "#4C72B0", "train"), ("val_", "#DD8452", "val")):
             v = history.get(prefix + k)
@@ -144,14 +190,17 @@ def history_png(history: dict, path, metric: str = "accuracy", title: str = "", 
             if vb is not None and best_epoch <= len(vb):
                 ax.annotate(f"{vb[best_epoch - 1] * scale:.3g}", (best_epoch, vb[best_epoch - 1] * scale),
                             textcoords="offset points", xytext=(6, 6), fontsize=8, color="#DD8452")
+        if note:
+            ax.axvline(max_epochs, color="#C44E52", ls=":", lw=1.6, label=f"epoch cap ({max_epochs}): stopped here")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(lab)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
         ax.set_title(lab)
-    if title:
-        fig.suptitle(title, fontsize=11)
+    if title or note:
+        fig.suptitle("\n".join(x for x in (title, note) if x), fontsize=11)
+    fig.tight_layout()
+    _legends_below(fig, axes, fontsize=8, ncol=2)
     return _save(fig, path)
 
 
@@ -236,10 +285,10 @@ def comparison_png(rows: list[dict], taps: list[str], metrics: list[str], path, 
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
         ax.set_xlabel("tap (network order →)")
-        ax.legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    _legends_below(fig, fig.axes, fontsize=7)  # never on the error bars or the baseline lines
     return _save(fig, path)
 
 
@@ -279,8 +328,6 @@ def sweep_png(depths, taps: list[str], values: list, path, metric: str, title: s
                     rotation=45 if len(taps) > 12 else 0, fontweight="bold" if i == best else "normal")
     if reference is not None:
         ax.axhline(reference * scale, color="#C44E52", ls="--", lw=1.2, label=reference_label or "reference")
-    if reference is not None or intervals is not None or best is not None:
-        ax.legend(fontsize=8)
     ax.set_xlabel("tap depth (position in the network, input → output)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
@@ -289,4 +336,5 @@ def sweep_png(depths, taps: list[str], values: list, path, metric: str, title: s
         title = (title + "\n" if title else "") + f"chosen on validation: {taps[best]} (test {shown})"
     ax.set_title(title, fontsize=10)
     ax.margins(y=0.15)
+    _legends_below(fig, [ax], fontsize=8, ncol=3)
     return _save(fig, path)

@@ -1,10 +1,14 @@
 """Predict: age and gender for every face in the user's own photos, from trained heads.
 
-Each face is detected (dlib HOG) and aligned the way the heads' backbone
-expects, run once through the backbone for every tap the heads need, and
-each head reads its tap. One line per face is printed; with ``annotate`` a
-copy of each image is written with boxes and labels ("F 25-32"). Images
-without a face are reported, not dropped silently.
+Faces are found on every image (dlib HOG, or SCRFD when its pack is on disk). For heads trained on face
+crops (UTKFace's aligned chips, a CSV of crops), each face is cut out the way those crops were made: the
+similarity transform that puts its eyes and nose where they sit in the heads' training images (measured
+on up to 64 of them, else UTKFace's template), so a face of a group photo or a small face in a large
+photo becomes a chip like the training chips; an image that already is such a crop is read whole,
+exactly as in training. Heads trained on detected faces (``extract --align``) get every face aligned
+as then. Each chip runs once through the backbone for every tap the heads need, and each head reads its
+tap. One line per face is printed; with ``annotate`` a copy of each image is written with boxes and
+labels ("F 25-32"). An image without a face, or a file that is not an image, is a named skip.
 """
 
 from __future__ import annotations
@@ -31,6 +35,27 @@ def expand_images(items) -> list[Path]:
     if not out:
         raise FeatlabError("no images found in " + ", ".join(map(str, items)))
     return out
+
+
+def is_image(path: Path) -> bool:
+    """Whether Pillow recognises the file as an image (its header only; nothing is decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # noqa: BLE001 - anything Pillow cannot identify is not an image
+        return False
+
+
+def check_images(paths: list[Path]) -> list[Path]:
+    """``paths`` unchanged, or one line (FeatlabError) when none of them is an image: checked before the
+    heads and TensorFlow load. Files that are not images among images are skipped by name later."""
+    if not any(is_image(p) for p in paths):
+        names = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        what = "is not an image" if len(paths) == 1 else "are not images"
+        raise FeatlabError(f"{names} {what} (featlab reads {', '.join(sorted(IMAGE_EXTS))})")
+    return paths
 
 
 def backbone_for(cfgs: list[dict], model: str | None):
@@ -82,14 +107,40 @@ def _label(cfg: dict, pred: dict, i: int) -> tuple[str, str]:
     return f"age {names[k]} ({conf:.2f})", names[k]
 
 
+def training_template(cfg: dict, limit: int = 64):
+    """Where faces sit in the crops the head was trained on (:class:`featlab.faces.CropTemplate`), measured
+    on up to ``limit`` of the training images its features file lists; UTKFace's template when none of
+    them is on disk or shows a face."""
+    from .faces import UTKFACE_TEMPLATE, crop_template
+    from .store import FeatureStore
+
+    feats = Path(cfg.get("features", ""))
+    if feats.is_file():
+        with FeatureStore.open_read(feats) as s:
+            lab = s.labels()
+        paths = [p for p in lab.loc[lab.split == "train", "path"] if Path(p).is_file()]
+        tpl = crop_template(paths, limit=limit) if paths else None
+        if tpl is not None:
+            return tpl
+    return UTKFACE_TEMPLATE
+
+
 def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | None = None, echo=print,
                   upsample: int = 1, keep_features: bool = False) -> list[dict]:
     """Run the heads on every face of ``images``, with chips made as the heads' training features were
-    (alignment, flip, preprocessing from the heads' record). ``detect``: find and align every face even when
-    the heads were trained on unaligned crops (a group photo); default: as in training. ``keep_features``:
-    each record also holds the tap values the heads read (``features``: {tap: array}), as stored."""
+    (alignment, flip, preprocessing from the heads' record).
+
+    ``detect``: None (default) finds the faces of every image; for heads trained on face crops each face is
+    cut like their training crops (:func:`featlab.faces.training_crops`: an image that is such a crop is
+    read whole), for heads trained on aligned detections each face is aligned as then. True: every face is
+    detected and aligned with the backbone's geometry even for heads trained on crops (``extract --align``'s
+    chips). False: each image is taken as one face crop, no detection (for images known to be training-like
+    crops). A record per face (``path``, ``face``, ``box``, ``whole``: the image is the crop, ``labels``),
+    or per skipped image (``path``, ``error``). ``keep_features``: each face record also holds the tap values
+    the heads read (``features``: {tap: array}), as stored."""
     from .backbones import Runner
     from .extract import stored_features
+    from .faces import UTKFACE_TEMPLATE, training_crops
     from .model import load_head, outputs_to_prediction
     from .store import parse_key
 
@@ -99,6 +150,11 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
     align = trained_align if detect is None else bool(detect)
     if align and not trained_align:
         echo("note: the heads were trained on unaligned crops; these faces are detected and aligned instead")
+    template = None
+    if detect is None and not trained_align:
+        template = training_template(cfgs[0])
+        if template is UTKFACE_TEMPLATE:
+            echo("note: the heads' training images are not on disk; faces are cut like UTKFace's aligned crops")
     keys, dtypes = {}, {}
     for c in cfgs:
         fused = {p["tap"]: (p.get("feature_set") or {}).get("dtype") for p in (c.get("fusion") or [])}
@@ -113,23 +169,34 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
     if annotate:
         Path(annotate).mkdir(parents=True, exist_ok=True)
     records = []
+
+    def skip(path, reason):
+        echo(f"{path}: skipped ({reason})")
+        records.append({"path": str(path), "error": reason})
+
     for path in expand_images(images):
         try:
             img = load_rgb(path)
         except BadImage as e:
-            echo(f"{path}: skipped ({e})")
-            records.append({"path": str(path), "error": str(e)})
+            skip(path, f"not an image ({path.suffix or 'no extension'})" if path.suffix.lower() not in IMAGE_EXTS
+                 else str(e))
             continue
-        if align:
+        if template is not None:
+            crops = training_crops(img, template, upsample=upsample)
+            boxes = [c.box if not c.whole else (0, 0, img.shape[1] - 1, img.shape[0] - 1) for c in crops]
+            wholes = [c.whole for c in crops]
+            chips = [geometry.chip(c.crop, align=False) for c in crops]
+        elif align:
             faces = geometry.faces(img, upsample=upsample)
             boxes = [f.box for f in faces]
+            wholes = [False] * len(faces)
             chips = [f.chip for f in faces]
         else:
             boxes = [(0, 0, img.shape[1] - 1, img.shape[0] - 1)]
+            wholes = [True]
             chips = [geometry.chip(img, align=False)]
         if not chips:
-            echo(f"{path}: no face found")
-            records.append({"path": str(path), "error": "no face found"})
+            skip(path, "no face found")
             continue
         raw_feats = stored_features(runner, np.stack(chips), keys, flip)
         feats = {k: v.astype(dtypes[k]).astype(np.float32) for k, v in raw_feats.items()}  # as stored
@@ -137,15 +204,17 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
         for model_, cfg in heads:
             parts = [p["tap"] for p in cfg.get("fusion") or []] or [cfg["tap"]]
             x = [feats[k] for k in parts] if cfg.get("fusion") else feats[parts[0]]
-            raw = np.asarray(model_.predict(x, verbose=0, batch_size=256))
+            raw = np.asarray(model_(x, training=False))  # eager: no tf.function retraced per batch shape
             preds.append(outputs_to_prediction(raw, cfg))
         short_all = []
         for i, box in enumerate(boxes):
             texts = [_label(cfg, p, i) for (_, cfg), p in zip(heads, preds)]
-            echo(f"{path} face {i + 1} box {box}: " + ", ".join(t for t, _ in texts))
+            what = " (the whole image, a face crop)" if wholes[i] else ""
+            echo(f"{path} face {i + 1} box {box}{what}: " + ", ".join(t for t, _ in texts))
             short = " ".join(s for _, s in sorted(texts, key=lambda ts: ts[1] not in ("F", "M")))
             short_all.append(short)
-            records.append({"path": str(path), "face": i + 1, "box": box, "labels": [t for t, _ in texts],
+            records.append({"path": str(path), "face": i + 1, "box": box, "whole": wholes[i],
+                            "labels": [t for t, _ in texts],
                             **({"features": {k: v[i] for k, v in feats.items()}} if keep_features else {})})
         if annotate:
             _draw(img, boxes, short_all, Path(annotate) / f"{path.stem}.jpg")

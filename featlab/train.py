@@ -485,4 +485,5 @@ def _write_history(out: Path, h: dict, lrs: list, cfg: dict) -> None:
     metric = "mae_years" if cfg["target"] == "age" else "accuracy"
     title = f"{cfg['backbone']} / {cfg['dataset']} / {cfg['head_key']} -> {cfg['target_name']}" + (
         f" (fold {cfg['fold']})" if cfg["fold"] is not None else "")
-    history_png(h, out / "history.png", metric=metric, title=title, best_epoch=cfg["training"]["best_epoch"])
+    history_png(h, out / "history.png", metric=metric, title=title, best_epoch=cfg["training"]["best_epoch"],
+                max_epochs=cfg["hyperparameters"]["epochs"])

@@ -79,3 +79,38 @@ def test_peek_draws_a_sheet(utk_manifest, tmp_path):
     assert main(["peek", "--manifest", str(utk_manifest), "--n", "16", "--out", str(out)]) == 0
     im = Image.open(out)
     assert im.width >= 4 * 128 and im.height >= 4 * 128
+
+
+def _commands(cmd, path=()):
+    """(path, click command) of every leaf command of the CLI, nested groups included."""
+    if hasattr(cmd, "commands"):
+        for name, sub in cmd.commands.items():
+            yield from _commands(sub, (*path, name))
+    else:
+        yield path, cmd
+
+
+def test_every_option_has_help_and_no_summary_is_cut(capsys):
+    """`featlab --help` lists each command with its whole summary (the docstring's first paragraph, never
+    cut with "..."), and every option and argument of every command, nested ones included, says what it is."""
+    import inspect
+
+    import typer
+
+    from featlab.cli import app
+
+    root = typer.main.get_command(app)
+    leaves = list(_commands(root))
+    assert len(leaves) >= 15 and ("convert", "dlib") in [p for p, _ in leaves]
+    missing = [f"{' '.join(p)} {'/'.join(q.opts)}" for p, c in leaves for q in c.params if not (q.help or "").strip()]
+    assert missing == []
+    assert main(["--help"]) == 0
+    listing = "".join(capsys.readouterr().out.split())  # the terminal may wrap inside a hyphenated word
+    for path, cmd in leaves:
+        if len(path) > 1:
+            continue  # nested commands are listed by their group's help
+        summary = "".join(inspect.cleandoc(cmd.help).split("\n\n")[0].split())
+        assert f"{path[0]}{summary}" in listing, path
+    assert main(["convert", "--help"]) == 0
+    listing = " ".join(capsys.readouterr().out.split())
+    assert "dlib Convert dlib's face-recognition ResNet (.dat) to ONNX with one named node per dlib layer." in listing

@@ -162,7 +162,7 @@ def test_predict_reports_images_without_faces(demo_dir, tmp_path, capsys):
     Image.new("RGB", (300, 300), (30, 200, 90)).save(tmp_path / "lawn.jpg")
     head = out / "results" / "dlib-rec" / "utkface-sample" / "embedding" / "gender"
     rc = main(["predict", str(tmp_path / "lawn.jpg"), "--head", str(head), "--detect"])
-    assert rc == 0 and "no face found" in capsys.readouterr().out
+    assert rc == 1 and "lawn.jpg: skipped (no face found)" in capsys.readouterr().out  # exit 1: something skipped
 
 
 def test_seed_specs_fail_fast_with_one_line(tmp_path, capsys, monkeypatch):

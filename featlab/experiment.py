@@ -28,12 +28,24 @@ Running does prepare -> extract -> train-head (+ evaluate) -> compare and
 writes ``results/{backbone}/{dataset}/report.md``. Every step whose outputs
 exist for the same inputs is skipped (a fingerprint of its inputs is kept
 beside its outputs), so a rerun is cheap and an interrupted run resumes.
+
+A re-run never loses or changes a finished result. The heads train in the grids
+:func:`plan_grids` makes from the spec alone (a grid's composition is part of
+each head's fingerprint: its heads share batches and learning rate), a grid with
+any head not current is trained whole, and each of those heads is written beside
+its old record and swapped in only once complete (weights, metrics, faces,
+baselines: :mod:`featlab.staging`); finished heads are kept as they are. So an
+interrupted study, re-run with the same command, ends with the numbers of an
+uninterrupted one. ``--force`` first marks every record superseded; an
+interrupted forced run resumes without ``--force``. The report names any head
+or baseline it should hold and does not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import tomllib
 from importlib import resources
@@ -229,6 +241,7 @@ def _prepare_step(adapter, dataset, root: Path, options: dict, seed: int, force:
     if not force and _is_current(side, fp, "done") and out.is_file():
         echo(f"[prepare] {out} is current")
         return out
+    (side / "done").unlink(missing_ok=True)  # an interrupted rewrite of the manifest is never taken as current
     df, res = prepare_dataset(adapter, root, seed=seed, **options)
     write_manifest(df, out)
     _mark(side, fp, inputs)
@@ -404,7 +417,9 @@ def write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, e
                       f"![{tname} {cm}]({(chosen_dir / cm).resolve().relative_to(root.resolve())})"]
         lines.append("")
         table += [(tname, r) for r in comp["rows"]]
-    out.write_text("\n".join(lines))
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, out)  # the report is replaced whole
     _print_table(table, echo)
     return out
 

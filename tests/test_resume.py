@@ -290,3 +290,23 @@ def test_stale_staging_of_a_dead_process_is_removed(tmp_path):
     stale = _record(tmp_path / staging.STAGING / f"{int(dead.stdout)}-deadbeef" / "x", "half")
     with staging.Stage(tmp_path) as st:
         assert not stale.exists() and st.root.is_dir()
+
+
+def test_the_report_names_what_is_missing(tmp_path):
+    """A head without its record, a linear probe that was skipped (with the recorded reason) or absent, and
+    a missing majority baseline are each named."""
+    from featlab.experiment import missing_readers
+
+    a, b, c = (tmp_path / k for k in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    (b / "baselines.json").write_text(json.dumps({"linear": {"skipped": "the tap needs 900 MiB, over the 10 MiB budget"}}))
+    rows = [{"reader": "head", "tap": "a", "head_dir": str(a)}, {"reader": "linear", "tap": "a"},
+            {"reader": "head", "tap": "b", "head_dir": str(b)}, {"reader": "head", "tap": "c", "head_dir": str(c)}]
+    comps = {"gender": {"rows": rows}, "age": {"rows": [*rows, {"reader": "linear", "tap": "b"},
+                                                          {"reader": "linear", "tap": "c"},
+                                                          {"reader": "majority", "tap": ""}]}}
+    assert missing_readers(comps, ["a", "b", "c", "d"]) == [
+        "gender: `b` linear probe (the tap needs 900 MiB, over the 10 MiB budget)",
+        "gender: `c` linear probe (no baselines.json)", "gender: `d` head", "gender: majority baseline",
+        "age: `d` head"]

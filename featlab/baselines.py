@@ -23,6 +23,7 @@ import numpy as np
 from .evaluate import score_predictions
 from .featureio import read_blocks, read_pooled, row_bytes
 from .labels import encode_target, face_scores, selection_metric, split_rows
+from .staging import checkpoint
 from .store import FeatureStore
 
 C_GRID = (1e-3, 1e-2, 1e-1)
@@ -121,6 +122,7 @@ def fit_baselines(store: FeatureStore, cfg: dict, head_dir: Path, memory_mb: flo
         out["linear"] = {"skipped": ("no standardisation.npz beside the head" if not std_file.is_file() else
                                      f"the tap needs {need >> 20} MiB, over the {int(memory_mb)} MiB budget")}
 
+    checkpoint("baselines")
     rows = {"val": va, "test": te}
     faces = []
     for name, (pp, setting) in preds.items():

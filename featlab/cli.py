@@ -702,18 +702,46 @@ def _optional_values(argv: list[str]) -> list[str]:
     return out
 
 
+def interrupted_line(argv: list[str]) -> str:
+    """The one line of a Ctrl-C: what the command keeps (noted by the steps as they finish,
+    :func:`featlab.staging.keep`) and the command that resumes it. A forced ``run`` resumes without
+    ``--force``: the heads it finished are kept, the records it had not replaced yet are marked superseded."""
+    import shlex
+
+    from .staging import kept
+
+    args = [a for a in argv if not (argv[:1] == ["run"] and a == "--force")]
+    what = "; ".join(kept()) or "every finished result whole (a record is only replaced by a complete one)"
+    return f"featlab: interrupted; kept {what}; resume: featlab {shlex.join(args)}"
+
+
+def _from_interrupt(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; a FeatlabError becomes one red line on stderr and exit status 2."""
     argv = _optional_values(sys.argv[1:] if argv is None else argv)
+    from .staging import reset
+
+    reset()
     try:
         app(args=argv, prog_name="featlab")  # standalone: usage errors print and exit 2
     except FeatlabError as e:
         typer.secho(f"featlab: {e}", err=True, fg="red")
         return 2
     except KeyboardInterrupt:
-        typer.secho("featlab: interrupted (finished batches are kept; rerun the same command to resume)", err=True)
+        typer.secho(interrupted_line(argv), err=True)
         return 130
     except SystemExit as e:  # click's standalone mode exits; hand the status back to the caller
+        if e.code == 130 and _from_interrupt(e):  # typer turns Ctrl-C into a silent exit 130
+            typer.secho(interrupted_line(argv), err=True)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
 

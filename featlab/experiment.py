@@ -39,12 +39,24 @@ Running does prepare -> extract -> train-head (+ evaluate) -> compare and
 writes ``results/{backbone}/{name}/report.md``. Every step whose outputs
 exist for the same inputs is skipped (a fingerprint of its inputs is kept
 beside its outputs), so a rerun is cheap and an interrupted run resumes.
+
+A re-run never loses or changes a finished result. The heads train in the grids
+:func:`plan_grids` makes from the spec alone (a grid's composition is part of
+each head's fingerprint: its heads share batches and learning rate), a grid with
+any head not current is trained whole, and each of those heads is written beside
+its old record and swapped in only once complete (weights, metrics, faces,
+baselines: :mod:`featlab.staging`); finished heads are kept as they are. So an
+interrupted study, re-run with the same command, ends with the numbers of an
+uninterrupted one. ``--force`` first marks every record superseded; an
+interrupted forced run resumes without ``--force``. The report names any head
+or baseline it should hold and does not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import tomllib
 from importlib import resources
@@ -191,6 +203,9 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
                   pool=ex.get("pool"), dtype=ex.get("dtype", "float16"), compression=ex.get("compression", "none"),
                   batch_size=ex.get("batch_size"), progress=bool(spec.get("progress", True)))
     echo(f"[extract] {rep.out}: {rep.rows_total:,} faces ({rep.rows_added:,} new) in {time.perf_counter() - t0:.0f} s")
+    from .staging import keep
+
+    keep("features", f"{rep.out} ({rep.rows_total:,} faces)")
     from .extract import resolve_keys
 
     keys = list(resolve_keys(bb, taps, ex.get("pool")))
@@ -267,6 +282,7 @@ def _prepare_step(spec: dict, adapter, root: Path, options: dict, seed: int, for
     if not force and _is_current(side, fp, "done") and out.is_file():
         echo(f"[prepare] {out} is current")
         return out
+    (side / "done").unlink(missing_ok=True)  # an interrupted rewrite of the manifest is never taken as current
     df, res = prepare_dataset(adapter, root, seed=seed, **options)
     write_manifest(df, out)
     _mark(side, fp, inputs)
@@ -294,28 +310,28 @@ def _head_inputs(features: Path, key: str, h: dict, seed: int, attrs: dict, n: i
     return _fingerprint(inputs), inputs, folder
 
 
-def _heads_step(features: Path, keys: list[str], heads: list[dict], seed: int, force: bool, echo) -> dict:
-    """Every (tap, head) of a spec: current ones skipped, the others trained together, one grid
-    (:func:`featlab.workflow.train_grid`) per set of options, fold and taps."""
-    from .store import FeatureStore
+HEAD_PRODUCTS = ("metrics.json", "faces.csv", "baselines.json")  # a head's record is whole with all of them
+SUPERSEDED = ".superseded"  # in a record that a --force run will replace: not current, even if it matches
 
-    with FeatureStore.open_read(features) as s:
-        attrs, n = s.attrs, s.nrows
-        shapes = {p: (s.array(p).shape[1:] if p in s.keys() else ()) for k in keys for p in fusion_parts(k)}
-    todo: dict[str, list] = {}
-    steps = {}
+
+def _head_current(folder: Path, fp: str) -> bool:
+    return (not (folder / SUPERSEDED).exists() and all((folder / p).is_file() for p in HEAD_PRODUCTS)
+            and _is_current(folder, fp, HEAD_PRODUCTS[0]))
+
+
+def plan_grids(keys: list[str], heads: list[dict]) -> list[tuple[list[str], list[dict]]]:
+    """The grids a spec's heads train in, ``[(taps, heads)]``: one per set of options (fold included),
+    the taps that carry the same targets together. The plan depends on the spec alone, never on which
+    heads are already finished, so that a resumed study trains exactly the grids an uninterrupted one
+    does (a grid's heads share batches, learning rate and initialisation: its composition is part of
+    each head's numbers, and of its fingerprint)."""
+    groups: dict[str, list] = {}
     for key in keys:
         for h in heads:
-            fp, inputs, folder = _head_inputs(features, key, h, seed, attrs, n, shapes)
-            tname = target_name(h["target"], h["cats"])
-            steps[(key, tname)] = (fp, inputs, folder)
-            if not force and _is_current(folder, fp, "metrics.json"):
-                echo(f"[head] {key} -> {tname}: current, skipped")
-                continue
             opts = {k: v for k, v in h.items() if k not in ("target", "cats")}
-            todo.setdefault(json.dumps(opts, sort_keys=True, default=str), []).append((key, h))
-    for pairs in todo.values():
-        # one grid per set of stale targets: the taps that miss the same targets train together
+            groups.setdefault(json.dumps(opts, sort_keys=True, default=str), []).append((key, h))
+    plan = []
+    for pairs in groups.values():
         by_key: dict[str, list] = {}
         for key, h in pairs:
             by_key.setdefault(key, []).append(h)
@@ -323,27 +339,81 @@ def _heads_step(features: Path, keys: list[str], heads: list[dict], seed: int, f
         for key, hs in by_key.items():
             sig = json.dumps([(h["target"], h["cats"]) for h in hs])
             grids.setdefault(sig, ([], hs))[0].append(key)
-        for gkeys, hs in grids.values():
-            folders = _train_grid(features, gkeys, hs, seed)
-            for (key, h), folder in zip([(k, h) for k in gkeys for h in hs], folders):
-                fp, inputs, _ = steps[(key, target_name(h["target"], h["cats"]))]
+        plan += list(grids.values())
+    return plan
+
+
+def _heads_step(features: Path, keys: list[str], heads: list[dict], seed: int, force: bool, echo) -> dict:
+    """Every (tap, head) of a spec, trained in the grids of :func:`plan_grids`: a grid with any head not
+    current is trained whole, and only those heads are scored and installed (each swapped in once its
+    record is complete, :mod:`featlab.staging`); a finished head is kept as it is. With ``force`` every
+    record is first marked superseded, so an interrupted forced run resumes (without ``--force``) from
+    the heads it had finished."""
+    from .staging import keep, recover
+    from .store import FeatureStore
+
+    with FeatureStore.open_read(features) as s:
+        attrs, n = s.attrs, s.nrows
+        shapes = {p: (s.array(p).shape[1:] if p in s.keys() else ()) for k in keys for p in fusion_parts(k)}
+    plan = plan_grids(keys, heads)
+    steps = {}
+    for gkeys, hs in plan:
+        grid = [[k, h["target"], h["cats"]] for k in gkeys for h in hs]
+        for key in gkeys:
+            for h in hs:
+                fp, inputs, folder = _head_inputs(features, key, h, seed, attrs, n, shapes)
+                inputs["grid"] = grid
+                fp = _fingerprint(inputs)
+                recover(folder)
                 steps[(key, target_name(h["target"], h["cats"]))] = (fp, inputs, folder)
-                _mark(folder, fp, inputs)
+    if force:
+        for _, _, folder in steps.values():
+            if folder.is_dir():
+                (folder / SUPERSEDED).write_text("a `featlab run --force` replaces this record; until it does, "
+                                                 "it is not current\n")
+    current = {name for name, (fp, _, folder) in steps.items() if _head_current(folder, fp)}
+    for name in steps:
+        if name in current:
+            echo(f"[head] {name[0]} -> {name[1]}: current, skipped")
+    todo = [name for name in steps if name not in current]
+
+    def note():
+        left = [f"{k} -> {t}" for k, t in todo]
+        keep("heads", f"{len(steps) - len(left)} of {len(steps)} heads finished" +
+             (f" (to train on resume: {', '.join(left)})" if left else ""))
+
+    note()
+    for gkeys, hs in plan:
+        names = [(k, target_name(h["target"], h["cats"])) for k in gkeys for h in hs]
+        if all(name in current for name in names):
+            continue
+
+        def finish(i, staged, names=names):
+            fp, inputs, _ = steps[names[i]]
+            _mark(staged, fp, inputs)
+
+        def installed(i, final, names=names):
+            todo.remove(names[i])
+            note()
+
+        _train_grid(features, gkeys, hs, seed, skip=[i for i, name in enumerate(names) if name in current],
+                    finish=finish, installed=installed)
     results = {}
     for key in keys:
         for h in heads:
-            tname = target_name(h["target"], h["cats"])
-            folder = steps[(key, tname)][2]
+            name = (key, target_name(h["target"], h["cats"]))
+            folder = steps[name][2]
             m = json.loads((folder / "metrics.json").read_text())
             val = ", ".join(f"{k} {format_figure(k, v)}" for k, (v, _) in headline(m, "val").items())
             test = ", ".join(f"{k} {format_figure(k, v, ci)}" for k, (v, ci) in headline(m).items())
-            echo(f"[head] {key} -> {tname}: val {val}; test {test}")
-            results[(key, tname)] = m
+            echo(f"[head] {key} -> {name[1]}{' (kept)' if name in current else ''}: val {val}; test {test}")
+            results[name] = m
     return results
 
 
-def _train_grid(features: Path, keys: list[str], hs: list[dict], seed: int) -> list[Path]:
-    """Train the heads ``keys`` x ``hs`` (which share their options) in one grid; folders key-major."""
+def _train_grid(features: Path, keys: list[str], hs: list[dict], seed: int, **kw) -> list[Path]:
+    """Train the heads ``keys`` x ``hs`` (which share their options) in one grid; folders key-major.
+    ``kw``: :func:`featlab.workflow.train_grid`'s ``skip``, ``finish`` and ``installed``."""
     from .recipes import parse_hidden
     from .workflow import train_grid
 
@@ -353,7 +423,7 @@ def _train_grid(features: Path, keys: list[str], hs: list[dict], seed: int) -> l
         if hidden is not None:
             opts["hidden"] = hidden
     return [Path(d) for d in train_grid(features, keys, [(h["target"], h["cats"]) for h in hs], fold=hs[0].get("fold"),
-                                        seed=seed, verbose=0, **opts)]
+                                        seed=seed, verbose=0, **kw, **opts)]
 
 
 def write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, echo) -> Path:
@@ -369,6 +439,10 @@ def write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, e
               f"- {uncertainty_line(comparisons)}", ""]
     lines += [f"Test figures [95 % CI]; {VERDICT_MARKS_TEXT}", "", *summary_table(comparisons), ""]
     lines += [line for tname in comparisons for line in ranges_lines(results, tname)]
+    missing = missing_readers(comparisons, keys)
+    if missing:
+        lines += [f"**Missing from this report:** {'; '.join(missing)}.", ""]
+        echo(f"[report] missing: {'; '.join(missing)}")
     table = []
     for tname, comp in comparisons.items():
         lines += [f"## {tname}", "", f"Chosen on validation: `{comp['chosen']}`.", ""]
@@ -386,7 +460,9 @@ def write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, e
                       f"![{tname} {cm}]({(chosen_dir / cm).resolve().relative_to(root.resolve())})"]
         lines.append("")
         table += [(tname, r) for r in comp["rows"]]
-    out.write_text("\n".join(lines))
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, out)  # the report is replaced whole
     _print_table(table, echo)
     return out
 
@@ -427,6 +503,29 @@ def ranges_lines(results: dict, tname: str) -> list[str]:
                     f"labels have no single {'age' if tname == 'age' else 'group of this scheme'}); rows lost by "
                     f"range label: {by}. Its figures are over the other rows only.", ""]
     return []
+
+
+def missing_readers(comparisons: dict, keys: list[str]) -> list[str]:
+    """What a study's report should hold and does not, by name: per target, each tap's head and linear
+    probe (with the reason recorded in ``baselines.json`` when the probe was skipped), and the majority
+    baseline."""
+    out = []
+    for tname, comp in comparisons.items():
+        rows = comp["rows"]
+        have = {(r["reader"], r["tap"]) for r in rows}
+        for key in keys:
+            if ("head", key) not in have:
+                out.append(f"{tname}: `{key}` head")
+            elif ("linear", key) not in have:
+                d = next(Path(r["head_dir"]) for r in rows if r["reader"] == "head" and r["tap"] == key)
+                why = "no baselines.json"
+                if (d / "baselines.json").is_file():
+                    why = (json.loads((d / "baselines.json").read_text()).get("linear") or {}).get("skipped") or \
+                        "no rows in baselines_faces.csv"
+                out.append(f"{tname}: `{key}` linear probe ({why})")
+        if not any(r["reader"] == "majority" for r in rows):
+            out.append(f"{tname}: majority baseline")
+    return out
 
 
 def _reader_name(r: dict) -> str:

@@ -38,6 +38,7 @@ import numpy as np
 from . import __version__, config
 from .backbones import Backbone, Runner, default_providers
 from .errors import FeatlabError
+from .staging import checkpoint, keep
 from .faces import prepare_many, uses_dlib
 from .manifest import dataset_name, file_sha256, read_manifest
 from .store import FeatureStore, label_row, parse_key, pool_features, pooled_shape
@@ -494,7 +495,9 @@ class _Committer:
                 self.report.rows_added += len(labels)
                 self.report.skipped_added += len(skipped)
                 self.bar(n_items)
+                keep("features", f"{self.store.path} ({self.store.nrows:,} faces stored, resumable)")
                 _maybe_die(self.store)
+                checkpoint("extract-batch")
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 self.error = e
 

@@ -57,6 +57,7 @@ from .featureio import fusion_parts, row_bytes
 from .keras_env import keras as _keras
 from .labels import check_ranges, encode_target, split_rows, target_name
 from .model import build_model, head_layers, standardised_input
+from .staging import checkpoint
 from .store import FeatureStore
 from .train import (_setup_tf, check_hyperparameters, fit_head, loss_and_metrics, make_optimizer, plan_head,
                     save_head)
@@ -225,6 +226,7 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
             stopper.end_epoch(epoch, float(np.asarray(optimizer.learning_rate)), train_losses, dict(zip(run, outs)),
                               optimizer)
             epoch += 1
+            checkpoint("grid-epoch")
     fit_seconds = time.perf_counter() - t_fit
     dirs = []
     grid_info = {"heads": len(plans), "groups": n_groups, "taps_read_once": parts, "rows_read": int(len(cache_rows)),

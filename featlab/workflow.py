@@ -21,6 +21,7 @@ from . import config
 from .errors import FeatlabError
 from .labels import HEADLINE, format_figure
 from .paths import dataset_key, feature_set
+from .staging import Stage, checkpoint, keep
 from .store import FeatureStore
 from .uncertainty import interval
 
@@ -70,13 +71,22 @@ def folds_of(features) -> list[int]:
 def train_head(features, layer, target, cats=None, *, fold=None, seed: int = 0, seeds: int = 1,
                baselines: bool = True, out_root=None, verbose=1, **hp) -> Path:
     """Train and score one head (or ``seeds`` heads, or every fold with ``fold="all"``); returns the
-    folder holding its record (``metrics.json`` with ``val`` and ``test`` sections)."""
+    folder holding its record (``metrics.json`` with ``val`` and ``test`` sections). The record is
+    written beside the old one and swapped in only once complete (:mod:`featlab.staging`)."""
+    with Stage(out_root if out_root is not None else config.results_dir()) as st:
+        d = _train_head(features, layer, target, cats, fold=fold, seed=seed, seeds=seeds, baselines=baselines,
+                        out_root=st.root, verbose=verbose, **hp)
+        return st.install(d)
+
+
+def _train_head(features, layer, target, cats=None, *, fold=None, seed: int = 0, seeds: int = 1,
+                baselines: bool = True, out_root=None, verbose=1, **hp) -> Path:
     seeds = int(seeds)
     if seeds < 1:
         raise FeatlabError(f"--seeds must be at least 1, not {seeds}")
     if fold == "all":
-        dirs = [train_head(features, layer, target, cats, fold=k, seed=seed, seeds=seeds, baselines=baselines,
-                           out_root=out_root, verbose=verbose, **hp) for k in folds_of(features)]
+        dirs = [_train_head(features, layer, target, cats, fold=k, seed=seed, seeds=seeds, baselines=baselines,
+                            out_root=out_root, verbose=verbose, **hp) for k in folds_of(features)]
         return summarise(dirs, "folds", dirs[0].parent)
     if seeds == 1:
         return _train_and_record(features, layer, target, cats, fold=fold, seed=seed, seed_dir=False,
@@ -88,35 +98,82 @@ def train_head(features, layer, target, cats=None, *, fold=None, seed: int = 0, 
 
 
 def train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: int = 1, baselines: bool = True,
-               out_root=None, verbose=1, **hp) -> list[Path]:
+               out_root=None, verbose=1, skip=(), finish=None, installed=None, **hp) -> list[Path]:
     """Train and score every (tap, target) head of ``layers`` x ``targets`` (``[(target, cats)]``): one
     :func:`featlab.grid.fit_grid` per seed and fold, then each head scored on its own (``record_head``,
     baselines) and, with ``seeds`` > 1 or ``fold="all"``, summarised like :func:`train_head`. One head
-    alone goes through :func:`train_head`. Returns the heads' record folders, layer-major."""
+    alone goes through :func:`train_head`. Returns the heads' record folders, layer-major.
+
+    Each head's record is written beside the old one and swapped in as soon as it is complete
+    (:mod:`featlab.staging`): an interruption keeps every record, old or new, whole. ``skip``: indices of
+    heads trained with the others (the grid is the same, so are their partners' numbers) but neither
+    scored nor installed: their finished records are kept as they are. ``finish(i, staged_folder)``
+    runs on each complete record just before it is installed, ``installed(i, folder)`` just after."""
+    from .grid import grid_heads
+
+    skip = set(skip or ())
+    n_new = len(set(range(len(grid_heads(layers, targets)))) - skip)
+    with Stage(out_root if out_root is not None else config.results_dir()) as st:
+        done: dict[int, Path] = {}
+
+        def install(i: int, d: Path) -> None:
+            if i in skip:
+                return
+            if finish is not None:
+                finish(i, d)
+            done[i] = st.install(d)
+            keep("heads", f"{len(done)} of {n_new} new head records complete and installed (the others' earlier "
+                          "records untouched)")
+            if installed is not None:
+                installed(i, done[i])
+
+        staged = _train_grid(features, layers, targets, fold=fold, seed=seed, seeds=seeds, baselines=baselines,
+                             out_root=st.root, verbose=verbose, skip=skip, install=install, **hp)
+        return [done.get(i) or st.final(d) for i, d in enumerate(staged)]
+
+
+def _train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: int = 1, baselines: bool = True,
+                out_root=None, verbose=1, skip=frozenset(), install=None, **hp) -> list[Path]:
     from .grid import fit_grid, grid_heads
 
     seeds = int(seeds)
     if seeds < 1:
         raise FeatlabError(f"--seeds must be at least 1, not {seeds}")
     heads = grid_heads(layers, targets)
+    install = install or (lambda i, d: None)
     if len(heads) == 1:
         layer, t, c = heads[0]
-        return [train_head(features, layer, t, c, fold=fold, seed=seed, seeds=seeds, baselines=baselines,
-                           out_root=out_root, verbose=verbose, **hp)]
+        d = _train_head(features, layer, t, c, fold=fold, seed=seed, seeds=seeds, baselines=baselines,
+                        out_root=out_root, verbose=verbose, **hp)
+        install(0, d)
+        return [d]
     if fold == "all":
-        per_fold = [train_grid(features, layers, targets, fold=k, seed=seed, seeds=seeds, baselines=baselines,
-                               out_root=out_root, verbose=verbose, **hp) for k in folds_of(features)]
-        return [summarise([f[i] for f in per_fold], "folds", per_fold[0][i].parent) for i in range(len(heads))]
+        per_fold = [_train_grid(features, layers, targets, fold=k, seed=seed, seeds=seeds, baselines=baselines,
+                                out_root=out_root, verbose=verbose, **hp) for k in folds_of(features)]
+        dirs = []
+        for i in range(len(heads)):
+            dirs.append(summarise([f[i] for f in per_fold], "folds", per_fold[0][i].parent))
+            install(i, dirs[-1])
+        return dirs
     per_seed = []
     for s in range(seed, seed + seeds):
         dirs = fit_grid(features, layers, targets, fold=fold, seed=s, seed_dir=seeds > 1, out_root=out_root,
                         verbose=verbose, **hp)
-        for d in dirs:
+        for i, d in enumerate(dirs):
+            if seeds == 1 and i in skip:
+                continue  # a finished record is kept as it is: no need to score its twin
+            checkpoint("record")
             _record(features, d, baselines and s == seed, verbose, hp.get("memory_mb", 2048))
+            if seeds == 1:
+                install(i, d)
         per_seed.append(dirs)
     if seeds == 1:
         return per_seed[0]
-    return [summarise([p[i] for p in per_seed], "seeds", per_seed[0][i].parent) for i in range(len(heads))]
+    dirs = []
+    for i in range(len(heads)):
+        dirs.append(summarise([p[i] for p in per_seed], "seeds", per_seed[0][i].parent))
+        install(i, dirs[-1])
+    return dirs
 
 
 def summarise(dirs: list[Path], kind: str, root: Path) -> Path:

@@ -129,7 +129,7 @@ def profile(bb, taps, paths, batch, providers, tmp: Path) -> tuple[list, str]:
 
     from featlab import faces
     from featlab.images import load_rgb
-    from featlab.store import FeatureStore
+    from featlab.store import FeatureStore, label_row
 
     rows = []
 
@@ -167,7 +167,8 @@ def profile(bb, taps, paths, batch, providers, tmp: Path) -> tuple[list, str]:
         with FeatureStore.open_for_append(f, {"backbone": "bench"}) as s:
             for t in taps:
                 s.ensure_array(t.name, t.shape, expected_rows=len(chips))
-            lab = (b"x" * 16, b"/p", np.float32(1), b"m", b"white", b"train", np.int8(-1))
+            lab = label_row({"image_id": "x" * 16, "path": "/p", "age": 1.0, "gender": "m", "race": "white",
+                             "split": "train", "fold": -1})  # the store's own row builder: follows its table
             for o in outs:
                 s.append({k: v for k, v in o.items()}, [lab] * len(next(iter(o.values()))))
         f.unlink()

@@ -279,6 +279,8 @@ def main(argv=None):
                     help="force extract(threads=N) (onnxruntime intra-op threads; 0: featlab's plan, timed on CPU)")
     ap.add_argument("--featlab-workers", type=int, default=0, help="force extract(workers=N) (0: featlab's plan)")
     args = ap.parse_args(argv)
+    C.tiny(args, n_age=16, n_rec=16, n_r100=8, reps=1, r100_reps=1,
+           **({"models": "dlib-rec"} if args.models == ap.get_default("models") else {}))  # no R100 build unless asked
     models = ["r100"] if args.r100 else [m.strip() for m in args.models.split(",") if m.strip()]
     providers = providers_for(args.provider)
     load0 = C.load()

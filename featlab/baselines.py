@@ -5,8 +5,8 @@
   train-row mean/std, after the head's pooling), fitted on the train rows with its regularisation chosen
   on the validation rows: scikit-learn ``LogisticRegression`` (bins, gender; L-BFGS, each C warm-started
   from the nearest C fitted and continued until it converges, up to ``MAX_ITER_TOTAL`` iterations; C by
-  val accuracy, ties by val log-loss) or ridge regression (age; solved exactly for every alpha from one
-  eigendecomposition, alpha by val MAE). The grid of C or alpha starts at ``C_GRID`` / ``ALPHA_GRID``
+  val accuracy, ties by val log-loss) or ridge regression (age; solved exactly for each alpha by a
+  Cholesky solve of the train Gram matrix, alpha by val MAE). The grid of C or alpha starts at ``C_GRID`` / ``ALPHA_GRID``
   and is extended a decade at a time while the choice sits on its edge (within ``C_BOUNDS`` /
   ``ALPHA_BOUNDS``). ``baselines.json`` records, under ``settings``: the values searched (``grid``,
   ``extended``, ``search`` with each value's val figure, and for C its iterations and convergence),
@@ -128,46 +128,56 @@ def _logistic_probe(x: dict, y_tr, y_va, target: str, n_classes: int):
     chosen = res[c]["row"]
     return res[c]["pv"], pt, {
         "model": "LogisticRegression(C), L-BFGS", "param": "C", "grid": sorted(res), "extended": added,
-        "bounds": list(C_BOUNDS), "chosen": c, "stopped": stopped, "at_edge": stopped == "bound", "iterations": chosen["iterations"],
-        "converged": chosen["converged"], "max_iter": MAX_ITER, "max_iter_total": MAX_ITER_TOTAL, "tol": TOL,
+        "bounds": list(C_BOUNDS), "chosen": c, "stopped": stopped, "at_edge": stopped == "bound",
+        "iterations": chosen["iterations"], "converged": chosen["converged"], "max_iter": MAX_ITER,
+        "max_iter_total": MAX_ITER_TOTAL, "tol": TOL,
         "search": [res[v]["row"] for v in sorted(res)]}
 
 
 def _ridge_probe(x: dict, y_tr, y_va):
-    """Ridge regression (with intercept, sklearn's objective ||y - Xw - b||^2 + alpha ||w||^2) solved exactly
-    for every alpha from one eigendecomposition of the centred train Gram matrix (X'X, or XX' when the tap
-    is wider than the train rows are many); alpha searched on val MAE."""
-    from scipy.linalg import eigh
+    """Ridge regression (with intercept; scikit-learn's objective ||y - Xw - b||^2 + alpha ||w||^2) solved
+    exactly for each alpha by a Cholesky solve of the centred train Gram matrix X'X + alpha I (or, when the
+    tap is wider than the train rows are many, of XX' + alpha I), the matrix built once in float64;
+    alpha searched on val MAE."""
+    from scipy.linalg import LinAlgError, solve
 
     mu = x["train"].mean(axis=0, dtype=np.float64)
     y = np.asarray(y_tr, dtype=np.float64)
     ym = float(y.mean())
     n, d = x["train"].shape
     step = max(1, (64 << 20) // (8 * max(n, d)))  # float64 slices of about 64 MiB
-    if d <= n:  # primal: w = V diag(1 / (s + alpha)) V' X'y; X'X summed in float64 over row slices
-        g, xty = np.zeros((d, d)), np.zeros(d)
+    primal = d <= n
+    if primal:  # w = (X'X + alpha I)^-1 X'y; X'X summed over row slices
+        g, rhs = np.zeros((d, d)), np.zeros(d)
         for i in range(0, n, step):
             xb = x["train"][i : i + step] - mu
             g += xb.T @ xb
-            xty += xb.T @ (y[i : i + step] - ym)
-        s, v = eigh(g, overwrite_a=True)
-        b = v.T @ xty
-        z = {k: (x[k] - mu) @ v for k in ("val", "test")}
-    else:  # dual: w = X' U diag(1 / (s + alpha)) U'y; XX' summed in float64 over column slices
-        g = np.zeros((n, n))
-        cross = {k: np.zeros((len(x[k]), n)) for k in ("val", "test")}
+            rhs += xb.T @ (y[i : i + step] - ym)
+        apply = {k: x[k] - mu for k in ("val", "test")}  # prediction = (X_k - mu) w
+    else:  # w = X'(XX' + alpha I)^-1 y; XX' and the val/test rows' products with X' summed over column slices
+        g, rhs = np.zeros((n, n)), y - ym
+        apply = {k: np.zeros((len(x[k]), n)) for k in ("val", "test")}
         for j in range(0, d, step):
             xb = x["train"][:, j : j + step] - mu[j : j + step]
             g += xb @ xb.T
-            for k in cross:
-                cross[k] += (x[k][:, j : j + step] - mu[j : j + step]) @ xb.T
-        s, u = eigh(g, overwrite_a=True)
-        b = u.T @ (y - ym)
-        z = {k: cross[k] @ u for k in cross}
-    s = np.clip(s, 0.0, None)
+            for k in apply:
+                apply[k] += (x[k][:, j : j + step] - mu[j : j + step]) @ xb.T
+    diag = np.arange(len(g))
+    coef: dict = {}
+
+    def solve_for(alpha):
+        if alpha not in coef:
+            g[diag, diag] += alpha
+            try:
+                coef[alpha] = solve(g, rhs, assume_a="pos")
+            except LinAlgError:  # not positive definite in floating point: a symmetric solve
+                coef[alpha] = solve(g, rhs, assume_a="sym")
+            finally:
+                g[diag, diag] -= alpha
+        return coef[alpha]
 
     def predict(alpha, k):
-        return {"pred": np.clip(z[k] @ (b / (s + alpha)) + ym, 0.0, None)}
+        return {"pred": np.clip(apply[k] @ solve_for(alpha) + ym, 0.0, None)}
 
     def evaluate(alpha):
         pv = predict(alpha, "val")
@@ -177,8 +187,9 @@ def _ridge_probe(x: dict, y_tr, y_va):
     res, a, added, stopped = _search(ALPHA_GRID, ALPHA_BOUNDS, evaluate, flat=FLAT_MAE)
     return res[a]["pv"], predict(a, "test"), {
         "model": "Ridge(alpha), exact", "param": "alpha", "grid": sorted(res), "extended": added,
-        "bounds": list(ALPHA_BOUNDS), "chosen": a, "stopped": stopped, "at_edge": stopped == "bound", "iterations": None, "converged": True,
-        "solver": "every alpha from one eigendecomposition of the centred train Gram matrix (scipy.linalg.eigh)",
+        "bounds": list(ALPHA_BOUNDS), "chosen": a, "stopped": stopped, "at_edge": stopped == "bound",
+        "iterations": None, "converged": True,
+        "solver": "Cholesky solve of the centred train Gram matrix " + ("X'X" if primal else "XX'") + " + alpha I",
         "search": [res[v]["row"] for v in sorted(res)]}
 
 
@@ -223,8 +234,8 @@ def fit_baselines(store: FeatureStore, cfg: dict, head_dir: Path, memory_mb: flo
         mean, std = z["mean"], z["std"]
         pool = hp.get("pool")
         x = {s: _design(store, key, r, pool, mean, std, budget) for s, r in (("train", tr), ("val", va), ("test", te))}
-        # one BLAS thread: L-BFGS and these small decompositions spend their time in small BLAS calls, where
-        # more threads only contend (on 2 busy cores, 2 threads made a 1024 x 1024 eigh 20-45x slower)
+        # one BLAS thread: L-BFGS spends its time in small BLAS calls, where more threads only contend (on 2
+        # busy cores, 2 OpenBLAS threads made the demo's probes 18-25x slower than 1)
         with threadpool_limits(limits=1, user_api="blas"):
             if target == "age":
                 pv, pt, setting = _ridge_probe(x, y_all[tr], y_all[va])

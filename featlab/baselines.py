@@ -48,6 +48,10 @@ FLAT_MAE = 1e-3
 MAX_ITER = 500
 MAX_ITER_TOTAL = 5000
 TOL = 1e-4
+#: BLAS threads while a probe fits (None: the library's default). L-BFGS spends much of its time in small BLAS
+#: calls where threads contend: on 2 busy cores, 2 OpenBLAS threads made the demo's 12 probes 18-25x slower than
+#: 1 (110-180 s vs 4.5-6 s). On an idle many-core machine the wide-tap probes of a large split would gain from more.
+BLAS_THREADS = 1
 
 
 def _design(store: FeatureStore, key: str, rows, pool, mean, std, budget: int) -> np.ndarray:
@@ -234,9 +238,7 @@ def fit_baselines(store: FeatureStore, cfg: dict, head_dir: Path, memory_mb: flo
         mean, std = z["mean"], z["std"]
         pool = hp.get("pool")
         x = {s: _design(store, key, r, pool, mean, std, budget) for s, r in (("train", tr), ("val", va), ("test", te))}
-        # one BLAS thread: L-BFGS spends its time in small BLAS calls, where more threads only contend (on 2
-        # busy cores, 2 OpenBLAS threads made the demo's probes 18-25x slower than 1)
-        with threadpool_limits(limits=1, user_api="blas"):
+        with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
             if target == "age":
                 pv, pt, setting = _ridge_probe(x, y_all[tr], y_all[va])
             else:

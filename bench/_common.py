@@ -23,10 +23,30 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "RESULTS.md"
 UTK_DIR = ROOT.parent / "shared" / "data" / "utkface-dev"
+SAMPLE_DIR = ROOT / "featlab" / "data" / "utkface-sample"
+
+#: ``--tiny``: a smoke run of a few seconds (tests/test_bench.py runs every script so), on the 600-face sample
+#: shipped in featlab (what a fresh clone has), work files in ``<workdir>/tiny``, figures not checked, nothing
+#: recorded. Set by :func:`tiny`.
+TINY = False
+
+
+def tiny(args, **sizes) -> bool:
+    """With ``--tiny``: put ``sizes`` (option name -> tiny value) into ``args``, record nothing, and take the
+    faces from the shipped sample. Returns whether the run is tiny."""
+    global TINY
+    if not getattr(args, "tiny", False):
+        return False
+    TINY = True
+    args.no_record = True
+    for k, v in sizes.items():
+        setattr(args, k, v)
+    print(f"[bench] tiny mode (figures not meaningful, nothing recorded): {sizes}", flush=True)
+    return True
 
 
 def workdir() -> Path:
-    d = Path(os.environ.get("FEATLAB_BENCH_DIR", "/tmp/featlab-bench"))
+    d = Path(os.environ.get("FEATLAB_BENCH_DIR", "/tmp/featlab-bench")) / ("tiny" if TINY else "")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -147,14 +167,15 @@ def source_manifest(path: str | None = None) -> Path:
     """The 8,000-image real UTKFace manifest: --manifest, or prepared once from the shared sample."""
     if path:
         return Path(path)
-    out = workdir() / "utkface-all.csv"
+    src = SAMPLE_DIR if TINY else UTK_DIR
+    out = workdir() / ("utkface-sample.csv" if TINY else "utkface-all.csv")
     if not out.is_file():
         from featlab.datasets import prepare_dataset
         from featlab.manifest import write_manifest
 
-        if not UTK_DIR.is_dir():
-            sys.exit(f"no manifest: pass --manifest, or put the UTKFace sample at {UTK_DIR}")
-        df, _ = prepare_dataset("utkface", UTK_DIR)
+        if not src.is_dir():
+            sys.exit(f"no manifest: pass --manifest, or put the UTKFace sample at {src}")
+        df, _ = prepare_dataset("utkface", src)
         write_manifest(df, out)
     return out
 
@@ -226,6 +247,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--manifest", default=None, help="source manifest [prepared from ../shared/data/utkface-dev]")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--tiny", action="store_true", help="a smoke run of a few seconds on the 600-face sample shipped "
+                                                         "in featlab: figures not meaningful, nothing recorded")
     return ap
 
 

@@ -51,6 +51,7 @@ def main(argv=None):
     ap.add_argument("--n-rec", type=int, default=600)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args(argv)
+    C.tiny(args, n_age=16, n_rec=0, reps=1)
     load0 = C.load()
     rows = []
     with tempfile.TemporaryDirectory(dir=C.workdir()) as tmp:

@@ -219,6 +219,7 @@ def main(argv=None):
     ap.add_argument("--row-kb", type=float, default=196, help="KiB per synthetic row [196: R100 512x14x14 float16]")
     ap.add_argument("--transfer-batch", type=int, default=32, help="rows per block in the one-file part [32]")
     args = ap.parse_args(argv)
+    C.tiny(args, n=16, workers=1, gb=0.01, row_kb=16)
     load0 = C.load()
     rows, note = part_extraction(args)
     table = C.md_table(["run", "provider", "images", "e2e s", "e2e img/s", "s to 1st batch", "loop img/s"], rows)

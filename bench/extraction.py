@@ -129,7 +129,7 @@ def profile(bb, taps, paths, batch, providers, tmp: Path) -> tuple[list, str]:
 
     from featlab import faces
     from featlab.images import load_rgb
-    from featlab.store import FeatureStore
+    from featlab.store import FeatureStore, label_row
 
     rows = []
 
@@ -167,7 +167,8 @@ def profile(bb, taps, paths, batch, providers, tmp: Path) -> tuple[list, str]:
         with FeatureStore.open_for_append(f, {"backbone": "bench"}) as s:
             for t in taps:
                 s.ensure_array(t.name, t.shape, expected_rows=len(chips))
-            lab = (b"x" * 16, b"/p", np.float32(1), b"m", b"white", b"train", np.int8(-1))
+            lab = label_row({"image_id": "x" * 16, "path": "/p", "age": 1.0, "gender": "m", "race": "white",
+                             "split": "train", "fold": -1})  # the store's own row builder: follows its table
             for o in outs:
                 s.append({k: v for k, v in o.items()}, [lab] * len(next(iter(o.values()))))
         f.unlink()
@@ -278,6 +279,8 @@ def main(argv=None):
                     help="force extract(threads=N) (onnxruntime intra-op threads; 0: featlab's plan, timed on CPU)")
     ap.add_argument("--featlab-workers", type=int, default=0, help="force extract(workers=N) (0: featlab's plan)")
     args = ap.parse_args(argv)
+    C.tiny(args, n_age=16, n_rec=16, n_r100=8, reps=1, r100_reps=1,
+           **({"models": "dlib-rec"} if args.models == ap.get_default("models") else {}))  # no R100 build unless asked
     models = ["r100"] if args.r100 else [m.strip() for m in args.models.split(",") if m.strip()]
     providers = providers_for(args.provider)
     load0 = C.load()

@@ -136,11 +136,13 @@ def main(argv=None):
     ap.add_argument("--copy-every", type=int, default=4)
     ap.add_argument("--random-pairs", type=int, default=400_000)
     args = ap.parse_args(argv)
+    tiny = _common.tiny(args, random_pairs=4000)
     from featlab import facegroups as fg
     from featlab.manifest import assign_splits, read_manifest
 
     load_before = _common.load()
-    manifest = read_manifest(_common.source_manifest(args.manifest)).sort_values("image_id").reset_index(drop=True)
+    src = _common.sub_manifest(80, args.manifest) if tiny else _common.source_manifest(args.manifest)
+    manifest = read_manifest(src).sort_values("image_id").reset_index(drop=True)
     cache = _common.workdir() / "grouping-signals.npz"
     emb, thumb, copy_idx, copy_emb, copy_thumb, t_faces = signals(manifest, args.copy_every, cache)
     age = manifest["age"].to_numpy()
@@ -165,11 +167,11 @@ def main(argv=None):
     rows = []
     for k, (lo, hi) in enumerate(AGE_GROUPS):
         c, r = ag[copy_idx] == k, ag[ri] == k
-        p = lambda a, q: f"{np.percentile(a, q):.3f}"
+        p = lambda a, q: f"{np.percentile(a, q):.3f}" if len(a) else "-"  # an age group may have no copy (--tiny)
         rows.append([f"{lo}-{hi}" if hi < 200 else f"{lo}+", f"{int((ag == k).sum()):,}",
-                     f"{p(cd[c], 50)} / {p(cd[c], 95)} / {cd[c].max():.3f}",
+                     f"{p(cd[c], 50)} / {p(cd[c], 95)} / {p(cd[c], 100)}",
                      f"{p(rd[r], 0.1)} / {p(rd[r], 1)} / {p(rd[r], 50)}",
-                     f"{cs[c].min():.3f} / {p(cs[c], 5)} / {p(cs[c], 50)}",
+                     f"{p(cs[c], 0)} / {p(cs[c], 5)} / {p(cs[c], 50)}",
                      f"{p(rs[r], 50)} / {p(rs[r], 99)} / {p(rs[r], 99.9)}"])
     out.append(_common.md_table(["age", "faces", "copy: embedding distance p50 / p95 / max",
                                  "random same-age pairs: distance p0.1 / p1 / p50", "copy: chip similarity min / p5 / p50",

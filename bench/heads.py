@@ -51,10 +51,12 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=None, help="epochs (early stopping on val) [train_head's default]")
     ap.add_argument("--no-baselines", action="store_true", help="neither side fits the baselines (time the heads only)")
     args = ap.parse_args(argv)
+    tiny = C.tiny(args, taps="embedding", targets="gender,age", epochs=1)
     load0 = C.load()
     taps = [t.strip() for t in args.taps.split(",") if t.strip()]
     targets = _targets(args.targets)
-    feats = Path(args.features) if args.features else C.real_features("dlib-rec", 8000, taps, source=args.manifest)
+    feats = (Path(args.features) if args.features else
+             C.real_features("dlib-rec", 160 if tiny else 8000, taps, source=args.manifest))
     from featlab.keras_env import keras
     from featlab.labels import HEADLINE, target_name
     from featlab.workflow import train_grid, train_head

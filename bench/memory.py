@@ -86,6 +86,8 @@ def main(argv=None):
     ap.add_argument("--budget-mb", type=float, default=16, help="memory_mb of the streamed head run [16]")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per head run [3]")
     args = ap.parse_args(argv)
+    tiny = C.tiny(args, small=16, large=32, epochs=1)
+    n_feats = 64 if tiny else 8000
     load0 = C.load()
     rows = []
     with tempfile.TemporaryDirectory(dir=C.workdir()) as tmp:
@@ -103,7 +105,7 @@ def main(argv=None):
                      f"{s['rss_mib']:.0f} MiB", f"{l_['rss_mib']:.0f} MiB", l_["rss_mib"] / s["rss_mib"],
                      f"files {s['file_mib']} / {l_['file_mib']} MiB; {l_['seconds']} s for {args.large}"])
 
-        feats = C.real_features("dlib-age", 8000, ["res3", "res4", "res5"], source=args.manifest)
+        feats = C.real_features("dlib-age", n_feats, ["res3", "res4", "res5"], source=args.manifest)
         from featlab.store import FeatureStore
 
         with FeatureStore.open_read(feats) as st:

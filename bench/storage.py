@@ -123,9 +123,10 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions, best kept [3]")
     ap.add_argument("--chunks", default="65536,262144,1048576,4194304", help="chunk sizes (bytes) to try, no compression")
     args = ap.parse_args(argv)
+    tiny = C.tiny(args, n=64, reps=1, chunks="65536")
     load0 = C.load()
 
-    src = C.real_features("dlib-age", max(args.n, 8000), TAPS, source=args.manifest)
+    src = C.real_features("dlib-age", args.n if tiny else max(args.n, 8000), TAPS, source=args.manifest)
     feats, labels = load_real(src, args.n)
     nbytes = sum(x.nbytes for x in feats.values())
     print(f"real dlib-age features: {args.n} rows, taps {', '.join(f'{k} {x.shape[1:]}' for k, x in feats.items())}, "

@@ -1,10 +1,18 @@
 """Baselines next to every head, on the same faces: what a trivial and a linear reader score.
 
 - ``majority``: the most frequent training class (bins, gender), or the median training age (age).
-- ``linear``: a scikit-learn linear probe on the same tap, standardised exactly as the head's input
-  (the head's own train-row mean/std, after the head's pooling): ``LogisticRegression`` (bins,
-  gender; C chosen on the validation rows, fits warm-started from the strongest regularisation, at most
-  100 L-BFGS iterations) or ``Ridge`` (age; LSQR, alpha chosen on the validation rows).
+- ``linear``: a linear probe on the same tap, standardised exactly as the head's input (the head's own
+  train-row mean/std, after the head's pooling), fitted on the train rows with its regularisation chosen
+  on the validation rows: scikit-learn ``LogisticRegression`` (bins, gender; L-BFGS, each C warm-started
+  from the nearest C fitted and continued until it converges, up to ``MAX_ITER_TOTAL`` iterations; C by
+  val accuracy, ties by val log-loss) or ridge regression (age; solved exactly for each alpha by a
+  Cholesky solve of the train Gram matrix, alpha by val MAE). The grid of C or alpha starts at ``C_GRID`` / ``ALPHA_GRID``
+  and is extended a decade at a time while the choice sits on its edge (within ``C_BOUNDS`` /
+  ``ALPHA_BOUNDS``). ``baselines.json`` records, under ``settings``: the values searched (``grid``,
+  ``extended``, ``search`` with each value's val figure, and for C its iterations and convergence),
+  ``chosen``, ``stopped`` (``inside``; ``flat``: the edge's val MAE moved by under ``FLAT_MAE`` of itself;
+  ``bound``), ``at_edge`` (the choice sits on a bound), ``iterations`` and ``converged`` of the chosen
+  fit; a probe that did not converge or chose a bound says so on stderr.
 
 :func:`fit_baselines` writes ``baselines.json`` (per baseline: settings, ``val`` and ``test`` figures
 with intervals) and ``baselines_faces.csv`` (image_id, split, baseline, per-face values) into the
@@ -15,6 +23,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -26,9 +36,23 @@ from .labels import encode_target, face_scores, selection_metric, split_rows
 from .staging import checkpoint
 from .store import FeatureStore
 
-C_GRID = (1e-3, 1e-2, 1e-1)
-MAX_ITER = 100
+#: The first grids (decades); a choice on an edge of the searched grid extends it by a decade on that side,
+#: again and again, until the choice is inside or the bound is reached (then ``at_edge`` is true).
+C_GRID = (1e-3, 1e-2, 1e-1, 1.0)
+C_BOUNDS = (1e-6, 1e3)
 ALPHA_GRID = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+ALPHA_BOUNDS = (1e-6, 1e8)
+#: The ridge search stops at an edge whose val MAE improves on its neighbour's by less than this share.
+FLAT_MAE = 1e-3
+#: L-BFGS iterations per fit; a fit that stops at the cap is continued (warm-started) up to MAX_ITER_TOTAL
+#: iterations in all, and recorded as not converged (with a warning) if it still has not.
+MAX_ITER = 500
+MAX_ITER_TOTAL = 5000
+TOL = 1e-4
+#: BLAS threads while a probe fits (None: the library's default). L-BFGS spends much of its time in small BLAS
+#: calls where threads contend: on 2 busy cores, 2 OpenBLAS threads made the demo's 12 probes 18-25x slower than
+#: 1 (110-180 s vs 4.5-6 s). On an idle many-core machine the wide-tap probes of a large split would gain from more.
+BLAS_THREADS = 1
 
 
 def _design(store: FeatureStore, key: str, rows, pool, mean, std, budget: int) -> np.ndarray:
@@ -47,9 +71,136 @@ def _proba_pred(target: str, raw, classes, n_classes: int) -> dict:
     return {"pred": proba.argmax(axis=1).astype(np.int64), "proba": proba}
 
 
+def _decade(v: float, step: int) -> float:
+    return float(10.0 ** (round(math.log10(v)) + step))
+
+
+def _search(grid, bounds, evaluate, flat: float = 0.0) -> tuple[dict, float, list, str]:
+    """Evaluate every value of ``grid`` (``evaluate(v)`` -> dict with a ``key`` tuple, larger is better;
+    ties go to the smaller value); while the best lies on an edge of what was searched, evaluate the next
+    decade beyond it, within ``bounds``. The search also stops when the edge improves on its neighbour by
+    less than ``flat`` (relative, on the key's first figure): the figure has stopped moving there.
+    -> (results by value, chosen value, values added, why it stopped: ``inside``, ``flat`` or ``bound``)."""
+    res = {float(v): evaluate(float(v)) for v in grid}
+    added = []
+    while True:
+        order = sorted(res)
+        best = max(order, key=lambda v: res[v]["key"])
+        if best not in (order[0], order[-1]):
+            return res, best, added, "inside"
+        inner = order[1] if best == order[0] else order[-2]
+        a, b = res[best]["key"][0], res[inner]["key"][0]
+        if abs(a - b) < flat * max(abs(a), abs(b)):
+            return res, best, added, "flat"
+        nxt = _decade(best, -1 if best == order[0] else 1)
+        if not bounds[0] * (1 - 1e-9) <= nxt <= bounds[1] * (1 + 1e-9):
+            return res, best, added, "bound"
+        res[nxt] = evaluate(nxt)
+        added.append(nxt)
+
+
+def _logistic_probe(x: dict, y_tr, y_va, target: str, n_classes: int):
+    """L2 logistic regression (L-BFGS, multinomial), C searched on val accuracy (ties: lower val log-loss),
+    each fit warm-started from the nearest C already fitted and continued until L-BFGS converges."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    m = LogisticRegression(C=1.0, max_iter=MAX_ITER, tol=TOL, warm_start=True)
+    states: dict = {}
+    sel = selection_metric(target)
+
+    def evaluate(c):
+        if states:  # start from the fit of the nearest C already searched
+            near = min(states, key=lambda v: abs(math.log10(v) - math.log10(c)))
+            m.coef_, m.intercept_ = states[near][0].copy(), states[near][1].copy()
+        iters, converged = 0, False
+        while not converged and iters < MAX_ITER_TOTAL:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                m.set_params(C=c, max_iter=min(MAX_ITER, MAX_ITER_TOTAL - iters)).fit(x["train"], y_tr)
+            iters += int(np.max(m.n_iter_))
+            converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        states[c] = (m.coef_.copy(), m.intercept_.copy())
+        pv = _proba_pred(target, m.predict_proba(x["val"]), m.classes_, n_classes)
+        score = float(face_scores(target, y_va, pv["pred"])[sel].mean())  # the figure, without its interval
+        ll = float(-np.log(np.clip(pv["proba"][np.arange(len(y_va)), y_va], 1e-15, None)).mean())
+        return {"key": (score, -ll), "pv": pv, "row": {"C": c, f"val_{sel}": score, "val_log_loss": ll,
+                                                       "iterations": iters, "converged": converged}}
+
+    res, c, added, stopped = _search(C_GRID, C_BOUNDS, evaluate)
+    m.coef_, m.intercept_ = states[c]
+    pt = _proba_pred(target, m.predict_proba(x["test"]), m.classes_, n_classes)
+    chosen = res[c]["row"]
+    return res[c]["pv"], pt, {
+        "model": "LogisticRegression(C), L-BFGS", "param": "C", "grid": sorted(res), "extended": added,
+        "bounds": list(C_BOUNDS), "chosen": c, "stopped": stopped, "at_edge": stopped == "bound",
+        "iterations": chosen["iterations"], "converged": chosen["converged"], "max_iter": MAX_ITER,
+        "max_iter_total": MAX_ITER_TOTAL, "tol": TOL,
+        "search": [res[v]["row"] for v in sorted(res)]}
+
+
+def _ridge_probe(x: dict, y_tr, y_va):
+    """Ridge regression (with intercept; scikit-learn's objective ||y - Xw - b||^2 + alpha ||w||^2) solved
+    exactly for each alpha by a Cholesky solve of the centred train Gram matrix X'X + alpha I (or, when the
+    tap is wider than the train rows are many, of XX' + alpha I), the matrix built once in float64;
+    alpha searched on val MAE."""
+    from scipy.linalg import LinAlgError, solve
+
+    mu = x["train"].mean(axis=0, dtype=np.float64)
+    y = np.asarray(y_tr, dtype=np.float64)
+    ym = float(y.mean())
+    n, d = x["train"].shape
+    step = max(1, (64 << 20) // (8 * max(n, d)))  # float64 slices of about 64 MiB
+    primal = d <= n
+    if primal:  # w = (X'X + alpha I)^-1 X'y; X'X summed over row slices
+        g, rhs = np.zeros((d, d)), np.zeros(d)
+        for i in range(0, n, step):
+            xb = x["train"][i : i + step] - mu
+            g += xb.T @ xb
+            rhs += xb.T @ (y[i : i + step] - ym)
+        apply = {k: x[k] - mu for k in ("val", "test")}  # prediction = (X_k - mu) w
+    else:  # w = X'(XX' + alpha I)^-1 y; XX' and the val/test rows' products with X' summed over column slices
+        g, rhs = np.zeros((n, n)), y - ym
+        apply = {k: np.zeros((len(x[k]), n)) for k in ("val", "test")}
+        for j in range(0, d, step):
+            xb = x["train"][:, j : j + step] - mu[j : j + step]
+            g += xb @ xb.T
+            for k in apply:
+                apply[k] += (x[k][:, j : j + step] - mu[j : j + step]) @ xb.T
+    diag = np.arange(len(g))
+    coef: dict = {}
+
+    def solve_for(alpha):
+        if alpha not in coef:
+            g[diag, diag] += alpha
+            try:
+                coef[alpha] = solve(g, rhs, assume_a="pos")
+            except LinAlgError:  # not positive definite in floating point: a symmetric solve
+                coef[alpha] = solve(g, rhs, assume_a="sym")
+            finally:
+                g[diag, diag] -= alpha
+        return coef[alpha]
+
+    def predict(alpha, k):
+        return {"pred": np.clip(apply[k] @ solve_for(alpha) + ym, 0.0, None)}
+
+    def evaluate(alpha):
+        pv = predict(alpha, "val")
+        mae = float(face_scores("age", y_va, pv["pred"])["mae"].mean())  # the figure, without its interval
+        return {"key": (-mae,), "pv": pv, "row": {"alpha": alpha, "val_mae": mae}}
+
+    res, a, added, stopped = _search(ALPHA_GRID, ALPHA_BOUNDS, evaluate, flat=FLAT_MAE)
+    return res[a]["pv"], predict(a, "test"), {
+        "model": "Ridge(alpha), exact", "param": "alpha", "grid": sorted(res), "extended": added,
+        "bounds": list(ALPHA_BOUNDS), "chosen": a, "stopped": stopped, "at_edge": stopped == "bound",
+        "iterations": None, "converged": True,
+        "solver": "Cholesky solve of the centred train Gram matrix " + ("X'X" if primal else "XX'") + " + alpha I",
+        "search": [res[v]["row"] for v in sorted(res)]}
+
+
 def fit_baselines(store: FeatureStore, cfg: dict, head_dir: Path, memory_mb: float = 2048) -> dict:
     """Fit and score the majority and linear baselines of the head in ``head_dir`` (see the module doc)."""
-    from sklearn.linear_model import LogisticRegression, Ridge
+    from threadpoolctl import threadpool_limits
 
     head_dir = Path(head_dir)
     target, cats = cfg["target"], cfg.get("cats")
@@ -88,36 +239,20 @@ def fit_baselines(store: FeatureStore, cfg: dict, head_dir: Path, memory_mb: flo
         mean, std = z["mean"], z["std"]
         pool = hp.get("pool")
         x = {s: _design(store, key, r, pool, mean, std, budget) for s, r in (("train", tr), ("val", va), ("test", te))}
-        sel = selection_metric(target)
-        if target == "age":
-            best = None
-            for c in ALPHA_GRID:  # LSQR: a few matrix-vector products per alpha, also for very wide taps
-                r = Ridge(alpha=c, solver="lsqr").fit(x["train"], y_all[tr])
-                pv = {"pred": np.clip(r.predict(x["val"]), 0.0, None)}
-                score = face_scores(target, y_all[va], pv["pred"])[sel].mean()  # the figure, without its interval
-                if best is None or score < best[0]:
-                    best = (score, c, r, pv)
-            _, c, m, pv = best
-            pt = {"pred": np.clip(m.predict(x["test"]), 0.0, None)}
-        else:
-            best = None
-            m = LogisticRegression(C=C_GRID[0], max_iter=MAX_ITER, warm_start=True)
-            for c in C_GRID:  # weakest first, each fit warm-started from the last
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # convergence notes at the iteration cap
-                    m.set_params(C=c).fit(x["train"], y_all[tr])
-                pv = _proba_pred(target, m.predict_proba(x["val"]), m.classes_, n_classes)
-                score = face_scores(target, y_all[va], pv["pred"])[sel].mean()  # the figure, without its interval
-                if best is None or score > best[0]:
-                    best = (score, c, m.coef_.copy(), m.intercept_.copy(), pv)
-            _, c, m.coef_, m.intercept_, pv = best
-            pt = _proba_pred(target, m.predict_proba(x["test"]), m.classes_, n_classes)
+        with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
+            if target == "age":
+                pv, pt, setting = _ridge_probe(x, y_all[tr], y_all[va])
+            else:
+                pv, pt, setting = _logistic_probe(x, y_all[tr], y_all[va], target, n_classes)
         preds["linear"] = ({"val": pv, "test": pt},
-                           {"model": "Ridge(alpha, solver='lsqr')" if target == "age" else "LogisticRegression(C)",
-                            "chosen_on": "val",
-                            "grid": list(ALPHA_GRID if target == "age" else C_GRID), "chosen": c,
-                            "max_iter": None if target == "age" else MAX_ITER,
+                           {**setting, "chosen_on": "val",
                             "input": "the head's standardised input (train-row mean/std)"})
+        if not setting["converged"] or setting["at_edge"]:
+            what = (f"did not converge in {setting['iterations']} L-BFGS iterations" if not setting["converged"] else
+                    f"chose {setting['param']} = {setting['chosen']:g}, at the bound of its search "
+                    f"({setting['bounds'][0]:g}..{setting['bounds'][1]:g})")
+            print(f"[featlab] warning: linear probe of {key} -> {cfg.get('target_name', target)} {what} "
+                  f"(recorded in {head_dir / 'baselines.json'})", file=sys.stderr)
     else:
         out["linear"] = {"skipped": ("no standardisation.npz beside the head" if not std_file.is_file() else
                                      f"the tap needs {need >> 20} MiB, over the {int(memory_mb)} MiB budget")}

@@ -215,7 +215,8 @@ def soft_bin_labels(ages: np.ndarray, scheme, sigma: float) -> np.ndarray:
 
 
 def to_years_np(v, transform: dict) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64) * transform["scale"] + transform["mean"]
+    """Values in target units (standardised age, or standardised ``log1p`` age) -> years."""
+    v = np.asarray(v, dtype=np.float64) * transform.get("scale", 1.0) + transform.get("mean", 0.0)
     return np.expm1(v) if transform["kind"] == "log1p" else v
 
 

@@ -225,7 +225,8 @@ def _is_num(x) -> bool:
 
 
 def mean_std(dicts: Sequence[dict]) -> tuple[dict, dict]:
-    """Mean and std (ddof=0) of every numeric leaf across ``dicts`` (e.g. the metrics of 5 folds).
+    """Mean and sample std (ddof=1) of every numeric leaf across ``dicts`` (e.g. the metrics of 5 folds);
+    the std of a single known value is ``None`` (undefined).
 
     Nested dicts recurse; lists of equal length are matched position by position;
     ``None`` counts as missing (a class absent from one fold); strings are left out.
@@ -240,7 +241,7 @@ def mean_std(dicts: Sequence[dict]) -> tuple[dict, dict]:
                 return None, None
             arr = np.asarray(known, dtype=np.float64)
             arr = arr[np.isfinite(arr)]
-            return (_f(arr.mean()), _f(arr.std())) if len(arr) else (None, None)
+            return (_f(arr.mean()), _f(arr.std(ddof=1)) if len(arr) > 1 else None) if len(arr) else (None, None)
         if isinstance(first, dict):
             m, s = {}, {}
             for k in first:

@@ -13,6 +13,7 @@ import numpy as np
 from .errors import FeatlabError
 from .featureio import read_blocks, read_input
 from .keras_env import keras as _keras
+from .labels import to_years_np
 from .store import FeatureStore
 
 
@@ -140,11 +141,10 @@ def outputs_to_prediction(raw: np.ndarray, cfg: dict) -> dict:
     kind = cfg["output"]
     if kind in ("linear", "expectation"):
         t = cfg["target_transform"]
-        v = raw @ np.asarray(cfg["age_grid"], dtype=np.float64) if kind == "expectation" else raw.reshape(-1)
-        if t["kind"] == "log1p":
-            age = np.expm1(v * t.get("scale", 1.0) + t.get("mean", 0.0))
+        if kind == "expectation":  # the expected age in years: each grid class turned into years first
+            age = raw @ to_years_np(cfg["age_grid"], t)
         else:
-            age = v * t["scale"] + t["mean"]
+            age = to_years_np(raw.reshape(-1), t)
         return {"pred": np.clip(age, 0.0, None)}
     if kind == "coral":
         p_gt = 1.0 / (1.0 + np.exp(-raw))  # P(y > k), k = 0..K-2

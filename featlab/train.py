@@ -89,7 +89,8 @@ def fit_head(features, layer, target, cats=None, *, out_root=None, fold=None, hi
     -> ``hidden`` ReLU layers with ``dropout`` -> output:
     softmax over the bins (or CORAL cumulative logits with ``ordinal=True``), softmax over f/m for
     gender; for age, ``age_head="expectation"`` (default) is a softmax over whole years whose expected
-    value is the prediction, trained with L1 on that value plus cross-entropy to a Gaussian of
+    value in years is the prediction (also with ``age_transform="log1p"``, where the L1 is taken on the
+    log1p of that expected age), trained with L1 on that value plus cross-entropy to a Gaussian of
     ``age_sigma`` years (default 2) around the true age; ``age_head="linear"`` is one linear unit on
     the standardised (``age_transform="z"``) or log (``"log1p"``) age with ``age_loss`` mae/mse/huber.
     Adam (or SGD with Nesterov momentum, or AdamW), ReduceLROnPlateau and EarlyStopping on ``monitor``
@@ -354,10 +355,18 @@ def loss_and_metrics(plan: dict, hp: dict):
         grid_y = keras.ops.convert_to_tensor(np.asarray(to_years_np(age_grid, transform), dtype=np.float32))
         sig = float(hp["age_sigma"])
 
+        def expected(y_pred):
+            # the expected age is taken in years (the mean of the distribution over ages), then put in
+            # target units: with log1p, E[log(1 + age)] would be a geometric-type mean, not the mean age
+            if tkind != "log1p":
+                return keras.ops.sum(y_pred * grid_t, axis=-1)  # linear transform: the same expectation
+            e_years = keras.ops.sum(y_pred * grid_y, axis=-1)
+            return (keras.ops.log1p(keras.ops.maximum(e_years, 0.0)) - tmean) / tsc
+
         def expectation_loss(y_true, y_pred):
-            # L1 on the expected value (target units), plus, with age_sigma, cross-entropy to a Gaussian
+            # L1 on the expected age (target units), plus, with age_sigma, cross-entropy to a Gaussian
             # label distribution around the true age (DLDL-v2 style): keeps the distribution unimodal
-            e = keras.ops.sum(y_pred * grid_t, axis=-1)
+            e = expected(y_pred)
             l1 = keras.ops.abs(e - y_true[:, 0])
             if sig <= 0:
                 return l1
@@ -368,8 +377,8 @@ def loss_and_metrics(plan: dict, hp: dict):
             return l1 + ce
 
         def mae_years(y_true, y_pred):
-            e = keras.ops.sum(y_pred * grid_t, axis=-1, keepdims=True)
-            return keras.ops.mean(keras.ops.abs(to_years(y_true) - to_years(e)))
+            e = keras.ops.sum(y_pred * grid_y, axis=-1, keepdims=True)  # the expected age in years
+            return keras.ops.mean(keras.ops.abs(to_years(y_true) - e))
 
         return expectation_loss, [mae_years]
     loss = {"mae": keras.losses.MeanAbsoluteError(), "mse": keras.losses.MeanSquaredError(),

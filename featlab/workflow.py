@@ -220,7 +220,7 @@ def summarise(dirs: list[Path], kind: str, root: Path) -> Path:
             figures[m] = float(sub[m].mean())
             figures[f"{m}_ci95"] = interval(sub[m].to_numpy(), groups=groups)
             vals = [p[m] for p in per if p.get(m) is not None]
-            spread[m] = float(np.std(vals)) if vals else None
+            spread[m] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None  # sample std over seeds/folds
             figures[f"{m}_mean_of_{kind}"] = float(np.mean(vals)) if vals else None
         out[split] = {"n": int(len(sub)), "metrics": figures, "metrics_std": spread,
                       "uncertainty": uncertainty_note({m: sub[m].to_numpy() for m in heads}, groups, heads),

@@ -250,7 +250,7 @@ def test_folds(tmp_path):
     m = json.loads((root / "metrics.json").read_text())
     assert m["kind"] == "folds" and m["folds"] == [0, 1, 2, 3, 4]
     accs = [p["accuracy"] for p in m["test"]["per_member"]]
-    assert m["test"]["metrics_std"]["accuracy"] == pytest.approx(np.std(accs))
+    assert m["test"]["metrics_std"]["accuracy"] == pytest.approx(np.std(accs, ddof=1))  # sample std
     # the pooled figure is over every face once: the fold accuracies weighted by their sizes
     assert m["test"]["n"] == 600 and m["test"]["metrics"]["accuracy"] == pytest.approx(np.mean(accs))
     lo, hi = m["test"]["metrics"]["accuracy_ci95"]
@@ -334,6 +334,40 @@ def test_seeds_share_their_validation_faces_and_summarise_the_spread(tmp_path):
     accs = [json.loads((root / f"seed{s}" / "metrics.json").read_text())["test"]["metrics"]["accuracy"] for s in (0, 1)]
     assert m["kind"] == "seeds" and m["seeds"] == [0, 1]
     assert m["test"]["metrics"]["accuracy"] == pytest.approx(np.mean(accs))
-    assert m["test"]["metrics_std"]["accuracy"] == pytest.approx(np.std(accs))
+    assert m["test"]["metrics_std"]["accuracy"] == pytest.approx(np.std(accs, ddof=1))  # sample std
     lo, hi = m["test"]["metrics"]["accuracy_ci95"]
     assert lo <= m["test"]["metrics"]["accuracy"] <= hi
+
+
+def _log1p_plan(max_age: int = 79):
+    """The age grid of a log1p expectation head, made as plan_head makes it (ages 0..max_age in target units)."""
+    ages = np.arange(0.0, max_age + 1.0)
+    a = np.log1p(np.array([1.0, 20.0, 40.0, 79.0]))
+    transform = {"kind": "log1p", "mean": float(a.mean()), "scale": float(a.std())}
+    grid = (np.log1p(ages) - transform["mean"]) / transform["scale"]
+    return ages, transform, grid
+
+
+def test_log1p_expectation_head_predicts_the_mean_age_in_years():
+    """p = 1/2 on ages 1 and 79: the expected age is 40 years (the log-space expectation would say 11.6),
+    both in the saved head's prediction and in the loss and MAE it trains and is monitored with."""
+    from featlab.model import outputs_to_prediction
+    from featlab.train import loss_and_metrics
+
+    ages, transform, grid = _log1p_plan()
+    p = np.zeros((2, len(ages)))
+    p[0, [1, 79]] = 0.5
+    p[1, [10, 30, 50]] = [0.2, 0.3, 0.5]
+    cfg = {"output": "expectation", "target_transform": transform, "age_grid": grid.round(6).tolist()}
+    pred = outputs_to_prediction(p, cfg)["pred"]
+    assert pred == pytest.approx([40.0, 0.2 * 10 + 0.3 * 30 + 0.5 * 50], abs=1e-3)
+    log_space = np.expm1((p[0] @ grid) * transform["scale"] + transform["mean"])  # the expectation taken in log1p
+    assert log_space == pytest.approx(np.sqrt(2 * 80) - 1) and log_space == pytest.approx(11.65, abs=0.01)
+    loss, (mae_years,) = loss_and_metrics({"kind": "expectation", "transform": transform, "age_grid": grid},
+                                          {"age_sigma": 0.0})
+    true_t = ((np.log1p([[40.0], [36.0]]) - transform["mean"]) / transform["scale"]).astype(np.float32)
+    # the true ages are each row's expected age: zero loss and zero error in years
+    assert np.asarray(loss(true_t, p.astype(np.float32))) == pytest.approx([0.0, 0.0], abs=1e-4)
+    assert float(mae_years(true_t, p.astype(np.float32))) == pytest.approx(0.0, abs=1e-3)
+    off = ((np.log1p([[50.0], [46.0]]) - transform["mean"]) / transform["scale"]).astype(np.float32)
+    assert float(mae_years(off, p.astype(np.float32))) == pytest.approx(10.0, abs=1e-3)

@@ -115,10 +115,11 @@ def test_subgroup_table_counts_and_values():
 
 def test_mean_std_over_folds():
     m, s = M.mean_std([{"accuracy": 0.5, "n": 10, "name": "x", "r": None}, {"accuracy": 0.7, "n": 20, "r": 0.2}])
-    assert m["accuracy"] == pytest.approx(0.6) and s["accuracy"] == pytest.approx(0.1)
-    assert m["n"] == pytest.approx(15)
+    # the sample std (ddof=1) of 0.5 and 0.7: sqrt(0.02 / 1) = 0.1414, not the population 0.1
+    assert m["accuracy"] == pytest.approx(0.6) and s["accuracy"] == pytest.approx(np.sqrt(0.02))
+    assert m["n"] == pytest.approx(15) and s["n"] == pytest.approx(np.std([10, 20], ddof=1))
     assert "name" not in m
-    assert m["r"] == pytest.approx(0.2) and s["r"] == pytest.approx(0.0)
+    assert m["r"] == pytest.approx(0.2) and s["r"] is None  # one known value: no spread
 
 
 def test_metrics_module_is_numpy_only():

@@ -135,6 +135,7 @@ def prepare(
         _echo(f"  groups: {len(sizes):,} (largest {int(sizes.iloc[0]):,} rows; {int(sizes[sizes > 1].sum()):,} rows "
               f"in groups of 2+; {int((df['group'] == '').sum()):,} rows without a group)")
     if res.face_groups is not None:
+        res.face_groups.measure_written(out)  # the after-split counts come from the file as written
         for line in res.face_groups.lines():
             _echo("  " + line)
     if df["fold"].notna().any():

@@ -31,10 +31,24 @@ The image similarity of the chips (grey 24x24 correlation, mirror-aware) was
 measured too and not used: random pairs reach the similarity of most copies
 (random 99th percentile 0.86-0.94, copies' 5th percentile 0.62-0.78).
 
-Complete linkage is exact and cheap when run separately inside each
-connected component of the radius graph at the same distance (a complete-
-linkage group is a clique of that graph): a radius search over all faces,
-then scipy's ``linkage(method="complete")`` per component.
+Complete linkage is exact when run separately inside each connected
+component of the radius graph at the same distance (a complete-linkage group
+is a clique of that graph): a radius search over all faces (scikit-learn,
+queried in blocks of rows: memory holds the close pairs, never an N x N
+matrix; brute force, since on 128-d descriptors a ball tree is slower), then
+scipy's ``linkage(method="complete")`` per component of up to
+:data:`DENSE_MAX` faces, and above that :func:`sparse_complete_linkage` on the
+component's close pairs (mutual-nearest-neighbour rounds, memory ~ pairs).
+Both give the groups of one full linkage (``tests/test_groups.py``; on the
+8,000 real embeddings identical to the code before, ``bench/grouping_scale.py``).
+The search time still grows with N^2 (``bench/RESULTS.md``: 8,000 and 100,000).
+
+What it cannot do, and says (:meth:`FaceGroupReport.lines`): infants. The
+report counts groups and grouped faces per age band and warns when groups are
+mostly 0-2-year-olds, whose groups may join different babies. The leak
+counts after the split are measured on the manifest as written
+(:meth:`FaceGroupReport.measure_written`: its ``split`` and ``group``
+columns read back from disk), not assumed.
 
 A group's id is ``face:`` + the smallest ``image_id`` among its members (also
 for a face alone): a stable string that does not depend on row order. Faces
@@ -212,9 +226,8 @@ def close_pairs(emb: np.ndarray, radius: float, algorithm: str = "brute",
     are recomputed exactly in float64 and cut at ``radius``.
 
     ``brute`` (BLAS) is the default because it is the fastest exact search on these descriptors: their
-    intrinsic dimension is high, so a ball tree prunes little (10x slower than brute force at 8,000 faces) and
-    a k-means / bisector pruning still compares 84-90 % of all pairs (``bench/grouping_scale.py``). Time grows
-    with N^2 (about 3 min at 100,000 faces on 2 cores), memory with N."""
+    intrinsic dimension is high, so a tree prunes little (``ball_tree`` is slower than brute force on the
+    8,000 real faces, ``bench/grouping_scale.py``). Time grows with N^2, memory with N and the pairs."""
     from sklearn.neighbors import NearestNeighbors
 
     ok = np.flatnonzero(np.isfinite(emb).all(axis=1))
@@ -231,8 +244,12 @@ def close_pairs(emb: np.ndarray, radius: float, algorithm: str = "brute",
         keep = rows < cols
         ii.append(rows[keep])
         jj.append(cols[keep])
+    del nn
     i, j = np.concatenate(ii), np.concatenate(jj)
-    d = np.sqrt(np.sum((x[i] - x[j]) ** 2, axis=1))
+    d = np.empty(len(i))
+    for a in range(0, len(i), 1 << 15):  # in blocks: never a (pairs x 128) difference array at once
+        diff = x[i[a : a + (1 << 15)]] - x[j[a : a + (1 << 15)]]
+        d[a : a + (1 << 15)] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
     keep = d <= radius
     i, j, d = i[keep], j[keep], d[keep]
     order = np.lexsort((j, i))

@@ -109,7 +109,7 @@ def deletion_png(summary: dict, path) -> Path:
     perturbation: per method a column, per head a colour; dashed = random order. Legends give each AUC and the
     difference to random with its 95 % interval over faces."""
     methods = summary["methods"]
-    fig = _figure(3.8 * len(methods), 5.8)
+    fig = _figure(3.8 * len(methods), 6.4)
     n = len(methods)
     for i, (m, per_head) in enumerate(methods.items()):
         for row, kind in enumerate(("deletion", "insertion")):
@@ -132,4 +132,5 @@ def deletion_png(summary: dict, path) -> Path:
             ax.set_title(f"{m} map, {kind} with {base} cells, {summary['n_faces']} faces", fontsize=9)
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6)
+    fig.subplots_adjust(hspace=0.45)
     return _save(fig, path)

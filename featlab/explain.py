@@ -345,8 +345,8 @@ def summarise_faithfulness(x: np.ndarray, curves: dict, map_baseline: str, seed:
     ref = float(np.asarray(curves["deletion"], dtype=np.float64)[:, 0].mean())
     if not math.isfinite(ref) or abs(ref) < 1e-12:
         raise FeatlabError("the explained output is zero on the intact faces: deletion AUCs cannot be normalised")
-    out = {"map_baseline": map_baseline, "test_baseline": test_baseline(map_baseline), "mean_intact_output": round(ref, 6),
-           "deletion_fraction": [round(float(v), 4) for v in x], "interval": "95 % BCa bootstrap over faces"}
+    out = {"map_baseline": map_baseline, "test_baseline": test_baseline(map_baseline),
+           "mean_intact_output": round(ref, 6), "deletion_fraction": [round(float(v), 4) for v in x], "interval": "95 % BCa bootstrap over faces"}
     per_face = {}
     for kind, a, b in (("deletion", "deletion", "random_deletion"), ("insertion", "insertion", "random_insertion")):
         s = compare_to_random(x, curves[a], curves[b], ref, kind, seed)

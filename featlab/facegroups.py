@@ -102,13 +102,14 @@ class FaceGroupReport:
                 f"holding {self.grouped_faces:,} of {self.faces:,} faces (largest {self.largest})")
         out = [head]
         if self.bands:
-            out.append("  by age band (faces in groups of 2+ / faces; groups of 2+ by their majority band): " + ", ".join(
-                f"{b['band']} {b['grouped_faces']:,}/{b['faces']:,} ({b['groups']:,})" for b in self.bands))
+            out.append("  by age band (faces in groups of 2+ / faces; groups of 2+ by their majority band): "
+                       + ", ".join(f"{b['band']} {b['grouped_faces']:,}/{b['faces']:,} ({b['groups']:,})"
+                                   for b in self.bands))
         if self.infant_groups:
-            out.append(f"  warning: {self.infant_groups:,} groups ({self.infant_group_faces:,} faces) are mostly infants "
-                       f"(0-{INFANT_MAX_AGE} years): dlib-rec does not tell infants apart (on utkface-dev 1 % of random "
-                       "pairs of 0-2-year-olds lie within 0.32), so these groups may join different babies; they stay "
-                       "on one side of the split, but they are not identities")
+            out.append(f"  warning: {self.infant_groups:,} groups ({self.infant_group_faces:,} faces) are mostly "
+                       f"infants (0-{INFANT_MAX_AGE} years): dlib-rec does not tell infants apart (on utkface-dev 1 % "
+                       "of random pairs of 0-2-year-olds lie within 0.32), so these groups may join different babies; "
+                       "they stay on one side of the split, but they are not identities")
         if self.failed:
             out.append("  no embedding (own group): " + ", ".join(f"{n} {r}" for r, n in self.failed.items()))
         out.append(f"  the split before grouping had put {self.same_group_across:,} of {self.same_group_pairs:,} "

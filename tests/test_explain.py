@@ -342,7 +342,8 @@ def _contrast_chip(seed: int) -> np.ndarray:
     """Outside the quadrant mid-grey noise; inside, pixels near black or white (high contrast, mean ~128)."""
     rng = np.random.default_rng(seed)
     chip = rng.integers(90, 166, (SIZE, SIZE, 3)).astype(np.uint8)
-    chip[:Q, :Q] = np.where(rng.random((Q, Q, 3)) < 0.5, rng.integers(0, 40, (Q, Q, 3)), rng.integers(215, 256, (Q, Q, 3)))
+    dark, light = rng.integers(0, 40, (Q, Q, 3)), rng.integers(215, 256, (Q, Q, 3))
+    chip[:Q, :Q] = np.where(rng.random((Q, Q, 3)) < 0.5, dark, light)
     return chip
 
 

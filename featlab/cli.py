@@ -135,6 +135,7 @@ def prepare(
         _echo(f"  groups: {len(sizes):,} (largest {int(sizes.iloc[0]):,} rows; {int(sizes[sizes > 1].sum()):,} rows "
               f"in groups of 2+; {int((df['group'] == '').sum()):,} rows without a group)")
     if res.face_groups is not None:
+        res.face_groups.measure_written(out)  # the after-split counts come from the file as written
         for line in res.face_groups.lines():
             _echo("  " + line)
     if df["fold"].notna().any():
@@ -605,9 +606,9 @@ def explain(
     patch: int = typer.Option(16, "--patch", help="occlusion: patch side in chip pixels"),
     stride: int = typer.Option(8, "--stride", help="occlusion: stride in chip pixels"),
     masks: int = typer.Option(1000, "--masks", help="rise: number of random masks"),
-    baseline: str = typer.Option("mean", "--baseline", help="what removed pixels become: mean (chip colour) or blur"),
-    cell: int = typer.Option(16, "--cell", help="deletion curve: cell side in chip pixels"),
-    steps: int = typer.Option(16, "--steps", help="deletion curve: points after the intact chip"),
+    baseline: str = typer.Option("mean", "--baseline", help="what removed pixels become in the maps: mean (chip colour) or blur; the faithfulness curves use the other"),
+    cell: int = typer.Option(16, "--cell", help="deletion/insertion curves: cell side in chip pixels"),
+    steps: int = typer.Option(16, "--steps", help="deletion/insertion curves: points after the first"),
     batch: int = typer.Option(64, "--batch", help="masked chips per backbone call"),
     seed: int = typer.Option(0, "--seed", help="seeds RISE masks, the random deletion order and the face sample"),
     features: Optional[Path] = typer.Option(None, "--features", "-f", help="dataset view: the heads' features file"),
@@ -619,7 +620,8 @@ def explain(
     detect: Optional[bool] = typer.Option(None, "--detect/--no-detect",
                                           help="find and align the face [as the heads' training features were made]"),
 ):
-    """Signed heatmaps (occlusion, RISE) of where heads find their evidence, with deletion curves vs random order."""
+    """Signed heatmaps (occlusion, RISE) of where heads find their evidence, with deletion and insertion curves vs
+    random order (cells replaced by the other perturbation than the map's) and 95 % intervals over faces."""
     from .explain import Settings, check_head_dirs, check_methods
 
     settings = Settings(patch=patch, stride=stride, masks=masks, baseline=baseline, cell=cell, steps=steps,

@@ -287,6 +287,8 @@ def _prepare_step(spec: dict, adapter, root: Path, options: dict, seed: int, for
     write_manifest(df, out)
     _mark(side, fp, inputs)
     groups = getattr(res, "face_groups", None)
+    if groups:
+        groups.measure_written(out)  # the after-split counts come from the file as written
     (side / "done").write_text(json.dumps({"rows": len(df), "skipped": res.skipped,
                                            "face_groups": groups.lines() if groups else None}, indent=1))
     echo(f"[prepare] {out}: {len(df):,} rows, {len(res.skipped):,} skipped")

@@ -17,13 +17,25 @@ outputs are gathered first and summed in a fixed order, so a map does not
 depend on the batch size.
 
 Faithfulness (:func:`deletion_curve`, pixel flipping after Samek et al.,
-IEEE TNNLS 2017): the chip is cut into cells of ``cell`` px, the cells are
-replaced by the baseline most relevant first, and the explained output is
-tracked; the same for a seeded random order. :func:`summarise_curves` turns
-the curves of many faces into a normalised area (AUC): the area under the
-mean curve over the deleted fraction [0, 1], divided by the mean output of
-the intact faces, so 1 means "deleting changed nothing" and lower is a
-faster drop. A map is faithful when its AUC is below the random order's.
+IEEE TNNLS 2017; insertion after Petsiuk et al. 2018): the chip is cut into
+cells of ``cell`` px; the deletion curve replaces the cells most relevant
+first and tracks the explained output, the insertion curve starts from the
+fully replaced chip and restores the cells most relevant first; both also
+along a seeded random order. The cells are replaced with the *other*
+perturbation than the one that made the map (:func:`test_baseline`: a blur
+for a mean-colour map, the mean colour for a blur map), so the test does not
+re-apply the very edit the map measured (with the same perturbation an
+occlusion map is close to the greedy deletion order by construction); the
+curves under the map's own perturbation are kept as ``same_baseline``, for
+reference only. :func:`summarise_faithfulness` turns the curves of many faces
+into normalised areas (AUC: area under the mean curve over the replaced
+share [0, 1], divided by the mean output of the intact faces) and gives the
+AUC difference to random a 95 % bootstrap interval over faces
+(:func:`featlab.uncertainty.interval` of the per-face differences, each
+divided by the same mean intact output, so their mean is the difference of
+the AUCs). A map is faithful when the deletion difference's interval lies
+below 0 (its order removes the evidence faster than random); insertion is
+reported beside it (above 0 = the order restores the output faster).
 
 :class:`HeadScorer` makes ``f`` from trained heads as ``featlab predict``
 runs them (same chips, same stored-features transform); :func:`explain_images`
@@ -76,7 +88,8 @@ class Settings:
         return self
 
     def describe(self, methods) -> dict:
-        d = {"baseline": self.baseline, "deletion_cell": self.cell, "deletion_steps": self.steps,
+        d = {"baseline": self.baseline, "test_baseline": test_baseline(self.baseline), "deletion_cell": self.cell,
+             "deletion_steps": self.steps,
              "batch": self.batch, "seed": self.seed}
         if "occlusion" in methods:
             d.update(patch=self.patch, stride=self.stride)
@@ -104,6 +117,11 @@ def baseline_image(chip: np.ndarray, kind: str = "mean", patch: int = 16) -> np.
 
         return gaussian_filter(chip.astype(np.float32), sigma=(patch / 2.0, patch / 2.0, 0.0), mode="nearest")
     raise FeatlabError(f"unknown baseline {kind!r}; choose from {', '.join(BASELINES)}")
+
+
+def test_baseline(map_baseline: str) -> str:
+    """The perturbation the faithfulness curves replace cells with: the other one than the map's."""
+    return "blur" if map_baseline == "mean" else "mean"
 
 
 def _scores(f, chips: np.ndarray, shape: list | None = None) -> np.ndarray:
@@ -232,20 +250,25 @@ def cell_order(relevance: np.ndarray, cell: int) -> tuple[np.ndarray, list[tuple
 
 
 def deletion_curve(f, chip: np.ndarray, order: np.ndarray, cells, cell: int, steps: int = 16,
-                   baseline: str = "mean", batch: int = 64, patch: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(fraction of cells removed, scores (steps + 1, K)): cells replaced by the baseline in ``order``."""
+                   baseline: str = "mean", batch: int = 64, patch: int = 16,
+                   insertion: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(fraction of cells replaced or restored, scores (steps + 1, K)).
+
+    Deletion: cells replaced by the baseline in ``order`` (point 0 = the intact chip). Insertion: the chip
+    fully replaced by the baseline, cells restored in ``order`` (point 0 = all replaced, the last = intact)."""
     chip = np.asarray(chip, dtype=np.uint8)
     h, w = chip.shape[:2]
     base = baseline_image(chip, baseline, patch)
     n = len(cells)
     ks = np.round(np.linspace(0, n, steps + 1)).astype(int)
+    start, flip = (0.0, 1.0) if insertion else (1.0, 0.0)  # keep-mask of the chip at point 0, of a visited cell
 
     def keep(a, b):
-        m = np.ones((b - a, h, w), dtype=np.float32)
+        m = np.full((b - a, h, w), start, dtype=np.float32)
         for j, k in enumerate(ks[a:b]):
             for c in order[:k]:
                 y, x = cells[c]
-                m[j, y : y + cell, x : x + cell] = 0.0
+                m[j, y : y + cell, x : x + cell] = flip
         return m
 
     return ks / n, _masked_scores(f, chip, base, keep, len(ks), batch)
@@ -277,6 +300,81 @@ def summarise_curves(x: np.ndarray, ranked: np.ndarray, randomised: np.ndarray) 
             "deletion_curve": [round(float(v), 6) for v in mr], "random_deletion_curve": [round(float(v), 6) for v in mq]}
 
 
+def _auc_rows(x: np.ndarray, curves: np.ndarray) -> np.ndarray:
+    """Per-face trapezoid areas of curves (n faces, steps + 1)."""
+    x = np.asarray(x, dtype=np.float64)
+    c = np.asarray(curves, dtype=np.float64)
+    return np.sum((c[:, 1:] + c[:, :-1]) * np.diff(x)[None, :], axis=1) / 2.0
+
+
+def compare_to_random(x: np.ndarray, ranked: np.ndarray, randomised: np.ndarray, ref: float, kind: str,
+                      seed: int = 0) -> dict:
+    """One curve pair (deletion or insertion) of many faces against random order: normalised AUCs of the mean
+    curves, their difference with a 95 % bootstrap interval over faces (per-face differences / ``ref``, whose mean
+    is the difference of the AUCs), the share of faces where the map's order wins, and the mean curves.
+
+    Deletion wins when its area is smaller (difference < 0), insertion when it is larger (> 0); ``beats_random``
+    means the interval excludes 0 on the winning side."""
+    from .uncertainty import interval
+
+    ranked, randomised = np.asarray(ranked, dtype=np.float64), np.asarray(randomised, dtype=np.float64)
+    per = (_auc_rows(x, ranked) - _auc_rows(x, randomised)) / ref
+    sign = -1.0 if kind == "deletion" else 1.0
+    ci = interval(per, seed=seed)
+    diff = float(per.mean())
+    wins = bool(ci is not None and (ci[1] < 0 if sign < 0 else ci[0] > 0))
+    return {f"{kind}_auc": round(curve_auc(x, ranked.mean(axis=0)) / ref, 6),
+            f"random_{kind}_auc": round(curve_auc(x, randomised.mean(axis=0)) / ref, 6),
+            f"{kind}_auc_difference": round(diff, 6),
+            f"{kind}_ci95": None if ci is None else [round(v, 6) for v in ci],
+            ("beats_random" if kind == "deletion" else "insertion_beats_random"): wins,
+            f"faces_beating_random{'' if kind == 'deletion' else '_insertion'}":
+                float(round(float(np.mean(sign * per > 0)), 4)),
+            f"{kind}_curve": [round(float(v), 6) for v in ranked.mean(axis=0)],
+            f"random_{kind}_curve": [round(float(v), 6) for v in randomised.mean(axis=0)],
+            "_per_face": [round(float(v), 6) for v in per]}
+
+
+def summarise_faithfulness(x: np.ndarray, curves: dict, map_baseline: str, seed: int = 0) -> dict:
+    """Everything explain_summary.json says about one method and head over many faces.
+
+    ``curves``: ``deletion``, ``random_deletion``, ``insertion``, ``random_insertion`` (under the test
+    perturbation, :func:`test_baseline`) and ``same_deletion``, ``same_random_deletion`` (under the map's own),
+    each (n faces, steps + 1). Per-face AUC differences stay in ``per_face`` (faces in the summary's ``faces``
+    order), so they can be resampled by person later."""
+    ref = float(np.asarray(curves["deletion"], dtype=np.float64)[:, 0].mean())
+    if not math.isfinite(ref) or abs(ref) < 1e-12:
+        raise FeatlabError("the explained output is zero on the intact faces: deletion AUCs cannot be normalised")
+    out = {"map_baseline": map_baseline, "test_baseline": test_baseline(map_baseline),
+           "mean_intact_output": round(ref, 6), "deletion_fraction": [round(float(v), 4) for v in x], "interval": "95 % BCa bootstrap over faces"}
+    per_face = {}
+    for kind, a, b in (("deletion", "deletion", "random_deletion"), ("insertion", "insertion", "random_insertion")):
+        s = compare_to_random(x, curves[a], curves[b], ref, kind, seed)
+        per_face[f"{kind}_difference"] = s.pop("_per_face")
+        out.update(s)
+    same = compare_to_random(x, curves["same_deletion"], curves["same_random_deletion"], ref, "deletion", seed)
+    per_face["same_baseline_deletion_difference"] = same.pop("_per_face")
+    out["same_baseline"] = {"baseline": map_baseline, **same}
+    out["per_face"] = per_face
+    return out
+
+
+def faithfulness_line(method: str, label: str, s: dict, n_faces: int) -> str:
+    """The console line of one method and head."""
+    def ci(v):
+        return "n/a" if v is None else f"[{v[0]:+.3f}, {v[1]:+.3f}]"
+
+    same = s["same_baseline"]
+    return (f"{method} on {label} ({s['map_baseline']} map, cells replaced by {s['test_baseline']}, {n_faces} faces): "
+            f"deletion AUC {s['deletion_auc']:.3f} vs random {s['random_deletion_auc']:.3f}, difference "
+            f"{s['deletion_auc_difference']:+.3f} {ci(s['deletion_ci95'])} "
+            f"({'beats' if s['beats_random'] else 'does NOT beat'} random order; "
+            f"{s['faces_beating_random']:.0%} of faces); insertion AUC {s['insertion_auc']:.3f} vs random "
+            f"{s['random_insertion_auc']:.3f}, difference {s['insertion_auc_difference']:+.3f} "
+            f"{ci(s['insertion_ci95'])}; with the map's own {same['baseline']} cells (circular): deletion "
+            f"{same['deletion_auc']:.3f} vs {same['random_deletion_auc']:.3f}")
+
+
 def explain_chip(f, chip: np.ndarray, method: str, settings: Settings, reference: np.ndarray) -> np.ndarray:
     """(K, H, W) maps of one chip for the K scores of ``f``."""
     s = settings
@@ -286,17 +384,29 @@ def explain_chip(f, chip: np.ndarray, method: str, settings: Settings, reference
 
 
 def deletion_pair(f, chip: np.ndarray, maps: np.ndarray, settings: Settings, face: int):
-    """Per score k: (x, curve along map k's order (steps + 1,), curve along a random order); the random
-    order is shared by the K scores, so it costs one set of passes."""
+    """Per score k: (x, {curve name: (steps + 1,)}) for :func:`summarise_faithfulness`: deletion and insertion
+    along map k's order and along a random order with the test perturbation, and deletion along both orders with
+    the map's own. The random order is shared by the K scores, so it costs one set of passes per curve kind."""
     s = settings
     order0, cells = cell_order(maps[0], s.cell)
     rnd = random_order(len(cells), s.seed, face)
-    x, rand = deletion_curve(f, chip, rnd, cells, s.cell, s.steps, s.baseline, s.batch, s.patch)
+    plan = (("deletion", test_baseline(s.baseline), False), ("insertion", test_baseline(s.baseline), True),
+            ("same_deletion", s.baseline, False))
+
+    def run(order, base, ins):
+        return deletion_curve(f, chip, order, cells, s.cell, s.steps, base, s.batch, s.patch, insertion=ins)
+
+    rand = {}
+    for name, base, ins in plan:
+        x, rand[name] = run(rnd, base, ins)
     out = []
     for k in range(len(maps)):
         order = order0 if k == 0 else cell_order(maps[k], s.cell)[0]
-        _, ranked = deletion_curve(f, chip, order, cells, s.cell, s.steps, s.baseline, s.batch, s.patch)
-        out.append((x, ranked[:, k], rand[:, k]))
+        c = {}
+        for name, base, ins in plan:
+            c[name] = run(order, base, ins)[1][:, k]
+            c[name.replace("deletion", "random_deletion").replace("insertion", "random_insertion")] = rand[name][:, k]
+        out.append((x, c))
     return out
 
 
@@ -386,13 +496,15 @@ def check_head_dirs(head_dirs) -> list[Path]:
 @dataclass
 class _Curves:
     x: np.ndarray | None = None
-    ranked: list = field(default_factory=list)
-    rand: list = field(default_factory=list)
+    curves: dict = field(default_factory=dict)  # name -> list of per-face curves
 
-    def add(self, x, ranked, rand):
+    def add(self, x, curves: dict):
         self.x = x
-        self.ranked.append(ranked)
-        self.rand.append(rand)
+        for name, c in curves.items():
+            self.curves.setdefault(name, []).append(c)
+
+    def stacked(self) -> dict:
+        return {name: np.stack(v) for name, v in self.curves.items()}
 
 
 def _summary(scorer: HeadScorer, methods, settings: Settings, curves: dict, n_faces: int, view: str,
@@ -405,15 +517,13 @@ def _summary(scorer: HeadScorer, methods, settings: Settings, curves: dict, n_fa
         out["methods"][m] = {}
         for k, cfg in enumerate(scorer.cfgs):
             c = curves[(m, k)]
-            s = summarise_curves(c.x, np.stack(c.ranked), np.stack(c.rand))
+            s = summarise_faithfulness(c.x, c.stacked(), settings.baseline, settings.seed)
             s.update(head=str(Path(cfg.get("_dir", ""))), tap=cfg["tap"], target=cfg["target_name"], n_faces=n_faces)
             out["methods"][m][scorer.label(k)] = s
-            verdict = "beats" if s["beats_random"] else "does NOT beat"
-            echo(f"{m} on {scorer.label(k)}: deletion AUC {s['deletion_auc']:.3f} vs random {s['random_deletion_auc']:.3f} "
-                 f"({verdict} random order; {s['faces_beating_random']:.0%} of {n_faces} faces)")
+            echo(faithfulness_line(m, scorer.label(k), s, n_faces))
             if not s["beats_random"]:
-                echo(f"warning: {m} on {scorer.label(k)} does not beat a random deletion order on these faces: "
-                     "its map is not faithful here")
+                echo(f"warning: {m} on {scorer.label(k)} does not beat a random deletion order on these faces "
+                     f"(the interval of the AUC difference does not lie below 0): its map is not shown faithful here")
     return out
 
 
@@ -465,14 +575,15 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
         ref = f(chip[None])[0]
         for m in methods:
             maps = explain_chip(f, chip, m, settings, ref)
-            for k, (x, r, q) in enumerate(deletion_pair(f, chip, maps, settings, i)):
-                curves[(m, k)].add(x, r, q)
+            for k, (x, c) in enumerate(deletion_pair(f, chip, maps, settings, i)):
+                curves[(m, k)].add(x, c)
             titles = [f"{scorer.label(k)}: {text}" for k, (_, text) in enumerate(described)]
             figures.append((path, m, chip, maps, titles))
         echo(f"{path}: " + "; ".join(f"{scorer.label(k)} {t}" for k, (_, t) in enumerate(described)))
     summary = _summary(scorer, methods, settings, curves, len(paths), "images",
                        "probability of the predicted class (bins, gender) or the predicted age in years (age)",
-                       time.perf_counter() - t0, {"images": [str(p) for p in paths]}, echo=echo)
+                       time.perf_counter() - t0, {"images": [str(p) for p in paths], "faces": [str(p) for p in paths]},
+                       echo=echo)
     # write only now: nothing half-written when an image or a head is bad
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -643,8 +754,8 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
         for m in methods:
             maps = explain_chip(f, chip, m, settings, ref)
             sums[m][g] += maps
-            for k, (x, r, q) in enumerate(deletion_pair(f, chip, maps, settings, i)):
-                curves[(m, k)].add(x, r, q)
+            for k, (x, c) in enumerate(deletion_pair(f, chip, maps, settings, i)):
+                curves[(m, k)].add(x, c)
         face_sum[g] += chip
         count[g] += 1
         if (i + 1) % 10 == 0 or i + 1 == len(chips):
@@ -654,6 +765,7 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
                        "probability of the true class (bins, gender) or the predicted age in years (age)",
                        time.perf_counter() - t0,
                        {"features": str(features), "split": split, "grouped_by": grouped_by,
+                        "faces": [str(v) for v in labels["image_id"].to_numpy()[rows]],
                         "groups": {nm: int(c) for nm, c in zip(names, count)}}, echo=echo)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

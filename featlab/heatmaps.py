@@ -8,7 +8,7 @@ face stays visible where the map is near zero.
 - :func:`overlay`: one chip + map as an RGB image
 - :func:`image_png`: one face: the chip, then one map per head, each titled with the prediction
 - :func:`class_grid_png`: mean map per class (rows) and head (columns) on each class's mean face
-- :func:`deletion_png`: deletion curves (most relevant first vs random order) per method and head
+- :func:`deletion_png`: deletion and insertion curves (most relevant first vs random order) per method and head
 """
 
 from __future__ import annotations
@@ -105,22 +105,32 @@ def class_grid_png(mean_faces: np.ndarray, maps: np.ndarray, row_names: list[str
 
 
 def deletion_png(summary: dict, path) -> Path:
-    """Mean deletion curves of explain_summary.json: per method a panel, per head a colour; dashed = random order."""
+    """Mean deletion (top) and insertion (bottom) curves of explain_summary.json, cells replaced by the test
+    perturbation: per method a column, per head a colour; dashed = random order. Legends give each AUC and the
+    difference to random with its 95 % interval over faces."""
     methods = summary["methods"]
-    fig = _figure(3.6 * len(methods), 3.0)
+    fig = _figure(3.8 * len(methods), 6.4)
+    n = len(methods)
     for i, (m, per_head) in enumerate(methods.items()):
-        ax = fig.add_subplot(1, len(methods), i + 1)
-        for j, (label, s) in enumerate(per_head.items()):
-            c = TAP_COLOURS[j % len(TAP_COLOURS)]
-            ref = s["mean_intact_output"]
-            x = s["deletion_fraction"]
-            ax.plot(x, np.asarray(s["deletion_curve"]) / ref, color=c,
-                    label=f"{label}: AUC {s['deletion_auc']:.3f}")
-            ax.plot(x, np.asarray(s["random_deletion_curve"]) / ref, color=c, ls="--",
-                    label=f"random order: {s['random_deletion_auc']:.3f}")
-        ax.set_xlabel("share of the chip replaced (most relevant first)", fontsize=8)
-        ax.set_ylabel("explained output / intact", fontsize=8)
-        ax.set_title(f"{m}, {summary['n_faces']} faces", fontsize=9)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6)
+        for row, kind in enumerate(("deletion", "insertion")):
+            ax = fig.add_subplot(2, n, row * n + i + 1)
+            for j, (label, s) in enumerate(per_head.items()):
+                c = TAP_COLOURS[j % len(TAP_COLOURS)]
+                ref = s["mean_intact_output"]
+                x = s["deletion_fraction"]
+                ci = s.get(f"{kind}_ci95")
+                ci_text = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+                ax.plot(x, np.asarray(s[f"{kind}_curve"]) / ref, color=c,
+                        label=f"{label}: AUC {s[f'{kind}_auc']:.3f}, vs random {s[f'{kind}_auc_difference']:+.3f}"
+                              f"{ci_text}")
+                ax.plot(x, np.asarray(s[f"random_{kind}_curve"]) / ref, color=c, ls="--",
+                        label=f"random order: {s[f'random_{kind}_auc']:.3f}")
+            base = next(iter(per_head.values()))["test_baseline"] if per_head else ""
+            ax.set_xlabel(f"share of the chip {'replaced' if kind == 'deletion' else 'restored'} "
+                          "(most relevant first)", fontsize=8)
+            ax.set_ylabel("explained output / intact", fontsize=8)
+            ax.set_title(f"{m} map, {kind} with {base} cells, {summary['n_faces']} faces", fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=6)
+    fig.subplots_adjust(hspace=0.45)
     return _save(fig, path)

@@ -329,3 +329,70 @@ def test_dataset_view_refuses_images_changed_since_extraction(age_head):
     chips[1] = np.ascontiguousarray(chips[1][:, ::-1])  # "the image changed": mirrored
     with pytest.raises(FeatlabError, match=f"{paths[1].name} no longer gives the res5 features"):
         _check_not_stale(scorer, feats, rows, chips, paths)
+
+
+# ------------------------------------------------------------------------------------ faithfulness, not circular
+def _contrast(chips) -> np.ndarray:
+    """A 'head' that reads only the contrast of the top-left quadrant: mean |pixel - 128| there."""
+    c = np.asarray(chips, dtype=np.float64)[:, :Q, :Q]
+    return np.abs(c - 128.0).mean(axis=(1, 2, 3))
+
+
+def _contrast_chip(seed: int) -> np.ndarray:
+    """Outside the quadrant mid-grey noise; inside, pixels near black or white (high contrast, mean ~128)."""
+    rng = np.random.default_rng(seed)
+    chip = rng.integers(90, 166, (SIZE, SIZE, 3)).astype(np.uint8)
+    dark, light = rng.integers(0, 40, (Q, Q, 3)), rng.integers(215, 256, (Q, Q, 3))
+    chip[:Q, :Q] = np.where(rng.random((Q, Q, 3)) < 0.5, dark, light)
+    return chip
+
+
+def _faithfulness(maps_of, n_faces: int = 8):
+    from featlab.explain import deletion_pair, summarise_faithfulness
+
+    st = Settings(patch=8, stride=4, cell=8, steps=16, baseline="mean").check()
+    curves: dict = {}
+    for i in range(n_faces):
+        chip = _contrast_chip(100 + i)
+        (x, c), = deletion_pair(_contrast, chip, maps_of(chip, i)[None], st, i)
+        for name, v in c.items():
+            curves.setdefault(name, []).append(v)
+    curves = {k: np.stack(v) for k, v in curves.items()}
+    return x, curves, summarise_faithfulness(x, curves, st.baseline, seed=0)
+
+
+def test_a_right_map_beats_random_under_the_other_perturbation():
+    from featlab.explain import baseline_image, curve_auc
+    from featlab.uncertainty import interval
+
+    x, curves, s = _faithfulness(lambda chip, i: occlusion(_contrast, chip, patch=8, stride=4, baseline="mean"))
+    assert (s["map_baseline"], s["test_baseline"]) == ("mean", "blur")
+    # the mean-colour map is tested with blurred cells: still clearly faster than random, interval below 0
+    assert s["beats_random"] and s["deletion_ci95"][1] < 0 and s["deletion_auc_difference"] < -0.2
+    assert s["insertion_beats_random"] and s["insertion_ci95"][0] > 0
+    # the figures are what the curves say: mean of per-face differences = difference of the mean curves' AUCs,
+    # and the interval is uncertainty.interval of the per-face values
+    ref = curves["deletion"][:, 0].mean()
+    per = [(curve_auc(x, r) - curve_auc(x, q)) / ref for r, q in zip(curves["deletion"], curves["random_deletion"])]
+    assert s["per_face"]["deletion_difference"] == pytest.approx(per, abs=1e-6)
+    assert s["deletion_auc_difference"] == pytest.approx(s["deletion_auc"] - s["random_deletion_auc"], abs=1e-5)
+    assert s["deletion_ci95"] == pytest.approx(interval(per, seed=0), abs=1e-6)
+    # deletion ends and insertion starts at the fully blurred chip; insertion ends at the intact chip
+    blurred = [_contrast(np.clip(np.rint(baseline_image(_contrast_chip(100 + i), "blur", 8)), 0, 255)
+                         .astype(np.uint8)[None])[0] for i in range(8)]
+    assert s["deletion_curve"][-1] == pytest.approx(np.mean(blurred), rel=1e-5)
+    assert s["insertion_curve"][0] == pytest.approx(np.mean(blurred), rel=1e-5)
+    assert s["insertion_curve"][-1] == pytest.approx(s["mean_intact_output"], rel=1e-5)
+    assert s["same_baseline"]["baseline"] == "mean" and s["same_baseline"]["beats_random"]
+    # blur is a different edit from the mean colour: the fully replaced outputs differ
+    mean_colour = np.mean(curves["same_deletion"][:, -1])
+    assert abs(mean_colour - np.mean(blurred)) > 1.0
+
+
+def test_a_random_map_does_not_beat_random():
+    _, _, s = _faithfulness(lambda chip, i: np.random.default_rng(500 + i).normal(size=chip.shape[:2]))
+    lo, hi = s["deletion_ci95"]
+    assert lo <= 0 <= hi and not s["beats_random"]
+    assert abs(s["deletion_auc_difference"]) < 0.05
+    lo, hi = s["insertion_ci95"]
+    assert lo <= 0 <= hi and not s["insertion_beats_random"]

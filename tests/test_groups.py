@@ -314,3 +314,85 @@ def test_group_by_face_keeps_a_real_face_and_its_mirrored_recrop_together(utk_di
     assert a["group"] == "face:" + min(a["image_id"], b["image_id"])
     assert (df["group"] == a["group"]).sum() == 2  # different people stay apart
     assert df["group"].str.startswith("face:").all()
+
+
+def _clustered_embeddings(seed: int, n: int = 1200) -> np.ndarray:
+    """Low-rank 128-d points in tight clusters that touch: components of hundreds of faces at 0.35."""
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(8, 128)) / np.sqrt(128)
+    centres = rng.normal(size=(60, 8)) * 0.1
+    x = (centres[rng.integers(0, 60, n)] + rng.normal(size=(n, 8)) * 0.03) @ basis * 3
+    x[::97] = np.nan  # faces without an embedding
+    return x.astype(np.float32)
+
+
+def _full_linkage(emb: np.ndarray, threshold: float) -> np.ndarray:
+    """Independent reference: scipy's complete linkage over every finite face at once, cut at the threshold."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    ok = np.flatnonzero(np.isfinite(emb).all(axis=1))
+    sub = fcluster(linkage(emb[ok].astype(np.float64), method="complete"), threshold, criterion="distance")
+    lab = np.arange(len(emb))
+    for k in np.unique(sub):
+        lab[ok[sub == k]] = ok[sub == k].min()
+    return lab
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scalable_grouping_gives_the_groups_of_full_complete_linkage(seed):
+    from scipy.spatial.distance import cdist, pdist
+
+    from featlab.facegroups import LINK_DISTANCE, close_pairs, cluster_faces, components
+
+    emb = _clustered_embeddings(seed)
+    i, j, d = close_pairs(emb, LINK_DISTANCE)
+    assert np.bincount(components(len(emb), i, j)).max() > 100  # large components: the sparse path has work
+    # the ball-tree pairs are exactly the brute-force ones
+    ok = np.flatnonzero(np.isfinite(emb).all(axis=1))
+    dist = cdist(emb[ok].astype(np.float64), emb[ok].astype(np.float64))
+    bi, bj = np.nonzero(np.triu(dist <= LINK_DISTANCE, k=1))
+    assert np.array_equal(i, ok[bi]) and np.array_equal(j, ok[bj])
+    want = _full_linkage(emb, LINK_DISTANCE)
+    sparse = cluster_faces(emb, dense_max=2)  # every component of 3+ through the sparse complete linkage
+    dense = cluster_faces(emb, dense_max=10**9)  # every component through scipy (the code before this change)
+    assert np.array_equal(sparse, want) and np.array_equal(dense, want)
+    assert np.bincount(want).max() >= 5
+    for g in np.unique(want[np.bincount(want)[want] > 1]):  # complete linkage: every pair in a group is close
+        assert pdist(emb[want == g].astype(np.float64)).max() <= LINK_DISTANCE
+    # single linkage through the sparse path: the connected components
+    assert np.array_equal(cluster_faces(emb, method="single", dense_max=2),
+                          cluster_faces(emb, method="single", dense_max=10**9))
+
+
+def test_group_report_counts_age_bands_warns_on_infants_and_measures_the_written_split(tmp_path):
+    from featlab.facegroups import group_by_face
+
+    ages = [1, 1, 2, 30, 5, 30, 31, 70, 1, 40, 40, np.nan]
+    # groups: {0,1,2} infants; {3,4}: one 30 + one 5 (tie -> younger band); {5,6} adults; {8,9,10}: one infant
+    # among two adults; 7 and 11 alone
+    pos = [0.0, 0.1, 0.25, 3.0, 3.1, 6.0, 6.1, 9.0, 12.0, 12.1, 12.25, 15.0]
+    rows = [{"image_id": f"id{k:02d}", "path": f"/x/{k}.jpg", "age": a, "gender": "f", "split": "train"}
+            for k, a in enumerate(ages)]
+    emb = np.zeros((len(ages), 128), dtype=np.float32)
+    emb[:, 0] = pos
+    out, rep = group_by_face(to_frame(rows), seed=0, resplit=True, embeddings=emb)
+    bands = {b["band"]: (b["grouped_faces"], b["faces"], b["groups"]) for b in rep.bands}
+    assert bands["0-2"] == (4, 4, 1) and bands["3-12"] == (1, 1, 1) and bands["20-39"] == (3, 3, 1)
+    assert bands["40-59"] == (2, 2, 1) and bands["60+"] == (0, 1, 0) and bands["unknown"] == (0, 1, 0)
+    assert (rep.infant_groups, rep.infant_group_faces) == (1, 3)
+    assert any("mostly infants" in line for line in rep.lines())
+    assert rep.same_group_across_after is None and "not read back" in " ".join(rep.lines())
+    path = write_manifest(out, tmp_path / "m.csv")
+    rep.measure_written(path)
+    assert (rep.same_group_across_after, rep.near_duplicates_across_after, rep.test_faces_leaking_after) == (0, 0, 0)
+    # the count is read from the file: move one face of the infant group to test, and it shows
+    df = read_manifest(path)
+    g = df.loc[df["image_id"] == "id00", "group"].iloc[0]
+    members = df.index[df["group"] == g]
+    df.loc[members, "split"] = "train"
+    df.loc[members[0], "split"] = "test"
+    rep.measure_written(write_manifest(df, tmp_path / "m2.csv"))
+    assert rep.same_group_across_after == 2 and rep.test_faces_leaking_after == 1
+    # near-duplicates (within 0.2): (0,1), (1,2), (3,4), (5,6), (8,9), (9,10); only (0,1) now lies across
+    assert rep.near_duplicate_pairs == 6 and rep.near_duplicates_across_after == 1
+    assert "counted on the written manifest" in " ".join(rep.lines())

@@ -308,19 +308,20 @@ def _auc_rows(x: np.ndarray, curves: np.ndarray) -> np.ndarray:
 
 
 def compare_to_random(x: np.ndarray, ranked: np.ndarray, randomised: np.ndarray, ref: float, kind: str,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, groups=None) -> dict:
     """One curve pair (deletion or insertion) of many faces against random order: normalised AUCs of the mean
     curves, their difference with a 95 % bootstrap interval over faces (per-face differences / ``ref``, whose mean
     is the difference of the AUCs), the share of faces where the map's order wins, and the mean curves.
 
     Deletion wins when its area is smaller (difference < 0), insertion when it is larger (> 0); ``beats_random``
-    means the interval excludes 0 on the winning side."""
+    means the interval excludes 0 on the winning side. With ``groups`` (each face's person or face group) the
+    interval resamples whole groups."""
     from .uncertainty import interval
 
     ranked, randomised = np.asarray(ranked, dtype=np.float64), np.asarray(randomised, dtype=np.float64)
     per = (_auc_rows(x, ranked) - _auc_rows(x, randomised)) / ref
     sign = -1.0 if kind == "deletion" else 1.0
-    ci = interval(per, seed=seed)
+    ci = interval(per, seed=seed, groups=groups)
     diff = float(per.mean())
     wins = bool(ci is not None and (ci[1] < 0 if sign < 0 else ci[0] > 0))
     return {f"{kind}_auc": round(curve_auc(x, ranked.mean(axis=0)) / ref, 6),
@@ -335,24 +336,28 @@ def compare_to_random(x: np.ndarray, ranked: np.ndarray, randomised: np.ndarray,
             "_per_face": [round(float(v), 6) for v in per]}
 
 
-def summarise_faithfulness(x: np.ndarray, curves: dict, map_baseline: str, seed: int = 0) -> dict:
+def summarise_faithfulness(x: np.ndarray, curves: dict, map_baseline: str, seed: int = 0, groups=None) -> dict:
     """Everything explain_summary.json says about one method and head over many faces.
 
     ``curves``: ``deletion``, ``random_deletion``, ``insertion``, ``random_insertion`` (under the test
     perturbation, :func:`test_baseline`) and ``same_deletion``, ``same_random_deletion`` (under the map's own),
     each (n faces, steps + 1). Per-face AUC differences stay in ``per_face`` (faces in the summary's ``faces``
-    order), so they can be resampled by person later."""
+    order); with ``groups`` (each face's person or face group) the intervals resample people."""
+    from .uncertainty import unit_of
+
     ref = float(np.asarray(curves["deletion"], dtype=np.float64)[:, 0].mean())
     if not math.isfinite(ref) or abs(ref) < 1e-12:
         raise FeatlabError("the explained output is zero on the intact faces: deletion AUCs cannot be normalised")
     out = {"map_baseline": map_baseline, "test_baseline": test_baseline(map_baseline),
-           "mean_intact_output": round(ref, 6), "deletion_fraction": [round(float(v), 4) for v in x], "interval": "95 % BCa bootstrap over faces"}
+           "mean_intact_output": round(ref, 6), "deletion_fraction": [round(float(v), 4) for v in x]}
+    unit = unit_of(groups) if groups is not None else {"unit": "face", "n_units": len(curves["deletion"])}
+    out["interval"] = f"95 % BCa bootstrap over {unit['unit']}s ({unit['n_units']})"
     per_face = {}
     for kind, a, b in (("deletion", "deletion", "random_deletion"), ("insertion", "insertion", "random_insertion")):
-        s = compare_to_random(x, curves[a], curves[b], ref, kind, seed)
+        s = compare_to_random(x, curves[a], curves[b], ref, kind, seed, groups)
         per_face[f"{kind}_difference"] = s.pop("_per_face")
         out.update(s)
-    same = compare_to_random(x, curves["same_deletion"], curves["same_random_deletion"], ref, "deletion", seed)
+    same = compare_to_random(x, curves["same_deletion"], curves["same_random_deletion"], ref, "deletion", seed, groups)
     per_face["same_baseline_deletion_difference"] = same.pop("_per_face")
     out["same_baseline"] = {"baseline": map_baseline, **same}
     out["per_face"] = per_face
@@ -517,7 +522,8 @@ def _summary(scorer: HeadScorer, methods, settings: Settings, curves: dict, n_fa
         out["methods"][m] = {}
         for k, cfg in enumerate(scorer.cfgs):
             c = curves[(m, k)]
-            s = summarise_faithfulness(c.x, c.stacked(), settings.baseline, settings.seed)
+            s = summarise_faithfulness(c.x, c.stacked(), settings.baseline, settings.seed,
+                                       (extra or {}).get("face_groups"))
             s.update(head=str(Path(cfg.get("_dir", ""))), tap=cfg["tap"], target=cfg["target_name"], n_faces=n_faces)
             out["methods"][m][scorer.label(k)] = s
             echo(faithfulness_line(m, scorer.label(k), s, n_faces))
@@ -766,6 +772,7 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
                        time.perf_counter() - t0,
                        {"features": str(features), "split": split, "grouped_by": grouped_by,
                         "faces": [str(v) for v in labels["image_id"].to_numpy()[rows]],
+                        "face_groups": [str(v) for v in labels["group"].to_numpy()[rows]] if "group" in labels else None,
                         "groups": {nm: int(c) for nm, c in zip(names, count)}}, echo=echo)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -65,11 +65,18 @@ def _read_faces(path: Path, split: str = "test"):
     return df[df["split"] == split]
 
 
+def discover(results_root: Path) -> list[tuple[str, str]]:
+    """(backbone, dataset) pairs that have results (not the zero-shot nets' folder, not staging folders)."""
+    root = Path(results_root)
+    if not root.is_dir():
+        return []
+    return [(b.name, d.name) for b in sorted(root.iterdir()) if b.is_dir() and b.name != "zeroshot"
+            and not b.name.startswith(".") for d in sorted(b.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+
+
 def results_hint(root: Path) -> str:
     """What ``root`` holds, for a message: ``results exist for B/D, ...`` (or how to make some)."""
-    root = Path(root)
-    have = [f"{b.name}/{d.name}" for b in sorted(root.iterdir()) if b.is_dir()
-            for d in sorted(b.iterdir()) if d.is_dir()] if root.is_dir() else []
+    have = [f"{b}/{d}" for b, d in discover(root)]
     if not have:
         return "no results at all yet (train heads with `featlab train-head`, or `featlab run SPEC`)"
     return (f"results exist for {', '.join(have)} (pass them as --backbone B --dataset D)")

@@ -99,7 +99,7 @@ def parse_margins(items) -> dict[str, float]:
 def compare_cmd(target: str, cats: int | None, backbone=None, dataset=None, sweep=False, features=None, manifest=None,
                 margins=None) -> dict:
     from . import config
-    from .compare import compare
+    from .compare import compare, discover, results_hint
 
     if sweep:
         from .workflow import sweep as run_sweep
@@ -112,8 +112,6 @@ def compare_cmd(target: str, cats: int | None, backbone=None, dataset=None, swee
         else:
             matching = [f for f in found if (backbone in (None, f[0])) and (dataset in (None, f[1]))]
             if not matching:
-                from .compare import results_hint
-
                 asked = " and ".join(f"{o} {v}" for o, v in (("--backbone", backbone), ("--dataset", dataset)) if v)
                 raise FeatlabError(f"no results for {asked or 'any backbone and dataset'} under {config.results_dir()}; "
                                    + results_hint(config.results_dir()))
@@ -122,14 +120,3 @@ def compare_cmd(target: str, cats: int | None, backbone=None, dataset=None, swee
                 raise FeatlabError(f"say which results to compare with --backbone and --dataset (found: {have})")
             backbone, dataset = matching[0]
     return compare(backbone, dataset, target=target, cats=cats, margins=margins)
-
-
-def discover(results_root: Path) -> list[tuple[str, str]]:
-    """(backbone, dataset) pairs that have results."""
-    out = []
-    root = Path(results_root)
-    if root.is_dir():
-        for b in sorted(p for p in root.iterdir() if p.is_dir()):
-            for d in sorted(p for p in b.iterdir() if p.is_dir()):
-                out.append((b.name, d.name))
-    return out

@@ -364,14 +364,18 @@ def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_r
                                f"tap chosen on validation: {chosen['key']}; intervals resample {unit}s")
     fusions = [r for r in recs if is_fusion(r["key"]) and r["val"].get(sel) is not None]
     chosen_row = next(row for row in rows if row["chosen"])
+
+    def name(row):  # `res12` for a head, `res12 linear`, `majority`, `zero-shot dlib-age` for the baselines
+        return row["tap"] if row["reader"] == "head" else f"{row['tap']} {row['reader']}".strip()
+
     summary = {"chosen": chosen["key"], "chosen_on": "val", "selection_metric": sel,
                "best_fusion": choose(fusions, target)["key"] if fusions else None,
-               "verdicts": {v: [row["tap"] or row["reader"] for row in rows if row["verdict"] == v and not row["chosen"]]
+               "verdicts": {v: [name(row) for row in rows if row["verdict"] == v and not row["chosen"]]
                             for v in VERDICTS[1:]},
                "unit": chosen_row.get("unit", "face"), "n_units": chosen_row.get("n_units"),
                "design_effect": chosen_row.get("design_effect"),
                "alpha": ALPHA, "margins": margin,
-               "families": {f: [row["tap"] or row["reader"] for row in rows if row["family"] == f and not row["chosen"]]
+               "families": {f: [name(row) for row in rows if row["family"] == f and not row["chosen"]]
                             for f in ("heads", "baselines")},
                "correction": "Benjamini-Hochberg within each family (heads vs the chosen head; baselines vs the "
                              "chosen head), separately for the difference and the equivalence tests",

@@ -635,7 +635,7 @@ def _print_table(rows, echo) -> None:
         fig = ", ".join(format_figure(m, r[m], [r["ci95_low"], r["ci95_high"]] if m == sel and r.get("ci95_low") is not None
                                       else None) + f" {m}" for m in ms if r.get(m) is not None)
         p = r.get("p_vs_best")
-        t.add_row(tname, _reader_name(r).replace("`", ""), fig, "" if p is None else f"{p:.3f}",
+        t.add_row(tname, _reader_name(r).replace("`", ""), fig, format_p(p),
                   r.get("verdict") or "")
     console = Console()
     (console if console.is_terminal else Console(width=120)).print(t)  # a log file gets the table unfolded

@@ -361,7 +361,8 @@ def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_r
     unit = "person" if "person" in units else "face"
     png = comparison_png(rows, taps, headline, out / "layer_comparison.png",
                          title=f"{backbone} on {dataset}: {tname}, test split{seeds}; "
-                               f"tap chosen on validation: {chosen['key']}; intervals resample {unit}s")
+                               f"tap chosen on validation: {chosen['key']}; intervals resample "
+                               + ("people (face groups, identities)" if unit == "person" else "faces"))
     fusions = [r for r in recs if is_fusion(r["key"]) and r["val"].get(sel) is not None]
     chosen_row = next(row for row in rows if row["chosen"])
 

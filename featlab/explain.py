@@ -351,7 +351,7 @@ def summarise_faithfulness(x: np.ndarray, curves: dict, map_baseline: str, seed:
     out = {"map_baseline": map_baseline, "test_baseline": test_baseline(map_baseline),
            "mean_intact_output": round(ref, 6), "deletion_fraction": [round(float(v), 4) for v in x]}
     unit = unit_of(groups) if groups is not None else {"unit": "face", "n_units": len(curves["deletion"])}
-    out["interval"] = f"95 % BCa bootstrap over {unit['unit']}s ({unit['n_units']})"
+    out["interval"] = f"95 % BCa bootstrap over {'people' if unit['unit'] == 'person' else 'faces'} ({unit['n_units']})"
     per_face = {}
     for kind, a, b in (("deletion", "deletion", "random_deletion"), ("insertion", "insertion", "random_insertion")):
         s = compare_to_random(x, curves[a], curves[b], ref, kind, seed, groups)

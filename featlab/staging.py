@@ -114,6 +114,7 @@ class Stage:
 
     def __init__(self, final_root):
         self.final_root = Path(final_root)
+        self._made_final = not self.final_root.exists()  # a run that installs nothing leaves no results folder
         clean_stale(self.final_root)
         self.root = self.final_root / STAGING / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.root.mkdir(parents=True)
@@ -135,10 +136,11 @@ class Stage:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
-        try:
-            self.root.parent.rmdir()  # the last one out removes .staging
-        except OSError:
-            pass
+        for d in (self.root.parent, self.final_root) if self._made_final else (self.root.parent,):
+            try:
+                d.rmdir()  # the last one out removes .staging (and the results folder it made, if still empty)
+            except OSError:
+                pass
 
 
 # ----------------------------------------------------------------------------- what an interruption keeps

@@ -21,6 +21,7 @@ SCRIPTS = {
     "storage.py": "| featlab none",
     "before_after.py": "| dlib-age | 16 |",
     "grouping.py": "chosen rule",
+    "grouping_scale.py": "radius search alone",
     "cluster.py": "Files equal (ids in order, taps to float16 precision): True",
     "heads.py": "grid heads inside the sequential head's 95 % interval",
     "memory.py": "| extract dlib-age res3,res4,res5: 16 vs 32 images",

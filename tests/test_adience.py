@@ -169,3 +169,59 @@ def test_the_shipped_adience_spec_runs_the_eight_group_fold_protocol(adience, tm
         _check_ranges(adience[0], seven)
     dropping = with_heads('[[heads]]\ntarget = "bins"\ncats = [7]\nfold = "all"\nranges = "drop"\n')
     _check_ranges(adience[0], dropping)
+
+
+def test_the_shipped_adience_spec_runs_the_protocol_end_to_end(tmp_path, monkeypatch):
+    """`featlab run` of the shipped Adience spec on an Adience-format fixture (5 fold files, 120 real face
+    chips of the shipped sample, 2 photos per user, every label an Adience range or a stray exact age), on
+    dlib-age's res5 instead of the R100 (no weights here) and with 3 epochs: 8 groups and gender over the
+    5 folds, every face tested exactly once, nothing dropped, exact and 1-off accuracy with intervals over
+    users, and the report."""
+    import shutil
+
+    from featlab.bins import get_scheme
+    from featlab.experiment import run_spec
+
+    chips = sorted((ROOT / "featlab" / "data" / "utkface-sample").glob("*.jpg"))[::5][:120]
+    scheme = get_scheme(8)
+    header = ("user_id\toriginal_image\tface_id\tage\tgender\tx\ty\tdx\tdy\ttilt_ang\tfiducial_yaw_angle\t"
+              "fiducial_score")
+    folds: dict[int, list[str]] = {k: [] for k in range(5)}
+    data = tmp_path / "adience"
+    for i, p in enumerate(chips):
+        age, g = int(p.name.split("_")[0]), p.name.split("_")[1]
+        lo, hi = RANGES[scheme.assign(np.array([float(age)]))[0]]
+        label = f"({lo}, {hi})" if i % 10 else str(age)  # mostly ranges, a few exact ages as in Adience
+        user = f"user{i // 2}"
+        image = f"{i}.jpg"
+        dest = data / "faces" / user / f"coarse_tilt_aligned_face.{i}.{image}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, dest)
+        folds[(i // 2) % 5].append(f"{user}\t{image}\t{i}\t{label}\t{'m' if g == '0' else 'f'}\t0\t0\t1\t1\t0\t0\t0")
+    for k, lines in folds.items():
+        (data / f"fold_{k}_data.txt").write_text("\n".join([header, *lines]) + "\n")
+    text = (ROOT / "experiments" / "r100-adience.toml").read_text()
+    heads = text[text.index("[[heads]]"):]
+    spec = tmp_path / "r100-adience.toml"  # the shipped spec, its heads trained for 3 epochs only
+    spec.write_text(text.replace(heads, heads.replace('fold = "all"', 'fold = "all"\nepochs = 3')))
+    monkeypatch.chdir(tmp_path)
+    lines: list[str] = []
+    report = run_spec(spec, [f"dataset.root={data}", "backbone.name=dlib-age", 'backbone.model=""',
+                             'extract.taps=["res5"]', "extract.align=false"], echo=lines.append)
+    base = tmp_path / "results" / "dlib-age" / "r100-adience" / "res5"
+    for tname, metrics in (("bins8", ("accuracy", "one_off")), ("gender", ("accuracy",))):
+        summary = json.loads((base / tname / "metrics.json").read_text())
+        assert summary["kind"] == "folds" and summary["folds"] == [0, 1, 2, 3, 4]
+        assert summary["test"]["n"] == len(chips)  # every face is a test face of exactly one fold
+        assert summary["test"]["uncertainty"]["unit"] == "person"
+        assert summary["test"]["uncertainty"]["n_units"] == len(chips) // 2
+        for m in metrics:
+            lo, hi = summary["test"]["metrics"][f"{m}_ci95"]
+            assert lo <= summary["test"]["metrics"][m] <= hi
+        for k in range(5):
+            cfg = json.loads((base / tname / f"fold{k}" / "config.json").read_text())
+            assert cfg["ranges"]["dropped"] == 0
+    folds_csv = (base / "bins8" / "folds.csv").read_text().splitlines()
+    assert folds_csv[0].startswith("fold,") and len(folds_csv) == 6
+    text = report.read_text()
+    assert "## bins8" in text and "## gender" in text and "range-labelled rows left out" not in text

@@ -479,9 +479,11 @@ def uncertainty_line(comparisons: dict) -> str:
     """One sentence: what the intervals resample, the families and the margins of the tests."""
     s = next(iter(comparisons.values()))["summary"] if comparisons else {}
     unit = s.get("unit", "face")
-    what = (f"people ({s.get('n_units'):,} face groups or identities among the test faces; design effect "
-            f"{s['design_effect']:.2f} on the chosen input's figure)" if unit == "person" and s.get("n_units")
-            and s.get("design_effect") else "faces (no face shares a group)")
+    deff = ", ".join(f"{c['summary']['design_effect']:.2f}" + (f" ({t})" if t else "") for t, c in comparisons.items()
+                     if c["summary"].get("design_effect") is not None)
+    what = (f"people ({s.get('n_units'):,} face groups or identities among the test faces; design effect of the "
+            f"chosen input's figure: {deff})" if unit == "person" and s.get("n_units") and deff
+            else "faces (no face shares a group)")
     margins = ", ".join(f"{m} {format_margin(m, v)}" for m, v in
                         {m: v for c in comparisons.values() for m, v in c["summary"].get("margins", {}).items()}.items())
     return (f"Intervals: 95 % bootstrap over {what}. Paired tests against the chosen input resample the same "

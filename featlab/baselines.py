@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluate import score_predictions
+from .report.evaluate import score_predictions
 from .featureio import read_blocks, read_pooled, row_bytes
 from .labels import encode_target, face_scores, selection_metric, split_rows
 from .staging import checkpoint

@@ -493,7 +493,7 @@ def evaluate(
 ):
     """Score a trained head (figures with 95 % intervals, confusion matrices, subgroups) into HEAD/eval/...;
     the head's own record is never changed."""
-    from .evaluate import SPLITS, evaluate_head
+    from .report.evaluate import SPLITS, evaluate_head
 
     _check_head_dir(head)
     _check_file(features, "features file", "make it with `featlab extract`")
@@ -622,7 +622,7 @@ def explain(
 ):
     """Signed heatmaps (occlusion, RISE) of where heads find their evidence, with deletion and insertion curves vs
     random order (cells replaced by the other perturbation than the map's) and 95 % intervals over faces."""
-    from .explain import Settings, check_head_dirs, check_methods
+    from .report.explain import Settings, check_head_dirs, check_methods
 
     settings = Settings(patch=patch, stride=stride, masks=masks, baseline=baseline, cell=cell, steps=steps,
                         batch=batch, seed=seed).check()
@@ -633,7 +633,7 @@ def explain(
             raise FeatlabError("--compare needs --features FILE.h5 (the dataset view)")
         if head:
             raise FeatlabError("give --head DIR... or --compare TARGET, not both")
-        from .explain import compare_heads
+        from .report.explain import compare_heads
 
         head = compare_heads(features, compare)
         _echo("heads: " + ", ".join(str(h) for h in head))
@@ -645,13 +645,13 @@ def explain(
     if features is not None:
         if images:
             raise FeatlabError("give images or --features (the dataset view), not both")
-        from .explain import explain_dataset
+        from .report.explain import explain_dataset
 
         explain_dataset(heads, features, n, out, methods, settings, model=model, groups=groups, split=split, echo=_echo)
         return
     if not images:
         raise FeatlabError("no images given: pass image files or folders, or --features FILE.h5 for the dataset view")
-    from .explain import explain_images
+    from .report.explain import explain_images
 
     explain_images(images, heads, out, methods, settings, model=model, align=detect, echo=_echo)
 

@@ -217,7 +217,7 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
         dkey = dataset_key(feature_set(s.attrs))  # where this feature set's results live
     if spec.get("zero_shot", True):
         _zero_shot_step(rep.out, heads, echo)
-    from .compare import compare
+    from .report.compare import compare
 
     margins = (spec.get("compare") or {}).get("margins")
     comparisons = {tname: compare(backbone, dkey, target=h["target"], cats=h["cats"], margins=margins)

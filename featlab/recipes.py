@@ -79,7 +79,7 @@ def summary_line(m: dict) -> str:
 
 def parse_margins(items) -> dict[str, float]:
     """``["accuracy=0.02", "mae=0.25"]`` -> ``{"accuracy": 0.02, "mae": 0.25}`` (one line on anything else)."""
-    from .uncertainty import MARGINS
+    from .report.uncertainty import MARGINS
 
     out = {}
     for item in items:
@@ -99,7 +99,7 @@ def parse_margins(items) -> dict[str, float]:
 def compare_cmd(target: str, cats: int | None, backbone=None, dataset=None, sweep=False, features=None, manifest=None,
                 margins=None) -> dict:
     from . import config
-    from .compare import compare, discover, results_hint
+    from .report.compare import compare, discover, results_hint
 
     if sweep:
         from .workflow import sweep as run_sweep

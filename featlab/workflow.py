@@ -23,7 +23,7 @@ from .labels import HEADLINE, format_figure
 from .paths import dataset_key, feature_set
 from .staging import Stage, checkpoint, keep
 from .store import FeatureStore
-from .uncertainty import interval
+from .report.uncertainty import interval
 
 
 def _train_and_record(features, layer, target, cats, *, fold, seed, seed_dir, baselines, out_root, verbose,
@@ -39,7 +39,7 @@ def _train_and_record(features, layer, target, cats, *, fold, seed, seed_dir, ba
 def _record(features, d: Path, baselines: bool, verbose, memory_mb) -> dict:
     """Score a saved head on val and test (metrics.json) and fit its baselines."""
     from .baselines import fit_baselines
-    from .evaluate import record_head
+    from .report.evaluate import record_head
     from .model import load_head
 
     model, cfg = load_head(d)
@@ -182,7 +182,7 @@ def summarise(dirs: list[Path], kind: str, root: Path) -> Path:
     figure from those faces with its interval, plus mean and std of the per-head figures."""
     import pandas as pd
 
-    from .evaluate import uncertainty_note
+    from .report.evaluate import uncertainty_note
 
     recs = [json.loads((Path(d) / "metrics.json").read_text()) for d in dirs]
     target = recs[0]["target"]
@@ -254,7 +254,7 @@ def sweep(target: str, cats, backbone=None, features=None, manifest=None, pool: 
     import re
 
     from .backbones import Backbone
-    from .compare import compare, sweep_plot
+    from .report.compare import compare, sweep_plot
     from .extract import extract
 
     if not manifest:

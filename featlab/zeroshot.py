@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .bins import get_scheme
-from .evaluate import score_predictions, write_faces
+from .report.evaluate import score_predictions, write_faces
 from .labels import encode_target, target_name
 from .paths import feature_set, zeroshot_dir
 from .store import FeatureStore

@@ -1,0 +1,793 @@
+"""Explain: where in the face a head finds its evidence, and whether that is true.
+
+Two perturbation methods that need no gradients, only the frozen ONNX
+backbone and the head as a black box ``f(chips) -> scores``:
+
+- :func:`occlusion`: slide a patch (``patch`` px, ``stride`` px) over the
+  chip, replace it by a baseline (the chip's mean colour, or a blurred copy),
+  and score ``f(original) - f(occluded)`` on the pixels it covered (averaged
+  where patches overlap). Positive = evidence for the explained output,
+  negative = evidence against it.
+- :func:`rise`: RISE (Petsiuk et al., BMVC 2018) with N seeded random smooth
+  masks; the map is the covariance of the score with each pixel being kept,
+  ``sum_i (f_i - mean f) M_i / (N p)``, signed like occlusion.
+
+Every masked variant of a chip goes through ``f`` in batches of ``batch``;
+outputs are gathered first and summed in a fixed order, so a map does not
+depend on the batch size.
+
+Faithfulness (:func:`deletion_curve`, pixel flipping after Samek et al.,
+IEEE TNNLS 2017; insertion after Petsiuk et al. 2018): the chip is cut into
+cells of ``cell`` px; the deletion curve replaces the cells most relevant
+first and tracks the explained output, the insertion curve starts from the
+fully replaced chip and restores the cells most relevant first; both also
+along a seeded random order. The cells are replaced with the *other*
+perturbation than the one that made the map (:func:`test_baseline`: a blur
+for a mean-colour map, the mean colour for a blur map), so the test does not
+re-apply the very edit the map measured (with the same perturbation an
+occlusion map is close to the greedy deletion order by construction); the
+curves under the map's own perturbation are kept as ``same_baseline``, for
+reference only. :func:`summarise_faithfulness` turns the curves of many faces
+into normalised areas (AUC: area under the mean curve over the replaced
+share [0, 1], divided by the mean output of the intact faces) and gives the
+AUC difference to random a 95 % bootstrap interval over faces
+(:func:`featlab.uncertainty.interval` of the per-face differences, each
+divided by the same mean intact output, so their mean is the difference of
+the AUCs). A map is faithful when the deletion difference's interval lies
+below 0 (its order removes the evidence faster than random); insertion is
+reported beside it (above 0 = the order restores the output faster).
+
+:class:`HeadScorer` makes ``f`` from trained heads as ``featlab predict``
+runs them (same chips, same stored-features transform); :func:`explain_images`
+and :func:`explain_dataset` are the two views of ``featlab explain``. This
+module imports numpy only; onnxruntime and the heads load when a scorer is made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FeatlabError
+
+METHODS = ("occlusion", "rise")
+BASELINES = ("mean", "blur")
+SUMMARY = "explain_summary.json"
+
+
+# ------------------------------------------------------------------------------------ settings
+@dataclass
+class Settings:
+    """How maps and deletion curves are made (all recorded in explain_summary.json)."""
+
+    patch: int = 16          # occlusion patch side, px of the chip
+    stride: int = 8          # occlusion stride, px
+    masks: int = 1000        # RISE: number of random masks
+    rise_grid: int = 8       # RISE: masks are drawn on a grid x grid raster, then upsampled
+    rise_p: float = 0.5      # RISE: probability that a grid cell is kept
+    baseline: str = "mean"   # what replaces removed pixels: the chip's mean colour, or a blurred chip
+    cell: int = 16           # deletion: cell side, px
+    steps: int = 16          # deletion: points on the curve after the intact chip
+    batch: int = 64          # masked chips per call of the scorer
+    seed: int = 0
+
+    def check(self) -> Settings:
+        for name in ("patch", "stride", "masks", "rise_grid", "cell", "steps", "batch"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise FeatlabError(f"--{name.replace('_', '-')} must be a positive whole number (got {v!r})")
+        if not 0.0 < float(self.rise_p) < 1.0:
+            raise FeatlabError(f"the RISE keep probability must be between 0 and 1 (got {self.rise_p})")
+        if self.baseline not in BASELINES:
+            raise FeatlabError(f"--baseline must be one of {', '.join(BASELINES)} (got {self.baseline!r})")
+        return self
+
+    def describe(self, methods) -> dict:
+        d = {"baseline": self.baseline, "test_baseline": test_baseline(self.baseline), "deletion_cell": self.cell,
+             "deletion_steps": self.steps,
+             "batch": self.batch, "seed": self.seed}
+        if "occlusion" in methods:
+            d.update(patch=self.patch, stride=self.stride)
+        if "rise" in methods:
+            d.update(masks=self.masks, rise_grid=self.rise_grid, rise_p=self.rise_p)
+        return d
+
+
+def check_methods(methods) -> list[str]:
+    methods = list(dict.fromkeys(methods or ["occlusion"]))
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise FeatlabError(f"unknown --method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+# ------------------------------------------------------------------------------------ core
+def baseline_image(chip: np.ndarray, kind: str = "mean", patch: int = 16) -> np.ndarray:
+    """What removed pixels become: float32 (H, W, 3), the chip's mean colour or a Gaussian blur (sigma patch/2)."""
+    chip = np.asarray(chip)
+    if kind == "mean":
+        return np.broadcast_to(chip.reshape(-1, 3).mean(axis=0).astype(np.float32), chip.shape).copy()
+    if kind == "blur":
+        from scipy.ndimage import gaussian_filter
+
+        return gaussian_filter(chip.astype(np.float32), sigma=(patch / 2.0, patch / 2.0, 0.0), mode="nearest")
+    raise FeatlabError(f"unknown baseline {kind!r}; choose from {', '.join(BASELINES)}")
+
+
+def test_baseline(map_baseline: str) -> str:
+    """The perturbation the faithfulness curves replace cells with: the other one than the map's."""
+    return "blur" if map_baseline == "mean" else "mean"
+
+
+def _scores(f, chips: np.ndarray, shape: list | None = None) -> np.ndarray:
+    """f(chips) as float64 (N, K); loud on a wrong count or non-finite values. ``shape`` collects f's own ndim."""
+    out = np.asarray(f(chips), dtype=np.float64)
+    if shape is not None:
+        shape.append(out.ndim)
+    if out.ndim == 1:
+        out = out[:, None]
+    if out.ndim != 2 or out.shape[0] != len(chips):
+        raise FeatlabError(f"the explained model gave {out.shape} scores for {len(chips)} chips")
+    if not np.isfinite(out).all():
+        raise FeatlabError("the explained model gave non-finite outputs (NaN or inf) on masked chips")
+    return out
+
+
+def _masked_scores(f, chip: np.ndarray, base: np.ndarray, keep_masks, n: int, batch: int,
+                   shape: list | None = None) -> np.ndarray:
+    """Scores (n, K) of ``chip * m + base * (1 - m)`` for the masks ``keep_masks(a, b) -> (b - a, H, W)``."""
+    x = chip.astype(np.float32)
+    out = []
+    for a in range(0, n, batch):
+        m = keep_masks(a, min(n, a + batch))[..., None]
+        comp = np.rint(x * m + base * (1.0 - m))
+        out.append(_scores(f, np.clip(comp, 0, 255).astype(np.uint8), shape))
+    return np.concatenate(out, axis=0)
+
+
+def _positions(size: int, patch: int, stride: int) -> list[int]:
+    if patch >= size:
+        return [0]
+    pos = list(range(0, size - patch + 1, stride))
+    if pos[-1] != size - patch:  # the last patch reaches the edge
+        pos.append(size - patch)
+    return pos
+
+
+def _squeeze(maps: np.ndarray, one: bool) -> np.ndarray:
+    return maps[0] if one else maps
+
+
+def occlusion(f, chip: np.ndarray, patch: int = 16, stride: int = 8, baseline: str = "mean", batch: int = 64,
+              reference: np.ndarray | None = None) -> np.ndarray:
+    """Signed occlusion map(s): ``f(chip) - f(chip with a patch replaced)``, averaged over the patches covering a pixel.
+
+    ``f`` maps uint8 chips (N, H, W, 3) to scores (N,) or (N, K); the map is (H, W), or (K, H, W) for K scores.
+    ``reference``: f(chip) if already known (shape (K,)).
+    """
+    chip = np.asarray(chip, dtype=np.uint8)
+    h, w = chip.shape[:2]
+    base = baseline_image(chip, baseline, patch)
+    boxes = [(y, x) for y in _positions(h, patch, stride) for x in _positions(w, patch, stride)]
+
+    def keep(a, b):
+        m = np.ones((b - a, h, w), dtype=np.float32)
+        for i, (y, x) in enumerate(boxes[a:b]):
+            m[i, y : y + patch, x : x + patch] = 0.0
+        return m
+
+    shape: list = []
+    f0 = _scores(f, chip[None])[0] if reference is None else np.atleast_1d(np.asarray(reference, dtype=np.float64))
+    s = _masked_scores(f, chip, base, keep, len(boxes), batch, shape)
+    delta = f0[None, :] - s  # (n boxes, K)
+    acc = np.zeros((s.shape[1], h, w), dtype=np.float64)
+    cnt = np.zeros((h, w), dtype=np.float64)
+    for (y, x), d in zip(boxes, delta):  # fixed order: the map does not depend on the batch size
+        acc[:, y : y + patch, x : x + patch] += d[:, None, None]
+        cnt[y : y + patch, x : x + patch] += 1.0
+    return _squeeze(acc / np.maximum(cnt, 1.0), shape[0] == 1)
+
+
+def rise_masks(n: int, size: tuple[int, int], grid: int = 8, p: float = 0.5, seed: int = 0):
+    """A function ``(a, b) -> masks a..b-1`` (float32, values in [0, 1]) of RISE's N seeded smooth random masks.
+
+    Each mask is a ``grid x grid`` Bernoulli(p) raster, bilinearly upsampled to ``(grid + 1)`` cells of
+    ``ceil(H / grid)`` px and cropped at a random shift (Petsiuk et al. 2018). Mask i is the same whatever batch
+    asks for it.
+    """
+    import cv2
+
+    h, w = size
+    ch, cw = math.ceil(h / grid), math.ceil(w / grid)
+    rng = np.random.default_rng(seed)
+    cells = (rng.random((n, grid, grid)) < p).astype(np.float32)
+    shifts = np.stack([rng.integers(0, ch, n), rng.integers(0, cw, n)], axis=1)
+
+    def masks(a: int, b: int) -> np.ndarray:
+        out = np.empty((b - a, h, w), dtype=np.float32)
+        for j, i in enumerate(range(a, b)):
+            up = cv2.resize(cells[i], ((grid + 1) * cw, (grid + 1) * ch), interpolation=cv2.INTER_LINEAR)
+            dy, dx = shifts[i]
+            out[j] = up[dy : dy + h, dx : dx + w]
+        return out
+
+    return masks
+
+
+def rise(f, chip: np.ndarray, masks: int = 1000, grid: int = 8, p: float = 0.5, baseline: str = "mean",
+         batch: int = 64, seed: int = 0, patch: int = 16) -> np.ndarray:
+    """Signed RISE map(s): ``sum_i (f(chip masked by M_i) - mean) M_i / (N p)``; (H, W) or (K, H, W).
+
+    ``patch`` only sets the blur of the ``blur`` baseline.
+    """
+    chip = np.asarray(chip, dtype=np.uint8)
+    h, w = chip.shape[:2]
+    base = baseline_image(chip, baseline, patch)
+    make = rise_masks(masks, (h, w), grid, p, seed)
+    shape: list = []
+    s = _masked_scores(f, chip, base, make, masks, batch, shape)  # (N, K)
+    centred = s - s.mean(axis=0, keepdims=True)
+    acc = np.zeros((s.shape[1], h, w), dtype=np.float64)
+    step = 256  # fixed chunks of masks, whatever the batch size
+    for a in range(0, masks, step):
+        m = make(a, min(masks, a + step)).astype(np.float64)
+        acc += np.einsum("nk,nhw->khw", centred[a : a + step], m)
+    acc /= masks * p
+    return _squeeze(acc, shape[0] == 1)
+
+
+def cell_order(relevance: np.ndarray, cell: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Cells of ``cell`` px sorted by summed relevance, highest first (ties: raster order); and the cells."""
+    h, w = relevance.shape
+    cells = [(y, x) for y in range(0, h, cell) for x in range(0, w, cell)]
+    rel = np.array([relevance[y : y + cell, x : x + cell].sum() for y, x in cells])
+    return np.argsort(-rel, kind="stable"), cells
+
+
+def deletion_curve(f, chip: np.ndarray, order: np.ndarray, cells, cell: int, steps: int = 16,
+                   baseline: str = "mean", batch: int = 64, patch: int = 16,
+                   insertion: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(fraction of cells replaced or restored, scores (steps + 1, K)).
+
+    Deletion: cells replaced by the baseline in ``order`` (point 0 = the intact chip). Insertion: the chip
+    fully replaced by the baseline, cells restored in ``order`` (point 0 = all replaced, the last = intact)."""
+    chip = np.asarray(chip, dtype=np.uint8)
+    h, w = chip.shape[:2]
+    base = baseline_image(chip, baseline, patch)
+    n = len(cells)
+    ks = np.round(np.linspace(0, n, steps + 1)).astype(int)
+    start, flip = (0.0, 1.0) if insertion else (1.0, 0.0)  # keep-mask of the chip at point 0, of a visited cell
+
+    def keep(a, b):
+        m = np.full((b - a, h, w), start, dtype=np.float32)
+        for j, k in enumerate(ks[a:b]):
+            for c in order[:k]:
+                y, x = cells[c]
+                m[j, y : y + cell, x : x + cell] = flip
+        return m
+
+    return ks / n, _masked_scores(f, chip, base, keep, len(ks), batch)
+
+
+def random_order(n_cells: int, seed: int, face: int) -> np.ndarray:
+    return np.random.default_rng([int(seed), int(face)]).permutation(n_cells)
+
+
+def curve_auc(x: np.ndarray, y: np.ndarray) -> float:
+    """Trapezoid area under y(x)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2.0)
+
+
+def summarise_curves(x: np.ndarray, ranked: np.ndarray, randomised: np.ndarray) -> dict:
+    """AUCs of the mean deletion curves over faces ((n faces, steps + 1) each), normalised by the mean intact output."""
+    ranked, randomised = np.asarray(ranked, dtype=np.float64), np.asarray(randomised, dtype=np.float64)
+    ref = float(ranked[:, 0].mean())
+    if not math.isfinite(ref) or abs(ref) < 1e-12:
+        raise FeatlabError("the explained output is zero on the intact faces: deletion AUCs cannot be normalised")
+    mr, mq = ranked.mean(axis=0), randomised.mean(axis=0)
+    auc, rnd = curve_auc(x, mr) / ref, curve_auc(x, mq) / ref
+    # per-face AUCs, to say how often the map beats random
+    per = np.array([curve_auc(x, r) < curve_auc(x, q) for r, q in zip(ranked, randomised)])
+    return {"deletion_auc": round(auc, 6), "random_deletion_auc": round(rnd, 6), "beats_random": bool(auc < rnd),
+            "faces_beating_random": float(round(per.mean(), 4)), "mean_intact_output": round(ref, 6),
+            "deletion_fraction": [round(float(v), 4) for v in x],
+            "deletion_curve": [round(float(v), 6) for v in mr], "random_deletion_curve": [round(float(v), 6) for v in mq]}
+
+
+def _auc_rows(x: np.ndarray, curves: np.ndarray) -> np.ndarray:
+    """Per-face trapezoid areas of curves (n faces, steps + 1)."""
+    x = np.asarray(x, dtype=np.float64)
+    c = np.asarray(curves, dtype=np.float64)
+    return np.sum((c[:, 1:] + c[:, :-1]) * np.diff(x)[None, :], axis=1) / 2.0
+
+
+def compare_to_random(x: np.ndarray, ranked: np.ndarray, randomised: np.ndarray, ref: float, kind: str,
+                      seed: int = 0, groups=None) -> dict:
+    """One curve pair (deletion or insertion) of many faces against random order: normalised AUCs of the mean
+    curves, their difference with a 95 % bootstrap interval over faces (per-face differences / ``ref``, whose mean
+    is the difference of the AUCs), the share of faces where the map's order wins, and the mean curves.
+
+    Deletion wins when its area is smaller (difference < 0), insertion when it is larger (> 0); ``beats_random``
+    means the interval excludes 0 on the winning side. With ``groups`` (each face's person or face group) the
+    interval resamples whole groups."""
+    from .uncertainty import interval
+
+    ranked, randomised = np.asarray(ranked, dtype=np.float64), np.asarray(randomised, dtype=np.float64)
+    per = (_auc_rows(x, ranked) - _auc_rows(x, randomised)) / ref
+    sign = -1.0 if kind == "deletion" else 1.0
+    ci = interval(per, seed=seed, groups=groups)
+    diff = float(per.mean())
+    wins = bool(ci is not None and (ci[1] < 0 if sign < 0 else ci[0] > 0))
+    return {f"{kind}_auc": round(curve_auc(x, ranked.mean(axis=0)) / ref, 6),
+            f"random_{kind}_auc": round(curve_auc(x, randomised.mean(axis=0)) / ref, 6),
+            f"{kind}_auc_difference": round(diff, 6),
+            f"{kind}_ci95": None if ci is None else [round(v, 6) for v in ci],
+            ("beats_random" if kind == "deletion" else "insertion_beats_random"): wins,
+            f"faces_beating_random{'' if kind == 'deletion' else '_insertion'}":
+                float(round(float(np.mean(sign * per > 0)), 4)),
+            f"{kind}_curve": [round(float(v), 6) for v in ranked.mean(axis=0)],
+            f"random_{kind}_curve": [round(float(v), 6) for v in randomised.mean(axis=0)],
+            "_per_face": [round(float(v), 6) for v in per]}
+
+
+def summarise_faithfulness(x: np.ndarray, curves: dict, map_baseline: str, seed: int = 0, groups=None) -> dict:
+    """Everything explain_summary.json says about one method and head over many faces.
+
+    ``curves``: ``deletion``, ``random_deletion``, ``insertion``, ``random_insertion`` (under the test
+    perturbation, :func:`test_baseline`) and ``same_deletion``, ``same_random_deletion`` (under the map's own),
+    each (n faces, steps + 1). Per-face AUC differences stay in ``per_face`` (faces in the summary's ``faces``
+    order); with ``groups`` (each face's person or face group) the intervals resample people."""
+    from .uncertainty import unit_of
+
+    ref = float(np.asarray(curves["deletion"], dtype=np.float64)[:, 0].mean())
+    if not math.isfinite(ref) or abs(ref) < 1e-12:
+        raise FeatlabError("the explained output is zero on the intact faces: deletion AUCs cannot be normalised")
+    out = {"map_baseline": map_baseline, "test_baseline": test_baseline(map_baseline),
+           "mean_intact_output": round(ref, 6), "deletion_fraction": [round(float(v), 4) for v in x]}
+    unit = unit_of(groups) if groups is not None else {"unit": "face", "n_units": len(curves["deletion"])}
+    out["interval"] = f"95 % BCa bootstrap over {'people' if unit['unit'] == 'person' else 'faces'} ({unit['n_units']})"
+    per_face = {}
+    for kind, a, b in (("deletion", "deletion", "random_deletion"), ("insertion", "insertion", "random_insertion")):
+        s = compare_to_random(x, curves[a], curves[b], ref, kind, seed, groups)
+        per_face[f"{kind}_difference"] = s.pop("_per_face")
+        out.update(s)
+    same = compare_to_random(x, curves["same_deletion"], curves["same_random_deletion"], ref, "deletion", seed, groups)
+    per_face["same_baseline_deletion_difference"] = same.pop("_per_face")
+    out["same_baseline"] = {"baseline": map_baseline, **same}
+    out["per_face"] = per_face
+    return out
+
+
+def faithfulness_line(method: str, label: str, s: dict, n_faces: int) -> str:
+    """The console line of one method and head."""
+    def ci(v):
+        return "n/a" if v is None else f"[{v[0]:+.3f}, {v[1]:+.3f}]"
+
+    same = s["same_baseline"]
+    return (f"{method} on {label} ({s['map_baseline']} map, cells replaced by {s['test_baseline']}, {n_faces} faces): "
+            f"deletion AUC {s['deletion_auc']:.3f} vs random {s['random_deletion_auc']:.3f}, difference "
+            f"{s['deletion_auc_difference']:+.3f} {ci(s['deletion_ci95'])} "
+            f"({'beats' if s['beats_random'] else 'does NOT beat'} random order; "
+            f"{s['faces_beating_random']:.0%} of faces); insertion AUC {s['insertion_auc']:.3f} vs random "
+            f"{s['random_insertion_auc']:.3f}, difference {s['insertion_auc_difference']:+.3f} "
+            f"{ci(s['insertion_ci95'])}; with the map's own {same['baseline']} cells (circular): deletion "
+            f"{same['deletion_auc']:.3f} vs {same['random_deletion_auc']:.3f}")
+
+
+def explain_chip(f, chip: np.ndarray, method: str, settings: Settings, reference: np.ndarray) -> np.ndarray:
+    """(K, H, W) maps of one chip for the K scores of ``f``."""
+    s = settings
+    if method == "occlusion":
+        return occlusion(lambda c: _scores(f, c), chip, s.patch, s.stride, s.baseline, s.batch, reference=reference)
+    return rise(lambda c: _scores(f, c), chip, s.masks, s.rise_grid, s.rise_p, s.baseline, s.batch, s.seed, s.patch)
+
+
+def deletion_pair(f, chip: np.ndarray, maps: np.ndarray, settings: Settings, face: int):
+    """Per score k: (x, {curve name: (steps + 1,)}) for :func:`summarise_faithfulness`: deletion and insertion
+    along map k's order and along a random order with the test perturbation, and deletion along both orders with
+    the map's own. The random order is shared by the K scores, so it costs one set of passes per curve kind."""
+    s = settings
+    order0, cells = cell_order(maps[0], s.cell)
+    rnd = random_order(len(cells), s.seed, face)
+    plan = (("deletion", test_baseline(s.baseline), False), ("insertion", test_baseline(s.baseline), True),
+            ("same_deletion", s.baseline, False))
+
+    def run(order, base, ins):
+        return deletion_curve(f, chip, order, cells, s.cell, s.steps, base, s.batch, s.patch, insertion=ins)
+
+    rand = {}
+    for name, base, ins in plan:
+        x, rand[name] = run(rnd, base, ins)
+    out = []
+    for k in range(len(maps)):
+        order = order0 if k == 0 else cell_order(maps[k], s.cell)[0]
+        c = {}
+        for name, base, ins in plan:
+            c[name] = run(order, base, ins)[1][:, k]
+            c[name.replace("deletion", "random_deletion").replace("insertion", "random_insertion")] = rand[name][:, k]
+        out.append((x, c))
+    return out
+
+
+# ------------------------------------------------------------------------------------ heads as a scorer
+class HeadScorer:
+    """Trained heads of one backbone as ``f(chips) -> (N, K)``: the backbone runs once per chip, each head reads
+    its tap as it was stored, and score k is head k's probability of class ``classes[k]`` (bins, gender) or its
+    predicted age in years (regression)."""
+
+    def __init__(self, head_dirs, model: str | None = None):
+        from ..backbones import Runner
+        from ..model import load_head
+        from ..predict import backbone_for
+        from ..store import parse_key
+
+        self.heads = [load_head(d) for d in head_dirs]
+        self.cfgs = [c for _, c in self.heads]
+        self.backbone, self.flip, self.align = backbone_for(self.cfgs, model)
+        keys, self.dtypes = {}, {}
+        for c in self.cfgs:
+            name, kind, grid = parse_key(c["tap"])
+            keys[c["tap"]] = (self.backbone.tap(name), kind, grid)
+            self.dtypes[c["tap"]] = (c.get("tap_info") or {}).get("dtype") or "float16"
+        self.keys = keys
+        outputs = None if self.flip else {k: (*v, self.dtypes[k]) for k, v in keys.items()}
+        # no busy-waiting threads: masked batches leave the cores to the head and the mask code in between
+        self.runner = Runner(self.backbone, [t for t, _, _ in keys.values()], outputs=outputs, uint8_input=True,
+                             spinning=False)
+        self.geometry = self.backbone.geometry
+        self.calls = 0
+        self.chips_scored = 0
+
+    def predictions(self, chips: np.ndarray) -> list[dict]:
+        """Per head, ``outputs_to_prediction`` of the chips (uint8 (N, H, W, 3))."""
+        from ..extract import stored_features
+        from ..model import outputs_to_prediction
+
+        feats = stored_features(self.runner, np.asarray(chips, dtype=np.uint8), self.keys, self.flip)
+        self.calls += 1
+        self.chips_scored += len(chips)
+        out = []
+        for model, cfg in self.heads:
+            x = feats[cfg["tap"]].astype(self.dtypes[cfg["tap"]]).astype(np.float32)  # as stored
+            out.append(outputs_to_prediction(np.asarray(model(x, training=False)), cfg))
+        return out
+
+    def function(self, classes: list[int | None]):
+        """``f(chips) -> (N, K)``: head k's probability of ``classes[k]``, or its predicted age where that is None."""
+
+        def f(chips):
+            preds = self.predictions(chips)
+            cols = [p["pred"] if c is None else p["proba"][:, c] for p, c in zip(preds, classes)]
+            return np.stack([np.asarray(v, dtype=np.float64) for v in cols], axis=1)
+
+        return f
+
+    def label(self, k: int) -> str:
+        c = self.cfgs[k]
+        return f"{c['tap']} {c['target_name']}"
+
+    def describe(self, k: int, pred: dict, i: int = 0) -> tuple[int | None, str]:
+        """(explained class or None, text of the prediction) of head k for row i of ``pred``."""
+        c = self.cfgs[k]
+        if c["target"] == "age":
+            return None, f"{float(pred['pred'][i]):.1f} y"
+        cls = int(pred["pred"][i])
+        names = c.get("class_names") or []
+        name = names[cls] if cls < len(names) else str(cls)
+        return cls, f"{name} (p {float(pred['proba'][i][cls]):.2f})"
+
+
+def check_head_dirs(head_dirs) -> list[Path]:
+    """Cheap checks before anything heavy loads: each --head is a folder with config.json and head.keras."""
+    if not head_dirs:
+        raise FeatlabError("no --head given: pass a trained head folder (results/.../TARGET)")
+    out = []
+    for d in head_dirs:
+        d = Path(d)
+        if not (d / "config.json").is_file() or not (d / "head.keras").is_file():
+            raise FeatlabError(f"{d} is not a trained head (needs head.keras and config.json); train one with "
+                               "`featlab train-head`")
+        out.append(d)
+    return out
+
+
+# ------------------------------------------------------------------------------------ the two views
+@dataclass
+class _Curves:
+    x: np.ndarray | None = None
+    curves: dict = field(default_factory=dict)  # name -> list of per-face curves
+
+    def add(self, x, curves: dict):
+        self.x = x
+        for name, c in curves.items():
+            self.curves.setdefault(name, []).append(c)
+
+    def stacked(self) -> dict:
+        return {name: np.stack(v) for name, v in self.curves.items()}
+
+
+def _summary(scorer: HeadScorer, methods, settings: Settings, curves: dict, n_faces: int, view: str,
+             explained: str, seconds: float, extra: dict | None = None, echo=print) -> dict:
+    out = {"view": view, "backbone": scorer.backbone.name, "model_sha256": scorer.backbone.sha256,
+           "n_faces": n_faces, "explained": explained, "settings": settings.describe(methods),
+           "seconds": round(seconds, 2), "chips_scored": scorer.chips_scored, "methods": {}}
+    out.update(extra or {})
+    for m in methods:
+        out["methods"][m] = {}
+        for k, cfg in enumerate(scorer.cfgs):
+            c = curves[(m, k)]
+            s = summarise_faithfulness(c.x, c.stacked(), settings.baseline, settings.seed,
+                                       (extra or {}).get("face_groups"))
+            s.update(head=str(Path(cfg.get("_dir", ""))), tap=cfg["tap"], target=cfg["target_name"], n_faces=n_faces)
+            out["methods"][m][scorer.label(k)] = s
+            echo(faithfulness_line(m, scorer.label(k), s, n_faces))
+            if not s["beats_random"]:
+                echo(f"warning: {m} on {scorer.label(k)} does not beat a random deletion order on these faces "
+                     f"(the interval of the AUC difference does not lie below 0): its map is not shown faithful here")
+    return out
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.part")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def _chip_for(scorer: HeadScorer, path: Path, align: bool) -> np.ndarray:
+    from ..images import BadImage, load_rgb
+
+    try:
+        img = load_rgb(path)
+    except BadImage as e:
+        raise FeatlabError(f"{path}: unreadable image ({e})") from None
+    if not align:
+        return scorer.geometry.chip(img, align=False)
+    faces = scorer.geometry.faces(img, largest_only=True)
+    if not faces:
+        raise FeatlabError(f"{path}: no face found (pass --no-detect for images that are already face crops)")
+    return faces[0].chip
+
+
+def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Settings | None = None,
+                   model: str | None = None, align: bool | None = None, echo=print) -> dict:
+    """Per image (its largest face) and method: one PNG with the chip and a signed map per head, the prediction
+    in each title; and explain_summary.json. Every image is checked and explained before anything is written."""
+    from .heatmaps import deletion_png, image_png
+    from ..predict import expand_images
+
+    settings = (settings or Settings()).check()
+    methods = check_methods(methods)
+    head_dirs = check_head_dirs(head_dirs)
+    paths = expand_images(images)
+    t0 = time.perf_counter()
+    scorer = HeadScorer(head_dirs, model)
+    for d, c in zip(head_dirs, scorer.cfgs):
+        c["_dir"] = str(d)
+    align = scorer.align if align is None else bool(align)  # default: as the heads' features were made
+    chips = [_chip_for(scorer, p, align) for p in paths]  # every image first: one bad one stops before any work
+    curves = {(m, k): _Curves() for m in methods for k in range(len(scorer.cfgs))}
+    figures = []
+    for i, (path, chip) in enumerate(zip(paths, chips)):
+        preds = scorer.predictions(chip[None])
+        described = [scorer.describe(k, p) for k, p in enumerate(preds)]
+        classes = [c for c, _ in described]
+        f = scorer.function(classes)
+        ref = f(chip[None])[0]
+        for m in methods:
+            maps = explain_chip(f, chip, m, settings, ref)
+            for k, (x, c) in enumerate(deletion_pair(f, chip, maps, settings, i)):
+                curves[(m, k)].add(x, c)
+            titles = [f"{scorer.label(k)}: {text}" for k, (_, text) in enumerate(described)]
+            figures.append((path, m, chip, maps, titles))
+        echo(f"{path}: " + "; ".join(f"{scorer.label(k)} {t}" for k, (_, t) in enumerate(described)))
+    summary = _summary(scorer, methods, settings, curves, len(paths), "images",
+                       "probability of the predicted class (bins, gender) or the predicted age in years (age)",
+                       time.perf_counter() - t0, {"images": [str(p) for p in paths], "faces": [str(p) for p in paths]},
+                       echo=echo)
+    # write only now: nothing half-written when an image or a head is bad
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stems: dict[str, int] = {}
+    for path, m, chip, maps, titles in figures:
+        stem = path.name.split(".")[0]
+        n = stems.get((stem, m), 0)
+        stems[(stem, m)] = n + 1
+        name = f"{stem}-{m}.png" if n == 0 else f"{stem}-{n + 1}-{m}.png"
+        image_png(chip, list(maps), titles, out / name, title=f"{path.name}: {m}, red = evidence for, blue = against")
+    deletion_png(summary, out / "deletion.png")
+    _write_json(out / SUMMARY, summary)
+    echo(f"wrote {len(figures)} heatmap figures, deletion.png and {SUMMARY} in {out}")
+    return summary
+
+
+def _check_not_stale(scorer: HeadScorer, features: Path, rows: np.ndarray, chips: list, paths: list,
+                     tolerance: float = 0.02) -> None:
+    """The chips cut now must give the tap rows the features file holds (relative L2 difference per face within
+    ``tolerance``): otherwise the images changed since extraction, or the chips are not cut the same way."""
+    from ..extract import stored_features
+    from ..store import FeatureStore
+
+    with FeatureStore.open_read(features) as s:
+        for key in scorer.keys:
+            stored_key = s.resolve_key(key)
+            if stored_key is None:
+                raise FeatlabError(f"{features.name} has no tap {key}, which the head reads")
+            stored = s.read(stored_key, rows).reshape(len(rows), -1)
+            for a in range(0, len(chips), 64):
+                now = stored_features(scorer.runner, np.stack(chips[a : a + 64]), {key: scorer.keys[key]},
+                                      scorer.flip)[key].astype(np.float32).reshape(-1, stored.shape[1])
+                ref = stored[a : a + 64]
+                err = np.linalg.norm(now - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-6)
+                bad = np.flatnonzero(~(err <= tolerance))
+                if len(bad):
+                    i = a + int(bad[0])
+                    raise FeatlabError(f"{paths[i]} no longer gives the {key} features stored in {features.name} "
+                                       f"(relative difference {err[bad[0]]:.3f}): the image changed since extraction; "
+                                       "extract again")
+
+
+def compare_heads(features, target_name: str, results=None) -> list[Path]:
+    """Every trained head of ``target_name`` (``age``, ``bins7``, ``gender``...) on the features file's backbone,
+    dataset and model file, as ``compare`` files them (results/BACKBONE/DATASET/TAP/TARGET), shallow to deep."""
+    from .. import config
+    from ..backbones import Backbone
+    from ..paths import dataset_key, feature_set
+    from ..store import FeatureStore, parse_key
+
+    features = Path(features)
+    if not features.is_file():
+        raise FeatlabError(f"no such features file: {features}")
+    with FeatureStore.open_read(features) as s:
+        a = s.attrs
+    root = Path(results or config.results_dir()) / str(a.get("backbone")) / dataset_key(feature_set(a))
+    found = []
+    for cfg_path in sorted(root.glob(f"*/{target_name}/config.json")):
+        c = json.loads(cfg_path.read_text())
+        if (cfg_path.parent / "head.keras").is_file() and c.get("features_model_sha256") == a.get("model_sha256"):
+            found.append((cfg_path.parent, c))
+    if not found:
+        raise FeatlabError(f"no trained '{target_name}' heads of this model file under {root}; train them with "
+                           "`featlab train-head` or `featlab compare --sweep`")
+    model = a.get("model_path") if a.get("model_path") and Path(str(a.get("model_path"))).is_file() else None
+    bb = Backbone(str(a["backbone"]), model)
+
+    def depth(c):
+        try:
+            return bb.tap(parse_key(c["tap"])[0]).index
+        except FeatlabError:
+            return 1 << 30
+
+    found.sort(key=lambda dc: (depth(dc[1]), dc[1]["tap"]))
+    return [d for d, _ in found]
+
+
+def _groups(cfgs: list[dict], labels, groups: str | int | None):
+    """(group index per row (-1: none), group names, what the groups are)."""
+    from ..bins import get_scheme
+    from ..labels import GENDERS
+
+    targets = {c["target"] for c in cfgs}
+    if "gender" in targets and len(targets) > 1:
+        raise FeatlabError("the heads explain gender and age at once: give heads of one kind (gender, or age/bins)")
+    if targets == {"gender"}:
+        g = labels["gender"].astype(str).str.lower().str[:1].to_numpy()
+        idx = np.where(g == "f", 0, np.where(g == "m", 1, -1))
+        return idx, list(GENDERS), "gender"
+    cats = groups or next((c["cats"] for c in cfgs if c["target"] == "bins" and c.get("cats")), None) or 5
+    scheme = get_scheme(cats)
+    age = labels["age"].to_numpy(dtype=np.float64)
+    idx = np.full(len(age), -1, dtype=np.int64)
+    ok = np.isfinite(age)
+    idx[ok] = scheme.assign(age[ok])
+    return idx, list(scheme.names), f"age group ({scheme.n} groups)"
+
+
+def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), settings: Settings | None = None,
+                    model: str | None = None, groups: int | None = None, split: str = "test", echo=print) -> dict:
+    """Dataset view: N seeded faces of ``split`` in the features file; per true class (age group or gender) the
+    mean map of each head drawn on the class's mean chip; one figure per method (rows = classes, columns =
+    heads), mean maps in maps-METHOD.npz, and explain_summary.json.
+
+    Classifier heads explain the probability of each face's true class; age heads the predicted age."""
+    from .heatmaps import class_grid_png, deletion_png
+    from ..store import FeatureStore
+
+    settings = (settings or Settings()).check()
+    methods = check_methods(methods)
+    head_dirs = check_head_dirs(head_dirs)
+    if n is None or n < 1:
+        raise FeatlabError("--n must be a positive number of faces")
+    features = Path(features)
+    if not features.is_file():
+        raise FeatlabError(f"no such features file: {features}")
+    with FeatureStore.open_read(features) as s:
+        attrs, labels = s.attrs, s.labels()
+    cfgs = [json.loads((Path(d) / "config.json").read_text()) for d in head_dirs]
+    for d, c in zip(head_dirs, cfgs):
+        if c.get("backbone") != attrs.get("backbone") or (c.get("features_model_sha256") and
+                                                          c["features_model_sha256"] != attrs.get("model_sha256")):
+            raise FeatlabError(f"the head {d} was trained on backbone {c.get('backbone')} (model sha256 "
+                               f"{str(c.get('features_model_sha256'))[:12]}…) but {features.name} holds "
+                               f"{attrs.get('backbone')} (sha256 {str(attrs.get('model_sha256'))[:12]}…)")
+    group, names, grouped_by = _groups(cfgs, labels, groups)
+    rows = np.flatnonzero((labels["split"].astype(str).to_numpy() == split) & (group >= 0))
+    if not len(rows):
+        raise FeatlabError(f"{features.name} has no '{split}' rows with a usable label to group by")
+    rng = np.random.default_rng(settings.seed)
+    rows = np.sort(rng.choice(rows, size=min(int(n), len(rows)), replace=False))
+    if len(rows) < n:
+        echo(f"only {len(rows)} '{split}' faces in {features.name}: explaining all of them")
+    paths = [Path(p) for p in labels["path"].to_numpy()[rows]]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FeatlabError(f"{len(missing)} images of {features.name} are not where its labels say, e.g. {missing[0]}")
+
+    t0 = time.perf_counter()
+    scorer = HeadScorer(head_dirs, model)
+    for d, c in zip(head_dirs, scorer.cfgs):
+        c["_dir"] = str(d)
+    align = bool(attrs.get("align", False))
+    chips = [_chip_for(scorer, p, align) for p in paths]
+    _check_not_stale(scorer, features, rows, chips, paths)
+    h, w = chips[0].shape[:2]
+    K, G = len(scorer.cfgs), len(names)
+    sums = {m: np.zeros((G, K, h, w)) for m in methods}
+    face_sum = np.zeros((G, h, w, 3))
+    count = np.zeros(G, dtype=np.int64)
+    curves = {(m, k): _Curves() for m in methods for k in range(K)}
+    age = labels["age"].to_numpy(dtype=np.float64)[rows]
+    gender = labels["gender"].astype(str).str.lower().str[:1].to_numpy()[rows]
+    for i, chip in enumerate(chips):
+        g = int(group[rows[i]])
+        classes = []
+        for c in scorer.cfgs:
+            if c["target"] == "age":
+                classes.append(None)
+            elif c["target"] == "gender":
+                classes.append(0 if gender[i] == "f" else 1)
+            else:
+                from ..bins import get_scheme
+
+                classes.append(int(get_scheme(c["cats"]).assign(np.array([age[i]]))[0]))
+        f = scorer.function(classes)
+        ref = f(chip[None])[0]
+        for m in methods:
+            maps = explain_chip(f, chip, m, settings, ref)
+            sums[m][g] += maps
+            for k, (x, c) in enumerate(deletion_pair(f, chip, maps, settings, i)):
+                curves[(m, k)].add(x, c)
+        face_sum[g] += chip
+        count[g] += 1
+        if (i + 1) % 10 == 0 or i + 1 == len(chips):
+            el = time.perf_counter() - t0
+            echo(f"  {i + 1}/{len(chips)} faces, {el:.0f} s ({scorer.chips_scored / el:.0f} chips/s)")
+    summary = _summary(scorer, methods, settings, curves, len(chips), "dataset",
+                       "probability of the true class (bins, gender) or the predicted age in years (age)",
+                       time.perf_counter() - t0,
+                       {"features": str(features), "split": split, "grouped_by": grouped_by,
+                        "faces": [str(v) for v in labels["image_id"].to_numpy()[rows]],
+                        "face_groups": [str(v) for v in labels["group"].to_numpy()[rows]] if "group" in labels else None,
+                        "groups": {nm: int(c) for nm, c in zip(names, count)}}, echo=echo)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    have = count > 0
+    mean_faces = face_sum[have] / count[have, None, None, None]
+    row_names = [f"{nm} (n={c})" for nm, c in zip(np.array(names)[have], count[have])]
+    col_names = [scorer.label(k) for k in range(K)]
+    for m in methods:
+        mean_maps = sums[m][have] / count[have, None, None, None]
+        np.savez_compressed(out / f"maps-{m}.npz", maps=mean_maps, mean_faces=mean_faces.astype(np.float32),
+                            groups=np.array(names)[have], heads=np.array(col_names))
+        class_grid_png(mean_faces, mean_maps, row_names, col_names, out / f"classes-{m}.png",
+                       title=f"{scorer.backbone.name} on {features.stem}: mean {m} map per {grouped_by}, "
+                             f"{len(chips)} {split} faces (red = for, blue = against)")
+    deletion_png(summary, out / "deletion.png")
+    _write_json(out / SUMMARY, summary)
+    echo(f"wrote classes-{{{','.join(methods)}}}.png, maps-*.npz, deletion.png and {SUMMARY} in {out}")
+    return summary

@@ -298,7 +298,8 @@ def similarity(features: list, layers=None, pool: str | None = None, block: int 
         out = root / str(ia["backbone"]) / dataset_key(ia) / "similarity" / other / f"{pool or 'flat'}-{split}-{digest}"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = [[_label(record["files"][f]["backbone"], k, len(stores)) for k in taps[f]] for f in range(len(stores))]
+    prefixes = _prefixes(record["files"])
+    labels = [[f"{prefixes[f]}{k}" for k in taps[f]] for f in range(len(stores))]
     files = [_matrix_csv(out / "cka.csv", labels[0], labels[-1], m),
              _matrix_csv(out / "cka_se.csv", labels[0], labels[-1], se)]
     files.append(similarity_png(m, labels[0], labels[-1], out / "cka.png", se=se,
@@ -310,8 +311,15 @@ def similarity(features: list, layers=None, pool: str | None = None, block: int 
             "seconds": seconds, "dir": out, "files": files}
 
 
-def _label(backbone: str, key: str, n_files: int) -> str:
-    return f"{backbone}:{key}" if n_files == 2 else key
+def _prefixes(files: list[dict]) -> list[str]:
+    """How the taps of each file are labelled: no prefix for one file; else ``backbone:``, or the file's
+    name when both files are of one backbone (``1:``/``2:`` when that is the same too)."""
+    if len(files) == 1:
+        return [""]
+    for names in ([f["backbone"] for f in files], [Path(f["path"]).stem for f in files]):
+        if len(set(names)) == len(names):
+            return [f"{x}:" for x in names]
+    return ["1:", "2:"]
 
 
 def _nested(m: np.ndarray) -> list:
@@ -338,7 +346,7 @@ def _title(record: dict, n_files: int) -> str:
     f = record["files"]
     who = f[0]["backbone"] if n_files == 1 else f"{f[0]['backbone']} vs {f[1]['backbone']}"
     return (f"linear CKA, {who}: {record['faces']:,} faces ({record['split']}), "
-            f"{record['pool']}, {record['blocks']} blocks of ~{record['block_sizes'][-1]}")
+            f"{record['pool']}, {record['blocks']} blocks of ~{record['block_sizes'][-1]} (± jackknife SE)")
 
 
 def similarity_png(m: np.ndarray, rows: list[str], cols: list[str], path, se=None, title: str = "") -> Path:
@@ -356,8 +364,8 @@ def similarity_png(m: np.ndarray, rows: list[str], cols: list[str], path, se=Non
             if not np.isfinite(v):
                 continue
             text = f"{v:.2f}"
-            if se is not None and np.isfinite(se[i, j]):
-                text += f"\n±{se[i, j]:.2f}"
+            if se is not None and np.isfinite(se[i, j]) and se[i, j] > 0:
+                text += f"\n±{se[i, j]:.3f}"
             ax.text(j, i, text, ha="center", va="center", fontsize=8 if nc > 6 else 9,
                     color="black" if v > 0.6 else "white")
     ax.set_xticks(range(nc))

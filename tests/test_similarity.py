@@ -123,7 +123,8 @@ def test_shuffled_rows_same_matrix(feats, taps, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-9)
     two = similarity([feats, shuffled], block=300, out=tmp_path / "c")  # joined by image id
     np.testing.assert_allclose(two["cka"], a, atol=1e-9)
-    assert two["labels"][0][0] == "synthetic:conv"
+    keys = ["conv", "rot", "mix", "noise"]
+    assert two["labels"] == [["a:" + k for k in keys], ["shuffled:" + k for k in keys]]  # one backbone: file names
 
 
 def test_two_files_join_by_image_id(feats, taps, tmp_path):
@@ -132,6 +133,7 @@ def test_two_files_join_by_image_id(feats, taps, tmp_path):
     other = _write(tmp_path / "b.h5", {"emb": taps["mix"][sub]}, ids=[f"img{i:05d}" for i in sub], backbone="other")
     res = similarity([feats, other], layers=["conv", "emb"], block=450, out=tmp_path / "o")
     assert res["n"] == 900 and res["taps"] == [["conv"], ["emb"]]
+    assert res["labels"] == [["synthetic:conv"], ["other:emb"]]
     keep = np.sort(sub)
     assert res["cka"][0, 0] == pytest.approx(cka(taps["conv"][keep], taps["mix"][keep]), abs=0.01)
 
@@ -162,3 +164,16 @@ def test_cli_refuses_in_one_line(feats, tmp_path, capsys):
     assert len(err) == 4 and all(e.startswith("featlab: ") for e in err)
     assert main(["similarity", str(feats), "--block", "600", "--out", str(tmp_path / "ok")]) == 0
     assert "rot" in capsys.readouterr().out
+
+
+def test_cli_imports_no_tensorflow(feats, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from featlab.cli import main; "
+            f"rc = main(['similarity', {str(feats)!r}, '--block', '600', '--out', {str(tmp_path / 'o')!r}]); "
+            "assert rc == 0, rc; assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows, cols, m = read_matrix(tmp_path / "o" / "cka.csv")
+    assert rows == ["conv", "rot", "mix", "noise"] and m.shape == (4, 4)

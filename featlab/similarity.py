@@ -28,7 +28,11 @@ each entry (faces are resampled, not people: an identity seen in several faces m
 Kornblith et al.; spatial layout is part of what an early tap encodes, and global pooling would compare
 only its channel means. ``pool="avg"`` compares globally average-pooled maps instead.
 
-No TensorFlow here; the matrices are computed with NumPy.
+No maintained implementation fits: the packaged ones (ckatorch, cka-pytorch, pytorch-cka) need PyTorch and
+hook a torch model's forward pass, and the NumPy ones are notebooks. This one is tested against the
+closed forms (tests/test_similarity.py): Song et al.'s estimator equals its U-statistic by brute force,
+biased CKA equals Kornblith's ||Yᵀ X||² / (||Xᵀ X|| ||Yᵀ Y||), and the minibatch matrix agrees with the
+full (n x n) computation. No TensorFlow here; the matrices are computed with NumPy.
 """
 
 from __future__ import annotations

@@ -257,8 +257,12 @@ def similarity(features: list, layers=None, pool: str | None = None, block: int 
     if int(block) < MIN_BLOCK:
         raise FeatlabError(f"--block must be at least {MIN_BLOCK} faces, not {block}")
     t0 = time.perf_counter()
-    stores = [FeatureStore.open_read(f) for f in features]
+    stores = []
     try:
+        for f in features:
+            stores.append(FeatureStore.open_read(f))
+        if split != "all":  # the split comes from the first file's labels
+            stores[0].check_labels_current()
         if len(stores) == 2:
             _check_same_faces(*stores)
         taps = [_ordered(s, k) for s, k in zip(stores, _pick_taps(stores, layers))]
@@ -285,7 +289,7 @@ def similarity(features: list, layers=None, pool: str | None = None, block: int 
                       for s, i, t in zip(stores, idents, taps)],
             "pool": pool or "flatten", "split": split, "block": int(block), "seed": int(seed),
             "faces": int(len(ids)), "blocks": len(parts), "block_sizes": sorted({len(p) for p in parts}),
-            "faces_dropped": [int(s.nrows - len(ids)) for s in stores],
+            "rows_unused": [int(s.nrows - len(ids)) for s in stores],  # not in both files, or not of the split
         }
     finally:
         for s in stores:

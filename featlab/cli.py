@@ -534,6 +534,44 @@ def compare(
         _echo(f"wrote {p}")
 
 
+# ------------------------------------------------------------------------------------ similarity
+@app.command()
+def similarity(
+    features: List[Path] = typer.Argument(..., help="one features file (its taps against each other) or two of one manifest"),
+    layer: List[str] = typer.Option(None, "--layer", "-l", help="tap key to include; repeat [every tap of each file]"),
+    pool: str = typer.Option("none", "--pool", help="maps (C,H,W): none (flatten: the whole map) or avg (global average)"),
+    block: int = typer.Option(1000, "--block", help="faces per block of the minibatch estimator (memory ~ block x block per tap)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the faces' assignment to blocks"),
+    split: str = typer.Option("all", "--split", help="faces of this split of the first file: all, train, val or test"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for cka.csv/png [results/BACKBONE/DATASET/similarity/...]"),
+):
+    """Linear CKA (minibatch, unbiased HSIC) between every pair of taps of one or two features files, with its heatmap."""
+    from .similarity import MIN_BLOCK, SPLITS
+
+    if len(features) > 2:
+        raise FeatlabError(f"give one or two features files, not {len(features)}")
+    for f in features:
+        _check_file(f, "features file", "make it with `featlab extract`")
+    if pool not in ("none", "avg"):
+        raise FeatlabError(f"--pool must be none or avg, not {pool!r}")
+    if split not in SPLITS:
+        raise FeatlabError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    _positive(block, "--block", MIN_BLOCK)
+    from .similarity import similarity as run_similarity
+
+    res = run_similarity(features, layers=list(layer or []), pool=None if pool == "none" else pool, block=block,
+                         seed=seed, split=split, out=out, echo=_echo)
+    rows, cols = res["labels"]
+    width = max(len(c) for c in cols) + 2
+    _echo(f"linear CKA on {res['n']:,} faces, {res['blocks']} blocks, {res['seconds']:.1f} s "
+          "(± jackknife standard error over blocks)")
+    _echo(" " * max(len(r) for r in rows) + "".join(c.rjust(width + 6) for c in cols))
+    for name, row, se in zip(rows, res["cka"], res["se"]):
+        _echo(name.ljust(max(len(r) for r in rows)) + "".join(f"{v:.3f} ± {s:.3f}".rjust(width + 6) for v, s in zip(row, se)))
+    for p in res["files"]:
+        _echo(f"wrote {p}")
+
+
 # ------------------------------------------------------------------------------------ run / demo / predict
 @app.command()
 def run(

@@ -1,0 +1,179 @@
+"""featlab similarity: linear CKA (minibatch, unbiased HSIC) between taps of one or two features files."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featlab.errors import FeatlabError
+from featlab.similarity import MinibatchCKA, blocks_of, cka, gram, hsic_unbiased, read_matrix, similarity
+from featlab.store import FeatureStore, label_row
+
+SHA = "a" * 64
+
+
+def _planted(n: int = 1200, seed: int = 0) -> dict[str, np.ndarray]:
+    """Taps of n faces: a map 'conv' (4, 3, 3), 'rot' = an orthogonal transform of its flattened values,
+    'mix' sharing a part of conv's signal, and 'noise' independent of all."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 6))
+    conv = (z @ rng.normal(size=(6, 36)) + 0.5 * rng.normal(size=(n, 36))).astype(np.float32)
+    q, _ = np.linalg.qr(rng.normal(size=(36, 36)))
+    mix = np.concatenate([z[:, :3], rng.normal(size=(n, 5))], axis=1) @ rng.normal(size=(8, 10))
+    return {"conv": conv.reshape(n, 4, 3, 3), "rot": (conv @ q).astype(np.float32),
+            "mix": mix.astype(np.float32), "noise": rng.normal(size=(n, 20)).astype(np.float32)}
+
+
+def _write(path: Path, taps: dict, order=None, manifest_sha: str = "m" * 64, backbone: str = "synthetic",
+           ids=None) -> Path:
+    n = len(next(iter(taps.values())))
+    order = np.arange(n) if order is None else np.asarray(order)
+    ids = [f"img{i:05d}" for i in range(n)] if ids is None else ids
+    ident = {"backbone": backbone, "model_sha256": SHA, "preprocessing": {"size": 4}, "flip": False, "align": False,
+             "manifest_sha256": manifest_sha}
+    with FeatureStore.open_for_append(path, ident) as st:
+        st.set_attr("dataset", "synth")
+        for k, x in taps.items():
+            st.ensure_array(k, x.shape[1:], dtype="float32", expected_rows=n)
+        labels = [label_row({"image_id": ids[i], "path": f"/x/{i}.jpg", "age": 30.0, "gender": "f", "race": "",
+                             "split": "train" if i % 3 else "test", "fold": -1}) for i in order]
+        st.append({k: x[order] for k, x in taps.items()}, labels)
+    return path
+
+
+@pytest.fixture(scope="module")
+def taps():
+    return _planted()
+
+
+@pytest.fixture(scope="module")
+def feats(taps, tmp_path_factory):
+    return _write(tmp_path_factory.mktemp("sim") / "a.h5", taps)
+
+
+def test_unbiased_hsic_is_the_u_statistic():
+    """Song et al.'s closed form equals the mean over ordered distinct 4-tuples of k_ij l_ij + k_ij l_qr - 2 k_ij l_iq."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(7, 3))
+    y = x @ rng.normal(size=(3, 2)) + rng.normal(size=(7, 2))
+    k, l = x @ x.T, y @ y.T
+    brute = np.mean([k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q]
+                     for i, j, q, r in itertools.permutations(range(7), 4)])
+    assert hsic_unbiased(k, l) == pytest.approx(brute, rel=1e-10)
+    assert hsic_unbiased(gram(x), gram(y)) == pytest.approx(brute, rel=1e-6)  # centring changes nothing
+
+
+def test_biased_cka_is_kornblith_closed_form(taps):
+    x = taps["conv"].reshape(len(taps["conv"]), -1).astype(np.float64)
+    y = taps["mix"].astype(np.float64)
+    x, y = x - x.mean(0), y - y.mean(0)
+    want = np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+    assert cka(x, y, unbiased=False) == pytest.approx(want, rel=1e-5)
+
+
+def test_identity_orthogonal_and_noise(taps):
+    x = taps["conv"][:400]
+    assert cka(x, x) == pytest.approx(1.0, abs=1e-9)
+    assert cka(x, taps["rot"][:400]) == pytest.approx(1.0, abs=1e-5)
+    noise = cka(x, taps["noise"][:400])
+    assert abs(noise) < 0.02
+    assert cka(x, taps["noise"][:400], unbiased=False) > noise + 0.02  # the bias the unbiased estimator removes
+
+
+def test_minibatch_agrees_with_full(taps):
+    n = len(taps["conv"])
+    full = cka(taps["conv"], taps["mix"])
+    assert 0.2 < full < 0.9
+    acc = MinibatchCKA(2, 2)
+    for pos in blocks_of(n, 300, seed=0):
+        acc.add([gram(taps["conv"][pos]), gram(taps["noise"][pos])], [gram(taps["mix"][pos]), gram(taps["rot"][pos])])
+    m = acc.matrix()
+    assert len(acc.cross) == 4
+    assert m[0, 0] == pytest.approx(full, abs=0.01)
+    assert m[0, 1] == pytest.approx(1.0, abs=1e-5)
+    assert abs(m[1, 0]) < 0.03 and abs(m[1, 1]) < 0.03
+    se = acc.jackknife_se()
+    assert 0 < se[0, 0] < 0.05
+
+
+def test_file_matrix(feats, taps, tmp_path):
+    res = similarity([feats], block=300, out=tmp_path / "o")
+    keys = res["taps"][0]
+    assert keys == ["conv", "rot", "mix", "noise"]  # file order (no graph for 'synthetic')
+    m = res["cka"]
+    np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-6)
+    np.testing.assert_allclose(m, m.T, atol=1e-12)
+    assert m[0, 1] == pytest.approx(1.0, abs=1e-5)
+    assert abs(m[0, 3]) < 0.03
+    assert m[0, 2] == pytest.approx(cka(taps["conv"], taps["mix"]), abs=0.01)
+    rows, cols, back = read_matrix(tmp_path / "o" / "cka.csv")
+    assert rows == cols == keys
+    np.testing.assert_allclose(back, m, atol=1e-6)
+    assert res["n"] == 1200 and res["blocks"] == 4
+
+
+def test_shuffled_rows_same_matrix(feats, taps, tmp_path):
+    order = np.random.default_rng(5).permutation(len(taps["conv"]))
+    shuffled = _write(tmp_path / "shuffled.h5", taps, order=order)
+    a = similarity([feats], block=300, out=tmp_path / "a")["cka"]
+    b = similarity([shuffled], block=300, out=tmp_path / "b")["cka"]
+    np.testing.assert_allclose(a, b, atol=1e-9)
+    two = similarity([feats, shuffled], block=300, out=tmp_path / "c")  # joined by image id
+    np.testing.assert_allclose(two["cka"], a, atol=1e-9)
+    keys = ["conv", "rot", "mix", "noise"]
+    assert two["labels"] == [["a:" + k for k in keys], ["shuffled:" + k for k in keys]]  # one backbone: file names
+
+
+def test_two_files_join_by_image_id(feats, taps, tmp_path):
+    """A second file holding a subset of the faces in another order: CKA on the common faces."""
+    sub = np.random.default_rng(2).permutation(1200)[:900]
+    other = _write(tmp_path / "b.h5", {"emb": taps["mix"][sub]}, ids=[f"img{i:05d}" for i in sub], backbone="other")
+    res = similarity([feats, other], layers=["conv", "emb"], block=450, out=tmp_path / "o")
+    assert res["n"] == 900 and res["taps"] == [["conv"], ["emb"]]
+    assert res["labels"] == [["synthetic:conv"], ["other:emb"]]
+    keep = np.sort(sub)
+    assert res["cka"][0, 0] == pytest.approx(cka(taps["conv"][keep], taps["mix"][keep]), abs=0.01)
+
+
+def test_different_manifests_refused(feats, taps, tmp_path):
+    other = _write(tmp_path / "b.h5", {"conv": taps["conv"]}, manifest_sha="f" * 64)
+    with pytest.raises(FeatlabError, match="different manifests"):
+        similarity([feats, other], out=tmp_path / "o")
+
+
+def test_default_path_follows_the_computation(feats, tmp_path):
+    a = similarity([feats], block=300, results_root=tmp_path)
+    b = similarity([feats], block=300, results_root=tmp_path)
+    c = similarity([feats], block=300, split="test", results_root=tmp_path)
+    assert a["dir"] == b["dir"] != c["dir"]
+    assert a["dir"].relative_to(tmp_path).parts[:4] == ("synthetic", "synth", "similarity", "self")
+    assert c["n"] == 400  # every third face is a test face
+
+
+def test_cli_refuses_in_one_line(feats, tmp_path, capsys):
+    from featlab.cli import main
+
+    assert main(["similarity", str(feats), "--pool", "max"]) == 2
+    assert main(["similarity", str(tmp_path / "missing.h5")]) == 2
+    assert main(["similarity", str(feats), "--block", "2"]) == 2
+    assert main(["similarity", str(feats), "--layer", "nope", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(e.startswith("featlab: ") for e in err)
+    assert main(["similarity", str(feats), "--block", "600", "--out", str(tmp_path / "ok")]) == 0
+    assert "rot" in capsys.readouterr().out
+
+
+def test_cli_imports_no_tensorflow(feats, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from featlab.cli import main; "
+            f"rc = main(['similarity', {str(feats)!r}, '--block', '600', '--out', {str(tmp_path / 'o')!r}]); "
+            "assert rc == 0, rc; assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows, cols, m = read_matrix(tmp_path / "o" / "cka.csv")
+    assert rows == ["conv", "rot", "mix", "noise"] and m.shape == (4, 4)

@@ -546,7 +546,7 @@ def similarity(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for cka.csv/png [results/BACKBONE/DATASET/similarity/...]"),
 ):
     """Linear CKA (minibatch, unbiased HSIC) between every pair of taps of one or two features files, with its heatmap."""
-    from .similarity import MIN_BLOCK, SPLITS
+    from .report.similarity import MIN_BLOCK, SPLITS
 
     if len(features) > 2:
         raise FeatlabError(f"give one or two features files, not {len(features)}")
@@ -557,7 +557,7 @@ def similarity(
     if split not in SPLITS:
         raise FeatlabError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     _positive(block, "--block", MIN_BLOCK)
-    from .similarity import similarity as run_similarity
+    from .report.similarity import similarity as run_similarity
 
     res = run_similarity(features, layers=list(layer or []), pool=None if pool == "none" else pool, block=block,
                          seed=seed, split=split, out=out, echo=_echo)

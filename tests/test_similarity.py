@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from featlab.errors import FeatlabError
-from featlab.similarity import MinibatchCKA, blocks_of, cka, gram, hsic_unbiased, read_matrix, similarity
+from featlab.report.similarity import MinibatchCKA, blocks_of, cka, gram, hsic_unbiased, read_matrix, similarity
 from featlab.store import FeatureStore, label_row
 
 SHA = "a" * 64
@@ -177,3 +177,20 @@ def test_cli_imports_no_tensorflow(feats, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows, cols, m = read_matrix(tmp_path / "o" / "cka.csv")
     assert rows == ["conv", "rot", "mix", "noise"] and m.shape == (4, 4)
+
+
+def test_blocks_keep_each_person_whole_so_the_jackknife_resamples_people():
+    rng = np.random.default_rng(0)
+    n = 1000
+    groups = np.array([f"p{g}" for g in rng.integers(0, 300, size=n)], dtype=object)
+    groups[::7] = ""  # faces without a group are their own unit
+    parts = blocks_of(n, 300, seed=0, groups=groups)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(n))  # every face once
+    where = {}
+    for b, pos in enumerate(parts):
+        for g in groups[pos]:
+            if g:
+                assert where.setdefault(g, b) == b  # no person in two blocks
+    sizes = [len(p) for p in parts]
+    assert len(parts) == 4 and max(sizes) - min(sizes) < 40  # near-equal blocks
+    assert [p.tolist() for p in parts] == [p.tolist() for p in blocks_of(n, 300, seed=0, groups=groups)]

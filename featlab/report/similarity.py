@@ -20,9 +20,10 @@ same things?", minibatch CKA): memory is one block of one tap plus a block x blo
 whatever the number of faces. The unbiased estimator is what makes averaging over blocks valid (the mean of
 the biased one depends on the block size) and removes the upward bias of biased CKA for wide maps: two
 independent taps score about 0, not a positive number that grows with width / faces. The blocks are a
-seeded permutation of the faces sorted by image id, so a file's row order never changes the result; the
-two files' rows are joined by image id. ``cka_se.csv``: the delete-one-block jackknife standard error of
-each entry (faces are resampled, not people: an identity seen in several faces makes it an underestimate).
+seeded permutation of the faces' groups (identities, face groups; a face without one is its own group),
+so a file's row order never changes the result and every person lies in exactly one block; the two files'
+rows are joined by image id. ``cka_se.csv``: the delete-one-block jackknife standard error of each entry,
+which therefore resamples people, not photos.
 
 **Maps** (C, H, W) are flattened by default (``pool=None``): CKA of the whole representation, as in
 Kornblith et al.; spatial layout is part of what an early tap encodes, and global pooling would compare
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeatlabError
+from ..errors import FeatlabError
 
 ESTIMATOR = "minibatch linear CKA, unbiased HSIC (Song et al. 2012; Nguyen et al. 2021)"
 POOLS = (None, "avg")
@@ -156,14 +157,25 @@ class MinibatchCKA:
         return np.sqrt((m - 1) / m * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0))
 
 
-def blocks_of(n: int, block: int, seed: int = 0) -> list[np.ndarray]:
+def blocks_of(n: int, block: int, seed: int = 0, groups=None) -> list[np.ndarray]:
     """A seeded permutation of range(n) cut into near-equal blocks of at most ``block`` (at least
-    :data:`MIN_BLOCK`) positions."""
+    :data:`MIN_BLOCK`) positions. With ``groups`` (one per position; '' = its own group) whole groups are
+    permuted and a block ends only where a group does, so no group spans two blocks."""
     if n < MIN_BLOCK:
         raise FeatlabError(f"CKA needs at least {MIN_BLOCK} faces, not {n}")
     k = max(1, -(-n // max(MIN_BLOCK, int(block))))
     k = min(k, n // MIN_BLOCK)
-    return np.array_split(np.random.default_rng(int(seed)).permutation(n), k)
+    rng = np.random.default_rng(int(seed))
+    if groups is None:
+        return np.array_split(rng.permutation(n), k)
+    labels = np.array([str(g) if str(g) else f"\0face{i}" for i, g in enumerate(groups)], dtype=object)
+    _, codes = np.unique(labels, return_inverse=True)
+    rank = rng.permutation(int(codes.max()) + 1)[codes]  # each group's place in a seeded order
+    order = np.lexsort((np.arange(n), rank))  # faces group by group, in that order
+    ends = np.flatnonzero(np.diff(rank[order]) != 0) + 1  # where a group ends (a block may end there)
+    cuts = ends[np.minimum(np.searchsorted(ends, [n * j / k for j in range(1, k)]), len(ends) - 1)].tolist() \
+        if len(ends) else []
+    return [p for p in np.split(order, sorted(set(cuts))) if len(p)]
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -234,7 +246,7 @@ def _rows(stores, split: str) -> tuple[np.ndarray, list[np.ndarray]]:
 
 
 def _features(store, key: str, rows: np.ndarray, pool: str | None) -> np.ndarray:
-    from .featureio import pool_np
+    from ..featureio import pool_np
 
     return pool_np(store.read(key, rows), pool).reshape(len(rows), -1)
 
@@ -244,8 +256,8 @@ def similarity(features: list, layers=None, pool: str | None = None, block: int 
     """Linear CKA between every pair of taps of one or two features files (see the module doc).
 
     Returns ``{"taps": [row taps, column taps], "cka", "se", "n", "blocks", "seconds", "dir", "files"}``."""
-    from .paths import dataset_key, feature_set
-    from .store import FeatureStore
+    from ..paths import dataset_key, feature_set
+    from ..store import FeatureStore
 
     features = [Path(f) for f in features]
     if not 1 <= len(features) <= 2:
@@ -270,7 +282,9 @@ def similarity(features: list, layers=None, pool: str | None = None, block: int 
             for k in keys:
                 s.check_finite(k)
         ids, rows = _rows(stores, split)
-        parts = blocks_of(len(ids), block, seed)
+        lab = stores[0].labels()
+        group_of = dict(zip(lab["image_id"].astype(str), lab["group"].astype(str))) if "group" in lab else {}
+        parts = blocks_of(len(ids), block, seed, [group_of.get(str(i), "") for i in ids])
         acc = MinibatchCKA(len(taps[0]), len(taps[-1]))
         for b, pos in enumerate(parts):
             grams = [[gram(_features(s, k, r[pos], pool)) for k in keys] for s, r, keys in zip(stores, rows, taps)]
@@ -300,7 +314,7 @@ def similarity(features: list, layers=None, pool: str | None = None, block: int 
     ia = idents[0]
     other = "self" if len(idents) == 1 else f"{idents[1]['backbone']}-{dataset_key(idents[1])}"
     if out is None:
-        from . import config
+        from .. import config
 
         root = Path(results_root) if results_root is not None else config.results_dir()
         out = root / str(ia["backbone"]) / dataset_key(ia) / "similarity" / other / f"{pool or 'flat'}-{split}-{digest}"

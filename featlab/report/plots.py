@@ -90,18 +90,19 @@ def confusion_png(cm, names, path, title: str = "", accuracy=None, one_off=None)
     ax.set_yticks(np.arange(-0.5, n, 1), minor=True)
     ax.grid(which="minor", color="white", linewidth=1.5)
     ax.tick_params(which="minor", length=0)
-    head = []
-    if accuracy is not None:
-        head.append(f"accuracy {_pct(accuracy)}")
-    if one_off is not None:
-        head.append(f"1-off {_pct(one_off)}")
-    if "n=" not in (title or ""):
-        head.append(f"n={int(cm.sum())}")
-    ax.set_title((title + "\n" if title else "") + "  ·  ".join(head) + "\n(rows normalised per true class)",
-                 fontsize=10)
+    head = _headline(title, [f"accuracy {_pct(accuracy)}" if accuracy is not None else "",
+                             f"1-off {_pct(one_off)}" if one_off is not None else ""], int(cm.sum()))
+    ax.set_title(head + "\n(rows normalised per true class)", fontsize=10)
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     cb.set_label("share of true class")
     return _save(fig, path)
+
+
+def _headline(title: str, figures: list[str], n: int) -> str:
+    """A figure's title: its own line, then the figures given (empty ones left out) and n, unless the title
+    already says n."""
+    parts = [f for f in figures if f] + ([] if "n=" in (title or "") else [f"n={n}"])
+    return (title + "\n" if title else "") + "  ·  ".join(parts)
 
 
 def scatter_png(y_true, y_pred, path, title: str = "", mae=None, cs5=None) -> Path:
@@ -123,14 +124,8 @@ def scatter_png(y_true, y_pred, path, title: str = "", mae=None, cs5=None) -> Pa
     ax.set_xlabel("true age (years)")
     ax.set_ylabel("predicted age (years)")
     ax.grid(alpha=0.3)
-    head = []
-    if mae is not None:
-        head.append(f"MAE {mae:.2f} years")
-    if cs5 is not None:
-        head.append(f"CS@5 {_pct(cs5)}")
-    if "n=" not in (title or ""):
-        head.append(f"n={len(t)}")
-    ax.set_title((title + "\n" if title else "") + "  ·  ".join(head), fontsize=10)
+    ax.set_title(_headline(title, [f"MAE {mae:.2f} years" if mae is not None else "",
+                                   f"CS@5 {_pct(cs5)}" if cs5 is not None else ""], len(t)), fontsize=10)
     _legends_below(fig, [ax], fontsize=8, ncol=2)
     return _save(fig, path)
 

@@ -21,12 +21,14 @@ head has stopped or at ``epochs``. A trunk whose heads have all stopped is skipp
 on (a ``tf.cond`` per trunk inside the traced loop: no forward or backward pass), so a group traces its
 epoch loop once and its val predictor once, whatever stops and whatever the size of the last batch or
 val chunk (``config.json`` ``training.grid.traces``). Skipping a trunk changes no other head's numbers:
-each Dropout has its own seed state and Adam's update is per parameter.
+each Dropout has its own seed state, trunks share no weights, and each trunk has its own optimizer,
+stepped with every batch while it is live (so its step count is the grid's; one learning rate).
 
 Differences from training each head alone (why the figures are close, not identical):
 
-- one optimizer: Adam (and AdamW) keeps per-parameter moments, so the heads' updates do not mix, but
-  there is ONE learning rate. Alone, each head halves its rate after its own plateau
+- one optimizer in effect (one per trunk, stepped together): Adam (and AdamW) keeps per-parameter
+  moments, so the heads' updates do not mix, but there is ONE learning rate.
+  Alone, each head halves its rate after its own plateau
   (ReduceLROnPlateau); here the rate is halved when none of the heads still training has improved
   for ``max(2, patience // 3)`` epochs, so a head may run at a higher rate than alone;
 - the batches are drawn from the union of the heads' train rows, so a head sees fewer of its own rows
@@ -200,12 +202,17 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
     x_val = {p: tf.constant(cache[p][np.searchsorted(cache_rows, val_rows)]) for p in parts}
     cache.clear()  # the fit and val rows now live in x_fit and x_val
     stopper = HeadStopping(plans, hps, net, val_rows, base["lr"], base["patience"])
-    optimizer = make_optimizer(base)  # one optimizer for the whole fit: Adam's moments are per parameter
-    optimizer.build(net.full.trainable_variables)
+    # one optimizer per trunk (trunks share no weights), stepped together: Adam's moments are per parameter
+    # and every live trunk's step count is the grid's, so this is one optimizer over all weights, except
+    # that a skipped trunk's weights are left alone. One learning rate: the first's, copied to the others
+    optimizers = [make_optimizer(base) for _ in net.trunks]
+    for o, k in zip(optimizers, range(len(net.trunks))):
+        o.build(net.model_of([k])[1].trainable_variables)
+    optimizer = optimizers[0]
     rng = np.random.default_rng(base["seed"])
     order = [i for t in net.trunks for i in t["heads"]]  # the heads in trunk order: the loop's outputs
     step = _epoch_loop(tf, net, [y_fit[i] for i in order], [w_fit[i] for i in order], [m_fit[i] for i in order],
-                       x_fit, [stopper.loss_fns[i] for i in order], optimizer, base["batch_size"])
+                       x_fit, [stopper.loss_fns[i] for i in order], optimizers, base["batch_size"])
     predict = _predictor(tf, net, {p: x_val[p].shape[1:] for p in parts})
     t_fit = time.perf_counter()
     epoch = 0
@@ -222,6 +229,8 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
             outs = [np.concatenate([np.asarray(c[h]) for c in chunks]) for h in range(len(order))]
             stopper.end_epoch(epoch, float(np.asarray(optimizer.learning_rate)), train_losses, dict(zip(order, outs)),
                               optimizer)
+            for o in optimizers[1:]:
+                o.learning_rate.assign(optimizer.learning_rate)
             epoch += 1
             checkpoint("grid-epoch")
     traces = {"epoch_loop": int(step.experimental_get_tracing_count()),
@@ -260,35 +269,43 @@ def _live_trunks(net: "GridNet", stopped: list[bool]) -> list[float]:
     return [0.0 if all(stopped[i] for i in t["heads"]) else 1.0 for t in net.trunks]
 
 
-def _epoch_loop(tf, net: "GridNet", ys, ws, members, xs: dict, loss_fns, optimizer, batch_size: int):
+def _epoch_loop(tf, net: "GridNet", ys, ws, members, xs: dict, loss_fns, optimizers, batch_size: int):
     """One epoch as one traced TensorFlow function: every batch of a permutation of the fit rows, one
     optimizer step for all heads. ``ys``, ``ws``, ``members``, ``loss_fns``: per head in trunk order (the
-    trunks' heads one after another); ``xs``: the fit rows of each tap. A head's loss on a batch is its
-    weighted loss over ITS rows of the batch (``members``), as if the batch held only them (Keras' mean
-    over the batch, alone); ``active``: 0 for heads that have stopped; ``live``: 0 for trunks whose heads
-    have all stopped, which are skipped (a ``tf.cond`` per trunk: no forward or backward pass; the
-    optimizer still steps their variables with zero gradients, which no saved weight depends on: a
-    stopped head's best weights are already kept). Returns each head's train loss over the epoch, the mean
-    over its batches weighted by its rows in each (as Keras logs it, without the weight penalty).
+    trunks' heads one after another); ``xs``: the fit rows of each tap; ``optimizers``: one per trunk. A
+    head's loss on a batch is its weighted loss over ITS rows of the batch (``members``), as if the batch
+    held only them (Keras' mean over the batch, alone); ``active``: 0 for heads that have stopped;
+    ``live``: 0 for trunks whose heads have all stopped, which are skipped (a ``tf.cond`` per trunk and
+    batch: no forward pass, no gradient, no optimizer step). The trunks share no weights, so each trunk's
+    gradient is that of the sum of all heads' losses. Returns each head's train loss over the epoch, the
+    mean over its batches weighted by its rows in each (as Keras logs it, without the weight penalty).
 
     Traced once per grid group: every argument has a fixed signature (the batches, the last partial one
     included, are slices inside the loop) and the data are captured, so no stop traces it again."""
     b = int(batch_size)
     subs = [net.model_of([k]) for k in range(len(net.trunks))]
-    variables = net.full.trainable_variables
+    starts = np.cumsum([0] + [len(q[0]) for q in subs]).tolist()
 
-    def trunk(k, xb, idx, alive):
+    def trunk(k, xb, idx, size, cnt, active):
         run, model, used = subs[k]
-        first = sum(len(q[0]) for q in subs[:k])
+        a, z = starts[k], starts[k + 1]
+        variables = model.trainable_variables
 
         def on():
-            outs = _as_list(model([xb[p] for p in used], training=True))
-            ls = tf.stack([loss_fns[first + j](tf.gather(ys[first + j], idx), o,
-                                               sample_weight=tf.gather(ws[first + j], idx))
-                           for j, o in enumerate(outs)])
-            return ls, (tf.add_n(model.losses) if model.losses else tf.zeros(()))
+            with tf.GradientTape() as tape:
+                outs = _as_list(model([xb[p] for p in used], training=True))
+                ls = tf.stack([loss_fns[a + j](tf.gather(ys[a + j], idx), o, sample_weight=tf.gather(ws[a + j], idx))
+                               for j, o in enumerate(outs)])
+                ls = ls * size / tf.maximum(cnt[a:z], 1.0)  # Keras divides by the batch size; alone, that is cnt
+                # a stopped head's NaN stays out
+                total = tf.reduce_sum(tf.where(active[a:z] > 0, ls, tf.zeros_like(ls)))
+                if model.losses:
+                    total = total + tf.add_n(model.losses)
+            grads = tape.gradient(total, variables)
+            optimizers[k].apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+            return ls
 
-        return tf.cond(alive > 0, on, lambda: (tf.zeros([len(run)]), tf.zeros(())))
+        return on, lambda: tf.zeros([z - a])
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([len(ys)], tf.float32),
                                   tf.TensorSpec([len(subs)], tf.float32)])
@@ -302,14 +319,8 @@ def _epoch_loop(tf, net: "GridNet", ys, ws, members, xs: dict, loss_fns, optimiz
             xb = {p: tf.gather(x, idx) for p, x in xs.items()}
             size = tf.cast(tf.size(idx), tf.float32)
             cnt = tf.stack([tf.reduce_sum(tf.gather(m, idx)) for m in members])
-            with tf.GradientTape() as tape:
-                outs = [trunk(k, xb, idx, live[k]) for k in range(len(subs))]
-                ls = tf.concat([q[0] for q in outs], axis=0)
-                ls = ls * size / tf.maximum(cnt, 1.0)  # Keras divides by the batch size; alone, that is cnt
-                total = tf.reduce_sum(tf.where(active > 0, ls, tf.zeros_like(ls)))  # a stopped head's NaN stays out
-                total = total + tf.add_n([q[1] for q in outs])
-            grads = tape.gradient(total, variables)
-            optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+            ls = tf.concat([tf.cond(live[k] > 0, *trunk(k, xb, idx, size, cnt, active)) for k in range(len(subs))],
+                           axis=0)
             sums = sums + ls * cnt
             counts = counts + cnt
         return sums / tf.maximum(counts, 1.0)

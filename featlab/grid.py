@@ -17,14 +17,18 @@ the batches (:func:`_epoch_loop`: no Keras ``fit`` machinery per batch). After e
 scored on its own val rows (its val loss, and accuracy or MAE in years) and stopped as
 :class:`keras.callbacks.EarlyStopping` would alone (:class:`HeadStopping`): once its patience runs out
 its best weights are kept, its loss weight becomes 0 and its history ends; the fit ends when every
-head has stopped or at ``epochs``. Once the trunks whose heads have all stopped hold a quarter of the
-running trunks' input features, the loop is traced again without them (same layers, same optimizer,
-so the others keep their Adam moments and step count).
+head has stopped or at ``epochs``. A trunk whose heads have all stopped is skipped from the next epoch
+on (a ``tf.cond`` per trunk inside the traced loop: no forward or backward pass), so a group traces its
+epoch loop once and its val predictor once, whatever stops and whatever the size of the last batch or
+val chunk (``config.json`` ``training.grid.traces``). Skipping a trunk changes no other head's numbers:
+each Dropout has its own seed state, trunks share no weights, and each trunk has its own optimizer,
+stepped with every batch while it is live (so its step count is the grid's; one learning rate).
 
 Differences from training each head alone (why the figures are close, not identical):
 
-- one optimizer: Adam (and AdamW) keeps per-parameter moments, so the heads' updates do not mix, but
-  there is ONE learning rate. Alone, each head halves its rate after its own plateau
+- one optimizer in effect (one per trunk, stepped together): Adam (and AdamW) keeps per-parameter
+  moments, so the heads' updates do not mix, but there is ONE learning rate.
+  Alone, each head halves its rate after its own plateau
   (ReduceLROnPlateau); here the rate is halved when none of the heads still training has improved
   for ``max(2, patience // 3)`` epochs, so a head may run at a higher rate than alone;
 - the batches are drawn from the union of the heads' train rows, so a head sees fewer of its own rows
@@ -198,40 +202,44 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
     x_val = {p: tf.constant(cache[p][np.searchsorted(cache_rows, val_rows)]) for p in parts}
     cache.clear()  # the fit and val rows now live in x_fit and x_val
     stopper = HeadStopping(plans, hps, net, val_rows, base["lr"], base["patience"])
-    optimizer = make_optimizer(base)  # one optimizer for the whole fit: Adam's moments are per parameter
-    optimizer.build(net.full.trainable_variables)
+    # one optimizer per trunk (trunks share no weights), stepped together: Adam's moments are per parameter
+    # and every live trunk's step count is the grid's, so this is one optimizer over all weights, except
+    # that a skipped trunk's weights are left alone. One learning rate: the first's, copied to the others
+    optimizers = [make_optimizer(base) for _ in net.trunks]
+    for o, k in zip(optimizers, range(len(net.trunks))):
+        o.build(net.model_of([k])[1].trainable_variables)
+    optimizer = optimizers[0]
     rng = np.random.default_rng(base["seed"])
+    order = [i for t in net.trunks for i in t["heads"]]  # the heads in trunk order: the loop's outputs
+    step = _epoch_loop(tf, net, [y_fit[i] for i in order], [w_fit[i] for i in order], [m_fit[i] for i in order],
+                       x_fit, [stopper.loss_fns[i] for i in order], optimizers, base["batch_size"])
+    predict = _predictor(tf, net, {p: x_val[p].shape[1:] for p in parts})
     t_fit = time.perf_counter()
-    traces, epoch, run_trunks, step = 0, 0, None, None
+    epoch = 0
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
         while epoch < base["epochs"] and not all(stopper.stopped):
-            live = [k for k, t in enumerate(net.trunks) if not all(stopper.stopped[i] for i in t["heads"])]
-            if run_trunks is None or _worth_restart(net, run_trunks, live):
-                # the model of the trunks still training: one input per tap they read, one output per head.
-                # The same layers (and optimizer slots) throughout; only the traced loop is new
-                run_trunks = live
-                run, model, used = net.model_of(run_trunks)
-                step = _epoch_loop(tf, model, [y_fit[i] for i in run], [w_fit[i] for i in run],
-                                   [m_fit[i] for i in run], [x_fit[p] for p in used],
-                                   [stopper.loss_fns[i] for i in run], optimizer, base["batch_size"])
-                predict = tf.function(lambda xs, m=model: m(xs, training=False))
-                traces += 1
-            active = tf.constant([0.0 if stopper.stopped[i] else 1.0 for i in run], dtype=tf.float32)
+            # a trunk whose heads have all stopped is skipped (tf.cond in the traced loop), not traced again
+            live = tf.constant(_live_trunks(net, stopper.stopped), dtype=tf.float32)
+            active = tf.constant([0.0 if stopper.stopped[i] else 1.0 for i in order], dtype=tf.float32)
             perm = tf.constant(rng.permutation(len(rows)), dtype=tf.int32)
-            train_losses = dict(zip(run, np.asarray(step(perm, active)).tolist()))
-            chunks = [_as_list(predict([x_val[p][j: j + VAL_CHUNK] for p in used]))
+            train_losses = dict(zip(order, np.asarray(step(perm, active, live)).tolist()))
+            chunks = [_as_list(predict([x_val[p][j: j + VAL_CHUNK] for p in parts], live))
                       for j in range(0, max(len(val_rows), 1), VAL_CHUNK)]  # bounded activations on a large val split
-            outs = [np.concatenate([np.asarray(c[h]) for c in chunks]) for h in range(len(run))]
-            stopper.end_epoch(epoch, float(np.asarray(optimizer.learning_rate)), train_losses, dict(zip(run, outs)),
+            outs = [np.concatenate([np.asarray(c[h]) for c in chunks]) for h in range(len(order))]
+            stopper.end_epoch(epoch, float(np.asarray(optimizer.learning_rate)), train_losses, dict(zip(order, outs)),
                               optimizer)
+            for o in optimizers[1:]:
+                o.learning_rate.assign(optimizer.learning_rate)
             epoch += 1
             checkpoint("grid-epoch")
+    traces = {"epoch_loop": int(step.experimental_get_tracing_count()),
+              "predict": int(predict.experimental_get_tracing_count())}
     fit_seconds = time.perf_counter() - t_fit
     dirs = []
     grid_info = {"heads": len(plans), "groups": n_groups, "taps_read_once": parts, "rows_read": int(len(cache_rows)),
                  "read_seconds": round(read_seconds, 2), "fit_seconds_all_heads": round(fit_seconds, 2),
-                 "epochs_run_all_heads": epoch, "traced_loops": traces,
+                 "epochs_run_all_heads": epoch, "traces": traces,
                  "shared_input": [[f"{plans[i]['key']} -> {plans[i]['tname']}" for i in t["heads"]] for t in net.trunks],
                  "learning_rate": "one ReduceLROnPlateau for the grid: halved when no running head improved "
                                   f"for {max(2, base['patience'] // 3)} epochs"}
@@ -256,48 +264,90 @@ def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _worth_restart(net: "GridNet", running: list[int], live: list[int]) -> bool:
-    """Drop the trunks whose heads have all stopped once they hold a quarter of the running trunks'
-    input features: a restart costs a new trace of the epoch loop (about a second)."""
-    width = {k: net.trunks[k]["width"] for k in running}
-    return sum(w for k, w in width.items() if k not in live) >= 0.25 * sum(width.values())
+def _live_trunks(net: "GridNet", stopped: list[bool]) -> list[float]:
+    """1.0 for each trunk with a head still training, 0.0 for a trunk whose heads have all stopped."""
+    return [0.0 if all(stopped[i] for i in t["heads"]) else 1.0 for t in net.trunks]
 
 
-def _epoch_loop(tf, model, ys, ws, members, xs, loss_fns, optimizer, batch_size: int):
+def _epoch_loop(tf, net: "GridNet", ys, ws, members, xs: dict, loss_fns, optimizers, batch_size: int):
     """One epoch as one traced TensorFlow function: every batch of a permutation of the fit rows, one
-    optimizer step for all heads. A head's loss on a batch is its weighted loss over ITS rows of the
-    batch (``members``), as if the batch held only them (Keras' mean over the batch, alone); ``active``:
-    0 for heads that have stopped. Returns each head's train loss over the epoch, the mean over its
-    batches weighted by its rows in each (as Keras logs it, without the weight penalty)."""
-    b = int(batch_size)
+    optimizer step for all heads. ``ys``, ``ws``, ``members``, ``loss_fns``: per head in trunk order (the
+    trunks' heads one after another); ``xs``: the fit rows of each tap; ``optimizers``: one per trunk. A
+    head's loss on a batch is its weighted loss over ITS rows of the batch (``members``), as if the batch
+    held only them (Keras' mean over the batch, alone); ``active``: 0 for heads that have stopped;
+    ``live``: 0 for trunks whose heads have all stopped, which are skipped (a ``tf.cond`` per trunk and
+    batch: no forward pass, no gradient, no optimizer step). The trunks share no weights, so each trunk's
+    gradient is that of the sum of all heads' losses. Returns each head's train loss over the epoch, the
+    mean over its batches weighted by its rows in each (as Keras logs it, without the weight penalty).
 
-    @tf.function
-    def step(perm, active):
+    Traced once per grid group: every argument has a fixed signature (the batches, the last partial one
+    included, are slices inside the loop) and the data are captured, so no stop traces it again."""
+    b = int(batch_size)
+    subs = [net.model_of([k]) for k in range(len(net.trunks))]
+    starts = np.cumsum([0] + [len(q[0]) for q in subs]).tolist()
+
+    def trunk(k, xb, idx, size, cnt, active):
+        run, model, used = subs[k]
+        a, z = starts[k], starts[k + 1]
+        variables = model.trainable_variables
+
+        def on():
+            with tf.GradientTape() as tape:
+                outs = _as_list(model([xb[p] for p in used], training=True))
+                ls = tf.stack([loss_fns[a + j](tf.gather(ys[a + j], idx), o, sample_weight=tf.gather(ws[a + j], idx))
+                               for j, o in enumerate(outs)])
+                ls = ls * size / tf.maximum(cnt[a:z], 1.0)  # Keras divides by the batch size; alone, that is cnt
+                # a stopped head's NaN stays out
+                total = tf.reduce_sum(tf.where(active[a:z] > 0, ls, tf.zeros_like(ls)))
+                if model.losses:
+                    total = total + tf.add_n(model.losses)
+            grads = tape.gradient(total, variables)
+            optimizers[k].apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+            return ls
+
+        return on, lambda: tf.zeros([z - a])
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([len(ys)], tf.float32),
+                                  tf.TensorSpec([len(subs)], tf.float32)])
+    def step(perm, active, live):
         n = tf.shape(perm)[0]
         steps = (n + b - 1) // b
         sums = tf.zeros_like(active)
         counts = tf.zeros_like(active)
         for s in tf.range(steps):
             idx = perm[s * b: tf.minimum((s + 1) * b, n)]
-            xb = [tf.gather(x, idx) for x in xs]
+            xb = {p: tf.gather(x, idx) for p, x in xs.items()}
             size = tf.cast(tf.size(idx), tf.float32)
             cnt = tf.stack([tf.reduce_sum(tf.gather(m, idx)) for m in members])
-            with tf.GradientTape() as tape:
-                outs = model(xb, training=True)
-                outs = outs if isinstance(outs, (list, tuple)) else [outs]
-                ls = tf.stack([fn(tf.gather(y, idx), o, sample_weight=tf.gather(w, idx))
-                               for fn, y, w, o in zip(loss_fns, ys, ws, outs)])
-                ls = ls * size / tf.maximum(cnt, 1.0)  # Keras divides by the batch size; alone, that is cnt
-                total = tf.reduce_sum(tf.where(active > 0, ls, tf.zeros_like(ls)))  # a stopped head's NaN stays out
-                if model.losses:
-                    total = total + tf.add_n(model.losses)
-            grads = tape.gradient(total, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            ls = tf.concat([tf.cond(live[k] > 0, *trunk(k, xb, idx, size, cnt, active)) for k in range(len(subs))],
+                           axis=0)
             sums = sums + ls * cnt
             counts = counts + cnt
         return sums / tf.maximum(counts, 1.0)
 
     return step
+
+
+def _predictor(tf, net: "GridNet", shapes: dict):
+    """Every head's outputs (heads in trunk order) for a chunk of rows of each tap of ``shapes``, the
+    trunks with ``live`` 0 skipped (zeros). Traced once: a chunk of any size, any trunks live."""
+    subs = [net.model_of([k]) for k in range(len(net.trunks))]
+    parts = list(shapes)
+
+    @tf.function(input_signature=[[tf.TensorSpec([None, *[int(d) for d in shapes[p]]], tf.float32) for p in parts],
+                                  tf.TensorSpec([len(subs)], tf.float32)])
+    def predict(xs, live):
+        x = dict(zip(parts, xs))
+        n = tf.shape(xs[0])[0]
+        out = []
+        for k, (_, model, used) in enumerate(subs):
+            zeros = [tf.zeros(tf.concat([[n], tf.constant([int(d) for d in o.shape[1:]], tf.int32)], 0))
+                     for o in model.outputs]
+            out += _as_list(tf.cond(live[k] > 0, lambda m=model, u=used: _as_list(m([x[p] for p in u], training=False)),
+                                    lambda z=zeros: z))
+        return out
+
+    return predict
 
 
 class GridNet:

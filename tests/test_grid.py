@@ -187,3 +187,45 @@ def test_trunk_columns_start_like_a_lone_head():
         cols = kernel[:, 64 * i: 64 * (i + 1)]
         assert np.abs(cols).max() <= lone and np.abs(cols).max() > 0.97 * lone
         assert net.head_weights(i)["hidden1"][0].tolist() == cols.tolist()
+
+
+def test_grid_traces_once_and_skipping_stopped_trunks_changes_no_figure(feats, tmp_path, monkeypatch):
+    """No tf.function retracing within a grid: with heads stopping at different epochs (whole trunks
+    stop before the end) and val chunks of 17 rows (a shorter last chunk), every tf.function the grid
+    creates is traced twice in all: its epoch loop once and its val predictor once (the old code traced
+    a new loop and predictor at each restart without the stopped trunks, and the predictor again for the
+    last chunk: 9 traces here). Skipping a stopped trunk (tf.cond) changes nothing: forced to run every
+    trunk to the end, the grid saves bit-identical weights and histories for every head."""
+    import tensorflow as tf
+
+    import featlab.grid
+    from featlab.grid import fit_grid
+    from featlab.model import load_head
+
+    made, real = [], tf.function
+
+    def counting(*a, **k):
+        if a and callable(a[0]):
+            made.append(real(*a, **k))
+            return made[-1]
+        deco = real(*a, **k)
+        return lambda fn: made.append(deco(fn)) or made[-1]
+
+    monkeypatch.setattr(tf, "function", counting)
+    monkeypatch.setattr(featlab.grid, "VAL_CHUNK", 17)
+    hp = dict(epochs=40, patience=1, lr=0.01, batch_size=64, verbose=0)
+    layers, targets = ["conv", "vec", "conv+vec"], [("bins", 7), ("age", None), ("gender", None)]
+    dirs = fit_grid(feats, layers, targets, out_root=tmp_path / "skip", **hp)
+    assert sum(f.experimental_get_tracing_count() for f in made) == 2
+    cfgs = [json.loads((d / "config.json").read_text())["training"] for d in dirs]
+    total = cfgs[0]["grid"]["epochs_run_all_heads"]
+    assert cfgs[0]["grid"]["traces"] == {"epoch_loop": 1, "predict": 1}
+    # the fixture exercises the skip: at least two of the three trunks stopped before the fit ended
+    assert sum(max(c["epochs_run"] for c in cfgs[j: j + 3]) < total for j in (0, 3, 6)) >= 2
+
+    monkeypatch.setattr(featlab.grid, "_live_trunks", lambda net, stopped: [1.0] * len(net.trunks))
+    dirs_all = fit_grid(feats, layers, targets, out_root=tmp_path / "all", **hp)
+    for d, e in zip(dirs, dirs_all):
+        assert (d / "history.csv").read_text() == (e / "history.csv").read_text(), d
+        for w, v in zip(load_head(d)[0].get_weights(), load_head(e)[0].get_weights(), strict=True):
+            np.testing.assert_array_equal(w, v)

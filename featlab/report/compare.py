@@ -110,6 +110,7 @@ def gather(backbone: str, dataset: str, target: str = "bins", cats=7, results_ro
             "dir": str(d / tname),
             "identity": m.get("feature_set") or {},
             "features": (m.get("config") or {}).get("features"),
+            "uncertainty": m["test"].get("uncertainty"),  # this featlab's record: intervals already over its groups
         })
     if not out:
         raise FeatlabError(f"no evaluated heads for {tname} under {base} (looked for */{tname}/metrics.json)")
@@ -206,7 +207,8 @@ def _readers(recs: list[dict], target: str, results_root, dataset: str, tname: s
     for r in recs:
         faces = _read_faces(Path(r["dir"]) / "faces.csv")
         rows.append({"tap": r["key"], "reader": "head", "rec": r, "faces": faces, "val": r["val"],
-                     "metrics": r["metrics"], "metrics_std": r["metrics_std"], "kind": r["kind"]})
+                     "metrics": r["metrics"], "metrics_std": r["metrics_std"], "kind": r["kind"],
+                     "uncertainty": r.get("uncertainty")})
         bf = Path(r["dir"]) / "baselines_faces.csv"
         if bf.is_file():
             b = pd.read_csv(bf, dtype={"image_id": str, "split": str})
@@ -308,7 +310,13 @@ def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_r
             row.update(unit_of(faces["group"].to_numpy(dtype=object)))
         for m in headline:
             row[m] = x["metrics"].get(m)
-            if have and m in faces:
+            stored = x.get("uncertainty") or {}
+            if stored.get("unit") and x["metrics"].get(f"{m}_ci95"):
+                # a head record of this featlab: its interval and design effect were computed from these very
+                # faces and groups (same seed) when it was scored; not bootstrapped a second time
+                ci = x["metrics"][f"{m}_ci95"]
+                row[_col(m, sel, "design_effect")] = (stored.get("design_effect") or {}).get(m)
+            elif have and m in faces:
                 g = faces["group"].to_numpy(dtype=object)
                 ci = interval(faces[m].to_numpy(), groups=g)
                 row[_col(m, sel, "design_effect")] = design_effect(faces[m].to_numpy(), g)

@@ -695,6 +695,7 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
     heads), mean maps in maps-METHOD.npz, and explain_summary.json.
 
     Classifier heads explain the probability of each face's true class; age heads the predicted age."""
+    from .evaluate import groups_of
     from .heatmaps import class_grid_png, deletion_png
     from ..store import FeatureStore
 
@@ -772,7 +773,7 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
                        time.perf_counter() - t0,
                        {"features": str(features), "split": split, "grouped_by": grouped_by,
                         "faces": [str(v) for v in labels["image_id"].to_numpy()[rows]],
-                        "face_groups": [str(v) for v in labels["group"].to_numpy()[rows]] if "group" in labels else None,
+                        "face_groups": groups_of(labels.iloc[rows]).tolist(),
                         "groups": {nm: int(c) for nm, c in zip(names, count)}}, echo=echo)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -282,8 +282,10 @@ def similarity(features: list, layers=None, pool: str | None = None, block: int 
             for k in keys:
                 s.check_finite(k)
         ids, rows = _rows(stores, split)
+        from .evaluate import groups_of
+
         lab = stores[0].labels()
-        group_of = dict(zip(lab["image_id"].astype(str), lab["group"].astype(str))) if "group" in lab else {}
+        group_of = dict(zip(lab["image_id"].astype(str), groups_of(lab)))
         parts = blocks_of(len(ids), block, seed, [group_of.get(str(i), "") for i in ids])
         acc = MinibatchCKA(len(taps[0]), len(taps[-1]))
         for b, pos in enumerate(parts):

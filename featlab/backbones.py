@@ -29,7 +29,7 @@ import numpy as np
 
 from . import config
 from .errors import FeatlabError
-from .faces import Geometry
+from .faces import Geometry, check_preprocessing
 from .taps import TapInfo, find_tap
 
 DLIB_MEAN = (122.782, 117.001, 104.298)
@@ -269,11 +269,15 @@ def sha256_of(path: Path) -> str:
 
 
 class Backbone:
-    """A backbone bound to one model file. Cheap to create; the graph loads on first use."""
+    """A backbone bound to one model file. Cheap to create; the graph loads on first use.
 
-    def __init__(self, name: str, model: str | Path | None = None):
+    ``preprocessing``: how chips are cut (:data:`featlab.faces.PREPROCESSINGS`); None: the network's own
+    (``template-5pt`` for template geometries)."""
+
+    def __init__(self, name: str, model: str | Path | None = None, preprocessing: str | None = None):
         self.spec = get_spec(name)
         self.name = name
+        self.prep_name = check_preprocessing(self.spec.geometry[0], preprocessing)
         self.model_path = Path(self.spec.locate(str(model) if model else None))
         if not self.model_path.is_file():
             raise FeatlabError(f"--model {model or self.model_path}: no such file")
@@ -294,7 +298,7 @@ class Backbone:
     @property
     def geometry(self) -> Geometry:
         kind, size, pad = self.spec.geometry
-        return Geometry(kind, size, pad)
+        return Geometry(kind, size, pad, self.prep_name)
 
     @cached_property
     def normalisation(self) -> tuple[tuple[float, float, float], float]:
@@ -325,7 +329,7 @@ class Backbone:
 
     def preprocessing(self) -> dict:
         mean, scale = self.normalisation
-        return {"geometry": self.geometry.describe(), "color": "RGB", "layout": "NCHW",
+        return {"name": self.prep_name, "geometry": self.geometry.describe(), "color": "RGB", "layout": "NCHW",
                 "mean": [float(m) for m in mean], "scale": float(scale)}
 
     def to_input(self, chips: np.ndarray) -> np.ndarray:

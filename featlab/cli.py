@@ -240,6 +240,10 @@ def extract(
     model: Optional[str] = typer.Option(None, "--model", help="model file [featlab.toml models.BACKBONE, then the insightface packs]"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 file [features/BACKBONE/DATASET.h5]"),
     align: bool = typer.Option(False, "--align", help="detect and align faces (in-the-wild images)"),
+    preprocessing: Optional[str] = typer.Option(
+        None, "--preprocessing", help="how each chip is cut: template-5pt (5-point warp onto the network's "
+        "template), resize (whole crop resized, no landmarks) or center-crop [the network's own: template-5pt for "
+        "dlib and ArcFace networks; featlab.toml extract.preprocessing]"),
     flip: bool = typer.Option(False, "--flip", help="store the mean of the face and its mirror image"),
     pool: Optional[str] = typer.Option(None, "--pool", help="pool every tap: avg, max, or avgN/maxN for an NxN grid"),
     dtype: str = typer.Option("float16", "--dtype", help="float16 or float32"),
@@ -278,15 +282,17 @@ def extract(
     _positive(workers, "--workers")
     _positive(limit, "--limit")
     from .backbones import get_spec
+    from .faces import check_preprocessing
 
-    get_spec(backbone)
+    preprocessing = preprocessing or _cfg("extract", "preprocessing")
+    check_preprocessing(get_spec(backbone).geometry[0], preprocessing)  # one line before the backbone loads
     rep = run_extract(manifest, list(layer or []), backbone=backbone, model=model or _cfg("models", backbone), out=out,
                       align=align, flip=flip, pool=pool, dtype=dtype, compression=compression, batch_size=batch_size,
-                      workers=workers, limit=limit, progress=not quiet, cluster=cluster,
+                      workers=workers, limit=limit, progress=not quiet, cluster=cluster, preprocessing=preprocessing,
                       # with --ray the driver's own session only adds a tap to old rows: keep it off the workers' GPUs
                       providers=["CPUExecutionProvider"] if cluster else None)
     _echo(f"{rep.out}: {rep.rows_total:,} faces ({rep.rows_added:,} new, {rep.skipped_added:,} skipped) "
-          f"in {rep.seconds:.1f} s, {rep.images_per_s:,.0f} images/s on {rep.provider}")
+          f"in {rep.seconds:.1f} s, {rep.images_per_s:,.0f} images/s on {rep.provider}, preprocessing {rep.preprocessing}")
     for k, v in rep.filled.items():
         _echo(f"  added tap {k} for {v:,} existing rows")
     if rep.labels_resynced:
@@ -307,6 +313,11 @@ def info(features: Path = typer.Argument(..., help="features .h5 file")):
         a = s.attrs
         _echo(f"{features}: {s.nrows:,} faces, backbone {a.get('backbone')}, model sha256 {str(a.get('model_sha256'))[:16]}…")
         _echo(f"  dataset {a.get('dataset')}  flip {a.get('flip')}  align {a.get('align')}  featlab {a.get('featlab_version')}")
+        from .paths import describe_preprocessing
+
+        prep = describe_preprocessing(a.get("preprocessing"), bool(a.get("align")))
+        if prep:
+            _echo(f"  preprocessing {prep}")
         from .tapimport import describe_import
 
         for line in describe_import(a):
@@ -473,7 +484,8 @@ def _default_features():
     from .extract import default_out
     from .manifest import dataset_name
 
-    p = default_out(backbone, dataset_name(manifest), bool(_cfg("extract", "align", False)), bool(_cfg("extract", "flip", False)))
+    p = default_out(backbone, dataset_name(manifest), bool(_cfg("extract", "align", False)), bool(_cfg("extract", "flip", False)),
+                    _cfg("extract", "preprocessing"))
     return p if p.is_file() else None
 
 

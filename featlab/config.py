@@ -16,6 +16,7 @@ Example::
     [extract]
     backbone = "r100"
     batch_size = 32
+    preprocessing = "template-5pt"   # or resize, center-crop (default: the backbone's own)
 
     [head]
     layer = "stage4_unit1_conv1"

@@ -180,7 +180,7 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
     adapter = ds.get("adapter") or ds.get("name")
     backbone = bbs["name"]
     # fail fast, before any work: the model file and the data must exist
-    bb = Backbone(backbone, bbs.get("model") or config.get("models", backbone))
+    bb = Backbone(backbone, bbs.get("model") or config.get("models", backbone), ex.get("preprocessing"))
     manifest = ds.get("manifest")
     if manifest:
         manifest = Path(manifest)
@@ -201,7 +201,8 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
     rep = extract(manifest, taps, backbone=backbone, model=bbs.get("model") or config.get("models", backbone),
                   out=ex.get("out"), align=bool(ex.get("align", False)), flip=bool(ex.get("flip", False)),
                   pool=ex.get("pool"), dtype=ex.get("dtype", "float16"), compression=ex.get("compression", "none"),
-                  batch_size=ex.get("batch_size"), progress=bool(spec.get("progress", True)))
+                  batch_size=ex.get("batch_size"), progress=bool(spec.get("progress", True)),
+                  preprocessing=ex.get("preprocessing"))
     echo(f"[extract] {rep.out}: {rep.rows_total:,} faces ({rep.rows_added:,} new) in {time.perf_counter() - t0:.0f} s")
     from .staging import keep
 

@@ -59,6 +59,7 @@ class ExtractReport:
     plan: dict = field(default_factory=dict)  # workers, prep, threads, batch_size used
     labels_resynced: int = 0  # stored rows whose labels were rewritten from a changed manifest
     rows_not_in_manifest: int = 0  # stored rows whose image left the manifest: kept, split '' and fold -1
+    preprocessing: str = ""  # the named preprocessing the chips were cut with (featlab.faces.PREPROCESSINGS)
 
     @property
     def images_per_s(self) -> float:
@@ -66,8 +67,19 @@ class ExtractReport:
         return done / self.seconds if self.seconds > 0 else 0.0
 
 
-def default_out(backbone: str, dataset: str, align: bool = False, flip: bool = False) -> Path:
-    suffix = ("-align" if align else "") + ("-flip" if flip else "")
+def default_out(backbone: str, dataset: str, align: bool = False, flip: bool = False,
+                preprocessing: str | None = None) -> Path:
+    """``features/BACKBONE/DATASET[-align][-PREPROCESSING][-flip].h5``: the preprocessing is named only when it
+    is not the backbone's default (the same rule as :func:`featlab.paths.dataset_key`)."""
+    suffix = "-align" if align else ""
+    if preprocessing:
+        from .backbones import get_spec
+        from .faces import check_preprocessing, default_preprocessing
+
+        kind = get_spec(backbone).geometry[0]
+        if check_preprocessing(kind, preprocessing) != default_preprocessing(kind):
+            suffix += f"-{preprocessing}"
+    suffix += "-flip" if flip else ""
     return config.features_dir() / backbone / f"{dataset}{suffix}.h5"
 
 
@@ -314,8 +326,14 @@ def extract(
     prep: str = "auto",
     providers: list[str] | None = None,
     cluster=None,
+    preprocessing: str | None = None,
 ) -> ExtractReport:
     """Extract ``layers`` of ``backbone`` for every image of ``manifest`` into ``out`` (resumable).
+
+    ``preprocessing``: how each chip is cut (:data:`featlab.faces.PREPROCESSINGS`; None: the network's own,
+    ``template-5pt`` for dlib and ArcFace networks), recorded by name in the file's ``preprocessing``
+    attribute; resuming a file made with another one is refused. ``align``: find the face with the
+    detector first (uncropped images) instead of taking the whole image as the face region.
 
     ``workers``/``prep``: decode/align workers and whether they are threads or
     processes; ``threads``: onnxruntime intra-op threads (0: all cores). The
@@ -330,11 +348,11 @@ def extract(
     if limit:
         df = df.iloc[: int(limit)]
     dataset = dataset_name(manifest)
-    bb = Backbone(backbone, model)
+    bb = Backbone(backbone, model, preprocessing)
     if not layers:
         layers = list(bb.spec.default_taps)
     want = resolve_keys(bb, layers, pool)
-    out = Path(out) if out else default_out(backbone, dataset, align, flip)
+    out = Path(out) if out else default_out(backbone, dataset, align, flip, bb.prep_name)
     identity = {
         "backbone": backbone,
         "model_sha256": bb.sha256,
@@ -347,9 +365,10 @@ def extract(
     providers = list(providers or default_providers())
     plan = plan_workers(providers[0] if providers else "", geometry, align, workers, threads, prep)
     workers, prep = plan["workers"], plan["prep"]
-    report = ExtractReport(out=out)
+    report = ExtractReport(out=out, preprocessing=bb.prep_name)
     with FeatureStore.open_for_append(out, identity, compression) as store:
         report.rows_before = store.nrows
+        store.set_attr("preprocessing", identity["preprocessing"])  # a file from before names the choice now
         store.set_attr("model_path", str(bb.model_path))
         store.set_attr("featlab_version", __version__)
         store.set_attr("dataset", dataset)
@@ -415,6 +434,7 @@ def extract(
         report.rows_total = store.nrows
         store.set_attr("config", {"manifest": str(manifest), "layers": list(want), "backbone": backbone,
                                   "model": str(bb.model_path), "align": align, "flip": flip, "pool": pool,
+                                  "preprocessing": bb.prep_name,
                                   "dtype": dtype, "compression": compression, "batch_size": batch_size})
     report.seconds = time.perf_counter() - t0
     return report

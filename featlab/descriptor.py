@@ -180,7 +180,8 @@ def parse(data: dict, name: str | None = None, origin: str | None = None) -> Des
 
 
 def read_file(path: str | Path, name: str | None = None) -> Descriptor:
-    """A descriptor file: its top-level keys, or one ``[backbones.NAME]`` table."""
+    """A descriptor file: its top-level keys, or one ``[backbones.NAME]`` table. Beside its model
+    (``MODEL.onnx.toml``) it needs no ``model`` key."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise FeatlabError(f"--descriptor {path}: no such file")
@@ -196,6 +197,8 @@ def read_file(path: str | Path, name: str | None = None) -> Descriptor:
             (key, table), = tables.items()
             return parse(table, key, str(p))
         raise FeatlabError(f"{p}: holds backbones {', '.join(tables)}; say which with --backbone")
+    if p.name.endswith(".onnx.toml") and "model" not in data and "package" not in data:
+        data = dict(data, model=p.name.removesuffix(".toml"))
     return parse(data, name or data.get("name") or p.name.removesuffix(".toml").removesuffix(".onnx"), str(p))
 
 

@@ -24,6 +24,7 @@ Usage::
     python bench/extraction.py --r100           # R100 only, more faces
     python bench/extraction.py --r100 --provider cuda --batch 256     # GPU figures
     python bench/extraction.py --models dlib-age --n-age 8000 --reps 3
+    python bench/extraction.py --models dlib-rec,sface --n-rec 1000 --n-sface 1000   # SFace beside dlib-rec
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ def run_model(name, args, providers, tmp):
     from featlab.backbones import Backbone
     from featlab.extract import cpu_count
 
-    n = {"dlib-age": args.n_age, "dlib-rec": args.n_rec, "r100": args.n_r100}[name]
+    n = {"dlib-age": args.n_age, "dlib-rec": args.n_rec, "sface": args.n_sface, "r100": args.n_r100}[name]
     if name == "r100" and not n:
         n = 8000 if providers[0] != "CPUExecutionProvider" else (200 if args.r100 else 48)
     model = str(C.r100_model()) if name == "r100" else None
@@ -263,10 +264,11 @@ def run_model(name, args, providers, tmp):
 
 def main(argv=None):
     ap = C.parser(__doc__)
-    ap.add_argument("--models", default="dlib-age,dlib-rec,r100", help="comma list of dlib-age, dlib-rec, r100")
+    ap.add_argument("--models", default="dlib-age,dlib-rec,r100", help="comma list of dlib-age, dlib-rec, sface, r100")
     ap.add_argument("--r100", action="store_true", help="R100 only (same as --models r100), 200 faces on CPU")
     ap.add_argument("--n-age", type=int, default=3000, help="images for dlib-age [3000]")
     ap.add_argument("--n-rec", type=int, default=600, help="images for dlib-rec [600]")
+    ap.add_argument("--n-sface", type=int, default=1000, help="images for sface (needs featlab[sface]) [1000]")
     ap.add_argument("--n-r100", type=int, default=0, help="images for R100 [48 in the default run, 200 with --r100, "
                                                            "8000 on a GPU]")
     ap.add_argument("--batch", type=int, default=0, help="batch size [each backbone's default]")
@@ -279,7 +281,7 @@ def main(argv=None):
                     help="force extract(threads=N) (onnxruntime intra-op threads; 0: featlab's plan, timed on CPU)")
     ap.add_argument("--featlab-workers", type=int, default=0, help="force extract(workers=N) (0: featlab's plan)")
     args = ap.parse_args(argv)
-    C.tiny(args, n_age=16, n_rec=16, n_r100=8, reps=1, r100_reps=1,
+    C.tiny(args, n_age=16, n_rec=16, n_sface=16, n_r100=8, reps=1, r100_reps=1,
            **({"models": "dlib-rec"} if args.models == ap.get_default("models") else {}))  # no R100 build unless asked
     models = ["r100"] if args.r100 else [m.strip() for m in args.models.split(",") if m.strip()]
     providers = providers_for(args.provider)

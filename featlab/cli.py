@@ -405,7 +405,8 @@ def train_head(
     regression: bool = typer.Option(False, "--regression", help="age in years"),
     target: Optional[List[str]] = typer.Option(None, "--target", help="bins, age or gender (or bins8); repeat or comma-separate for several"),
     layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="tap key in the features file; repeat for several; a+b fuses taps into one head [featlab.toml head.layer]"),
-    features: Optional[Path] = typer.Option(None, "--features", "-f", help="features .h5 [featlab.toml head.features]"),
+    features: Optional[List[Path]] = typer.Option(None, "--features", "-f", help="features .h5 [featlab.toml head.features]; "
+                                                   "repeat for cross-file fusion (--layer NET:TAP+NET:TAP, joined by image id)"),
     fold: Optional[str] = typer.Option(None, "--fold", help="Adience protocol: test fold K (train on the others)"),
     folds: Optional[str] = typer.Option(None, "--folds", help="'all' runs the 5-fold protocol"),
     hidden: str = typer.Option("auto", "--hidden", help="hidden layer sizes, e.g. 512,128; 0 for a linear head"),
@@ -445,7 +446,13 @@ def train_head(
         memory_mb = -1.0
     if not memory_mb > 0:
         raise FeatlabError("--memory-mb (or [head] memory_mb) must be a positive number of MiB")
-    features = Path(_need(features or _cfg("head", "features") or _default_features(), "--features",
+    many = list(dict.fromkeys(features or []))
+    from .crossnet import is_cross
+
+    if len(many) > 1 or any(is_cross(x) for x in layer or []):
+        return _train_cross(many, list(dict.fromkeys(layer or [])), tgts, fold_arg, hidden, dropout, epochs, lr,
+                            ordinal, seed, seeds, memory_mb, ranges, quiet)
+    features = Path(_need(many[0] if many else (_cfg("head", "features") or _default_features()), "--features",
                           "pass --features FILE.h5 or set [head].features (or [paths].manifest and [extract].backbone) in featlab.toml"))
     layers = list(dict.fromkeys(layer or [])) or [
         _need(_cfg("head", "layer") or _only_tap(features), "--layer",
@@ -463,6 +470,31 @@ def train_head(
                       verbose=0 if quiet else 1, **opts)
     for d in outs:
         _echo(f"head written to {d}")
+
+
+def _train_cross(files, layers, tgts, fold_arg, hidden, dropout, epochs, lr, ordinal, seed, seeds, memory_mb, ranges,
+                 quiet):
+    """train-head over several features files: each --layer NET:TAP+NET:TAP is joined by image id
+    (featlab.crossnet) into its own features file, whose heads go to results/NET+NET/..."""
+    from .crossnet import is_cross, join_features
+    from .workflow import train_grid
+
+    for f in files:
+        _check_file(f, "features file", "make it with `featlab extract`")
+    if not layers:
+        raise FeatlabError("with several --features give --layer NET:TAP+NET:TAP (e.g. dlib-rec:res12+sface:conv_13_relu)")
+    plain = [x for x in layers if not is_cross(x)]
+    if plain:
+        raise FeatlabError(f"--layer {plain[0]}: with several --features files name each part's network, NET:TAP+NET:TAP")
+    if len(files) < 2:
+        raise FeatlabError(f"--layer {layers[0]}: NET:TAP parts fuse taps of several files; give each with --features")
+    opts = {k: v for k, v in dict(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, ordinal=ordinal).items() if v is not None}
+    opts["ranges"] = ranges
+    joined = [join_features(files, x, echo=None if quiet else _echo) for x in layers]  # every refusal before training
+    for path, key in joined:
+        for d in train_grid(path, [key], tgts, fold=fold_arg, seed=seed, seeds=seeds, memory_mb=memory_mb,
+                            verbose=0 if quiet else 1, **opts):
+            _echo(f"head written to {d}")
 
 
 def _default_features():

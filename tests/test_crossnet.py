@@ -1,0 +1,157 @@
+"""Networks side by side: cross-file fusion by image id, the cross-network comparison, specs with several networks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featlab.errors import FeatlabError
+from featlab.store import FeatureStore, label_row
+
+N = 360
+
+
+def _planted(seed: int = 0):
+    """Two 'networks' on the same N faces: netA's tap a1 carries gender strongly, netB's tap b1 weakly,
+    b2 not at all; ages carried by both."""
+    rng = np.random.default_rng(seed)
+    gender = np.array(["f", "m"])[rng.integers(0, 2, N)]
+    age = rng.uniform(5, 80, N).round()
+    g = (gender == "m").astype(np.float32)[:, None]
+    a = ((age - 40) / 20).astype(np.float32)[:, None]
+    a1 = np.concatenate([3 * g + rng.normal(size=(N, 1)), a + 0.3 * rng.normal(size=(N, 1)),
+                         rng.normal(size=(N, 6))], axis=1).astype(np.float32)
+    b1 = np.concatenate([0.7 * g + rng.normal(size=(N, 1)), a + rng.normal(size=(N, 1)),
+                         rng.normal(size=(N, 6))], axis=1).astype(np.float32)
+    b2 = rng.normal(size=(N, 8)).astype(np.float32)
+    splits = np.array(["train"] * 240 + ["val"] * 60 + ["test"] * 60)
+    ids = [f"img{i:05d}" for i in range(N)]
+    return ids, gender, age, splits, {"a1": a1}, {"b1": b1, "b2": b2}
+
+
+def _write(path: Path, data, taps: dict, backbone: str, order=None, manifest_sha: str = "m" * 64, drop=()) -> Path:
+    ids, gender, age, splits, _, _ = data
+    order = np.arange(N) if order is None else np.asarray(order)
+    order = np.array([i for i in order if i not in set(drop)])
+    ident = {"backbone": backbone, "model_sha256": backbone[0] * 64, "preprocessing": "default", "flip": False,
+             "align": False, "manifest_sha256": manifest_sha}
+    with FeatureStore.open_for_append(path, ident) as st:
+        st.set_attr("dataset", "synth")
+        for k, x in taps.items():
+            st.ensure_array(k, x.shape[1:], dtype="float32", expected_rows=N)
+        labels = [label_row({"image_id": ids[i], "path": f"/x/{i}.jpg", "age": float(age[i]), "gender": gender[i],
+                             "race": "", "split": splits[i], "fold": -1, "group": f"p{i // 2}"}) for i in order]
+        st.append({k: x[order] for k, x in taps.items()}, labels)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _planted()
+
+
+@pytest.fixture(scope="module")
+def files(data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("xnet")
+    rng = np.random.default_rng(5)
+    return {"a": _write(d / "a.h5", data, data[4], "netA"),
+            "b": _write(d / "b.h5", data, data[5], "netB"),
+            "b_shuffled": _write(d / "b_shuffled.h5", data, data[5], "netB", order=rng.permutation(N)),
+            "b_dropped": _write(d / "b_dropped.h5", data, data[5], "netB", drop=(3, 100, 250, 301)),
+            "b_other": _write(d / "b_other.h5", data, data[5], "netB", manifest_sha="z" * 64),
+            "b_split": None}
+
+
+def test_join_lines_up_by_image_id(files, data, tmp_path):
+    """The joined file holds each face's own rows of both files, whatever the second file's row order."""
+    from featlab.crossnet import join_features
+
+    path, key = join_features([files["a"], files["b_shuffled"]], "netA:a1+netB:b1", root=tmp_path)
+    assert key == "netA:a1+netB:b1"
+    with FeatureStore.open_read(path) as s:
+        ids = s.labels()["image_id"].tolist()
+        idx = [int(i[3:]) for i in ids]
+        np.testing.assert_array_equal(s.read("netA:a1"), data[4]["a1"][idx])
+        np.testing.assert_array_equal(s.read("netB:b1"), data[5]["b1"][idx])
+        assert s.attrs["backbone"] == "netA+netB"
+        assert s.attrs["join"]["rows"] == N and s.attrs["join"]["dropped"] == {"netA": 0, "netB": 0}
+    assert ids == [f"img{i:05d}" for i in range(N)]  # the first file's order
+
+
+def test_join_drops_missing_faces_from_both(files, tmp_path):
+    from featlab.crossnet import join_features
+
+    path, _ = join_features([files["a"], files["b_dropped"]], "netA:a1+netB:b1", root=tmp_path)
+    with FeatureStore.open_read(path) as s:
+        ids = set(s.labels()["image_id"])
+        assert s.nrows == N - 4 and "img00100" not in ids and "img00101" in ids
+        assert s.attrs["join"]["dropped"] == {"netA": 4, "netB": 0}
+
+
+def test_refusals_are_one_line(files, tmp_path):
+    from featlab.crossnet import join_features
+
+    with pytest.raises(FeatlabError, match="one manifest"):
+        join_features([files["a"], files["b_other"]], "netA:a1+netB:b1", root=tmp_path)
+    with pytest.raises(FeatlabError, match="no features file of network 'netC'"):
+        join_features([files["a"], files["b"]], "netA:a1+netC:b1", root=tmp_path)
+    with pytest.raises(FeatlabError, match="NETWORK:TAP"):
+        join_features([files["a"], files["b"]], "a1+netB:b1", root=tmp_path)
+    with pytest.raises(FeatlabError, match="has no tap 'zz'"):
+        join_features([files["a"], files["b"]], "netA:zz+netB:b1", root=tmp_path)
+
+
+def test_different_splits_refused(data, tmp_path):
+    from featlab.crossnet import join_features
+
+    ids, gender, age, splits, ta, tb = data
+    moved = (ids, gender, age, np.where(np.arange(N) == 7, "test", splits), ta, tb)
+    a = _write(tmp_path / "a.h5", data, ta, "netA")
+    b = _write(tmp_path / "b.h5", moved, tb, "netB")
+    with pytest.raises(FeatlabError, match="different splits"):
+        join_features([a, b], "netA:a1+netB:b1", root=tmp_path / "j")
+
+
+def _cli(args, cwd: Path) -> int:
+    from featlab.cli import main
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return main(args)
+    finally:
+        os.chdir(old)
+
+
+def test_train_head_cross_fusion_shuffle_gives_same_figures(files, tmp_path):
+    """`train-head --features A --features B --layer netA:a1+netB:b1`: results under netA+netB/, each part's
+    feature set in config.json, and a second file with its rows shuffled gives the same figures."""
+    figs = []
+    for name, b in (("one", files["b"]), ("two", files["b_shuffled"])):
+        cwd = tmp_path / name
+        cwd.mkdir()
+        rc = _cli(["train-head", "-f", str(files["a"]), "-f", str(b), "-l", "netA:a1+netB:b1", "--target", "gender",
+                   "--epochs", "3", "-q"], cwd)
+        assert rc == 0
+        d = cwd / "results" / "netA+netB" / "synth" / "netA:a1.f32+netB:b1.f32" / "gender"
+        cfg = json.loads((d / "config.json").read_text())
+        assert [p["feature_set"]["backbone"] for p in cfg["join"]["parts"]] == ["netA", "netB"]
+        assert [p["tap"] for p in cfg["join"]["parts"]] == ["a1", "b1"]
+        m = json.loads((d / "metrics.json").read_text())
+        figs.append((m["val"]["metrics"]["accuracy"], m["test"]["metrics"]["accuracy"], cfg["counts"]))
+    assert figs[0] == figs[1]
+
+
+def test_train_head_cli_refusals(files, tmp_path, capsys):
+    assert _cli(["train-head", "-f", str(files["a"]), "-f", str(files["b_other"]), "-l", "netA:a1+netB:b1",
+                 "--target", "gender"], tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one manifest" in err[0]
+    assert _cli(["train-head", "-f", str(files["a"]), "-f", str(files["b"]), "-l", "a1", "--target", "gender"],
+                tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NET:TAP" in err[0]

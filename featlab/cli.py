@@ -542,8 +542,10 @@ def compare(
     cats: Optional[int] = typer.Option(None, "--cats", help="age-bin heads with 5, 7 or 8 groups [7 without --target or --regression]"),
     target: Optional[str] = typer.Option(None, "--target", help="bins, age or gender"),
     regression: bool = typer.Option(False, "--regression", help="age heads in years (same as --target age)"),
-    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="backbone of the results [the only one under results/]"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="dataset (feature set) of the results, e.g. utkface-sample [the only one]"),
+    backbone: Optional[List[str]] = typer.Option(None, "--backbone", "-b", help="backbone of the results [the only one under "
+                                                 "results/]; repeat to compare networks side by side on one manifest"),
+    dataset: Optional[List[str]] = typer.Option(None, "--dataset", "-d", help="dataset (feature set) of the results, e.g. "
+                                                "utkface-sample [the only one]; with several --backbone: once, or once per backbone"),
     features: Optional[Path] = typer.Option(None, "--features", "-f", help="with --sweep: the features file to extend"),
     manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="with --sweep: the manifest"),
     sweep: bool = typer.Option(False, "--sweep", help="extract, train and evaluate every residual-unit tap, then plot against depth"),
@@ -555,8 +557,24 @@ def compare(
 
     margins = parse_margins(margin or [])
     tgt, cats = head_target(target, cats or (None if (target or regression) else 7), regression)
-    res = compare_cmd(tgt, cats, backbone=backbone, dataset=dataset, sweep=sweep, features=features, manifest=manifest,
-                      margins=margins)
+    backbones, datasets = list(dict.fromkeys(backbone or [])), list(dataset or [])
+    if len(backbones) > 1:
+        if sweep:
+            raise FeatlabError("--sweep takes one --backbone")
+        from .report.crossnet import compare_networks, network_table
+
+        res = compare_networks(backbones, datasets, tgt, cats, margins=margins)
+        _echo("chosen on validation: " + ", ".join(f"{n} {c['tap']}" for n, c in res["choices"].items())
+              + (f"; best cross-file fusion {res['best_fusion']['tap']}" if res["best_fusion"] else ""))
+        for line in network_table(res):
+            _echo(line)
+        for p in res["files"]:
+            _echo(f"wrote {p}")
+        return
+    if len(datasets) > 1:
+        raise FeatlabError("give one --dataset for one --backbone")
+    res = compare_cmd(tgt, cats, backbone=backbones[0] if backbones else None, dataset=datasets[0] if datasets else None,
+                      sweep=sweep, features=features, manifest=manifest, margins=margins)
     from .experiment import comparison_table, uncertainty_line
 
     _echo(f"chosen on validation: {res['chosen']}. {uncertainty_line({'': res})}")

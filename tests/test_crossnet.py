@@ -155,3 +155,57 @@ def test_train_head_cli_refusals(files, tmp_path, capsys):
                 tmp_path) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "NET:TAP" in err[0]
+
+
+@pytest.fixture(scope="module")
+def trained(files, data, tmp_path_factory):
+    """Gender heads of netA (a1, depth 0.75 recorded in its file), netB (b1, b2; no depth recorded), the cross
+    fusion netA:a1+netB:b1, and netC (another manifest)."""
+    cwd = tmp_path_factory.mktemp("xnet-runs")
+    a = cwd / "a.h5"
+    a.write_bytes(Path(files["a"]).read_bytes())
+    with FeatureStore.open_for_append(a, {}) as s:
+        info = s.tap_info()
+        info["a1"]["depth"] = 0.75
+        s.set_attr("taps", info)
+    c = _write(cwd / "c.h5", data, data[5], "netC", manifest_sha="z" * 64)
+    for args in (["-f", str(a), "-l", "a1"], ["-f", str(files["b"]), "-l", "b1", "-l", "b2"],
+                 ["-f", str(a), "-f", str(files["b"]), "-l", "netA:a1+netB:b1"], ["-f", str(c), "-l", "b1"]):
+        assert _cli(["train-head", *args, "--target", "gender", "--epochs", "4", "-q"], cwd) == 0
+    return cwd
+
+
+def test_compare_networks(trained):
+    """Each network's input chosen on validation, depths from the file or by rank, the cross fusion listed, and
+    the paired test between the choices equal to the difference of their per-face values."""
+    import pandas as pd
+
+    from featlab.report.crossnet import compare_networks
+
+    res = compare_networks(["netA", "netB"], target="gender", cats=None, results_root=trained / "results")
+    assert {n: c["tap"] for n, c in res["choices"].items()} == {"netA": "a1.f32", "netB": "b1.f32"}
+    depth = {(r["network"], r["tap"]): (r["depth"], r["depth_source"]) for r in res["rows"]}
+    assert depth[("netA", "a1.f32")] == (0.75, "features file")
+    assert depth[("netB", "b1.f32")] == (0.0, "rank") and depth[("netB", "b2.f32")] == (1.0, "rank")
+    assert res["best_fusion"]["tap"] == "netA:a1.f32+netB:b1.f32"
+    t = next(t for t in res["tests"] if t["first"] == "netA:a1.f32" and t["second"] == "netB:b1.f32")
+    fa = pd.read_csv(trained / "results/netA/synth/a1.f32/gender/faces.csv", dtype={"image_id": str})
+    fb = pd.read_csv(trained / "results/netB/synth/b1.f32/gender/faces.csv", dtype={"image_id": str})
+    fa, fb = fa[fa["split"] == "test"], fb[fb["split"] == "test"]
+    j = fa.merge(fb, on="image_id", suffixes=("_a", "_b"))
+    assert t["n_paired"] == len(j) == 60
+    assert t["accuracy_diff"] == pytest.approx(j["accuracy_b"].mean() - j["accuracy_a"].mean())
+    assert t["unit"] == "person" and t["n_units"] == 30
+    assert t["accuracy_verdict"] in ("better", "worse", "equivalent", "inconclusive")
+    assert len(res["tests"]) == 3  # netA, netB and the best fusion, pairwise
+    out = trained / "results/compare/netA+netB/synth/gender"
+    saved = json.loads((out / "network_comparison.json").read_text())
+    assert saved["choices"]["netB"]["tap"] == "b1.f32" and saved["unit"] == "person"
+    assert len(pd.read_csv(out / "network_comparison.csv")) == 4  # a1, b1, b2, the cross fusion
+
+
+def test_compare_networks_refuses_other_manifest(trained, capsys):
+    assert _cli(["compare", "--backbone", "netA", "--backbone", "netC", "--target", "gender"], trained) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one manifest" in err[0]
+    assert _cli(["compare", "--backbone", "netA", "--backbone", "netB", "--target", "gender"], trained) == 0

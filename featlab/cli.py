@@ -557,7 +557,7 @@ def compare(
 
     margins = parse_margins(margin or [])
     tgt, cats = head_target(target, cats or (None if (target or regression) else 7), regression)
-    backbones, datasets = list(dict.fromkeys(backbone or [])), list(dataset or [])
+    backbones, datasets = list(backbone or []), list(dataset or [])
     if len(backbones) > 1:
         if sweep:
             raise FeatlabError("--sweep takes one --backbone")

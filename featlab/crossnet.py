@@ -96,13 +96,17 @@ def joined_path(labels: list[str], dkey: str, key: str, root=None) -> Path:
     return base / FUSION.join(labels) / dkey / f"{key.replace('/', '_')}.h5"
 
 
-def join_features(files, layer: str, root=None, echo=None) -> tuple[Path, str]:
+def join_features(files, layer: str, root=None, echo=None, labels: dict | None = None) -> tuple[Path, str]:
     """(joined features file, key in it) for the cross-file head input ``layer`` over ``files``
-    (see the module doc). ``root``: the folder for joined files [``{features}/joined``]."""
-    files = list(dict.fromkeys(Path(f) for f in files))
-    if len(files) < 2:
-        raise FeatlabError(f"{layer}: NETWORK:TAP parts fuse taps of several features files; give each with --features")
-    nets = labels_of(files)
+    (see the module doc). ``root``: the folder for joined files [``{features}/joined``]. ``labels``:
+    {network name: file} to use instead of :func:`labels_of` (a spec's own network names)."""
+    if labels is not None:
+        nets = {str(k): Path(v) for k, v in labels.items()}
+    else:
+        files = list(dict.fromkeys(Path(f) for f in files))
+        if len(files) < 2:
+            raise FeatlabError(f"{layer}: NETWORK:TAP parts fuse taps of several features files; give each with --features")
+        nets = labels_of(files)
     parts = []
     for p in str(layer).split(FUSION):
         net, tap = split_part(p)
@@ -193,7 +197,8 @@ def _join(stores: dict[str, FeatureStore], parts, root, echo) -> tuple[Path, str
             "parts": part_sets}
     ident = {
         "backbone": FUSION.join(nets),
-        "model_sha256": hashlib.sha256(json.dumps([p["feature_set"] for p in part_sets], sort_keys=True,
+        # the networks' feature sets (files, not taps): every joined file of these networks is one feature set
+        "model_sha256": hashlib.sha256(json.dumps([feature_set(attrs[n]) for n in nets], sort_keys=True,
                                                   default=str).encode()).hexdigest(),
         "preprocessing": FUSION.join(str(attrs[n].get("preprocessing") or "default") for n in nets),
         "flip": False, "align": False,

@@ -209,3 +209,65 @@ def test_compare_networks_refuses_other_manifest(trained, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "one manifest" in err[0]
     assert _cli(["compare", "--backbone", "netA", "--backbone", "netB", "--target", "gender"], trained) == 0
+
+
+TWO_NETS = """
+name = "two-nets"
+cross_fusion = "best"
+similarity = true
+fusion = ["dlib-age:pool+dlib-gender:layer_3_relu"]
+[dataset]
+adapter = "utkface"
+manifest = "{manifest}"
+[[networks]]
+name = "dlib-age"
+taps = ["pool"]
+[[networks]]
+name = "dlib-gender"
+taps = ["layer_10_relu@avg", "layer_3_relu"]
+[extract]
+batch_size = 64
+[[heads]]
+target = "gender"
+epochs = 3
+"""
+
+
+def test_spec_with_two_networks(utk_small, tmp_path, monkeypatch):
+    """A spec with [[networks]] on real faces: per-network heads and comparisons, the spec's cross fusion and the
+    best cross fusion of the networks' choices per target, the side-by-side comparison, the CKA map, one report;
+    a rerun trains nothing."""
+    import pandas as pd
+
+    from featlab.experiment import run_spec
+
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "two.toml"
+    spec.write_text(TWO_NETS.format(manifest=utk_small))
+    log: list[str] = []
+    report = run_spec(spec, echo=log.append)
+    assert report == Path("results/compare/dlib-age+dlib-gender/utksmall/report.md")
+    text = report.read_text()
+    for tname in ("gender",):
+        res = json.loads((report.parent / tname / "network_comparison.json").read_text())
+        choice = {n: c["tap"] for n, c in res["choices"].items()}
+        for net in ("dlib-age", "dlib-gender"):  # each network's own choice, as its own compare made it
+            own = pd.read_csv(f"results/{net}/utksmall/compare/{tname}/layer_comparison.csv")
+            assert choice[net] == own[own.chosen.astype(bool)]["tap"].item()
+        # the best cross fusion: chosen on validation among the fusions trained for this target
+        assert res["best_fusion"]["network"] == "dlib-age+dlib-gender"
+        rows = pd.read_csv(report.parent / tname / "network_comparison.csv")
+        fus = rows[rows.network == "dlib-age+dlib-gender"]
+        sel = "val_mae" if tname == "age" else "val_accuracy"
+        best = fus[sel].min() if tname == "age" else fus[sel].max()
+        assert fus[fus.tap == res["best_fusion"]["tap"]][sel].item() == best
+        assert "dlib-age:pool+dlib-gender:layer_3_relu" in set(fus.tap)  # the spec's own fusion, listed beside
+        assert f"## {tname}" in text
+    cka = pd.read_csv(report.parent / "similarity" / "dlib-age+dlib-gender" / "cka.csv", index_col=0)
+    assert cka.shape == (1, 2) and ((cka.values >= -0.05) & (cka.values <= 1.05)).all()
+    assert "Representation similarity" in text
+    log.clear()
+    run_spec(spec, echo=log.append)
+    assert not any(line.startswith("[head]") and "skipped" not in line and "(kept)" not in line
+                   and "current" not in line for line in log if "->" in line and ": val" not in line)
+    assert sum("current, skipped" in line for line in log) == 5  # 3 single taps, 2 cross fusions

@@ -97,10 +97,15 @@ def _fusion_networks(root: Path, networks: list[str], tname: str) -> list[tuple[
 
 
 def compare_networks(networks: list[str], datasets: list[str | None] | None = None, target: str = "bins", cats=7,
-                     results_root=None, out_dir=None, margins: dict | None = None) -> dict:
-    """Write the cross-network comparison of ``networks`` for one target (see the module doc). Returns
-    {'rows', 'tests', 'choices', 'best_fusion', 'summary', 'files', 'csv', 'png', 'metrics', 'target_name'}."""
-    networks = list(dict.fromkeys(networks))
+                     results_root=None, out_dir=None, margins: dict | None = None, labels: list[str] | None = None,
+                     fusions: list[tuple[str, str]] | None = None) -> dict:
+    """Write the cross-network comparison of ``networks`` (result folders: backbones) for one target (see the
+    module doc). ``datasets``: one dataset key, or one per network [each network's only one]; a backbone may
+    come twice with two datasets (SFace with two preprocessings). ``labels``: the networks' names in the
+    table [the backbone; ``backbone/dataset`` when a backbone comes twice]. ``fusions``: the cross-file fusion
+    results as (folder, dataset) [every ``A+B`` folder of these backbones]. Returns {'rows', 'tests', 'choices',
+    'best_fusion', 'summary', 'files', 'csv', 'png', 'metrics', 'target_name', 'out_dir'}."""
+    networks = list(networks)
     if len(networks) < 2:
         raise FeatlabError("a cross-network comparison needs two or more --backbone")
     datasets = list(datasets or [])
@@ -111,18 +116,25 @@ def compare_networks(networks: list[str], datasets: list[str | None] | None = No
     sel = selection_metric(target)
     headline = list(HEADLINE[target])
     margin = margins_for(headline, margins)
-    nets = []
+    entries = []
     for i, net in enumerate(networks):
         ds = datasets[i] if len(datasets) == len(networks) else (datasets[0] if datasets else None)
-        ds = resolve_dataset(root, net, tname, ds)
+        entries.append((net, resolve_dataset(root, net, tname, ds)))
+    if len(set(entries)) != len(entries):
+        raise FeatlabError(f"network {next(e for e in entries if entries.count(e) > 1)[0]} given twice with the same "
+                           "feature set")
+    if labels is None:
+        labels = [n if [e[0] for e in entries].count(n) == 1 else f"{n}/{d}" for n, d in entries]
+    nets = []
+    for (net, ds), lab in zip(entries, labels):
         recs = _ordered(gather(net, ds, target, cats, root), net)
-        nets.append({"network": net, "dataset": ds, "recs": recs, "chosen": choose(recs, target)})
+        nets.append({"network": lab, "backbone": net, "dataset": ds, "recs": recs, "chosen": choose(recs, target)})
     shas = {n["network"]: n["recs"][0]["identity"].get("manifest_sha256") for n in nets}
     if len(set(shas.values())) > 1:
         what = ", ".join(f"{k}: {str(v)[:12]}…" for k, v in shas.items())
         raise FeatlabError(f"networks compared side by side must be of one manifest; these differ ({what})")
     fusion_recs = []
-    for folder, ds in _fusion_networks(root, networks, tname):
+    for folder, ds in (_fusion_networks(root, networks, tname) if fusions is None else fusions):
         for r in gather(folder, ds, target, cats, root):
             if r["identity"].get("manifest_sha256") in (None, *shas.values()):
                 fusion_recs.append({**r, "network": folder, "dataset": ds})
@@ -191,7 +203,8 @@ def compare_networks(networks: list[str], datasets: list[str | None] | None = No
             t[f"{m}_verdict"] = (verdict(t.get(f"{m}_diff"), t[f"{m}_p"], t[f"{m}_p_equivalence"], m in LOWER_IS_BETTER)
                                  if t.get(f"{m}_diff") is not None else "no paired faces")
 
-    out = Path(out_dir) if out_dir is not None else root / "compare" / FUSION.join(networks) / nets[0]["dataset"] / tname
+    out = (Path(out_dir) if out_dir is not None
+           else root / "compare" / FUSION.join(n["network"].replace("/", "_") for n in nets) / nets[0]["dataset"] / tname)
     out.mkdir(parents=True, exist_ok=True)
     files = [_write_csv(out / "network_comparison.csv", rows), _write_csv(out / "network_tests.csv", tests)]
     depth_note = ("relative depth from each features file (0 = input, 1 = embedding)"
@@ -203,13 +216,13 @@ def compare_networks(networks: list[str], datasets: list[str | None] | None = No
     units = {t.get("unit") for t in tests} | {r.get("unit") for r in rows}
     unit = "person" if "person" in units else "face"
     png = network_png(rows, headline, sel, out / "network_comparison.png",
-                      title=f"{' vs '.join(networks)}: {tname}, test split; each network's input chosen on "
+                      title=f"{' vs '.join(labels)}: {tname}, test split; each network's input chosen on "
                             f"validation (filled); intervals resample {'people' if unit == 'person' else 'faces'}",
                       note=depth_note)
     files.append(png)
     summary = {
         "target": tname, "selection_metric": sel, "chosen_on": "val",
-        "choices": {n["network"]: {"tap": n["chosen"]["key"], "dataset": n["dataset"],
+        "choices": {n["network"]: {"tap": n["chosen"]["key"], "backbone": n["backbone"], "dataset": n["dataset"],
                                    f"val_{sel}": n["chosen"]["val"].get(sel), sel: n["chosen"]["metrics"].get(sel),
                                    f"{sel}_ci95": n["chosen"]["metrics"].get(f"{sel}_ci95")} for n in nets},
         "best_fusion": ({"network": best_fusion["network"], "tap": best_fusion["key"],

@@ -273,8 +273,7 @@ def network_png(rows: list[dict], metrics: list[str], sel: str, path, title: str
             y = np.array([r[m] for r in pts], dtype=float)
             lo = np.array([np.nan if r.get(f"{m}_ci95_low") is None else r[f"{m}_ci95_low"] for r in pts], dtype=float)
             hi = np.array([np.nan if r.get(f"{m}_ci95_high") is None else r[f"{m}_ci95_high"] for r in pts], dtype=float)
-            ax.plot(x, y, "-o", color=c, label=net, mfc="white", zorder=2)
-            ax.fill_between(x, lo, hi, color=c, alpha=0.15, lw=0)
+            ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="-o", color=c, label=net, mfc="white", capsize=3, zorder=2)
             for r in pts:
                 if r["chosen_in_network"]:
                     ax.plot([r["depth"]], [r[m]], "o", color=c, ms=9, zorder=3)
@@ -293,11 +292,9 @@ def network_png(rows: list[dict], metrics: list[str], sel: str, path, title: str
         ax.set_xlabel("relative depth (0 = input, 1 = embedding); fusions right of 1")
         ax.set_ylabel(lab + (" (selection)" if m == sel else ""))
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    if title or note:
+        fig.suptitle("\n".join(x for x in (title, note) if x), fontsize=9)
     _legends_below(fig, axes[:1])
-    if note:
-        fig.text(0.01, -0.02, note, fontsize=7, ha="left", va="top")
     return _save(fig, path)
 
 

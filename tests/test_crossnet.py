@@ -271,3 +271,47 @@ def test_spec_with_two_networks(utk_small, tmp_path, monkeypatch):
     assert not any(line.startswith("[head]") and "skipped" not in line and "(kept)" not in line
                    and "current" not in line for line in log if "->" in line and ": val" not in line)
     assert sum("current, skipped" in line for line in log) == 5  # 3 single taps, 2 cross fusions
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t + '[backbone]\nname = "dlib-age"\n', "either [backbone] (one network) or [[networks]] (several), not both"),
+    (lambda t: t.replace('name = "dlib-gender"', 'name = "dlib-age"'), "lists dlib-age twice"),
+    (lambda t: t.replace('[[networks]]\nname = "dlib-gender"\ntaps = ["layer_10_relu@avg", "layer_3_relu"]\n', ""),
+     "lists 1 network; give two or more"),
+    (lambda t: t.replace("[extract]\n", '[extract]\nout = "x.h5"\n'), "each network gets its own"),
+    (lambda t: t.replace('name = "dlib-gender"', 'name = "dlib-gender"\npreprocessing = 3'), "preprocessing"),
+])
+def test_networks_spec_refusals_are_one_line(tmp_path, edit, message):
+    from featlab.experiment import load_spec
+
+    spec = tmp_path / "s.toml"
+    spec.write_text(edit(TWO_NETS.format(manifest=tmp_path / "m.csv")))
+    with pytest.raises(FeatlabError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+        load_spec(spec)
+
+
+def test_single_network_spec_keys_refused_without_networks(tmp_path):
+    from featlab.experiment import load_spec
+
+    spec = tmp_path / "s.toml"
+    spec.write_text('similarity = true\n[dataset]\nadapter = "utkface"\nroot = "@sample"\n[backbone]\nname = "dlib-age"\n'
+                    '[[heads]]\ntarget = "gender"\n')
+    with pytest.raises(FeatlabError, match="list them as"):
+        load_spec(spec)
+
+
+def test_network_names_and_fusion_keys():
+    from featlab.multinet import network_names, split_fusions
+
+    nets = [{"name": "dlib-rec"}, {"name": "sface", "preprocessing": "template-5pt"},
+            {"name": "sface", "preprocessing": "resize"}]
+    names = network_names(nets)
+    assert names == ["dlib-rec", "sface-template-5pt", "sface-resize"]
+    keys = {"dlib-rec": ["res12", "res14"], "sface-template-5pt": ["fc1"], "sface-resize": ["fc1"]}
+    spec = {"name": "s", "fusion": ["dlib-rec:res12+dlib-rec:res14", "dlib-rec:res12+sface-resize:fc1"]}
+    assert split_fusions(spec, names, keys) == ({"dlib-rec": ["res12+res14"], "sface-template-5pt": [],
+                                                 "sface-resize": []}, ["dlib-rec:res12+sface-resize:fc1"])
+    for bad, msg in (("res12+res14", "NETWORK:TAP"), ("dlib-rec:res12+sface:fc1", "no network 'sface'"),
+                     ("dlib-rec:res10+sface-resize:fc1", "does not extract 'res10'")):
+        with pytest.raises(FeatlabError, match=msg):
+            split_fusions({"name": "s", "fusion": [bad]}, names, keys)

@@ -326,7 +326,7 @@ def network_table(res: dict) -> list[str]:
         if r["chosen_in_network"]:
             cells = [f"**{c}**" if c else c for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Paired tests on the same test faces (second minus first; {res['summary']['unit']}s resampled; "
+    lines += ["", f"Paired tests on the same test faces (second minus first; {'people' if res['summary']['unit'] == 'person' else 'faces'} resampled; "
                   "BH over the pairs):", "",
               "| first | second | faces | " + " | ".join(f"{m} diff [95 % CI] | p (BH) | p equiv. (BH) | verdict"
                                                           for m in ms) + " |",

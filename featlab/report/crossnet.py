@@ -7,7 +7,7 @@ as :func:`featlab.report.compare.gather` does) and the cross-file fusion heads o
 
 - ``network_comparison.csv``: one row per head: network, tap, **relative depth** (0 = input, 1 =
   embedding: the tap's ``depth`` in its features file; when the file records none, its rank among the
-  network's compared taps, index / (n - 1), and ``depth_source`` says so), the validation figure, the test
+  file's taps in network order, index / (n - 1), and ``depth_source`` says so), the validation figure, the test
   figures with their 95 % intervals (people resampled), and whether it is its network's choice;
 - ``network_tests.csv``: paired tests on the same test faces between the networks' inputs **chosen on
   validation** (each network its own choice, as ``featlab compare`` makes it) and the best cross-file
@@ -60,27 +60,40 @@ def resolve_dataset(root: Path, backbone: str, tname: str, dataset: str | None) 
                        "give --dataset once per --backbone, in the same order")
 
 
-def _depths(recs: list[dict]) -> tuple[dict, str]:
-    """{key: (relative depth, source)} for the single taps of one network's records (fusions: none)."""
+def _depths(recs: list[dict], backbone: str) -> dict:
+    """{key: (relative depth, source)} for the single taps of one network's records (fusions: none): the tap's
+    ``depth`` in its features file (0 = input, 1 = embedding); where the file records none, the tap's rank
+    among the file's taps in network order, index / (n - 1) (source ``rank``); a tap the file does not list
+    (a moved file): its rank among the compared taps."""
+    from ..store import FeatureStore, parse_key
+    from .compare import tap_positions
+
     single = [r for r in recs if not is_fusion(r["key"])]
-    info = {}
+    recorded, rank = {}, {}
     for f in dict.fromkeys(r.get("features") for r in single if r.get("features")):
         try:
-            from ..store import FeatureStore, parse_key
-
             with FeatureStore.open_read(f) as s:
-                for k, t in (s.attrs.get("taps") or {}).items():
-                    if (t or {}).get("depth") is not None:
-                        info.setdefault(k, float(t["depth"]))
-                        info.setdefault(parse_key(k)[0], float(t["depth"]))
+                taps = s.attrs.get("taps") or {}
         except Exception:  # noqa: BLE001 - a moved features file: fall back to the rank
             continue
+        pos = tap_positions(backbone, list(taps), [f])
+        order = sorted(taps, key=lambda k: pos[k])
+        for i, k in enumerate(order):
+            for name in (k, parse_key(k)[0]):
+                if (taps[k] or {}).get("depth") is not None:
+                    recorded.setdefault(name, float(taps[k]["depth"]))
+                rank.setdefault(name, i / (len(order) - 1) if len(order) > 1 else 1.0)
     out = {}
     n = len(single)
     for i, r in enumerate(single):
-        base = r["key"].split("~")[0].split(".f32")[0]
-        d = info.get(r["key"], info.get(base))
-        out[r["key"]] = (d, "features file") if d is not None else ((i / (n - 1) if n > 1 else 1.0), "rank")
+        base = r["key"].split("~")[0]
+        base = base[:-4] if base.endswith(".f32") else base
+        if base in recorded:
+            out[r["key"]] = (recorded[base], "features file")
+        elif base in rank:
+            out[r["key"]] = (rank[base], "rank")
+        else:
+            out[r["key"]] = (i / (n - 1) if n > 1 else 1.0, "rank")
     return out
 
 
@@ -160,7 +173,7 @@ def compare_networks(networks: list[str], datasets: list[str | None] | None = No
         return row
 
     for n in nets:
-        depth = _depths(n["recs"])
+        depth = _depths(n["recs"], n["backbone"])
         for r in n["recs"]:
             d, src = depth.get(r["key"], (None, "fusion"))
             if d is not None:
@@ -209,10 +222,10 @@ def compare_networks(networks: list[str], datasets: list[str | None] | None = No
     files = [_write_csv(out / "network_comparison.csv", rows), _write_csv(out / "network_tests.csv", tests)]
     depth_note = ("relative depth from each features file (0 = input, 1 = embedding)"
                   if depth_sources == {"features file"} else
-                  "relative depth: the tap's rank among its network's compared taps, index / (n - 1) (the features "
-                  "file records no depth)" if depth_sources == {"rank"} else
+                  "relative depth: the tap's rank among its features file's taps in network order, index / (n - 1) "
+                  "(the file records no depth)" if depth_sources == {"rank"} else
                   "relative depth from the features file where it records one, else the tap's rank among its "
-                  "network's compared taps, index / (n - 1)")
+                  "features file's taps in network order, index / (n - 1)")
     units = {t.get("unit") for t in tests} | {r.get("unit") for r in rows}
     unit = "person" if "person" in units else "face"
     png = network_png(rows, headline, sel, out / "network_comparison.png",

@@ -430,7 +430,8 @@ def train_head(
     regression: bool = typer.Option(False, "--regression", help="age in years"),
     target: Optional[List[str]] = typer.Option(None, "--target", help="bins, age or gender (or bins8); repeat or comma-separate for several"),
     layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="tap key in the features file; repeat for several; a+b fuses taps into one head [featlab.toml head.layer]"),
-    features: Optional[Path] = typer.Option(None, "--features", "-f", help="features .h5 [featlab.toml head.features]"),
+    features: Optional[List[Path]] = typer.Option(None, "--features", "-f", help="features .h5 [featlab.toml head.features]; "
+                                                   "repeat for cross-file fusion (--layer NET:TAP+NET:TAP, joined by image id)"),
     fold: Optional[str] = typer.Option(None, "--fold", help="Adience protocol: test fold K (train on the others)"),
     folds: Optional[str] = typer.Option(None, "--folds", help="'all' runs the 5-fold protocol"),
     hidden: str = typer.Option("auto", "--hidden", help="hidden layer sizes, e.g. 512,128; 0 for a linear head"),
@@ -470,7 +471,13 @@ def train_head(
         memory_mb = -1.0
     if not memory_mb > 0:
         raise FeatlabError("--memory-mb (or [head] memory_mb) must be a positive number of MiB")
-    features = Path(_need(features or _cfg("head", "features") or _default_features(), "--features",
+    many = list(dict.fromkeys(features or []))
+    from .crossnet import is_cross
+
+    if len(many) > 1 or any(is_cross(x) for x in layer or []):
+        return _train_cross(many, list(dict.fromkeys(layer or [])), tgts, fold_arg, hidden, dropout, epochs, lr,
+                            ordinal, seed, seeds, memory_mb, ranges, quiet)
+    features = Path(_need(many[0] if many else (_cfg("head", "features") or _default_features()), "--features",
                           "pass --features FILE.h5 or set [head].features (or [paths].manifest and [extract].backbone) in featlab.toml"))
     layers = list(dict.fromkeys(layer or [])) or [
         _need(_cfg("head", "layer") or _only_tap(features), "--layer",
@@ -488,6 +495,31 @@ def train_head(
                       verbose=0 if quiet else 1, **opts)
     for d in outs:
         _echo(f"head written to {d}")
+
+
+def _train_cross(files, layers, tgts, fold_arg, hidden, dropout, epochs, lr, ordinal, seed, seeds, memory_mb, ranges,
+                 quiet):
+    """train-head over several features files: each --layer NET:TAP+NET:TAP is joined by image id
+    (featlab.crossnet) into its own features file, whose heads go to results/NET+NET/..."""
+    from .crossnet import is_cross, join_features
+    from .workflow import train_grid
+
+    for f in files:
+        _check_file(f, "features file", "make it with `featlab extract`")
+    if not layers:
+        raise FeatlabError("with several --features give --layer NET:TAP+NET:TAP (e.g. dlib-rec:res12+sface:conv_13_relu)")
+    plain = [x for x in layers if not is_cross(x)]
+    if plain:
+        raise FeatlabError(f"--layer {plain[0]}: with several --features files name each part's network, NET:TAP+NET:TAP")
+    if len(files) < 2:
+        raise FeatlabError(f"--layer {layers[0]}: NET:TAP parts fuse taps of several files; give each with --features")
+    opts = {k: v for k, v in dict(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, ordinal=ordinal).items() if v is not None}
+    opts["ranges"] = ranges
+    joined = [join_features(files, x, echo=None if quiet else _echo) for x in layers]  # every refusal before training
+    for path, key in joined:
+        for d in train_grid(path, [key], tgts, fold=fold_arg, seed=seed, seeds=seeds, memory_mb=memory_mb,
+                            verbose=0 if quiet else 1, **opts):
+            _echo(f"head written to {d}")
 
 
 def _default_features():
@@ -536,8 +568,10 @@ def compare(
     cats: Optional[int] = typer.Option(None, "--cats", help="age-bin heads with 5, 7 or 8 groups [7 without --target or --regression]"),
     target: Optional[str] = typer.Option(None, "--target", help="bins, age or gender"),
     regression: bool = typer.Option(False, "--regression", help="age heads in years (same as --target age)"),
-    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="backbone of the results [the only one under results/]"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="dataset (feature set) of the results, e.g. utkface-sample [the only one]"),
+    backbone: Optional[List[str]] = typer.Option(None, "--backbone", "-b", help="backbone of the results [the only one under "
+                                                 "results/]; repeat to compare networks side by side on one manifest"),
+    dataset: Optional[List[str]] = typer.Option(None, "--dataset", "-d", help="dataset (feature set) of the results, e.g. "
+                                                "utkface-sample [the only one]; with several --backbone: once, or once per backbone"),
     features: Optional[Path] = typer.Option(None, "--features", "-f", help="with --sweep: the features file to extend"),
     manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="with --sweep: the manifest"),
     sweep: bool = typer.Option(False, "--sweep", help="extract, train and evaluate every residual-unit tap, then plot against depth"),
@@ -549,8 +583,24 @@ def compare(
 
     margins = parse_margins(margin or [])
     tgt, cats = head_target(target, cats or (None if (target or regression) else 7), regression)
-    res = compare_cmd(tgt, cats, backbone=backbone, dataset=dataset, sweep=sweep, features=features, manifest=manifest,
-                      margins=margins)
+    backbones, datasets = list(backbone or []), list(dataset or [])
+    if len(backbones) > 1:
+        if sweep:
+            raise FeatlabError("--sweep takes one --backbone")
+        from .report.crossnet import compare_networks, network_table
+
+        res = compare_networks(backbones, datasets, tgt, cats, margins=margins)
+        _echo("chosen on validation: " + ", ".join(f"{n} {c['tap']}" for n, c in res["choices"].items())
+              + (f"; best cross-file fusion {res['best_fusion']['tap']}" if res["best_fusion"] else ""))
+        for line in network_table(res):
+            _echo(line)
+        for p in res["files"]:
+            _echo(f"wrote {p}")
+        return
+    if len(datasets) > 1:
+        raise FeatlabError("give one --dataset for one --backbone")
+    res = compare_cmd(tgt, cats, backbone=backbones[0] if backbones else None, dataset=datasets[0] if datasets else None,
+                      sweep=sweep, features=features, manifest=manifest, margins=margins)
     from .experiment import comparison_table, uncertainty_line
 
     _echo(f"chosen on validation: {res['chosen']}. {uncertainty_line({'': res})}")

@@ -176,24 +176,15 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
     from .extract import extract
 
     spec = load_spec(path, overrides)
-    ds, bbs, ex = spec["dataset"], spec["backbone"], spec.get("extract", {})
-    adapter = ds.get("adapter") or ds.get("name")
+    if spec.get("networks"):
+        from .multinet import run_networks  # several networks on the same faces
+
+        return run_networks(spec, force=force, echo=echo)
+    bbs, ex = spec["backbone"], spec.get("extract", {})
     backbone = bbs["name"]
     # fail fast, before any work: the model file and the data must exist
     bb = Backbone(backbone, bbs.get("model") or config.get("models", backbone), ex.get("preprocessing"))
-    manifest = ds.get("manifest")
-    if manifest:
-        manifest = Path(manifest)
-        if not manifest.is_file():
-            raise FeatlabError(f"spec {spec['name']}: manifest not found: {manifest}")
-    else:
-        root = ds.get("root") or config.get("data", adapter)
-        if not root:
-            raise FeatlabError(f"spec {spec['name']}: no dataset root: pass --set dataset.root=DIR or set [data].{adapter} in featlab.toml")
-        root = sample_root() if root == SAMPLE else Path(root).expanduser()
-        if not root.exists():
-            raise FeatlabError(f"spec {spec['name']}: dataset root does not exist: {root} (pass --set dataset.root=DIR)")
-        manifest = _prepare_step(spec, adapter, root, ds.get("options", {}), int(spec.get("seed", 0)), force, echo)
+    manifest = spec_manifest_step(spec, force, echo)
     heads = _heads(spec)
     _check_ranges(manifest, heads)  # a head that would lose range labels stops before extraction
     taps = list(ex.get("taps") or bb.spec.default_taps)
@@ -224,6 +215,27 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
     comparisons = {tname: compare(backbone, dkey, target=h["target"], cats=h["cats"], margins=margins)
                    for tname, h in {target_name(h["target"], h["cats"]): h for h in heads}.items()}
     return write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, echo)
+
+
+def spec_manifest_step(spec: dict, force: bool, echo) -> Path:
+    """The spec's manifest: ``[dataset] manifest`` as given, or prepared from the dataset root (skipped when
+    current); one line when the data is missing."""
+    ds = spec["dataset"]
+    adapter = ds.get("adapter") or ds.get("name")
+    manifest = ds.get("manifest")
+    if manifest:
+        manifest = Path(manifest)
+        if not manifest.is_file():
+            raise FeatlabError(f"spec {spec['name']}: manifest not found: {manifest}")
+    else:
+        root = ds.get("root") or config.get("data", adapter)
+        if not root:
+            raise FeatlabError(f"spec {spec['name']}: no dataset root: pass --set dataset.root=DIR or set [data].{adapter} in featlab.toml")
+        root = sample_root() if root == SAMPLE else Path(root).expanduser()
+        if not root.exists():
+            raise FeatlabError(f"spec {spec['name']}: dataset root does not exist: {root} (pass --set dataset.root=DIR)")
+        manifest = _prepare_step(spec, adapter, root, ds.get("options", {}), int(spec.get("seed", 0)), force, echo)
+    return manifest
 
 
 def _zero_shot_step(features: Path, heads: list[dict], echo) -> None:

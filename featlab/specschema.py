@@ -126,6 +126,22 @@ class Extract(_Section):
     out: Optional[str] = Field(None, **_key("The features file to write.", shown="`features/BACKBONE/DATASET.h5`"))
 
 
+class Network(_Section):
+    """One `[[networks]]` table of a study of several networks on the same faces (instead of `[backbone]`):
+    each is extracted into its own features file (the `[extract]` settings apply to all), gets every head,
+    and its own comparison; the networks are then compared side by side (relative depth, each network's
+    input chosen on validation, paired tests on the same test faces). A backbone listed twice (SFace with two
+    preprocessings) is named `NAME-PREPROCESSING` in the cross-network table and in `NETWORK:TAP` fusion keys."""
+
+    name: str = Field(..., **_key("A featlab backbone (`featlab layers`)."))
+    model: Optional[str] = Field(None, **_key("The model file.", shown="`[models].NAME` in featlab.toml"))
+    preprocessing: Optional[str] = Field(None, **_key(
+        "How each face is cut for this network (`resize`, `template-5pt`); part of its feature set.",
+        shown="the network's own"))
+    taps: Optional[list[str]] = Field(None, **_key("Taps to store, as `[extract] taps`.",
+                                                   shown="the backbone's default taps"))
+
+
 Cats = Literal[5, 7, 8]
 
 
@@ -206,14 +222,23 @@ class Spec(_Section):
         "(`\"res12+res14+embedding\"`), trained and compared beside the single taps.", shown="`[]`"))
     progress: bool = Field(True, **_key("Show extraction progress."))
     zero_shot: bool = Field(True, **_key("Score dlib-age / dlib-gender's own outputs on the same faces beside the heads."))
+    cross_fusion: Literal["none", "best"] = Field("none", **_key(
+        "With `[[networks]]`: `\"best\"` fuses, per target, the inputs each network chose on validation (every "
+        "combination of two or more networks, joined by image id) and names the best on validation."))
+    similarity: bool = Field(False, **_key(
+        "With `[[networks]]`: the linear CKA map between every tap of the first two networks (`featlab similarity`)."))
     dataset: Dataset = Field(..., **_key("[dataset] section."))
-    backbone: Backbone = Field(..., **_key("[backbone] section."))
+    backbone: Optional[Backbone] = Field(None, **_key("[backbone] section (or `[[networks]]`).",
+                                                      shown="required unless `[[networks]]`"))
+    networks: Optional[list[Network]] = Field(None, **_key("[[networks]] tables: two or more networks instead of "
+                                                           "`[backbone]`.", shown="none"))
     extract: Extract = Field(default_factory=Extract, **_key("[extract] section.", shown="every key's default"))
     heads: Annotated[list[Head], Field(min_length=1)] = Field(..., **_key("[[heads]] tables."))
     compare: Compare = Field(default_factory=Compare, **_key("[compare] section.", shown="every key's default"))
 
 
-SECTIONS = {"dataset": Dataset, "backbone": Backbone, "extract": Extract, "heads": Head, "compare": Compare}
+SECTIONS = {"dataset": Dataset, "backbone": Backbone, "networks": Network, "extract": Extract, "heads": Head,
+            "compare": Compare}
 
 
 # ----------------------------------------------------------------------------- validation
@@ -347,6 +372,26 @@ def validate(spec: dict, where: str = "spec") -> dict:
         if only and adapter not in only:
             raise FeatlabError(f"{where}: [dataset] options.{key} is an option of adapter {', '.join(only)} only, "
                                f"not of {adapter or 'a manifest'}")
+    if (model.backbone is None) == (model.networks is None):
+        raise FeatlabError(f"{where}: give either [backbone] (one network) or [[networks]] (several), "
+                           + ("not both" if model.backbone is not None else "neither is there"))
+    if model.networks is not None:
+        if len(model.networks) < 2:
+            raise FeatlabError(f"{where}: [[networks]] lists {len(model.networks)} network; give two or more "
+                               "(or one [backbone])")
+        if spec.get("extract", {}).get("out"):
+            raise FeatlabError(f"{where}: [extract] out names one features file; with [[networks]] each network "
+                               "gets its own (features/BACKBONE/NAME[-PREPROCESSING].h5)")
+        seen = [(n.name, n.preprocessing) for n in model.networks]
+        dup = next((x for x in seen if seen.count(x) > 1), None)
+        if dup:
+            raise FeatlabError(f"{where}: [[networks]] lists {dup[0]}"
+                               + (f" with preprocessing {dup[1]!r}" if dup[1] else "") + " twice")
+        shared = [n.name for n in model.networks if [x for x, _ in seen].count(n.name) > 1 and not n.preprocessing]
+        if shared:
+            raise FeatlabError(f"{where}: [[networks]] lists {shared[0]} more than once: give each its preprocessing")
+    elif model.cross_fusion != "none" or model.similarity:
+        raise FeatlabError(f"{where}: cross_fusion and similarity compare several networks: list them as [[networks]]")
     if not (model.dataset.manifest or model.dataset.adapter or model.dataset.name):
         raise FeatlabError(f"{where}: [dataset] needs an adapter (`featlab prepare --list`) or a manifest")
     return spec
@@ -365,8 +410,8 @@ def check_set_path(key: str) -> list[str]:
             hint = f"did you mean {close[0]}?" if close else "valid: " + ", ".join(valid)
             return _set_error(key, f"{'[' + here + ']' if here else 'the spec'} has no key {p!r}; {hint}")
         inner = _models_in(model.model_fields[p].annotation)
-        if p == "heads":
-            return _set_error(key, "[[heads]] is a list of tables: edit the spec's [[heads]] instead")
+        if p in ("heads", "networks"):
+            return _set_error(key, f"[[{p}]] is a list of tables: edit the spec's [[{p}]] instead")
         if i < len(parts) - 1:
             if not inner:
                 return _set_error(key, f"{'.'.join(parts[:i + 1])} is a value, not a section")
@@ -482,7 +527,8 @@ def spec_reference() -> str:
         "",
     ]
     for title, model, defaults in (("[dataset]", Dataset, None), ("[dataset.options]", Options, None),
-                                   ("[backbone]", Backbone, None), ("[extract]", Extract, None),
+                                   ("[backbone]", Backbone, None), ("[[networks]]", Network, None),
+                                   ("[extract]", Extract, None),
                                    ("[[heads]]", Head, hp), ("[compare]", Compare, None),
                                    ("[compare.margins]", Margins, None)):
         out += [f"## {title}", "", " ".join((model.__doc__ or "").split()), "", *_table(model, defaults), ""]

@@ -427,6 +427,7 @@ def save_head(plan: dict, store: FeatureStore, model, h: dict, lrs: list, fit_se
         "tap_shape": plan["tap_shape"],
         "fusion": ([{"tap": p, "tap_shape": sh, "feature_set": i}
                     for p, sh, i in zip(plan["parts"], plan["tap_shape"], plan["part_ids"])] if plan["fused"] else None),
+        "join": attrs.get("join"),  # cross-file fusion: each part's file and feature set, faces dropped per file
         "target": target,
         "target_name": plan["tname"],
         "cats": int(cats) if cats is not None else None,

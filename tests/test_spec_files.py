@@ -91,11 +91,11 @@ def test_every_utkface_spec_groups_by_face_and_names_its_own_files():
 
     specs = [load_spec(p) for p in sorted((ROOT / "experiments").glob("*.toml"))] + [load_spec(builtin_spec("demo"))]
     utk = [s for s in specs if s["dataset"].get("adapter") == "utkface" and s["dataset"].get("root") != "@sample"]
-    assert len(utk) == 3
+    assert len(utk) == 4
     for s in utk:
         assert (s["dataset"].get("options") or {}).get("group_by_face") is True, s["name"]
     paths = [spec_manifest(s) for s in specs]
-    assert len(set(paths)) == len(specs) == 6 and all(p.stem == s["name"] for p, s in zip(paths, specs))
+    assert len(set(paths)) == len(specs) == 7 and all(p.stem == s["name"] for p, s in zip(paths, specs))
 
 
 def test_a_bad_spec_name_is_refused(tmp_path):

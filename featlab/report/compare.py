@@ -70,7 +70,7 @@ def discover(results_root: Path) -> list[tuple[str, str]]:
     root = Path(results_root)
     if not root.is_dir():
         return []
-    return [(b.name, d.name) for b in sorted(root.iterdir()) if b.is_dir() and b.name != "zeroshot"
+    return [(b.name, d.name) for b in sorted(root.iterdir()) if b.is_dir() and b.name not in ("zeroshot", "compare")
             and not b.name.startswith(".") for d in sorted(b.iterdir()) if d.is_dir() and not d.name.startswith(".")]
 
 

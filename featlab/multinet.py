@@ -19,8 +19,9 @@ A network's **name** is its backbone, or ``BACKBONE-PREPROCESSING`` when the spe
 than once; it names the network in the side-by-side table and in ``NETWORK:TAP`` fusion keys.
 
 :func:`run_networks` prepares the manifest once, then per network: extracts its taps into
-``features/{backbone}/{spec name}[-{preprocessing}].h5`` (``[extract]`` settings apply to all; the
-preprocessing is passed to the extractor only when the spec sets it), trains every head, scores the
+``features/{backbone}/{spec name}[-{preprocessing}].h5`` (``[extract]`` settings apply to all; a network's
+``preprocessing`` is named in the path only when it is not the backbone's default, as in
+:func:`featlab.extract.default_out`), trains every head, scores the
 zero-shot nets, compares its taps and writes its own ``results/{backbone}/{dataset-key}/report.md``. Then:
 the spec's cross-file ``fusion`` heads and, with ``cross_fusion = "best"``, per target the fusion of the
 inputs the networks chose on validation (every combination of two or more networks; joined by image id,

@@ -250,6 +250,7 @@ def extract(
     ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
                                       help="run the batches on Ray: alone, a local runtime; with ADDRESS, join that cluster (needs featlab[ray])"),
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="with --ray: GPUs per worker (0: CPU)"),
+    shards: Optional[int] = typer.Option(None, "--shards", help="N writers, one shard file each (OUT.shards/), OUT their index: local processes, or Ray tasks with --ray"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ):
     """Run a frozen backbone over a manifest once, writing every requested tap to one HDF5 file (resumable)."""
@@ -280,13 +281,30 @@ def extract(
     from .backbones import get_spec
 
     get_spec(backbone)
-    rep = run_extract(manifest, list(layer or []), backbone=backbone, model=model or _cfg("models", backbone), out=out,
+    from .store import read_shard_index
+
+    index = read_shard_index(out) if out else None
+    if shards is None and index is not None:
+        shards = int(index.get("count", 0))  # a sharded set goes on as one
+    if shards is not None:
+        from .shards import extract_sharded
+
+        _positive(shards, "--shards")
+        rep = extract_sharded(manifest, list(layer or []), shards, backbone=backbone, out=out, ray=cluster,
+                              model=model or _cfg("models", backbone), align=align, flip=flip, pool=pool, dtype=dtype,
+                              compression=compression, batch_size=batch_size, workers=None if cluster else workers,
+                              limit=limit)
+        _echo(f"{rep.out}: {rep.rows_total:,} faces ({rep.rows_added:,} new, {rep.skipped_added:,} skipped) in "
+              f"{rep.seconds:.1f} s, {rep.images_per_s:,.0f} images/s, {rep.provider}; the driver handled "
+              f"{rep.plan['driver_bytes']:,} bytes, the workers wrote {rep.plan['tap_bytes']:,} bytes of taps")
+    else:
+        rep = run_extract(manifest, list(layer or []), backbone=backbone, model=model or _cfg("models", backbone), out=out,
                       align=align, flip=flip, pool=pool, dtype=dtype, compression=compression, batch_size=batch_size,
-                      workers=workers, limit=limit, progress=not quiet, cluster=cluster,
-                      # with --ray the driver's own session only adds a tap to old rows: keep it off the workers' GPUs
-                      providers=["CPUExecutionProvider"] if cluster else None)
-    _echo(f"{rep.out}: {rep.rows_total:,} faces ({rep.rows_added:,} new, {rep.skipped_added:,} skipped) "
-          f"in {rep.seconds:.1f} s, {rep.images_per_s:,.0f} images/s on {rep.provider}")
+                          workers=workers, limit=limit, progress=not quiet, cluster=cluster,
+                          # with --ray the driver's own session only adds a tap to old rows: keep it off the workers' GPUs
+                          providers=["CPUExecutionProvider"] if cluster else None)
+        _echo(f"{rep.out}: {rep.rows_total:,} faces ({rep.rows_added:,} new, {rep.skipped_added:,} skipped) "
+              f"in {rep.seconds:.1f} s, {rep.images_per_s:,.0f} images/s on {rep.provider}")
     for k, v in rep.filled.items():
         _echo(f"  added tap {k} for {v:,} existing rows")
     if rep.labels_resynced:

@@ -120,3 +120,44 @@ def test_refusals_are_one_line(manifest, single, tmp_path):
     shutil.move(shard_path(out, 1, 2), tmp_path / "aside.h5")
     with pytest.raises(FeatlabError, match="shard-001-of-002.h5 is missing"):
         FeatureStore.open_read(out)
+
+
+def test_heads_read_a_sharded_set_as_the_single_file(manifest, single, tmp_path, capsys):
+    """What heads and `featlab info` read (featureio: statistics, shuffled batches) is the single file's."""
+    from featlab.cli import main
+    from featlab.featureio import ShuffledBatches, feature_stats
+
+    out = tmp_path / "cli.h5"
+    assert main(["extract", "-m", str(manifest), "-b", "dlib-age", "-l", "res5", "-o", str(out), "--limit", "150",
+                 "--shards", "2", "--batch-size", "64", "--quiet"]) == 0
+    assert "the driver handled" in capsys.readouterr().out
+    # extracting into the set again goes on as 2 shards by itself: a new tap for the rows already there
+    assert main(["extract", "-m", str(manifest), "-b", "dlib-age", "-l", "res4", "-o", str(out), "--limit", "150",
+                 "--batch-size", "64", "--quiet"]) == 0
+    assert "added tap res4 for 149 existing rows" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "149 faces" in text and "rows 149  nonfinite 0" in text and "skipped 1:" in text
+    with FeatureStore.open_read(out) as a, FeatureStore.open_read(single) as b:
+        assert a.keys() == ["res4", "res5"] or sorted(a.keys()) == ["res4", "res5"]
+        rows = np.arange(149)
+        for x, y in zip(feature_stats(a, "res5", rows), feature_stats(b, "res5", rows)):
+            np.testing.assert_array_equal(x, y)
+        y = np.zeros(149, np.float32)
+        sa = ShuffledBatches(a, "res4", rows, y, batch_size=32)
+        sb = ShuffledBatches(b, "res4", rows, y, batch_size=32)
+        for i in range(len(sa)):
+            np.testing.assert_array_equal(sa.batch(i)[0], sb.batch(i)[0])
+
+
+def test_ray_tasks_write_the_shards(manifest, single, tmp_path):
+    """--ray --shards: each Ray task writes its own shard; the driver gets only reports."""
+    pytest.importorskip("ray")
+    pytest.importorskip("pyarrow")
+    from featlab.cluster import RayPlan
+
+    out = tmp_path / "ray.h5"
+    rep = extract_sharded(manifest, TAPS, 2, backbone="dlib-age", out=out, batch_size=32, ray=RayPlan(workers=2))
+    assert rep.rows_added == 397 and rep.plan["where"] == "Ray local"
+    assert rep.plan["driver_bytes"] < 20_000 < rep.plan["tap_bytes"]
+    _same_as(out, single)

@@ -248,7 +248,7 @@ def extract(
     workers: Optional[int] = typer.Option(None, "--workers", help="decode/align threads; with --ray: Ray workers, one backbone session each [2]"),
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N manifest rows"),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
-                                      help="run the batches on Ray: alone, a local runtime; with ADDRESS, join that cluster (needs featlab[ray])"),
+                                      help="run the batches on Ray: alone, a local runtime; with ADDRESS, join that cluster (needs featlab[ray]); with --shards, one Ray task writes each shard"),
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="with --ray: GPUs per worker (0: CPU)"),
     shards: Optional[int] = typer.Option(None, "--shards", help="N writers, one shard file each (OUT.shards/), OUT their index: local processes, or Ray tasks with --ray"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
@@ -314,6 +314,18 @@ def extract(
               "(split '', fold -1)")
     for why, n in sorted(rep.skip_reasons.items(), key=lambda kv: -kv[1]):
         _echo(f"  skipped {n:,}: {why}")
+
+
+@app.command("merge-shards")
+def merge_shards(
+    features: Path = typer.Argument(..., help="a sharded set's index (the --out of `extract --shards`)"),
+    out: Path = typer.Argument(..., help="the one features file to write (must not exist)"),
+):
+    """Copy a sharded set into one ordinary features file (optional: every command reads the set as it is)."""
+    from .shards import merge_shards as merge
+
+    n = merge(features, out)
+    _echo(f"{out}: {n:,} faces merged from {features}")
 
 
 @app.command()

@@ -43,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .errors import FeatlabError
 
 TEST_KILL_SHARD = "FEATLAB_TEST_KILL_SHARD"  # test hook: only this shard's worker gets FEATLAB_TEST_KILL_AFTER_ROWS
@@ -127,8 +129,6 @@ def _core_share(i: int, n: int) -> list[int] | None:
 def run_shard(job: dict) -> dict:
     """One worker: extract one shard (``job``: the arguments of :func:`featlab.extract.extract` plus ``out``
     and ``rows``); returns a small report (never tap bytes)."""
-    import numpy as np
-
     from .extract import extract
     from .store import FeatureStore
 
@@ -181,9 +181,26 @@ def _run_local(jobs: list[dict], counter: dict) -> list[dict]:
         counter["sent"] += len(arg.encode())
         procs.append(subprocess.Popen([sys.executable, "-c", "from featlab.shards import _child; _child()", arg],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env))
+    outputs: list = [None] * n
+
+    def drain(i: int) -> None:  # each worker's pipes are read as it writes, so none ever blocks on a full pipe
+        outputs[i] = procs[i].communicate()
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            list(pool.map(drain, range(n)))
+    except BaseException:  # Ctrl-C or a kill of the driver: stop the workers (their stored batches are whole)
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()
+        raise
     results, failures = [], []
     for i, p in enumerate(procs):
-        out, err = p.communicate()
+        out, err = outputs[i]
         counter["received"] += len(out) + len(err)
         lines = [x for x in out.decode("utf-8", "replace").splitlines() if x.startswith(_REPORT_TAG)]
         if p.returncode == 0 and lines:
@@ -295,3 +312,43 @@ def extract_sharded(manifest, layers: list[str], shards: int, backbone: str = "r
                 "shard_tap_bytes": [r["tap_bytes"] for r in results],
                 "worker_plan": results[0]["plan"] if results else {}}
     return rep
+
+
+def merge_shards(index, out, block_bytes: int = 64 << 20) -> int:
+    """Write the sharded set ``index`` as one ordinary features file ``out`` (optional: every reader takes the
+    set as it is). Rows are copied in the stored dtype, a block at a time, through the store's own append (so
+    the finiteness record and the crash-safe layout are the usual ones); the file appears only when whole.
+    Returns the rows written."""
+    from .store import IDENTITY_KEYS, SHARD_INDEX_ATTR, FeatureStore, ShardedStore
+
+    out = Path(out)
+    if out.exists():
+        raise FeatlabError(f"{out} exists: merge into a new file")
+    with FeatureStore.open_read(index) as s:
+        if not isinstance(s, ShardedStore):
+            raise FeatlabError(f"{index} is not a sharded set (it is already one file)")
+        a = s.attrs
+        info = s.tap_info()
+        tmp = out.with_name(out.name + ".merging")
+        tmp.unlink(missing_ok=True)
+        with FeatureStore.open_for_append(tmp, {k: a[k] for k in IDENTITY_KEYS if k in a}) as m:
+            for k in s.keys():
+                t = info[k]
+                m.ensure_array(k, tuple(t["shape"]), dtype=t["dtype"], compression=t.get("compression") or "none",
+                               expected_rows=max(1, s.nrows), tap=t.get("tap"), tensor=t.get("tensor"),
+                               aliases=tuple(t.get("aliases") or ()))
+            row_bytes = sum(int(s.array(k).atom.dtype.itemsize) * int(np.prod(t["shape"])) for k, t in info.items())
+            per = max(1, int(block_bytes) // max(1, row_bytes))
+            for sh in s.stores:
+                labels = sh.h5.root.labels.read()
+                for i in range(0, sh.nrows, per):
+                    m.append({k: sh.array(k)[i : i + per] for k in s.keys()}, labels[i : i + per])
+                skipped = sh.h5.root.skipped.read()
+                if len(skipped):
+                    m.h5.root.skipped.append(skipped)
+            for k, v in a.items():
+                if k not in ("taps", "shards", SHARD_INDEX_ATTR, *IDENTITY_KEYS):
+                    m.set_attr(k, v)
+            n = m.nrows
+    os.replace(tmp, out)
+    return n

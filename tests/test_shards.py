@@ -76,6 +76,21 @@ def test_two_shards_read_back_as_the_single_process_run(manifest, single, tmp_pa
         row_bytes = sum(int(np.prod(b.array(k).shape[1:])) * 2 for k in TAPS)
     assert rep.plan["tap_bytes"] == 397 * row_bytes
     assert rep.plan["driver_bytes"] < 20_000 < rep.plan["tap_bytes"]
+    # merging is optional, and gives the single file's rows (small blocks: several per shard)
+    from featlab.shards import merge_shards
+
+    assert merge_shards(out, tmp_path / "merged.h5", block_bytes=100_000) == 397
+    with FeatureStore.open_read(tmp_path / "merged.h5") as m, FeatureStore.open_read(single) as b:
+        assert not isinstance(m, ShardedStore)
+        pd.testing.assert_frame_equal(m.labels(), b.labels())
+        pd.testing.assert_frame_equal(m.skipped(), b.skipped())
+        for k in TAPS:
+            np.testing.assert_array_equal(m.read(k), b.read(k))
+        assert {x: m.attrs[x] for x in ("model_sha256", "preprocessing", "manifest_sha256", "dataset")} == \
+            {x: b.attrs[x] for x in ("model_sha256", "preprocessing", "manifest_sha256", "dataset")}
+        assert m.tap_info()["res4"]["checked_rows"] == 397
+    with pytest.raises(FeatlabError, match="exists"):
+        merge_shards(out, single)
 
 
 def test_sigkilled_worker_resumes_with_exactly_its_missing_rows(manifest, single, tmp_path, monkeypatch):

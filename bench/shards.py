@@ -20,7 +20,7 @@ Two parts, both on this machine:
 Usage::
 
     python bench/shards.py                        # 2 GB per writer, 1 and 2 writers; 2,000 faces of dlib-age
-    python bench/shards.py --gb 1 --n 4000 --ray
+    python bench/shards.py --gb 1 --n 2000 --ray --raw   # also 2 Ray tasks, and tofile writers as the bound
     python bench/shards.py --tiny                 # smoke run (tests/test_bench.py)
 """
 
@@ -40,63 +40,97 @@ import numpy as np  # noqa: E402
 import _common as C  # noqa: E402
 
 
-def writer(path: str, gb: float, row_kb: float, batch: int, start_at: float) -> dict:
-    """One writer process: append ``gb`` GB of rows to its own store at ``path``, then fsync."""
+def writer(path: str, gb: float, row_kb: float, batch: int, start_at: float, raw: bool = False) -> dict:
+    """One writer process: append ``gb`` GB of rows to its own store at ``path``, then fsync. ``raw``: the
+    same bytes with ``ndarray.tofile`` into a plain file (the bound without HDF5 or featlab's checks)."""
     from featlab.store import FeatureStore, label_row
 
     shape = (512, 14, 14) if row_kb == 196 else (int(row_kb * 512),)
     row_bytes = int(np.prod(shape)) * 2
     n = max(batch, int(gb * 1e9 // row_bytes) // batch * batch)
     block = np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32).astype(np.float16)
+    if raw:
+        time.sleep(max(0.0, start_at - time.time()))
+        t0, c0 = time.time(), time.process_time()
+        with open(path, "wb") as f:
+            for _ in range(0, n, batch):
+                block.tofile(f)
+            t1, c1 = time.time(), time.process_time()
+            os.fsync(f.fileno())
+        return {"start": t0, "written": t1, "synced": time.time(), "bytes": n * row_bytes, "rows": n, "cpu": c1 - c0}
     labels = [label_row({"image_id": f"{i:016d}", "path": f"/data/{i}.jpg", "age": 30, "gender": "f", "race": "0",
                          "split": "train", "fold": -1}) for i in range(n)]
     store = FeatureStore.open_for_append(path, {"backbone": "bench"})
     store.ensure_array("t", shape, expected_rows=n)
     time.sleep(max(0.0, start_at - time.time()))
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     for i in range(0, n, batch):
         store.append({"t": block}, labels[i : i + batch])
-    t1 = time.time()
+    t1, c1 = time.time(), time.process_time()
     store.close()
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
     t2 = time.time()
-    return {"start": t0, "written": t1, "synced": t2, "bytes": n * row_bytes, "rows": n}
+    return {"start": t0, "written": t1, "synced": t2, "bytes": n * row_bytes, "rows": n, "cpu": c1 - c0}
+
+
+def _one_writer_run(args, d: Path, w: int, raw: bool) -> list[float]:
+    """w writers at once: [GB/s per writer, GB/s total, the same with fsync, GB total]."""
+    for p in d.glob("w-*.h5"):
+        p.unlink()
+    start_at = time.time() + 4.0 + 0.5 * w  # after every writer's imports
+    procs = [subprocess.Popen([sys.executable, __file__, "--writer", str(d / f"w-{i}.h5"), "--gb", str(args.gb),
+                               "--row-kb", str(args.row_kb), "--batch", str(args.batch), "--start-at",
+                               str(start_at), *(["--raw"] if raw else [])], stdout=subprocess.PIPE, text=True)
+             for i in range(w)]
+    res = []
+    for p in procs:
+        out, _ = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(f"writer failed ({p.returncode})")
+        res.append(json.loads([x for x in out.splitlines() if x.startswith("RESULT ")][-1][7:]))
+    for p in d.glob("w-*.h5"):
+        p.unlink()
+    t0 = min(r["start"] for r in res)
+    total = sum(r["bytes"] for r in res) / 1e9
+    per = float(np.mean([r["bytes"] / 1e9 / (r["written"] - r["start"]) for r in res]))
+    per_sync = float(np.mean([r["bytes"] / 1e9 / (r["synced"] - r["start"]) for r in res]))
+    wall = max(r["written"] for r in res) - t0
+    wall_sync = max(r["synced"] for r in res) - t0
+    cpu_per_gb = sum(r["cpu"] for r in res) / total  # CPU seconds of the writers (user+system) per GB written
+    return [per, total / wall, per_sync, total / wall_sync, cpu_per_gb, total]
 
 
 def part_writers(args) -> tuple[list[list], str]:
-    rows = []
     d = C.workdir() / "shards-bench"
     d.mkdir(parents=True, exist_ok=True)
-    for w in args.writers:
-        for p in d.glob("w-*.h5"):
-            p.unlink()
-        start_at = time.time() + 4.0 + 0.5 * w  # after every writer's imports
-        procs = [subprocess.Popen([sys.executable, __file__, "--writer", str(d / f"w-{i}.h5"), "--gb", str(args.gb),
-                                   "--row-kb", str(args.row_kb), "--batch", str(args.batch), "--start-at",
-                                   str(start_at)], stdout=subprocess.PIPE, text=True) for i in range(w)]
-        res = []
-        for p in procs:
-            out, _ = p.communicate()
-            if p.returncode != 0:
-                raise SystemExit(f"writer failed ({p.returncode})")
-            res.append(json.loads([x for x in out.splitlines() if x.startswith("RESULT ")][-1][7:]))
-        t0 = min(r["start"] for r in res)
-        total = sum(r["bytes"] for r in res) / 1e9
-        per = [r["bytes"] / 1e9 / (r["written"] - r["start"]) for r in res]
-        per_sync = [r["bytes"] / 1e9 / (r["synced"] - r["start"]) for r in res]
-        wall = max(r["written"] for r in res) - t0
-        wall_sync = max(r["synced"] for r in res) - t0
-        rows.append([f"{w} writer{'s' if w > 1 else ''}", round(total, 3), round(float(np.mean(per)), 2),
-                     round(total / wall, 2), round(float(np.mean(per_sync)), 2), round(total / wall_sync, 2)])
-        for p in d.glob("w-*.h5"):
-            p.unlink()
+    configs = [(w, raw) for raw in ((False, True) if args.raw else (False,)) for w in args.writers]
+    runs: dict = {c: [] for c in configs}
+    loads = []
+    for _ in range(args.repeat):  # interleaved, so that a burst of load on the machine hits every config
+        for c in configs:
+            loads.append(os.getloadavg()[0])
+            runs[c].append(_one_writer_run(args, d, *c))
+
+    def cell(vals):
+        v = sorted(vals)
+        med = float(np.median(v))
+        return f"{med:.2f}" if len(v) == 1 else f"{med:.2f} ({v[0]:.2f}-{v[-1]:.2f})"
+
+    rows = []
+    for (w, raw), rs in runs.items():
+        cols = list(zip(*rs))
+        rows.append([f"{w} writer{'s' if w > 1 else ''}" + (" (raw tofile)" if raw else " (FeatureStore)"),
+                     round(cols[5][0], 3), *[cell(c) for c in cols[:5]]])
     row_bytes = (512 * 14 * 14 * 2) if args.row_kb == 196 else int(args.row_kb * 512) * 2
     note = (f"Writers: {args.gb:g} GB each of {row_bytes:,}-byte float16 rows, {args.batch} rows per "
             f"FeatureStore.append (finiteness check, taps, labels, flush), own store each, on {C.workdir()}; "
             "GB/s per writer = its bytes over its own write time; total = all bytes over the slowest writer's "
-            "wall time from the common start; '+fsync' columns include each writer's final fsync.")
+            "wall time from the common start; '+fsync' columns include each writer's final fsync; 'CPU s per GB': "
+            "the writers' own CPU time (user+system) per GB, the bound a free core puts on one writer. "
+            f"Median (min-max) of {args.repeat} interleaved runs; 1-min load average at the runs' starts "
+            f"{min(loads):.1f}-{max(loads):.1f} on {C.machine()['cores']} cores (other users).")
     return rows, note
 
 
@@ -157,18 +191,21 @@ def main(argv=None):
     ap.add_argument("--model", default=None)
     ap.add_argument("--taps", default="res3,res4,res5")
     ap.add_argument("--ray", action="store_true", help="also 2 Ray tasks (a local runtime: its start-up included)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each writer count, interleaved [3]")
+    ap.add_argument("--raw", action="store_true", help="also time ndarray.tofile writers (the bound without HDF5)")
     ap.add_argument("--writer", default=None, help=argparse_hidden())
     ap.add_argument("--start-at", type=float, default=0.0, help=argparse_hidden())
     args = ap.parse_args(argv)
     if args.writer:
-        print("RESULT " + json.dumps(writer(args.writer, args.gb, args.row_kb, args.batch, args.start_at)), flush=True)
+        print("RESULT " + json.dumps(writer(args.writer, args.gb, args.row_kb, args.batch, args.start_at, args.raw)),
+              flush=True)
         return
-    C.tiny(args, gb=0.005, row_kb=16, n=16, batch=8)
+    C.tiny(args, gb=0.005, row_kb=16, n=16, batch=8, repeat=1)
     args.writers = [int(x) for x in str(args.writers).split(",")]
     load0 = C.load()
     wrows, wnote = part_writers(args)
     table = C.md_table(["writers", "GB total", "GB/s per writer", "GB/s total", "GB/s per writer +fsync",
-                        "GB/s total +fsync"], wrows)
+                        "GB/s total +fsync", "CPU s per GB"], wrows)
     notes = [wnote]
     if args.n > 0:
         erows, enote = part_extraction(args)

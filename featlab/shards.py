@@ -232,12 +232,16 @@ def _run_ray(jobs: list[dict], plan, counter: dict) -> list[dict]:
         if gpus and ray.cluster_resources().get("GPU", 0.0) < gpus:
             raise FeatlabError(f"--gpus-per-worker {gpus:g}: the Ray cluster has "
                                f"{ray.cluster_resources().get('GPU', 0.0):g} GPUs")
-        per = max(1, int(cpus // plan.workers)) if not gpus else 1
+        # tasks at a time: one per GPU share (Ray holds the rest back), or --workers on CPU; each reserves its
+        # share of the cluster's CPUs for decode/align (and, on CPU, onnxruntime)
+        at_once = min(len(jobs), int(ray.cluster_resources().get("GPU", 0.0) // gpus) if gpus else plan.workers)
+        per = max(1, int(cpus // max(1, at_once)))
         threads = 0 if gpus else per
         task = ray.remote(num_cpus=per, num_gpus=gpus or None, max_retries=2)(run_shard)
         refs = []
         for job in jobs:
-            job = dict(job, threads=job.get("threads") or threads, workers=job.get("workers") or max(1, per // 2))
+            job = dict(job, threads=job.get("threads") or threads,
+                       workers=job.get("workers") or (max(1, per - 1) if gpus else max(1, per // 2)))
             if gpus:
                 job["providers"] = None  # the worker's own: CUDA on the GPU Ray gave it
             counter["sent"] += len(pickle.dumps(job))

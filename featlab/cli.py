@@ -264,8 +264,9 @@ def extract(
     workers: Optional[int] = typer.Option(None, "--workers", help="decode/align threads; with --ray: Ray workers, one backbone session each [2]"),
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N manifest rows"),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
-                                      help="run the batches on Ray: alone, a local runtime; with ADDRESS, join that cluster (needs featlab[ray])"),
+                                      help="run the batches on Ray: alone, a local runtime; with ADDRESS, join that cluster (needs featlab[ray]); with --shards, one Ray task writes each shard"),
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="with --ray: GPUs per worker (0: CPU)"),
+    shards: Optional[int] = typer.Option(None, "--shards", help="N writers, one shard file each (OUT.shards/), OUT their index: local processes, or Ray tasks with --ray"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     descriptor: Optional[Path] = typer.Option(None, "--descriptor", help="a backbone descriptor TOML (any ONNX network; see featlab.descriptor)"),
 ):
@@ -300,13 +301,32 @@ def extract(
 
     preprocessing = preprocessing or _cfg("extract", "preprocessing")
     check_preprocessing(get_spec(backbone).geometry[0], preprocessing)  # one line before the backbone loads
-    rep = run_extract(manifest, list(layer or []), backbone=backbone, model=model or _cfg("models", backbone), out=out,
-                      align=align, flip=flip, pool=pool, dtype=dtype, compression=compression, batch_size=batch_size,
-                      workers=workers, limit=limit, progress=not quiet, cluster=cluster, preprocessing=preprocessing,
-                      # with --ray the driver's own session only adds a tap to old rows: keep it off the workers' GPUs
-                      providers=["CPUExecutionProvider"] if cluster else None)
-    _echo(f"{rep.out}: {rep.rows_total:,} faces ({rep.rows_added:,} new, {rep.skipped_added:,} skipped) "
-          f"in {rep.seconds:.1f} s, {rep.images_per_s:,.0f} images/s on {rep.provider}, preprocessing {rep.preprocessing}")
+    from .store import read_shard_index
+
+    index = read_shard_index(out) if out else None
+    if shards is None and index is not None:
+        shards = int(index.get("count", 0))  # a sharded set goes on as one
+    if shards is not None:
+        from .shards import extract_sharded
+
+        _positive(shards, "--shards")
+        rep = extract_sharded(manifest, list(layer or []), shards, backbone=backbone, out=out, ray=cluster,
+                              model=model or _cfg("models", backbone), align=align, flip=flip, pool=pool, dtype=dtype,
+                              compression=compression, batch_size=batch_size, workers=None if cluster else workers,
+                              limit=limit, preprocessing=preprocessing)
+        _echo(f"{rep.out}: {rep.rows_total:,} faces ({rep.rows_added:,} new, {rep.skipped_added:,} skipped) in "
+              f"{rep.seconds:.1f} s, {rep.images_per_s:,.0f} images/s, {rep.provider}, preprocessing "
+              f"{rep.preprocessing}; the driver handled {rep.plan['driver_bytes']:,} bytes, the workers wrote "
+              f"{rep.plan['tap_bytes']:,} bytes of taps")
+    else:
+        rep = run_extract(manifest, list(layer or []), backbone=backbone, model=model or _cfg("models", backbone),
+                          out=out, align=align, flip=flip, pool=pool, dtype=dtype, compression=compression,
+                          batch_size=batch_size, workers=workers, limit=limit, progress=not quiet, cluster=cluster,
+                          preprocessing=preprocessing,
+                          # with --ray the driver's own session only adds a tap to old rows: keep it off the workers' GPUs
+                          providers=["CPUExecutionProvider"] if cluster else None)
+        _echo(f"{rep.out}: {rep.rows_total:,} faces ({rep.rows_added:,} new, {rep.skipped_added:,} skipped) "
+              f"in {rep.seconds:.1f} s, {rep.images_per_s:,.0f} images/s on {rep.provider}, preprocessing {rep.preprocessing}")
     for k, v in rep.filled.items():
         _echo(f"  added tap {k} for {v:,} existing rows")
     if rep.labels_resynced:
@@ -316,6 +336,18 @@ def extract(
               "(split '', fold -1)")
     for why, n in sorted(rep.skip_reasons.items(), key=lambda kv: -kv[1]):
         _echo(f"  skipped {n:,}: {why}")
+
+
+@app.command("merge-shards")
+def merge_shards(
+    features: Path = typer.Argument(..., help="a sharded set's index (the --out of `extract --shards`)"),
+    out: Path = typer.Argument(..., help="the one features file to write (must not exist)"),
+):
+    """Copy a sharded set into one ordinary features file (optional: every command reads the set as it is)."""
+    from .shards import merge_shards as merge
+
+    n = merge(features, out)
+    _echo(f"{out}: {n:,} faces merged from {features}")
 
 
 @app.command()

@@ -31,6 +31,10 @@ one at a time and only those that still fail are skipped, with the reason
 and its batch retried (Ray Data's defaults for actor pools: ``max_restarts=-1``,
 ``max_task_retries=-1``); a decode task whose process dies is retried too.
 
+``--ray --shards N`` takes the other way (:mod:`featlab.shards`): each Ray task
+runs a whole extraction over its slice of the manifest and writes its own
+shard file, and the driver writes only a small index: no single writer.
+
 Ray is an optional extra (``pip install 'featlab[ray]'``); nothing here imports
 it at module import time.
 """

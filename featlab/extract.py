@@ -327,6 +327,7 @@ def extract(
     providers: list[str] | None = None,
     cluster=None,
     preprocessing: str | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> ExtractReport:
     """Extract ``layers`` of ``backbone`` for every image of ``manifest`` into ``out`` (resumable).
 
@@ -338,7 +339,9 @@ def extract(
     ``workers``/``prep``: decode/align workers and whether they are threads or
     processes; ``threads``: onnxruntime intra-op threads (0: all cores). The
     defaults come from :func:`plan_workers`. ``cluster`` (a :class:`featlab.cluster.RayPlan`): the batches
-    run on Ray instead, and their rows are committed here, through the same write path.
+    run on Ray instead, and their rows are committed here, through the same write path. ``rows`` ``(lo, hi)``:
+    only that range of the manifest's rows (after ``limit``, each image id once): one shard of a sharded
+    extraction (:mod:`featlab.shards`), whose rows, concatenated in shard order, are a single-process run's.
     """
     t0 = time.perf_counter()
     manifest = Path(manifest)
@@ -347,6 +350,8 @@ def extract(
     all_rows = df
     if limit:
         df = df.iloc[: int(limit)]
+    if rows is not None:  # one shard: a contiguous range of the rows a single-process run would store, in order
+        df = df.drop_duplicates("image_id").iloc[int(rows[0]) : int(rows[1])]
     dataset = dataset_name(manifest)
     bb = Backbone(backbone, model, preprocessing)
     if not layers:

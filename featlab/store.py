@@ -39,6 +39,7 @@ after :meth:`FeatureStore.open_for_append`.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -163,6 +164,10 @@ class FeatureStore:
         except Exception as e:  # noqa: BLE001
             raise FeatlabError(f"cannot read features file {path}: {_last_line(e)}") from None
         if "/labels" not in h5:
+            if SHARD_INDEX_ATTR in h5.root._v_attrs._v_attrnamesuser:  # the index of a sharded set
+                index_attrs = FeatureStore(h5, path).attrs
+                h5.close()
+                return ShardedStore(path, index_attrs[SHARD_INDEX_ATTR], index_attrs)
             h5.close()
             if "/labels_old" in h5:
                 raise FeatlabError(f"{path}: an upgrade of its labels table was interrupted; "
@@ -199,6 +204,10 @@ class FeatureStore:
                 ) from None
             store = cls(h5, path)
             try:
+                if "/labels" not in h5 and SHARD_INDEX_ATTR in h5.root._v_attrs._v_attrnamesuser:
+                    n = store.attrs[SHARD_INDEX_ATTR].get("count")
+                    raise FeatlabError(f"{path} is the index of a sharded set of {n} shards: extract into it with "
+                                       f"--shards {n}, or choose another --out")
                 store._check_identity(identity)
                 store._repair()
             except BaseException:
@@ -830,3 +839,298 @@ def label_row(r) -> tuple:
         age if _missing(low) else _age(low),
         age if _missing(high) else _age(high),
     )
+
+
+# ---- sharded sets ------------------------------------------------------------------------------
+# A sharded extraction (``featlab extract --shards N`` or ``--ray``) writes N ordinary stores, each over a
+# contiguous slice of the manifest's rows, to ``FILE.shards/shard-IIII-of-NNNN.h5``, and then FILE itself as a
+# small HDF5 *index*: no /labels, no taps; root attributes hold the set's identity and ``featlab_shards``
+# (JSON: the shards in order, each one's manifest row range, rows and skipped images stored, its identity and the
+# sha256 of its image ids). :meth:`FeatureStore.open_read` gives a :class:`ShardedStore` for such a file: the
+# shards read as one store, rows in shard order (= manifest order = a single-process run's order).
+SHARD_INDEX_ATTR = "featlab_shards"
+IDENTITY_KEYS = ("backbone", "model_sha256", "preprocessing", "flip", "align")
+
+
+def shard_dir(out: Path | str) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".shards")
+
+
+def shard_path(out: Path | str, i: int, n: int) -> Path:
+    return shard_dir(out) / f"shard-{i:03d}-of-{n:03d}.h5"
+
+
+def shard_bounds(n_rows: int, n: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges of ``n`` shards over ``n_rows`` rows, as even as can be (deterministic)."""
+    cuts = [(i * n_rows) // n for i in range(n + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(n)]
+
+
+def read_shard_index(path: Path | str) -> dict | None:
+    """The ``featlab_shards`` record of a shard index file; None when ``path`` is not one (or does not exist)."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    tb = _tables()
+    try:
+        with tb.open_file(str(path), mode="r") as h5:
+            if "/labels" in h5 or SHARD_INDEX_ATTR not in h5.root._v_attrs._v_attrnamesuser:
+                return None
+            return json.loads(str(h5.root._v_attrs[SHARD_INDEX_ATTR]))
+    except (OSError, ValueError, tb.HDF5ExtError):
+        return None
+
+
+def _identity_of(attrs: dict) -> dict:
+    return {k: attrs.get(k) for k in IDENTITY_KEYS if k in attrs}
+
+
+def _ids_sha256(ids) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for x in ids:
+        h.update(x if isinstance(x, bytes) else str(x).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def write_shard_index(out: Path | str, shards: list[Path], bounds: list[tuple[int, int]], extra: dict | None = None) -> dict:
+    """Write (atomically) the index of a finished sharded set; reads only the shards' attributes and image ids.
+
+    Every shard must exist and have the identity of the first; a mismatch is refused in one line."""
+    out = Path(out)
+    tb = _tables()
+    entries, identity, attrs0 = [], None, None
+    for i, (p, (lo, hi)) in enumerate(zip(shards, bounds)):
+        if not Path(p).is_file():
+            raise FeatlabError(f"shard {p} is missing: rerun the same extract command to make it")
+        with FeatureStore.open_read(p) as s:
+            a = s.attrs
+            ident = _identity_of(a)
+            if identity is None:
+                identity, attrs0 = ident, a
+            elif ident != identity:
+                k = next(k for k in IDENTITY_KEYS if ident.get(k) != identity.get(k))
+                raise FeatlabError(f"shard {p} was extracted with a different {k} than {shards[0].name}: "
+                                   "features from different settings never mix; extract into a new --out")
+            entries.append({"file": Path(p).name, "rows": [int(lo), int(hi)], "stored": int(s.nrows),
+                            "skipped": int(s.h5.root.skipped.nrows),
+                            "ids_sha256": _ids_sha256(s.h5.root.labels.col("image_id")),
+                            "bytes": int(Path(p).stat().st_size)})
+    record = {"version": 1, "count": len(shards), "dir": shard_dir(out).name, "shards": entries, **(extra or {})}
+    tmp = out.with_name(out.name + ".index-tmp")
+    with tb.open_file(str(tmp), mode="w", title="featlab features (sharded: index)") as h5:
+        a = h5.root._v_attrs
+        for k, v in attrs0.items():
+            if k in ("taps", "config"):
+                continue
+            a[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
+        a[SHARD_INDEX_ATTR] = json.dumps(record)
+    os.replace(tmp, out)
+    return record
+
+
+class _ShardedArray:
+    """One tap of a :class:`ShardedStore`, read like a PyTables array (``nrows``, ``shape``, ``atom``, slices)."""
+
+    def __init__(self, parts: list, offsets: np.ndarray):
+        self.parts, self.offsets = parts, offsets
+        self.atom = parts[0].atom
+        self._v_name = parts[0]._v_name
+        self.nrows = int(offsets[-1])
+        self.shape = (self.nrows, *parts[0].shape[1:])
+        self.dtype = self.atom.dtype
+
+    def __len__(self) -> int:
+        return self.nrows
+
+    def __getitem__(self, sel):
+        if isinstance(sel, (int, np.integer)):
+            i = int(sel) + (self.nrows if sel < 0 else 0)
+            s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+            return self.parts[s][i - int(self.offsets[s])]
+        if not isinstance(sel, slice):
+            raise TypeError("a sharded tap takes an int or a slice (use FeatureStore.read for row lists)")
+        lo, hi, step = sel.indices(self.nrows)
+        out = []
+        for s, part in enumerate(self.parts):
+            a, b = int(self.offsets[s]), int(self.offsets[s + 1])
+            x, y = max(lo, a), min(hi, b)
+            if x < y:
+                out.append(part[x - a : y - a])
+        x = np.concatenate(out) if out else np.empty((0, *self.shape[1:]), dtype=self.atom.dtype)
+        return x[::step] if step != 1 else x
+
+
+class ShardedStore(FeatureStore):
+    """A finished sharded set (see :func:`write_shard_index`), read as one store.
+
+    Opening checks every shard against the index: present, the set's identity,
+    the rows and image ids recorded when the set was finished, the same taps.
+    Reads go to the shards by row range; nothing is copied or merged."""
+
+    def __init__(self, path: Path, record: dict, index_attrs: dict):
+        self.path = Path(path)
+        self.h5 = None
+        self.record = record
+        self._index_attrs = index_attrs
+        self._labels_read = None
+        self.stores: list[FeatureStore] = []
+        folder = self.path.with_name(record.get("dir") or shard_dir(self.path).name)
+        try:
+            for e in record["shards"]:
+                p = folder / e["file"]
+                if not p.is_file():
+                    raise FeatlabError(f"{self.path}: shard {p} is missing (a sharded set reads only whole)")
+                s = FeatureStore.open_read(p)
+                self.stores.append(s)
+                self._check_shard(s, e)
+            keys = self.stores[0].keys()
+            for s in self.stores[1:]:
+                if sorted(s.keys()) != sorted(keys):
+                    raise FeatlabError(f"{self.path}: shard {s.path.name} holds taps {sorted(s.keys())}, "
+                                       f"{self.stores[0].path.name} {sorted(keys)}: rerun the extract command to finish it")
+        except BaseException:
+            self.close()
+            raise
+        self.offsets = np.cumsum([0] + [s.nrows for s in self.stores]).astype(np.int64)
+
+    def _check_shard(self, s: FeatureStore, e: dict) -> None:
+        want, have = _identity_of(self._index_attrs), _identity_of(s.attrs)
+        for k in IDENTITY_KEYS:
+            if k in want and have.get(k) != want[k]:
+                what = "a different model file" if k == "model_sha256" else f"a different {k}"
+                raise FeatlabError(f"{self.path}: shard {s.path.name} was extracted with {what} than the set "
+                                   f"({k}={have.get(k)!r}, the index says {want[k]!r}); features from different "
+                                   "settings never mix")
+        if s.nrows != int(e["stored"]) or _ids_sha256(s.h5.root.labels.col("image_id")) != e["ids_sha256"]:
+            raise FeatlabError(f"{self.path}: shard {s.path.name} changed since the set was indexed "
+                               f"({s.nrows:,} rows, the index says {int(e['stored']):,}): rerun the extract command "
+                               "that made it to re-index")
+
+    # ---- metadata
+    @property
+    def attrs(self) -> dict:
+        out = dict(self.stores[0].attrs)
+        out.update({k: v for k, v in self._index_attrs.items() if k != SHARD_INDEX_ATTR})
+        out["taps"] = self.tap_info()
+        out["shards"] = len(self.stores)
+        return out
+
+    def set_attr(self, key: str, value) -> None:
+        raise FeatlabError(f"{self.path} is a sharded set, read-only here: extract into it with the same command")
+
+    def tap_info(self) -> dict:
+        infos = [s.tap_info() for s in self.stores]
+        out = {}
+        for k, t in infos[0].items():
+            t = dict(t)
+            checked, nonfinite = 0, 0
+            for s, i in zip(self.stores, infos):
+                u = i.get(k, {})
+                nonfinite += int(u.get("nonfinite", 0) or 0)
+                c = int(u.get("checked_rows", 0))
+                checked += min(c, s.nrows)
+                if c < s.nrows:  # checked_rows counts from row 0: the prefix stops at the first gap
+                    break
+            t["checked_rows"], t["nonfinite"] = checked, nonfinite
+            out[k] = t
+        return out
+
+    def keys(self) -> list[str]:
+        return self.stores[0].keys()
+
+    def resolve_key(self, key: str) -> str | None:
+        return self.stores[0].resolve_key(key)
+
+    def array(self, key: str):
+        found = self.stores[0].array(key)._v_name  # the one-line error for a missing tap
+        return _ShardedArray([s.h5.get_node("/taps", found) for s in self.stores], self.offsets)
+
+    _node = array
+
+    @property
+    def nrows(self) -> int:
+        return int(self.offsets[-1])
+
+    def lagging(self) -> dict[str, int]:
+        return {}
+
+    def done_ids(self) -> set[str]:
+        out: set[str] = set()
+        for s in self.stores:
+            out |= s.done_ids()
+        return out
+
+    def _image_id(self, row: int) -> str:
+        if not 0 <= row < self.nrows:
+            return "?"
+        s = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return self.stores[s]._image_id(row - int(self.offsets[s]))
+
+    # ---- reading
+    def labels(self):
+        import pandas as pd
+
+        if self._labels_read is None:
+            self._labels_read = pd.concat([s.labels() for s in self.stores], ignore_index=True)
+        return self._labels_read.copy()
+
+    def skipped(self):
+        import pandas as pd
+
+        df = pd.concat([s.skipped() for s in self.stores], ignore_index=True)
+        return df.drop_duplicates("image_id", keep="last").reset_index(drop=True)
+
+    def _split_rows(self, rows):
+        """(shard, local rows, output positions) for global ``rows`` (a slice or an index array)."""
+        if rows is None:
+            rows = slice(0, self.nrows)
+        if isinstance(rows, slice):
+            lo, hi, step = rows.indices(self.nrows)
+            if step == 1:
+                for s in range(len(self.stores)):
+                    a, b = int(self.offsets[s]), int(self.offsets[s + 1])
+                    x, y = max(lo, a), min(hi, b)
+                    if x < y:
+                        yield s, slice(x - a, y - a), slice(x - lo, y - lo)
+                return
+            rows = np.arange(lo, hi, step)
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.nrows):
+            raise IndexError(f"row {int(rows.max() if rows.max() >= self.nrows else rows.min())} out of range "
+                             f"({self.nrows} rows)")
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        for s in np.unique(which):
+            pos = np.flatnonzero(which == s)
+            yield int(s), rows[pos] - int(self.offsets[s]), pos
+
+    def read(self, key: str, rows=None, dtype=np.float32) -> np.ndarray:
+        arr = self.array(key)
+        n = arr.nrows if rows is None else (len(range(*rows.indices(arr.nrows))) if isinstance(rows, slice) else len(rows))
+        out = np.empty((n, *arr.shape[1:]), dtype=dtype)
+        for s, local, pos in self._split_rows(rows):
+            out[pos] = self.stores[s].read(key, local, dtype=dtype)
+        return out
+
+    def count_nonfinite(self, key: str, rows=None) -> tuple[int, int | None]:
+        count, first = 0, None
+        for s, local, pos in self._split_rows(rows):
+            c, f = self.stores[s].count_nonfinite(key, local)
+            count += c
+            if f is not None and first is None:
+                first = f + int(self.offsets[s])
+        return count, first
+
+    def check_finite(self, key: str, rows=None, scan: bool = False) -> None:
+        for s, local, pos in self._split_rows(rows):
+            self.stores[s].check_finite(key, local, scan=scan)
+
+    def sync_labels(self, manifest_df):
+        raise FeatlabError(f"{self.path} is a sharded set: re-sync its labels with `{self.resync_command()}`")
+
+    def close(self) -> None:
+        for s in self.stores:
+            s.close()

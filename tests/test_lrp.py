@@ -220,14 +220,14 @@ def test_iresnet_fixtures_run_and_conserve(iresnet_files, style):
     tap = bb.tap("stage4_unit1_out")
     rng = np.random.default_rng(11)
     head = _random_head(d / f"head-{style}", tap.shape, "stage4_unit1_out", rng, kind="linear", n_out=1)
-    chips = np.random.default_rng(4).integers(0, 256, (2, 112, 112, 3)).astype(np.uint8)
+    chips = np.random.default_rng(4).integers(0, 256, (1, 112, 112, 3)).astype(np.uint8)
     ex = LRPExplainer(bb, [head], rule="epsilon-plus-flat")
     from featlab.backbones import Runner
 
     ort_tap = Runner(bb, [tap]).run(chips)[tap.name]
     assert np.allclose(ex.tap_values(chips)[0], ort_tap, rtol=1e-4, atol=1e-4 * np.abs(ort_tap).max())
     res = ex.explain(chips, [None])
-    assert res["maps"].shape == (2, 1, 112, 112) and np.isfinite(res["maps"]).all()
+    assert res["maps"].shape == (1, 1, 112, 112) and np.isfinite(res["maps"]).all()
     assert (res["maps"] > 0).any() and (res["maps"] < 0).any()
     # conservation through the backbone, explaining the sum of the tap (a random head's signed tap relevance
     # nearly cancels, which would make any relative error ill-conditioned). epsilon-plus-flat: z+ and flat lose only
@@ -242,6 +242,15 @@ def test_iresnet_fixtures_run_and_conserve(iresnet_files, style):
     assert 0.005 < err.max()  # not trivially exact: the shortcuts' share is really lost
     for rule in ("epsilon", "alpha2beta1"):
         assert np.isfinite(ex.graph.relevance(acts, tap.tensor, a, rule)).all()
+
+
+def test_a_bad_rule_is_one_line(tmp_path, capsys):
+    from featlab.cli import main
+
+    rc = main(["explain", "x.jpg", "--head", str(tmp_path), "--method", "lrp", "--rule", "alpha1", "--out",
+               str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown --rule 'alpha1'" in err and err.count("\n") == 1, err
 
 
 def test_numpy_head_rejects_what_it_cannot_explain(tmp_path):

@@ -138,7 +138,7 @@ def test_settings_and_methods_fail_with_one_line(tmp_path, capsys):
     head = tmp_path / "head"
     head.mkdir()
     cases = [
-        (["explain", "x.jpg", "--head", str(head), "--out", str(tmp_path / "o"), "--method", "lrp"], "unknown --method"),
+        (["explain", "x.jpg", "--head", str(head), "--out", str(tmp_path / "o"), "--method", "gradcam"], "unknown --method"),
         (["explain", "x.jpg", "--head", str(head), "--out", str(tmp_path / "o"), "--patch", "0"], "--patch"),
         (["explain", "x.jpg", "--head", str(head), "--out", str(tmp_path / "o"), "--baseline", "zero"], "--baseline"),
         (["explain", "x.jpg", "--head", str(head), "--out", str(tmp_path / "o")], "is not a trained head"),

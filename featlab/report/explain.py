@@ -704,7 +704,8 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
         n = stems.get((stem, m), 0)
         stems[(stem, m)] = n + 1
         name = f"{stem}-{m}.png" if n == 0 else f"{stem}-{n + 1}-{m}.png"
-        image_png(chip, list(maps), titles, out / name, title=f"{path.name}: {m}, red = evidence for, blue = against")
+        what = f"lrp ({settings.rule})" if m == "lrp" else m
+        image_png(chip, list(maps), titles, out / name, title=f"{path.name}: {what}, red = evidence for, blue = against")
     deletion_png(summary, out / "deletion.png")
     _write_json(out / SUMMARY, summary)
     echo(f"wrote {len(figures)} heatmap figures, deletion.png and {SUMMARY} in {out}")
@@ -897,7 +898,8 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
         np.savez_compressed(out / f"maps-{m}.npz", maps=mean_maps, mean_faces=mean_faces.astype(np.float32),
                             groups=np.array(names)[have], heads=np.array(col_names))
         class_grid_png(mean_faces, mean_maps, row_names, col_names, out / f"classes-{m}.png",
-                       title=f"{scorer.backbone.name} on {features.stem}: mean {m} map per {grouped_by}, "
+                       title=f"{scorer.backbone.name} on {features.stem}: mean "
+                             f"{f'lrp ({settings.rule})' if m == 'lrp' else m} map per {grouped_by}, "
                              f"{len(chips)} {split} faces (red = for, blue = against)")
     deletion_png(summary, out / "deletion.png")
     _write_json(out / SUMMARY, summary)

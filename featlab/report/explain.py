@@ -12,6 +12,12 @@ backbone and the head as a black box ``f(chips) -> scores``:
   masks; the map is the covariance of the score with each pixel being kept,
   ``sum_i (f_i - mean f) M_i / (N p)``, signed like occlusion.
 
+- ``lrp``: layer-wise relevance propagation (:mod:`featlab.report.lrp`, NumPy over the ONNX graph and the head's
+  saved weights): a per-pixel signed map whose sum is the explained output where the rules conserve; the
+  conservation error per face (and per residual cut) goes into explain_summary.json and onto the console when
+  its median exceeds the bound. With several methods, :func:`compare_methods` gives each pair's AUC difference
+  on the same faces a bootstrap interval.
+
 Every masked variant of a chip goes through ``f`` in batches of ``batch``;
 outputs are gathered first and summed in a fixed order, so a map does not
 depend on the batch size.

@@ -556,7 +556,7 @@ class _Curves:
 def _lrp_conservation(c: dict, rule: str) -> dict:
     """explain_summary.json's conservation block of one head: per face |sum of input relevance - explained output|
     / |explained output| (median, mean, max, share over the bound), the same at the tap (the head alone), and per
-    residual sum and pool of the backbone (cuts of the graph) the median of the relevance summed at its output /
+    residual sum of the backbone (cuts of the graph) the median of the relevance summed at its output /
     the explained output (1 = conserved down to there)."""
     from .lrp import conservation
 

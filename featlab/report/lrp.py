@@ -440,15 +440,15 @@ class Graph:
     def relevance(self, acts: dict, target: str, r: np.ndarray, rule: str, eps: float = EPSILON,
                   layers: dict | None = None) -> np.ndarray:
         """Input relevance (N, C, H, W) from relevance r at ``target``; ``layers`` collects the relevance summed
-        (N,) at the outputs of residual sums and pools: cuts every path from the input to the tap passes through
-        in featlab's backbones, where a conserving rule keeps the sum equal to the explained output (a conv inside
-        a residual branch only sees the branch's share)."""
+        (N,) at the outputs of residual sums: cuts every path from the input to the tap passes through in featlab's
+        ResNets, where a conserving rule keeps the sum equal to the relevance at the tap (a conv or a pool inside
+        a residual branch or shortcut only sees that path's share)."""
         rel = {target: np.asarray(r, dtype=np.float64)}
         for op in reversed(self.ops):
             r = rel.pop(op.output, None)
             if r is None:
                 continue
-            if layers is not None and op.kind in ("sum", "maxpool", "avgpool"):
+            if layers is not None and op.kind == "sum":
                 layers[op.name] = r.reshape(len(r), -1).sum(axis=1)
             for name, ri in self._back(op, acts, r, rule, eps):
                 rel[name] = rel[name] + ri if name in rel else ri

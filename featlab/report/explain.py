@@ -631,7 +631,8 @@ def _summary(scorer: HeadScorer, methods, settings: Settings, curves: dict, n_fa
         for lab, pairs in out["method_comparison"].items():
             for pair, row in pairs.items():
                 ci = {k: ("n/a" if row[f"{k}_ci95"] is None else
-                          f"[{row[f'{k}_ci95'][0]:+.3f}, {row[f'{k}_ci95'][1]:+.3f}]") for k in ("deletion", "insertion")}
+                          f"[{row[f'{k}_ci95'][0]:+.3f}, {row[f'{k}_ci95'][1]:+.3f}]")
+                      for k in ("deletion", "insertion")}
                 echo(f"{pair} on {lab}: deletion AUC difference {row['deletion_auc_difference']:+.3f} "
                      f"{ci['deletion']} (below 0: {pair.split(' - ')[0]} more faithful), insertion "
                      f"{row['insertion_auc_difference']:+.3f} {ci['insertion']} (above 0: more faithful)")
@@ -711,7 +712,8 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
         stems[(stem, m)] = n + 1
         name = f"{stem}-{m}.png" if n == 0 else f"{stem}-{n + 1}-{m}.png"
         what = f"lrp ({settings.rule})" if m == "lrp" else m
-        image_png(chip, list(maps), titles, out / name, title=f"{path.name}: {what}, red = evidence for, blue = against")
+        image_png(chip, list(maps), titles, out / name,
+                  title=f"{path.name}: {what}, red = evidence for, blue = against")
     deletion_png(summary, out / "deletion.png")
     _write_json(out / SUMMARY, summary)
     echo(f"wrote {len(figures)} heatmap figures, deletion.png and {SUMMARY} in {out}")

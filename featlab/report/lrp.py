@@ -26,8 +26,8 @@ z+ and alpha-beta ignore biases (zennit's ``zero_params='bias'``) and conserve e
 rule conserves exactly; epsilon loses what the biases and epsilon take. Around the linear layers:
 
 - BatchNormalization, and dlib's affine Mul + Add by per-channel constants, right after a Conv or Gemm are folded
-  into it (zennit's canonizers); the head's standardisation, like a BatchNormalization with no such layer before it (IResNet's pre-activation bn1) is a 1-to-1 affine map and
-  passes relevance unchanged, as do Relu, PRelu, LeakyRelu, Identity, Dropout and Mul/Sub/Add/Div by constants
+  into it (zennit's canonizers); the head's standardisation, like a BatchNormalization with no such layer
+  before it (IResNet's pre-activation bn1), is a 1-to-1 affine map and passes relevance unchanged, as do Relu, PRelu, LeakyRelu, Identity, Dropout and Mul/Sub/Add/Div by constants
   (input normalisation);
 - residual sums (Add of two computed tensors) and average pools split relevance in proportion to the inputs'
   contributions (zennit's Norm rule); max pools give it to the window's maximum (winner takes all);
@@ -565,7 +565,8 @@ class NumpyHead:
                 k = counts.get(key, 0)
                 counts[key] = k + 1
                 path = f"layers/{key}" + (f"_{k}" if k else "") + "/vars"
-                var = [np.asarray(h5[path][str(i)], dtype=np.float64) for i in range(len(h5[path]))] if path in h5 else []
+                var = ([np.asarray(h5[path][str(i)], dtype=np.float64) for i in range(len(h5[path]))]
+                       if path in h5 else [])
                 if cls in ("InputLayer", "Dropout"):
                     continue
                 if cls == "Flatten":

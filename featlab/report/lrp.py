@@ -22,13 +22,17 @@ overview"):
 - ``epsilon-plus-flat``: the flat rule on the first convolution, z+ on the others, epsilon on dense layers
   (zennit's EpsilonPlusFlat).
 
-z+ and alpha-beta ignore biases (zennit's ``zero_params='bias'``) and conserve exactly layer by layer; the flat
-rule conserves exactly; epsilon loses what the biases and epsilon take. Around the linear layers:
+z+ and alpha-beta ignore biases (zennit's ``zero_params='bias'``). z+ conserves layer by layer except at units
+with no positive contribution (their relevance is dropped: ~2 % on IResNet's strided 1x1 shortcuts, nothing
+measurable on dlib-rec); alpha-beta conserves where every unit has contributions of both signs and gains or loses
+elsewhere (IResNet's shortcuts again); flat conserves exactly; epsilon loses what the biases and epsilon take
+(with tiny epsilon, biases and PReLU it is unstable on IResNet). Conservation is measured per face, never assumed
+(:func:`conservation`, bound :data:`BOUND`). Around the linear layers:
 
 - BatchNormalization, and dlib's affine Mul + Add by per-channel constants, right after a Conv or Gemm are folded
   into it (zennit's canonizers); the head's standardisation, like a BatchNormalization with no such layer
-  before it (IResNet's pre-activation bn1), is a 1-to-1 affine map and passes relevance unchanged, as do Relu, PRelu, LeakyRelu, Identity, Dropout and Mul/Sub/Add/Div by constants
-  (input normalisation);
+  before it (IResNet's pre-activation bn1), is a 1-to-1 affine map and passes relevance unchanged, as do Relu,
+  PRelu, LeakyRelu, Identity, Dropout and Mul/Sub/Add/Div by constants (input normalisation);
 - residual sums (Add of two computed tensors) and average pools split relevance in proportion to the inputs'
   contributions (zennit's Norm rule); max pools give it to the window's maximum (winner takes all);
 - Pad, Flatten, Reshape, Transpose, Squeeze/Unsqueeze and Concat move it back to where it came from.

@@ -748,7 +748,9 @@ def explain(
     images: Optional[List[Path]] = typer.Argument(None, help="image files or folders (or use --features for the dataset view)"),
     head: List[Path] = typer.Option(None, "--head", help="trained head folder; repeat for several heads of one backbone"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for the figures and explain_summary.json"),
-    method: List[str] = typer.Option(None, "--method", help="occlusion (default) or rise; repeat for both"),
+    method: List[str] = typer.Option(None, "--method", help="occlusion (default), rise or lrp (layer-wise relevance propagation, per pixel); repeat for several"),
+    rule: str = typer.Option("epsilon-plus-flat", "--rule", help="lrp: epsilon, alpha2beta1 (alpha-beta on convolutions) or epsilon-plus-flat (flat first layer, z+ convolutions, epsilon dense)"),
+    epsilon: float = typer.Option(1e-6, "--epsilon", help="lrp: the epsilon rule's epsilon"),
     patch: int = typer.Option(16, "--patch", help="occlusion: patch side in chip pixels"),
     stride: int = typer.Option(8, "--stride", help="occlusion: stride in chip pixels"),
     masks: int = typer.Option(1000, "--masks", help="rise: number of random masks"),
@@ -766,12 +768,12 @@ def explain(
     detect: Optional[bool] = typer.Option(None, "--detect/--no-detect",
                                           help="find and align the face [as the heads' training features were made]"),
 ):
-    """Signed heatmaps (occlusion, RISE) of where heads find their evidence, with deletion and insertion curves vs
+    """Signed heatmaps (occlusion, RISE, LRP) of where heads find their evidence, with deletion and insertion curves vs
     random order (cells replaced by the other perturbation than the map's) and 95 % intervals over faces."""
     from .report.explain import Settings, check_head_dirs, check_methods
 
     settings = Settings(patch=patch, stride=stride, masks=masks, baseline=baseline, cell=cell, steps=steps,
-                        batch=batch, seed=seed).check()
+                        batch=batch, seed=seed, rule=rule, epsilon=epsilon).check()
     methods = check_methods(method)
     out = Path(_need(out, "--out", "pass --out DIR for the figures"))
     if compare is not None:

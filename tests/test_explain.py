@@ -138,7 +138,7 @@ def test_settings_and_methods_fail_with_one_line(tmp_path, capsys):
     head = tmp_path / "head"
     head.mkdir()
     cases = [
-        (["explain", "x.jpg", "--head", str(head), "--out", str(tmp_path / "o"), "--method", "lrp"], "unknown --method"),
+        (["explain", "x.jpg", "--head", str(head), "--out", str(tmp_path / "o"), "--method", "gradcam"], "unknown --method"),
         (["explain", "x.jpg", "--head", str(head), "--out", str(tmp_path / "o"), "--patch", "0"], "--patch"),
         (["explain", "x.jpg", "--head", str(head), "--out", str(tmp_path / "o"), "--baseline", "zero"], "--baseline"),
         (["explain", "x.jpg", "--head", str(head), "--out", str(tmp_path / "o")], "is not a trained head"),
@@ -213,6 +213,33 @@ def test_explain_dataset_view_end_to_end(age_head, tmp_path, capsys):
         assert z["maps"].shape[1:] == (1, 64, 64) and len(z["groups"]) == len([v for v in s["groups"].values() if v])
         assert np.isfinite(z["maps"]).all() and np.abs(z["maps"]).max() > 0
     assert (out / "classes-rise.png").stat().st_size > 5000
+
+
+def test_lrp_in_the_dataset_view_beside_occlusion(age_head, tmp_path, capsys):
+    """LRP of the dlib-age head: pixel maps per age group, conservation per face against the explained output,
+    and the pairwise faithfulness of LRP and occlusion equal to the difference of their per-face AUC differences."""
+    _, feats, head = age_head
+    out = tmp_path / "lrp"
+    rc = main(["explain", "--head", str(head), "--features", str(feats), "--n", "4", "--out", str(out),
+               "--method", "lrp", "--method", "occlusion", "--patch", "32", "--stride", "32", "--steps", "4"])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    s = json.loads((out / "explain_summary.json").read_text())
+    lrp, occ = s["methods"]["lrp"]["res5 age"], s["methods"]["occlusion"]["res5 age"]
+    c = lrp["conservation"]
+    assert c["rule"] == "epsilon-plus-flat" and s["settings"]["rule"] == "epsilon-plus-flat"
+    assert 0 <= c["median_relative_error"] <= c["max_relative_error"]
+    assert ("does not conserve relevance" in text) == (c["median_relative_error"] > c["bound"])
+    pair = s["method_comparison"]["res5 age"]["lrp - occlusion"]
+    want = np.mean(np.subtract(lrp["per_face"]["deletion_difference"], occ["per_face"]["deletion_difference"]))
+    assert pair["deletion_auc_difference"] == pytest.approx(want, abs=2e-6)
+    lo, hi = pair["deletion_ci95"]
+    assert lo <= pair["deletion_auc_difference"] <= hi
+    with np.load(out / "maps-lrp.npz") as z:
+        assert z["maps"].shape[1:] == (1, 64, 64) and np.isfinite(z["maps"]).all()
+        # pixel resolution: not constant over 8x8 blocks as a patch method's map would be
+        assert np.abs(np.diff(z["maps"][0, 0], axis=1)).max() > 0
+    assert "lrp - occlusion on res5 age: deletion AUC difference" in text
 
 
 def test_bad_inputs_write_nothing(age_head, tmp_path, capsys):

@@ -12,6 +12,12 @@ backbone and the head as a black box ``f(chips) -> scores``:
   masks; the map is the covariance of the score with each pixel being kept,
   ``sum_i (f_i - mean f) M_i / (N p)``, signed like occlusion.
 
+- ``lrp``: layer-wise relevance propagation (:mod:`featlab.report.lrp`, NumPy over the ONNX graph and the head's
+  saved weights): a per-pixel signed map whose sum is the explained output where the rules conserve; the
+  conservation error per face (and per residual cut) goes into explain_summary.json and onto the console when
+  its median exceeds the bound. With several methods, :func:`compare_methods` gives each pair's AUC difference
+  on the same faces a bootstrap interval.
+
 Every masked variant of a chip goes through ``f`` in batches of ``batch``;
 outputs are gathered first and summed in a fixed order, so a map does not
 depend on the batch size.
@@ -55,7 +61,7 @@ import numpy as np
 
 from ..errors import FeatlabError
 
-METHODS = ("occlusion", "rise")
+METHODS = ("occlusion", "rise", "lrp")
 BASELINES = ("mean", "blur")
 SUMMARY = "explain_summary.json"
 
@@ -75,6 +81,8 @@ class Settings:
     steps: int = 16          # deletion: points on the curve after the intact chip
     batch: int = 64          # masked chips per call of the scorer
     seed: int = 0
+    rule: str = "epsilon-plus-flat"  # LRP: epsilon, alpha2beta1 or epsilon-plus-flat (featlab.report.lrp)
+    epsilon: float = 1e-6    # LRP: the epsilon rule's epsilon
 
     def check(self) -> Settings:
         for name in ("patch", "stride", "masks", "rise_grid", "cell", "steps", "batch"):
@@ -83,6 +91,11 @@ class Settings:
                 raise FeatlabError(f"--{name.replace('_', '-')} must be a positive whole number (got {v!r})")
         if not 0.0 < float(self.rise_p) < 1.0:
             raise FeatlabError(f"the RISE keep probability must be between 0 and 1 (got {self.rise_p})")
+        from .lrp import check_rule
+
+        check_rule(self.rule)
+        if not (isinstance(self.epsilon, (int, float)) and self.epsilon > 0):
+            raise FeatlabError(f"--epsilon must be a positive number (got {self.epsilon!r})")
         if self.baseline not in BASELINES:
             raise FeatlabError(f"--baseline must be one of {', '.join(BASELINES)} (got {self.baseline!r})")
         return self
@@ -95,6 +108,10 @@ class Settings:
             d.update(patch=self.patch, stride=self.stride)
         if "rise" in methods:
             d.update(masks=self.masks, rise_grid=self.rise_grid, rise_p=self.rise_p)
+        if "lrp" in methods:
+            from .lrp import BOUND
+
+            d.update(rule=self.rule, epsilon=self.epsilon, conservation_bound=BOUND)
         return d
 
 
@@ -380,9 +397,23 @@ def faithfulness_line(method: str, label: str, s: dict, n_faces: int) -> str:
             f"{same['deletion_auc']:.3f} vs {same['random_deletion_auc']:.3f}")
 
 
-def explain_chip(f, chip: np.ndarray, method: str, settings: Settings, reference: np.ndarray) -> np.ndarray:
-    """(K, H, W) maps of one chip for the K scores of ``f``."""
+def explain_chip(f, chip: np.ndarray, method: str, settings: Settings, reference: np.ndarray, lrp=None,
+                 classes=None, conservation: dict | None = None) -> np.ndarray:
+    """(K, H, W) maps of one chip for the K scores of ``f``. LRP (``method='lrp'``) needs ``lrp``, a
+    :class:`featlab.report.lrp.LRPExplainer` of the same heads, and ``classes`` (per head the explained class or
+    None); ``conservation`` collects per head its explained outputs, input relevance sums and per-layer sums."""
     s = settings
+    if method == "lrp":
+        res = lrp.explain(chip[None], [None if c is None else [c] for c in classes], batch=s.batch)
+        if conservation is not None:
+            for k in range(res["output"].shape[1]):
+                c = conservation.setdefault(k, {"output": [], "input_sum": [], "tap_sum": [], "layers": {}})
+                c["output"].append(float(res["output"][0, k]))
+                c["input_sum"].append(float(res["input_sum"][0, k]))
+                c["tap_sum"].append(float(res["tap_sum"][0, k]))
+                for name, v in res["layers"].items():
+                    c["layers"].setdefault(name, []).append(float(v[0, k]))
+        return res["maps"][0]
     if method == "occlusion":
         return occlusion(lambda c: _scores(f, c), chip, s.patch, s.stride, s.baseline, s.batch, reference=reference)
     return rise(lambda c: _scores(f, c), chip, s.masks, s.rise_grid, s.rise_p, s.baseline, s.batch, s.seed, s.patch)
@@ -498,6 +529,16 @@ def check_head_dirs(head_dirs) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------ the two views
+def _lrp_for(scorer: HeadScorer, head_dirs, methods, settings: Settings):
+    """The LRP explainer of the scorer's heads (NumPy, float64) when ``lrp`` is among the methods."""
+    if "lrp" not in methods:
+        return None
+    from .lrp import LRPExplainer
+
+    return LRPExplainer(scorer.backbone, head_dirs, [json.loads((Path(d) / "config.json").read_text())
+                                                     for d in head_dirs], settings.rule, settings.epsilon)
+
+
 @dataclass
 class _Curves:
     x: np.ndarray | None = None
@@ -512,8 +553,52 @@ class _Curves:
         return {name: np.stack(v) for name, v in self.curves.items()}
 
 
+def _lrp_conservation(c: dict, rule: str) -> dict:
+    """explain_summary.json's conservation block of one head: per face |sum of input relevance - explained output|
+    / |explained output| (median, mean, max, share over the bound), the same at the tap (the head alone), and per
+    residual sum of the backbone (cuts of the graph) the median of the relevance summed at its output /
+    the explained output (1 = conserved down to there)."""
+    from .lrp import conservation
+
+    out = conservation(c["output"], c["input_sum"], rule)
+    out["tap"] = conservation(c["output"], c["tap_sum"], rule)
+    s = np.asarray(c["output"], dtype=np.float64)
+    out["cuts_median_share"] = {name: round(float(np.median(np.asarray(v) / np.where(s == 0, np.nan, s))), 6)
+                                  for name, v in c["layers"].items()}
+    return out
+
+
+def compare_methods(per_method: dict, seed: int = 0, groups=None) -> dict:
+    """Pairwise faithfulness of the methods on the same faces and head: per pair (``a - b``) and curve kind the
+    difference of the normalised AUCs with a 95 % bootstrap interval over faces (or ``groups``), from the per-face
+    differences to the shared random order (the random order and the intact output are the same for every method,
+    so their difference is the difference of the methods' per-face AUCs / the mean intact output).
+    Deletion: below 0 = ``a`` removes the evidence faster; insertion: above 0 = ``a`` restores it faster."""
+    from itertools import combinations
+
+    from .uncertainty import interval
+
+    out: dict = {}
+    names = list(per_method)
+    labels = list(dict.fromkeys(lab for m in names for lab in per_method[m]))
+    for lab in labels:
+        for a, b in combinations(names, 2):
+            if lab not in per_method[a] or lab not in per_method[b]:
+                continue
+            row = {}
+            for kind in ("deletion", "insertion"):
+                pa = np.asarray(per_method[a][lab]["per_face"][f"{kind}_difference"], dtype=np.float64)
+                pb = np.asarray(per_method[b][lab]["per_face"][f"{kind}_difference"], dtype=np.float64)
+                ci = interval(pa - pb, seed=seed, groups=groups)
+                row[f"{kind}_auc_difference"] = round(float(np.mean(pa - pb)), 6)
+                row[f"{kind}_ci95"] = None if ci is None else [round(v, 6) for v in ci]
+            out.setdefault(lab, {})[f"{a} - {b}"] = row
+    return out
+
+
 def _summary(scorer: HeadScorer, methods, settings: Settings, curves: dict, n_faces: int, view: str,
-             explained: str, seconds: float, extra: dict | None = None, echo=print) -> dict:
+             explained: str, seconds: float, extra: dict | None = None, echo=print,
+             conservation: dict | None = None) -> dict:
     out = {"view": view, "backbone": scorer.backbone.name, "model_sha256": scorer.backbone.sha256,
            "n_faces": n_faces, "explained": explained, "settings": settings.describe(methods),
            "seconds": round(seconds, 2), "chips_scored": scorer.chips_scored, "methods": {}}
@@ -530,6 +615,27 @@ def _summary(scorer: HeadScorer, methods, settings: Settings, curves: dict, n_fa
             if not s["beats_random"]:
                 echo(f"warning: {m} on {scorer.label(k)} does not beat a random deletion order on these faces "
                      f"(the interval of the AUC difference does not lie below 0): its map is not shown faithful here")
+            if m == "lrp" and conservation and k in conservation:
+                cons = _lrp_conservation(conservation[k], settings.rule)
+                s["conservation"] = cons
+                echo(f"lrp ({settings.rule}) on {scorer.label(k)}: input relevance vs explained output, median "
+                     f"relative error {cons['median_relative_error']:.2%} (mean {cons['mean_relative_error']:.2%}, "
+                     f"{cons['faces_over_bound']:.0%} of faces over {cons['bound']:.0%}); the head alone "
+                     f"{cons['tap']['median_relative_error']:.2%}")
+                if not cons["within_bound"]:
+                    echo(f"warning: lrp ({settings.rule}) on {scorer.label(k)} does not conserve relevance within "
+                         f"{cons['bound']:.0%} (median relative error {cons['median_relative_error']:.2%}): "
+                         "biases and epsilon absorb the rest")
+    if len(methods) > 1:
+        out["method_comparison"] = compare_methods(out["methods"], settings.seed, (extra or {}).get("face_groups"))
+        for lab, pairs in out["method_comparison"].items():
+            for pair, row in pairs.items():
+                ci = {k: ("n/a" if row[f"{k}_ci95"] is None else
+                          f"[{row[f'{k}_ci95'][0]:+.3f}, {row[f'{k}_ci95'][1]:+.3f}]")
+                      for k in ("deletion", "insertion")}
+                echo(f"{pair} on {lab}: deletion AUC difference {row['deletion_auc_difference']:+.3f} "
+                     f"{ci['deletion']} (below 0: {pair.split(' - ')[0]} more faithful), insertion "
+                     f"{row['insertion_auc_difference']:+.3f} {ci['insertion']} (above 0: more faithful)")
     return out
 
 
@@ -572,6 +678,9 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
     scorer = HeadScorer(head_dirs, model)
     for d, c in zip(head_dirs, scorer.cfgs):
         c["_dir"] = str(d)
+    lrp = _lrp_for(scorer, head_dirs, methods, settings)
+    cons: dict = {}
+    spent = {m: 0.0 for m in methods}
     align = scorer.align if align is None else bool(align)  # default: as the heads' features were made
     chips = [_chip_for(scorer, p, align) for p in paths]  # every image first: one bad one stops before any work
     curves = {(m, k): _Curves() for m in methods for k in range(len(scorer.cfgs))}
@@ -583,7 +692,9 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
         f = scorer.function(classes)
         ref = f(chip[None])[0]
         for m in methods:
-            maps = explain_chip(f, chip, m, settings, ref)
+            t_m = time.perf_counter()
+            maps = explain_chip(f, chip, m, settings, ref, lrp, classes, cons)
+            spent[m] += time.perf_counter() - t_m
             for k, (x, c) in enumerate(deletion_pair(f, chip, maps, settings, i)):
                 curves[(m, k)].add(x, c)
             titles = [f"{scorer.label(k)}: {text}" for k, (_, text) in enumerate(described)]
@@ -591,8 +702,9 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
         echo(f"{path}: " + "; ".join(f"{scorer.label(k)} {t}" for k, (_, t) in enumerate(described)))
     summary = _summary(scorer, methods, settings, curves, len(paths), "images",
                        "probability of the predicted class (bins, gender) or the predicted age in years (age)",
-                       time.perf_counter() - t0, {"images": [str(p) for p in paths], "faces": [str(p) for p in paths]},
-                       echo=echo)
+                       time.perf_counter() - t0, {"images": [str(p) for p in paths], "faces": [str(p) for p in paths],
+                                                  "map_seconds": {m: round(v, 2) for m, v in spent.items()}},
+                       echo=echo, conservation=cons)
     # write only now: nothing half-written when an image or a head is bad
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -602,7 +714,9 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
         n = stems.get((stem, m), 0)
         stems[(stem, m)] = n + 1
         name = f"{stem}-{m}.png" if n == 0 else f"{stem}-{n + 1}-{m}.png"
-        image_png(chip, list(maps), titles, out / name, title=f"{path.name}: {m}, red = evidence for, blue = against")
+        what = f"lrp ({settings.rule})" if m == "lrp" else m
+        image_png(chip, list(maps), titles, out / name,
+                  title=f"{path.name}: {what}, red = evidence for, blue = against")
     deletion_png(summary, out / "deletion.png")
     _write_json(out / SUMMARY, summary)
     echo(f"wrote {len(figures)} heatmap figures, deletion.png and {SUMMARY} in {out}")
@@ -736,6 +850,9 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
     scorer = HeadScorer(head_dirs, model)
     for d, c in zip(head_dirs, scorer.cfgs):
         c["_dir"] = str(d)
+    lrp = _lrp_for(scorer, head_dirs, methods, settings)
+    cons: dict = {}
+    spent = {m: 0.0 for m in methods}
     align = bool(attrs.get("align", False))
     chips = [_chip_for(scorer, p, align) for p in paths]
     _check_not_stale(scorer, features, rows, chips, paths)
@@ -762,7 +879,9 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
         f = scorer.function(classes)
         ref = f(chip[None])[0]
         for m in methods:
-            maps = explain_chip(f, chip, m, settings, ref)
+            t_m = time.perf_counter()
+            maps = explain_chip(f, chip, m, settings, ref, lrp, classes, cons)
+            spent[m] += time.perf_counter() - t_m
             sums[m][g] += maps
             for k, (x, c) in enumerate(deletion_pair(f, chip, maps, settings, i)):
                 curves[(m, k)].add(x, c)
@@ -777,7 +896,8 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
                        {"features": str(features), "split": split, "grouped_by": grouped_by,
                         "faces": [str(v) for v in labels["image_id"].to_numpy()[rows]],
                         "face_groups": groups_of(labels.iloc[rows]).tolist(),
-                        "groups": {nm: int(c) for nm, c in zip(names, count)}}, echo=echo)
+                        "groups": {nm: int(c) for nm, c in zip(names, count)},
+                        "map_seconds": {m: round(v, 2) for m, v in spent.items()}}, echo=echo, conservation=cons)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     have = count > 0
@@ -789,7 +909,8 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
         np.savez_compressed(out / f"maps-{m}.npz", maps=mean_maps, mean_faces=mean_faces.astype(np.float32),
                             groups=np.array(names)[have], heads=np.array(col_names))
         class_grid_png(mean_faces, mean_maps, row_names, col_names, out / f"classes-{m}.png",
-                       title=f"{scorer.backbone.name} on {features.stem}: mean {m} map per {grouped_by}, "
+                       title=f"{scorer.backbone.name} on {features.stem}: mean "
+                             f"{f'lrp ({settings.rule})' if m == 'lrp' else m} map per {grouped_by}, "
                              f"{len(chips)} {split} faces (red = for, blue = against)")
     deletion_png(summary, out / "deletion.png")
     _write_json(out / SUMMARY, summary)

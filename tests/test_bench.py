@@ -26,7 +26,6 @@ SCRIPTS = {
     "heads.py": "grid heads inside the sequential head's 95 % interval",
     "memory.py": "| extract dlib-age res3,res4,res5: 16 vs 32 images",
     "shards.py": "| 2 local processes | 16 |",
-
     "lrp_zennit.py": "zennit comparison: ",  # "skipped (...)" without torch, the figures with it
 }
 SLOW = {"cluster.py", "heads.py", "memory.py"}  # Ray's start-up; TensorFlow's (several processes for memory.py)

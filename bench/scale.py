@@ -195,6 +195,67 @@ def load() -> str:
     return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+# ----------------------------------------------------------------------- compare on an IMDB-sized test split
+def compare_records(root: Path, faces: int, taps: int, seed: int = 0) -> None:
+    """Head records as `featlab train-head` leaves them, for ``taps`` taps of one synthetic feature set:
+    metrics.json (val and test sections, the test figures' intervals and unit as this featlab scores them),
+    faces.csv (per-face absolute error and CS@5 of ``faces`` test faces and a tenth as many val faces, people
+    of 1-3 faces) and baselines_faces.csv/baselines.json (each tap's linear probe, the median age)."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    n_val = max(10, faces // 10)
+    n = faces + n_val
+    person = np.cumsum(rng.random(n) < 0.6)
+    ids = np.array([f"s{i:07d}" for i in range(n)])
+    split = np.array(["test"] * faces + ["val"] * n_val)
+    group = np.array([f"p{p}" for p in person])
+    age = rng.uniform(1, 80, person[-1] + 1)[person]
+    ident = {"backbone": "synthetic-r100", "model_sha256": "synthetic", "dataset": "scale", "imported": False,
+             "align": False, "flip": False, "preprocessing": {"synthetic": True}, "manifest_sha256": "x"}
+    base = root / "synthetic-r100" / "scale"
+
+    def errors(scale):
+        e = np.abs(rng.normal(0, scale, n) + rng.normal(0, scale / 2, person[-1] + 1)[person])
+        return e, (e <= 5).astype(float)
+
+    median = np.median(age)
+    for k in range(taps):
+        d = base / f"stage{k + 1:02d}" / "age"
+        d.mkdir(parents=True, exist_ok=True)
+        mae, cs5 = errors(6.0 + 0.2 * k)
+        df = pd.DataFrame({"image_id": ids, "split": split, "group": group, "mae": mae, "cs5": cs5})
+        df.to_csv(d / "faces.csv", index=False)
+        t, v = df[df.split == "test"], df[df.split == "val"]
+        test = {"mae": float(t.mae.mean()), "cs5": float(t.cs5.mean()),
+                "mae_ci95": [float(t.mae.mean()) - 0.1, float(t.mae.mean()) + 0.1],
+                "cs5_ci95": [float(t.cs5.mean()) - 0.01, float(t.cs5.mean()) + 0.01]}
+        m = {"kind": "head", "feature_set": {**ident, "tap": f"stage{k + 1:02d}", "pool": None, "dtype": "float16"},
+             "val": {"n": len(v), "metrics": {"mae": float(v.mae.mean()), "cs5": float(v.cs5.mean())}},
+             "test": {"n": len(t), "metrics": test,
+                      "uncertainty": {"unit": "person", "n_units": int(t.group.nunique()),
+                                      "design_effect": {"mae": 1.1, "cs5": 1.1}}}}
+        (d / "metrics.json").write_text(json.dumps(m))
+        lin_mae, lin_cs5 = errors(8.0)
+        maj = np.abs(age - median)
+        b = pd.concat([pd.DataFrame({"image_id": ids, "split": split, "baseline": "linear", "mae": lin_mae,
+                                     "cs5": lin_cs5}),
+                       pd.DataFrame({"image_id": ids, "split": split, "baseline": "majority", "mae": maj,
+                                     "cs5": (maj <= 5).astype(float)})])
+        b.to_csv(d / "baselines_faces.csv", index=False)
+        (d / "baselines.json").write_text(json.dumps({"linear": {"settings": {}}, "majority": {"settings": {}}}))
+
+
+def time_compare(root: Path) -> tuple[float, dict]:
+    """Seconds of :func:`featlab.report.compare.compare` on the records under ``root``, and its summary."""
+    from featlab.report.compare import compare
+
+    t = time.perf_counter()
+    r = compare("synthetic-r100", "scale", "age", None, results_root=root)
+    return time.perf_counter() - t, r
+
+
 # ----------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -270,8 +331,9 @@ def main() -> None:
                 f"{per / 1e9:.2f} GB/epoch, one pass (train+val rows) = {tap / 1e9:.2f} GB; "
                 f"{r['fit_seconds'] / r['epochs']:.1f} s/epoch ({load()})")
         if "memory" in stages:
-            for path, n in ((small, args.small_rows), (big, args.rows)):
-                for mb in (256, args.budget_mb):
+            for path, n, budgets in ((small, args.small_rows, (256, args.budget_mb, 4 * args.budget_mb)),
+                                     (big, args.rows, (256, args.budget_mb))):
+                for mb in budgets:
                     r = run_child({"kind": "head", "features": str(path), "target": "age", "memory_mb": mb,
                                    "out_root": str(data / "mem"), **{**hp, "epochs": 1}})
                     add(f"peak RSS, head age, {n:,} rows, --memory-mb {mb:g}", f"{r['rss_mib']:,.0f} MiB",
@@ -279,7 +341,12 @@ def main() -> None:
             r = run_child({"kind": "baseline"})
             add("peak RSS, baseline (TensorFlow + featlab.train imported)", f"{r['rss_mib']:,.0f} MiB")
         if "compare" in stages:
-            pass
+            root = data / "compare"
+            compare_records(root, args.compare_faces, args.compare_taps)
+            t, r = time_compare(root)
+            n_rows = len(r["rows"])
+            add(f"compare, {args.compare_faces:,} test faces, {args.compare_taps} taps (person bootstraps)",
+                f"{t:.1f} s", f"{n_rows} rows, {n_rows - 1} paired differences x 2 metrics ({load()})")
     finally:
         if not args.keep:
             for f in (big, small):

@@ -331,13 +331,15 @@ def main() -> None:
                 f"{per / 1e9:.2f} GB/epoch, one pass (train+val rows) = {tap / 1e9:.2f} GB; "
                 f"{r['fit_seconds'] / r['epochs']:.1f} s/epoch ({load()})")
         if "memory" in stages:
-            for path, n, budgets in ((small, args.small_rows, (256, args.budget_mb, 4 * args.budget_mb)),
-                                     (big, args.rows, (256, args.budget_mb))):
+            sizes = ((small, args.small_rows, (256, args.budget_mb, 4 * args.budget_mb)), (big, args.rows, (256, args.budget_mb)))
+            if tiny:
+                sizes = ((small, args.small_rows, (args.budget_mb,)), (big, args.rows, (args.budget_mb,)))
+            for path, n, budgets in sizes:
                 for mb in budgets:
                     r = run_child({"kind": "head", "features": str(path), "target": "age", "memory_mb": mb,
                                    "out_root": str(data / "mem"), **{**hp, "epochs": 1}})
                     add(f"peak RSS, head age, {n:,} rows, --memory-mb {mb:g}", f"{r['rss_mib']:,.0f} MiB",
-                        f"{r['loading'][:8]} ({load()})")
+                        f"{'streamed' if r['loading'].startswith('streamed') else 'in memory'} ({load()})")
             r = run_child({"kind": "baseline"})
             add("peak RSS, baseline (TensorFlow + featlab.train imported)", f"{r['rss_mib']:,.0f} MiB")
         if "compare" in stages:

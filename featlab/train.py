@@ -194,7 +194,9 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
         fit_kw = dict(x=plan.pop("x_tr"), y=plan["y_tr"], sample_weight=plan["w_tr"], batch_size=hp["batch_size"],
                       shuffle=True)
     if plan["stream_val"]:
-        val_data = keras_batches(ShuffledBatches(store, key, va, plan["y_va"], None, max(hp["batch_size"], 1024), False,
+        # val batches of at most a block (Keras queues PREFETCH_BATCHES + 1 of them: within the budget)
+        val_bs = max(hp["batch_size"], min(1024, max(1, block_budget // max(1, row_bytes(store, key)))))
+        val_data = keras_batches(ShuffledBatches(store, key, va, plan["y_va"], None, val_bs, False,
                                                  hp["seed"], block_budget))
     else:
         val_data = (read_input(store, key, va), plan["y_va"])

@@ -25,8 +25,9 @@ SCRIPTS = {
     "cluster.py": "Files equal (ids in order, taps to float16 precision): True",
     "heads.py": "grid heads inside the sequential head's 95 % interval",
     "memory.py": "| extract dlib-age res3,res4,res5: 16 vs 32 images",
+    "scale.py": "| grid age+gender+bins7 on one tap, bytes read per epoch | 1.00 passes",
 }
-SLOW = {"cluster.py", "heads.py", "memory.py"}  # Ray's start-up; TensorFlow's (several processes for memory.py)
+SLOW = {"cluster.py", "heads.py", "memory.py", "scale.py"}  # Ray's start-up; TensorFlow's (several processes for memory.py)
 
 
 def test_every_bench_script_is_covered():

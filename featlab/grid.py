@@ -2,8 +2,10 @@
 
 :func:`fit_grid` trains the heads of ``layers x targets`` in one process. The taps are read once (the
 train and val rows of every target together, as float32) when they fit the memory budget; otherwise
-the heads are split into groups of taps that fit, one fit per group, and a head whose tap alone does
-not fit is trained on its own by :func:`featlab.train.fit_head` (streamed).
+the heads are split into groups of taps that fit, one fit per group. The heads of a tap whose rows
+alone do not fit are streamed together: every epoch reads the tap's train and val rows once for all of
+them (blocks of a fresh permutation, the next block read in a thread; the same batches, so the same
+figures, as in memory). A fusion head that does not fit is handed to :func:`featlab.train.fit_head`.
 
 Within a group, one Keras graph (:class:`GridNet`) holds every head, each built from the same pieces
 as :func:`featlab.model.build_model` for its tap (or taps, for a fusion key ``a+b``) and target, with its

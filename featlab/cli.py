@@ -406,7 +406,8 @@ def import_cmd(
     rows_in_manifest_order: bool = typer.Option(False, "--rows-in-manifest-order",
                                                 help="without ids: row i of the tap files IS row i of --labels (you vouch for it; "
                                                      "without ids or this, import refuses)"),
-    dtype: str = typer.Option("float32", "--dtype", help="stored dtype: float32 or float16"),
+    dtype: str = typer.Option("source", "--dtype", help="stored dtype: source (float16 stays float16, others float32), "
+                                                       "float32 or float16"),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="dataset name heads are filed under [the labels file stem]"),
     source_id: Optional[str] = typer.Option(None, "--source-id", help="same text for imports made by one network: their heads may be evaluated on each other"),
     force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
@@ -426,7 +427,7 @@ def import_cmd(
                       dataset=dataset, source_id=source_id, overwrite=force, rows_in_manifest_order=rows_in_manifest_order)
     _echo(f"{rep.out}: {rep.rows:,} faces, backbone {backbone} (imported), in {rep.seconds:.1f} s")
     for k, shape in rep.taps.items():
-        _echo(f"  tap {k:28s} {'x'.join(map(str, shape)):>12s} {dtype}")
+        _echo(f"  tap {k:28s} {'x'.join(map(str, shape)):>12s} {rep.dtypes.get(k, dtype)}")
 
 
 # ------------------------------------------------------------------------------------ heads

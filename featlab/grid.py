@@ -2,8 +2,10 @@
 
 :func:`fit_grid` trains the heads of ``layers x targets`` in one process. The taps are read once (the
 train and val rows of every target together, as float32) when they fit the memory budget; otherwise
-the heads are split into groups of taps that fit, one fit per group, and a head whose tap alone does
-not fit is trained on its own by :func:`featlab.train.fit_head` (streamed).
+the heads are split into groups of taps that fit, one fit per group. The heads of a tap whose rows
+alone do not fit are streamed together: every epoch reads the tap's train and val rows once for all of
+them (blocks of a fresh permutation, the next block read in a thread; the same batches, so the same
+figures, as in memory). A fusion head that does not fit is handed to :func:`featlab.train.fit_head`.
 
 Within a group, one Keras graph (:class:`GridNet`) holds every head, each built from the same pieces
 as :func:`featlab.model.build_model` for its tap (or taps, for a fusion key ``a+b``) and target, with its
@@ -120,12 +122,13 @@ def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: b
         budget = base["memory_mb"] * (1 << 20)
         groups: list[list[int]] = []
         alone: list[int] = []
+        streamed: dict[str, list[int]] = {}  # tap -> its heads, streamed together: one read of the tap per epoch
         cur: list[int] = []
         cur_parts: set[str] = set()
         for i, (layer, t, c) in enumerate(heads):
             parts = set(fusion_parts(layer))
             if need_rows * row_bytes(store, layer) > budget:
-                alone.append(i)
+                (alone.append(i) if len(parts) > 1 else streamed.setdefault(layer, []).append(i))
                 continue
             new = cur_parts | parts
             if cur and need_rows * sum(row_bytes(store, p) for p in new) > budget:
@@ -138,6 +141,13 @@ def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: b
         for g in groups:
             dirs = _fit_group(store, [heads[i] for i in g], [hps[i] for i in g], out_root, fold, tr_all, va_all,
                               len(groups))
+            out.update(zip(g, dirs))
+        for layer, g in streamed.items():
+            if verbose:
+                print(f"[grid] {layer}: its rows do not fit {base['memory_mb']:g} MiB; its {len(g)} heads are streamed "
+                      "together (one read of the tap per epoch)")
+            dirs = _fit_group(store, [heads[i] for i in g], [hps[i] for i in g], out_root, fold, tr_all, va_all,
+                              len(groups) + len(streamed), stream=True)
             out.update(zip(g, dirs))
     for i in alone:
         layer, t, c = heads[i]
@@ -158,14 +168,20 @@ def trunk_signature(plan: dict, hp: dict) -> tuple:
             bool(hp["hidden"]), hashlib.sha256(stats).hexdigest())
 
 
-def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, n_groups: int) -> list[Path]:
+def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, n_groups: int,
+               stream: bool = False) -> list[Path]:
+    """Fit one group of heads. In memory: each tap read once, then every epoch from memory. With ``stream``
+    (one tap whose rows do not fit the budget): every epoch reads the tap's fit rows once, in blocks of a
+    fresh permutation (each block read sorted, the next one read in a thread while this one trains), and
+    its val rows once, in file order, for all the heads together (:func:`_streamed_epoch`)."""
     t_start = time.perf_counter()
     base = hps[0]
     keras, tf = _setup_tf(base["seed"])
     parts = list(dict.fromkeys(p for layer, _, _ in heads for p in fusion_parts(layer)))
     cache_rows = np.union1d(tr_all, va_all)
     t_read = time.perf_counter()
-    cache = {p: store.read(p, cache_rows) for p in parts}  # ONE read of each tap for every head of the group
+    # ONE read of each tap for every head of the group (streamed: none here, one per epoch)
+    cache = {} if stream else {p: store.read(p, cache_rows) for p in parts}
     read_seconds = time.perf_counter() - t_read
 
     def read(p, rows):
@@ -182,10 +198,11 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
         plan = plan_head(store, layer, t, c, out_root, fold, hp, read=read, memo=memo, keep_x=False)
         plan["n_inputs"] = row_bytes(store, layer) // 4
         plans.append(plan)
-    net = GridNet(plans, hps, parts, {p: cache[p].shape[1:] for p in parts}, seed=base["seed"])
+    shapes = {p: tuple(int(d) for d in store.array(p).shape[1:]) for p in parts}
+    net = GridNet(plans, hps, parts, shapes, seed=base["seed"])
     rows = np.unique(np.concatenate([p["tr"] for p in plans]))
     pos_fit = np.searchsorted(cache_rows, rows)
-    x_fit = {p: tf.constant(cache[p][pos_fit]) for p in parts}
+    x_fit = {} if stream else {p: tf.constant(cache[p][pos_fit]) for p in parts}
     y_fit, w_fit, m_fit = [], [], []
     for plan in plans:
         pos = np.searchsorted(rows, plan["tr"])
@@ -199,7 +216,7 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
         w_fit.append(tf.constant(w))
         m_fit.append(tf.constant(member))
     val_rows = np.unique(np.concatenate([p["va"] for p in plans]))
-    x_val = {p: tf.constant(cache[p][np.searchsorted(cache_rows, val_rows)]) for p in parts}
+    x_val = {} if stream else {p: tf.constant(cache[p][np.searchsorted(cache_rows, val_rows)]) for p in parts}
     cache.clear()  # the fit and val rows now live in x_fit and x_val
     stopper = HeadStopping(plans, hps, net, val_rows, base["lr"], base["patience"])
     # one optimizer per trunk (trunks share no weights), stepped together: Adam's moments are per parameter
@@ -211,9 +228,15 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
     optimizer = optimizers[0]
     rng = np.random.default_rng(base["seed"])
     order = [i for t in net.trunks for i in t["heads"]]  # the heads in trunk order: the loop's outputs
-    step = _epoch_loop(tf, net, [y_fit[i] for i in order], [w_fit[i] for i in order], [m_fit[i] for i in order],
-                       x_fit, [stopper.loss_fns[i] for i in order], optimizers, base["batch_size"])
-    predict = _predictor(tf, net, {p: x_val[p].shape[1:] for p in parts})
+    loop_args = (tf, net, [y_fit[i] for i in order], [w_fit[i] for i in order], [m_fit[i] for i in order])
+    if stream:
+        step = _block_loop(*loop_args, shapes, [stopper.loss_fns[i] for i in order], optimizers, base["batch_size"])
+        block_rows = max(1, int(plans[0]["block_budget"]) // max(1, sum(row_bytes(store, p) for p in parts)))
+        block_rows = max(base["batch_size"], block_rows // base["batch_size"] * base["batch_size"])
+    else:
+        step = _epoch_loop(*loop_args, x_fit, [stopper.loss_fns[i] for i in order], optimizers, base["batch_size"])
+    predict = _predictor(tf, net, shapes)
+    epoch_reads = []
     t_fit = time.perf_counter()
     epoch = 0
     with warnings.catch_warnings():
@@ -222,10 +245,19 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
             # a trunk whose heads have all stopped is skipped (tf.cond in the traced loop), not traced again
             live = tf.constant(_live_trunks(net, stopper.stopped), dtype=tf.float32)
             active = tf.constant([0.0 if stopper.stopped[i] else 1.0 for i in order], dtype=tf.float32)
-            perm = tf.constant(rng.permutation(len(rows)), dtype=tf.int32)
-            train_losses = dict(zip(order, np.asarray(step(perm, active, live)).tolist()))
-            chunks = [_as_list(predict([x_val[p][j: j + VAL_CHUNK] for p in parts], live))
-                      for j in range(0, max(len(val_rows), 1), VAL_CHUNK)]  # bounded activations on a large val split
+            if stream:
+                t_r = time.perf_counter()
+                losses, read_s = _streamed_epoch(store, parts, rows, rng.permutation(len(rows)), block_rows, step,
+                                                 active, live, tf)
+                train_losses = dict(zip(order, losses))
+                chunks = [_as_list(predict([store.read(p, val_rows[j: j + VAL_CHUNK]) for p in parts], live))
+                          for j in range(0, max(len(val_rows), 1), VAL_CHUNK)]
+                epoch_reads.append({"seconds": round(time.perf_counter() - t_r, 2), "read_wait_seconds": round(read_s, 2)})
+            else:
+                perm = tf.constant(rng.permutation(len(rows)), dtype=tf.int32)
+                train_losses = dict(zip(order, np.asarray(step(perm, active, live)).tolist()))
+                chunks = [_as_list(predict([x_val[p][j: j + VAL_CHUNK] for p in parts], live))
+                          for j in range(0, max(len(val_rows), 1), VAL_CHUNK)]  # bounded activations on a large val split
             outs = [np.concatenate([np.asarray(c[h]) for c in chunks]) for h in range(len(order))]
             stopper.end_epoch(epoch, float(np.asarray(optimizer.learning_rate)), train_losses, dict(zip(order, outs)),
                               optimizer)
@@ -240,6 +272,7 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
     grid_info = {"heads": len(plans), "groups": n_groups, "taps_read_once": parts, "rows_read": int(len(cache_rows)),
                  "read_seconds": round(read_seconds, 2), "fit_seconds_all_heads": round(fit_seconds, 2),
                  "epochs_run_all_heads": epoch, "traces": traces,
+                 **({"streamed": {"block_rows": int(block_rows), "epochs": epoch_reads}} if stream else {}),
                  "shared_input": [[f"{plans[i]['key']} -> {plans[i]['tname']}" for i in t["heads"]] for t in net.trunks],
                  "learning_rate": "one ReduceLROnPlateau for the grid: halved when no running head improved "
                                   f"for {max(2, base['patience'] // 3)} epochs"}
@@ -283,6 +316,34 @@ def _epoch_loop(tf, net: "GridNet", ys, ws, members, xs: dict, loss_fns, optimiz
     Traced once per grid group: every argument has a fixed signature (the batches, the last partial one
     included, are slices inside the loop) and the data are captured, so no stop traces it again."""
     b = int(batch_size)
+    trunk, n_trunks = _trunk_steps(tf, net, ys, ws, members, loss_fns, optimizers)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([len(ys)], tf.float32),
+                                  tf.TensorSpec([n_trunks], tf.float32)])
+    def step(perm, active, live):
+        n = tf.shape(perm)[0]
+        steps = (n + b - 1) // b
+        sums = tf.zeros_like(active)
+        counts = tf.zeros_like(active)
+        for s in tf.range(steps):
+            idx = perm[s * b: tf.minimum((s + 1) * b, n)]
+            xb = {p: tf.gather(x, idx) for p, x in xs.items()}
+            size = tf.cast(tf.size(idx), tf.float32)
+            cnt = tf.stack([tf.reduce_sum(tf.gather(m, idx)) for m in members])
+            ls = tf.concat([tf.cond(live[k] > 0, *trunk(k, xb, idx, size, cnt, active)) for k in range(n_trunks)],
+                           axis=0)
+            sums = sums + ls * cnt
+            counts = counts + cnt
+        return sums / tf.maximum(counts, 1.0)
+
+    return step
+
+
+def _trunk_steps(tf, net: "GridNet", ys, ws, members, loss_fns, optimizers):
+    """(trunk, number of trunks): ``trunk(k, xb, idx, size, cnt, active)`` gives the two branches of trunk
+    ``k``'s ``tf.cond`` for one batch (``xb``: the batch's rows of each tap; ``idx``: their positions in
+    the fit rows): a forward and backward pass with its optimizer's step, returning its heads' losses, or
+    zeros when it is skipped."""
     subs = [net.model_of([k]) for k in range(len(net.trunks))]
     starts = np.cumsum([0] + [len(q[0]) for q in subs]).tolist()
 
@@ -307,25 +368,66 @@ def _epoch_loop(tf, net: "GridNet", ys, ws, members, xs: dict, loss_fns, optimiz
 
         return on, lambda: tf.zeros([z - a])
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([len(ys)], tf.float32),
-                                  tf.TensorSpec([len(subs)], tf.float32)])
-    def step(perm, active, live):
-        n = tf.shape(perm)[0]
+    return trunk, len(subs)
+
+
+def _block_loop(tf, net: "GridNet", ys, ws, members, shapes: dict, loss_fns, optimizers, batch_size: int):
+    """:func:`_epoch_loop` for a streamed group: one traced call per block of rows read from the file.
+    ``xs``: the block's rows of each tap, in permutation order; ``pos``: their positions in the fit rows
+    (for the targets, weights and memberships). Returns each head's summed loss (weighted by its rows) and
+    its row count over the block; :func:`_streamed_epoch` adds the blocks up as :func:`_epoch_loop` does
+    the batches. Traced once: a block of any size."""
+    b = int(batch_size)
+    parts = list(shapes)
+    trunk, n_trunks = _trunk_steps(tf, net, ys, ws, members, loss_fns, optimizers)
+
+    @tf.function(input_signature=[[tf.TensorSpec([None, *[int(d) for d in shapes[p]]], tf.float32) for p in parts],
+                                  tf.TensorSpec([None], tf.int32), tf.TensorSpec([len(ys)], tf.float32),
+                                  tf.TensorSpec([n_trunks], tf.float32)])
+    def step(xs, pos, active, live):
+        n = tf.shape(pos)[0]
         steps = (n + b - 1) // b
         sums = tf.zeros_like(active)
         counts = tf.zeros_like(active)
         for s in tf.range(steps):
-            idx = perm[s * b: tf.minimum((s + 1) * b, n)]
-            xb = {p: tf.gather(x, idx) for p, x in xs.items()}
+            lo, hi = s * b, tf.minimum((s + 1) * b, n)
+            idx = pos[lo:hi]
+            xb = {p: x[lo:hi] for p, x in zip(parts, xs)}
             size = tf.cast(tf.size(idx), tf.float32)
             cnt = tf.stack([tf.reduce_sum(tf.gather(m, idx)) for m in members])
-            ls = tf.concat([tf.cond(live[k] > 0, *trunk(k, xb, idx, size, cnt, active)) for k in range(len(subs))],
+            ls = tf.concat([tf.cond(live[k] > 0, *trunk(k, xb, idx, size, cnt, active)) for k in range(n_trunks)],
                            axis=0)
             sums = sums + ls * cnt
             counts = counts + cnt
-        return sums / tf.maximum(counts, 1.0)
+        return sums, counts
 
     return step
+
+
+def _streamed_epoch(store: FeatureStore, parts, rows, perm, block_rows: int, step, active, live, tf):
+    """One streamed epoch: ``perm`` (positions in ``rows``) cut into blocks of ``block_rows`` (whole batches),
+    each block's rows of every tap read from the file (sorted for the read, returned in permutation order)
+    in a thread while the previous block trains. Returns (each head's mean train loss, seconds waited on reads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(a):
+        pos = perm[a: a + block_rows]
+        return [store.read(p, rows[pos]) for p in parts], pos
+
+    starts = list(range(0, len(perm), block_rows))
+    sums = counts = 0.0
+    waited = 0.0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        nxt = pool.submit(load, starts[0]) if starts else None
+        for k in range(len(starts)):
+            t = time.perf_counter()
+            xs, pos = nxt.result()
+            waited += time.perf_counter() - t
+            nxt = pool.submit(load, starts[k + 1]) if k + 1 < len(starts) else None
+            s, c = step([tf.convert_to_tensor(x) for x in xs], tf.constant(pos, dtype=tf.int32), active, live)
+            del xs
+            sums, counts = sums + np.asarray(s), counts + np.asarray(c)
+    return (np.asarray(sums) / np.maximum(counts, 1.0)).tolist(), waited
 
 
 def _predictor(tf, net: "GridNet", shapes: dict):

@@ -44,7 +44,7 @@ from .errors import FeatlabError
 
 BLOCK_BYTES = 32 << 20  # float32 bytes of all taps together copied per block
 LAYOUTS = ("nchw", "nhwc")
-DTYPES = ("float32", "float16")
+DTYPES = ("source", "float32", "float16")  # "source": float16 stays float16, anything else is stored as float32
 ID_TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
 ID_NAMES = ("image_id", "image_ids", "path", "paths")  # an ids array stored beside a tap under one of these names
 _NPY_MAGIC = b"\x93NUMPY"
@@ -324,6 +324,7 @@ class ImportReport:
     taps: dict = field(default_factory=dict)  # tap -> stored shape
     model_sha256: str = ""
     seconds: float = 0.0
+    dtypes: dict = field(default_factory=dict)  # tap -> stored dtype
 
 
 def check_options(tapfiles, names, layout: str, dtype: str) -> list[str]:
@@ -333,7 +334,7 @@ def check_options(tapfiles, names, layout: str, dtype: str) -> list[str]:
     if layout not in LAYOUTS:
         raise FeatlabError(f"--layout must be {' or '.join(LAYOUTS)}, not {layout!r}")
     if dtype not in DTYPES:
-        raise FeatlabError(f"--dtype must be {' or '.join(DTYPES)}, not {dtype!r}")
+        raise FeatlabError(f"--dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, not {dtype!r}")
     names = list(names or [])
     if names and len(names) != len(tapfiles):
         raise FeatlabError(f"{len(names)} --name for {len(tapfiles)} tap files: give one per file, in order")
@@ -383,7 +384,7 @@ def imported_model_sha256(sources: list[dict], source_id: str | None = None) -> 
 
 
 def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str | Path, *, names=None,
-                layout: str = "nchw", ids: str | None = None, dtype: str = "float32", dataset: str | None = None,
+                layout: str = "nchw", ids: str | None = None, dtype: str = "source", dataset: str | None = None,
                 source_id: str | None = None, overwrite: bool = False, block_bytes: int | None = None,
                 rows_in_manifest_order: bool = False) -> ImportReport:
     """Import one array per tap file into a new features file ``out`` (see the module docstring).
@@ -394,7 +395,8 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
     without it, ids the tap files carry (:func:`carried_ids`); the rows are written in the labels' order
     (a subset of the labels keeps their order). ``rows_in_manifest_order``: no ids, the user states that
     row i is the labels' row i; without ids and without it the import is refused (one line).
-    ``dtype``: stored float32 or float16.
+    ``dtype``: stored float32 or float16; ``"source"`` (the default) keeps each tap's own dtype: a float16
+    source is stored as float16 (half the bytes of float32), every other source as float32.
     ``dataset``: the dataset name heads are filed under (default: the labels file's stem).
     """
     from . import __version__
@@ -407,7 +409,6 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
     out, labels = Path(out), Path(labels)
     if out.exists() and not overwrite:
         raise FeatlabError(f"{out} exists: choose another --out (or --force to replace it)")
-    out_dtype = np.dtype(dtype)
 
     sources: list[_Source] = []
     spooled: list[Path] = []  # temporary copies of sources that cannot be read in any order
@@ -421,6 +422,7 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
                 raise FeatlabError(f"tap {name}: {src.where} has shape {src.shape}: need (rows, features...)")
             if layout == "nhwc" and len(src.shape) not in (2, 4):
                 raise FeatlabError(f"tap {name}: --layout nhwc needs (rows, H, W, C) maps, {src.where} has shape {src.shape}")
+        stored = {name: stored_dtype(src.dtype, dtype) for name, src in zip(names, sources)}
         counts = {name: src.nrows for name, src in zip(names, sources)}
         if len(set(counts.values())) > 1:
             have = ", ".join(f"{n} {c:,}" for n, c in counts.items())
@@ -493,9 +495,9 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
                 store.set_attr("config", {"tapfiles": [str(t) for t in tapfiles], "labels": str(labels),
                                           "backbone": backbone, "names": names, "layout": layout, "ids": ids,
                                           "ids_from": id_from, "row_order": row_order,
-                                          "dtype": dtype, "source_id": source_id})
+                                          "dtype": dtype, "stored_dtypes": stored, "source_id": source_id})
                 for name, src in zip(names, sources):
-                    store.ensure_array(name, shapes[name], dtype=dtype, expected_rows=n, tap=name, tensor=src.key)
+                    store.ensure_array(name, shapes[name], dtype=stored[name], expected_rows=n, tap=name, tensor=src.key)
                 row_bytes = sum(int(np.prod(s, dtype=np.int64)) * 4 for s in shapes.values())
                 block = max(1, int(block_bytes or BLOCK_BYTES) // max(1, row_bytes))
                 if order is not None:  # rows taken in the labels' order: random access to every source
@@ -505,12 +507,13 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
                     feats = {}
                     for i, (name, src) in enumerate(zip(names, sources)):
                         if order is None:
-                            x = _checked_block(src.rows(lo, hi), name, src, lo, out_dtype)
+                            x = _checked_block(src.rows(lo, hi), name, src, lo, np.dtype(stored[name]))
                         else:
-                            x = _checked_block(_take(spools[i], order[lo:hi]), name, src, lo, out_dtype, order[lo:hi])
+                            x = _checked_block(_take(spools[i], order[lo:hi]), name, src, lo, np.dtype(stored[name]),
+                                               order[lo:hi])
                         if layout == "nhwc" and x.ndim == 4:
                             x = x.transpose(0, 3, 1, 2)
-                        feats[name] = np.ascontiguousarray(x, dtype=out_dtype)
+                        feats[name] = np.ascontiguousarray(x, dtype=stored[name])
                     store.append(feats, label_rows[lo:hi])
             os.replace(tmp, out)
         except BaseException:
@@ -522,7 +525,15 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
         spools = None
         for f in spooled:
             f.unlink(missing_ok=True)
-    return ImportReport(out=out, rows=n, taps=shapes, model_sha256=model_sha, seconds=time.perf_counter() - t0)
+    return ImportReport(out=out, rows=n, taps=shapes, model_sha256=model_sha, seconds=time.perf_counter() - t0,
+                        dtypes=stored)
+
+
+def stored_dtype(source: np.dtype, dtype: str) -> str:
+    """The dtype a tap is stored in: ``dtype``, or for ``"source"`` float16 for a float16 source, else float32."""
+    if dtype != "source":
+        return dtype
+    return "float16" if np.dtype(source) == np.float16 else "float32"
 
 
 def _random_access(src: _Source, folder: Path, spooled: list[Path], block: int):

@@ -38,13 +38,21 @@ from .paths import dataset_key, feature_set, head_dir, input_key
 from .store import FeatureStore
 
 
+#: peak copies of in-memory rows during Keras' fit (measured: ~0.8 GB of float32 rows -> 2.4 GB over
+#: TensorFlow's own RSS; bench/scale.py); the in-memory/streamed choice counts them against --memory-mb
+IN_MEMORY_COPIES = 3
+#: batches a streamed fit prepares ahead (Keras' default queue of 10 holds ten batches of a 400 KB tap:
+#: 500 MB at batch 128, outside any budget)
+PREFETCH_BATCHES = 2
+
+
 def keras_batches(batches: ShuffledBatches):
     """A Keras PyDataset over :class:`featlab.featureio.ShuffledBatches` (a new permutation every epoch)."""
     keras = _keras()
 
     class _Batches(keras.utils.PyDataset):
         def __init__(self):
-            super().__init__(workers=1, use_multiprocessing=False)
+            super().__init__(workers=1, use_multiprocessing=False, max_queue_size=PREFETCH_BATCHES)
             self.b = batches
 
         def __len__(self):
@@ -186,7 +194,9 @@ def _train_one(store: FeatureStore, layer, target, cats, tname, out_root, fold, 
         fit_kw = dict(x=plan.pop("x_tr"), y=plan["y_tr"], sample_weight=plan["w_tr"], batch_size=hp["batch_size"],
                       shuffle=True)
     if plan["stream_val"]:
-        val_data = keras_batches(ShuffledBatches(store, key, va, plan["y_va"], None, max(hp["batch_size"], 1024), False,
+        # val batches of at most a block (Keras queues PREFETCH_BATCHES + 1 of them: within the budget)
+        val_bs = max(hp["batch_size"], min(1024, max(1, block_budget // max(1, row_bytes(store, key)))))
+        val_data = keras_batches(ShuffledBatches(store, key, va, plan["y_va"], None, val_bs, False,
                                                  hp["seed"], block_budget))
     else:
         val_data = (read_input(store, key, va), plan["y_va"])
@@ -262,10 +272,13 @@ def plan_head(store: FeatureStore, layer, target, cats, out_root, fold, hp: dict
 
     rb = row_bytes(store, key)
     budget = float(hp["memory_mb"]) * (1 << 20)
-    stream = len(tr) * rb > budget
-    stream_val = len(va) * rb > budget
+    # in memory, Keras holds the rows IN_MEMORY_COPIES times at its peak (ours, its tensor, its dataset's):
+    # rows go in memory only when all copies of the train and val rows fit the budget (bench/scale.py)
+    stream = IN_MEMORY_COPIES * (len(tr) + len(va)) * rb > budget
+    stream_val = IN_MEMORY_COPIES * len(va) * rb > budget / 2
     if fused and (stream or stream_val):
-        raise FeatlabError(f"fusion head {key}: its train rows need {len(tr) * rb >> 20} MiB, over the "
+        raise FeatlabError(f"fusion head {key}: its train and val rows need {IN_MEMORY_COPIES * (len(tr) + len(va)) * rb >> 20} "
+                           f"MiB in memory (x{IN_MEMORY_COPIES}: Keras' copies), over the "
                            f"{int(hp['memory_mb'])} MiB budget (fusion heads train in memory): raise --memory-mb")
     x_tr = None if stream or not keep_x else ([read(p, tr) for p in parts] if fused else read(key, tr))
 

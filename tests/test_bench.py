@@ -27,8 +27,9 @@ SCRIPTS = {
     "memory.py": "| extract dlib-age res3,res4,res5: 16 vs 32 images",
     "shards.py": "| 2 local processes | 16 |",
     "lrp_zennit.py": "zennit comparison: ",  # "skipped (...)" without torch, the figures with it
+    "scale.py": "| grid age+gender+bins7 on one tap, bytes read per epoch | 1.00 passes",
 }
-SLOW = {"cluster.py", "heads.py", "memory.py"}  # Ray's start-up; TensorFlow's (several processes for memory.py)
+SLOW = {"cluster.py", "heads.py", "memory.py", "scale.py"}  # Ray's start-up; TensorFlow's (several processes for memory.py)
 
 
 def test_every_bench_script_is_covered():

@@ -396,3 +396,27 @@ def test_an_array_inside_an_hdf5_group_is_named_by_its_file(tmp_path, capsys):
     with FeatureStore.open_read(out) as s:
         assert s.keys() == ["run7"] and s.attrs["imported_from"][0]["key"] == "/feats/pooled"
         np.testing.assert_array_equal(s.read("run7"), x.astype(np.float32))
+
+
+def test_import_keeps_the_source_dtype_unless_told(tmp_path, capsys):
+    """float16 taps stay float16 (half the bytes of float32, bit for bit); float64 becomes float32; --dtype
+    float32 widens a float16 source exactly."""
+    labels = _sample_manifest(tmp_path, 30)
+    rng = np.random.default_rng(3)
+    h = (rng.standard_normal((30, 8, 2, 2)) * 100).astype(np.float16)
+    d = rng.standard_normal((30, 5))
+    np.save(tmp_path / "half.npy", h)
+    np.save(tmp_path / "double.npy", d)
+    _import(tmp_path / "half.npy", tmp_path / "double.npy", "--labels", labels, "--backbone", "b", "--out",
+            tmp_path / "src.h5", "--rows-in-manifest-order")
+    assert "float16" in capsys.readouterr().out
+    with FeatureStore.open_read(tmp_path / "src.h5") as s:
+        assert s.array("half").atom.dtype == np.float16 and s.tap_info()["half"]["dtype"] == "float16"
+        np.testing.assert_array_equal(s.array("half").read().view(np.uint16), h.view(np.uint16))
+        assert s.array("double").atom.dtype == np.float32
+        np.testing.assert_array_equal(s.read("double"), d.astype(np.float32))
+    _import(tmp_path / "half.npy", "--labels", labels, "--backbone", "b", "--out", tmp_path / "f32.h5",
+            "--rows-in-manifest-order", "--dtype", "float32")
+    with FeatureStore.open_read(tmp_path / "f32.h5") as s:
+        assert s.array("half").atom.dtype == np.float32
+        np.testing.assert_array_equal(s.array("half").read(), h.astype(np.float32))

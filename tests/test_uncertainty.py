@@ -164,3 +164,38 @@ def test_compare_resamples_people_and_keeps_baselines_out_of_the_heads_family(tm
     assert rows3[("", "majority")]["family"] == "baselines" and rows3[("", "majority")]["verdict"] == "worse"
     # the baselines take the heads' groups: their intervals resample people too
     assert rows3[("best", "linear")]["unit"] == "person"
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_intervals_and_paired_differences_are_scipys_bootstrap(grouped):
+    """The count-matrix resampling and the closed-form jackknife give scipy.stats.bootstrap's own figures
+    (its BCa interval, its percentile interval of the paired difference) on the same seeded draws."""
+    import warnings
+
+    from scipy.stats import bootstrap
+
+    from featlab.report.uncertainty import _diff_ratio, _ratio, _sums, _codes, interval, paired_difference
+
+    rng = np.random.default_rng(11)
+    n = 900
+    a = rng.gamma(2.0, 3.0, n)
+    b = a + rng.normal(0.2, 1.0, n)
+    g = np.array([f"p{i // 3}" if i % 7 else "" for i in range(n)]) if grouped else None
+    if grouped:
+        codes = _codes(g, n)
+        one, stat1 = _sums(codes, a), _ratio
+        two, stat2 = _sums(codes, a, b), _diff_ratio
+    else:
+        one, stat1 = (a,), (lambda x, axis=-1: np.mean(x, axis=axis))
+        two, stat2 = (a, b), (lambda x, y, axis=-1: np.mean(x, axis=axis) - np.mean(y, axis=axis))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bca = bootstrap(one, stat1, paired=True, n_resamples=2000, method="BCa", vectorized=True,
+                        random_state=np.random.default_rng(0)).confidence_interval
+    pct = bootstrap(two, stat2, paired=True, n_resamples=2000, method="percentile", vectorized=True,
+                    random_state=np.random.default_rng(0))
+    np.testing.assert_allclose(interval(a, groups=g), list(bca), rtol=0, atol=1e-12)
+    d = paired_difference(a, b, groups=g, margin=0.15)
+    np.testing.assert_allclose(d["ci95"], list(pct.confidence_interval), rtol=0, atol=1e-12)
+    dist = pct.bootstrap_distribution
+    assert d["p"] == max(2 * min((dist <= 0).mean(), (dist >= 0).mean()), 1 / 2001)

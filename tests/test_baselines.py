@@ -278,4 +278,5 @@ def test_grid_probes_on_real_demo_features_lie_inside_scikit_learns_intervals(tm
         m = "mae" if target == "age" else "accuracy"
         fig, (lo, hi) = shared["test"]["metrics"][m], alone["test"]["metrics"][f"{m}_ci95"]
         assert lo <= fig <= hi, (tap, target, fig, lo, hi)
-        assert ("solver" in shared["settings"]) == (tap == "embedding")
+        if target != "age":
+            assert ("solver" in shared["settings"]) == (tap == "embedding")

@@ -17,6 +17,18 @@
 :func:`fit_baselines` writes ``baselines.json`` (per baseline: settings, ``val`` and ``test`` figures
 with intervals) and ``baselines_faces.csv`` (image_id, split, baseline, per-face values) into the
 head's folder. The zero-shot nets are in :mod:`featlab.zeroshot`.
+
+A grid's probes (``fit_baselines(..., shared=ProbeCache())``, what :func:`featlab.workflow.train_grid`
+passes) fit the same models, searched and chosen the same way, but share their work: each tap is read and
+standardised once for all its heads (when every row fits the budget), and per set of train rows one centred
+Gram matrix in float64 serves every ridge alpha and the logistic probes' preconditioner (its eigenpairs:
+all of them up to ``EIGH_FULL`` values per face, else the leading ``PRECOND_RANK`` by randomized subspace
+iteration). Each C is solved by :func:`_fast_logistic` (scipy's L-BFGS in preconditioned coordinates,
+warm-started from the nearest C) until scikit-learn's gradient test passes with a margin, then handed to
+scikit-learn warm-started, whose own solver and convergence test have the last word (it confirms without
+an iteration; ``iterations`` counts both). A tap wider than its train rows are many keeps the lone path's
+solvers (dual ridge, scikit-learn's L-BFGS from scratch) on the shared read. ``settings.solver`` names the
+logistic fast path.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ Gram matrix in float64 serves every ridge alpha and the logistic probes' precond
 all of them up to ``EIGH_FULL`` values per face, else the leading ``PRECOND_RANK`` by randomized subspace
 iteration). Each C is solved by :func:`_fast_logistic` (scipy's L-BFGS in preconditioned coordinates,
 warm-started from the nearest C) until scikit-learn's gradient test passes with a margin, then handed to
-scikit-learn warm-started, whose own solver and convergence test have the last word (it confirms without
-an iteration; ``iterations`` counts both). A tap wider than its train rows are many keeps the lone path's
+scikit-learn warm-started, whose own solver and convergence test have the last word (it normally confirms at
+once, 0 iterations; ``iterations`` counts both). A tap wider than its train rows are many keeps the lone path's
 solvers (dual ridge, scikit-learn's L-BFGS from scratch) on the shared read. ``settings.solver`` names the
 logistic fast path.
 """

@@ -3,8 +3,11 @@ trained one by one (``featlab.workflow.train_head``).
 
 Same real features (dlib-rec taps of the UTKFace development set, extracted once and cached, or
 ``--features``), same hyperparameters (train_head's defaults), same seed. Both sides do the whole job:
-train, score on val and test (``record_head``) and fit the baselines (``--no-baselines``: not; the
-linear probes cost the same on both sides and dominate when the taps are wide). Reported: wall time of each
+train, score on val and test (``record_head``) and fit the baselines (``--no-baselines``: not). The
+sequential side fits each head's linear probe alone with scikit-learn; the grid's probes share their work
+(:class:`featlab.baselines.ProbeCache`: each tap read and standardised once, one Gram matrix and
+preconditioner per tap for every target, C and alpha, each C solved by a preconditioned L-BFGS and finished
+by scikit-learn). Reported: wall time of each
 side and their ratio (goal: the grid at least 3x faster), the summed fit seconds, and per head the
 sequential head's test figure with its 95 % bootstrap interval beside the grid head's (goal: every
 grid head inside the interval).
@@ -109,7 +112,9 @@ def main(argv=None):
              "either clock. The grid (featlab.grid) holds every head in one graph (own layers, loss, early "
              "stopping and best weights; one learning-rate schedule), heads reading a tap the same way share its "
              "standardised, dropped-out input and one wide first layer, one epoch is one traced loop, fed from one "
-             "read of each tap. The sequential side is train_head as users call it (Keras fit per head).")
+             "read of each tap" + ("" if args.no_baselines else "; its linear probes share each tap's read, "
+             "standardisation and Gram matrix (featlab.baselines.ProbeCache)") + ". The sequential side is "
+             "train_head as users call it (Keras fit per head, each probe alone with scikit-learn).")
     C.record("Heads: grid vs sequential", [sys.argv[0], *(argv if argv is not None else sys.argv[1:])], table, notes,
              load_before=load0, extra_versions=("tensorflow-cpu", "tensorflow", "keras", "scikit-learn"),
              enabled=not args.no_record)

@@ -36,8 +36,9 @@ def _train_and_record(features, layer, target, cats, *, fold, seed, seed_dir, ba
     return d
 
 
-def _record(features, d: Path, baselines: bool, verbose, memory_mb) -> dict:
-    """Score a saved head on val and test (metrics.json) and fit its baselines."""
+def _record(features, d: Path, baselines: bool, verbose, memory_mb, shared=None) -> dict:
+    """Score a saved head on val and test (metrics.json) and fit its baselines (``shared``: a grid's
+    :class:`featlab.baselines.ProbeCache`, the work its heads' linear probes share)."""
     from .baselines import fit_baselines
     from .report.evaluate import record_head
     from .model import load_head
@@ -47,7 +48,7 @@ def _record(features, d: Path, baselines: bool, verbose, memory_mb) -> dict:
     with FeatureStore.open_read(features) as store:
         rec = record_head(model, cfg, store, d)
         if baselines:
-            fit_baselines(store, cfg, d, memory_mb)
+            fit_baselines(store, cfg, d, memory_mb, shared=shared)
     if verbose:
         t = rec.get("test") or {}
         v = rec.get("val") or {}
@@ -155,7 +156,10 @@ def _train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: i
             dirs.append(summarise([f[i] for f in per_fold], "folds", per_fold[0][i].parent))
             install(i, dirs[-1])
         return dirs
+    from .baselines import ProbeCache
+
     per_seed = []
+    probes = ProbeCache()  # the heads' linear probes read, standardise and factor each tap once
     for s in range(seed, seed + seeds):
         dirs = fit_grid(features, layers, targets, fold=fold, seed=s, seed_dir=seeds > 1, out_root=out_root,
                         verbose=verbose, **hp)
@@ -163,7 +167,7 @@ def _train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: i
             if seeds == 1 and i in skip:
                 continue  # a finished record is kept as it is: no need to score its twin
             checkpoint("record")
-            _record(features, d, baselines and s == seed, verbose, hp.get("memory_mb", 2048))
+            _record(features, d, baselines and s == seed, verbose, hp.get("memory_mb", 2048), probes)
             if seeds == 1:
                 install(i, d)
         per_seed.append(dirs)

@@ -689,9 +689,9 @@ def run(
     force: bool = typer.Option(False, "--force", help="redo steps even when their outputs exist"),
 ):
     """Run an experiment spec: prepare -> extract -> train-head -> evaluate -> compare, skipping finished steps."""
-    from .experiment import run_spec
+    from .study import run_study
 
-    report = run_spec(spec, overrides=list(set_ or []), force=force)
+    report = run_study(spec, overrides=list(set_ or []), force=force)
     _echo(f"report: {report}")
 
 

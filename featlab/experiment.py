@@ -172,14 +172,14 @@ def _heads(spec: dict) -> list[dict]:
 
 # ----------------------------------------------------------------------------- running
 def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -> Path:
+    """Run a single-network spec (a path, a built-in name, or a spec already loaded by :func:`load_spec`);
+    a spec with ``[[networks]]`` runs through :func:`featlab.study.run_study`."""
     from .backbones import Backbone
     from .extract import extract
 
-    spec = load_spec(path, overrides)
+    spec = path if isinstance(path, dict) else load_spec(path, overrides)
     if spec.get("networks"):
-        from .multinet import run_networks  # several networks on the same faces
-
-        return run_networks(spec, force=force, echo=echo)
+        raise FeatlabError(f"spec {spec['name']} lists [[networks]]: run it with `featlab run` (featlab.study.run_study)")
     bbs, ex = spec["backbone"], spec.get("extract", {})
     backbone = bbs["name"]
     # fail fast, before any work: the model file and the data must exist

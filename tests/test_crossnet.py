@@ -239,13 +239,13 @@ def test_spec_with_two_networks(utk_small, tmp_path, monkeypatch):
     a rerun trains nothing."""
     import pandas as pd
 
-    from featlab.experiment import run_spec
+    from featlab.study import run_study
 
     monkeypatch.chdir(tmp_path)
     spec = tmp_path / "two.toml"
     spec.write_text(TWO_NETS.format(manifest=utk_small))
     log: list[str] = []
-    report = run_spec(spec, echo=log.append)
+    report = run_study(spec, echo=log.append)
     assert report == Path("results/compare/dlib-age+dlib-gender/utksmall/report.md")
     text = report.read_text()
     for tname in ("gender",):
@@ -267,7 +267,7 @@ def test_spec_with_two_networks(utk_small, tmp_path, monkeypatch):
     assert cka.shape == (1, 2) and ((cka.values >= -0.05) & (cka.values <= 1.05)).all()
     assert "Representation similarity" in text
     log.clear()
-    run_spec(spec, echo=log.append)
+    run_study(spec, echo=log.append)
     assert not any(line.startswith("[head]") and "skipped" not in line and "(kept)" not in line
                    and "current" not in line for line in log if "->" in line and ": val" not in line)
     assert sum("current, skipped" in line for line in log) == 5  # 3 single taps, 2 cross fusions

@@ -65,6 +65,7 @@ from pathlib import Path
 from . import config
 from .errors import FeatlabError
 from .featureio import fusion_parts
+from .report.format import format_diff, format_p
 from .paths import FUSION, dataset_key, feature_set, head_dir, input_key
 from .labels import HEADLINE, format_figure, target_name
 from .recipes import headline
@@ -571,16 +572,6 @@ def comparison_table(comp: dict) -> list[str]:
         cells.append(r.get("verdict") or "")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def format_p(p) -> str:
-    return "" if p is None else (f"{p:.3f}" if p >= 0.001 else "<0.001")
-
-
-def format_diff(metric: str, d: float, lo=None, hi=None) -> str:
-    f = (lambda v: f"{v:+.2f}") if metric == "mae" else (lambda v: f"{100 * v:+.1f}")
-    unit = " years" if metric == "mae" else " pts"
-    return f(d) + unit + (f" [{f(lo)}, {f(hi)}]" if lo is not None and hi is not None else "")
 
 
 TARGET_TITLES = {"age": "age, MAE (years)", "gender": "gender, accuracy"}

@@ -37,6 +37,7 @@ from ..featureio import is_fusion
 from ..labels import HEADLINE, LOWER_IS_BETTER, selection_metric, target_name
 from ..paths import FUSION
 from .compare import _ordered, _read_faces, choose, gather, margins_for
+from .format import format_diff, format_p
 from .uncertainty import ALPHA, adjust_within, paired_difference, unit_of, verdict
 
 
@@ -309,16 +310,6 @@ def network_png(rows: list[dict], metrics: list[str], sel: str, path, title: str
         fig.suptitle("\n".join(x for x in (title, note) if x), fontsize=9)
     _legends_below(fig, axes[:1])
     return _save(fig, path)
-
-
-def format_p(p) -> str:
-    return "" if p is None else (f"{p:.3f}" if p >= 0.001 else "<0.001")
-
-
-def format_diff(metric: str, d: float, lo=None, hi=None) -> str:
-    f = (lambda v: f"{v:+.2f}") if metric == "mae" else (lambda v: f"{100 * v:+.1f}")
-    unit = " years" if metric == "mae" else " pts"
-    return f(d) + unit + (f" [{f(lo)}, {f(hi)}]" if lo is not None and hi is not None else "")
 
 
 def network_table(res: dict) -> list[str]:

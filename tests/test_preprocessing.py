@@ -178,39 +178,29 @@ def test_a_file_from_before_names_were_recorded_reads_as_the_choice_used_then(tm
         FeatureStore.open_for_append(tmp_path / "f.h5", {**ident, "preprocessing": {**old_dlib, "name": "resize"}})
 
 
-def _study_features() -> Path | None:
-    """The UTKFace study's dlib-rec features (ignored by git: made by `featlab run`), if on this machine."""
-    p = Path(os.environ.get("FEATLAB_STUDY_FEATURES") or ROOT / "features" / "dlib-rec" / "utkface-dlib-rec.h5")
-    return p if p.is_file() else None
+STUDY_ROWS = Path(__file__).parent / "data" / "dlib-rec-study-embeddings.npz"
+SAMPLE = ROOT / "featlab" / "data" / "utkface-sample"
 
 
-def test_dlib_rec_default_still_cuts_the_study_chips(tmp_path):
-    """The default preprocessing of dlib-rec gives the embeddings stored in the study's features file."""
+def test_dlib_rec_default_still_cuts_the_study_chips(utk_small, tmp_path):
+    """The default preprocessing of dlib-rec gives the embeddings the UTKFace study stored before preprocessing
+    became a named choice: 5 rows of its features file (made at 866ce5f), kept in tests/data, whose images
+    are in the shipped sample."""
     from featlab.extract import extract
     from featlab.store import FeatureStore
 
-    study = _study_features()
-    if study is None:
-        pytest.skip("the study's dlib-rec features are not on this machine (features/dlib-rec/utkface-dlib-rec.h5 "
-                    "or FEATLAB_STUDY_FEATURES)")
-    with FeatureStore.open_read(study) as s:
-        lab, attrs = s.labels(), s.attrs
-        rows = np.linspace(0, len(lab) - 1, 5).astype(int)
-        stored = s.read("embedding")[rows].astype(np.float32)
-    sub = lab.iloc[rows]
-    if not all(Path(p).is_file() for p in sub["path"]):
-        pytest.skip("the study's images are not on this machine")
-    model = attrs.get("model_path") if Path(str(attrs.get("model_path"))).is_file() else None
-    df = sub.assign(source="utkface")
-    rep = extract(write_manifest(df, tmp_path / "five.csv"), ["embedding"], backbone="dlib-rec", model=model,
+    ref = np.load(STUDY_ROWS)
+    template = read_manifest(utk_small).iloc[[0] * len(ref["files"])].reset_index(drop=True)
+    df = template.assign(path=[str(SAMPLE / f) for f in ref["files"]], image_id=list(ref["image_id"]),
+                         source="utkface")
+    rep = extract(write_manifest(df, tmp_path / "five.csv"), ["embedding"], backbone="dlib-rec",
                   out=tmp_path / "five.h5", progress=False, workers=1)
     assert rep.preprocessing == "template-5pt" and rep.rows_total == 5
     with FeatureStore.open_read(tmp_path / "five.h5") as s:
         got = s.read("embedding").astype(np.float32)
         ids = s.labels()["image_id"].tolist()
-        assert s.attrs["model_sha256"] == attrs["model_sha256"]
-    order = [ids.index(i) for i in sub["image_id"]]
-    np.testing.assert_allclose(got[order], stored, atol=2e-3)  # float16 storage of the same chips
+    order = [ids.index(i) for i in ref["image_id"]]
+    np.testing.assert_allclose(got[order], ref["embedding"].astype(np.float32), atol=2e-3)  # float16 storage
 
 
 def test_spec_schema_names_every_preprocessing():

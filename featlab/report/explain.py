@@ -553,6 +553,22 @@ class _Curves:
         return {name: np.stack(v) for name, v in self.curves.items()}
 
 
+def _open_heads(head_dirs, model, methods, settings):
+    """The heads' scorer (each config knowing its folder) and, with ``lrp`` among ``methods``, its LRP chain."""
+    scorer = HeadScorer(head_dirs, model)
+    for d, c in zip(head_dirs, scorer.cfgs):
+        c["_dir"] = str(d)
+    return scorer, _lrp_for(scorer, head_dirs, methods, settings)
+
+
+def _timed_map(f, chip, m, settings, ref, lrp, classes, cons, spent: dict):
+    """:func:`explain_chip` for method ``m``, its time added to ``spent[m]``."""
+    t_m = time.perf_counter()
+    maps = explain_chip(f, chip, m, settings, ref, lrp, classes, cons)
+    spent[m] += time.perf_counter() - t_m
+    return maps
+
+
 def _lrp_conservation(c: dict, rule: str) -> dict:
     """explain_summary.json's conservation block of one head: per face |sum of input relevance - explained output|
     / |explained output| (median, mean, max, share over the bound), the same at the tap (the head alone), and per
@@ -675,10 +691,7 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
     head_dirs = check_head_dirs(head_dirs)
     paths = expand_images(images)
     t0 = time.perf_counter()
-    scorer = HeadScorer(head_dirs, model)
-    for d, c in zip(head_dirs, scorer.cfgs):
-        c["_dir"] = str(d)
-    lrp = _lrp_for(scorer, head_dirs, methods, settings)
+    scorer, lrp = _open_heads(head_dirs, model, methods, settings)
     cons: dict = {}
     spent = {m: 0.0 for m in methods}
     align = scorer.align if align is None else bool(align)  # default: as the heads' features were made
@@ -692,9 +705,7 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
         f = scorer.function(classes)
         ref = f(chip[None])[0]
         for m in methods:
-            t_m = time.perf_counter()
-            maps = explain_chip(f, chip, m, settings, ref, lrp, classes, cons)
-            spent[m] += time.perf_counter() - t_m
+            maps = _timed_map(f, chip, m, settings, ref, lrp, classes, cons, spent)
             for k, (x, c) in enumerate(deletion_pair(f, chip, maps, settings, i)):
                 curves[(m, k)].add(x, c)
             titles = [f"{scorer.label(k)}: {text}" for k, (_, text) in enumerate(described)]
@@ -847,10 +858,7 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
         raise FeatlabError(f"{len(missing)} images of {features.name} are not where its labels say, e.g. {missing[0]}")
 
     t0 = time.perf_counter()
-    scorer = HeadScorer(head_dirs, model)
-    for d, c in zip(head_dirs, scorer.cfgs):
-        c["_dir"] = str(d)
-    lrp = _lrp_for(scorer, head_dirs, methods, settings)
+    scorer, lrp = _open_heads(head_dirs, model, methods, settings)
     cons: dict = {}
     spent = {m: 0.0 for m in methods}
     align = bool(attrs.get("align", False))
@@ -879,9 +887,7 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
         f = scorer.function(classes)
         ref = f(chip[None])[0]
         for m in methods:
-            t_m = time.perf_counter()
-            maps = explain_chip(f, chip, m, settings, ref, lrp, classes, cons)
-            spent[m] += time.perf_counter() - t_m
+            maps = _timed_map(f, chip, m, settings, ref, lrp, classes, cons, spent)
             sums[m][g] += maps
             for k, (x, c) in enumerate(deletion_pair(f, chip, maps, settings, i)):
                 curves[(m, k)].add(x, c)

@@ -37,6 +37,7 @@ import csv
 import json
 import math
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -66,6 +67,29 @@ TOL = 1e-4
 #: 1 (110-180 s vs 4.5-6 s). On an idle many-core machine the wide-tap probes of a large split would gain from more.
 BLAS_THREADS = 1
 
+#: Per thread, the event that cancels its probe (set by :class:`featlab.probepool.ProbePool`'s workers).
+_local = threading.local()
+
+
+class Cancelled(Exception):
+    """A probe stopped part-way because its pool was told to stop (an interrupted command)."""
+
+
+def load_blas() -> None:
+    """Import every library whose BLAS a probe calls (numpy's, and scipy's own copy that scipy.linalg,
+    scipy.optimize and scikit-learn use) before a thread limit is set: threadpoolctl limits only the
+    libraries loaded when it is called. (Without this, the first probe of a process ran scipy's BLAS on
+    every core and later ones on one: results equal only to the last bits.)"""
+    import scipy.linalg  # noqa: F401
+    import scipy.optimize  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+
+
+def _check_cancel() -> None:
+    ev = getattr(_local, "cancel", None)
+    if ev is not None and ev.is_set():
+        raise Cancelled
+
 
 def _design(store: FeatureStore, key: str, rows, pool, mean, std, budget: int) -> np.ndarray:
     parts = []
@@ -93,7 +117,10 @@ def _search(grid, bounds, evaluate, flat: float = 0.0) -> tuple[dict, float, lis
     decade beyond it, within ``bounds``. The search also stops when the edge improves on its neighbour by
     less than ``flat`` (relative, on the key's first figure): the figure has stopped moving there.
     -> (results by value, chosen value, values added, why it stopped: ``inside``, ``flat`` or ``bound``)."""
-    res = {float(v): evaluate(float(v)) for v in grid}
+    res = {}
+    for v in grid:
+        _check_cancel()
+        res[float(v)] = evaluate(float(v))
     added = []
     while True:
         order = sorted(res)
@@ -107,6 +134,7 @@ def _search(grid, bounds, evaluate, flat: float = 0.0) -> tuple[dict, float, lis
         nxt = _decade(best, -1 if best == order[0] else 1)
         if not bounds[0] * (1 - 1e-9) <= nxt <= bounds[1] * (1 + 1e-9):
             return res, best, added, "bound"
+        _check_cancel()
         res[nxt] = evaluate(nxt)
         added.append(nxt)
 
@@ -137,9 +165,10 @@ def _logistic_probe(x: dict, y_tr, y_va, target: str, n_classes: int, sh: "_Shar
             near = min(states, key=lambda v: abs(math.log10(v) - math.log10(c)))
             m.coef_, m.intercept_ = states[near][0].copy(), states[near][1].copy()
         iters, converged = 0, False
-        if sh is not None:  # from the nearest C's fit (set above), or from 0
-            start = (m.coef_, m.intercept_) if states else zero
-            [(coef, icpt)], it0 = _fast_logistic(sh, y_idx, k, [c], [start], MAX_ITER_TOTAL)
+        if sh is not None:  # from the nearest C's fit (set above), or from 0; or the path's line through the
+            start = (m.coef_, m.intercept_) if states else zero  # two nearest fits, if its objective is lower
+            [(coef, icpt)], it0 = _fast_logistic(sh, y_idx, k, [c], [start], MAX_ITER_TOTAL,
+                                                 others=_path_line(states, c))
             m.coef_, m.intercept_ = coef.astype(np.float64), np.asarray(icpt, dtype=np.float64)
             iters += it0
         while not converged and iters < MAX_ITER_TOTAL:
@@ -166,6 +195,17 @@ def _logistic_probe(x: dict, y_tr, y_va, target: str, n_classes: int, sh: "_Shar
         "iterations": chosen["iterations"], "converged": chosen["converged"], "max_iter": MAX_ITER,
         "max_iter_total": MAX_ITER_TOTAL, "tol": TOL, **solver,
         "search": [res[v]["row"] for v in sorted(res)]}
+
+
+def _path_line(states: dict, c: float) -> list:
+    """The regularisation path's straight line in log C through the two fits nearest to ``c`` (``states``:
+    C -> (coef, intercept)), evaluated at ``c``: [] with fewer than two fits. On the UTKFace res12 x 8-bin
+    probe this start took C = 0.1 from 90 evaluations (from the nearest fit) to 38, and C = 1 from 39 to 11."""
+    if len(states) < 2:
+        return []
+    c1, c0 = sorted(states, key=lambda v: abs(math.log10(v) - math.log10(c)))[:2]
+    t = (math.log10(c) - math.log10(c1)) / (math.log10(c1) - math.log10(c0))
+    return [tuple(a1 + t * (a1 - a0) for a1, a0 in zip(states[c1], states[c0]))]
 
 
 def _ridge_probe(x: dict, y_tr, y_va, sh: "_Shared | None" = None):
@@ -258,7 +298,8 @@ class _Shared:
     """The work a tap's probes share, for one set of train rows of one standardised design: the centred
     train rows (float32), their mean, the centred train Gram matrix X'X in float64 (ridge solves it, the
     logistic probe's preconditioner is read from it), and the preconditioner's eigenpairs, each computed
-    once. Only for the primal case (the tap no wider than its train rows are many)."""
+    once (by whichever probe asks first: the probes of a :class:`featlab.probepool.ProbePool` ask from several
+    threads). Only for the primal case (the tap no wider than its train rows are many)."""
 
     def __init__(self, xtr: np.ndarray):
         self.xtr = xtr
@@ -266,9 +307,14 @@ class _Shared:
         self.xc = (xtr - self.mu.astype(np.float32)).astype(np.float32)
         self.n, self.d = xtr.shape
         self._gram = self._eig = None
+        self._gram_lock, self._eig_lock = threading.Lock(), threading.Lock()
 
     @property
     def gram(self) -> np.ndarray:
+        with self._gram_lock:
+            return self._make_gram()
+
+    def _make_gram(self) -> np.ndarray:
         if self._gram is None:
             g = np.zeros((self.d, self.d))
             step = max(1, (64 << 20) // (8 * max(self.n, self.d)))
@@ -282,6 +328,10 @@ class _Shared:
     def eig(self):
         """(V, lam, lam_rest): the leading eigenpairs of the Gram matrix (all of them up to EIGH_FULL wide;
         else PRECOND_RANK by randomized subspace iteration) and the mean of the remaining eigenvalues."""
+        with self._eig_lock:
+            return self._make_eig()
+
+    def _make_eig(self):
         if self._eig is None:
             from scipy.linalg import eigh, qr
 
@@ -305,7 +355,7 @@ class _Done(Exception):
     pass
 
 
-def _fast_logistic(sh: _Shared, y_idx, k: int, cs, starts, max_iter: int):
+def _fast_logistic(sh: _Shared, y_idx, k: int, cs, starts, max_iter: int, others=()):
     """L2 logistic regression for each C of ``cs`` at once, in scikit-learn's parametrisation and objective
     (mean log-loss over the train rows + ||W||^2 / (2 C n), intercept not penalised; binary: one logit;
     multinomial: K logits), solved by scipy's L-BFGS on the sum of the independent problems (one matrix
@@ -316,35 +366,43 @@ def _fast_logistic(sh: _Shared, y_idx, k: int, cs, starts, max_iter: int):
     every problem's gradient in scikit-learn's coordinates is below STOP_MARGIN * TOL (scikit-learn's own
     criterion, with a margin). Several C at once cost fewer passes over the rows per iteration but, on the
     demo's res12 x bins8, 2.4x the iterations of the hardest C alone: :func:`_logistic_probe` solves them
-    one by one, each from the nearest C's fit. ``starts``: (coef, intercept) per C. -> ([(coef, intercept)] per C,
-    iterations)."""
+    one by one, each from the nearest C's fit. ``starts``: (coef, intercept) per C; ``others`` (one C only):
+    further starting points, the solver starting from whichever has the lowest objective. The class
+    contrasts are the eigenvectors of the curvature at the class priors, diag(pi) - pi pi' (``c`` its
+    eigenvalues): exact at the start for centred rows. -> ([(coef, intercept)] per C, iterations)."""
     from scipy.optimize import minimize
 
     n, d, xc = sh.n, sh.d, sh.xc
     binary = k == 2
+    prior = np.bincount(np.asarray(y_idx), minlength=k) / n
     if binary:
-        hm, cc = np.ones((1, 1)), 0.25
+        hm, cc = np.ones((1, 1)), np.array([prior[1] * (1.0 - prior[1])])
         yy = (np.asarray(y_idx) == 1).astype(np.float64)[:, None]
-    else:  # orthonormal contrasts: K x (K-1), columns orthogonal to the all-ones vector
-        hm, cc = np.linalg.qr(np.eye(k) - 1.0 / k)[0][:, : k - 1], 1.0 / k
+    else:  # the class curvature diag(prior) - prior prior' : its K-1 eigenvectors orthogonal to the all-ones vector
+        a, u = np.linalg.eigh(np.diag(prior) - np.outer(prior, prior))
+        hm, cc = u[:, 1:], a[1:]
         yy = np.zeros((n, k))
         yy[np.arange(n), y_idx] = 1.0
+    cc = np.maximum(cc, 1e-12)
     m, kk, nc = hm.shape[1], hm.shape[0], len(cs)
     v, lam, rest = sh.eig
-    dd = [cc * lam / n + 1.0 / (c * n) for c in cs]
+    dd = [lam[:, None] * cc / n + 1.0 / (c * n) for c in cs]
     dr = [cc * rest / n + 1.0 / (c * n) for c in cs]
 
     def power(u, j, e):  # P_j^e u, P_j = V diag(dd_j) V' + dr_j (I - V V')
-        return v @ ((dd[j][:, None] ** e - dr[j] ** e) * (v.T @ u)) + dr[j] ** e * u
+        return v @ ((dd[j] ** e - dr[j] ** e) * (v.T @ u)) + dr[j] ** e * u
 
-    p0 = []
-    for j, (coef0, icpt0) in enumerate(starts):
-        wf = np.asarray(coef0, dtype=np.float64).T
-        p0.append(power(wf @ hm, j, 0.5).ravel())
-    for j, (coef0, icpt0) in enumerate(starts):
-        wf = np.asarray(coef0, dtype=np.float64).T
-        p0.append(np.sqrt(cc) * ((np.asarray(icpt0, dtype=np.float64) + sh.mu @ wf) @ hm))
-    p0 = np.concatenate(p0)
+    def pack(starts):
+        p0 = []
+        for j, (coef0, icpt0) in enumerate(starts):
+            wf = np.asarray(coef0, dtype=np.float64).T
+            p0.append(power(wf @ hm, j, 0.5).ravel())
+        for j, (coef0, icpt0) in enumerate(starts):
+            wf = np.asarray(coef0, dtype=np.float64).T
+            p0.append(np.sqrt(cc) * ((np.asarray(icpt0, dtype=np.float64) + sh.mu @ wf) @ hm))
+        return np.concatenate(p0)
+
+    p0 = pack(starts)
     state = {"evals": 0, "best": None}
     inv = np.array([1.0 / (c * n) for c in cs])
 
@@ -354,6 +412,7 @@ def _fast_logistic(sh: _Shared, y_idx, k: int, cs, starts, max_iter: int):
         return ws, bs
 
     def fg(p):
+        _check_cancel()
         state["evals"] += 1
         ws, bs = unpack(p)
         wf = np.concatenate([w @ hm.T for w in ws], axis=1)  # d x (K * len(cs)); binary: d x len(cs)
@@ -379,6 +438,8 @@ def _fast_logistic(sh: _Shared, y_idx, k: int, cs, starts, max_iter: int):
         return float(loss.sum()), np.concatenate([*gw, ((rs @ hm) / np.sqrt(cc)).ravel()])
 
     try:
+        if others:  # one C, several starting points: the one with the lowest objective
+            p0 = min([p0, *(pack([o]) for o in others)], key=lambda p: fg(p)[0])
         res = minimize(fg, p0, jac=True, method="L-BFGS-B",
                        options={"maxiter": max_iter, "maxls": 50, "gtol": 1e-12, "ftol": 64 * np.finfo(float).eps})
         p, nit = res.x, int(res.nit)
@@ -427,9 +488,32 @@ def fit_baselines(store: FeatureStore, cfg: dict, head_dir: Path, memory_mb: flo
     """Fit and score the majority and linear baselines of the head in ``head_dir`` (see the module doc).
     ``shared``: a :class:`ProbeCache` shared by the heads of a grid (their probes read and standardise
     each tap once and share its Gram matrix and preconditioner); None: this head's probe on its own."""
-    from threadpoolctl import threadpool_limits
-
     head_dir = Path(head_dir)
+    return write_baselines(head_dir, prepare_baselines(store, cfg, memory_mb, shared, head_stats(head_dir))())
+
+
+def head_stats(head_dir: Path):
+    """The head's input standardisation (mean, std) from its ``standardisation.npz``; None without one."""
+    f = Path(head_dir) / "standardisation.npz"
+    if not f.is_file():
+        return None
+    z = np.load(f)
+    return z["mean"], z["std"]
+
+
+#: What of a head's config.json the baselines read (:func:`featlab.train.probe_config` gives it before the
+#: head is saved; :func:`write_baselines` checks it against the saved config).
+PROBE_CONFIG = ("tap", "target", "cats", "class_names", "target_name", "fold", "hyperparameters.pool",
+                "hyperparameters.val_share")
+
+
+def prepare_baselines(store: FeatureStore, cfg: dict, memory_mb: float = 2048, shared: "ProbeCache | None" = None,
+                      stats=None):
+    """:func:`fit_baselines` in steps: this one reads everything it needs from ``store`` (labels, the
+    probe's design, standardised by ``stats``: the head's (mean, std), None: no probe) and returns a function
+    of no arguments that fits and scores the baselines; :func:`write_baselines` writes what it returns into
+    the head's folder. That function touches no HDF5 file and no folder, so it may run in another thread
+    (:class:`featlab.probepool.ProbePool`), and before the head itself is trained and saved."""
     target, cats = cfg["target"], cfg.get("cats")
     labels = store.labels()
     y_all, valid = encode_target(labels, target, cats)
@@ -460,50 +544,70 @@ def fit_baselines(store: FeatureStore, cfg: dict, head_dir: Path, memory_mb: flo
     key = cfg["tap"]
     budget = int(float(memory_mb) * (1 << 20))
     need = (len(tr) + len(va) + len(te)) * row_bytes(store, key)
-    std_file = head_dir / "standardisation.npz"
-    if std_file.is_file() and need <= budget:
-        z = np.load(std_file)
-        mean, std = z["mean"], z["std"]
+    x = sh = None
+    if stats is not None and need <= budget:
+        mean, std = stats
         pool = hp.get("pool")
         whole = shared.design(store, key, pool, mean, std, budget) if shared is not None else None
         if whole is not None:
             x = {s: whole[r] for s, r in (("train", tr), ("val", va), ("test", te))}
         else:
             x = {s: _design(store, key, r, pool, mean, std, budget) for s, r in (("train", tr), ("val", va), ("test", te))}
-        with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
-            sh = shared.solver(tr) if whole is not None and x["train"].shape[1] <= len(tr) else None
-            if target == "age":
-                pv, pt, setting = _ridge_probe(x, y_all[tr], y_all[va], sh)
-            else:
-                pv, pt, setting = _logistic_probe(x, y_all[tr], y_all[va], target, n_classes, sh)
-        preds["linear"] = ({"val": pv, "test": pt},
-                           {**setting, "chosen_on": "val",
-                            "input": "the head's standardised input (train-row mean/std)"})
-        if not setting["converged"] or setting["at_edge"]:
-            what = (f"did not converge in {setting['iterations']} L-BFGS iterations" if not setting["converged"] else
-                    f"chose {setting['param']} = {setting['chosen']:g}, at the bound of its search "
-                    f"({setting['bounds'][0]:g}..{setting['bounds'][1]:g})")
-            print(f"[featlab] warning: linear probe of {key} -> {cfg.get('target_name', target)} {what} "
-                  f"(recorded in {head_dir / 'baselines.json'})", file=sys.stderr)
+        sh = shared.solver(tr) if whole is not None and x["train"].shape[1] <= len(tr) else None
     else:
-        out["linear"] = {"skipped": ("no standardisation.npz beside the head" if not std_file.is_file() else
+        out["linear"] = {"skipped": ("no standardisation.npz beside the head" if stats is None else
                                      f"the tap needs {need >> 20} MiB, over the {int(memory_mb)} MiB budget")}
-
-    checkpoint("baselines")
     rows = {"val": va, "test": te}
-    faces = []
-    for name, (pp, setting) in preds.items():
-        entry = {"settings": setting}
-        for split in ("val", "test"):
-            if not len(rows[split]):
-                continue
-            s = score_predictions(target, cats, y_all[rows[split]], pp[split], labels.iloc[rows[split]], names)
-            entry[split] = {"n": s["n"], "metrics": s["metrics"]}
-            ids = labels["image_id"].to_numpy()[rows[split]]
-            for i, iid in enumerate(ids):
-                faces.append({"image_id": iid, "split": split, "baseline": name,
-                              **{mm: float(v[i]) for mm, v in s["faces"].items()}})
-        out[name] = entry
+    subs = {split: labels.iloc[r].copy() for split, r in rows.items()}  # the worker's own copy of what it scores
+    probe = {k: cfg.get(k) for k in PROBE_CONFIG if "." not in k}
+    probe.update({k: hp.get(k.split(".", 1)[1]) for k in PROBE_CONFIG if "." in k})
+
+    def run() -> dict:
+        from threadpoolctl import threadpool_limits
+
+        load_blas()
+        warn = None
+        if x is not None:
+            with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
+                if target == "age":
+                    pv, pt, setting = _ridge_probe(x, y_all[tr], y_all[va], sh)
+                else:
+                    pv, pt, setting = _logistic_probe(x, y_all[tr], y_all[va], target, n_classes, sh)
+            preds["linear"] = ({"val": pv, "test": pt},
+                               {**setting, "chosen_on": "val",
+                                "input": "the head's standardised input (train-row mean/std)"})
+            if not setting["converged"] or setting["at_edge"]:
+                what = (f"did not converge in {setting['iterations']} L-BFGS iterations" if not setting["converged"]
+                        else f"chose {setting['param']} = {setting['chosen']:g}, at the bound of its search "
+                             f"({setting['bounds'][0]:g}..{setting['bounds'][1]:g})")
+                warn = f"linear probe of {key} -> {cfg.get('target_name', target)} {what}"
+        out_, faces = _score_baselines(target, cats, names, y_all, rows, subs, preds, dict(out))
+        return {"out": out_, "faces": faces, "warning": warn, "config": probe,
+                "stats": None if stats is None else tuple(np.asarray(a).copy() for a in stats)}
+
+    return run
+
+
+def write_baselines(head_dir: Path, fitted: dict) -> dict:
+    """Write what :func:`prepare_baselines`' function returned into the head's folder: ``baselines.json``
+    and ``baselines_faces.csv``; a probe that did not converge or chose a bound says so on stderr. The
+    probe must have read the head as it was saved: its config (``PROBE_CONFIG``) and standardisation."""
+    head_dir = Path(head_dir)
+    checkpoint("baselines")
+    saved = json.loads((head_dir / "config.json").read_text()) if (head_dir / "config.json").is_file() else None
+    if saved is not None:
+        hp = saved.get("hyperparameters", {})
+        now = {k: saved.get(k) for k in PROBE_CONFIG if "." not in k}
+        now.update({k: hp.get(k.split(".", 1)[1]) for k in PROBE_CONFIG if "." in k})
+        stats = head_stats(head_dir)
+        same_stats = (stats is None) == (fitted["stats"] is None) and (stats is None or all(
+            np.array_equal(a, b) for a, b in zip(stats, fitted["stats"])))
+        if json.dumps(now, sort_keys=True, default=str) != json.dumps(fitted["config"], sort_keys=True, default=str) \
+                or not same_stats:
+            raise RuntimeError(f"{head_dir}: the baselines were fitted for another head than the one saved there")
+    if fitted["warning"]:
+        print(f"[featlab] warning: {fitted['warning']} (recorded in {head_dir / 'baselines.json'})", file=sys.stderr)
+    out, faces = fitted["out"], fitted["faces"]
     (head_dir / "baselines.json").write_text(json.dumps(out, indent=2))
     if faces:
         with open(head_dir / "baselines_faces.csv", "w", newline="") as f:
@@ -511,4 +615,24 @@ def fit_baselines(store: FeatureStore, cfg: dict, head_dir: Path, memory_mb: flo
             w.writeheader()
             w.writerows(faces)
     return out
+
+
+def _score_baselines(target, cats, names, y_all, rows: dict, subs: dict, preds: dict, out: dict):
+    """Score each baseline's val and test predictions (``subs``: the val and test rows' labels) into ``out``
+    (per baseline: settings, val and test figures) and the per-face rows of ``baselines_faces.csv``."""
+    faces = []
+    for name, (pp, setting) in preds.items():
+        entry = {"settings": setting}
+        for split in ("val", "test"):
+            if not len(rows[split]):
+                continue
+            sub = subs[split]
+            s = score_predictions(target, cats, y_all[rows[split]], pp[split], sub, names)
+            entry[split] = {"n": s["n"], "metrics": s["metrics"]}
+            ids = sub["image_id"].to_numpy()
+            for i, iid in enumerate(ids):
+                faces.append({"image_id": iid, "split": split, "baseline": name,
+                              **{mm: float(v[i]) for mm, v in s["faces"].items()}})
+        out[name] = entry
+    return out, faces
 

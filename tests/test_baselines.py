@@ -201,9 +201,12 @@ def _alone_and_shared(feats: Path, heads, root: Path):
 def test_grid_probes_share_one_read_and_gram_and_match_scikit_learn(probe_feats, tmp_path, monkeypatch, precond):
     """Three targets on one tap through one ProbeCache: the tap is read and standardised once and its Gram
     matrix (and preconditioner) computed once for all of them and every C and alpha. Each probe chooses
-    the same C / alpha on val as scikit-learn alone, scikit-learn (warm-started from the fast solution)
-    confirms convergence, and the test figure is within 1 point / 1 % of the lone probe's and inside its
-    95 % interval; the ridge's predictions are the lone ridge's to 1e-6 years."""
+    the same alpha on val as the lone ridge (its predictions are the lone ridge's to 1e-6 years) and, for C,
+    agrees with scikit-learn alone on every C's val accuracy to within one val face (two fits that both
+    meet scikit-learn's tolerance may put a face on the boundary on different sides), choosing a C whose
+    lone val accuracy is the lone best to within one face; scikit-learn (warm-started from the fast
+    solution) confirms convergence, and the test figure is within 1 point / 1 % of the lone probe's and
+    inside its 95 % interval."""
     if precond == "randomized":  # the wide-tap preconditioner (leading eigenpairs only) on this small tap
         monkeypatch.setattr(B, "EIGH_FULL", 8)
         monkeypatch.setattr(B, "PRECOND_RANK", 6)
@@ -212,7 +215,16 @@ def test_grid_probes_share_one_read_and_gram_and_match_scikit_learn(probe_feats,
     assert cache.stats == {"designs": 1, "grams": 1}
     for tap, target, alone, shared in runs:
         sa, ss = alone["settings"], shared["settings"]
-        assert ss["chosen"] == sa["chosen"] and ss["converged"] and not ss["at_edge"]
+        assert ss["converged"] and not ss["at_edge"]
+        if target == "age":
+            assert ss["chosen"] == sa["chosen"]
+        else:
+            face = 1.0 / alone["val"]["n"] + 1e-12
+            lone = {r["C"]: r["val_accuracy"] for r in sa["search"]}
+            for r in ss["search"]:
+                if r["C"] in lone:
+                    assert r["val_accuracy"] == pytest.approx(lone[r["C"]], abs=face), (target, r["C"])
+            assert lone[ss["chosen"]] >= max(lone.values()) - face, (target, ss["chosen"], sa["chosen"])
         m = "mae" if target == "age" else "accuracy"
         fig, (lo, hi) = shared["test"]["metrics"][m], alone["test"]["metrics"][f"{m}_ci95"]
         assert lo <= fig <= hi, (target, fig, lo, hi)

@@ -65,8 +65,8 @@ from .labels import check_ranges, encode_target, split_rows, target_name
 from .model import build_model, head_layers, standardised_input
 from .staging import checkpoint
 from .store import FeatureStore
-from .train import (_setup_tf, check_hyperparameters, fit_head, loss_and_metrics, make_optimizer, plan_head,
-                    save_head)
+from .train import (_setup_tf, check_hyperparameters, fit_head, input_stats, loss_and_metrics, make_optimizer,
+                    plan_head, probe_config, save_head)
 
 
 def grid_heads(layers, targets) -> list[tuple[str, str, int | None]]:
@@ -80,10 +80,14 @@ def grid_heads(layers, targets) -> list[tuple[str, str, int | None]]:
     return out
 
 
-def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: bool = False, **hp) -> list[Path]:
+def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: bool = False, trained=None,
+             **hp) -> list[Path]:
     """Train every (tap, target) head of ``layers`` x ``targets`` (a list of ``(target, cats)``) in one
     process; returns the heads' folders, layer-major. ``hp``: :func:`featlab.train.fit_head`'s keyword
-    hyperparameters, the same for every head."""
+    hyperparameters, the same for every head. ``trained(i, store, probe_config, stats)``: called for each
+    head trained in a group once the group has trained, before its heads are saved, with what the head's
+    baselines need (:func:`featlab.train.probe_config`, :func:`featlab.train.input_stats`): a grid starts
+    its probes while this thread saves the heads."""
     layers = [str(x) for x in (layers or [])]
     if not layers:
         raise FeatlabError("the grid needs at least one --layer")
@@ -140,14 +144,14 @@ def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: b
             groups.append(cur)
         for g in groups:
             dirs = _fit_group(store, [heads[i] for i in g], [hps[i] for i in g], out_root, fold, tr_all, va_all,
-                              len(groups))
+                              len(groups), trained=_at(trained, g))
             out.update(zip(g, dirs))
         for layer, g in streamed.items():
             if verbose:
                 print(f"[grid] {layer}: its rows do not fit {base['memory_mb']:g} MiB; its {len(g)} heads are streamed "
                       "together (one read of the tap per epoch)")
             dirs = _fit_group(store, [heads[i] for i in g], [hps[i] for i in g], out_root, fold, tr_all, va_all,
-                              len(groups) + len(streamed), stream=True)
+                              len(groups) + len(streamed), stream=True, trained=_at(trained, g))
             out.update(zip(g, dirs))
     for i in alone:
         layer, t, c = heads[i]
@@ -156,6 +160,11 @@ def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: b
                   "others; trained alone (streamed)")
         out[i] = fit_head(features, layer, t, c, out_root=out_root, fold=fold, **hps[i])
     return [out[i] for i in range(len(heads))]
+
+
+def _at(hook, index: list[int]):
+    """``hook`` with a group's own head numbers mapped to the grid's."""
+    return None if hook is None else (lambda j, *a: hook(index[j], *a))
 
 
 def trunk_signature(plan: dict, hp: dict) -> tuple:
@@ -169,7 +178,7 @@ def trunk_signature(plan: dict, hp: dict) -> tuple:
 
 
 def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, n_groups: int,
-               stream: bool = False) -> list[Path]:
+               stream: bool = False, trained=None) -> list[Path]:
     """Fit one group of heads. In memory: each tap read once, then every epoch from memory. With ``stream``
     (one tap whose rows do not fit the budget): every epoch reads the tap's fit rows once, in blocks of a
     fresh permutation (each block read sorted, the next one read in a thread while this one trains), and
@@ -268,6 +277,9 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
     traces = {"epoch_loop": int(step.experimental_get_tracing_count()),
               "predict": int(predict.experimental_get_tracing_count())}
     fit_seconds = time.perf_counter() - t_fit
+    if trained is not None:  # before the heads are saved (their models, their history plots)
+        for j, (plan, hp) in enumerate(zip(plans, hps)):
+            trained(j, store, probe_config(plan, hp), input_stats(plan))
     dirs = []
     grid_info = {"heads": len(plans), "groups": n_groups, "taps_read_once": parts, "rows_read": int(len(cache_rows)),
                  "read_seconds": round(read_seconds, 2), "fit_seconds_all_heads": round(fit_seconds, 2),

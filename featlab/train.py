@@ -403,6 +403,21 @@ def loss_and_metrics(plan: dict, hp: dict):
     return loss, [mae_years]
 
 
+def input_stats(plan: dict) -> tuple:
+    """The head's input standardisation (mean, std), as ``standardisation.npz`` holds it."""
+    if plan["fused"]:
+        return np.concatenate(plan["mean"]), np.concatenate(plan["std"])
+    return plan["mean"], plan["std"]
+
+
+def probe_config(plan: dict, hp: dict) -> dict:
+    """What of the config :func:`save_head` will write the baselines read (``baselines.PROBE_CONFIG``), known
+    before the head is saved: a grid starts its probes while it saves its heads."""
+    return {"tap": plan["key"], "target": plan["target"], "cats": int(plan["cats"]) if plan["cats"] is not None else None,
+            "class_names": plan["names"], "target_name": plan["tname"], "fold": plan["fold"],
+            "hyperparameters": {"pool": plan["pool"], "val_share": hp["val_share"]}}
+
+
 def save_head(plan: dict, store: FeatureStore, model, h: dict, lrs: list, fit_seconds: float, t_start: float,
               hp: dict, training: dict | None = None) -> Path:
     """Write a trained head's folder (head.keras, config.json, standardisation.npz, history) from its plan,
@@ -413,8 +428,7 @@ def save_head(plan: dict, store: FeatureStore, model, h: dict, lrs: list, fit_se
     n_classes, attrs, pool, cw, labels = plan["n_classes"], plan["attrs"], plan["pool"], plan["cw"], plan["labels"]
     best_epoch = int(np.argmax(h[mon_key]) if mon_mode == "max" else np.argmin(h[mon_key])) + 1
     epochs_run = len(h["loss"])
-    mean = np.concatenate(plan["mean"]) if plan["fused"] else plan["mean"]
-    std = np.concatenate(plan["std"]) if plan["fused"] else plan["std"]
+    mean, std = input_stats(plan)
 
     out.mkdir(parents=True, exist_ok=True)
     for old in ("metrics.json", "confusion*.csv", "confusion*.png", "scatter.png", "subgroups*.csv", "predictions*.csv",

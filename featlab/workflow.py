@@ -36,10 +36,12 @@ def _train_and_record(features, layer, target, cats, *, fold, seed, seed_dir, ba
     return d
 
 
-def _record(features, d: Path, baselines: bool, verbose, memory_mb, shared=None) -> dict:
-    """Score a saved head on val and test (metrics.json) and fit its baselines (``shared``: a grid's
-    :class:`featlab.baselines.ProbeCache`, the work its heads' linear probes share)."""
-    from .baselines import fit_baselines
+def _record(features, d: Path, baselines: bool, verbose, memory_mb, pool=None, job=None):
+    """Score a saved head on val and test (metrics.json) and fit its baselines. With ``pool`` (a grid's
+    :class:`featlab.probepool.ProbePool`) the baselines are fitted in the pool: returns their future (``job``
+    when they were submitted before, None without baselines), for :func:`featlab.baselines.write_baselines`
+    to write into ``d``; the head's folder is complete once that is done."""
+    from .baselines import fit_baselines, head_stats
     from .report.evaluate import record_head
     from .model import load_head
 
@@ -47,8 +49,10 @@ def _record(features, d: Path, baselines: bool, verbose, memory_mb, shared=None)
     target = cfg["target"]
     with FeatureStore.open_read(features) as store:
         rec = record_head(model, cfg, store, d)
-        if baselines:
-            fit_baselines(store, cfg, d, memory_mb, shared=shared)
+        if baselines and pool is not None and job is None:  # fitted in the pool while the next heads are scored
+            job = pool.submit(store, cfg, memory_mb, head_stats(d))
+        elif baselines and pool is None:
+            fit_baselines(store, cfg, d, memory_mb)
     if verbose:
         t = rec.get("test") or {}
         v = rec.get("val") or {}
@@ -56,7 +60,7 @@ def _record(features, d: Path, baselines: bool, verbose, memory_mb, shared=None)
                          for m in HEADLINE[target] if t)
         vf = ", ".join(f"{m} {format_figure(m, v['metrics'][m])}" for m in HEADLINE[target] if v)
         print(f"[featlab] {d}: val {vf}; test {figs or 'no test rows'}")
-    return rec
+    return job if baselines else None
 
 
 def folds_of(features) -> list[int]:
@@ -156,21 +160,61 @@ def _train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: i
             dirs.append(summarise([f[i] for f in per_fold], "folds", per_fold[0][i].parent))
             install(i, dirs[-1])
         return dirs
-    from .baselines import ProbeCache
+    from .baselines import write_baselines
+    from .probepool import ProbePool
 
     per_seed = []
-    probes = ProbeCache()  # the heads' linear probes read, standardise and factor each tap once
-    for s in range(seed, seed + seeds):
-        dirs = fit_grid(features, layers, targets, fold=fold, seed=s, seed_dir=seeds > 1, out_root=out_root,
-                        verbose=verbose, **hp)
-        for i, d in enumerate(dirs):
-            if seeds == 1 and i in skip:
-                continue  # a finished record is kept as it is: no need to score its twin
-            checkpoint("record")
-            _record(features, d, baselines and s == seed, verbose, hp.get("memory_mb", 2048), probes)
-            if seeds == 1:
-                install(i, d)
-        per_seed.append(dirs)
+    waiting: list = []  # (head, folder, baselines' future or None), in order; seeds == 1: installed once done
+
+    def finish(i: int, d: Path, job) -> None:
+        if job is not None:
+            write_baselines(d, job.result())
+        if seeds == 1:
+            install(i, d)
+
+    def settle(block: bool) -> None:
+        while waiting and (block or waiting[0][2] is None or waiting[0][2].done()):
+            finish(*waiting.pop(0))
+
+    # the heads' linear probes read, standardise and factor each tap once (ProbeCache) and are fitted in the
+    # pool's threads from the moment the grid has trained, while this thread saves and scores the heads (not
+    # while it trains: TensorFlow's threads slowed 2x beside one probe thread on 2 cores)
+    memory_mb = hp.get("memory_mb", 2048)
+    with ProbePool() as pool:
+        try:
+            for s in range(seed, seed + seeds):
+                early: dict = {}
+
+                def trained(i, store, cfg, stats, s=s, early=early):
+                    if baselines and s == seed and not (seeds == 1 and i in skip):
+                        early[i] = pool.submit(store, cfg, memory_mb, stats, wait=False)
+
+                dirs = fit_grid(features, layers, targets, fold=fold, seed=s, seed_dir=seeds > 1, out_root=out_root,
+                                verbose=verbose, trained=trained, **hp)
+                for i, d in enumerate(dirs):
+                    if seeds == 1 and i in skip:
+                        continue  # a finished record is kept as it is: no need to score its twin
+                    checkpoint("record")
+                    waiting.append((i, d, _record(features, d, baselines and s == seed, verbose, memory_mb, pool,
+                                                  early.get(i))))
+                    settle(block=False)
+                per_seed.append(dirs)
+            settle(block=True)
+        except BaseException:
+            # interrupted (or failed): the probes not yet started are dropped; the heads whose record is
+            # complete, baselines included, are still installed, in order, until the first that is not
+            pool.stop_queued()
+            for _, _, job in waiting:
+                if job is not None and not job.cancelled():
+                    try:
+                        job.result()
+                    except BaseException:  # noqa: BLE001 - its own error; the first one is re-raised below
+                        pass
+            for i, d, job in waiting:
+                if job is not None and (job.cancelled() or job.exception() is not None):
+                    break
+                finish(i, d, job)
+            raise
     if seeds == 1:
         return per_seed[0]
     dirs = []

@@ -289,6 +289,8 @@ def _ridge_probe(x: dict, y_tr, y_va, sh: "_Shared | None" = None):
 #: one scale); taps up to EIGH_FULL wide get a full eigendecomposition.
 PRECOND_RANK = 256
 EIGH_FULL = 1536
+#: Row ranges of the shared Gram matrix that separate threads may compute (see :attr:`_Shared.gram`).
+GRAM_PARTS = 2
 #: The fast solver stops where scikit-learn's gradient test passes with this margin (scikit-learn, warm-started
 #: from that point, then confirms it without an iteration).
 STOP_MARGIN = 0.8
@@ -307,22 +309,52 @@ class _Shared:
         self.xc = (xtr - self.mu.astype(np.float32)).astype(np.float32)
         self.n, self.d = xtr.shape
         self._gram = self._eig = None
-        self._gram_lock, self._eig_lock = threading.Lock(), threading.Lock()
+        self._parts: list | None = None
+        self._taken, self._failed = 0, None
+        self._gram_cv, self._eig_lock = threading.Condition(), threading.Lock()
 
     @property
     def gram(self) -> np.ndarray:
-        with self._gram_lock:
-            return self._make_gram()
+        """X'X, summed over GRAM_PARTS fixed row ranges (each over its 64 MiB row slices in order, then the
+        parts in order: the same sum whoever computes which part). Threads asking while it is being
+        computed take the parts not yet taken: two probes on one tap wait half as long for it."""
+        while True:
+            with self._gram_cv:
+                if self._gram is not None:
+                    return self._gram
+                if self._failed is not None:
+                    raise RuntimeError("the Gram matrix could not be computed") from self._failed
+                if self._parts is None:
+                    self._parts, self._taken = [None] * GRAM_PARTS, 0
+                if self._taken == len(self._parts):
+                    self._gram_cv.wait_for(lambda: self._gram is not None or self._failed is not None)
+                    continue
+                j = self._taken
+                self._taken += 1
+            try:
+                part = self._gram_part(j)
+            except BaseException as e:
+                with self._gram_cv:
+                    self._failed = e
+                    self._gram_cv.notify_all()
+                raise
+            with self._gram_cv:
+                self._parts[j] = part
+                if all(p is not None for p in self._parts):
+                    g = self._parts[0]
+                    for p in self._parts[1:]:
+                        g += p
+                    self._gram, self._parts = g, None
+                    self._gram_cv.notify_all()
 
-    def _make_gram(self) -> np.ndarray:
-        if self._gram is None:
-            g = np.zeros((self.d, self.d))
-            step = max(1, (64 << 20) // (8 * max(self.n, self.d)))
-            for i in range(0, self.n, step):
-                xb = self.xtr[i : i + step] - self.mu  # float64, as the probe alone computes it
-                g += xb.T @ xb
-            self._gram = g
-        return self._gram
+    def _gram_part(self, j: int) -> np.ndarray:
+        step = max(1, (64 << 20) // (8 * max(self.n, self.d)))
+        starts = np.array_split(np.arange(0, self.n, step), GRAM_PARTS)[j]
+        g = np.zeros((self.d, self.d))
+        for i in starts:
+            xb = self.xtr[i : i + step] - self.mu  # float64, as the probe alone computes it
+            g += xb.T @ xb
+        return g
 
     @property
     def eig(self):

@@ -110,3 +110,27 @@ def test_leaving_the_pool_on_an_error_stops_a_running_probe(feats, tmp_path, mon
         assert time.perf_counter() - t < 10
     assert isinstance(job.exception(), B.Cancelled)
     assert not (d / "baselines.json").exists()
+
+
+def test_a_failing_probe_stops_the_grid_with_its_error_and_keeps_the_heads_before_it(tmp_path, monkeypatch):
+    """A grid whose age probes fail (here: an error planted in the ridge): train_grid raises that error, not
+    another; the heads recorded before the first failing one are installed whole (baselines included), the
+    failing head and those after it are not, and no staging folder is left."""
+    pytest.importorskip("keras")
+    from test_heads import FAST, make_features
+
+    from featlab.workflow import train_grid
+
+    feats = make_features(tmp_path / "synth.h5")
+
+    def boom(*a, **k):
+        raise ValueError("planted ridge failure")
+
+    monkeypatch.setattr(B, "_ridge_probe", boom)
+    root = tmp_path / "results"
+    with pytest.raises(ValueError, match="planted ridge failure"):
+        train_grid(feats, ["vec", "conv"], [("gender", None), ("age", None)], out_root=root, **FAST)
+    heads = sorted(p.parent.relative_to(root) for p in root.rglob("metrics.json"))
+    assert [h.parts[-2:] for h in heads] == [("vec", "gender")]
+    assert (root / heads[0] / "baselines.json").is_file()
+    assert not list(root.rglob(".staging"))

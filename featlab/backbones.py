@@ -26,7 +26,6 @@ Input/output names come from the session, never hard-coded.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -347,11 +346,9 @@ def register_descriptor(path: str | Path, name: str | None = None) -> str:
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
+    from .manifest import file_sha256
+
+    return file_sha256(path)
 
 
 class Backbone:

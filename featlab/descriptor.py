@@ -278,12 +278,9 @@ def _fixed_shapes(model, d: Descriptor) -> dict[str, tuple[int, ...]]:
         m = shape_inference.infer_shapes(m)
     except Exception as e:  # noqa: BLE001
         raise FeatlabError(f"{d.where()}: ONNX shape inference fails on the graph ({str(e).splitlines()[0][:160]})") from None
-    out = {}
-    for v in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
-        ds = v.type.tensor_type.shape.dim
-        if len(ds) >= 1:
-            out[v.name] = tuple(int(x.dim_value) for x in ds[1:])
-    return out
+    from .taps import tensor_shapes
+
+    return tensor_shapes(m)
 
 
 def image_input(model, d: Descriptor) -> str:
@@ -386,16 +383,6 @@ def resolve(model, d: Descriptor) -> list:
     return taps
 
 
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
-
-
 def _with(tap, **kw):
     from dataclasses import replace
 
@@ -413,6 +400,7 @@ def locate(d: Descriptor, model: str | None) -> Path:
     from importlib import resources
 
     from . import config
+    from .manifest import file_sha256
 
     looked = []
     path = None

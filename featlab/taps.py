@@ -133,9 +133,13 @@ def infer_shapes(model, input_size: int | None = None) -> dict[str, tuple[int, .
             if not d.dim_value:
                 d.ClearField("dim_param")
                 d.dim_value = int(input_size)
-    m = shape_inference.infer_shapes(m)
+    return tensor_shapes(shape_inference.infer_shapes(m))
+
+
+def tensor_shapes(inferred) -> dict[str, tuple[int, ...]]:
+    """Per-face shapes (batch dimension dropped) of every tensor of a shape-inferred ONNX model."""
     out = {}
-    for v in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
+    for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
         ds = v.type.tensor_type.shape.dim
         if len(ds) >= 1:
             out[v.name] = tuple(int(d.dim_value) for d in ds[1:])

@@ -521,7 +521,8 @@ def fit_baselines(store: FeatureStore, cfg: dict, head_dir: Path, memory_mb: flo
     ``shared``: a :class:`ProbeCache` shared by the heads of a grid (their probes read and standardise
     each tap once and share its Gram matrix and preconditioner); None: this head's probe on its own."""
     head_dir = Path(head_dir)
-    return write_baselines(head_dir, prepare_baselines(store, cfg, memory_mb, shared, head_stats(head_dir))())
+    fitted = prepare_baselines(store, cfg, memory_mb, shared, head_stats(head_dir))()
+    return write_baselines(head_dir, fitted, check=False)  # fitted from this folder's own config and statistics
 
 
 def head_stats(head_dir: Path):
@@ -537,6 +538,12 @@ def head_stats(head_dir: Path):
 #: head is saved; :func:`write_baselines` checks it against the saved config).
 PROBE_CONFIG = ("tap", "target", "cats", "class_names", "target_name", "fold", "hyperparameters.pool",
                 "hyperparameters.val_share")
+
+
+def _probe_fields(cfg: dict) -> dict:
+    """``PROBE_CONFIG`` of a head's config."""
+    hp = cfg.get("hyperparameters", {})
+    return {k: hp.get(k.split(".", 1)[1]) if "." in k else cfg.get(k) for k in PROBE_CONFIG}
 
 
 def prepare_baselines(store: FeatureStore, cfg: dict, memory_mb: float = 2048, shared: "ProbeCache | None" = None,
@@ -591,8 +598,6 @@ def prepare_baselines(store: FeatureStore, cfg: dict, memory_mb: float = 2048, s
                                      f"the tap needs {need >> 20} MiB, over the {int(memory_mb)} MiB budget")}
     rows = {"val": va, "test": te}
     subs = {split: labels.iloc[r].copy() for split, r in rows.items()}  # the worker's own copy of what it scores
-    probe = {k: cfg.get(k) for k in PROBE_CONFIG if "." not in k}
-    probe.update({k: hp.get(k.split(".", 1)[1]) for k in PROBE_CONFIG if "." in k})
 
     def run() -> dict:
         from threadpoolctl import threadpool_limits
@@ -614,23 +619,22 @@ def prepare_baselines(store: FeatureStore, cfg: dict, memory_mb: float = 2048, s
                              f"({setting['bounds'][0]:g}..{setting['bounds'][1]:g})")
                 warn = f"linear probe of {key} -> {cfg.get('target_name', target)} {what}"
         out_, faces = _score_baselines(target, cats, names, y_all, rows, subs, preds, dict(out))
-        return {"out": out_, "faces": faces, "warning": warn, "config": probe,
+        return {"out": out_, "faces": faces, "warning": warn, "config": _probe_fields(cfg),
                 "stats": None if stats is None else tuple(np.asarray(a).copy() for a in stats)}
 
     return run
 
 
-def write_baselines(head_dir: Path, fitted: dict) -> dict:
+def write_baselines(head_dir: Path, fitted: dict, check: bool = True) -> dict:
     """Write what :func:`prepare_baselines`' function returned into the head's folder: ``baselines.json``
-    and ``baselines_faces.csv``; a probe that did not converge or chose a bound says so on stderr. The
-    probe must have read the head as it was saved: its config (``PROBE_CONFIG``) and standardisation."""
+    and ``baselines_faces.csv``; a probe that did not converge or chose a bound says so on stderr. With
+    ``check``, the probe must have read the head as it was saved: its config (``PROBE_CONFIG``) and
+    standardisation (:func:`fit_baselines`, which read them from the folder itself, does not check)."""
     head_dir = Path(head_dir)
     checkpoint("baselines")
-    saved = json.loads((head_dir / "config.json").read_text()) if (head_dir / "config.json").is_file() else None
+    saved = json.loads((head_dir / "config.json").read_text()) if check and (head_dir / "config.json").is_file() else None
     if saved is not None:
-        hp = saved.get("hyperparameters", {})
-        now = {k: saved.get(k) for k in PROBE_CONFIG if "." not in k}
-        now.update({k: hp.get(k.split(".", 1)[1]) for k in PROBE_CONFIG if "." in k})
+        now = _probe_fields(saved)
         stats = head_stats(head_dir)
         same_stats = (stats is None) == (fitted["stats"] is None) and (stats is None or all(
             np.array_equal(a, b) for a, b in zip(stats, fitted["stats"])))

@@ -328,7 +328,7 @@ def _epoch_loop(tf, net: "GridNet", ys, ws, members, xs: dict, loss_fns, optimiz
     Traced once per grid group: every argument has a fixed signature (the batches, the last partial one
     included, are slices inside the loop) and the data are captured, so no stop traces it again."""
     b = int(batch_size)
-    trunk, n_trunks = _trunk_steps(tf, net, ys, ws, members, loss_fns, optimizers)
+    batch, n_trunks = _trunk_steps(tf, net, ys, ws, members, loss_fns, optimizers)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([len(ys)], tf.float32),
                                   tf.TensorSpec([n_trunks], tf.float32)])
@@ -340,10 +340,7 @@ def _epoch_loop(tf, net: "GridNet", ys, ws, members, xs: dict, loss_fns, optimiz
         for s in tf.range(steps):
             idx = perm[s * b: tf.minimum((s + 1) * b, n)]
             xb = {p: tf.gather(x, idx) for p, x in xs.items()}
-            size = tf.cast(tf.size(idx), tf.float32)
-            cnt = tf.stack([tf.reduce_sum(tf.gather(m, idx)) for m in members])
-            ls = tf.concat([tf.cond(live[k] > 0, *trunk(k, xb, idx, size, cnt, active)) for k in range(n_trunks)],
-                           axis=0)
+            ls, cnt = batch(xb, idx, active, live)
             sums = sums + ls * cnt
             counts = counts + cnt
         return sums / tf.maximum(counts, 1.0)
@@ -352,10 +349,11 @@ def _epoch_loop(tf, net: "GridNet", ys, ws, members, xs: dict, loss_fns, optimiz
 
 
 def _trunk_steps(tf, net: "GridNet", ys, ws, members, loss_fns, optimizers):
-    """(trunk, number of trunks): ``trunk(k, xb, idx, size, cnt, active)`` gives the two branches of trunk
-    ``k``'s ``tf.cond`` for one batch (``xb``: the batch's rows of each tap; ``idx``: their positions in
-    the fit rows): a forward and backward pass with its optimizer's step, returning its heads' losses, or
-    zeros when it is skipped."""
+    """(batch, number of trunks): ``batch(xb, idx, active, live)`` steps every live trunk on one batch
+    (``xb``: the batch's rows of each tap; ``idx``: their positions in the fit rows) and returns every head's
+    loss on it and its rows in it (``members``), the loop's :func:`_epoch_loop` and :func:`_block_loop`
+    share. Trunk ``k``'s ``tf.cond`` has two branches: a forward and backward pass with its optimizer's
+    step, returning its heads' losses, or zeros when it is skipped."""
     subs = [net.model_of([k]) for k in range(len(net.trunks))]
     starts = np.cumsum([0] + [len(q[0]) for q in subs]).tolist()
 
@@ -380,7 +378,14 @@ def _trunk_steps(tf, net: "GridNet", ys, ws, members, loss_fns, optimizers):
 
         return on, lambda: tf.zeros([z - a])
 
-    return trunk, len(subs)
+    def batch(xb, idx, active, live):
+        size = tf.cast(tf.size(idx), tf.float32)
+        cnt = tf.stack([tf.reduce_sum(tf.gather(m, idx)) for m in members])
+        ls = tf.concat([tf.cond(live[k] > 0, *trunk(k, xb, idx, size, cnt, active)) for k in range(len(subs))],
+                       axis=0)
+        return ls, cnt
+
+    return batch, len(subs)
 
 
 def _block_loop(tf, net: "GridNet", ys, ws, members, shapes: dict, loss_fns, optimizers, batch_size: int):
@@ -391,7 +396,7 @@ def _block_loop(tf, net: "GridNet", ys, ws, members, shapes: dict, loss_fns, opt
     the batches. Traced once: a block of any size."""
     b = int(batch_size)
     parts = list(shapes)
-    trunk, n_trunks = _trunk_steps(tf, net, ys, ws, members, loss_fns, optimizers)
+    batch, n_trunks = _trunk_steps(tf, net, ys, ws, members, loss_fns, optimizers)
 
     @tf.function(input_signature=[[tf.TensorSpec([None, *[int(d) for d in shapes[p]]], tf.float32) for p in parts],
                                   tf.TensorSpec([None], tf.int32), tf.TensorSpec([len(ys)], tf.float32),
@@ -405,10 +410,7 @@ def _block_loop(tf, net: "GridNet", ys, ws, members, shapes: dict, loss_fns, opt
             lo, hi = s * b, tf.minimum((s + 1) * b, n)
             idx = pos[lo:hi]
             xb = {p: x[lo:hi] for p, x in zip(parts, xs)}
-            size = tf.cast(tf.size(idx), tf.float32)
-            cnt = tf.stack([tf.reduce_sum(tf.gather(m, idx)) for m in members])
-            ls = tf.concat([tf.cond(live[k] > 0, *trunk(k, xb, idx, size, cnt, active)) for k in range(n_trunks)],
-                           axis=0)
+            ls, cnt = batch(xb, idx, active, live)
             sums = sums + ls * cnt
             counts = counts + cnt
         return sums, counts

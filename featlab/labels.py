@@ -135,12 +135,13 @@ def check_ranges(labels, target: str, cats=None, ranges: str = "refuse") -> dict
 
 def hold_out(rows: np.ndarray, labels, seed: int, share: float) -> tuple[np.ndarray, np.ndarray]:
     """A seeded ``share`` of whole groups among ``rows`` -> (rest, held out), both sorted
-    (:func:`featlab.manifest.hold_out_groups`; rows without a group are groups of their own)."""
+    (:func:`featlab.manifest.hold_out_groups`: a group is held out by the hash of its key, so the held-out
+    faces do not depend on the other rows; rows without a group are groups of their own, keyed by image id)."""
     from .manifest import hold_out_groups
 
     rows = np.asarray(rows, dtype=np.int64)
     groups = labels["group"].to_numpy()[rows] if "group" in labels else np.full(len(rows), "", dtype=object)
-    tr, va = hold_out_groups(list(groups), share, seed + 7919)
+    tr, va = hold_out_groups(list(groups), share, seed + 7919, image_ids=labels["image_id"].to_numpy()[rows])
     return np.sort(rows[tr]), np.sort(rows[va])
 
 

@@ -15,11 +15,15 @@ Columns (CSV, one row per image):
 - ``group``: the identity a split must never divide (IMDB ``celeb_id``,
   Wikipedia ``name``, Adience ``user_id``, a CSV's ``--group-col``, or a
   ``face:...`` cluster from ``featlab prepare --group-by-face``). Empty means
-  unknown: the row is a group of its own.
+  unknown: the row is a group of its own, keyed by its ``image_id``.
 - ``age_low``, ``age_high``: the age label as a range of years, both ends
   included. For an exact age both equal ``age``; for a range label (Adience's
   ``(25, 32)``) they are its bounds and ``age`` is the midpoint. Empty when the
   age is unknown.
+
+The split (:func:`assign_splits`) is a function of each row's group key and
+the seed alone, so it does not move when other rows are added, removed or
+corrected; :func:`split_balance` reports its age and gender balance.
 
 Manifests written before ``group``/``age_low``/``age_high`` existed are read
 with ``group`` empty and ``age_low = age_high = age``.
@@ -95,147 +99,101 @@ def _age_columns(df, where: str = "manifest rows"):
     return df
 
 
-def strata(df) -> np.ndarray:
-    """Stratum per row: age decade (0-9, 80+ together, -1 unknown) x gender, as an integer code."""
-    age = df["age"].to_numpy(dtype=np.float64)
-    decade = np.where(np.isnan(age), -1, np.minimum(np.nan_to_num(age, nan=0) // 10, 8)).astype(int)
-    gender = df["gender"].map({"f": 0, "m": 1}).fillna(2).astype(int).to_numpy()
-    return (decade + 1) * 3 + gender
+def group_keys(groups, image_ids=None) -> np.ndarray:
+    """Group key per row: the ``group`` value, or the row's ``image_id`` where the group is empty.
 
-
-def group_keys(groups) -> np.ndarray:
-    """Group key per row: the ``group`` value, or a key of its own where it is empty (a singleton group)."""
+    The key of an ungrouped row is its own image id (prefixed so that it cannot
+    collide with a real group string), never its position in the table: a
+    key, and so a split, does not move when other rows come or go. Empty
+    groups therefore need ``image_ids`` (a FeatlabError otherwise).
+    """
     g = np.asarray(["" if x is None or x != x else str(x) for x in groups], dtype=object)  # None/NaN: unknown
     empty = g == ""
-    g[empty] = [f"\x00row{i}" for i in np.flatnonzero(empty)]  # cannot collide with a real group string
+    if empty.any():
+        if image_ids is None:
+            raise FeatlabError(f"{int(empty.sum()):,} rows have no group and no image id to key them by")
+        ids = np.asarray([str(x) for x in image_ids], dtype=object)
+        if len(ids) != len(g):
+            raise FeatlabError(f"{len(ids):,} image ids for {len(g):,} rows")
+        if (ids[empty] == "").any():
+            raise FeatlabError("a row has neither a group nor an image id to key its split by")
+        g[empty] = ["\x00id:" + x for x in ids[empty]]  # cannot collide with a real group string
     return g
 
 
-def _folds_for(fractions) -> tuple[int, list[int]]:
-    """The fewest equal folds (at most 20) that give ``fractions``, and how many folds each split takes."""
+def key_uniform(keys, seed: int) -> np.ndarray:
+    """A number in [0, 1) per key: the first 8 bytes of ``blake2b(key, key=seed)`` over 2**64.
+
+    A function of the key and the seed alone (the same on every machine and
+    Python), so a key's draw does not depend on which other keys are there.
+    """
+    salt = str(int(seed)).encode("ascii")
+    out = np.empty(len(keys), dtype=np.float64)
+    cache: dict[str, float] = {}
+    for i, k in enumerate(keys):
+        u = cache.get(k)
+        if u is None:
+            h = hashlib.blake2b(str(k).encode("utf-8"), digest_size=8, key=salt).digest()
+            u = cache[k] = int.from_bytes(h, "big") / 2.0**64
+        out[i] = u
+    return out
+
+
+def _fractions(fractions) -> np.ndarray:
     f = np.asarray(fractions, dtype=np.float64)
-    if f.ndim != 1 or len(f) != len(SPLITS) or (f < 0).any() or f.sum() <= 0:
+    if f.ndim != 1 or len(f) != len(SPLITS) or not np.isfinite(f).all() or (f < 0).any() or f.sum() <= 0:
         raise FeatlabError(f"split fractions must be {len(SPLITS)} non-negative numbers, got {fractions}")
-    f = f / f.sum()
-    for k in range(1, 21):
-        if np.allclose(f * k, np.round(f * k), atol=1e-6):
-            return k, [int(x) for x in np.round(f * k)]
-    counts = np.floor(f * 20).astype(int)
-    counts[np.argmax(f * 20 - counts)] += 20 - counts.sum()
-    return 20, [int(x) for x in counts]
+    return f / f.sum()
 
 
 def assign_splits(df, seed: int = 0, fractions=DEFAULT_FRACTIONS):
-    """Seeded train/val/test split, stratified by (age decade, gender), that never divides a ``group``.
+    """Seeded train/val/test split of whole groups, each face's side a function of its group key and the seed.
 
-    scikit-learn's ``StratifiedGroupKFold`` (shuffled with ``seed``) cuts the
-    rows into k equal folds (k = 10 for 70/10/20) keeping every group in one
-    fold and each fold's mix of strata close to the whole; the first folds are
-    train, then val, then test. Rows with an empty group are groups of their
-    own. Beyond ``MAX_SPLIT_UNITS`` groups, whole groups of one stratum are
-    packed into units first (:func:`split_units`: the scikit-learn splitter
-    costs ~1 ms per group). The result does not depend on the order of the
-    input rows. Datasets
-    with fewer groups than folds get a seeded, unstratified split of whole
-    groups by row share. Returns a new frame.
+    A row's key is its ``group`` (identity, ``face:...`` cluster), or its
+    ``image_id`` when the group is empty (:func:`group_keys`). The key's
+    keyed hash (:func:`key_uniform`) is a uniform number u in [0, 1); u below
+    the train fraction is train, below train + val is val, else test. So a
+    group is never divided, and adding, removing or correcting any row never
+    moves another face: only the rows whose key changed can move. The split is
+    not stratified (a stratified splitter cuts all rows at once, so one row
+    changed moves hundreds of others); with a few thousand groups the shares
+    land within about a point of ``fractions`` (UTKFace's 8,000 faces, seed 0:
+    see README "prepare") and age and gender balance by chance, which
+    :func:`split_balance` reports. Returns a new frame.
     """
-    import warnings
-
-    from sklearn.model_selection import StratifiedGroupKFold
-
-
+    f = _fractions(fractions)
     df = df.copy()
-    n = len(df)
-    split = np.empty(n, dtype=object)
-    if n == 0:
-        df["split"] = split
+    if len(df) == 0:
+        df["split"] = np.empty(0, dtype=object)
         return df
-    k, per_split = _folds_for(fractions)
-    order = np.argsort(df["image_id"].to_numpy().astype(str), kind="stable")  # independent of input order
-    raw = df["group"].to_numpy() if "group" in df else np.full(n, "")
-    groups = group_keys(raw[order])  # singleton keys by sorted position: order-independent
-    y = strata(df)[order]
-    units = split_units(groups, y, seed)
-    fold = np.full(n, -1)
-    if units.max() + 1 >= k:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "least populated class has only N members": expected
-            cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-            try:
-                for f, (_, test) in enumerate(cv.split(np.zeros((n, 1)), y, units)):
-                    fold[test] = f
-            except ValueError:  # every stratum smaller than k: too few rows to stratify
-                fold[:] = -1
-    if (fold < 0).any():
-        fold = _small_folds(groups, k, seed)
-    names = np.repeat(np.asarray(SPLITS, dtype=object), per_split)
-    split[order] = names[fold]
-    df["split"] = split
+    raw = df["group"].to_numpy() if "group" in df else np.full(len(df), "")
+    u = key_uniform(group_keys(raw, df["image_id"].to_numpy()), seed)
+    cut = np.cumsum(f)[:-1]
+    df["split"] = np.asarray(SPLITS, dtype=object)[np.searchsorted(cut, u, side="right")]
     return df
 
 
-MAX_SPLIT_UNITS = 600
+def hold_out_groups(rows_or_groups, share: float, seed: int = 0, image_ids=None) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out a seeded ``share`` of whole groups as validation: ``(train_idx, val_idx)``, row positions.
 
-
-def split_units(groups: np.ndarray, y: np.ndarray, seed: int, max_units: int = MAX_SPLIT_UNITS) -> np.ndarray:
-    """Unit per row for the split: the groups, packed into at most ~``max_units`` units when there are more.
-
-    ``StratifiedGroupKFold`` costs about a millisecond per group on this
-    project's machines, so beyond ``max_units`` groups, groups of the same
-    (majority) stratum are packed, in seeded random order, into units of about
-    ``len(rows) / max_units`` rows. Packing joins whole groups only, so a unit
-    never divides a group, and units stay stratum-pure for single-row groups.
+    ``rows_or_groups``: a manifest or labels frame (its ``group`` and
+    ``image_id`` columns) or a sequence of group strings, one per row (then
+    ``image_ids`` keys the rows whose group is empty: each is a group of its
+    own). Like :func:`assign_splits`, a group is held out when its key's hash
+    (:func:`key_uniform`, this ``seed``) falls below ``share``, so the held-out
+    faces do not move when other rows come or go, and the share of groups is
+    close to ``share`` when groups are many. Only when no group (or every
+    group) falls below it, as happens in a handful of groups, the group with
+    the lowest (highest) draw is moved to make both sides non-empty. A group
+    is never on both sides.
     """
-    _, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    n_groups = len(counts)
-    if n_groups <= max_units:
-        return inv
-    # majority stratum per group: the most frequent (group, stratum) pair of each group
-    pair_keys, pair_counts = np.unique(inv.astype(np.int64) * (int(y.max()) + 1) + y, return_counts=True)
-    pg, py = pair_keys // (int(y.max()) + 1), pair_keys % (int(y.max()) + 1)
-    best = np.lexsort((-pair_counts, pg))  # by group, most frequent stratum first
-    first = np.ones(len(best), dtype=bool)
-    first[1:] = pg[best][1:] != pg[best][:-1]
-    g_stratum = np.empty(n_groups, dtype=np.int64)
-    g_stratum[pg[best][first]] = py[best][first]
-    target = max(1, int(np.ceil(len(groups) / max_units)))
-    rand = np.random.default_rng(seed).permutation(n_groups)
-    order = np.lexsort((rand, g_stratum))
-    sizes = counts[order]
-    strat = g_stratum[order]
-    start = np.cumsum(sizes) - sizes
-    new_stratum = np.ones(n_groups, dtype=bool)
-    new_stratum[1:] = strat[1:] != strat[:-1]
-    stratum_start = np.maximum.accumulate(np.where(new_stratum, start, 0))
-    local = (start - stratum_start) // target
-    _, unit_sorted = np.unique(np.stack([strat, local], axis=1), axis=0, return_inverse=True)
-    unit_of_group = np.empty(n_groups, dtype=np.int64)
-    unit_of_group[order] = unit_sorted.ravel()
-    return unit_of_group[inv]
-
-
-def _small_folds(groups: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Fold per row for tiny datasets: whole groups in seeded order, cut by cumulative row share."""
-    keys, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    perm = np.random.default_rng(seed).permutation(len(keys))
-    start = np.cumsum(counts[perm]) - counts[perm]  # rows before each group, in permuted order
-    fold_of_group = np.empty(len(keys), dtype=int)
-    fold_of_group[perm] = np.minimum((start * k) // len(groups), k - 1)
-    return fold_of_group[inv]
-
-
-def hold_out_groups(rows_or_groups, share: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Pick a seeded ``share`` of whole groups as validation: ``(train_idx, val_idx)``, row positions.
-
-    ``rows_or_groups``: a manifest frame (its ``group`` column) or a sequence of
-    group strings, one per row; an empty group is a group of its own. ``share``
-    is a share of groups (scikit-learn's ``GroupShuffleSplit``), so the share
-    of rows is close to it when groups are many. A group is never on both sides.
-    """
-    from sklearn.model_selection import GroupShuffleSplit
-
-    groups = rows_or_groups["group"] if hasattr(rows_or_groups, "columns") else rows_or_groups
-    keys = group_keys(list(groups))
+    if hasattr(rows_or_groups, "columns"):
+        groups = rows_or_groups["group"]
+        if image_ids is None and "image_id" in rows_or_groups:
+            image_ids = rows_or_groups["image_id"].to_numpy()
+    else:
+        groups = rows_or_groups
+    keys = group_keys(list(groups), image_ids)
     n = len(keys)
     share = float(share)
     if not 0.0 < share < 1.0:
@@ -243,9 +201,83 @@ def hold_out_groups(rows_or_groups, share: float, seed: int = 0) -> tuple[np.nda
     n_groups = len(set(keys))
     if n_groups < 2:
         raise FeatlabError(f"cannot hold out validation groups: {n} rows form {n_groups} group(s), need at least 2")
-    cv = GroupShuffleSplit(n_splits=1, test_size=share, random_state=seed)
-    train, val = next(cv.split(np.zeros((n, 1)), groups=keys))
-    return np.sort(train), np.sort(val)
+    u = key_uniform(keys, seed)
+    val = u < share
+    if not val.any():
+        val = keys == keys[np.argmin(u)]
+    elif val.all():
+        val = keys != keys[np.argmax(u)]
+    return np.flatnonzero(~val), np.flatnonzero(val)
+
+
+def split_balance(df, by: str | None = None, scheme: str = "8"):
+    """The balance of a split: one row per side (``SPLITS`` order, then ``all``), as a DataFrame.
+
+    ``by``: the column to compare (``split``; ``fold`` when no row has a
+    split, as for Adience). Columns: ``rows``, ``groups`` (distinct group keys,
+    :func:`group_keys`), ``share`` (of all rows), then the share of the side's
+    rows per gender (``f``, ``m``, ``gender ?`` when some are unknown) and per
+    age group of ``scheme`` (the 8 Adience groups by default; a range label
+    counts in a group only when it lies inside it, else under ``age ?`` with
+    the unknown ages).
+    """
+    import pandas as pd
+
+    from .bins import get_scheme
+
+    if by is None:
+        by = "split" if "split" in df and (df["split"].astype(str) != "").any() else "fold"
+    side = df[by]
+    if by == "fold":
+        keep = side.notna().to_numpy()
+        names = [f"fold {int(x)}" for x in side[keep]]
+        order = [f"fold {k}" for k in sorted({int(x) for x in side[keep]})]
+    else:
+        side = side.astype(str)
+        keep = (side != "").to_numpy()
+        names = list(side[keep])
+        order = [s for s in SPLITS if s in set(names)] + sorted(set(names) - set(SPLITS))
+    sub = df.loc[keep]
+    s = get_scheme(scheme)
+    lo = sub["age_low"] if "age_low" in sub else sub["age"]
+    hi = sub["age_high"] if "age_high" in sub else sub["age"]
+    idx = s.assign_range(lo.to_numpy(np.float64), hi.to_numpy(np.float64))
+    age = np.where(idx >= 0, np.asarray(s.names, dtype=object)[np.maximum(idx, 0)], "age ?").astype(object)
+    gender = sub["gender"].astype(str).where(sub["gender"].astype(str).isin(["f", "m"]), "gender ?").to_numpy()
+    keys = group_keys(sub["group"].to_numpy() if "group" in sub else np.full(len(sub), ""), sub["image_id"].to_numpy())
+    t = pd.DataFrame({"side": names, "gender": gender, "age": age, "key": keys})
+    rows = t.groupby("side").size()
+    out = pd.DataFrame({"rows": rows, "groups": t.groupby("side")["key"].nunique()}).reindex(order)
+    out.loc["all"] = [len(t), t["key"].nunique()]
+    out = out.astype(np.int64)
+    out["share"] = out["rows"] / max(len(t), 1)
+    gcols = [g for g in ("f", "m", "gender ?") if (gender == g).any() or g != "gender ?"]
+    acols = list(s.names) + (["age ?"] if (age == "age ?").any() else [])
+    for col, vals in (("gender", gcols), ("age", acols)):
+        counts = pd.crosstab(t["side"], t[col]).reindex(index=order, columns=vals, fill_value=0)
+        counts.loc["all"] = counts.sum(axis=0)
+        for v in vals:
+            out[v] = counts[v] / out["rows"].where(out["rows"] > 0, 1)
+    return out
+
+
+def balance_lines(df, by: str | None = None, scheme: str = "8") -> list[str]:
+    """:func:`split_balance` as a compact text table (shares in %), one string per line."""
+    b = split_balance(df, by=by, scheme=scheme)
+    shares = [c for c in b.columns if c not in ("rows", "groups", "share")]
+    gcols = [c for c in shares if c in ("f", "m", "gender ?")]
+    acols = [c for c in shares if c not in gcols]
+    short = {"gender ?": "?", "age ?": "?"}
+    head = (f"{'':7s}{'rows':>8s}{'groups':>8s}{'share':>7s} " + f"{'% gender':>{6 * len(gcols)}s} "
+            + f"{'% age, ' + scheme + ' groups':>{6 * len(acols)}s}")
+    cols = " " * 31 + "".join(f"{short.get(c, c):>6s}" for c in gcols) + " " + "".join(
+        f"{short.get(c, c):>6s}" for c in acols)
+    lines = [head, cols]
+    for name, r in b.iterrows():
+        lines.append(f"{str(name):7s}{int(r['rows']):>8,}{int(r['groups']):>8,}{100 * r['share']:>6.1f}% "
+                     + "".join(f"{100 * r[c]:>6.1f}" for c in gcols) + " "
+                     + "".join(f"{100 * r[c]:>6.1f}" for c in acols))
+    return lines
 
 
 def write_manifest(df, out: Path) -> Path:

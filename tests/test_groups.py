@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 
 from featlab.bins import SCHEMES
 from featlab.cli import main
@@ -77,10 +78,10 @@ def test_imdb_split_never_divides_a_celebrity(tmp_path):
     assert all(g == "celeb:" + Path(p).name.split("_")[0][1:] for g, p in zip(df["group"], df["path"]))
     assert df["group"].nunique() == 120
     assert (splits_per_group(df) == 1).all()
-    share = df["split"].value_counts(normalize=True)
-    assert abs(share["train"] - 0.7) < 0.05 and abs(share["val"] - 0.1) < 0.04 and abs(share["test"] - 0.2) < 0.05
-    for g in ("f", "m"):  # still stratified: each gender in every split
-        assert set(df.loc[df["gender"] == g, "split"]) == {"train", "val", "test"}
+    # each celebrity's side is a draw of its own: the count of celebrities per side is binomial (120, share)
+    per = df.groupby("group")["split"].first().value_counts()
+    for s, want in (("train", 0.7), ("val", 0.1), ("test", 0.2)):
+        assert scipy.stats.binomtest(int(per[s]), 120, want).pvalue > 0.01, (s, per[s])
     df2, _ = prepare_dataset("imdb", tmp_path, seed=3)
     assert (df2["split"].to_numpy() == df["split"].to_numpy()).all()
     df4, _ = prepare_dataset("imdb", tmp_path, seed=4)
@@ -89,7 +90,7 @@ def test_imdb_split_never_divides_a_celebrity(tmp_path):
 
 def test_assign_splits_is_order_independent_and_keeps_groups_on_many_rows():
     rng = np.random.default_rng(0)
-    n = 6000  # more groups than MAX_SPLIT_UNITS: the packed path
+    n = 6000  # 4,000 ungrouped rows and 200 groups of up to 10 rows
     rows = [{"image_id": f"{i:08x}", "path": f"/x/{i}.jpg", "age": float(rng.integers(0, 90)),
              "gender": "fm"[i % 2], "group": "" if i % 3 else f"p{i // 30}"} for i in range(n)]
     df = to_frame(rows)
@@ -176,25 +177,33 @@ def test_adience_groups_ranges_and_group_held_out_validation(tmp_path):
     assert len(tr) + len(va) == len(train_rows) and not set(tr) & set(va)
     users_tr, users_va = set(train_rows["group"].iloc[tr]), set(train_rows["group"].iloc[va])
     assert users_va and not users_tr & users_va
-    assert len(users_va) == 6  # 25 % of the 24 training users
-    _, va2 = hold_out_groups(list(train_rows["group"]), 0.25, seed=7)
+    assert len(users_va) == 7  # about 25 % of the 24 training users (a draw per user)
+    _, va2 = hold_out_groups(list(train_rows["group"]), 0.25, seed=7, image_ids=train_rows["image_id"])
     assert (va2 == va).all()
+    # a user's side is its own: without one training user, every other user stays where it was
+    for gone in sorted(users_tr)[:2] + sorted(users_va)[:2]:
+        rest = train_rows[train_rows["group"] != gone].reset_index(drop=True)
+        _, va4 = hold_out_groups(rest, 0.25, seed=7)
+        assert set(rest["group"].iloc[va4]) == users_va - {gone}
     _, va3 = hold_out_groups(train_rows, 0.25, seed=8)
     assert set(va3) != set(va)
 
 
 def test_hold_out_groups_empty_group_is_a_singleton_and_bad_share():
     groups = ["a", "a", "a", "", "", "", "b", "b"]
+    ids = [f"id{i}" for i in range(len(groups))]
+    with pytest.raises(FeatlabError, match="no group and no image id"):  # never keyed by row position
+        hold_out_groups(groups, 0.4)
     seen = set()
     for seed in range(30):
-        _, va = hold_out_groups(groups, 0.4, seed)
+        _, va = hold_out_groups(groups, 0.4, seed, image_ids=ids)
         for g in ("a", "b"):
             sides = {i in set(va) for i, x in enumerate(groups) if x == g}
             assert len(sides) == 1
         seen |= {i for i in va if groups[i] == ""}
     assert seen == {3, 4, 5}  # every ungrouped row can be held out alone
     with pytest.raises(FeatlabError, match="between 0 and 1"):
-        hold_out_groups(groups, 1.0)
+        hold_out_groups(groups, 1.0, image_ids=ids)
     with pytest.raises(FeatlabError, match="1 group"):
         hold_out_groups(["x", "x"], 0.5)
 

@@ -28,7 +28,7 @@ listed twice with different labels, are counted and ignored.
 Splits. With label files, AAF's own partition is kept (``has_splits`` True)
 and the official ``val.txt`` list, AAF's only held-out set, becomes ``test``;
 ``val`` is carved from ``train.txt``'s images, 1/8 of them (about 70/10/20
-overall), stratified by age decade and gender with a fixed seed (0), so the
+overall), by the seeded hash of each image's id with a fixed seed (0), so the
 test set is always AAF's own whatever ``--seed`` says. Images that are in no
 list are kept with an empty gender (counted under "kept without gender: not
 in the label files") and split 70/10/20 among themselves, also with seed 0.
@@ -150,7 +150,7 @@ def prepare(root: Path, **_options) -> PrepareResult:
 
 
 def _split(rows: list[dict], fractions) -> None:
-    """Set ``split`` in place: seeded (0), stratified by age decade and gender."""
+    """Set ``split`` in place: each row's side by the hash of its image id, seed 0 (:func:`assign_splits`)."""
     if not rows:
         return
     df = assign_splits(to_frame(rows), seed=0, fractions=fractions)

@@ -94,7 +94,8 @@ def prepare(
     root: Optional[Path] = typer.Option(None, "--root", help="dataset folder (or CSV file for --dataset csv)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="manifest CSV to write [features/manifests/DATASET.csv]"),
     list_: bool = typer.Option(False, "--list", help="list the dataset adapters and exit"),
-    seed: int = typer.Option(0, help="seed of the stratified train/val/test split (datasets without their own)"),
+    seed: int = typer.Option(0, help="seed of the train/val/test split (datasets without their own): 70/10/20 by a "
+                             "seeded hash of each face's group (or image id), so other rows never move a face"),
     face_score_min: float = typer.Option(1.0, help="imdb/wiki: keep faces with face_score above this"),
     path_col: str = typer.Option("path", help="csv: column holding image paths"),
     age_col: str = typer.Option("age", help="csv: column holding ages"),
@@ -140,6 +141,11 @@ def prepare(
             _echo("  " + line)
     if df["fold"].notna().any():
         _echo("  folds: " + ", ".join(f"{int(k)}: {v:,}" for k, v in df["fold"].value_counts().sort_index().items()))
+    if ("split" in df and (df["split"] != "").any()) or df["fold"].notna().any():
+        from .manifest import balance_lines
+
+        for line in balance_lines(df):
+            _echo("  " + line)
     kept = {r: n for r, n in res.counts.items() if r.startswith("kept without")}
     removed = {r: n for r, n in res.counts.items() if r not in kept}
     if removed:

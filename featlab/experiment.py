@@ -306,6 +306,11 @@ def _prepare_step(spec: dict, adapter, root: Path, options: dict, seed: int, for
     (side / "done").write_text(json.dumps({"rows": len(df), "skipped": res.skipped,
                                            "face_groups": groups.lines() if groups else None}, indent=1))
     echo(f"[prepare] {out}: {len(df):,} rows, {len(res.skipped):,} skipped")
+    if (df["split"] != "").any() or df["fold"].notna().any():
+        from .manifest import balance_lines
+
+        for line in balance_lines(df):
+            echo(f"[prepare] {line}")
     for reason, n in sorted(res.counts.items(), key=lambda kv: -kv[1]):
         if reason.startswith("kept without"):  # a label column the data lacks is said, not found out later
             echo(f"[prepare] {n:,} {reason}")

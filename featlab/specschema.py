@@ -69,7 +69,8 @@ class Options(_Section):
         "means no genders.", adapters=["csv"]))
     race_col: Optional[str] = Field(None, **_key("Column of race labels (`--race-col`).", adapters=["csv"]))
     split_col: Optional[str] = Field(None, **_key(
-        "Column of train/val/test; without it a seeded split is made (`--split-col`).", adapters=["csv"]))
+        "Column of train/val/test; without it a seeded split is made, 70/10/20 by a hash of each face's group "
+        "(or image id), so other rows never move a face (`--split-col`).", adapters=["csv"]))
     group_col: Optional[str] = Field(None, **_key(
         "Column of an identity (person, subject, session) the split must not divide (`--group-col`).",
         adapters=["csv"]))

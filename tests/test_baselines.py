@@ -271,7 +271,7 @@ def test_fast_logistic_reaches_scikit_learns_optimum(probe_feats):
 
 
 def test_grid_probes_on_real_demo_features_lie_inside_scikit_learns_intervals(tmp_path):
-    """The demo's real features (dlib-rec on the 600 shipped UTKFace faces, 420 train rows): through the
+    """The demo's real features (dlib-rec on the 600 shipped UTKFace faces, 435 train rows): through the
     grid's ProbeCache, every probe's test figure (gender, 8 bins and age on the 128-d embedding, the
     fast solver; on res14, 1,024 values per face, wider than the train rows, the shared read with
     scikit-learn's solver) lies inside the 95 % interval of the scikit-learn probe fitted alone."""

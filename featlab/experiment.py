@@ -483,10 +483,12 @@ def write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, e
     return out
 
 
-VERDICT_MARKS = {"worse": "*", "better": "*", "equivalent": "≈", "inconclusive": ""}
+VERDICT_MARKS = {"worse": "*", "better": "*", "worse, within margin": "*≈", "better, within margin": "*≈",
+                 "equivalent": "≈", "inconclusive": ""}
 VERDICT_MARKS_TEXT = ("`*`: resolved from the input chosen on validation (paired test, BH p < 0.05); `≈`: shown "
-                      "equivalent to it within the margin (two one-sided tests, BH p < 0.05); no mark: inconclusive "
-                      "(neither shown different nor shown equivalent).")
+                      "equivalent to it within the margin (two one-sided tests, BH p < 0.05); `*≈`: both, a "
+                      "resolved difference shown to lie within the margin; no mark: inconclusive (neither shown "
+                      "different nor shown equivalent).")
 
 
 def uncertainty_line(comparisons: dict) -> str:
@@ -502,8 +504,8 @@ def uncertainty_line(comparisons: dict) -> str:
                         {m: v for c in comparisons.values() for m, v in c["summary"].get("margins", {}).items()}.items())
     return (f"Intervals: 95 % bootstrap over {what}. Paired tests against the chosen input resample the same "
             f"units; Benjamini-Hochberg within each family (heads; baselines). Each row is `worse`/`better` "
-            f"(difference resolved), `equivalent` (two one-sided tests show it within the margin: {margins}) or "
-            f"`inconclusive`.")
+            f"(difference resolved), `equivalent` (two one-sided tests show it within the margin: {margins}), "
+            f"`worse, within margin`/`better, within margin` (both) or `inconclusive`.")
 
 
 def format_margin(metric: str, v: float) -> str:

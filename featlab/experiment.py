@@ -580,8 +580,8 @@ TARGET_TITLES = {"age": "age, MAE (years)", "gender": "gender, accuracy"}
 
 
 def summary_table(comparisons: dict) -> list[str]:
-    """One markdown row per target: the tap chosen on validation, every tap's test figure [95 % CI] (``*``:
-    differs from the chosen tap, paired test, BH p < 0.05), the chosen tap's linear probe, the majority
+    """One markdown row per target: the tap chosen on validation, every tap's test figure [95 % CI] with its
+    verdict's mark (:data:`VERDICT_MARKS`: ``*`` resolved, ``≈`` equivalent, ``*≈`` both), the chosen tap's linear probe, the majority
     baseline and the zero-shot net on the same faces."""
     taps = list(dict.fromkeys(t for c in comparisons.values() for t in c["taps"]))
     head = ["target", "chosen on val", *[f"`{t}`" for t in taps], "linear probe (chosen input)", "majority", "zero-shot net"]

@@ -655,12 +655,12 @@ def similarity(
     features: List[Path] = typer.Argument(..., help="one features file (its taps against each other) or two of one manifest"),
     layer: List[str] = typer.Option(None, "--layer", "-l", help="tap key to include; repeat [every tap of each file]"),
     pool: str = typer.Option("none", "--pool", help="maps (C,H,W): none (flatten: the whole map) or avg (global average)"),
-    block: int = typer.Option(1000, "--block", help="faces per block of the minibatch estimator (memory ~ block x block per tap)"),
-    seed: int = typer.Option(0, "--seed", help="seed of the faces' assignment to blocks"),
+    block: int = typer.Option(1000, "--block", help="faces per chunk of the computation (memory ~ block x block per tap; the estimate does not change)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the people's assignment to jackknife blocks (the standard error only)"),
     split: str = typer.Option("all", "--split", help="faces of this split of the first file: all, train, val or test"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for cka.csv/png [results/BACKBONE/DATASET/similarity/...]"),
 ):
-    """Linear CKA (minibatch, unbiased HSIC) between every pair of taps of one or two features files, with its heatmap."""
+    """Linear CKA (unbiased HSIC on all faces) between every pair of taps of one or two features files, with its heatmap."""
     from .report.similarity import MIN_BLOCK, SPLITS
 
     if len(features) > 2:
@@ -679,7 +679,7 @@ def similarity(
     rows, cols = res["labels"]
     width = max(len(c) for c in cols) + 2
     _echo(f"linear CKA on {res['n']:,} faces, {res['blocks']} blocks, {res['seconds']:.1f} s "
-          "(± jackknife standard error over blocks)")
+          "(± jackknife standard error over blocks of people)")
     _echo(" " * max(len(r) for r in rows) + "".join(c.rjust(width + 6) for c in cols))
     for name, row, se in zip(rows, res["cka"], res["se"]):
         _echo(name.ljust(max(len(r) for r in rows)) + "".join(f"{v:.3f} ± {s:.3f}".rjust(width + 6) for v, s in zip(row, se)))

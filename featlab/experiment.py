@@ -488,10 +488,12 @@ def write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, e
     return out
 
 
-VERDICT_MARKS = {"worse": "*", "better": "*", "equivalent": "≈", "inconclusive": ""}
+VERDICT_MARKS = {"worse": "*", "better": "*", "worse, within margin": "*≈", "better, within margin": "*≈",
+                 "equivalent": "≈", "inconclusive": ""}
 VERDICT_MARKS_TEXT = ("`*`: resolved from the input chosen on validation (paired test, BH p < 0.05); `≈`: shown "
-                      "equivalent to it within the margin (two one-sided tests, BH p < 0.05); no mark: inconclusive "
-                      "(neither shown different nor shown equivalent).")
+                      "equivalent to it within the margin (two one-sided tests, BH p < 0.05); `*≈`: both, a "
+                      "resolved difference shown to lie within the margin; no mark: inconclusive (neither shown "
+                      "different nor shown equivalent).")
 
 
 def uncertainty_line(comparisons: dict) -> str:
@@ -507,8 +509,8 @@ def uncertainty_line(comparisons: dict) -> str:
                         {m: v for c in comparisons.values() for m, v in c["summary"].get("margins", {}).items()}.items())
     return (f"Intervals: 95 % bootstrap over {what}. Paired tests against the chosen input resample the same "
             f"units; Benjamini-Hochberg within each family (heads; baselines). Each row is `worse`/`better` "
-            f"(difference resolved), `equivalent` (two one-sided tests show it within the margin: {margins}) or "
-            f"`inconclusive`.")
+            f"(difference resolved), `equivalent` (two one-sided tests show it within the margin: {margins}), "
+            f"`worse, within margin`/`better, within margin` (both) or `inconclusive`.")
 
 
 def format_margin(metric: str, v: float) -> str:
@@ -583,8 +585,8 @@ TARGET_TITLES = {"age": "age, MAE (years)", "gender": "gender, accuracy"}
 
 
 def summary_table(comparisons: dict) -> list[str]:
-    """One markdown row per target: the tap chosen on validation, every tap's test figure [95 % CI] (``*``:
-    differs from the chosen tap, paired test, BH p < 0.05), the chosen tap's linear probe, the majority
+    """One markdown row per target: the tap chosen on validation, every tap's test figure [95 % CI] with its
+    verdict's mark (:data:`VERDICT_MARKS`: ``*`` resolved, ``≈`` equivalent, ``*≈`` both), the chosen tap's linear probe, the majority
     baseline and the zero-shot net on the same faces."""
     taps = list(dict.fromkeys(t for c in comparisons.values() for t in c["taps"]))
     head = ["target", "chosen on val", *[f"`{t}`" for t in taps], "linear probe (chosen input)", "majority", "zero-shot net"]

@@ -209,7 +209,8 @@ class Compare(_Section):
     """How the head inputs are compared (`featlab compare`)."""
 
     margins: Margins = Field(default_factory=Margins, **_key(
-        "A difference to the chosen input within its margin is `equivalent` when two one-sided tests show it "
+        "A difference to the chosen input within its margin is `equivalent` when two one-sided tests show it, "
+        "`worse, within margin` (or `better, ...`) when the paired test also resolves it "
         "(`compare --margin METRIC=VALUE`).", shown="1 point of accuracy, 1-off, CS@5; 0.15 years of MAE"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -98,6 +99,69 @@ def test_equivalence_worse_and_inconclusive():
     assert verdict(d["diff"], d["p"], d["p_equivalence"], False) == "inconclusive"
     # MAE: lower is better, so a negative difference is "better"
     assert verdict(-0.5, 0.001, 0.9, True) == "better"
+
+
+def test_a_resolved_difference_inside_the_margin_says_both(tmp_path, monkeypatch):
+    """3,000 people x 3 photos, a head 0.5 points below the chosen one on the same faces: the paired test
+    resolves it and the equivalence test shows it within the 1-point margin, so its verdict is "worse,
+    within margin" (report.md mark `*≈`, its own marker in the chart's legend); where one test passes the
+    verdicts stay "worse" (-5 points) and "equivalent" (a copy); neither: "inconclusive"."""
+    from featlab.compare import compare
+    from featlab.experiment import VERDICT_MARKS_TEXT, summary_table
+    from featlab.report import plots
+
+    rng = np.random.default_rng(7)
+    people, photos = 3000, 3
+    g = np.repeat([f"p{i}" for i in range(people)], photos)
+    skill = rng.random(people)  # a person's faces are read alike
+    best = (rng.random(people * photos) < 0.55 + 0.4 * np.repeat(skill, photos)).astype(float)
+    right, wrong = np.flatnonzero(best == 1), np.flatnonzero(best == 0)
+    small = best.copy()
+    small[rng.choice(right, 60, replace=False)] = 0.0
+    small[rng.choice(wrong, 14, replace=False)] = 1.0  # net -46 faces of 9,000: about -0.5 points
+    far = best.copy()
+    far[rng.choice(right, 450, replace=False)] = 0.0  # -5 points
+    ids = [f"img{i:05d}" for i in range(len(best))]
+    root = tmp_path / "results"
+    for key, vals, val_acc in (("best", best, 0.9), ("small", small, 0.8), ("far", far, 0.7), ("copy", best, 0.6)):
+        _head(root, key, pd.DataFrame({"image_id": ids, "split": "test", "group": g, "accuracy": vals}), val_acc)
+    labels = {}
+    save = plots._save
+
+    def keep_labels(fig, path):
+        labels[Path(path).name] = [t for ax in fig.axes for t in ax.get_legend_handles_labels()[1]]
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep_labels)
+    r = compare("m", "ds", "gender", results_root=root)
+    rows = {row["tap"]: row for row in r["rows"] if row["reader"] == "head"}
+    assert r["chosen"] == "best" and rows["small"]["unit"] == "person"
+    s = rows["small"]
+    assert s["diff_vs_best"] == pytest.approx(-46 / 9000)
+    assert -0.01 < s["diff_ci95_low"] < s["diff_ci95_high"] < 0
+    assert s["p_vs_best"] < 0.05 and s["p_equivalence"] < 0.05
+    assert s["verdict"] == "worse, within margin"
+    assert rows["far"]["verdict"] == "worse" and rows["copy"]["verdict"] == "equivalent"
+    assert r["summary"]["verdicts"]["worse, within margin"] == ["small"]
+    with open(r["csv"]) as f:
+        assert {row["tap"]: row["verdict"] for row in csv.DictReader(f) if row["reader"] == "head"}["small"] == \
+            "worse, within margin"
+    # report.md: the summary row marks it `*≈`, the -5 points `*`, the copy `≈`; the legend says what `*≈` is
+    line = summary_table({"gender": r})[2]
+    cells = dict(zip(["target", "chosen", *[f"`{t}`" for t in r["taps"]]], [c.strip() for c in line.split("|")[1:]]))
+    assert cells["`small`"].endswith("]*≈") and cells["`far`"].endswith("]*") and cells["`copy`"].endswith("]≈")
+    assert "`*≈`: both" in VERDICT_MARKS_TEXT
+    # the chart draws it with its own legend entry
+    legend = labels["layer_comparison.png"]
+    assert "head: resolved, and within margin (both tests)" in legend
+    assert "head: resolved from chosen (BH p < 0.05)" in legend
+    assert "head: equivalent to chosen (TOST within margin, BH p < 0.05)" in legend
+    # the rule itself: only one test passing keeps the old verdicts; both, the new one
+    assert verdict(-0.005, 0.001, 0.001, False) == "worse, within margin"
+    assert verdict(-0.005, 0.001, 0.001, True) == "better, within margin"
+    assert verdict(-0.005, 0.001, 0.2, False) == "worse"
+    assert verdict(-0.005, 0.2, 0.001, False) == "equivalent"
+    assert verdict(-0.005, 0.2, 0.2, False) == "inconclusive"
 
 
 def _head(root, key, faces: pd.DataFrame, val_acc):

@@ -17,7 +17,8 @@ and ``.png``, taps in network order:
   equivalence test within a stated margin (``p_equivalence``; defaults 1 point of accuracy, 0.15 years of
   MAE, :data:`featlab.uncertainty.MARGINS`), each Benjamini-Hochberg adjusted **within its family**: the
   heads (single taps and fusions) are one family, the baselines another (``family``). ``verdict`` reads
-  them: ``worse``/``better`` (the difference is resolved), ``equivalent`` (shown to lie within the
+  them: ``worse``/``better`` (the difference is resolved), ``worse, within margin``/``better, within
+  margin`` (resolved and also shown within the margin), ``equivalent`` (only shown to lie within the
   margin) or ``inconclusive`` (neither: "not significant" is never "equal"); other metrics' columns carry
   their name as a prefix (``one_off_verdict``);
 - baselines on the same faces: the linear probe of each tap (``reader = linear``), the majority
@@ -389,7 +390,8 @@ def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_r
                "correction": "Benjamini-Hochberg within each family (heads vs the chosen head; baselines vs the "
                              "chosen head), separately for the difference and the equivalence tests",
                "verdict_rule": "worse/better: paired bootstrap p (BH) < alpha; equivalent: two one-sided tests "
-                               "(BH) < alpha that the difference lies within +-margin; otherwise inconclusive"}
+                               "(BH) < alpha that the difference lies within +-margin; both: worse/better, within "
+                               "margin; otherwise inconclusive"}
     (out / "choice.json").write_text(json.dumps(summary, indent=2))
     return {"csv": csv_path, "png": png, "files": [csv_path, png], "taps": taps, "metrics": headline, "rows": rows,
             "chosen": chosen["key"], "summary": summary}

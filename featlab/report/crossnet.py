@@ -14,7 +14,7 @@ as :func:`featlab.report.compare.gather` does) and the cross-file fusion heads o
   fusion on validation: every pair, ``diff`` = second minus first with its paired bootstrap interval over
   face groups, ``p`` and the equivalence test within the margin, Benjamini-Hochberg adjusted over the
   pairs (one family per metric), and the verdict of the second against the first
-  (better/worse/equivalent/inconclusive);
+  (better/worse, ``, within margin`` when the equivalence test passes too, equivalent, inconclusive);
 - ``network_comparison.png``: the headline metrics against relative depth, one line per network with its
   intervals, its choice marked, fusion heads at the right;
 - ``network_comparison.json``: the choices, the tests, the unit, the margins and the depth note.
@@ -247,8 +247,8 @@ def compare_networks(networks: list[str], datasets: list[str | None] | None = No
         "correction": "Benjamini-Hochberg over the pairs (one family per metric), separately for the difference "
                       "and the equivalence tests",
         "verdict_rule": "the second against the first: worse/better: paired bootstrap p (BH) < alpha; equivalent: "
-                        "two one-sided tests (BH) < alpha that the difference lies within +-margin; otherwise "
-                        "inconclusive",
+                        "two one-sided tests (BH) < alpha that the difference lies within +-margin; both: "
+                        "worse/better, within margin; otherwise inconclusive",
     }
     (out / "network_comparison.json").write_text(json.dumps(summary, indent=2, default=str))
     files.append(out / "network_comparison.json")

@@ -214,6 +214,8 @@ def metric_label(m: str) -> tuple[str, str]:
 VERDICT_STYLES = (
     (["equivalent"], {"facecolors": "#4C72B0"}, "equivalent to chosen (TOST within margin, BH p < 0.05)"),
     (["worse", "better"], {"facecolors": "white", "marker": "D"}, "resolved from chosen (BH p < 0.05)"),
+    (["worse, within margin", "better, within margin"], {"facecolors": "#4C72B0", "marker": "D"},
+     "resolved, and within margin (both tests)"),
     (["inconclusive", ""], {"facecolors": "#A8BCDB"}, "inconclusive (neither resolved nor equivalent)"),
 )
 

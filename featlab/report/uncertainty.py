@@ -22,8 +22,9 @@ design effect, from the linearised variance of a ratio mean).
   bootstrap interval, a two-sided bootstrap p-value and, given a ``margin``, the p-value of a two
   one-sided test (TOST) that the difference lies within ``(-margin, +margin)``.
 - :func:`adjust`: Benjamini-Hochberg adjusted p-values (:func:`scipy.stats.false_discovery_control`).
-- :func:`verdict`: ``worse`` / ``better`` (resolved), ``equivalent`` (TOST within the margin) or
-  ``inconclusive``: "not significant" is never read as "equal".
+- :func:`verdict`: ``worse`` / ``better`` (resolved), ``worse, within margin`` / ``better, within margin``
+  (resolved, and TOST shows it within the margin too: a real but small difference), ``equivalent`` (TOST
+  within the margin, not resolved) or ``inconclusive``: "not significant" is never read as "equal".
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ LEVEL = 0.95
 ALPHA = 0.05
 # Equivalence margins (two one-sided tests): a difference within these is "equivalent" when shown so.
 MARGINS = {"accuracy": 0.01, "one_off": 0.01, "cs5": 0.01, "mae": 0.15}
-VERDICTS = ("chosen", "worse", "better", "equivalent", "inconclusive")
+WITHIN = ", within margin"  # added to worse/better when the equivalence test passes too
+VERDICTS = ("chosen", "worse", "better", "worse" + WITHIN, "better" + WITHIN, "equivalent", "inconclusive")
 
 
 def _rng(seed: int):
@@ -268,10 +270,11 @@ def adjust_within(pvalues, families) -> list[float]:
 
 def verdict(diff: float | None, p_adj: float | None, p_equiv_adj: float | None, lower_is_better: bool,
             alpha: float = ALPHA) -> str:
-    """A row against the chosen one: ``worse``/``better`` when the paired test resolves the difference,
-    ``equivalent`` when the equivalence test shows it lies within the margin, else ``inconclusive``."""
+    """A row against the chosen one from both of its tests: ``worse``/``better`` when the paired test
+    resolves the difference, with ``, within margin`` added when the equivalence test also shows it lies
+    within the margin (resolved and small: both are true); ``equivalent`` when only the equivalence test
+    passes; else ``inconclusive``."""
+    equivalent = p_equiv_adj is not None and np.isfinite(p_equiv_adj) and p_equiv_adj < alpha
     if p_adj is not None and np.isfinite(p_adj) and p_adj < alpha and diff:
-        return "better" if (diff < 0) == lower_is_better else "worse"
-    if p_equiv_adj is not None and np.isfinite(p_equiv_adj) and p_equiv_adj < alpha:
-        return "equivalent"
-    return "inconclusive"
+        return ("better" if (diff < 0) == lower_is_better else "worse") + (WITHIN if equivalent else "")
+    return "equivalent" if equivalent else "inconclusive"

@@ -107,7 +107,10 @@ def test_external_kill_minus_9_then_resume(utk_small, tmp_path):
             break
     p.send_signal(signal.SIGKILL)
     p.wait()
-    extract(utk_small, ["res4"], backbone="dlib-age", out=out, batch_size=16, progress=False)
+    # the kill landed while the run was extracting (not after it had finished) and left rows to do
+    assert p.returncode == -signal.SIGKILL, f"the extraction ended ({p.returncode}) before the kill"
+    rep = extract(utk_small, ["res4"], backbone="dlib-age", out=out, batch_size=16, progress=False)
+    assert rep.rows_before < 240 and rep.rows_added == 240 - rep.rows_before and rep.rows_total == 240
     with FeatureStore.open_read(out) as s:
         ids = list(s.labels()["image_id"])
         assert len(ids) == len(set(ids)) == 240

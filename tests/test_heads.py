@@ -9,9 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("keras")
-pytest.importorskip("tables")
-
 from featlab.bins import get_scheme
 from featlab.errors import FeatlabError
 from featlab.store import FeatureStore, label_row

@@ -50,6 +50,20 @@ def test_one_face_per_group_is_exactly_the_face_bootstrap():
     assert unit_of([""] * 300) == {"unit": "face", "n_units": 300}
 
 
+def test_design_effect_of_equal_groups_is_the_textbook_variance_of_group_means():
+    """With k equal groups of m faces the mean is the mean of the k group means, and its variance under
+    cluster sampling is var(group means, ddof=1) / k; over the face variance var(faces, ddof=1) / (k m) that is
+    the design effect. Few groups (k = 4) so that the small-sample factor k / (k - 1) shows."""
+    rng = np.random.default_rng(5)
+    k, m = 4, 6
+    v = np.repeat(rng.normal(0, 1, k), m) + rng.normal(0, 0.5, k * m)
+    g = np.repeat([f"p{i}" for i in range(k)], m)
+    means = v.reshape(k, m).mean(axis=1)
+    want = (np.var(means, ddof=1) / k) / (np.var(v, ddof=1) / (k * m))
+    assert design_effect(v, g) == pytest.approx(want, rel=1e-12)
+    assert want > 3  # the groups differ: far from 1
+
+
 def test_a_difference_on_three_people_is_resolved_for_faces_not_for_people():
     v, g = _correlated(1)
     b = v.copy()

@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("tables")
-
 from featlab.cli import main
 from featlab.errors import FeatlabError
 from featlab.manifest import read_manifest, write_manifest

@@ -10,9 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("sklearn")
-pytest.importorskip("tables")
-
 from featlab import baselines as B
 from featlab.labels import class_names, encode_target, split_rows
 from featlab.store import FeatureStore, label_row

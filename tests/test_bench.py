@@ -45,7 +45,7 @@ def bench_dir(tmp_path_factory):
 @pytest.mark.parametrize("script", [pytest.param(s, marks=[pytest.mark.slow] if s in SLOW else []) for s in SCRIPTS])
 def test_bench_script_runs_in_tiny_mode(script, bench_dir):
     if script == "cluster.py":
-        pytest.importorskip("ray")
+        pytest.importorskip("ray", reason="Ray is optional (featlab[ray]): pip install 'featlab[ray]'")
     before = RESULTS.read_bytes() if RESULTS.exists() else None
     env = dict(os.environ, FEATLAB_BENCH_DIR=str(bench_dir), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run([sys.executable, str(BENCH / script), "--tiny"], cwd=ROOT, env=env, capture_output=True,

@@ -21,8 +21,8 @@ from featlab.extract import extract
 from featlab.manifest import read_manifest, write_manifest
 from featlab.store import FeatureStore
 
-pytest.importorskip("ray")
-pytest.importorskip("pyarrow")
+pytest.importorskip("ray", reason="Ray is optional (featlab[ray]): pip install 'featlab[ray]'")
+pytest.importorskip("pyarrow", reason="Ray is optional (featlab[ray]): pip install 'featlab[ray]'")
 
 from featlab.cluster import TEST_DIE_ONCE, TEST_FAIL_PATH, RayPlan  # noqa: E402
 

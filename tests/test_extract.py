@@ -107,7 +107,10 @@ def test_external_kill_minus_9_then_resume(utk_small, tmp_path):
             break
     p.send_signal(signal.SIGKILL)
     p.wait()
-    extract(utk_small, ["res4"], backbone="dlib-age", out=out, batch_size=16, progress=False)
+    # the kill landed while the run was extracting (not after it had finished) and left rows to do
+    assert p.returncode == -signal.SIGKILL, f"the extraction ended ({p.returncode}) before the kill"
+    rep = extract(utk_small, ["res4"], backbone="dlib-age", out=out, batch_size=16, progress=False)
+    assert rep.rows_before < 240 and rep.rows_added == 240 - rep.rows_before and rep.rows_total == 240
     with FeatureStore.open_read(out) as s:
         ids = list(s.labels()["image_id"])
         assert len(ids) == len(set(ids)) == 240
@@ -126,13 +129,39 @@ def test_adding_a_tap_fills_existing_rows(full_run, utk_small, tmp_path):
 
 
 def test_pooled_and_float32_taps(utk_small, tmp_path):
+    """Pooled taps hold the pooling of the raw maps stored beside them: @avg the mean and @max the maximum over
+    the whole map, @max2 the maximum over adaptive pooling's 2x2 grid of a 3x3 map (rows and columns 0-1, 1-2,
+    as torch's AdaptiveMaxPool2d cuts it)."""
     out = tmp_path / "pooled.h5"
-    extract(utk_small, ["res3@avg", "res4@max2", "logits"], backbone="dlib-age", out=out, dtype="float32",
-            limit=20, progress=False)
+    extract(utk_small, ["res3", "res3@avg", "res3@max", "res4", "res4@max2", "logits"], backbone="dlib-age",
+            out=out, dtype="float32", limit=20, progress=False)
     with FeatureStore.open_read(out) as s:
         assert s.array("res3@avg").shape == (20, 128)
         assert s.array("res4@max2").shape == (20, 256, 2, 2)
         assert s.array("logits").shape == (20, 81) and s.array("logits").atom.dtype == np.float32
+        res3, res4 = s.read("res3"), s.read("res4")
+        assert res4.shape == (20, 256, 3, 3)
+        np.testing.assert_allclose(s.read("res3@avg"), res3.mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(s.read("res3@max"), res3.max(axis=(2, 3)))
+        cells = (slice(0, 2), slice(1, 3))
+        want = np.stack([np.stack([res4[:, :, a, b].max(axis=(2, 3)) for b in cells], axis=-1) for a in cells], axis=-2)
+        np.testing.assert_array_equal(s.read("res4@max2"), want)
+        assert not np.allclose(want, np.stack([np.stack([res4[:, :, a, b].mean(axis=(2, 3)) for b in cells], -1)
+                                               for a in cells], -2))  # max and mean differ on these maps
+
+
+def test_pool_features_takes_the_max_of_each_adaptive_cell():
+    """pool_features (the NumPy pooling of grid taps, and of every tap when extracting with --flip): @max and
+    @max2 on a 5x4 map against cells written out by hand (adaptive pooling: rows 0-2, 2-4; columns 0-1, 2-3)."""
+    from featlab.store import pool_features
+
+    x = np.random.default_rng(0).normal(0, 1, (3, 2, 5, 4)).astype(np.float32)
+    np.testing.assert_array_equal(pool_features(x, "max", 0), x.max(axis=(2, 3)))
+    np.testing.assert_allclose(pool_features(x, "avg", 0), x.mean(axis=(2, 3)), rtol=1e-6)
+    rows, cols = (slice(0, 3), slice(2, 5)), (slice(0, 2), slice(2, 4))
+    for kind, red in (("max", np.max), ("avg", np.mean)):
+        want = np.stack([np.stack([red(x[:, :, r, c], axis=(2, 3)) for c in cols], -1) for r in rows], -2)
+        np.testing.assert_allclose(pool_features(x, kind, 2), want, rtol=1e-6)
 
 
 def test_another_model_file_is_refused(full_run, utk_small, tmp_path):

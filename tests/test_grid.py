@@ -10,9 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("keras")
-pytest.importorskip("tables")
-
 from featlab.store import FeatureStore, label_row
 
 from test_heads import FAST, make_features

@@ -9,9 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("keras")
-pytest.importorskip("tables")
-
 from featlab.bins import get_scheme
 from featlab.errors import FeatlabError
 from featlab.store import FeatureStore, label_row
@@ -371,3 +368,46 @@ def test_log1p_expectation_head_predicts_the_mean_age_in_years():
     assert float(mae_years(true_t, p.astype(np.float32))) == pytest.approx(0.0, abs=1e-3)
     off = ((np.log1p([[50.0], [46.0]]) - transform["mean"]) / transform["scale"]).astype(np.float32)
     assert float(mae_years(off, p.astype(np.float32))) == pytest.approx(10.0, abs=1e-3)
+
+
+def test_a_heads_intervals_resample_people(tmp_path):
+    """A gender head on 80 people x 6 photos whose features carry a per-person offset (a person's photos are
+    right or wrong together): metrics.json's accuracy_ci95, on val and test, is scipy.stats.bootstrap's BCa
+    interval over the people of the per-face correctness that predictions.csv gives."""
+    import pandas as pd
+    from test_uncertainty import scipy_group_interval
+
+    from featlab.report.uncertainty import interval
+    from featlab.workflow import train_head
+
+    rng = np.random.default_rng(4)
+    people, photos = 80, 6
+    n = people * photos
+    person = np.repeat(np.arange(people), photos)
+    gender = rng.choice(["f", "m"], people)[person]
+    split = rng.permutation(np.repeat(["train", "val", "test"], [56, 12, 12]))[person]
+    g = np.where(gender == "m", 1.0, -1.0)
+    vec = rng.normal(0, 0.3, (n, 12)).astype(np.float32)
+    vec[:, 1] += g + rng.normal(0, 1.0, people)[person]  # the person's offset: errors shared by their photos
+    path = tmp_path / "people.h5"
+    identity = {"backbone": "synthetic", "model_sha256": SHA, "preprocessing": {"size": 4}, "flip": False, "align": False}
+    with FeatureStore.open_for_append(path, identity) as st:
+        st.set_attr("dataset", "people")
+        st.ensure_array("vec", (12,), expected_rows=n)
+        st.append({"vec": vec}, [label_row({"image_id": f"img{i:04d}", "path": f"/x/{i}.jpg", "age": 30, "gender": gender[i],
+                                            "race": "", "split": split[i], "fold": -1, "group": f"person{person[i]:02d}"})
+                                 for i in range(n)])
+    d = train_head(path, "vec", "gender", out_root=tmp_path / "r", baselines=False, **{**FAST, "epochs": 3})
+    m = json.loads((d / "metrics.json").read_text())
+    widths = []
+    for sp, pred_file in (("val", "predictions_val.csv"), ("test", "predictions.csv")):
+        p = pd.read_csv(d / pred_file, dtype={"image_id": str})
+        correct = (p["true"] == p["predicted"]).to_numpy(dtype=float)
+        groups = np.array([f"person{person[int(i[3:])]:02d}" for i in p["image_id"]], dtype=object)
+        assert m[sp]["n"] == len(p) == 72 and m[sp]["metrics"]["accuracy"] == pytest.approx(correct.mean())
+        want = scipy_group_interval(correct, groups)
+        np.testing.assert_allclose(m[sp]["metrics"]["accuracy_ci95"], want, rtol=0, atol=1e-12)
+        assert m[sp]["uncertainty"]["unit"] == "person" and m[sp]["uncertainty"]["n_units"] == 12
+        lo, hi = interval(correct)  # over photos
+        widths.append((want[1] - want[0]) / (hi - lo))
+    assert max(widths) > 1.2, widths  # the people are not independent photos here

@@ -11,9 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("sklearn")
-pytest.importorskip("tables")
-
 from featlab import baselines as B
 from featlab.probepool import ProbePool
 from featlab.store import FeatureStore
@@ -116,7 +113,6 @@ def test_a_failing_probe_stops_the_grid_with_its_error_and_keeps_the_heads_befor
     """A grid whose age probes fail (here: an error planted in the ridge): train_grid raises that error, not
     another; the heads recorded before the first failing one are installed whole (baselines included), the
     failing head and those after it are not, and no staging folder is left."""
-    pytest.importorskip("keras")
     from test_heads import FAST, make_features
 
     from featlab.workflow import train_grid

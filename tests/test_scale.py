@@ -9,8 +9,6 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("tables")
-
 from featlab.store import FeatureStore
 
 from test_heads import make_features

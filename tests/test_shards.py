@@ -167,8 +167,8 @@ def test_heads_read_a_sharded_set_as_the_single_file(manifest, single, tmp_path,
 
 def test_ray_tasks_write_the_shards(manifest, single, tmp_path):
     """--ray --shards: each Ray task writes its own shard; the driver gets only reports."""
-    pytest.importorskip("ray")
-    pytest.importorskip("pyarrow")
+    pytest.importorskip("ray", reason="Ray is optional (featlab[ray]): pip install 'featlab[ray]'")
+    pytest.importorskip("pyarrow", reason="Ray is optional (featlab[ray]): pip install 'featlab[ray]'")
     from featlab.cluster import RayPlan
 
     out = tmp_path / "ray.h5"

@@ -132,7 +132,6 @@ def test_compare_never_shows_a_zero_shot_row_scored_on_another_manifest(utk30, t
     """Extract dlib-age on 30 faces, score its zero-shot gender on the val/test rows, compare: the zero-shot
     row is there. Re-prepare the manifest (another split), re-extract, re-record the heads: the old zero-shot
     record is never shown beside them; scored again on the new split, it is."""
-    pytest.importorskip("tables")
     from featlab.compare import compare
     from featlab.datasets import prepare_dataset
     from featlab.extract import extract

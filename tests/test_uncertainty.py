@@ -51,6 +51,20 @@ def test_one_face_per_group_is_exactly_the_face_bootstrap():
     assert unit_of([""] * 300) == {"unit": "face", "n_units": 300}
 
 
+def test_design_effect_of_equal_groups_is_the_textbook_variance_of_group_means():
+    """With k equal groups of m faces the mean is the mean of the k group means, and its variance under
+    cluster sampling is var(group means, ddof=1) / k; over the face variance var(faces, ddof=1) / (k m) that is
+    the design effect. Few groups (k = 4) so that the small-sample factor k / (k - 1) shows."""
+    rng = np.random.default_rng(5)
+    k, m = 4, 6
+    v = np.repeat(rng.normal(0, 1, k), m) + rng.normal(0, 0.5, k * m)
+    g = np.repeat([f"p{i}" for i in range(k)], m)
+    means = v.reshape(k, m).mean(axis=1)
+    want = (np.var(means, ddof=1) / k) / (np.var(v, ddof=1) / (k * m))
+    assert design_effect(v, g) == pytest.approx(want, rel=1e-12)
+    assert want > 3  # the groups differ: far from 1
+
+
 def test_a_difference_on_three_people_is_resolved_for_faces_not_for_people():
     v, g = _correlated(1)
     b = v.copy()
@@ -263,3 +277,54 @@ def test_intervals_and_paired_differences_are_scipys_bootstrap(grouped):
     np.testing.assert_allclose(d["ci95"], list(pct.confidence_interval), rtol=0, atol=1e-12)
     dist = pct.bootstrap_distribution
     assert d["p"] == max(2 * min((dist <= 0).mean(), (dist >= 0).mean()), 1 / 2001)
+
+
+def scipy_group_interval(values, groups, seed: int = 0) -> list[float]:
+    """The 95 % BCa interval of the mean of ``values`` by scipy.stats.bootstrap, resampling whole groups: the
+    statistic is the drawn groups' value sums over their face counts, the groups in sorted order (featlab's)."""
+    import warnings
+
+    from scipy.stats import bootstrap
+
+    per = pd.DataFrame({"v": np.asarray(values, dtype=np.float64), "g": np.asarray(groups, dtype=object)})
+    agg = per.groupby("g", sort=True)["v"].agg(["sum", "count"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ci = bootstrap((agg["sum"].to_numpy(), agg["count"].to_numpy(dtype=np.float64)),
+                       lambda s, n, axis=-1: s.sum(axis=axis) / n.sum(axis=axis), paired=True, vectorized=True,
+                       n_resamples=2000, method="BCa", random_state=np.random.default_rng(seed)).confidence_interval
+    return [float(ci.low), float(ci.high)]
+
+
+@pytest.mark.parametrize("kind", ["seeds", "folds"])
+def test_seed_and_fold_summaries_resample_people(kind, tmp_path):
+    """workflow.summarise over two heads' records: the pooled (folds) or per-face mean (seeds) accuracy and its
+    interval, which is scipy's BCa bootstrap over the people, far wider than the one over photos."""
+    import json
+
+    from featlab.workflow import summarise
+
+    v1, g = _correlated(2)
+    v2, _ = _correlated(3)
+    ids = np.array([f"img{i:04d}" for i in range(len(v1))])
+    half = np.arange(len(v1)) < len(v1) // 2  # folds: the first 20 people are fold 0's test faces, the rest fold 1's
+    members = [(v1, np.ones_like(half)), (v2, np.ones_like(half))] if kind == "seeds" else [(v1, half), (v1, ~half)]
+    dirs = []
+    for i, (v, rows) in enumerate(members):
+        d = tmp_path / f"{kind[:-1]}{i}"
+        d.mkdir()
+        pd.DataFrame({"image_id": ids[rows], "split": "test", "group": g[rows], "accuracy": v[rows]}).to_csv(
+            d / "faces.csv", index=False)
+        (d / "metrics.json").write_text(json.dumps({
+            "target": "gender", "target_name": "gender", "tap": "t", "head_key": "t", "backbone": "b",
+            "dataset": "d", "config": {}, kind[:-1]: i, "test": {"metrics": {"accuracy": float(v[rows].mean())}}}))
+        dirs.append(d)
+    summarise(dirs, kind, tmp_path)
+    s = json.loads((tmp_path / "metrics.json").read_text())["test"]
+    faces = (v1 + v2) / 2 if kind == "seeds" else v1
+    assert s["n"] == len(faces) and s["metrics"]["accuracy"] == pytest.approx(faces.mean(), abs=1e-12)
+    want = scipy_group_interval(faces, g)
+    np.testing.assert_allclose(s["metrics"]["accuracy_ci95"], want, rtol=0, atol=1e-12)
+    lo, hi = interval(faces)  # over photos
+    assert want[1] - want[0] > 1.25 * (hi - lo)
+    assert s["uncertainty"]["unit"] == "person" and s["uncertainty"]["n_units"] == P

@@ -141,7 +141,7 @@ def tap_positions(backbone: str, keys: list[str], features_files: list[str] = ()
             base = parse_key(k)[0]
             if base in index:
                 pos[k] = (0, index[base], k)
-    except Exception:  # noqa: BLE001 - model file missing, onnx missing, unknown backbone: fall back
+    except FeatlabError:  # an unknown backbone or its model file missing: fall back; anything else is a bug
         pass
     missing = [k for k in keys if k not in pos]
     if missing:

@@ -24,7 +24,7 @@ manifest_sha256, featlab_version, config) plus:
 Sources are copied in blocks (``.npy`` memory-mapped, ``.npz`` members streamed, HDF5 read by
 slices), never loaded whole. Every check that can be made before writing is made first; the copy
 goes to a temporary file beside the output, renamed at the end, so a failure (a non-finite value
-found half-way, a value beyond float16's range) leaves no file behind.
+found half-way, a value beyond float16's range, a full disk: one line each) leaves no file behind.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeatlabError
+from .errors import DiskFull, FeatlabError, disk_full, filled_up
 
 BLOCK_BYTES = 32 << 20  # float32 bytes of all taps together copied per block
 LAYOUTS = ("nchw", "nhwc")
@@ -479,6 +479,7 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
         fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
         os.close(fd)
         tmp = Path(tmp_name)
+        written = 0
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the output is an ordinary file
@@ -515,10 +516,15 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
                             x = x.transpose(0, 3, 1, 2)
                         feats[name] = np.ascontiguousarray(x, dtype=stored[name])
                     store.append(feats, label_rows[lo:hi])
+                    written = hi
             os.replace(tmp, out)
-        except BaseException:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
-            raise
+            full = disk_full(e) if isinstance(e, Exception) else None
+            if full is None:
+                raise
+            raise DiskFull(f"{out}: {filled_up(full[0], out.parent)} after {written:,} of {n:,} rows; nothing written "
+                           "(the partial copy is removed)", resumes=False) from None
     finally:
         for src in sources:
             src.close()
@@ -545,11 +551,26 @@ def _random_access(src: _Source, folder: Path, spooled: list[Path], block: int):
     os.close(fd)
     spooled.append(Path(name))
     arr = np.lib.format.open_memmap(name, mode="w+", dtype=src.dtype, shape=src.shape)
+    _reserve(name)
     for lo in range(0, src.nrows, block):
         hi = min(src.nrows, lo + block)
         arr[lo:hi] = src.rows(lo, hi)
     arr.flush()
     return arr
+
+
+def _reserve(name: str) -> None:
+    """Allocate a memory-mapped file's blocks now: a full disk is then an error here (ENOSPC), not a SIGBUS
+    that kills the process when a page of the map is first written. A filesystem that cannot preallocate
+    is left as it is."""
+    with open(name, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if disk_full(e) is not None:
+                raise
+        except AttributeError:  # no posix_fallocate on this platform
+            pass
 
 
 def _take(arr, rows: np.ndarray) -> np.ndarray:

@@ -292,7 +292,9 @@ def read_ids(spec: str) -> list[str]:
 
 def match_ids(df, ids: list[str], manifest_path: Path) -> np.ndarray:
     """Manifest row numbers of ``ids``, matched by image_id, else by path (absolute, relative to the
-    manifest's folder, or the file name when file names are unique in the manifest)."""
+    manifest's folder, or the file name when file names are unique in the manifest). Each id gets a row of
+    its own: two ids landing on one row (``/a/img1.jpg`` and ``/b/img1.jpg`` by file name) are refused in
+    one line naming the first such rows."""
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise FeatlabError(f"--ids holds {dup!r} more than once")
@@ -303,17 +305,35 @@ def match_ids(df, ids: list[str], manifest_path: Path) -> np.ndarray:
             ("path", paths, lambda s: os.path.normpath(s if os.path.isabs(s) else str(base / s)))]
     if len(set(names)) == len(names):
         ways.append(("file name", names, lambda s: Path(s).name))
-    best = None
+    best = collided = None
     for what, keys, norm in ways:
         lut = {k: i for i, k in enumerate(keys)}
         rows = [lut.get(norm(s), -1) for s in ids]
         missing = sum(r < 0 for r in rows)
         if not missing:
-            return np.asarray(rows, dtype=np.int64)
-        if best is None or missing < best[1]:
+            shared = _shared_rows(rows, ids)
+            if not shared:
+                return np.asarray(rows, dtype=np.int64)
+            collided = collided or (what, shared)
+        elif best is None or missing < best[1]:
             best = (what, missing, ids[rows.index(-1)])
+    if collided is not None:
+        what, shared = collided
+        shown = "; ".join(f"{' and '.join(repr(i) for i in names[:3])}{' and more' if len(names) > 3 else ''} -> "
+                          f"image_id {df['image_id'].iloc[row]} ({df['path'].iloc[row]})" for row, names in shared[:3])
+        raise FeatlabError(f"{sum(len(n) for _, n in shared):,} ids land on {len(shared):,} row(s) of {manifest_path} "
+                           f"shared with another id (matched by {what}): {shown}{'; ...' if len(shared) > 3 else ''}; "
+                           "give ids that name one face each (its image_id, or its path as the labels hold it)")
     raise FeatlabError(f"{best[1]:,} of {len(ids):,} ids match no row of {manifest_path} by image_id or path "
                        f"(e.g. {best[2]!r}, looked up by {best[0]})")
+
+
+def _shared_rows(rows: list[int], ids: list[str]) -> list[tuple[int, list[str]]]:
+    """(row, the ids matched to it) for every row matched by more than one id, in the order of the ids."""
+    by_row: dict[int, list[str]] = {}
+    for r, i in zip(rows, ids):
+        by_row.setdefault(r, []).append(i)
+    return [(r, names) for r, names in by_row.items() if len(names) > 1]
 
 
 # ------------------------------------------------------------------------------------ import

@@ -77,3 +77,48 @@ def test_extraction_past_the_limit_is_one_line_and_resumes_to_the_whole_file(who
     assert f"240 faces ({240 - kept} new" in capsys.readouterr().out  # went on from the kept rows
     _same_file(out, whole)
     assert not list(tmp_path.glob(".cut.h5.cut-*"))
+
+
+def test_import_past_the_limit_is_one_line_and_leaves_no_file(utk_small, tmp_path, capsys):
+    """The copy goes to a temporary file (here in one 32 MB block, so none of its rows was written): past the
+    limit it is removed, one line says so; run again, the file is whole."""
+    from featlab.manifest import read_manifest
+
+    n = len(read_manifest(utk_small))
+    x = np.random.default_rng(0).normal(size=(n, 256, 3, 3)).astype(np.float32)  # 2.2 MB
+    np.save(tmp_path / "t.npy", x)
+    out = tmp_path / "imported.h5"
+    args = ["import", str(tmp_path / "t.npy"), "--labels", str(utk_small), "--backbone", "b", "--out", str(out),
+            "--rows-in-manifest-order"]
+    line = _one_line(_limited(args, 1 << 20, tmp_path))
+    assert line.startswith(f"featlab: {out}: file size limit reached after ")
+    written = int(line.split(" after ")[1].split(" of ")[0].replace(",", ""))
+    assert written < n and f" of {n} rows; nothing written (the partial copy is removed)" in line
+    assert line.endswith("free space, then run again: featlab " + " ".join(args))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npy"]  # no partial file
+    assert main(args) == 0
+    with FeatureStore.open_read(out) as s:
+        np.testing.assert_array_equal(s.read("t"), x)
+
+
+def test_a_report_past_the_limit_is_one_line(tmp_path, monkeypatch, capsys):
+    """Results and reports: the comparison's plot cannot be written; one line names it, no traceback."""
+    import json
+
+    import pandas as pd
+
+    root = tmp_path / "results"
+    for k, acc in (("a", 0.8), ("b", 0.6)):
+        d = root / "m" / "ds" / k / "gender"
+        d.mkdir(parents=True)
+        ok = np.r_[np.ones(int(acc * 100)), np.zeros(100 - int(acc * 100))]
+        pd.DataFrame({"image_id": [f"i{j}" for j in range(200)], "split": ["val"] * 100 + ["test"] * 100,
+                      "accuracy": np.r_[ok, ok]}).to_csv(d / "faces.csv", index=False)
+        (d / "metrics.json").write_text(json.dumps({"val": {"n": 100, "metrics": {"accuracy": acc}},
+                                                    "test": {"n": 100, "metrics": {"accuracy": acc}}}))
+    args = ["compare", "--backbone", "m", "--dataset", "ds", "--target", "gender"]
+    line = _one_line(_limited(args, 4096, tmp_path))
+    png = Path("results/m/ds/compare/gender/layer_comparison.png")
+    assert line == f"featlab: file size limit reached writing {png}; free space, then run again: featlab " + " ".join(args)
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 0 and (tmp_path / png).stat().st_size > 4096

@@ -872,6 +872,33 @@ def interrupted_line(argv: list[str]) -> str:
     return f"featlab: interrupted; kept {what}; resume: featlab {shlex.join(args)}"
 
 
+def full_line(argv: list[str], e: BaseException) -> str | None:
+    """The one line of a write refused for lack of space (:func:`featlab.errors.disk_full`), None for any other
+    error: the file, what filled up, what is kept and the command to run once space is freed. A
+    :class:`featlab.errors.DiskFull` says the file and what it keeps itself; any other such error (a head's
+    record, a report, a plot) names its file and what the command noted as kept (:func:`featlab.staging.kept`)."""
+    import shlex
+
+    from .errors import DiskFull, disk_full, filled_up
+    from .staging import STAGING, kept
+
+    args = [a for a in argv if not (argv[:1] == ["run"] and a == "--force")]
+    if isinstance(e, DiskFull):
+        then = "resume" if e.resumes else "run again"
+        return f"featlab: {e.message}; free space, then {then}: featlab {shlex.join(args)}"
+    full = disk_full(e)
+    if full is None:
+        return None
+    what, name = full
+    where = f" writing {name}" if name else ""
+    if name and STAGING in Path(name).parts:  # a record being staged: name the results folder it was going to
+        parts = Path(name).parts
+        where = f" writing a record under {Path(*parts[: parts.index(STAGING)])}"
+    have = "; ".join(kept())
+    then = f"kept {have}; free space, then resume" if have else "free space, then run again"
+    return f"featlab: {filled_up(what, name)}{where}; {then}: featlab {shlex.join(args)}"
+
+
 def _from_interrupt(e: BaseException) -> bool:
     seen = set()
     while e is not None and id(e) not in seen:
@@ -891,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="featlab")  # standalone: usage errors print and exit 2
     except FeatlabError as e:
-        typer.secho(f"featlab: {e}", err=True, fg="red")
+        typer.secho(full_line(argv, e) or f"featlab: {e}", err=True, fg="red")
         return 2
     except KeyboardInterrupt:
         typer.secho(interrupted_line(argv), err=True)
@@ -900,6 +927,12 @@ def main(argv: list[str] | None = None) -> int:
         if e.code == 130 and _from_interrupt(e):  # typer turns Ctrl-C into a silent exit 130
             typer.secho(interrupted_line(argv), err=True)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception as e:  # noqa: BLE001 - a full disk anywhere (results, reports) is one line too
+        line = full_line(argv, e)
+        if line is None:
+            raise
+        typer.secho(line, err=True, fg="red")
+        return 2
     return 0
 
 

@@ -24,6 +24,7 @@ guarantees.
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import signal
@@ -37,11 +38,11 @@ import numpy as np
 
 from . import __version__, config
 from .backbones import Backbone, Runner, default_providers
-from .errors import FeatlabError
+from .errors import DiskFull, FeatlabError, disk_full
 from .staging import checkpoint, keep
 from .faces import prepare_many, uses_dlib
 from .manifest import dataset_name, file_sha256, read_manifest
-from .store import FeatureStore, label_row, parse_key, pool_features, pooled_shape
+from .store import FeatureStore, full_store_error, label_row, parse_key, pool_features, pooled_shape
 
 
 @dataclass
@@ -307,6 +308,24 @@ def _maybe_die(store: FeatureStore) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _one_line_when_full(fn):
+    """A write refused for lack of space (or over the file size limit) stops the extraction with one line
+    (:func:`featlab.store.full_store_error`: the file, what filled up, the faces kept) instead of HDF5's back
+    trace; the file keeps its whole batches and the same command resumes it."""
+    @functools.wraps(fn)
+    def run(*args, **kw):
+        try:
+            return fn(*args, **kw)
+        except DiskFull:
+            raise
+        except Exception as e:
+            if disk_full(e) is None:
+                raise
+            raise full_store_error(e, kw.get("out")) from None
+    return run
+
+
+@_one_line_when_full
 def extract(
     manifest: str | Path,
     layers: list[str],

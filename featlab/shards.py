@@ -45,10 +45,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeatlabError
+from .errors import DiskFull, FeatlabError, disk_full, filled_up
 
 TEST_KILL_SHARD = "FEATLAB_TEST_KILL_SHARD"  # test hook: only this shard's worker gets FEATLAB_TEST_KILL_AFTER_ROWS
 _REPORT_TAG = "FEATLAB-SHARD-REPORT "
+_FULL_EXIT = 3  # a worker's exit status when its shard's disk filled up (its one line on stderr)
 
 
 def _rows_and_bounds(manifest: Path, limit: int | None, n: int):
@@ -158,6 +159,9 @@ def _child() -> None:
         os.sched_setaffinity(0, cores)
     try:
         result = run_shard(job)
+    except DiskFull as e:  # the driver says what to do next, once for every shard
+        print(e.message, file=sys.stderr)
+        sys.exit(_FULL_EXIT)
     except FeatlabError as e:
         print(str(e), file=sys.stderr)
         sys.exit(2)
@@ -215,6 +219,8 @@ def _run_local(jobs: list[dict], counter: dict) -> list[dict]:
         results.append(None)
     if failures:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        if any(p.returncode == _FULL_EXIT for p in procs):  # every shard keeps its whole batches
+            raise DiskFull(f"{failures[0]}{more}; every shard keeps the rows it stored")
         raise FeatlabError(f"{failures[0]}{more}; the rows stored are kept: rerun the same command to resume")
     return results
 
@@ -324,7 +330,7 @@ def merge_shards(index, out, block_bytes: int = 64 << 20) -> int:
     set as it is). Rows are copied in the stored dtype, a block at a time, through the store's own append (so
     the finiteness record and the crash-safe layout are the usual ones); the file appears only when whole.
     Returns the rows written."""
-    from .store import IDENTITY_KEYS, SHARD_INDEX_ATTR, FeatureStore, ShardedStore
+    from .store import FeatureStore, ShardedStore
 
     out = Path(out)
     if out.exists():
@@ -336,24 +342,40 @@ def merge_shards(index, out, block_bytes: int = 64 << 20) -> int:
         info = s.tap_info()
         tmp = out.with_name(out.name + ".merging")
         tmp.unlink(missing_ok=True)
-        with FeatureStore.open_for_append(tmp, {k: a[k] for k in IDENTITY_KEYS if k in a}) as m:
-            for k in s.keys():
-                t = info[k]
-                m.ensure_array(k, tuple(t["shape"]), dtype=t["dtype"], compression=t.get("compression") or "none",
-                               expected_rows=max(1, s.nrows), tap=t.get("tap"), tensor=t.get("tensor"),
-                               aliases=tuple(t.get("aliases") or ()))
-            row_bytes = sum(int(s.array(k).atom.dtype.itemsize) * int(np.prod(t["shape"])) for k, t in info.items())
-            per = max(1, int(block_bytes) // max(1, row_bytes))
-            for sh in s.stores:
-                labels = sh.h5.root.labels.read()
-                for i in range(0, sh.nrows, per):
-                    m.append({k: sh.array(k)[i : i + per] for k in s.keys()}, labels[i : i + per])
-                skipped = sh.h5.root.skipped.read()
-                if len(skipped):
-                    m.h5.root.skipped.append(skipped)
-            for k, v in a.items():
-                if k not in ("taps", "shards", SHARD_INDEX_ATTR, *IDENTITY_KEYS):
-                    m.set_attr(k, v)
-            n = m.nrows
+        try:
+            n = _merge_into(s, tmp, a, info, block_bytes)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            full = disk_full(e) if isinstance(e, Exception) else None
+            if full is None:
+                raise
+            raise DiskFull(f"{out}: {filled_up(full[0], out.parent)}; nothing written (the partial copy is removed, "
+                           f"the shards of {index} are untouched)", resumes=False) from None
     os.replace(tmp, out)
+    return n
+
+
+def _merge_into(s, tmp: Path, a: dict, info: dict, block_bytes: int) -> int:
+    """Copy the open sharded set ``s`` into the new file ``tmp`` (see :func:`merge_shards`); returns its rows."""
+    from .store import IDENTITY_KEYS, SHARD_INDEX_ATTR, FeatureStore
+
+    with FeatureStore.open_for_append(tmp, {k: a[k] for k in IDENTITY_KEYS if k in a}) as m:
+        for k in s.keys():
+            t = info[k]
+            m.ensure_array(k, tuple(t["shape"]), dtype=t["dtype"], compression=t.get("compression") or "none",
+                           expected_rows=max(1, s.nrows), tap=t.get("tap"), tensor=t.get("tensor"),
+                           aliases=tuple(t.get("aliases") or ()))
+        row_bytes = sum(int(s.array(k).atom.dtype.itemsize) * int(np.prod(t["shape"])) for k, t in info.items())
+        per = max(1, int(block_bytes) // max(1, row_bytes))
+        for sh in s.stores:
+            labels = sh.h5.root.labels.read()
+            for i in range(0, sh.nrows, per):
+                m.append({k: sh.array(k)[i : i + per] for k in s.keys()}, labels[i : i + per])
+            skipped = sh.h5.root.skipped.read()
+            if len(skipped):
+                m.h5.root.skipped.append(skipped)
+        for k, v in a.items():
+            if k not in ("taps", "shards", SHARD_INDEX_ATTR, *IDENTITY_KEYS):
+                m.set_attr(k, v)
+        n = m.nrows
     return n

@@ -38,14 +38,16 @@ after :meth:`FeatureStore.open_for_append`.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import FeatlabError
+from .errors import DiskFull, FeatlabError, disk_full, filled_up
 
 PATH_BYTES = 1024
 GROUP_BYTES = 64
@@ -63,7 +65,17 @@ def _tables():
     import tables
 
     warnings.filterwarnings("ignore", category=tables.NaturalNameWarning)
+    quiet_hdf5()
     return tables
+
+
+def quiet_hdf5() -> None:
+    """No HDF5 diagnostics on stderr from this thread (a full disk would print ~150 lines of C back trace
+    before featlab's one line). HDF5 keeps this setting per thread, and PyTables sets it only in the thread
+    that imports it; the back trace still travels in the exception (``HDF5ExtError``)."""
+    import tables
+
+    tables.silence_hdf5_messages(True)
 
 
 def _label_description():
@@ -147,6 +159,8 @@ def pooled_shape(shape: tuple[int, ...], kind: str | None, grid: int) -> tuple[i
 class FeatureStore:
     """An open feature file. Use :meth:`open_for_append` (extract) or :meth:`open_read` (heads)."""
 
+    committed: dict[str, int] = {}  # resolved path -> rows after its last whole append (for a refused write's line)
+
     def __init__(self, h5, path: Path):
         self.h5 = h5
         self.path = Path(path)
@@ -194,7 +208,17 @@ class FeatureStore:
         raw = COMPRESSION.get(compression or "none", (None, 0))[0] is None
         if path.exists() and path.stat().st_size > 0:
             try:
-                h5 = tb.open_file(str(path), mode="a", **(_NO_CHUNK_CACHE if raw else {}))
+                try:
+                    h5 = tb.open_file(str(path), mode="a", **(_NO_CHUNK_CACHE if raw else {}))
+                except Exception as e:  # noqa: BLE001
+                    cut = _uncut(path, e)
+                    if cut is None:
+                        raise
+                    h5 = tb.open_file(str(path), mode="a", **(_NO_CHUNK_CACHE if raw else {}))
+                    if "/labels" in h5 and (h5.root.labels.col("image_id") == b"").any():
+                        h5.close()  # rows recorded but never written: not a file cut after whole batches
+                        os.truncate(path, cut)
+                        raise FeatlabError("labels recorded but never written") from None
                 if raw and _has_compressed_taps(h5):
                     h5.close()
                     h5 = tb.open_file(str(path), mode="a")
@@ -202,7 +226,10 @@ class FeatureStore:
                 raise FeatlabError(
                     f"cannot reopen {path} to resume ({_last_line(e)}); the file is damaged: move it aside and extract again"
                 ) from None
+            for m in _cut_markers(path):
+                m.unlink(missing_ok=True)
             store = cls(h5, path)
+            FeatureStore.committed[str(path.resolve())] = int(store.nrows) if "/labels" in h5 else 0
             try:
                 if "/labels" not in h5 and SHARD_INDEX_ATTR in h5.root._v_attrs._v_attrnamesuser:
                     n = store.attrs[SHARD_INDEX_ATTR].get("count")
@@ -222,6 +249,7 @@ class FeatureStore:
             h5.root._v_attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
         h5.root._v_attrs["taps"] = json.dumps({})
         h5.flush()
+        FeatureStore.committed[str(path.resolve())] = 0
         return cls(h5, path)
 
     def _check_identity(self, identity: dict) -> None:
@@ -297,8 +325,11 @@ class FeatureStore:
 
     def close(self) -> None:
         if self.h5.isopen:
-            self.h5.flush()
-            self.h5.close()
+            try:
+                self.h5.flush()
+            finally:  # a flush refused (a full disk) still closes the file: what was flushed before stays whole
+                if self.h5.isopen:
+                    self.h5.close()
 
     def __enter__(self):
         return self
@@ -470,27 +501,55 @@ class FeatureStore:
 
     def append(self, features: dict[str, np.ndarray], labels: list[tuple], skipped: list[tuple] = ()) -> None:
         """Append one block: tap rows first, then labels, then skipped; then flush."""
+        quiet_hdf5()  # the writer may be a thread of its own (featlab.extract's committer)
         n = len(labels)
         for key, x in (features.items() if n else ()):
             if len(x) != n:
                 raise ValueError(f"tap {key}: {len(x)} rows for {n} labels")
         if n:
             features = self._checked(features, self.nrows, ids=[r[0] for r in labels])
-            for key, y in features.items():
-                self._node(key).append(y)
-            self._record_checked(features)
-            table = self.h5.root.labels
-            try:  # one structured array converts faster than PyTables does a list of tuples
-                rows = np.array(labels, dtype=table.dtype)
-            except (TypeError, ValueError):
-                rows = labels
-            table.append(rows)
-        if skipped:
-            self.h5.root.skipped.append(list(skipped))
-        self.h5.flush()
+        before = self._lengths()
+        try:
+            if n:
+                for key, y in features.items():
+                    self._node(key).append(y)
+                self._record_checked(features)
+                table = self.h5.root.labels
+                try:  # one structured array converts faster than PyTables does a list of tuples
+                    rows = np.array(labels, dtype=table.dtype)
+                except (TypeError, ValueError):
+                    rows = labels
+                table.append(rows)
+            if skipped:
+                self.h5.root.skipped.append(list(skipped))
+            self.h5.flush()
+            FeatureStore.committed[str(self.path.resolve())] = int(self.nrows)
+        except BaseException:
+            self._roll_back(before)
+            raise
+
+    def _lengths(self) -> dict:
+        """What :meth:`_roll_back` restores: every array's and table's row count, and the taps attribute."""
+        nodes = {key: self._node(key) for key in self.keys()}
+        nodes.update(labels=self.h5.root.labels, skipped=self.h5.root.skipped)
+        return {"rows": {k: (node, int(node.nrows)) for k, node in nodes.items()},
+                "taps": self.h5.root._v_attrs["taps"] if "taps" in self.h5.root._v_attrs else None}
+
+    def _roll_back(self, before: dict) -> None:
+        """After a write that failed half-way (a full disk): cut every array and table back to its length
+        before it, so that the file records only whole blocks when it is closed (best effort: the disk may
+        refuse this too, and the next open for append cuts the taps to the labels anyway)."""
+        try:
+            for node, n in before["rows"].values():
+                node.truncate(n)  # also when PyTables' count did not move: HDF5 extends a dataset before it writes
+            if before["taps"] is not None:
+                self.h5.root._v_attrs["taps"] = before["taps"]
+        except Exception:  # noqa: BLE001 - the write's own error is the one to report
+            pass
 
     def fill(self, key: str, x: np.ndarray) -> None:
         """Append rows to a lagging tap array (one being added to an existing file)."""
+        quiet_hdf5()
         arr = self.array(key)
         if arr.nrows + len(x) > self.nrows:
             raise ValueError("fill past the labels")
@@ -838,6 +897,67 @@ def label_row(r) -> tuple:
 # shards read as one store, rows in shard order (= manifest order = a single-process run's order).
 SHARD_INDEX_ATTR = "featlab_shards"
 IDENTITY_KEYS = ("backbone", "model_sha256", "preprocessing", "flip", "align")
+
+
+_TRUNCATED = re.compile(r"truncated file: eof = (\d+),.*stored_eof = (\d+)")
+
+
+def _cut_markers(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.cut-*"))
+
+
+def mark_cut(path: Path | str) -> None:
+    """Note that ``path`` was cut short by a refused write (over the file size limit, or a filesystem that
+    cannot extend it sparsely): HDF5 closed it recording an end it could not reach. An empty file
+    ``.NAME.cut-SIZE`` beside it lets :meth:`FeatureStore.open_for_append` restore that end (:func:`_uncut`)."""
+    path = Path(path)
+    try:
+        with open(path.with_name(f".{path.name}.cut-{path.stat().st_size}"), "w"):
+            pass
+    except OSError:
+        pass
+
+
+def _uncut(path: Path, e: BaseException) -> bool:
+    """Give a file cut short by a refused write (:func:`mark_cut`: only then, never a file truncated some
+    other way) back the end HDF5 recorded, as a hole of zeros, as a full filesystem that extends files
+    sparsely leaves it. The space up to that end was allocated but never written: blocks of the batch that
+    failed, which the reopened store cuts away (only whole batches are kept). Returns the size it had (None
+    when it is not such a file)."""
+    m = _TRUNCATED.search(str(e))
+    size = path.stat().st_size
+    if m is None or int(m.group(1)) != size or int(m.group(2)) <= size:
+        return None
+    if path.with_name(f".{path.name}.cut-{size}") not in _cut_markers(path):
+        return None
+    os.truncate(path, int(m.group(2)))
+    return size
+
+
+def stored_rows(path: Path | str) -> int | None:
+    """Rows of the features file ``path`` as they are on disk (its labels table); None when it cannot be read."""
+    tb = _tables()
+    try:
+        with tb.open_file(str(path), mode="r") as h5:
+            return int(h5.root.labels.nrows) if "/labels" in h5 else None
+    except Exception:  # noqa: BLE001 - a file that cannot be read has no rows to report
+        return None
+
+
+def full_store_error(e: BaseException, path: Path | str | None = None) -> DiskFull:
+    """The one line of an extraction whose write was refused for lack of space (``e``, see
+    :func:`featlab.errors.disk_full`): the file, what filled up and the faces it keeps (whole batches,
+    counted on disk), which the same command resumes from."""
+    what, name = disk_full(e) or ("no space left on device", None)
+    path = name or path
+    if path is None:
+        return DiskFull(f"{what} while writing the features file; its whole batches are kept")
+    n = stored_rows(path)
+    if n is None and Path(path).is_file():  # closed short of the end HDF5 recorded: say so for the resume
+        mark_cut(path)
+        n = FeatureStore.committed.get(str(Path(path).resolve()))
+    kept = f"{n:,} faces kept, whole" if n is not None else "its whole batches are kept"
+    return DiskFull(f"{path}: {filled_up(what, path)}; {kept}")
 
 
 def shard_dir(out: Path | str) -> Path:

@@ -24,7 +24,7 @@ manifest_sha256, featlab_version, config) plus:
 Sources are copied in blocks (``.npy`` memory-mapped, ``.npz`` members streamed, HDF5 read by
 slices), never loaded whole. Every check that can be made before writing is made first; the copy
 goes to a temporary file beside the output, renamed at the end, so a failure (a non-finite value
-found half-way, a value beyond float16's range) leaves no file behind.
+found half-way, a value beyond float16's range, a full disk: one line each) leaves no file behind.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeatlabError
+from .errors import DiskFull, FeatlabError, disk_full, filled_up
 
 BLOCK_BYTES = 32 << 20  # float32 bytes of all taps together copied per block
 LAYOUTS = ("nchw", "nhwc")
@@ -292,7 +292,9 @@ def read_ids(spec: str) -> list[str]:
 
 def match_ids(df, ids: list[str], manifest_path: Path) -> np.ndarray:
     """Manifest row numbers of ``ids``, matched by image_id, else by path (absolute, relative to the
-    manifest's folder, or the file name when file names are unique in the manifest)."""
+    manifest's folder, or the file name when file names are unique in the manifest). Each id gets a row of
+    its own: two ids landing on one row (``/a/img1.jpg`` and ``/b/img1.jpg`` by file name) are refused in
+    one line naming the first such rows."""
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise FeatlabError(f"--ids holds {dup!r} more than once")
@@ -303,17 +305,35 @@ def match_ids(df, ids: list[str], manifest_path: Path) -> np.ndarray:
             ("path", paths, lambda s: os.path.normpath(s if os.path.isabs(s) else str(base / s)))]
     if len(set(names)) == len(names):
         ways.append(("file name", names, lambda s: Path(s).name))
-    best = None
+    best = collided = None
     for what, keys, norm in ways:
         lut = {k: i for i, k in enumerate(keys)}
         rows = [lut.get(norm(s), -1) for s in ids]
         missing = sum(r < 0 for r in rows)
         if not missing:
-            return np.asarray(rows, dtype=np.int64)
-        if best is None or missing < best[1]:
+            shared = _shared_rows(rows, ids)
+            if not shared:
+                return np.asarray(rows, dtype=np.int64)
+            collided = collided or (what, shared)
+        elif best is None or missing < best[1]:
             best = (what, missing, ids[rows.index(-1)])
+    if collided is not None:
+        what, shared = collided
+        shown = "; ".join(f"{' and '.join(repr(i) for i in names[:3])}{' and more' if len(names) > 3 else ''} -> "
+                          f"image_id {df['image_id'].iloc[row]} ({df['path'].iloc[row]})" for row, names in shared[:3])
+        raise FeatlabError(f"{sum(len(n) for _, n in shared):,} ids land on {len(shared):,} row(s) of {manifest_path} "
+                           f"shared with another id (matched by {what}): {shown}{'; ...' if len(shared) > 3 else ''}; "
+                           "give ids that name one face each (its image_id, or its path as the labels hold it)")
     raise FeatlabError(f"{best[1]:,} of {len(ids):,} ids match no row of {manifest_path} by image_id or path "
                        f"(e.g. {best[2]!r}, looked up by {best[0]})")
+
+
+def _shared_rows(rows: list[int], ids: list[str]) -> list[tuple[int, list[str]]]:
+    """(row, the ids matched to it) for every row matched by more than one id, in the order of the ids."""
+    by_row: dict[int, list[str]] = {}
+    for r, i in zip(rows, ids):
+        by_row.setdefault(r, []).append(i)
+    return [(r, names) for r, names in by_row.items() if len(names) > 1]
 
 
 # ------------------------------------------------------------------------------------ import
@@ -479,6 +499,7 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
         fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
         os.close(fd)
         tmp = Path(tmp_name)
+        written = 0
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the output is an ordinary file
@@ -515,10 +536,15 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
                             x = x.transpose(0, 3, 1, 2)
                         feats[name] = np.ascontiguousarray(x, dtype=stored[name])
                     store.append(feats, label_rows[lo:hi])
+                    written = hi
             os.replace(tmp, out)
-        except BaseException:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
-            raise
+            full = disk_full(e) if isinstance(e, Exception) else None
+            if full is None:
+                raise
+            raise DiskFull(f"{out}: {filled_up(full[0], out.parent)} after {written:,} of {n:,} rows; nothing written "
+                           "(the partial copy is removed)", resumes=False) from None
     finally:
         for src in sources:
             src.close()
@@ -545,11 +571,26 @@ def _random_access(src: _Source, folder: Path, spooled: list[Path], block: int):
     os.close(fd)
     spooled.append(Path(name))
     arr = np.lib.format.open_memmap(name, mode="w+", dtype=src.dtype, shape=src.shape)
+    _reserve(name)
     for lo in range(0, src.nrows, block):
         hi = min(src.nrows, lo + block)
         arr[lo:hi] = src.rows(lo, hi)
     arr.flush()
     return arr
+
+
+def _reserve(name: str) -> None:
+    """Allocate a memory-mapped file's blocks now: a full disk is then an error here (ENOSPC), not a SIGBUS
+    that kills the process when a page of the map is first written. A filesystem that cannot preallocate
+    is left as it is."""
+    with open(name, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if disk_full(e) is not None:
+                raise
+        except AttributeError:  # no posix_fallocate on this platform
+            pass
 
 
 def _take(arr, rows: np.ndarray) -> np.ndarray:

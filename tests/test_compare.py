@@ -24,7 +24,7 @@ def _faces(value: float, n: int, rng, binary: bool) -> np.ndarray:
 
 def _write_metrics(root: Path, backbone: str, dataset: str, key: str, tname: str, metrics: dict, features=None,
                    std: dict | None = None, val: dict | None = None, n: int = 100, faces: dict | None = None,
-                   identity: dict | None = None) -> Path:
+                   identity: dict | None = None, first: int = 0) -> Path:
     """A head record as featlab.evaluate.record_head writes it: val and test sections and faces.csv."""
     d = root / backbone / dataset / key / tname
     d.mkdir(parents=True, exist_ok=True)
@@ -35,7 +35,7 @@ def _write_metrics(root: Path, backbone: str, dataset: str, key: str, tname: str
         cols = {m: (faces or {}).get(m) if split == "test" and faces else _faces(v, n, rng, m != "mae")
                 for m, v in ms.items()}
         for i in range(n):
-            rows.append({"image_id": f"img{i:04d}", "split": split, **{m: c[i] for m, c in cols.items()}})
+            rows.append({"image_id": f"img{first + i:04d}", "split": split, **{m: c[i] for m, c in cols.items()}})
     import pandas as pd
 
     pd.DataFrame(rows).to_csv(d / "faces.csv", index=False)
@@ -230,6 +230,58 @@ def test_heads_of_different_feature_sets_are_never_compared(tmp_path):
     _write_metrics(root, "m", "ds", "b", "gender", {"accuracy": 0.8}, identity={"model_sha256": "2" * 64})
     with pytest.raises(FeatlabError, match="made differently.*model_sha256"):
         compare("m", "ds", "gender", results_root=root)
+
+
+def test_heads_that_scored_other_faces_are_never_compared(tmp_path, monkeypatch, capsys):
+    """Same feature set, other test faces (disjoint, then half shared): one line with the counts, not a table of
+    rows paired on no face."""
+    from featlab.cli import main
+
+    root = tmp_path / "results"
+    _write_metrics(root, "m", "ds", "a", "gender", {"accuracy": 0.8})
+    _write_metrics(root, "m", "ds", "b", "gender", {"accuracy": 0.7}, first=100)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["compare", "--backbone", "m", "--dataset", "ds", "--target", "gender"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "heads a and b under" in err[0], err
+    assert "scored different test faces (100 and 100 faces, 0 of them shared)" in err[0]
+    assert not (root / "m" / "ds" / "compare").exists()
+    _write_metrics(root, "m", "ds", "b", "gender", {"accuracy": 0.7}, n=80, first=50)
+    with pytest.raises(FeatlabError, match=r"\(100 and 80 faces, 50 of them shared\)"):
+        sweep_plot("m", "ds", "gender", results_root=root)
+    _write_metrics(root, "m", "ds", "b", "gender", {"accuracy": 0.7})  # the same faces: compared
+    assert compare("m", "ds", "gender", results_root=root)["taps"] == ["a", "b"]
+
+
+def test_networks_that_scored_other_faces_are_never_compared(tmp_path):
+    from featlab.report.crossnet import compare_networks
+
+    root = tmp_path / "results"
+    ident = {"model_sha256": "0" * 64, "manifest_sha256": "m" * 64}
+    _write_metrics(root, "netA", "ds", "a1", "gender", {"accuracy": 0.8}, identity=ident)
+    _write_metrics(root, "netB", "ds", "b1", "gender", {"accuracy": 0.7}, identity=ident, n=90, first=10)
+    with pytest.raises(FeatlabError, match=r"netA:a1 and netB:b1 scored different test faces \(100 and 90 faces, "
+                                           r"90 of them shared\)"):
+        compare_networks(["netA", "netB"], target="gender", results_root=root)
+    _write_metrics(root, "netB", "ds", "b1", "gender", {"accuracy": 0.7}, identity=ident)
+    assert compare_networks(["netA", "netB"], target="gender", results_root=root)["tests"][0]["n_paired"] == 100
+
+
+def test_single_fold_heads_name_the_command_that_summarises_them(tmp_path):
+    """`train-head --fold 0` writes TAP/TARGET/fold0/: compare says it found those and how to get the summary."""
+    root = tmp_path / "results"
+    for k in ("res3", "res4"):
+        d = root / "m" / "adience" / k / "bins8" / "fold0"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"tap": k, "config": {"features": "feats/adience.h5"}}))
+    (root / "m" / "adience" / "res4" / "bins8" / "fold2").mkdir()
+    (root / "m" / "adience" / "res4" / "bins8" / "fold2" / "metrics.json").write_text("{}")
+    with pytest.raises(FeatlabError) as e:
+        compare("m", "adience", "bins", 8, results_root=root)
+    msg = str(e.value)
+    assert "only single-fold heads (res3: fold0; res4: fold0, fold2)" in msg
+    assert "`featlab train-head -f feats/adience.h5 --layer res3 --target bins8 --fold all` (and so for each tap)" in msg
 
 
 def test_interval_width_matches_the_binomial_formula():

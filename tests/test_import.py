@@ -209,6 +209,34 @@ def test_ids_and_rows_in_manifest_order_do_not_go_together(tmp_path, capsys):
     assert rc == 2 and "leave out --rows-in-manifest-order" in capsys.readouterr().err
 
 
+def test_two_ids_landing_on_one_face_are_refused(tmp_path, capsys):
+    """Ids matched by file name: ``/a/NAME`` and ``/b/NAME`` would both be the one labels row named NAME; one
+    line names them and the row, nothing is written. The same ids made distinct import each face's own row."""
+    labels = _sample_manifest(tmp_path, 10)
+    df = read_manifest(labels)
+    names = [Path(p).name for p in df["path"]]
+    x = np.arange(10 * 3, dtype=np.float32).reshape(10, 3)
+    np.save(tmp_path / "t.npy", x)
+    ids = [f"/elsewhere/{n}" for n in names[::-1]]  # reversed: matched by file name, written in the labels' order
+    ids[4] = f"/other/{names[0]}"  # row 5 of the taps: another copy of the labels' first face
+    (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
+    out = tmp_path / "o.h5"
+    args = ["import", str(tmp_path / "t.npy"), "--labels", str(labels), "--backbone", "b", "--out", str(out)]
+    capsys.readouterr()
+    assert main([*args, "--ids", str(tmp_path / "ids.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 ids land on 1 row(s)" in err[0] and "matched by file name" in err[0], err
+    assert f"'/other/{names[0]}' and '/elsewhere/{names[0]}' -> image_id {df['image_id'][0]}" in err[0]
+    assert not out.exists() and not list(tmp_path.glob(".o.h5*"))
+
+    ids[4] = f"/other/{names[5]}"  # each face once again
+    (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
+    _import(*args[1:], "--ids", tmp_path / "ids.txt")
+    with FeatureStore.open_read(out) as s:
+        np.testing.assert_array_equal(s.read("t"), x[::-1])
+        assert s.labels()["image_id"].tolist() == df["image_id"].tolist()
+
+
 # ------------------------------------------------------------------------------------ bad input
 def _bad_case(case: str, d: Path, labels: Path) -> list[str]:
     rng = np.random.default_rng(0)

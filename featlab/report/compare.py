@@ -27,8 +27,10 @@ and ``.png``, taps in network order:
 ``choice.json`` names the chosen tap, the best fusion on validation, the families, the margins, the unit
 and every row's verdict.
 
-Heads whose feature sets differ (another model file, manifest, alignment, flip, pooling or dtype) are
-never put in one comparison: :func:`compare` refuses with one line saying what differs.
+Heads whose feature sets differ (another model file, manifest, alignment, flip, pooling or dtype), or that
+scored different test faces (their ``faces.csv``), are never put in one comparison: :func:`compare` refuses
+with one line saying what differs. Single ``--fold K`` heads (``foldK/``) are named, with the command that
+writes the summary over every fold that a comparison reads.
 Network order comes from the backbone's graph when its model file can be found; otherwise from the
 order of the ``taps`` attribute of the features file each head was trained on, then by name.
 No TensorFlow here.
@@ -114,14 +116,62 @@ def gather(backbone: str, dataset: str, target: str = "bins", cats=7, results_ro
             "uncertainty": m["test"].get("uncertainty"),  # this featlab's record: intervals already over its groups
         })
     if not out:
-        raise FeatlabError(f"no evaluated heads for {tname} under {base} (looked for */{tname}/metrics.json)")
+        raise FeatlabError(_nothing_found(base, tname))
     first = out[0]
     for r in out[1:]:
         d = differences(first["identity"], r["identity"], IDENTITY_KEYS)
         if d:
             raise FeatlabError(f"heads {first['key']} and {r['key']} under {base} come from features made differently "
                                f"({', '.join(d)}): retrain one of them, they are never compared")
+    for r in out:
+        r["test_ids"] = scored_faces(Path(r["dir"]))
+    same_faces(out, f"heads {{a}} and {{b}} under {base}", "train them again on one features file")
     return out
+
+
+def scored_faces(head_dir: Path) -> frozenset | None:
+    """The image ids a record scored on test (its ``faces.csv``); None for a record without one."""
+    import pandas as pd
+
+    f = Path(head_dir) / "faces.csv"
+    if not f.is_file():
+        return None
+    df = pd.read_csv(f, usecols=["image_id", "split"], dtype=str, keep_default_na=False)
+    return frozenset(df.loc[df["split"] == "test", "image_id"])
+
+
+def same_faces(recs: list[dict], what: str, fix: str, name=lambda r: r["key"]) -> None:
+    """Records are put side by side only when they scored the same test faces (``test_ids``, from
+    :func:`scored_faces`; a record without faces.csv is not checked): else one line naming the first two that
+    differ, ``what`` (with ``{a}`` and ``{b}``) saying where, the faces of each and how many they share."""
+    have = [r for r in recs if r.get("test_ids") is not None]
+    for r in have[1:]:
+        a, b = have[0]["test_ids"], r["test_ids"]
+        if a != b:
+            raise FeatlabError(f"{what.format(a=name(have[0]), b=name(r))} scored different test faces ({len(a):,} and "
+                               f"{len(b):,} faces, {len(a & b):,} of them shared): they are never put side by side; "
+                               f"{fix}")
+
+
+def _nothing_found(base: Path, tname: str) -> str:
+    """Why no record was found under ``base``: single ``--fold K`` heads (``TAP/TARGET/foldK/``) are named, with
+    the command that writes the summary over every fold that compare reads."""
+    single = sorted(base.glob(f"*/{tname}/fold*/metrics.json"), key=lambda f: _natural(str(f)))
+    if not single:
+        return f"no evaluated heads for {tname} under {base} (looked for */{tname}/metrics.json)"
+    taps: dict[str, list[str]] = {}
+    for f in single:
+        taps.setdefault(f.parent.parent.parent.name, []).append(f.parent.name)
+    try:
+        m = json.loads(single[0].read_text())
+    except ValueError:
+        m = {}
+    features = (m.get("config") or {}).get("features") or "FEATURES.h5"
+    tap = m.get("tap") or next(iter(taps))
+    found = "; ".join(f"{t}: {', '.join(folds)}" for t, folds in taps.items())
+    return (f"no evaluated heads for {tname} under {base}: only single-fold heads ({found}), and compare reads "
+            f"the summary over every fold; write it with `featlab train-head -f {features} --layer {tap} "
+            f"--target {tname} --fold all`" + (" (and so for each tap)" if len(taps) > 1 else ""))
 
 
 def tap_positions(backbone: str, keys: list[str], features_files: list[str] = ()) -> dict[str, tuple]:

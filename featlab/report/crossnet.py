@@ -19,7 +19,8 @@ as :func:`featlab.report.compare.gather` does) and the cross-file fusion heads o
   intervals, its choice marked, fusion heads at the right;
 - ``network_comparison.json``: the choices, the tests, the unit, the margins and the depth note.
 
-Networks of different manifests (``manifest_sha256``) are refused with one line. No TensorFlow here.
+Networks of different manifests (``manifest_sha256``), or whose heads scored different test faces, are refused
+with one line. No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..errors import FeatlabError
 from ..featureio import is_fusion
 from ..labels import HEADLINE, LOWER_IS_BETTER, selection_metric, target_name
 from ..paths import FUSION
-from .compare import _ordered, _read_faces, choose, gather, margins_for
+from .compare import _ordered, _read_faces, choose, gather, margins_for, same_faces
 from .format import format_diff, format_p
 from .uncertainty import ALPHA, adjust_within, paired_difference, unit_of, verdict
 
@@ -152,6 +153,9 @@ def compare_networks(networks: list[str], datasets: list[str | None] | None = No
         for r in gather(folder, ds, target, cats, root):
             if r["identity"].get("manifest_sha256") in (None, *shas.values()):
                 fusion_recs.append({**r, "network": folder, "dataset": ds})
+    same_faces([dict(n["recs"][0], network=n["network"]) for n in nets] + fusion_recs, "networks compared side by "
+               "side must have scored the same faces; {a} and {b}", "give every network the same faces (one manifest, "
+               "the same images extracted)", name=lambda r: f"{r['network']}:{r['key']}")
     best_fusion = choose(fusion_recs, target) if fusion_recs else None
 
     rows, faces = [], {}

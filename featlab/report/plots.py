@@ -34,7 +34,13 @@ def _figure(w: float, h: float):
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    try:
+        fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    except OSError as e:  # a full disk: no half-written plot left, and the error names the file
+        path.unlink(missing_ok=True)
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     return path
 
 

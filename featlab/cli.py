@@ -579,15 +579,18 @@ def _only_tap(features: Path):
 @app.command()
 def evaluate(
     head: Path = typer.Option(..., "--head", help="head folder (results/.../TARGET)"),
-    features: Optional[Path] = typer.Option(None, "--features", "-f", help="another features file of the same backbone and tap"),
+    features: Optional[List[Path]] = typer.Option(None, "--features", "-f", help="another features file of the same backbone "
+                                                  "and tap; for a head across networks one per network (repeat -f)"),
     split: Optional[str] = typer.Option(None, "--split", help="test, val, train or all [test; all rows of another file]"),
 ):
     """Score a trained head (figures with 95 % intervals, confusion matrices, subgroups) into HEAD/eval/...;
-    the head's own record is never changed."""
+    the head's own record is never changed. A head across networks takes one features file per network."""
     from .report.evaluate import SPLITS, evaluate_head
 
     _check_head_dir(head)
-    _check_file(features, "features file", "make it with `featlab extract`")
+    features = list(dict.fromkeys(features or [])) or None
+    for f in features or []:
+        _check_file(f, "features file", "make it with `featlab extract`")
     if split is not None and split not in SPLITS:
         raise FeatlabError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     from .recipes import summary_line

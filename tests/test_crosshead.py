@@ -136,3 +136,76 @@ def test_a_file_that_does_not_match_its_network_is_one_line_naming_it(study, tmp
     assert "are both network sface" in _one_line(capsys)
     assert _cli(["evaluate", "--head", head, "-f", files[("a", "dlib-rec")], "-f", files[("b", "sface")]], root) == 2
     assert "one manifest" in _one_line(capsys)  # faces of two manifests are never joined
+
+
+def test_predict_runs_both_networks_on_a_photo_as_the_features_were_stored(study):
+    from featlab.predict import predict_paths
+
+    root, files, head = study
+    cfg = json.loads((head / "config.json").read_text())
+    with FeatureStore.open_read(cfg["features"]) as s:  # the head's own joined file
+        lab = s.labels()
+        rows = list(np.flatnonzero(lab.split.to_numpy() == "test")[:3])
+        stored = {k: s.read(k, rows) for k in ("dlib-rec:res14", "sface:conv_14_relu@avg4")}
+    recs = predict_paths([lab.path[r] for r in rows], [head], keep_features=True, echo=lambda *_: None)
+    assert [r["face"] for r in recs] == [1] * 3 and all(r["whole"] for r in recs)
+    for k, v in stored.items():
+        np.testing.assert_array_equal(np.stack([r["features"][k] for r in recs]), v)
+    saved = pd.read_csv(head / "predictions.csv", dtype={"image_id": str}).set_index("image_id")
+    for r, row in zip(recs, rows):
+        (text,) = r["labels"]  # "gender F (0.73)"
+        iid = lab.image_id[row]
+        assert text.split()[1] == saved.loc[iid, "predicted"].upper()
+        assert float(text.split()[2].strip("()")) == pytest.approx(saved.loc[iid, "confidence"], abs=0.0051)
+
+
+def test_predict_model_per_network(study, capsys):
+    root, files, head = study
+    cfg = json.loads((head / "config.json").read_text())
+    with FeatureStore.open_read(cfg["features"]) as s:
+        img = s.labels().path[0]
+    assert _cli(["predict", img, "--head", head, "--model", "/nonexistent.onnx"], root) == 2
+    assert "name each model file's network, --model NETWORK=FILE" in _one_line(capsys)
+    assert _cli(["predict", img, "--head", head, "--model", f"sface={files[('a', 'sface')]}"], root) == 2
+    assert _one_line(capsys).startswith("featlab: network sface: ")
+
+
+def test_the_fixed_cut_is_the_extraction_chip_and_stays_put_under_occlusion(utk_dir):
+    """Each network's cut of the clean image is its extraction chip, bit for bit; an occluded copy is cut at the
+    clean image's place: every chip pixel the occluded square does not reach is unchanged."""
+    from featlab.backbones import Backbone
+    from featlab.crosshead import fixed_cutter
+    from featlab.images import load_rgb
+
+    img = load_rgb(sorted(utk_dir.glob("*.jpg"))[5])
+    occluded, mask = img.copy(), np.zeros_like(img)
+    occluded[70:110, 40:160] = 0  # the eyes
+    mask[70:110, 40:160] = 255
+    for net in TAPS:
+        g = Backbone(net).geometry
+        cut = fixed_cutter(g, img, align=False)
+        np.testing.assert_array_equal(cut(img), g.chip(img, align=False))
+        reached = cut(mask).max(axis=2) > 0
+        assert 0 < reached.mean() < 0.6
+        np.testing.assert_array_equal(cut(occluded)[~reached], cut(img)[~reached])
+
+
+def test_explain_occludes_both_networks_and_refuses_lrp_in_one_line(study, tmp_path, capsys):
+    from featlab.predict import predict_paths
+    from featlab.report.explain import Settings, explain_images
+
+    root, files, head = study
+    cfg = json.loads((head / "config.json").read_text())
+    with FeatureStore.open_read(cfg["features"]) as s:
+        img = Path(s.labels().path[0])
+    log: list[str] = []
+    summary = explain_images([img], [head], tmp_path / "x", ["occlusion"],
+                             Settings(patch=50, stride=50, steps=4, cell=50), echo=log.append)
+    assert summary["backbone"] == "dlib-rec+sface" and set(summary["model_sha256"]) == {"dlib-rec", "sface"}
+    assert summary["chips_scored"] >= 1 + 16  # the image, then each of the 4x4 occluded copies
+    (text,) = predict_paths([img], [head], echo=lambda *_: None)[0]["labels"]  # "gender M (0.93)"
+    (said,) = [x for x in log if x.startswith(f"{img}: ")]  # "...: KEY gender m (p 0.93)"
+    assert said.endswith(f"{text.split()[1].lower()} (p {text.split()[2].strip('()')})"), (said, text)
+    assert (tmp_path / "x" / f"{img.name.split('.')[0]}-occlusion.png").is_file()
+    assert _cli(["explain", img, "--head", head, "--method", "lrp", "-o", tmp_path / "y"], root) == 2
+    assert "lrp does not run on a head across networks" in _one_line(capsys)

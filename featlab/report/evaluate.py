@@ -275,11 +275,16 @@ def evaluate_head(head_dir, features=None, split: str | None = None, out_dir=Non
         raise FeatlabError(f"{cfg_path} is not valid JSON") from None
     if kind != "head":
         raise FeatlabError(f"{head_dir} is not a single head (evaluate one of its fold*/seed* folders)")
-    model, cfg = load_head(head_dir)
     files = [] if features is None else [Path(f) for f in (features if isinstance(features, (list, tuple))
                                                             else [features])]
-    from ..crosshead import is_cross_head
+    from ..crosshead import check_network_file, is_cross_head, match_files
 
+    if len(files) > 1 and is_cross_head(json.loads(cfg_path.read_text())):  # one line before TensorFlow loads
+        cfg = json.loads(cfg_path.read_text())
+        for n, f in match_files(cfg, files).items():
+            with FeatureStore.open_read(f) as s:
+                check_network_file(s, n, cfg)
+    model, cfg = load_head(head_dir)
     if is_cross_head(cfg):
         return _evaluate_cross(model, cfg, head_dir, files, split, out_dir)
     if len(files) > 1:

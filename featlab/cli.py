@@ -585,15 +585,18 @@ def _only_tap(features: Path):
 @app.command()
 def evaluate(
     head: Path = typer.Option(..., "--head", help="head folder (results/.../TARGET)"),
-    features: Optional[Path] = typer.Option(None, "--features", "-f", help="another features file of the same backbone and tap"),
+    features: Optional[List[Path]] = typer.Option(None, "--features", "-f", help="another features file of the same backbone "
+                                                  "and tap; for a head across networks one per network (repeat -f)"),
     split: Optional[str] = typer.Option(None, "--split", help="test, val, train or all [test; all rows of another file]"),
 ):
     """Score a trained head (figures with 95 % intervals, confusion matrices, subgroups) into HEAD/eval/...;
-    the head's own record is never changed."""
+    the head's own record is never changed. A head across networks takes one features file per network."""
     from .report.evaluate import SPLITS, evaluate_head
 
     _check_head_dir(head)
-    _check_file(features, "features file", "make it with `featlab extract`")
+    features = list(dict.fromkeys(features or [])) or None
+    for f in features or []:
+        _check_file(f, "features file", "make it with `featlab extract`")
     if split is not None and split not in SPLITS:
         raise FeatlabError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     from .recipes import summary_line
@@ -726,7 +729,8 @@ def predict(
     images: List[Path] = typer.Argument(..., help="image files or folders"),
     head: List[Path] = typer.Option(..., "--head", help="trained head folder; repeat for several"),
     annotate: Optional[Path] = typer.Option(None, "--annotate", help="write annotated copies here"),
-    model: Optional[str] = typer.Option(None, "--model", help="backbone model file, if not the one recorded in the head"),
+    model: Optional[List[str]] = typer.Option(None, "--model", help="backbone model file, if not the one recorded in the "
+                                              "head; for a head across networks NETWORK=FILE, repeat per network"),
     detect: bool = typer.Option(False, "--detect",
                                 help="align every face with the backbone's own geometry (as extract --align) even "
                                      "for heads trained on face crops [faces are cut like the heads' training crops]"),
@@ -743,7 +747,10 @@ def predict(
     for h in head:
         _check_head_dir(h)
     images = check_images(expand_images(images))
-    records = predict_paths(images, head, annotate=annotate, model=model, detect=True if detect else None, echo=_echo)
+    from .crosshead import parse_models
+
+    records = predict_paths(images, head, annotate=annotate, model=parse_models(model), detect=True if detect else None,
+                            echo=_echo)
     skipped = [r for r in records if "error" in r]
     if skipped:
         _echo(f"{len(skipped)} of {len({r['path'] for r in records})} images skipped")
@@ -771,7 +778,8 @@ def explain(
     split: str = typer.Option("test", "--split", help="dataset view: which split's faces"),
     groups: Optional[int] = typer.Option(None, "--groups", help="dataset view, age heads: 5, 7 or 8 age groups [the head's, else 5]"),
     compare: Optional[str] = typer.Option(None, "--compare", help="dataset view: every trained head of this target (age, bins7, gender...) of the features file's backbone, shallow to deep"),
-    model: Optional[str] = typer.Option(None, "--model", help="backbone model file, if not the one recorded in the head"),
+    model: Optional[List[str]] = typer.Option(None, "--model", help="backbone model file, if not the one recorded in the "
+                                              "head; for a head across networks NETWORK=FILE, repeat per network"),
     detect: Optional[bool] = typer.Option(None, "--detect/--no-detect",
                                           help="find and align the face [as the heads' training features were made]"),
 ):
@@ -782,6 +790,9 @@ def explain(
     settings = Settings(patch=patch, stride=stride, masks=masks, baseline=baseline, cell=cell, steps=steps,
                         batch=batch, seed=seed, rule=rule, epsilon=epsilon).check()
     methods = check_methods(method)
+    from .crosshead import parse_models
+
+    model = parse_models(model)
     out = Path(_need(out, "--out", "pass --out DIR for the figures"))
     if compare is not None:
         if features is None:

@@ -146,14 +146,37 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
     or per skipped image (``path``, ``error``). ``keep_features``: each face record also holds the tap values
     the heads read (``features``: {tap: array}), as stored."""
     from .backbones import Runner
+    from .crosshead import NetworkRunners, is_cross_head
     from .extract import stored_features
-    from .faces import UTKFACE_TEMPLATE, training_crops
+    from .faces import UTKFACE_TEMPLATE
     from .model import load_head, outputs_to_prediction
     from .store import parse_key
 
     heads = [load_head(d) for d in head_dirs]
     cfgs = [c for _, c in heads]
-    bb, flip, trained_align = backbone_for(cfgs, model)
+    cross = [is_cross_head(c) for c in cfgs]
+    if any(cross):  # heads across networks: each network runs on its own chip of each face
+        if not all(cross):
+            raise FeatlabError("give heads across networks and heads of one network in separate runs")
+        nets = NetworkRunners(cfgs, model)
+        geometries, trained_align, featurise = nets.geometries, nets.align, nets.features
+    else:
+        bb, flip, trained_align = backbone_for(cfgs, model if not isinstance(model, dict) else _one_model(model))
+        geometries = {None: bb.geometry}
+        keys, dtypes = {}, {}
+        for c in cfgs:
+            fused = {p["tap"]: (p.get("feature_set") or {}).get("dtype") for p in (c.get("fusion") or [])}
+            for key in fused or [c["tap"]]:  # a fusion head needs every one of its taps
+                name, kind, grid = parse_key(key)
+                keys[key] = (bb.tap(name), kind, grid)
+                dtypes[key] = (fused.get(key) if fused else (c.get("tap_info") or {}).get("dtype")) or "float16"
+        # the same transform as extraction, so that heads see their inputs exactly as they were stored
+        outputs = None if flip else {k: (*v, dtypes[k]) for k, v in keys.items()}
+        runner = Runner(bb, [t for t, _, _ in keys.values()], outputs=outputs, uint8_input=True)
+
+        def featurise(chips):
+            raw_feats = stored_features(runner, chips[None], keys, flip)  # {None: chips}: one network
+            return {k: v.astype(dtypes[k]).astype(np.float32) for k, v in raw_feats.items()}  # as stored
     align = trained_align if detect is None else bool(detect)
     if align and not trained_align:
         echo("note: the heads were trained on unaligned crops; these faces are detected and aligned instead")
@@ -162,17 +185,6 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
         template = training_template(cfgs[0])
         if template is UTKFACE_TEMPLATE:
             echo("note: the heads' training images are not on disk; faces are cut like UTKFace's aligned crops")
-    keys, dtypes = {}, {}
-    for c in cfgs:
-        fused = {p["tap"]: (p.get("feature_set") or {}).get("dtype") for p in (c.get("fusion") or [])}
-        for key in fused or [c["tap"]]:  # a fusion head needs every one of its taps
-            name, kind, grid = parse_key(key)
-            keys[key] = (bb.tap(name), kind, grid)
-            dtypes[key] = (fused.get(key) if fused else (c.get("tap_info") or {}).get("dtype")) or "float16"
-    # the same transform as extraction, so that heads see their inputs exactly as they were stored
-    outputs = None if flip else {k: (*v, dtypes[k]) for k, v in keys.items()}
-    runner = Runner(bb, [t for t, _, _ in keys.values()], outputs=outputs, uint8_input=True)
-    geometry = bb.geometry
     if annotate:
         Path(annotate).mkdir(parents=True, exist_ok=True)
     records = []
@@ -189,28 +201,14 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
                  else str(e))
             continue
         try:  # a face without usable landmarks (template-5pt) is a named skip, as in extraction
-            if template is not None:
-                crops = training_crops(img, template, upsample=upsample)
-                boxes = [c.box if not c.whole else (0, 0, img.shape[1] - 1, img.shape[0] - 1) for c in crops]
-                wholes = [c.whole for c in crops]
-                chips = [geometry.chip(c.crop, align=False) for c in crops]
-            elif align:
-                faces = geometry.faces(img, upsample=upsample)
-                boxes = [f.box for f in faces]
-                wholes = [False] * len(faces)
-                chips = [f.chip for f in faces]
-            else:
-                boxes = [(0, 0, img.shape[1] - 1, img.shape[0] - 1)]
-                wholes = [True]
-                chips = [geometry.chip(img, align=False)]
+            boxes, wholes, chips = _cut(img, geometries, template, align, upsample)
         except BadImage as e:
             skip(path, str(e))
             continue
-        if not chips:
+        if not boxes:
             skip(path, "no face found")
             continue
-        raw_feats = stored_features(runner, np.stack(chips), keys, flip)
-        feats = {k: v.astype(dtypes[k]).astype(np.float32) for k, v in raw_feats.items()}  # as stored
+        feats = featurise({n: np.stack(c) for n, c in chips.items()})
         preds = []
         for model_, cfg in heads:
             parts = [p["tap"] for p in cfg.get("fusion") or []] or [cfg["tap"]]
@@ -232,6 +230,40 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
     if annotate:
         echo(f"annotated images in {annotate}")
     return records
+
+
+def _one_model(model: dict):
+    raise FeatlabError(f"--model {next(iter(model))}=...: these heads read one network; give --model FILE")
+
+
+def _cut(img: np.ndarray, geometries: dict, template, align: bool, upsample: int):
+    """(boxes, whole-image flags, {network: chips}) of every face of ``img``: cut like the heads' training crops
+    (``template``), detected and aligned (``align``), or the image as one crop; each network's chip cut by its
+    own geometry from the same face. A face one network cannot cut (no usable landmarks) is left out for all."""
+    from .faces import detect, training_crops
+
+    if template is not None:
+        crops = training_crops(img, template, upsample=upsample)
+        boxes = [c.box if not c.whole else (0, 0, img.shape[1] - 1, img.shape[0] - 1) for c in crops]
+        return boxes, [c.whole for c in crops], {n: [g.chip(c.crop, align=False) for c in crops]
+                                                 for n, g in geometries.items()}
+    if align:
+        if len(geometries) == 1:
+            ((n, g),) = geometries.items()
+            faces = g.faces(img, upsample=upsample)
+            return [f.box for f in faces], [False] * len(faces), {n: [f.chip for f in faces]}
+        boxes, chips = [], {n: [] for n in geometries}
+        for rect, score, kps in detect(img, upsample):
+            try:
+                cut = {n: g._chip_of(img, rect, score, kps) for n, g in geometries.items()}
+            except BadImage:
+                continue
+            boxes.append((rect.left(), rect.top(), rect.right(), rect.bottom()))
+            for n, c in cut.items():
+                chips[n].append(c)
+        return boxes, [False] * len(boxes), chips
+    return ([(0, 0, img.shape[1] - 1, img.shape[0] - 1)], [True],
+            {n: [g.chip(img, align=False)] for n, g in geometries.items()})
 
 
 def _draw(img: np.ndarray, boxes, labels, out: Path) -> None:

@@ -17,7 +17,10 @@ breakdown (``report``), the per-face values behind each headline figure and the 
 
 :func:`evaluate_head` scores a saved head on another split or another features file and writes to
 ``{head}/eval/{dataset-key}/{split}/``; it never changes the head's own record. On another features
-file it uses every row unless a split is asked for, and refuses features made differently.
+file it uses every row unless a split is asked for, and refuses features made differently. A head across
+networks takes one features file per network (or a file they were joined into): each is checked against that
+network's own record (:mod:`featlab.crosshead`), then they are joined by image id as in training; on the files
+it was trained on it gives its record's test figures.
 """
 
 from __future__ import annotations
@@ -272,53 +275,112 @@ def evaluate_head(head_dir, features=None, split: str | None = None, out_dir=Non
         raise FeatlabError(f"{cfg_path} is not valid JSON") from None
     if kind != "head":
         raise FeatlabError(f"{head_dir} is not a single head (evaluate one of its fold*/seed* folders)")
+    files = [] if features is None else [Path(f) for f in (features if isinstance(features, (list, tuple))
+                                                            else [features])]
+    from ..crosshead import check_network_file, is_cross_head, match_files
+
+    if len(files) > 1 and is_cross_head(json.loads(cfg_path.read_text())):  # one line before TensorFlow loads
+        cfg = json.loads(cfg_path.read_text())
+        for n, f in match_files(cfg, files).items():
+            with FeatureStore.open_read(f) as s:
+                check_network_file(s, n, cfg)
     model, cfg = load_head(head_dir)
+    if is_cross_head(cfg):
+        return _evaluate_cross(model, cfg, head_dir, files, split, out_dir)
+    if len(files) > 1:
+        raise FeatlabError(f"{head_dir} reads one network's features: give one features file (several only for a "
+                           "head across networks)")
     trained_on = Path(cfg["features"])
-    path = Path(features) if features is not None else trained_on
+    path = files[0] if files else trained_on
     other = _resolved(path) != _resolved(trained_on)
     with FeatureStore.open_read(path) as store:
         check_compatible(store, cfg)
-        store.check_labels_current()
-        labels = store.labels()
-        y_all, valid = encode_target(labels, cfg["target"], cfg.get("cats"))
-        if other and split is None:
-            split, rows, note = "all", np.flatnonzero(valid), f"every row of {path.name} with a known {cfg['target']}"
-        else:
-            split = split or "test"
-            rows, note = _rows_for(store, cfg, labels, valid, split, other)
-        if not len(rows):
-            raise FeatlabError(f"{store.path}: no rows with a known {cfg['target']} in split '{split}'")
-        dkey = dataset_key(feature_set(store.attrs)) if store.attrs.get("dataset") else path.stem
-        out = Path(out_dir) if out_dir is not None else head_dir / "eval" / dkey / split
-        out.mkdir(parents=True, exist_ok=True)
-        scored = score_rows(model, cfg, store, rows, labels)
-        files = write_reports(out, cfg, scored, f"{split} of {store.path.name}")
-        write_faces(out / "faces.csv", {split: scored})
-        result = {
-            "kind": "evaluation",
-            "head_dir": str(head_dir.resolve()),
-            "features": str(_resolved(store.path)),
-            "trained_on": cfg["features"],
-            "split": split,
-            "split_note": note,
-            "n": scored["n"],
-            "backbone": cfg["backbone"],
-            "dataset": cfg["dataset"],
-            "eval_dataset": store.attrs.get("dataset"),
-            "tap": cfg["tap"],
-            "head_key": cfg.get("head_key", cfg["tap"]),
-            "target": cfg["target"],
-            "target_name": cfg["target_name"],
-            "fold": cfg.get("fold"),
-            "metrics": scored["metrics"],
-            "uncertainty": scored["uncertainty"],
-            "report": scored["report"],
-            "subgroups": scored.get("subgroups"),
-            "files": ["metrics.json", "faces.csv", *files],
-            "out_dir": str(out),
-        }
-        (out / "metrics.json").write_text(json.dumps(result, indent=2))
-        return result
+        return _evaluate_store(model, cfg, head_dir, store, other, split, out_dir)
+
+
+def _evaluate_cross(model, cfg: dict, head_dir: Path, files: list[Path], split, out_dir) -> dict:
+    """evaluate_head for a head across networks: one features file per network, each checked against that
+    network's record and joined by image id (in a temporary folder of the head, removed after), or one file
+    already joined, checked part by part; the head's own joined file when none is given."""
+    import tempfile
+
+    from ..crosshead import check_joined_file, join_for_head
+
+    unchecked = {**cfg, "features_model_sha256": None,  # the parts are checked, each against its network
+                 "fusion": [{**p, "feature_set": None} for p in cfg["fusion"]]}
+    if len(files) == 1:
+        with FeatureStore.open_read(files[0]) as store:
+            if not store.attrs.get("join"):
+                from ..crosshead import head_networks
+
+                nets = list(head_networks(cfg))
+                raise FeatlabError(f"{files[0]}: the head reads networks {' and '.join(nets)}; give one features "
+                                   "file per network (-f FILE.h5 for each), or a file they were joined into")
+            check_joined_file(store, cfg)
+            check_compatible(store, unchecked)
+            other = _resolved(files[0]) != _resolved(Path(cfg["features"]))
+            return _evaluate_store(model, cfg, head_dir, store, other, split, out_dir)
+    if not files:
+        with FeatureStore.open_read(cfg["features"]) as store:
+            check_compatible(store, cfg)
+            return _evaluate_store(model, cfg, head_dir, store, False, split, out_dir)
+    with tempfile.TemporaryDirectory(dir=head_dir, prefix=".join-") as tmp:
+        path, nets, same = join_for_head(cfg, files, Path(tmp))
+        with FeatureStore.open_read(path) as store:
+            check_compatible(store, unchecked)
+            extra = {"features": {n: str(_resolved(f)) for n, f in nets.items()},
+                     "joined": "the files joined by image id for this evaluation (not kept)"}
+            return _evaluate_store(model, cfg, head_dir, store, not same, split, out_dir, extra,
+                                   " + ".join(f.name for f in nets.values()))
+
+
+def _evaluate_store(model, cfg: dict, head_dir: Path, store: FeatureStore, other: bool, split, out_dir,
+                    extra: dict | None = None, what: str | None = None) -> dict:
+    """Score the head on ``split`` of an open, checked features file and write the evaluation record."""
+    path = Path(store.path)
+    name = what or path.name
+    store.check_labels_current()
+    labels = store.labels()
+    y_all, valid = encode_target(labels, cfg["target"], cfg.get("cats"))
+    if other and split is None:
+        split, rows, note = "all", np.flatnonzero(valid), f"every row of {name} with a known {cfg['target']}"
+    else:
+        split = split or "test"
+        rows, note = _rows_for(store, cfg, labels, valid, split, other)
+    if not len(rows):
+        raise FeatlabError(f"{store.path}: no rows with a known {cfg['target']} in split '{split}'")
+    dkey = dataset_key(feature_set(store.attrs)) if store.attrs.get("dataset") else path.stem
+    out = Path(out_dir) if out_dir is not None else head_dir / "eval" / dkey / split
+    out.mkdir(parents=True, exist_ok=True)
+    scored = score_rows(model, cfg, store, rows, labels)
+    files = write_reports(out, cfg, scored, f"{split} of {name}")
+    write_faces(out / "faces.csv", {split: scored})
+    result = {
+        "kind": "evaluation",
+        "head_dir": str(head_dir.resolve()),
+        "features": str(_resolved(store.path)),
+        "trained_on": cfg["features"],
+        "split": split,
+        "split_note": note,
+        "n": scored["n"],
+        "backbone": cfg["backbone"],
+        "dataset": cfg["dataset"],
+        "eval_dataset": store.attrs.get("dataset"),
+        "tap": cfg["tap"],
+        "head_key": cfg.get("head_key", cfg["tap"]),
+        "target": cfg["target"],
+        "target_name": cfg["target_name"],
+        "fold": cfg.get("fold"),
+        "metrics": scored["metrics"],
+        "uncertainty": scored["uncertainty"],
+        "report": scored["report"],
+        "subgroups": scored.get("subgroups"),
+        "files": ["metrics.json", "faces.csv", *files],
+        "out_dir": str(out),
+        **(extra or {}),
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def _rows_for(store, cfg, labels, valid, split, other) -> tuple[np.ndarray, str]:

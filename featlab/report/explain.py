@@ -475,6 +475,9 @@ class HeadScorer:
         self.calls = 0
         self.chips_scored = 0
 
+    def focus(self, chip: np.ndarray, align: bool | None = None) -> None:
+        """Nothing to fix here: a head of one network is explained over its own chip (see :class:`CrossScorer`)."""
+
     def predictions(self, chips: np.ndarray) -> list[dict]:
         """Per head, ``outputs_to_prediction`` of the chips (uint8 (N, H, W, 3))."""
         from ..extract import stored_features
@@ -512,6 +515,49 @@ class HeadScorer:
         names = c.get("class_names") or []
         name = names[cls] if cls < len(names) else str(cls)
         return cls, f"{name} (p {float(pred['proba'][i][cls]):.2f})"
+
+
+class CrossScorer(HeadScorer):
+    """Heads across networks (:mod:`featlab.crosshead`) as ``f(images) -> (N, K)``. What is explained is the
+    image as read (the face crop, or the photo with ``align``): :meth:`focus` fixes where each network cuts its
+    chip from the clean image (its detection and landmarks), and every occluded or masked copy is cut there by
+    each network with its own preprocessing, run through that network, and the heads read the parts' taps."""
+
+    def __init__(self, head_dirs, model=None):
+        from types import SimpleNamespace
+
+        from ..crosshead import NetworkRunners, is_cross_head
+        from ..model import load_head
+
+        self.heads = [load_head(d) for d in head_dirs]
+        self.cfgs = [c for _, c in self.heads]
+        if not all(is_cross_head(c) for c in self.cfgs):
+            raise FeatlabError("give heads across networks and heads of one network in separate runs")
+        self.nets = NetworkRunners(self.cfgs, model, spinning=False)
+        self.align, self.flip = self.nets.align, False
+        self.backbone = SimpleNamespace(name=self.nets.name,
+                                        sha256={n: bb.sha256 for n, bb in self.nets.backbones.items()})
+        self.geometry = None
+        self.cutters: dict = {}
+        self.calls = 0
+        self.chips_scored = 0
+
+    def focus(self, chip: np.ndarray, align: bool | None = None) -> None:
+        """Cut every later image where ``chip`` (the clean image) puts each network's face; BadImage if none."""
+        from ..crosshead import fixed_cutter
+
+        align = self.align if align is None else bool(align)
+        self.cutters = {n: fixed_cutter(g, chip, align) for n, g in self.nets.geometries.items()}
+
+    def predictions(self, chips: np.ndarray) -> list[dict]:
+        from ..model import outputs_to_prediction
+
+        images = np.asarray(chips, dtype=np.uint8)
+        feats = self.nets.features({n: np.stack([cut(im) for im in images]) for n, cut in self.cutters.items()})
+        self.calls += 1
+        self.chips_scored += len(images)
+        return [outputs_to_prediction(np.asarray(model([feats[p["tap"]] for p in cfg["fusion"]], training=False)), cfg)
+                for model, cfg in self.heads]
 
 
 def check_head_dirs(head_dirs) -> list[Path]:
@@ -555,7 +601,17 @@ class _Curves:
 
 def _open_heads(head_dirs, model, methods, settings):
     """The heads' scorer (each config knowing its folder) and, with ``lrp`` among ``methods``, its LRP chain."""
-    scorer = HeadScorer(head_dirs, model)
+    from ..crosshead import is_cross_head
+
+    if any(is_cross_head(json.loads((Path(d) / "config.json").read_text())) for d in head_dirs):
+        if "lrp" in methods:
+            raise FeatlabError("lrp does not run on a head across networks (relevance would have to pass back through "
+                               "both networks' graphs and the join): use occlusion or rise")
+        scorer = CrossScorer(head_dirs, model)
+    else:
+        if isinstance(model, dict):
+            raise FeatlabError(f"--model {next(iter(model))}=...: these heads read one network; give --model FILE")
+        scorer = HeadScorer(head_dirs, model)
     for d, c in zip(head_dirs, scorer.cfgs):
         c["_dir"] = str(d)
     return scorer, _lrp_for(scorer, head_dirs, methods, settings)
@@ -668,6 +724,12 @@ def _chip_for(scorer: HeadScorer, path: Path, align: bool) -> np.ndarray:
         img = load_rgb(path)
     except BadImage as e:
         raise FeatlabError(f"{path}: unreadable image ({e})") from None
+    if isinstance(scorer, CrossScorer):  # the image itself, each network's cut of it fixed on the clean image
+        try:
+            scorer.focus(img, align)
+        except BadImage as e:
+            raise FeatlabError(f"{path}: {e}") from None
+        return img
     if not align:
         try:
             return scorer.geometry.chip(img, align=False)
@@ -699,6 +761,7 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
     curves = {(m, k): _Curves() for m in methods for k in range(len(scorer.cfgs))}
     figures = []
     for i, (path, chip) in enumerate(zip(paths, chips)):
+        scorer.focus(chip, align)
         preds = scorer.predictions(chip[None])
         described = [scorer.describe(k, p) for k, p in enumerate(preds)]
         classes = [c for c, _ in described]
@@ -727,7 +790,9 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
         name = f"{stem}-{m}.png" if n == 0 else f"{stem}-{n + 1}-{m}.png"
         what = f"lrp ({settings.rule})" if m == "lrp" else m
         image_png(chip, list(maps), titles, out / name,
-                  title=f"{path.name}: {what}, red = evidence for, blue = against")
+                  title=f"{path.name}: {what}, red = evidence for, blue = against",
+                  **({"shown": "image as read (each network cuts its own chip)"} if isinstance(scorer, CrossScorer)
+                     else {}))
     deletion_png(summary, out / "deletion.png")
     _write_json(out / SUMMARY, summary)
     echo(f"wrote {len(figures)} heatmap figures, deletion.png and {SUMMARY} in {out}")
@@ -838,6 +903,11 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
     with FeatureStore.open_read(features) as s:
         attrs, labels = s.attrs, s.labels()
     cfgs = [json.loads((Path(d) / "config.json").read_text()) for d in head_dirs]
+    from ..crosshead import is_cross_head
+
+    if any(is_cross_head(c) for c in cfgs):
+        raise FeatlabError("the dataset view (--features) does not take a head across networks yet: explain its "
+                           "faces as images (featlab explain IMAGE... --head DIR)")
     for d, c in zip(head_dirs, cfgs):
         if c.get("backbone") != attrs.get("backbone") or (c.get("features_model_sha256") and
                                                           c["features_model_sha256"] != attrs.get("model_sha256")):

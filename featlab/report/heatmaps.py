@@ -52,13 +52,14 @@ def _colourbar(fig, ax, vmax: float, label: str):
     return cb
 
 
-def image_png(chip: np.ndarray, maps: list, titles: list[str], path, title: str = "") -> Path:
-    """The chip, then one signed map per head (own colour scale each)."""
+def image_png(chip: np.ndarray, maps: list, titles: list[str], path, title: str = "",
+              shown: str = "chip the backbone saw") -> Path:
+    """The chip (``shown`` names it), then one signed map per head (own colour scale each)."""
     n = len(maps)
     fig = _figure(2.9 * (n + 1), 3.0)
     ax = fig.add_subplot(1, n + 1, 1)
     ax.imshow(chip)
-    ax.set_title("chip the backbone saw", fontsize=8)
+    ax.set_title(shown, fontsize=8)
     ax.axis("off")
     for k, (m, t) in enumerate(zip(maps, titles)):
         ax = fig.add_subplot(1, n + 1, k + 2)

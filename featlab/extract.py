@@ -443,12 +443,26 @@ def extract(
             report.plan["tuning"] = {k: round(v, 1) for k, v in tuner.rates.items()}
             report.plan["threads"] = split_threads if tuner.chose == "split" else 0
         report.rows_total = store.nrows
+        _write_skip_list(store, out)
         store.set_attr("config", {"manifest": str(manifest), "layers": list(want), "backbone": backbone,
                                   "model": str(bb.model_path), "align": align, "flip": flip, "pool": pool,
                                   "preprocessing": bb.prep_name,
                                   "dtype": dtype, "compression": compression, "batch_size": batch_size})
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _write_skip_list(store: FeatureStore, out: Path) -> None:
+    """Every image the file skipped or stored with a warning, by name and reason, beside it
+    (:func:`featlab.skips.extract_list_path`); no file when there is none."""
+    from . import skips
+
+    rows = skips.from_store(store)
+    path = skips.extract_list_path(out)
+    if rows:
+        skips.write(rows, path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class _Tuner:

@@ -38,7 +38,7 @@ MALFORMED_UTK_NAMES = ("24_0_1_20170116220224657 .jpg.chip.jpg", "39_1_201701161
 #: The seeded split (seed 0) of every usable face, per source: a regression check of the split itself.
 EXPECTED_SPLIT = {
     "utkface-dev": {"train": 5599, "val": 795, "test": 1606},
-    "utkface-sample": {"train": 420, "val": 61, "test": 119},
+    "utkface-sample": {"train": 420, "val": 60, "test": 120},
 }
 
 

@@ -124,10 +124,11 @@ def prepare(
         def progress(done: int, total: int) -> None:
             typer.echo(f"\r  embedding faces {done:,}/{total:,}", err=True, nl=done >= total)
     df, res = prepare_dataset(dataset, root, seed=seed, group_by_face=group_by_face, progress=progress, **opts)
-    from . import config
+    from . import config, skips
 
     out = out or config.features_dir() / "manifests" / f"{dataset}.csv"
     write_manifest(df, out)
+    names = skips.write(skips.from_prepare(res), skips.prepare_list_path(out))
     _echo(f"wrote {out}: {len(df):,} rows from {root}")
     if "split" in df and (df["split"] != "").any():
         _echo("  split: " + ", ".join(f"{k} {v:,}" for k, v in df["split"].value_counts().items() if k))
@@ -158,6 +159,11 @@ def prepare(
         _echo(f"  skipped {what}: {reason}")
     if len(res.skipped) > show_skipped:
         _echo(f"  ... and {len(res.skipped) - show_skipped:,} more")
+    for _id, what, reason in res.label_skips[:show_skipped]:
+        _echo(f"  {reason}: {what}")
+    if len(res.label_skips) > show_skipped:
+        _echo(f"  ... and {len(res.label_skips) - show_skipped:,} more kept without a label")
+    _echo(f"every row left out or kept without a label, by name and reason: {names}")
 
 
 # ------------------------------------------------------------------------------------ bins
@@ -342,6 +348,13 @@ def extract(
               "(split '', fold -1)")
     for why, n in sorted(rep.skip_reasons.items(), key=lambda kv: -kv[1]):
         _echo(f"  skipped {n:,}: {why}")
+    for path, why in rep.warnings:
+        _echo(f"  warning {path}: {why}")
+    from .skips import extract_list_path
+
+    names = extract_list_path(rep.out)
+    if names.is_file():
+        _echo(f"  every image skipped or flagged, by name and reason: {names}")
 
 
 @app.command("merge-shards")
@@ -393,6 +406,11 @@ def info(features: Path = typer.Argument(..., help="features .h5 file")):
             _echo(f"  skipped {len(sk):,}:")
             for r, n in sk["reason"].value_counts().items():
                 _echo(f"    {n:6,}  {r}")
+        wn = s.warnings()
+        if len(wn):
+            _echo(f"  stored with a warning {len(wn):,}:")
+            for r in wn.itertuples(index=False):
+                _echo(f"    {r.path}: {r.reason}")
     from .backbones import provider_lines
 
     for i, line in enumerate(provider_lines()):

@@ -204,7 +204,14 @@ class RayPlan:
             skipped.append((str(r["image_id"]).encode(), str(r["path"]).encode("utf-8")[:1024],
                             why.encode("utf-8")[:256]))
             report.skip_reasons[why] = report.skip_reasons.get(why, 0) + 1
-        return feats, labels, skipped, len(rows)
+        warned = []
+        flags = [str(x) for x in b["warning"]] if "warning" in b else [""] * len(rows)
+        for j, (i, w) in enumerate(zip(rows, flags)):
+            if w and ok[j]:
+                r = records[int(i)]
+                warned.append((str(r["image_id"]).encode(), str(r["path"]).encode("utf-8")[:1024], w.encode("utf-8")[:256]))
+                report.warnings.append((str(r["path"]), w))
+        return feats, labels, skipped, len(rows), warned
 
 
 def _first_line(e: BaseException) -> str:
@@ -222,15 +229,17 @@ def _prepare_batch(batch: dict, geometry, align: bool) -> dict:
     results = prepare_many(paths, geometry, align)
     size = geometry.size
     chips = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
-    reasons = []
+    reasons, warnings = [], []
     for i, (chip, why) in enumerate(results):
         if chip is not None:
             chips[i] = chip
             reasons.append("")
+            warnings.append(why or "")  # a stored chip's warning (featlab.faces.prepare)
         else:
             reasons.append(why or "unusable image")
+            warnings.append("")
     return {"row": np.asarray(batch["row"], dtype=np.int64), "path": np.asarray(paths, dtype=object),
-            "chip": chips, "reason": np.asarray(reasons, dtype=object)}
+            "chip": chips, "reason": np.asarray(reasons, dtype=object), "warning": np.asarray(warnings, dtype=object)}
 
 
 class _Infer:
@@ -299,6 +308,8 @@ class _Infer:
                 ok = [i for i in ok if not reasons[i]]
         n = len(reasons)
         out = {"row": np.asarray(batch["row"], dtype=np.int64), "reason": np.asarray(reasons, dtype=object)}
+        if "warning" in batch:  # a stored chip's warning travels with its row
+            out["warning"] = np.asarray(batch["warning"], dtype=object)
         for k, (tap, kind, grid) in self.keys.items():
             # one row per item of the batch (a block's columns are all as long); skipped items' rows are zeros
             # that the driver drops

@@ -62,7 +62,7 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
-from . import config
+from . import config, skips
 from .errors import FeatlabError
 from .featureio import fusion_parts
 from .report.format import format_diff, format_p
@@ -187,6 +187,7 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
     bb = Backbone(backbone, bbs.get("model") or config.get("models", backbone), ex.get("preprocessing"))
     manifest = spec_manifest_step(spec, force, echo)
     heads = _heads(spec)
+    _check_targets(spec, manifest, heads)  # a target without usable labels stops before extraction
     _check_ranges(manifest, heads)  # a head that would lose range labels stops before extraction
     taps = list(ex.get("taps") or bb.spec.default_taps)
     t0 = time.perf_counter()
@@ -196,6 +197,7 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
                   batch_size=ex.get("batch_size"), progress=bool(spec.get("progress", True)),
                   preprocessing=ex.get("preprocessing"))
     echo(f"[extract] {rep.out}: {rep.rows_total:,} faces ({rep.rows_added:,} new) in {time.perf_counter() - t0:.0f} s")
+    extract_lines(rep.out, echo)
     from .staging import keep
 
     keep("features", f"{rep.out} ({rep.rows_total:,} faces)")
@@ -215,14 +217,14 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
     margins = (spec.get("compare") or {}).get("margins")
     comparisons = {tname: compare(backbone, dkey, target=h["target"], cats=h["cats"], margins=margins)
                    for tname, h in {target_name(h["target"], h["cats"]): h for h in heads}.items()}
-    return write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, echo)
+    return write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, echo, manifest=manifest)
 
 
 def spec_manifest_step(spec: dict, force: bool, echo) -> Path:
     """The spec's manifest: ``[dataset] manifest`` as given, or prepared from the dataset root (skipped when
     current); one line when the data is missing."""
     ds = spec["dataset"]
-    adapter = ds.get("adapter") or ds.get("name")
+    adapter = ds.get("adapter")
     manifest = ds.get("manifest")
     if manifest:
         manifest = Path(manifest)
@@ -297,26 +299,75 @@ def _prepare_step(spec: dict, adapter, root: Path, options: dict, seed: int, for
         echo(f"[prepare] {out} is current")
         return out
     (side / "done").unlink(missing_ok=True)  # an interrupted rewrite of the manifest is never taken as current
-    df, res = prepare_dataset(adapter, root, seed=seed, **options)
+    df, res = prepare_dataset(adapter, root, seed=seed, hints="spec", **options)
     write_manifest(df, out)
+    rows = skips.from_prepare(res)
+    names = skips.write(rows, skips.prepare_list_path(out))
     _mark(side, fp, inputs)
     groups = getattr(res, "face_groups", None)
     if groups:
         groups.measure_written(out)  # the after-split counts come from the file as written
-    (side / "done").write_text(json.dumps({"rows": len(df), "skipped": res.skipped,
+    (side / "done").write_text(json.dumps({"rows": len(df), "asked": len(df) + len(res.skipped),
+                                           "skipped": res.skipped, "counts": res.counts,
                                            "face_groups": groups.lines() if groups else None}, indent=1))
-    echo(f"[prepare] {out}: {len(df):,} rows, {len(res.skipped):,} skipped")
+    echo(f"[prepare] {out}: {len(df) + len(res.skipped):,} rows or images found, {len(df):,} in the manifest, "
+         f"{len(res.skipped):,} left out")
     if (df["split"] != "").any() or df["fold"].notna().any():
         from .manifest import balance_lines
 
         for line in balance_lines(df):
             echo(f"[prepare] {line}")
+    for line in skips.lines(rows, "prepare") + skips.lines(rows, "labels"):
+        echo(f"[prepare] {line}")
     for reason, n in sorted(res.counts.items(), key=lambda kv: -kv[1]):
-        if reason.startswith("kept without"):  # a label column the data lacks is said, not found out later
-            echo(f"[prepare] {n:,} {reason}")
+        if reason.startswith("kept without") and not any(r["reason"] == reason for r in rows):
+            echo(f"[prepare] {n:,} {reason}")  # a label column the data lacks is said, not found out later
+    if rows:
+        echo(f"[prepare] every name and reason: {names}")
     for line in (groups.lines() if groups else []):
         echo(f"[prepare] {line}")
     return out
+
+
+def prepared_counts(manifest: Path) -> dict:
+    """What the spec's prepare step recorded beside ``manifest`` (``asked``, ``rows``, ``counts``); {} for a
+    manifest made elsewhere."""
+    done = manifest.parent / f".{manifest.stem}" / "done"
+    try:
+        return json.loads(done.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+#: The spec key that names each target's column, for the csv adapter.
+TARGET_COLUMNS = {"age": "age_col", "bins": "age_col", "gender": "gender_col"}
+
+
+def _check_targets(spec: dict, manifest: Path, heads: list[dict]) -> None:
+    """Before any heavy step: every head's target has usable labels in the manifest, else one line naming
+    the spec key to set (a missing column, or labels that are all unusable)."""
+    from .labels import encode_target
+    from .manifest import read_manifest
+
+    df = read_manifest(manifest)
+    for h in {target_name(h["target"], h["cats"]): h for h in heads}.values():
+        _, valid = encode_target(df, h["target"], h["cats"])
+        if valid.any():
+            continue
+        label = "gender" if h["target"] == "gender" else "age"
+        counts = prepared_counts(Path(manifest)).get("counts") or {}
+        why = "; ".join(f"{n:,} {r.split(' (name it with')[0]}" for r, n in counts.items()
+                        if r.startswith(f"kept without {label}"))
+        ds = spec.get("dataset", {})
+        if ds.get("manifest"):
+            fix = f"fill its {label} column, or remove the {target_name(h['target'], h['cats'])} heads"
+        elif ds.get("adapter") == "csv":
+            fix = f"set [dataset] options.{TARGET_COLUMNS[h['target']]} to the CSV's {label} column"
+        else:
+            fix = f"this dataset has no {label} labels: remove the {target_name(h['target'], h['cats'])} heads"
+        raise FeatlabError(f"spec {spec['name']}: the {target_name(h['target'], h['cats'])} heads need {label} labels "
+                           f"and none of the {len(df):,} rows of {manifest} has a usable one"
+                           + (f" ({why})" if why else "") + f"; {fix}")
 
 
 def _head_inputs(features: Path, key: str, h: dict, seed: int, attrs: dict, n: int, shapes) -> tuple[str, dict, Path]:
@@ -447,9 +498,84 @@ def _train_grid(features: Path, keys: list[str], hs: list[dict], seed: int, **kw
                                         seed=seed, verbose=0, **kw, **opts)]
 
 
-def write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, echo) -> Path:
+def extract_lines(features: Path, echo, limit: int = 20) -> None:
+    """The features file's skipped images and warnings on the console: the count per reason and the names."""
+    from .store import FeatureStore
+
+    with FeatureStore.open_read(features) as s:
+        rows = skips.from_store(s)
+    for line in skips.lines(rows, "extract", limit) + skips.lines(rows, "warning", limit):
+        echo(f"[extract] {line}")
+    if rows:
+        echo(f"[extract] every name and reason: {skips.extract_list_path(features)}")
+
+
+def faces_lines(manifest: Path | None, features: Path, heads: list[dict], root: Path, limit: int = 50) -> list[str]:
+    """The report's account of its faces, writing ``root/skipped.csv`` (every name and reason): how many the
+    dataset held, how many the manifest kept, how many were extracted, and per target how many have a
+    usable label; each step's losses counted per reason and named (up to ``limit`` in the report). The
+    counts add up: found = manifest + left out at prepare; manifest = extracted + skipped at extraction;
+    extracted = used by a target's heads + left out for want of its label."""
+    from .labels import encode_target
+    from .manifest import read_manifest
+    from .store import FeatureStore
+
+    rows = skips.read(skips.prepare_list_path(manifest)) if manifest is not None else []
+    with FeatureStore.open_read(features) as s:
+        labels = s.labels()
+        mdf = read_manifest(manifest) if manifest is not None and Path(manifest).is_file() else None
+        ids = set(mdf["image_id"]) if mdf is not None else set(labels["image_id"])
+        rows += skips.from_store(s, ids)
+    labels = labels[labels["image_id"].isin(ids)].reset_index(drop=True)
+    n_manifest = len(ids)
+    n_prep = sum(r["step"] == "prepare" for r in rows)
+    done = prepared_counts(Path(manifest)) if manifest is not None else {}
+    n_found = int(done.get("asked", n_manifest + n_prep))
+    n_ext = len(labels)
+    n_skip = sum(r["step"] == "extract" for r in rows)
+    path = skips.write(rows, root / "skipped.csv")
+    out = ["## Faces", ""]
+    out.append(f"- **{n_found:,} asked for** (rows or images of the dataset); **{n_manifest:,} in the manifest**"
+               + (f", {n_prep:,} left out at prepare ({skips.by_reason(skips.counts(rows, 'prepare'))})"
+                  if n_prep else ""))
+    rest = n_manifest - n_ext - n_skip
+    out.append(f"- **{n_ext:,} extracted**" + (f", {n_skip:,} skipped at extraction "
+                                                f"({skips.by_reason(skips.counts(rows, 'extract'))})" if n_skip else "")
+               + (f", {rest:,} not extracted yet" if rest else ""))
+    n_warn = sum(r["step"] == "warning" for r in rows)
+    if n_warn:
+        out.append(f"- {n_warn:,} of the extracted faces stored with a warning "
+                   f"({skips.by_reason(skips.counts(rows, 'warning'))})")
+    by_id = {r["image_id"]: r["reason"] for r in rows if r["step"] == "labels"}
+    for h in {target_name(h["target"], h["cats"]): h for h in heads}.values():
+        tname = target_name(h["target"], h["cats"])
+        _, valid = encode_target(labels, h["target"], h["cats"])
+        label = "gender" if h["target"] == "gender" else "age"
+        why: dict[str, int] = {}
+        for i in labels["image_id"][~valid]:
+            r = by_id.get(i, "")
+            r = r if r.startswith(f"kept without {label}") else f"no usable {label} label for {tname}"
+            why[r] = why.get(r, 0) + 1
+        left = int((~valid).sum())
+        out.append(f"- {tname}: **{int(valid.sum()):,} of the {n_ext:,} extracted faces used**"
+                   + (f", {left:,} left out ({skips.by_reason(dict(sorted(why.items(), key=lambda kv: -kv[1])))})"
+                      if left else ""))
+    out += ["", f"Every face left out, kept without a label or flagged, by name and reason: [skipped.csv]({path.name})"
+            + (f" ({len(rows):,} rows)." if rows else " (none)."), ""]
+    named = [r for r in rows if r["step"] != "labels" or r["image_id"] in set(labels["image_id"])]
+    if named:
+        out += ["| step | image | reason |", "|---|---|---|"]
+        out += [f"| {skips.STEP_TITLES[r['step']]} | `{r['item']}` | {r['reason']} |" for r in named[:limit]]
+        if len(named) > limit:
+            out.append(f"| | ... and {len(named) - limit:,} more in skipped.csv | |")
+        out.append("")
+    return out
+
+
+def write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, echo, manifest=None) -> Path:
     """results/{backbone}/{dataset-key}/report.md: per target, the tap chosen on validation and every
-    tap's test figure with its interval, paired test against the chosen tap, and the baselines."""
+    tap's test figure with its interval, paired test against the chosen tap, and the baselines; and the
+    account of its faces (:func:`faces_lines`, with ``skipped.csv`` beside the report)."""
     root = config.results_dir() / backbone / dkey
     root.mkdir(parents=True, exist_ok=True)
     out = root / "report.md"
@@ -458,6 +584,8 @@ def write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, e
               f"- taps: {', '.join(f'`{k}`' for k in keys)}",
               "- every tap is **chosen on the validation split**; the test split is only reported.",
               f"- {uncertainty_line(comparisons)}", ""]
+    faces = faces_lines(manifest, rep.out, heads, root)
+    lines += faces
     lines += [f"Test figures [95 % CI]; {VERDICT_MARKS_TEXT}", "", *summary_table(comparisons), ""]
     lines += [line for tname in comparisons for line in ranges_lines(results, tname)]
     missing = missing_readers(comparisons, keys)

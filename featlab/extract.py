@@ -61,6 +61,7 @@ class ExtractReport:
     labels_resynced: int = 0  # stored rows whose labels were rewritten from a changed manifest
     rows_not_in_manifest: int = 0  # stored rows whose image left the manifest: kept, split '' and fold -1
     preprocessing: str = ""  # the named preprocessing the chips were cut with (featlab.faces.PREPROCESSINGS)
+    warnings: list = field(default_factory=list)  # (path, warning) of faces stored in this run with a warning
 
     @property
     def images_per_s(self) -> float:
@@ -438,17 +439,21 @@ def extract(
                 _Committer(store, report, bar) as commit:
             for start, results in (() if cluster is not None else _batches(paths, batch_size, geometry, align, workers, prep=prep)):
                 ok = [i for i, (chip, _) in enumerate(results) if chip is not None]
-                skipped = []
+                skipped, warned = [], []
                 for i, (chip, why) in enumerate(results):
                     if chip is None:
                         r = records[start + i]
                         skipped.append((r["image_id"].encode(), r["path"].encode("utf-8")[:1024], why.encode("utf-8")[:256]))
                         report.skip_reasons[why] = report.skip_reasons.get(why, 0) + 1
+                    elif why:  # stored, with a warning (featlab.faces.face_warning)
+                        r = records[start + i]
+                        warned.append((r["image_id"].encode(), r["path"].encode("utf-8")[:1024], why.encode("utf-8")[:256]))
+                        report.warnings.append((r["path"], why))
                 feats = {}
                 if ok:
                     chips = np.stack([results[i][0] for i in ok])
                     feats = stored_features(tuner.runner, chips, all_keys, flip)
-                commit(feats, [label_row(records[start + i]) for i in ok], skipped, len(results))
+                commit(feats, [label_row(records[start + i]) for i in ok], skipped, len(results), warned)
                 tuner.tick(len(results))
             if cluster is not None:  # featlab.cluster: batches computed by Ray workers, committed here in order
                 for block in cluster.blocks(bb, records, all_keys, outputs, geometry, align, flip, batch_size, report):
@@ -457,12 +462,26 @@ def extract(
             report.plan["tuning"] = {k: round(v, 1) for k, v in tuner.rates.items()}
             report.plan["threads"] = split_threads if tuner.chose == "split" else 0
         report.rows_total = store.nrows
+        _write_skip_list(store, out)
         store.set_attr("config", {"manifest": str(manifest), "layers": list(want), "backbone": backbone,
                                   "model": str(bb.model_path), "align": align, "flip": flip, "pool": pool,
                                   "preprocessing": bb.prep_name,
                                   "dtype": dtype, "compression": compression, "batch_size": batch_size})
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _write_skip_list(store: FeatureStore, out: Path) -> None:
+    """Every image the file skipped or stored with a warning, by name and reason, beside it
+    (:func:`featlab.skips.extract_list_path`); no file when there is none."""
+    from . import skips
+
+    rows = skips.from_store(store)
+    path = skips.extract_list_path(out)
+    if rows:
+        skips.write(rows, path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class _Tuner:
@@ -534,9 +553,9 @@ class _Committer:
                 return
             if self.error is not None:
                 continue  # drain after a failure
-            feats, labels, skipped, n_items = item
+            feats, labels, skipped, n_items, warned = item
             try:
-                self.store.append(feats, labels, skipped)
+                self.store.append(feats, labels, skipped, warned)
                 self.report.rows_added += len(labels)
                 self.report.skipped_added += len(skipped)
                 self.bar(n_items)
@@ -546,10 +565,10 @@ class _Committer:
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 self.error = e
 
-    def __call__(self, feats, labels, skipped, n_items) -> None:
+    def __call__(self, feats, labels, skipped, n_items, warned=()) -> None:
         if self.error is not None:
             raise self.error
-        self.q.put((feats, labels, skipped, n_items))
+        self.q.put((feats, labels, skipped, n_items, warned))
 
     def __exit__(self, exc_type, *exc):
         self.q.put(None)  # whatever was computed is still committed, also when the loop failed

@@ -46,7 +46,8 @@ def load_rgb(path: str | Path) -> np.ndarray:
     except BadImage:
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure is a skip, with its reason
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = msg.replace(f" {str(p)!r}", "").replace(str(p), "the file")[:160]  # one reason counts many files
         raise BadImage(f"cannot decode: {msg}") from None
 
 

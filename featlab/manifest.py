@@ -5,8 +5,8 @@ Columns (CSV, one row per image):
 - ``image_id``: stable across runs: a hash of the source name and the image's
   path relative to the dataset root.
 - ``path``: absolute, or relative to the manifest file's folder.
-- ``age``: float years in 0..150, empty when unknown (anything else is refused
-  by :func:`read_manifest`, naming the row).
+- ``age``: float years in 0..120 (:data:`MAX_AGE`, the one age range of every adapter, message and doc),
+  empty when unknown (anything else is refused by :func:`read_manifest`, naming the row).
 - ``gender``: ``f``, ``m`` or empty.
 - ``race``: dataset's own label, may be empty.
 - ``split``: ``train``/``val``/``test``, or empty when the dataset uses folds.
@@ -43,7 +43,9 @@ COLUMNS = ["image_id", "path", "age", "gender", "race", "split", "fold", "source
 TEXT_COLUMNS = ("image_id", "path", "gender", "race", "split", "source", "group")
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
-MAX_AGE = 150.0  # a manifest age above this (or below 0) is an error, not data
+MAX_AGE = 120.0  # the one age range, 0..MAX_AGE years: adapters keep a label outside it as no age (named), the
+#                 manifest reader refuses one (docs/spec.md and the README give the same range)
+AGE_RANGE = f"0..{MAX_AGE:g}"
 
 
 def make_image_id(source: str, relpath: str) -> str:
@@ -59,11 +61,19 @@ class PrepareResult:
     rows: list[dict] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path or record, reason)
     counts: dict[str, int] = field(default_factory=dict)  # filter name -> rows removed
+    # rows kept without one label, by name: (image_id, row and value, reason), the reason a ``counts`` key
+    # (``kept without age: outside 0..120``); the heads of that label leave them out
+    label_skips: list[tuple[str, str, str]] = field(default_factory=list)
     has_splits: bool = False
     face_groups: object = None  # featlab.facegroups.FaceGroupReport after --group-by-face
 
     def skip(self, what: str, reason: str) -> None:
         self.skipped.append((what, reason))
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+
+    def skip_label(self, image_id: str, what: str, reason: str) -> None:
+        """A row kept without one label (``reason``: ``kept without age: ...``), named and counted."""
+        self.label_skips.append((image_id, what, reason))
         self.counts[reason] = self.counts.get(reason, 0) + 1
 
 
@@ -326,7 +336,7 @@ def _checked_ages(df, path: Path):
         i = int(bad[0])
         who = df["image_id"].iloc[i] or df["path"].iloc[i]
         more = f" (and {len(bad) - 1:,} more row{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
-        raise FeatlabError(f"{path}, line {i + 2} ({who}): age {raw.iloc[i]} is not a number in 0..{MAX_AGE:g} "
+        raise FeatlabError(f"{path}, line {i + 2} ({who}): age {raw.iloc[i]} is not a number in {AGE_RANGE} "
                            f"(leave the cell empty when the age is unknown){more}")
     return age
 

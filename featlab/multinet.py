@@ -102,8 +102,8 @@ def _features_out(spec: dict, net: dict, ex: dict) -> Path:
 def run_networks(spec: dict, force: bool = False, echo=print) -> Path:
     """Run a spec with ``[[networks]]`` (see the module doc); returns the cross-network report's path."""
     from .backbones import Backbone
-    from .experiment import (_check_ranges, _heads, _heads_step, _zero_shot_step, spec_manifest_step,
-                             write_report)
+    from .experiment import (_check_ranges, _check_targets, _heads, _heads_step, _zero_shot_step, extract_lines,
+                             spec_manifest_step, write_report)
     from .extract import extract, resolve_keys
     from .report.compare import compare
     from .staging import keep
@@ -118,6 +118,7 @@ def run_networks(spec: dict, force: bool = False, echo=print) -> Path:
     within, cross_keys = split_fusions(spec, names, keys)
     manifest = spec_manifest_step(spec, force, echo)
     heads = _heads(spec)
+    _check_targets(spec, manifest, heads)
     _check_ranges(manifest, heads)
     seed = int(spec.get("seed", 0))
     margins = (spec.get("compare") or {}).get("margins")
@@ -133,6 +134,7 @@ def run_networks(spec: dict, force: bool = False, echo=print) -> Path:
                       batch_size=ex.get("batch_size"), progress=bool(spec.get("progress", True)), **kw)
         echo(f"[extract] {name}: {rep.out}: {rep.rows_total:,} faces ({rep.rows_added:,} new) in "
              f"{time.perf_counter() - t0:.0f} s")
+        extract_lines(rep.out, echo)
         reps[name] = rep
         with FeatureStore.open_read(rep.out) as s:
             dkeys[name] = dataset_key(feature_set(s.attrs))
@@ -154,7 +156,7 @@ def run_networks(spec: dict, force: bool = False, echo=print) -> Path:
         comparisons[name] = {tname: compare(n["name"], dkeys[name], target=h["target"], cats=h["cats"], margins=margins)
                              for tname, h in targets.items()}
         write_report({**spec, "name": f"{spec['name']} ({name})"}, n["name"], dkeys[name], reps[name], nkeys, heads,
-                     results, comparisons[name], echo)
+                     results, comparisons[name], echo, manifest=manifest)
         per_results[name] = results
 
     files = {name: reps[name].out for name in names}

@@ -140,7 +140,7 @@ def run_shard(job: dict) -> dict:
     filled = sum(rep.filled.values())
     return {"out": str(rep.out), "rows_before": rep.rows_before, "rows_added": rep.rows_added,
             "rows_total": rep.rows_total, "skipped_added": rep.skipped_added, "filled": rep.filled,
-            "skip_reasons": rep.skip_reasons, "seconds": rep.seconds, "setup_seconds": rep.setup_seconds,
+            "skip_reasons": rep.skip_reasons, "warnings": rep.warnings, "seconds": rep.seconds, "setup_seconds": rep.setup_seconds,
             "provider": rep.provider, "preprocessing": rep.preprocessing, "labels_resynced": rep.labels_resynced,
             "rows_not_in_manifest": rep.rows_not_in_manifest,
             "tap_bytes": int((rep.rows_added + filled) * row_bytes), "plan": rep.plan}
@@ -312,6 +312,7 @@ def extract_sharded(manifest, layers: list[str], shards: int, backbone: str = "r
             rep.filled[k] = rep.filled.get(k, 0) + v
         for k, v in r["skip_reasons"].items():
             rep.skip_reasons[k] = rep.skip_reasons.get(k, 0) + v
+        rep.warnings += [tuple(w) for w in r.get("warnings", [])]
     rep.seconds = time.perf_counter() - t0
     rep.setup_seconds = max((r["setup_seconds"] for r in results), default=0.0)
     where = f"Ray {ray.describe()['address']}" if ray is not None else "local processes"
@@ -374,6 +375,9 @@ def _merge_into(s, tmp: Path, a: dict, info: dict, block_bytes: int) -> int:
             skipped = sh.h5.root.skipped.read()
             if len(skipped):
                 m.h5.root.skipped.append(skipped)
+            warned = sh.h5.root.warnings.read() if "/warnings" in sh.h5 else ()
+            if len(warned):
+                m.h5.root.warnings.append(warned)
         for k, v in a.items():
             if k not in ("taps", "shards", SHARD_INDEX_ATTR, *IDENTITY_KEYS):
                 m.set_attr(k, v)

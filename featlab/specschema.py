@@ -62,7 +62,9 @@ class Options(_Section):
         "Column of image paths (relative paths are relative to the CSV's folder) (`--path-col`).",
         adapters=["csv"]))
     age_col: str = Field("age", **_key(
-        "Column of ages in years, 0..120 (`--age-col`); a missing default column means no ages.",
+        "Column of ages in years, 0..120 (`--age-col`); a missing default column means no ages. A cell that is empty, "
+        "not a number or outside 0..120 leaves that row without an age, named with its value in the study's "
+        "`skipped.csv` (age heads leave it out).",
         adapters=["csv"]))
     gender_col: str = Field("gender", **_key(
         "Column of genders: m/male/man, f/female/woman, any case (`--gender-col`); a missing default column "
@@ -80,14 +82,13 @@ class Dataset(_Section):
     """Where the faces come from: a dataset on disk read by an adapter, or a manifest made before."""
 
     adapter: Optional[Literal[ADAPTER_NAMES]] = Field(None, **_key(
-        "The dataset adapter (`featlab prepare --list`); `csv` reads a CSV of your own.", shown="`name`"))
+        "The dataset adapter (`featlab prepare --list`); `csv` reads a CSV of your own. The study's files are "
+        "named by the spec's top-level `name` (`features/manifests/NAME.csv`, `results/BACKBONE/NAME/`).",
+        shown="required unless `manifest` is given"))
     root: Optional[str] = Field(None, **_key(
         "The dataset folder (for `csv`: the CSV file or its folder); `\"@sample\"` is the UTKFace sample "
         "shipped inside featlab. Empty: `[data].ADAPTER` of featlab.toml, else `--set dataset.root=DIR`.",
         shown="`[data].ADAPTER` in featlab.toml"))
-    name: Optional[str] = Field(None, **_key(
-        "The dataset's name in artifact paths (`features/manifests/NAME.csv`, `results/BACKBONE/NAME/`).",
-        shown="`adapter`"))
     manifest: Optional[str] = Field(None, **_key(
         "A manifest CSV made before (`featlab prepare`): used as it is, no adapter runs."))
     options: Options = Field(default_factory=Options, **_key(
@@ -360,6 +361,10 @@ def validate(spec: dict, where: str = "spec") -> dict:
     """Check a loaded spec against :class:`Spec` (and the adapter options against the adapter); raise one
     line naming the first problem and the nearest valid key. Returns the spec unchanged."""
     data = {k: v for k, v in spec.items() if not k.startswith("_")}
+    if isinstance(data.get("dataset"), dict) and "name" in data["dataset"]:
+        raise FeatlabError(f"{where}: [dataset] has no key 'name': the study's files are named by the spec's "
+                           "top-level name (features/manifests/NAME.csv, results/BACKBONE/NAME/); the adapter is "
+                           "[dataset] adapter")
     try:
         model = Spec.model_validate(data)
     except ValidationError as err:
@@ -368,7 +373,7 @@ def validate(spec: dict, where: str = "spec") -> dict:
         # of a union's types yields one error per type: the first says it.
         first = min(errors, key=lambda e: e["type"] != "extra_forbidden")
         raise FeatlabError(f"{where}: {_message(first)}") from None
-    adapter = model.dataset.adapter or (model.dataset.name if model.dataset.name in ADAPTER_NAMES else None)
+    adapter = model.dataset.adapter
     for key in (spec["dataset"].get("options") or {}):
         only = (Options.model_fields[key].json_schema_extra or {}).get("adapters")
         if only and adapter not in only:
@@ -394,7 +399,7 @@ def validate(spec: dict, where: str = "spec") -> dict:
             raise FeatlabError(f"{where}: [[networks]] lists {shared[0]} more than once: give each its preprocessing")
     elif model.cross_fusion != "none" or model.similarity:
         raise FeatlabError(f"{where}: cross_fusion and similarity compare several networks: list them as [[networks]]")
-    if not (model.dataset.manifest or model.dataset.adapter or model.dataset.name):
+    if not (model.dataset.manifest or model.dataset.adapter):
         raise FeatlabError(f"{where}: [dataset] needs an adapter (`featlab prepare --list`) or a manifest")
     return spec
 
@@ -469,7 +474,6 @@ seed = 0
 [dataset]
 adapter = "csv"
 root = "/data/faces/labels.csv"     # the CSV (image paths relative to its folder)
-name = "myfaces"
 options = { path_col = "file", age_col = "age_years", gender_col = "sex", group_col = "person" }
 
 [backbone]

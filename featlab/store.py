@@ -5,6 +5,8 @@ Layout::
     /labels            Table, one row per extracted face (image_id, path, age, gender, race, split, fold,
                        group, age_low, age_high)
     /skipped           Table of images that could not be used, with the reason
+    /warnings          Table of faces stored with a warning (no face found in the chip), with the reason
+                       (files from before it get the table, empty, when reopened for append)
     /taps/<key>        EArray (rows, *shape), float16 by default, row-aligned with /labels
     root attributes    backbone, model_sha256, model_path, preprocessing, flip, align,
                        taps (JSON: key -> tap, shape, dtype, pool, nonfinite, checked_rows),
@@ -244,6 +246,7 @@ class FeatureStore:
         h5 = tb.open_file(str(path), mode="w", title="featlab features", **(_NO_CHUNK_CACHE if raw else {}))
         h5.create_table("/", "labels", _label_description(), "faces, row-aligned with /taps/*")
         h5.create_table("/", "skipped", _skipped_description(), "images not used, with the reason")
+        h5.create_table("/", "warnings", _skipped_description(), "faces stored with a warning, with the reason")
         h5.create_group("/", "taps", "intermediate activations")
         for k, v in identity.items():
             h5.root._v_attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
@@ -286,6 +289,8 @@ class FeatureStore:
 
     def _repair(self) -> None:
         self._upgrade_labels()
+        if "/warnings" not in self.h5:  # a file from before warnings were recorded
+            self.h5.create_table("/", "warnings", _skipped_description(), "faces stored with a warning, with the reason")
         n = self.nrows
         for key in self.keys():
             arr = self.array(key)
@@ -499,8 +504,10 @@ class FeatureStore:
                 info[name].setdefault("nonfinite", 0)
         self.set_attr("taps", info)
 
-    def append(self, features: dict[str, np.ndarray], labels: list[tuple], skipped: list[tuple] = ()) -> None:
-        """Append one block: tap rows first, then labels, then skipped; then flush."""
+    def append(self, features: dict[str, np.ndarray], labels: list[tuple], skipped: list[tuple] = (),
+               warned: list[tuple] = ()) -> None:
+        """Append one block: tap rows first, then labels, then skipped and warnings (rows of
+        ``(image_id, path, reason)`` bytes); then flush."""
         quiet_hdf5()  # the writer may be a thread of its own (featlab.extract's committer)
         n = len(labels)
         for key, x in (features.items() if n else ()):
@@ -522,6 +529,8 @@ class FeatureStore:
                 table.append(rows)
             if skipped:
                 self.h5.root.skipped.append(list(skipped))
+            if warned:
+                self.h5.root.warnings.append(list(warned))
             self.h5.flush()
             FeatureStore.committed[str(self.path.resolve())] = int(self.nrows)
         except BaseException:
@@ -532,6 +541,8 @@ class FeatureStore:
         """What :meth:`_roll_back` restores: every array's and table's row count, and the taps attribute."""
         nodes = {key: self._node(key) for key in self.keys()}
         nodes.update(labels=self.h5.root.labels, skipped=self.h5.root.skipped)
+        if "/warnings" in self.h5:
+            nodes["warnings"] = self.h5.root.warnings
         return {"rows": {k: (node, int(node.nrows)) for k, node in nodes.items()},
                 "taps": self.h5.root._v_attrs["taps"] if "taps" in self.h5.root._v_attrs else None}
 
@@ -732,9 +743,18 @@ class FeatureStore:
             )
 
     def skipped(self):
+        return self._reasons("skipped")
+
+    def warnings(self):
+        """Faces stored with a warning: image_id, path, reason (none in a file from before warnings)."""
+        return self._reasons("warnings")
+
+    def _reasons(self, table: str):
         import pandas as pd
 
-        t = self.h5.root.skipped.read()
+        if f"/{table}" not in self.h5:
+            return pd.DataFrame({"image_id": [], "path": [], "reason": []}, dtype=object)
+        t = self.h5.get_node(f"/{table}").read()
         df = pd.DataFrame({
             "image_id": [x.decode() for x in t["image_id"]],
             "path": [x.decode("utf-8", "replace") for x in t["path"]],
@@ -1190,6 +1210,12 @@ class ShardedStore(FeatureStore):
         import pandas as pd
 
         df = pd.concat([s.skipped() for s in self.stores], ignore_index=True)
+        return df.drop_duplicates("image_id", keep="last").reset_index(drop=True)
+
+    def warnings(self):
+        import pandas as pd
+
+        df = pd.concat([s.warnings() for s in self.stores], ignore_index=True)
         return df.drop_duplicates("image_id", keep="last").reset_index(drop=True)
 
     def _split_rows(self, rows):

@@ -379,7 +379,7 @@ def test_chalearn(tmp_path):
     assert got == [("Validation", "000001.jpg", 12.25, "val"), ("test", "000004.jpg", 70.0, "test"),
                    ("train", "000001.jpg", 25.5, "train"), ("train", "000002.jpg", 40.0, "train")]
     assert (df["gender"] == "").all()
-    assert res.counts == {"image file not found": 1, "invalid age": 1, "image name found in several folders": 1,
+    assert res.counts == {"image file not found": 1, "invalid age (not a number in 0..120)": 1, "image name found in several folders": 1,
                           "csv ignored: name says neither train, valid nor test": 1}
 
 

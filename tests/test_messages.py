@@ -145,7 +145,7 @@ def _bad_cases(tiny, tmp_path) -> dict[str, tuple[list[str], str]]:
         "lr": (["train-head", "-f", f, *v, "--lr", "-1"], "--lr must be a positive number"),
         "no-tap": (["train-head", "-f", f, "-l", "nope", "--target", "gender"], "has no tap 'nope'"),
         "junk-features": (["train-head", "-f", str(junk), *v], "cannot read features file"),
-        "negative-age": (["bins", "-m", str(neg)], "line 3 (a2): age -3 is not a number in 0..150"),
+        "negative-age": (["bins", "-m", str(neg)], "line 3 (a2): age -3 is not a number in 0..120"),
         "no-head": (["evaluate", "--head", "DOES-NOT-EXIST"], "--head DOES-NOT-EXIST: no such folder"),
         "not-a-head": (["evaluate", "--head", str(head)], "is not a trained head"),
         "predict-no-head": (["predict", str(neg), "--head", str(head)], "is not a trained head"),
@@ -191,13 +191,13 @@ def test_read_manifest_refuses_impossible_ages_naming_the_row(tmp_path):
 
     head = "image_id,path,age,gender,race,split,fold,source\n"
     ok = tmp_path / "ok.csv"
-    ok.write_text(head + "a,/x/a.jpg,0,m,,train,,csv\nb,/x/b.jpg,,f,,test,,csv\nc,/x/c.jpg,150,f,,val,,csv\n")
+    ok.write_text(head + "a,/x/a.jpg,0,m,,train,,csv\nb,/x/b.jpg,,f,,test,,csv\nc,/x/c.jpg,120,f,,val,,csv\n")
     df = read_manifest(ok)
-    assert df["age"].tolist()[0] == 0.0 and np.isnan(df["age"].tolist()[1]) and df["age"].tolist()[2] == 150.0
-    for cell, shown in (("-3", "-3"), ("151", "151"), ("abc", "abc"), ("inf", "inf")):
+    assert df["age"].tolist()[0] == 0.0 and np.isnan(df["age"].tolist()[1]) and df["age"].tolist()[2] == 120.0
+    for cell, shown in (("-3", "-3"), ("121", "121"), ("abc", "abc"), ("inf", "inf")):
         bad = tmp_path / "bad.csv"
         bad.write_text(head + f"a,/x/a.jpg,30,m,,train,,csv\nb,/x/b.jpg,{cell},f,,test,,csv\n")
-        with pytest.raises(FeatlabError, match=rf"bad\.csv, line 3 \(b\): age {shown}(\.0)? is not a number in 0\.\.150"):
+        with pytest.raises(FeatlabError, match=rf"bad\.csv, line 3 \(b\): age {shown}(\.0)? is not a number in 0\.\.120"):
             read_manifest(bad)
 
 

@@ -7,6 +7,7 @@ Adapters are imported lazily so that ``featlab --help`` stays fast.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,15 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
+_HINTS = contextvars.ContextVar("featlab_option_hints", default="cli")
+
+
+def option_hint(key: str) -> str:
+    """Where to set adapter option ``key`` in the context of this run: the flag (``--gender-col``) for
+    ``featlab prepare``, the spec key (``[dataset] options.gender_col``) for ``featlab run``."""
+    return f"[dataset] options.{key}" if _HINTS.get() == "spec" else f"--{key.replace('_', '-')}"
+
+
 def get_adapter(name: str) -> Callable[..., PrepareResult]:
     try:
         a = ADAPTERS[name]
@@ -50,14 +60,24 @@ def get_adapter(name: str) -> Callable[..., PrepareResult]:
     return fn
 
 
-def prepare_dataset(name: str, root: Path, *, seed: int = 0, group_by_face: bool = False, progress=None, **options):
+def prepare_dataset(name: str, root: Path, *, seed: int = 0, group_by_face: bool = False, progress=None,
+                    hints: str = "cli", **options):
     """Run adapter ``name`` over ``root``; return (manifest DataFrame, PrepareResult).
 
     Datasets without their own split get a seeded one that never divides a
     ``group``. ``group_by_face``: first give faces groups from what they look
     like (:func:`featlab.facegroups.group_by_face`, ``progress(done, total)``
-    called per batch of faces); the report lands in ``PrepareResult.face_groups``.
+    called per batch of faces); the report lands in ``PrepareResult.face_groups``. ``hints``: ``"cli"`` or
+    ``"spec"``, whether messages name an option by its flag or by its spec key (:func:`option_hint`).
     """
+    token = _HINTS.set(hints)
+    try:
+        return _prepare_dataset(name, root, seed=seed, group_by_face=group_by_face, progress=progress, **options)
+    finally:
+        _HINTS.reset(token)
+
+
+def _prepare_dataset(name: str, root: Path, *, seed: int, group_by_face: bool, progress, **options):
     root = Path(root)
     if not root.exists():
         raise FeatlabError(f"dataset root does not exist: {root}")

@@ -145,12 +145,14 @@ def prepare(root: Path, **_options) -> PrepareResult:
                 if age is None and not gender:
                     res.skip(f"{where} {p}", f"no usable age or gender ({age_why}; {gender_why})")
                     continue
-                if age is None:
-                    note(res, f"kept without age: {age_why}")
-                if not gender:
-                    note(res, f"kept without gender: {gender_why}")
-                seen.add(key)
                 lo, hi = rng if rng is not None else (None, None)
-                res.rows.append(row("adience", root, p, age=age, gender=gender, fold=fold, group=vals["user_id"],
-                                    age_low=lo, age_high=hi))
+                r = row("adience", root, p, age=age, gender=gender, fold=fold, group=vals["user_id"],
+                        age_low=lo, age_high=hi)
+                if age is None:  # named by row and value: the heads of that label leave the row out
+                    res.skip_label(r["image_id"], f"{where} {p} (age {vals['age']!r})", f"kept without age: {age_why}")
+                if not gender:
+                    res.skip_label(r["image_id"], f"{where} {p} (gender {vals['gender']!r})",
+                                   f"kept without gender: {gender_why}")
+                seen.add(key)
+                res.rows.append(r)
     return res

@@ -20,7 +20,7 @@ several places, the copy under a folder whose name gives the CSV's split
 (``train/``, ``valid/``, ``Validation/``...) or the CSV's own base name
 (``train_gt/``) is used; if that does not single one out the row is skipped
 ("image name found in several folders"). Also skipped: "image file not
-found", "invalid age" (not a number in 0..120), "duplicate record".
+found", "invalid age (not a number in 0..120)", "duplicate record".
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ import re
 from pathlib import Path
 
 from ..errors import FeatlabError
-from ..manifest import SPLITS, PrepareResult
+from ..manifest import AGE_RANGE, MAX_AGE, SPLITS, PrepareResult
 from . import IMAGE_EXTS, iter_images, row
 from .csvfile import find_column, read_table
 
 AGE_COLUMNS = ("mean", "age", "apparent_age", "real_age")
-MAX_AGE = 120.0
 
 
 def split_of(name: str) -> str:
@@ -108,7 +107,8 @@ def prepare(root: Path, **_options) -> PrepareResult:
             except ValueError:
                 age = float("nan")
             if not 0.0 <= age <= MAX_AGE:
-                res.skip(f"{where} {img}", "invalid age")
+                shown = rec[i_age].strip() if i_age < len(rec) else ""
+                res.skip(f"{where} {img} (age {shown!r})", f"invalid age (not a number in {AGE_RANGE})")
                 continue
             img = img.replace("\\", "/")
             if "/" in img:  # a relative path: next to the CSV, or under root

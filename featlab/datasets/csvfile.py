@@ -18,8 +18,10 @@ Columns (options; names matched exactly, else case-insensitively):
 
 Values:
 
-- age: a number in 0..120; empty -> unknown; anything else is unknown too
-  and counted ("kept without age: not a number in 0..120").
+- age: a number in 0..120 (:data:`featlab.manifest.MAX_AGE`); an empty cell, a value that is not a number
+  and one outside 0..120 leave the row without an age, counted and named by row and value
+  (``kept without age: empty`` / ``not a number`` / ``outside 0..120``; :attr:`PrepareResult.label_skips`):
+  age and age-bin heads leave it out, gender heads keep it.
 - gender: ``m``/``male``/``man`` and ``f``/``female``/``woman`` in any case;
   empty -> unknown; anything else (numbers included: 0/1 conventions differ
   between datasets, so none is guessed) -> unknown, counted ("kept without
@@ -29,9 +31,10 @@ Values:
   with another value are skipped; without it the registry assigns a seeded split.
 
 Rows kept with one label missing are counted under ``kept without age: ...``
-/ ``kept without gender: ...`` (not in the skipped list), a missing column too
-(``kept without gender: no gender column 'gender' in t.csv ...``), so that the
-prepare summary names it. Messages name the CLI's flags (``--path-col``). Rows with neither
+/ ``kept without gender: ...`` and named in ``label_skips`` (not in the skipped list); a missing column is
+counted only (``kept without gender: no gender column 'gender' in t.csv ...``), so that the
+prepare summary names it. Messages name an option by its flag (``--path-col``) under ``featlab prepare``
+and by its spec key (``[dataset] options.path_col``) under ``featlab run`` (:func:`option_hint`). Rows with neither
 label, with a missing image file, or repeating an earlier row's image are
 skipped with the reason.
 """
@@ -42,12 +45,11 @@ import csv
 from pathlib import Path
 
 from ..errors import FeatlabError
-from ..manifest import PrepareResult
-from . import row
+from ..manifest import AGE_RANGE, MAX_AGE, PrepareResult
+from . import option_hint, row
 
 GENDERS = {"m": "m", "male": "m", "man": "m", "f": "f", "female": "f", "woman": "f"}
 SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-MAX_AGE = 120.0
 
 
 def sniff_delimiter(header_line: str) -> str:
@@ -94,8 +96,9 @@ def find_csv(root: Path, csv_name: str | None) -> Path:
     found = sorted(p for p in root.glob("*") if p.is_file() and p.suffix.lower() == ".csv")
     if len(found) != 1:
         what = f"{len(found)} ({', '.join(p.name for p in found[:5])})" if found else "none"
-        raise FeatlabError(f"expected exactly one .csv file in {root}, found {what}; pass the CSV file itself as --root "
-                           "(in a spec: root = the file, or options.csv)")
+        where = ("pass the CSV file itself as --root" if option_hint("csv").startswith("--")
+                 else "set [dataset] root to the CSV file, or [dataset] options.csv")
+        raise FeatlabError(f"expected exactly one .csv file in {root}, found {what}; {where}")
     return found[0]
 
 
@@ -104,11 +107,22 @@ def _note(res: PrepareResult, what: str) -> None:
 
 
 def parse_age(text: str) -> float | None:
+    return age_or_why(text)[0]
+
+
+def age_or_why(text: str) -> tuple[float | None, str]:
+    """``(age, "")`` for a number in 0..MAX_AGE, else ``(None, why)``: ``empty``, ``not a number``,
+    ``outside 0..120``."""
+    text = text.strip()
+    if not text:
+        return None, "empty"
     try:
         a = float(text)
     except ValueError:
-        return None
-    return a if 0.0 <= a <= MAX_AGE else None
+        return None, "not a number"
+    if a != a:
+        return None, "not a number"
+    return (a, "") if 0.0 <= a <= MAX_AGE else (None, f"outside {AGE_RANGE}")
 
 
 def prepare(root: Path, csv: str | None = None, path_col: str = "path", age_col: str = "age",
@@ -122,17 +136,17 @@ def prepare(root: Path, csv: str | None = None, path_col: str = "path", age_col:
             (("path", path_col), ("age", age_col), ("gender", gender_col), ("race", race_col), ("split", split_col),
              ("group", group_col))}
     if cols["path"] is None:
-        raise FeatlabError(f"{path}: no path column {path_col!r} (columns found: {found}); name it with --path-col "
-                           "(options.path_col in a spec)")
+        raise FeatlabError(f"{path}: no path column {path_col!r} (columns found: {found}); name it with "
+                           f"{option_hint('path_col')}")
     for key, name, default in (("age", age_col, "age"), ("gender", gender_col, "gender"),
                                ("race", race_col, None), ("split", split_col, None), ("group", group_col, None)):
         if name is not None and name != default and cols[key] is None:
-            raise FeatlabError(f"{path}: no {key} column {name!r} (columns found: {found}); name it with --{key}-col "
-                               f"(options.{key}_col in a spec)")
+            raise FeatlabError(f"{path}: no {key} column {name!r} (columns found: {found}); name it with "
+                               f"{option_hint(key + '_col')}")
     if cols["age"] is None and cols["gender"] is None:
         raise FeatlabError(f"{path}: neither an age column {age_col!r} nor a gender column {gender_col!r} "
-                           f"(columns found: {found}); name them with --age-col / --gender-col "
-                           "(options.age_col / gender_col in a spec)")
+                           f"(columns found: {found}); name them with {option_hint('age_col')} / "
+                           f"{option_hint('gender_col')}")
 
     res = PrepareResult(has_splits=cols["split"] is not None)
     seen: set[str] = set()
@@ -161,30 +175,33 @@ def prepare(root: Path, csv: str | None = None, path_col: str = "path", age_col:
             if not split:
                 res.skip(f"{where} {p}", "unknown split value (expected train/val/test)")
                 continue
-        age = None
+        age, age_text = None, ""
         if cols["age"] is not None:
-            text = get("age")
-            age = parse_age(text) if text else None
-            if age is None:
-                age_why = "not a number in 0..120" if text else "empty"
-        else:  # named in the summary: a CSV without the column is a study without that label
-            age_why = f"no age column {age_col!r} in {path.name} (name it with --age-col)"
-        gender = ""
+            age_text = get("age")
+            age, age_why = age_or_why(age_text)
+        else:  # counted in the summary: a CSV without the column is a study without that label
+            age_why = f"no age column {age_col!r} in {path.name} (name it with {option_hint('age_col')})"
+        gender, gender_text = "", ""
         if cols["gender"] is not None:
-            text = get("gender")
-            gender = GENDERS.get(text.lower(), "")
+            gender_text = get("gender")
+            gender = GENDERS.get(gender_text.lower(), "")
             if not gender:
-                gender_why = "unrecognised value" if text else "empty"
+                gender_why = "unrecognised value" if gender_text else "empty"
         else:
-            gender_why = f"no gender column {gender_col!r} in {path.name} (name it with --gender-col)"
+            gender_why = f"no gender column {gender_col!r} in {path.name} (name it with {option_hint('gender_col')})"
         if age is None and not gender:
-            res.skip(f"{where} {p}", "no usable age or gender")
+            values = ", ".join(f"{k} {v!r}" for k, v in (("age", age_text), ("gender", gender_text)) if v)
+            res.skip(f"{where} {p}" + (f" ({values})" if values else ""), "no usable age or gender")
             continue
-        if age is None:
-            _note(res, f"kept without age: {age_why}")
-        if not gender:
-            _note(res, f"kept without gender: {gender_why}")
+        r = row("csv", base, p, age=age, gender=gender, race=get("race"), split=split, group=get("group"))
+        for missing, col, text, why in (("age", cols["age"], age_text, None if age is not None else age_why),
+                                         ("gender", cols["gender"], gender_text, None if gender else gender_why)):
+            if why is None:
+                continue
+            if col is None:
+                _note(res, f"kept without {missing}: {why}")
+            else:  # a cell of this row: named with its value
+                res.skip_label(r["image_id"], f"{where} {p} ({missing} {text!r})", f"kept without {missing}: {why}")
         seen.add(key)
-        res.rows.append(row("csv", base, p, age=age, gender=gender, race=get("race"), split=split,
-                            group=get("group")))
+        res.rows.append(r)
     return res

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..manifest import PrepareResult
+from ..manifest import AGE_RANGE, MAX_AGE, PrepareResult
 from . import iter_images, row
-
-MAX_AGE = 120
 
 
 def prepare(root: Path, **_options) -> PrepareResult:
@@ -27,7 +25,7 @@ def prepare(root: Path, **_options) -> PrepareResult:
             continue
         age = int(folder)
         if age > MAX_AGE:
-            res.skip(str(p), f"age outside 0..{MAX_AGE}")
+            res.skip(str(p), f"age outside {AGE_RANGE}")
             continue
         res.rows.append(row("facial-age", root, p, age=float(age)))
     return res

@@ -65,6 +65,7 @@ from pathlib import Path
 from . import config, skips
 from .errors import FeatlabError
 from .featureio import fusion_parts
+from .manifest import SPLIT_SCHEME
 from .report.format import format_diff, format_p
 from .paths import FUSION, dataset_key, feature_set, head_dir, input_key
 from .labels import HEADLINE, format_figure, target_name
@@ -282,7 +283,8 @@ def _prepare_step(spec: dict, adapter, root: Path, options: dict, seed: int, for
 
     out = spec_manifest(spec)
     owner = str(Path(spec["_path"]).resolve())
-    inputs = {"spec": owner, "adapter": adapter, "root": str(root.resolve()), "options": options, "seed": seed}
+    inputs = {"spec": owner, "adapter": adapter, "root": str(root.resolve()), "options": options, "seed": seed,
+              "split_scheme": SPLIT_SCHEME}  # a featlab that splits differently re-prepares (and re-trains) the study
     fp = _fingerprint(inputs)
     side = out.parent / f".{out.stem}"
     if out.exists():  # a manifest another spec (or `featlab prepare`) wrote: its features and heads depend on it
@@ -290,7 +292,8 @@ def _prepare_step(spec: dict, adapter, root: Path, options: dict, seed: int, for
         was = json.loads(rec.read_text()).get("inputs", {}) if rec.is_file() else {}
         prev = was.get("spec")
         # a spec run of an older featlab recorded no spec: the same preparation (adapter, root, options, seed) is ours
-        legacy = rec.is_file() and prev is None and was == json.loads(json.dumps({k: v for k, v in inputs.items() if k != "spec"}))
+        legacy = rec.is_file() and prev is None and {k: v for k, v in was.items() if k != "split_scheme"} == json.loads(
+            json.dumps({k: v for k, v in inputs.items() if k not in ("spec", "split_scheme")}))
         if prev != owner and not legacy:
             by = f"by spec {prev}" if prev else "outside this spec (featlab prepare, or an older featlab)"
             raise FeatlabError(f"spec {spec['name']}: {out} was prepared {by}; it is not re-prepared for {owner}: "
@@ -374,8 +377,11 @@ def _head_inputs(features: Path, key: str, h: dict, seed: int, attrs: dict, n: i
     """(fingerprint, inputs, folder) of one (tap or fusion, target) head of a spec; ``shapes``: tap shapes."""
     opts = {k: v for k, v in h.items() if k not in ("target", "cats", "fold")}
     fold = h.get("fold")
+    # "labels": the manifest the file's labels were last synced from, so a re-prepared manifest (a label fixed, a
+    # face re-split) re-trains the heads instead of leaving records of the old split looking current
     inputs = {"features": str(Path(features).resolve()), "model_sha256": attrs.get("model_sha256"), "rows": n,
-              "key": key, "target": h["target"], "cats": h["cats"], "fold": fold, "seed": seed, "options": opts}
+              "labels": attrs.get("manifest_sha256"), "key": key, "target": h["target"], "cats": h["cats"],
+              "fold": fold, "seed": seed, "options": opts}
     ident = feature_set(attrs, key)
     folder = head_dir(attrs["backbone"], dataset_key(ident), input_key(key, opts.get("pool"), attrs, shapes),
                       target_name(h["target"], h["cats"]), None if fold == "all" else fold)

@@ -42,6 +42,9 @@ from .errors import FeatlabError
 COLUMNS = ["image_id", "path", "age", "gender", "race", "split", "fold", "source", "group", "age_low", "age_high"]
 TEXT_COLUMNS = ("image_id", "path", "gender", "race", "split", "source", "group")
 SPLITS = ("train", "val", "test")
+#: How :func:`assign_splits` and :func:`hold_out_groups` place faces; a spec's prepare step records it, so a featlab
+#: that splits differently re-prepares a study (and so re-trains its heads) instead of keeping the old split.
+SPLIT_SCHEME = "blake2b-group-key-v1"
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 MAX_AGE = 120.0  # the one age range, 0..MAX_AGE years: adapters keep a label outside it as no age (named), the
 #                 manifest reader refuses one (docs/spec.md and the README give the same range)

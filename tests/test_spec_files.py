@@ -183,3 +183,31 @@ def test_compare_never_shows_a_zero_shot_row_scored_on_another_manifest(utk30, t
         lab = s.labels().set_index("image_id")
     test = z2[z2.split == "test"]
     assert set(lab.loc[test["image_id"], "split"]) == {"test"} and zs[0]["n"] == len(test)  # the new test split
+
+
+def test_a_study_prepared_under_another_split_scheme_is_prepared_again(utk30, tmp_path, monkeypatch):
+    """A featlab that places faces differently (featlab.manifest.SPLIT_SCHEME) re-prepares a spec's manifest
+    instead of calling the old split current."""
+    import featlab.experiment as ex
+
+    monkeypatch.chdir(tmp_path)
+    spec = _spec(tmp_path / "specs" / "s.toml", "study-s", utk30)
+    a, _ = _prepare(spec)
+    assert _prepare(spec)[1] == [f"[prepare] {a} is current"]
+    monkeypatch.setattr(ex, "SPLIT_SCHEME", "an-older-scheme")
+    assert not any("is current" in line for line in _prepare(spec)[1])
+    assert _prepare(spec)[1] == [f"[prepare] {a} is current"]  # and then it is current under that scheme
+
+
+def test_a_heads_fingerprint_follows_the_labels_it_was_trained_on():
+    """Re-synced labels (a re-prepared manifest: a label fixed, faces re-split) make a study's heads stale, so
+    `featlab run` trains them again rather than keeping records of the old split as current."""
+    from featlab.experiment import _head_inputs
+
+    h = {"target": "gender", "cats": None}
+    attrs = {"backbone": "dlib-rec", "model_sha256": "m" * 64, "manifest_sha256": "a" * 64}
+    fp, inputs, folder = _head_inputs(Path("f.h5"), "res14", h, 0, attrs, 100, {"res14": (256, 2, 2)})
+    fp2, _, folder2 = _head_inputs(Path("f.h5"), "res14", h, 0, dict(attrs, manifest_sha256="b" * 64), 100,
+                                   {"res14": (256, 2, 2)})
+    assert inputs["labels"] == "a" * 64 and fp != fp2 and folder == folder2
+    assert _head_inputs(Path("f.h5"), "res14", h, 0, dict(attrs), 100, {"res14": (256, 2, 2)})[0] == fp

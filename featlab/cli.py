@@ -103,8 +103,8 @@ def prepare(
     race_col: Optional[str] = typer.Option(None, help="csv: column holding race labels"),
     split_col: Optional[str] = typer.Option(None, help="csv: column holding train/val/test (else a seeded split)"),
     group_col: Optional[str] = typer.Option(None, help="csv: column holding an identity (person, subject) the split must not divide"),
-    group_by_face: bool = typer.Option(False, "--group-by-face", help="group faces by dlib-rec embedding + chip similarity "
-                                       "(near-duplicates, same person and session) and split by group; reports the leaks"),
+    group_by_face: bool = typer.Option(False, "--group-by-face", help="group faces by their dlib-rec embedding (complete linkage "
+                                       "below 0.35: near-duplicates, same person and session) and split by group; reports the leaks"),
     show_skipped: int = typer.Option(10, help="how many skipped images to name"),
 ):
     """Turn a dataset on disk into a featlab manifest (one schema for every dataset)."""
@@ -491,7 +491,7 @@ def train_head(
                                                    "repeat for cross-file fusion (--layer NET:TAP+NET:TAP, joined by image id)"),
     fold: Optional[str] = typer.Option(None, "--fold", help="Adience protocol: test fold K (train on the others)"),
     folds: Optional[str] = typer.Option(None, "--folds", help="'all' runs the 5-fold protocol"),
-    hidden: str = typer.Option("auto", "--hidden", help="hidden layer sizes, e.g. 512,128; 0 for a linear head"),
+    hidden: Optional[str] = typer.Option(None, "--hidden", help="hidden layer sizes, e.g. 512,128; 0 for a linear head [64]"),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="dropout after each hidden layer, in [0, 1) [0.5]"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="epoch cap; early stopping on val usually ends sooner [60]"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate [0.001]"),
@@ -638,7 +638,7 @@ def compare(
     margin: List[str] = typer.Option(None, "--margin", help="equivalence margin METRIC=VALUE, e.g. accuracy=0.02 "
                                      "or mae=0.25 (defaults: 0.01 for accuracy, 1-off and CS@5; 0.15 years for MAE)"),
 ):
-    """Gather every evaluated tap of one backbone and dataset into a comparison table and bar chart."""
+    """Gather every evaluated tap of one backbone and dataset into a comparison table and a chart (each tap's test figure with its 95 % interval)."""
     from .recipes import compare_cmd, head_target, parse_margins
 
     margins = parse_margins(margin or [])

@@ -50,7 +50,7 @@ class Options(_Section):
     flags, with `_` for `-`. An option of another adapter is an error."""
 
     group_by_face: bool = Field(False, **_key(
-        "Group faces by their dlib-rec embedding and chip similarity (near-duplicates, one person in one "
+        "Group faces by their dlib-rec embedding (complete linkage below 0.35: near-duplicates, one person in one "
         "session) and split by group, so that no group sits on both sides of the split (`--group-by-face`). "
         "Any adapter.", adapters=None))
     face_score_min: float = Field(1.0, **_key("Keep faces whose face_score is above this (`--face-score-min`).",

@@ -3,7 +3,7 @@
 Real faces: a small dlib-age extraction is exported the way other pipelines store taps (.npy, one
 PyTables array per file, NHWC maps, shuffled rows with an ids array), imported back, and compared
 value for value and head for head with the original. Bad inputs give one line and leave no file.
-The README's seed example (three seed-named tap files, then train-head --cats 7) runs through the CLI.
+The seed example of docs/extract.md (three seed-named tap files, then train-head --cats 7) runs through the CLI.
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def test_an_existing_output_is_kept(tmp_path, capsys):
         assert s.read("t").shape == (10, 3) and s.nrows == 10
 
 
-# ------------------------------------------------------------------------------------ the README example
+# ------------------------------------------------------------------------------- the docs' seed example
 def test_readme_seed_example_through_the_cli(tmp_path, monkeypatch, capsys):
     """Three seed-named tap files (TensorFlow NHWC maps in PyTables, one array each), imported with the
     sample's manifest, then `featlab train-head --cats 7 --layer stage4_unit1_conv1`. The age bin is

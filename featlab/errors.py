@@ -62,3 +62,17 @@ def filled_up(what: str, path) -> str:
     while not os.path.ismount(p) and os.path.dirname(p) != p:
         p = os.path.dirname(p)
     return f"{what} (the filesystem at {p} is full)"
+
+
+def copy_disk_full(e: BaseException, out, partial, after: str = "", kept: str = "") -> DiskFull | None:
+    """For a whole-file copy into ``out`` that failed: remove the ``partial`` copy, and give the one-line
+    :class:`DiskFull` (``{out}: {what filled up}{after}; nothing written (the partial copy is removed{kept})``)
+    when ``e`` is a full disk, else None (the caller re-raises ``e``)."""
+    from pathlib import Path
+
+    Path(partial).unlink(missing_ok=True)
+    full = disk_full(e) if isinstance(e, Exception) else None
+    if full is None:
+        return None
+    return DiskFull(f"{out}: {filled_up(full[0], Path(out).parent)}{after}; nothing written "
+                    f"(the partial copy is removed{kept})", resumes=False)

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DiskFull, FeatlabError, disk_full, filled_up
+from .errors import DiskFull, FeatlabError, copy_disk_full
 
 TEST_KILL_SHARD = "FEATLAB_TEST_KILL_SHARD"  # test hook: only this shard's worker gets FEATLAB_TEST_KILL_AFTER_ROWS
 _REPORT_TAG = "FEATLAB-SHARD-REPORT "
@@ -346,12 +346,10 @@ def merge_shards(index, out, block_bytes: int = 64 << 20) -> int:
         try:
             n = _merge_into(s, tmp, a, info, block_bytes)
         except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            full = disk_full(e) if isinstance(e, Exception) else None
+            full = copy_disk_full(e, out, tmp, kept=f", the shards of {index} are untouched")
             if full is None:
                 raise
-            raise DiskFull(f"{out}: {filled_up(full[0], out.parent)}; nothing written (the partial copy is removed, "
-                           f"the shards of {index} are untouched)", resumes=False) from None
+            raise full from None
     os.replace(tmp, out)
     return n
 

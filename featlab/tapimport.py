@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DiskFull, FeatlabError, disk_full, filled_up
+from .errors import FeatlabError, copy_disk_full, disk_full
 
 BLOCK_BYTES = 32 << 20  # float32 bytes of all taps together copied per block
 LAYOUTS = ("nchw", "nhwc")
@@ -539,12 +539,10 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
                     written = hi
             os.replace(tmp, out)
         except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            full = disk_full(e) if isinstance(e, Exception) else None
+            full = copy_disk_full(e, out, tmp, after=f" after {written:,} of {n:,} rows")
             if full is None:
                 raise
-            raise DiskFull(f"{out}: {filled_up(full[0], out.parent)} after {written:,} of {n:,} rows; nothing written "
-                           "(the partial copy is removed)", resumes=False) from None
+            raise full from None
     finally:
         for src in sources:
             src.close()

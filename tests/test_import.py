@@ -350,7 +350,9 @@ def test_readme_seed_example_through_the_cli(tmp_path, monkeypatch, capsys):
     test = lab[lab.split == "test"]
     majority = np.bincount(get_scheme(7).assign(test.age.to_numpy())).max() / len(test)
     t = m["test"]
-    assert t["n"] == len(test) and t["metrics"]["accuracy"] >= majority + 0.3, (t["metrics"], majority)
+    # at least halfway from the test faces' majority share to every face right (the planted bin is easy to read;
+    # a head that learned nothing scores about the majority share)
+    assert t["n"] == len(test) and t["metrics"]["accuracy"] >= majority + 0.5 * (1 - majority), (t["metrics"], majority)
 
 
 # ------------------------------------------------------------------------------------ large inputs, identity

@@ -91,10 +91,15 @@ def test_predict_on_training_chips_reproduces_the_stored_features_prediction(hea
     feats, gender, age = heads
     with FeatureStore.open_read(feats) as s:
         lab = s.labels()
-        rows = list(np.flatnonzero(lab.split.to_numpy() == "test")[:4])
+        rows = list(np.flatnonzero(lab.split.to_numpy() == "test")[:8])
         stored = s.read("res5@avg", rows)
     recs = predict_paths([lab.path[r] for r in rows], [gender, age], keep_features=True, echo=lambda *_: None)
-    assert [r["face"] for r in recs] == [1] * 4 and all(r["whole"] for r in recs)
+    assert [r["face"] for r in recs] == [1] * len(rows)
+    # a chip is read whole when the crop its face implies is (nearly) the chip; a tilted, zoomed-in chip (one
+    # of these 8 in ../shared) is cut again like a photo, and its features then differ by design
+    whole = [i for i, r in enumerate(recs) if r["whole"]]
+    assert len(whole) >= 6, [r["path"] for r in recs if not r["whole"]]
+    recs, rows, stored = [recs[i] for i in whole], [rows[i] for i in whole], stored[whole]
     np.testing.assert_array_equal(np.stack([r["features"]["res5@avg"] for r in recs]), stored)
     g = pd.read_csv(gender / "predictions.csv").set_index("image_id")
     a = pd.read_csv(age / "predictions.csv").set_index("image_id")

@@ -131,13 +131,8 @@ def gather(backbone: str, dataset: str, target: str = "bins", cats=7, results_ro
 
 def scored_faces(head_dir: Path) -> frozenset | None:
     """The image ids a record scored on test (its ``faces.csv``); None for a record without one."""
-    import pandas as pd
-
-    f = Path(head_dir) / "faces.csv"
-    if not f.is_file():
-        return None
-    df = pd.read_csv(f, usecols=["image_id", "split"], dtype=str, keep_default_na=False)
-    return frozenset(df.loc[df["split"] == "test", "image_id"])
+    faces = _read_faces(Path(head_dir) / "faces.csv")
+    return None if faces is None else frozenset(faces["image_id"])
 
 
 def same_faces(recs: list[dict], what: str, fix: str, name=lambda r: r["key"]) -> None:

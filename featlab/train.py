@@ -41,6 +41,24 @@ from .store import FeatureStore
 #: peak copies of in-memory rows during Keras' fit (measured: ~0.8 GB of float32 rows -> 2.4 GB over
 #: TensorFlow's own RSS; bench/scale.py); the in-memory/streamed choice counts them against --memory-mb
 IN_MEMORY_COPIES = 3
+
+
+def available_memory() -> "int | None":
+    """Bytes of memory the machine has available now (``MemAvailable``; None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 #: batches a streamed fit prepares ahead (Keras' default queue of 10 holds ten batches of a 400 KB tap:
 #: 500 MB at batch 128, outside any budget)
 PREFETCH_BATCHES = 2
@@ -277,9 +295,19 @@ def plan_head(store: FeatureStore, layer, target, cats, out_root, fold, hp: dict
     stream = IN_MEMORY_COPIES * (len(tr) + len(va)) * rb > budget
     stream_val = IN_MEMORY_COPIES * len(va) * rb > budget / 2
     if fused and (stream or stream_val):
-        raise FeatlabError(f"fusion head {key}: its train and val rows need {IN_MEMORY_COPIES * (len(tr) + len(va)) * rb >> 20} "
-                           f"MiB in memory (x{IN_MEMORY_COPIES}: Keras' copies), over the "
-                           f"{int(hp['memory_mb'])} MiB budget (fusion heads train in memory): raise --memory-mb")
+        # a fusion head cannot stream, and the budget cannot change its numbers (it trains alone, in memory):
+        # over the budget it trains in memory when the machine has the room, and says so; else it stops
+        need = IN_MEMORY_COPIES * (len(tr) + len(va)) * rb
+        free = available_memory()
+        if free is None or need > free * 0.8:
+            raise FeatlabError(f"fusion head {key}: its train and val rows need {need >> 20} MiB in memory "
+                               f"(x{IN_MEMORY_COPIES}: Keras' copies), over the {int(hp['memory_mb'])} MiB budget"
+                               + ("" if free is None else f" and 80% of the {free >> 20} MiB this machine has free")
+                               + " (fusion heads train in memory): raise --memory-mb, or fuse fewer or pooled taps")
+        stream = stream_val = False
+        if hp["verbose"]:
+            print(f"[featlab] fusion head {key}: needs {need >> 20} MiB in memory, over the {int(hp['memory_mb'])} MiB "
+                  f"budget; trained in memory ({free >> 20} MiB free; fusion heads cannot stream)")
     x_tr = None if stream or not keep_x else ([read(p, tr) for p in parts] if fused else read(key, tr))
 
     def train_x(i, p):

@@ -226,3 +226,26 @@ def test_grid_traces_once_and_skipping_stopped_trunks_changes_no_figure(feats, t
         assert (d / "history.csv").read_text() == (e / "history.csv").read_text(), d
         for w, v in zip(load_head(d)[0].get_weights(), load_head(e)[0].get_weights(), strict=True):
             np.testing.assert_array_equal(w, v)
+
+
+def test_fusion_head_over_the_budget_trains_in_memory_when_the_machine_has_room(tmp_path, monkeypatch, capsys):
+    """A fusion head cannot stream and trains alone, so the budget cannot change its numbers: over a tiny
+    --memory-mb it trains in memory (saying so) to the same figures as under a large one; where the machine
+    lacks the room it stops with one line naming both figures."""
+    import featlab.train
+    from featlab.errors import FeatlabError
+    from featlab.workflow import train_grid
+
+    f = make_halves(tmp_path / "halves.h5")
+    opts = {**FAST, "epochs": 3}
+    big, = train_grid(f, ["a+b"], [("gender", None)], out_root=tmp_path / "big", baselines=False, memory_mb=4096, **opts)
+    small, = train_grid(f, ["a+b"], [("gender", None)], out_root=tmp_path / "small", baselines=False, memory_mb=0.01,
+                        **{**opts, "verbose": 1})
+    assert "trained in memory" in capsys.readouterr().out
+    assert _test_metric(small, "accuracy") == _test_metric(big, "accuracy")
+    a = pd.read_csv(big / "faces.csv")
+    b = pd.read_csv(small / "faces.csv")
+    assert a.equals(b)
+    monkeypatch.setattr(featlab.train, "available_memory", lambda: 1 << 10)
+    with pytest.raises(FeatlabError, match=r"over the 0 MiB budget and 80% of the 0 MiB this machine has free"):
+        train_grid(f, ["a+b"], [("gender", None)], out_root=tmp_path / "none", baselines=False, memory_mb=0.01, **opts)

@@ -23,7 +23,7 @@ Results go to ``{results}/{backbone}/{dataset-key}/{head-key}/{target}/`` where
   key joins its taps' keys with ``+``.
 
 Zero-shot nets' scores go to :func:`zeroshot_dir` (feature set and manifest hash), the one rule both
-their writer (:mod:`featlab.zeroshot`) and :mod:`featlab.compare` use.
+their writer (:mod:`featlab.zeroshot`) and :mod:`featlab.report.compare` use.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def head_dir(backbone: str, dkey: str, hkey: str, tname: str, fold=None, seed=No
 
 def zeroshot_dir(identity: dict, tname: str, results_root=None) -> Path:
     """Where a zero-shot net's scores on the val and test faces of a feature set are filed, and where
-    :func:`featlab.compare.compare` looks for them: ``{results}/zeroshot/{backbone}/{dataset-key}/
+    :func:`featlab.report.compare.compare` looks for them: ``{results}/zeroshot/{backbone}/{dataset-key}/
     manifest-{sha256[:12]}/{target}``, ``identity`` being the heads' :func:`feature_set` (as in their
     ``config.json``). The rows scored come from that features file and its manifest, so a zero-shot
     record scored on another manifest (a re-prepared split) is never found beside the heads."""

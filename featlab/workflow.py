@@ -1,5 +1,5 @@
 """Train, then score: the one place that chains :mod:`featlab.train` (or :mod:`featlab.grid`),
-:mod:`featlab.evaluate` and the baselines, for one head, a grid of heads, several seeds, or the fold protocol.
+:mod:`featlab.report.evaluate` and the baselines, for one head, a grid of heads, several seeds, or the fold protocol.
 
 :func:`train_head` is what ``featlab train-head``, experiment specs and the sweep call. With
 ``seeds=N`` it trains N heads (``seed{S}/`` folders) and writes a summary beside them: each figure's

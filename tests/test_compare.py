@@ -1,4 +1,4 @@
-"""featlab.compare: gathers evaluated taps, orders them by network position, writes CSV + PNG
+"""featlab.report.compare: gathers evaluated taps, orders them by network position, writes CSV + PNG
 (no TensorFlow: the metrics.json files are written by hand here)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featlab.compare import compare, sweep_plot, tap_positions
+from featlab.report.compare import compare, sweep_plot, tap_positions
 from featlab.errors import FeatlabError
 
 
@@ -25,7 +25,7 @@ def _faces(value: float, n: int, rng, binary: bool) -> np.ndarray:
 def _write_metrics(root: Path, backbone: str, dataset: str, key: str, tname: str, metrics: dict, features=None,
                    std: dict | None = None, val: dict | None = None, n: int = 100, faces: dict | None = None,
                    identity: dict | None = None, first: int = 0) -> Path:
-    """A head record as featlab.evaluate.record_head writes it: val and test sections and faces.csv."""
+    """A head record as featlab.report.evaluate.record_head writes it: val and test sections and faces.csv."""
     d = root / backbone / dataset / key / tname
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(abs(hash((key, tname))) % 2**32)
@@ -285,7 +285,7 @@ def test_single_fold_heads_name_the_command_that_summarises_them(tmp_path):
 
 
 def test_interval_width_matches_the_binomial_formula():
-    from featlab.uncertainty import interval
+    from featlab.report.uncertainty import interval
 
     p, n = 0.7, 2000
     v = np.zeros(n)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from featlab.cli import main
-from featlab.explain import (
+from featlab.report.explain import (
     Settings,
     cell_order,
     deletion_curve,
@@ -309,14 +309,14 @@ def test_importing_explain_loads_neither_tensorflow_nor_onnxruntime():
     import subprocess
     import sys
 
-    code = ("import sys, featlab.explain, featlab.heatmaps; "
+    code = ("import sys, featlab.report.explain, featlab.report.heatmaps; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'onnxruntime', 'matplotlib.pyplot') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 
 
 def test_blur_baseline_also_finds_the_quadrant(quadrant_model):
-    from featlab.explain import baseline_image
+    from featlab.report.explain import baseline_image
 
     chip = _chip(4)
     blur = baseline_image(chip, "blur", 8)
@@ -332,7 +332,7 @@ def test_dataset_view_groups_by_the_heads_target():
     import pandas as pd
 
     from featlab.errors import FeatlabError
-    from featlab.explain import _groups
+    from featlab.report.explain import _groups
 
     labels = pd.DataFrame({"age": [3.0, 25.0, 70.0, np.nan], "gender": ["f", "m", "", "m"]})
     idx, names, what = _groups([{"target": "gender"}], labels, None)
@@ -347,7 +347,7 @@ def test_dataset_view_groups_by_the_heads_target():
 
 def test_compare_finds_the_heads_of_the_features_file(age_head, capsys, tmp_path):
     from featlab.errors import FeatlabError
-    from featlab.explain import compare_heads
+    from featlab.report.explain import compare_heads
 
     work, feats, head = age_head
     # a second, shallower head filed beside it (a copy of the same files under res3) comes first
@@ -369,7 +369,7 @@ def test_compare_finds_the_heads_of_the_features_file(age_head, capsys, tmp_path
 
 def test_dataset_view_refuses_images_changed_since_extraction(age_head):
     from featlab.errors import FeatlabError
-    from featlab.explain import HeadScorer, _check_not_stale, _chip_for
+    from featlab.report.explain import HeadScorer, _check_not_stale, _chip_for
     from featlab.store import FeatureStore
 
     _, feats, head = age_head
@@ -401,7 +401,7 @@ def _contrast_chip(seed: int) -> np.ndarray:
 
 
 def _faithfulness(maps_of, n_faces: int = 8):
-    from featlab.explain import deletion_pair, summarise_faithfulness
+    from featlab.report.explain import deletion_pair, summarise_faithfulness
 
     st = Settings(patch=8, stride=4, cell=8, steps=16, baseline="mean").check()
     curves: dict = {}
@@ -415,8 +415,8 @@ def _faithfulness(maps_of, n_faces: int = 8):
 
 
 def test_a_right_map_beats_random_under_the_other_perturbation():
-    from featlab.explain import baseline_image, curve_auc
-    from featlab.uncertainty import interval
+    from featlab.report.explain import baseline_image, curve_auc
+    from featlab.report.uncertainty import interval
 
     x, curves, s = _faithfulness(lambda chip, i: occlusion(_contrast, chip, patch=8, stride=4, baseline="mean"))
     assert (s["map_baseline"], s["test_baseline"]) == ("mean", "blur")

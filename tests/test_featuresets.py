@@ -24,8 +24,8 @@ def two_sets(utk_small, tmp_path_factory):
 
 
 def test_plain_and_flip_heads_land_apart_and_never_mix(two_sets, tmp_path):
-    from featlab.compare import compare
-    from featlab.evaluate import evaluate_head
+    from featlab.report.compare import compare
+    from featlab.report.evaluate import evaluate_head
     from featlab.workflow import train_head
 
     _, plain, flip = two_sets

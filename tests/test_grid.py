@@ -152,7 +152,7 @@ def test_cli_trains_a_grid_and_compare_puts_fusions_last(feats, tmp_path, monkey
     """`train-head --layer vec --layer conv+vec --cats 7 --target gender` trains 4 heads in one call;
     compare lists the fusion head after the single tap."""
     from featlab.cli import main
-    from featlab.compare import gather, tap_positions
+    from featlab.report.compare import gather, tap_positions
 
     monkeypatch.chdir(tmp_path)
     rc = main(["train-head", "-f", str(feats), "-l", "vec", "-l", "conv+vec", "--cats", "7", "--target", "gender",

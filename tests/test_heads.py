@@ -144,7 +144,7 @@ def test_ordinal_bins_head(feats, tmp_path):
     assert json.loads((d / "config.json").read_text())["output"] == "coral"
     assert m["test"]["metrics"]["accuracy"] > _majority_share(feats, "bins", 5) + 0.25
     # the saved ordinal head reloads and evaluates the same
-    from featlab.evaluate import evaluate_head
+    from featlab.report.evaluate import evaluate_head
 
     before = (d / "metrics.json").read_bytes()
     again = evaluate_head(d, out_dir=tmp_path / "again")
@@ -210,7 +210,7 @@ def test_stream_shuffles_the_whole_split_every_epoch(feats):
 
 
 def test_evaluate_refuses_other_model_and_handles_held_out_file(trained, tmp_path):
-    from featlab.evaluate import evaluate_head
+    from featlab.report.evaluate import evaluate_head
 
     other = make_features(tmp_path / "other.h5", n=200, seed=5, sha="cd" * 32)
     with pytest.raises(FeatlabError, match="another model file"):

@@ -98,7 +98,7 @@ def test_npy_import_equals_the_original_row_for_row(original, exported, utk_smal
 def test_pytables_import_trains_the_same_head_and_is_never_mixed(original, exported, utk_small, tmp_path, capsys):
     """Seed-style PyTables files, stored float16 like the original: same bits, so a head with the same
     seed reaches the same metrics; evaluating it on the featlab extraction is refused."""
-    from featlab.evaluate import evaluate_head
+    from featlab.report.evaluate import evaluate_head
     from featlab.workflow import train_head
 
     d, _ = exported

@@ -1,4 +1,4 @@
-"""featlab.metrics against hand-computed values on tiny examples (numpy only, no TensorFlow)."""
+"""featlab.report.metrics against hand-computed values on tiny examples (numpy only, no TensorFlow)."""
 
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def test_mean_std_over_folds():
 def test_metrics_module_is_numpy_only():
     import subprocess
 
-    code = ("import sys, featlab.metrics, featlab.plots, featlab.compare, featlab.evaluate, featlab.workflow, featlab.train; "
+    code = ("import sys, featlab.report.metrics, featlab.report.plots, featlab.report.compare, featlab.report.evaluate, featlab.workflow, featlab.train; "
             "bad = [m for m in ('tensorflow', 'keras', 'matplotlib', 'torch') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -241,7 +241,7 @@ def test_readme_demo_table_is_what_the_demo_makes(demo_dir):
     and intervals as a fresh demo run (summary_table is what report.md holds)."""
     import re
 
-    from featlab.compare import compare
+    from featlab.report.compare import compare
     from featlab.experiment import summary_table
 
     out, _ = demo_dir

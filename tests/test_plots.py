@@ -115,7 +115,7 @@ def test_eight_group_labels_show_the_real_contiguous_edges():
 
 
 def test_the_confusion_figure_of_eight_groups_carries_the_edges(figures, tmp_path):
-    from featlab.evaluate import _write_confusion
+    from featlab.report.evaluate import _write_confusion
 
     s = get_scheme(8)
     cm = np.arange(64).reshape(8, 8) % 7

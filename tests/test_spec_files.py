@@ -107,7 +107,7 @@ def test_a_bad_spec_name_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------ zero-shot filing
 def _head_record(root: Path, identity: dict, labels, split_rows: dict, key: str, val_acc: float) -> Path:
-    """A gender head's record as featlab.evaluate.record_head writes it (faces.csv and metrics.json), scored
+    """A gender head's record as featlab.report.evaluate.record_head writes it (faces.csv and metrics.json), scored
     against the labels of its features file, its feature set as plan_head records it."""
     import pandas as pd
 
@@ -132,7 +132,7 @@ def test_compare_never_shows_a_zero_shot_row_scored_on_another_manifest(utk30, t
     """Extract dlib-age on 30 faces, score its zero-shot gender on the val/test rows, compare: the zero-shot
     row is there. Re-prepare the manifest (another split), re-extract, re-record the heads: the old zero-shot
     record is never shown beside them; scored again on the new split, it is."""
-    from featlab.compare import compare
+    from featlab.report.compare import compare
     from featlab.datasets import prepare_dataset
     from featlab.extract import extract
     from featlab.labels import encode_target, split_rows

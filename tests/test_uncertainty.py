@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featlab.uncertainty import (adjust_within, design_effect, interval, paired_difference, unit_of, verdict)
+from featlab.report.uncertainty import (adjust_within, design_effect, interval, paired_difference, unit_of, verdict)
 
 P, K = 40, 10  # people x photos each
 
@@ -120,7 +120,7 @@ def test_a_resolved_difference_inside_the_margin_says_both(tmp_path, monkeypatch
     resolves it and the equivalence test shows it within the 1-point margin, so its verdict is "worse,
     within margin" (report.md mark `*≈`, its own marker in the chart's legend); where one test passes the
     verdicts stay "worse" (-5 points) and "equivalent" (a copy); neither: "inconclusive"."""
-    from featlab.compare import compare
+    from featlab.report.compare import compare
     from featlab.experiment import VERDICT_MARKS_TEXT, summary_table
     from featlab.report import plots
 
@@ -193,7 +193,7 @@ def _head(root, key, faces: pd.DataFrame, val_acc):
 
 
 def test_compare_resamples_people_and_keeps_baselines_out_of_the_heads_family(tmp_path):
-    from featlab.compare import compare
+    from featlab.report.compare import compare
 
     v, g = _correlated(1)
     b = v.copy()

@@ -10,6 +10,4 @@
 - :mod:`~featlab.report.explain`, :mod:`~featlab.report.lrp`: where in the face a head looks (occlusion,
   RISE, layer-wise relevance propagation), and whether that is true.
 - :mod:`~featlab.report.format`: how a p-value and a paired difference are written.
-
-The old flat names (``featlab.compare``, ``featlab.evaluate``, ...) stay importable for a release.
 """

@@ -15,7 +15,7 @@ and ``.png``, taps in network order:
 - per headline metric, the paired bootstrap difference to the chosen tap on the same test faces (people
   resampled; ``diff_vs_best`` and its interval), its p-value ``p_vs_best`` and the two one-sided
   equivalence test within a stated margin (``p_equivalence``; defaults 1 point of accuracy, 0.15 years of
-  MAE, :data:`featlab.uncertainty.MARGINS`), each Benjamini-Hochberg adjusted **within its family**: the
+  MAE, :data:`featlab.report.uncertainty.MARGINS`), each Benjamini-Hochberg adjusted **within its family**: the
   heads (single taps and fusions) are one family, the baselines another (``family``). ``verdict`` reads
   them: ``worse``/``better`` (the difference is resolved), ``worse, within margin``/``better, within
   margin`` (resolved and also shown within the margin), ``equivalent`` (only shown to lie within the
@@ -311,7 +311,7 @@ def family_of(row: dict) -> str:
 
 
 def margins_for(metrics, margins: dict | None = None) -> dict:
-    """Equivalence margin per headline metric (defaults :data:`featlab.uncertainty.MARGINS`)."""
+    """Equivalence margin per headline metric (defaults :data:`featlab.report.uncertainty.MARGINS`)."""
     out = dict(MARGINS)
     out.update({k: float(v) for k, v in (margins or {}).items()})
     unknown = sorted(set(margins or {}) - set(MARGINS))

@@ -37,7 +37,7 @@ reference only. :func:`summarise_faithfulness` turns the curves of many faces
 into normalised areas (AUC: area under the mean curve over the replaced
 share [0, 1], divided by the mean output of the intact faces) and gives the
 AUC difference to random a 95 % bootstrap interval over faces
-(:func:`featlab.uncertainty.interval` of the per-face differences, each
+(:func:`featlab.report.uncertainty.interval` of the per-face differences, each
 divided by the same mean intact output, so their mean is the difference of
 the AUCs). A map is faithful when the deletion difference's interval lies
 below 0 (its order removes the evidence faster than random); insertion is

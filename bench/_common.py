@@ -170,8 +170,8 @@ def source_manifest(path: str | None = None) -> Path:
     src = SAMPLE_DIR if TINY else UTK_DIR
     out = workdir() / ("utkface-sample.csv" if TINY else "utkface-all.csv")
     if not out.is_file():
-        from featlab.datasets import prepare_dataset
-        from featlab.manifest import write_manifest
+        from featlab.data.datasets import prepare_dataset
+        from featlab.data.manifest import write_manifest
 
         if not src.is_dir():
             sys.exit(f"no manifest: pass --manifest, or put the UTKFace sample at {src}")

@@ -77,7 +77,7 @@ def bare_session(bb, taps, providers, threads: int = 0, spinning: bool | None = 
 
 
 def prep_chips(paths, geometry) -> np.ndarray:
-    from featlab.images import load_rgb
+    from featlab.data.images import load_rgb
 
     return np.stack([geometry.chip(load_rgb(p)) for p in paths])
 
@@ -101,7 +101,7 @@ def bench_bare(run, xs, gpu: bool = False) -> tuple[float, float]:
 
 
 def bench_bare_decode(run, bb, paths, batch) -> tuple[float, float]:
-    from featlab.images import load_rgb
+    from featlab.data.images import load_rgb
 
     g = bb.geometry
     t, c = time.perf_counter(), cpu_seconds()
@@ -129,7 +129,7 @@ def profile(bb, taps, paths, batch, providers, tmp: Path) -> tuple[list, str]:
     import dlib
 
     from featlab import faces
-    from featlab.images import load_rgb
+    from featlab.data.images import load_rgb
     from featlab.store import FeatureStore, label_row
 
     rows = []

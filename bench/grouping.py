@@ -72,7 +72,7 @@ def chip_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def face_signals(paths, progress=False):
     """Embedding (as featlab.facegroups.embed_faces computes it) and chip thumbnail per image."""
     from featlab.backbones import Backbone
-    from featlab.faces import prepare
+    from featlab.data.faces import prepare
 
     bb = Backbone("dlib-rec")
     runner = bb.runner([bb.tap("embedding")])
@@ -96,7 +96,7 @@ def face_signals(paths, progress=False):
 def signals(manifest, copy_every: int, cache: Path):
     from PIL import Image
 
-    from featlab.images import load_rgb
+    from featlab.data.images import load_rgb
 
     if cache.is_file():
         z = np.load(cache, allow_pickle=False)
@@ -138,7 +138,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     tiny = _common.tiny(args, random_pairs=4000)
     from featlab import facegroups as fg
-    from featlab.manifest import assign_splits, read_manifest
+    from featlab.data.manifest import assign_splits, read_manifest
 
     load_before = _common.load()
     src = _common.sub_manifest(80, args.manifest) if tiny else _common.source_manifest(args.manifest)

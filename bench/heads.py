@@ -54,7 +54,7 @@ def _cli(feats: Path, taps: list[str], targets, where: Path, epochs) -> list[Pat
     record folders, tap-major in ``targets`` order."""
     import subprocess
 
-    from featlab.labels import target_name
+    from featlab.data.labels import target_name
 
     where.mkdir(parents=True, exist_ok=True)
     names = [target_name(t, c) for t, c in targets]
@@ -89,7 +89,7 @@ def main(argv=None):
     feats = (Path(args.features) if args.features else
              C.real_features("dlib-rec", 160 if tiny else 8000, taps, source=args.manifest))
     from featlab.keras_env import keras
-    from featlab.labels import HEADLINE, target_name
+    from featlab.data.labels import HEADLINE, target_name
     from featlab.workflow import train_grid, train_head
 
     if not args.cli:

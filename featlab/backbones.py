@@ -1,6 +1,6 @@
 """Backbones: the registry of frozen ONNX networks featlab can probe, and how to run them.
 
-Each backbone declares its input geometry (``featlab.faces.Geometry``), colour
+Each backbone declares its input geometry (``featlab.data.faces.Geometry``), colour
 order and normalisation, where its model file comes from, and how its taps
 are resolved from the graph:
 
@@ -37,7 +37,7 @@ import numpy as np
 from . import config
 from . import descriptor as _descriptor
 from .errors import FeatlabError
-from .faces import Geometry, check_preprocessing
+from .data.faces import Geometry, check_preprocessing
 from .taps import TapInfo, find_tap
 
 DLIB_MEAN = (122.782, 117.001, 104.298)
@@ -346,7 +346,7 @@ def register_descriptor(path: str | Path, name: str | None = None) -> str:
 
 
 def sha256_of(path: Path) -> str:
-    from .manifest import file_sha256
+    from .data.manifest import file_sha256
 
     return file_sha256(path)
 
@@ -354,7 +354,7 @@ def sha256_of(path: Path) -> str:
 class Backbone:
     """A backbone bound to one model file. Cheap to create; the graph loads on first use.
 
-    ``preprocessing``: how chips are cut (:data:`featlab.faces.PREPROCESSINGS`); None: the network's own
+    ``preprocessing``: how chips are cut (:data:`featlab.data.faces.PREPROCESSINGS`); None: the network's own
     (``template-5pt`` for template geometries)."""
 
     def __init__(self, name: str, model: str | Path | None = None, preprocessing: str | None = None):

@@ -45,7 +45,7 @@ import numpy as np
 
 from .report.evaluate import score_predictions
 from .featureio import read_blocks, read_pooled, row_bytes
-from .labels import encode_target, face_scores, selection_metric, split_rows
+from .data.labels import encode_target, face_scores, selection_metric, split_rows
 from .staging import checkpoint
 from .store import FeatureStore
 

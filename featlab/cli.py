@@ -108,8 +108,8 @@ def prepare(
     show_skipped: int = typer.Option(10, help="how many skipped images to name"),
 ):
     """Turn a dataset on disk into a featlab manifest (one schema for every dataset)."""
-    from .datasets import ADAPTERS, prepare_dataset
-    from .manifest import write_manifest
+    from .data.datasets import ADAPTERS, prepare_dataset
+    from .data.manifest import write_manifest
 
     if list_:
         for a in ADAPTERS.values():
@@ -123,8 +123,13 @@ def prepare(
     if group_by_face and sys.stderr.isatty():
         def progress(done: int, total: int) -> None:
             typer.echo(f"\r  embedding faces {done:,}/{total:,}", err=True, nl=done >= total)
-    df, res = prepare_dataset(dataset, root, seed=seed, group_by_face=group_by_face, progress=progress, **opts)
-    from . import config, skips
+    df, res = prepare_dataset(dataset, root, seed=seed, **opts)
+    if group_by_face:
+        from .facegroups import group_prepared
+
+        df = group_prepared(df, res, seed=seed, progress=progress)
+    from . import config
+    from .data import skips
 
     out = out or config.features_dir() / "manifests" / f"{dataset}.csv"
     write_manifest(df, out)
@@ -143,7 +148,7 @@ def prepare(
     if df["fold"].notna().any():
         _echo("  folds: " + ", ".join(f"{int(k)}: {v:,}" for k, v in df["fold"].value_counts().sort_index().items()))
     if ("split" in df and (df["split"] != "").any()) or df["fold"].notna().any():
-        from .manifest import balance_lines
+        from .data.manifest import balance_lines
 
         for line in balance_lines(df):
             _echo("  " + line)
@@ -170,11 +175,11 @@ def prepare(
 @app.command()
 def bins(manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="also count a manifest's ages per bin")):
     """Print the age-bin schemes (5, 7, 8 groups) and, given a manifest, its counts per bin."""
-    from .bins import SCHEMES
+    from .data.bins import SCHEMES
 
     df = None
     if manifest:
-        from .manifest import read_manifest
+        from .data.manifest import read_manifest
 
         df = read_manifest(manifest)
     for key in ("5", "7", "8"):
@@ -207,8 +212,8 @@ def peek(
     seed: int = typer.Option(0, help="seeds the random draw of images"),
 ):
     """Draw a contact sheet of random manifest images with their labels, to check data by eye."""
-    from .manifest import read_manifest
-    from .peek import draw_contact_sheet
+    from .data.manifest import read_manifest
+    from .data.peek import draw_contact_sheet
 
     manifest = Path(_need(manifest or _cfg("paths", "manifest"), "--manifest", "pass --manifest M.csv"))
     df = read_manifest(manifest)
@@ -309,7 +314,7 @@ def extract(
     _positive(workers, "--workers")
     _positive(limit, "--limit")
     from .backbones import get_spec
-    from .faces import check_preprocessing
+    from .data.faces import check_preprocessing
 
     preprocessing = preprocessing or _cfg("extract", "preprocessing")
     check_preprocessing(get_spec(backbone).geometry[0], preprocessing)  # one line before the backbone loads
@@ -350,7 +355,7 @@ def extract(
         _echo(f"  skipped {n:,}: {why}")
     for path, why in rep.warnings:
         _echo(f"  warning {path}: {why}")
-    from .skips import extract_list_path
+    from .data.skips import extract_list_path
 
     names = extract_list_path(rep.out)
     if names.is_file():
@@ -517,7 +522,7 @@ def train_head(
         raise FeatlabError(f"--lr must be a positive number, not {lr}")
     if seeds < 1:
         raise FeatlabError(f"--seeds must be at least 1, not {seeds}")
-    from .labels import RANGE_POLICIES
+    from .data.labels import RANGE_POLICIES
 
     if ranges not in RANGE_POLICIES:
         raise FeatlabError(f"--ranges must be {' or '.join(RANGE_POLICIES)}, not {ranges!r}")
@@ -585,7 +590,7 @@ def _default_features():
     if not (manifest and backbone):
         return None
     from .extract import default_out
-    from .manifest import dataset_name
+    from .data.manifest import dataset_name
 
     p = default_out(backbone, dataset_name(manifest), bool(_cfg("extract", "align", False)), bool(_cfg("extract", "flip", False)),
                     _cfg("extract", "preprocessing"))
@@ -823,7 +828,7 @@ def explain(
         _echo("heads: " + ", ".join(str(h) for h in head))
     heads = check_head_dirs(head)
     if groups is not None:
-        from .bins import get_scheme
+        from .data.bins import get_scheme
 
         get_scheme(groups)
     if features is not None:

@@ -4,7 +4,7 @@
 the batches of :func:`featlab.extract.extract` on a Ray Data pipeline:
 
 - **decode/align** as Ray tasks (``map_batches`` over a function, one CPU
-  each): :func:`featlab.faces.prepare_many`, so a bad image becomes a reason
+  each): :func:`featlab.data.faces.prepare_many`, so a bad image becomes a reason
   exactly as in a single-process run;
 - **inference** in an actor pool (``map_batches`` over a class,
   ``ActorPoolStrategy(size=N)``, ``num_gpus=G``): each actor holds one
@@ -223,7 +223,7 @@ def _first_line(e: BaseException) -> str:
 
 def _prepare_batch(batch: dict, geometry, align: bool) -> dict:
     """Ray task: decode and cut the chips of one batch; a failed image gets a zero chip and its reason."""
-    from .faces import prepare_many
+    from .data.faces import prepare_many
 
     paths = [str(p) for p in batch["path"]]
     results = prepare_many(paths, geometry, align)
@@ -234,7 +234,7 @@ def _prepare_batch(batch: dict, geometry, align: bool) -> dict:
         if chip is not None:
             chips[i] = chip
             reasons.append("")
-            warnings.append(why or "")  # a stored chip's warning (featlab.faces.prepare)
+            warnings.append(why or "")  # a stored chip's warning (featlab.data.faces.prepare)
         else:
             reasons.append(why or "unusable image")
             warnings.append("")

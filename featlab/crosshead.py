@@ -272,8 +272,8 @@ def fixed_cutter(geometry, image: np.ndarray, align: bool):
     """``cut(img) -> chip``: the chip ``geometry`` cuts from ``image`` (as ``geometry.chip(image, align)``), with
     the detection and landmarks found on ``image`` kept for every image of its size (an occluded copy is cut
     at the same place, not re-detected). BadImage when ``image`` gives no face or no usable landmarks."""
-    from .faces import ARCFACE_DST, _dlib, check_landmarks, detect, warp_arcface, warp_to_template
-    from .images import BadImage
+    from .data.faces import ARCFACE_DST, _dlib, check_landmarks, detect, warp_arcface, warp_to_template
+    from .data.images import BadImage
 
     h, w = image.shape[:2]
     if align:

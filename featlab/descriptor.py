@@ -400,7 +400,7 @@ def locate(d: Descriptor, model: str | None) -> Path:
     from importlib import resources
 
     from . import config
-    from .manifest import file_sha256
+    from .data.manifest import file_sha256
 
     looked = []
     path = None

@@ -62,13 +62,14 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
-from . import config, skips
+from . import config
+from .data import skips
 from .errors import FeatlabError
 from .featureio import fusion_parts
-from .manifest import SPLIT_SCHEME
+from .data.manifest import SPLIT_SCHEME
 from .report.format import format_diff, format_p
 from .paths import FUSION, dataset_key, feature_set, head_dir, input_key
-from .labels import HEADLINE, format_figure, target_name
+from .data.labels import HEADLINE, format_figure, target_name
 from .recipes import headline
 
 SAMPLE = "@sample"
@@ -244,7 +245,7 @@ def spec_manifest_step(spec: dict, force: bool, echo) -> Path:
 
 def _zero_shot_step(features: Path, heads: list[dict], echo) -> None:
     """Score dlib-age / dlib-gender's own outputs on the val and test rows of the features file."""
-    from .labels import encode_target, split_rows
+    from .data.labels import encode_target, split_rows
     from .store import FeatureStore
     from .zeroshot import score_zero_shot
 
@@ -268,9 +269,9 @@ def spec_manifest(spec: dict) -> Path:
 
 
 def _check_ranges(manifest: Path, heads: list[dict]) -> None:
-    """Every head's range-label policy against the manifest's labels (:func:`featlab.labels.check_ranges`)."""
-    from .labels import check_ranges
-    from .manifest import read_manifest
+    """Every head's range-label policy against the manifest's labels (:func:`featlab.data.labels.check_ranges`)."""
+    from .data.labels import check_ranges
+    from .data.manifest import read_manifest
 
     df = read_manifest(manifest)
     for h in heads:
@@ -278,8 +279,8 @@ def _check_ranges(manifest: Path, heads: list[dict]) -> None:
 
 
 def _prepare_step(spec: dict, adapter, root: Path, options: dict, seed: int, force: bool, echo) -> Path:
-    from .datasets import prepare_dataset
-    from .manifest import write_manifest
+    from .data.datasets import prepare_dataset
+    from .data.manifest import write_manifest
 
     out = spec_manifest(spec)
     owner = str(Path(spec["_path"]).resolve())
@@ -302,7 +303,13 @@ def _prepare_step(spec: dict, adapter, root: Path, options: dict, seed: int, for
         echo(f"[prepare] {out} is current")
         return out
     (side / "done").unlink(missing_ok=True)  # an interrupted rewrite of the manifest is never taken as current
-    df, res = prepare_dataset(adapter, root, seed=seed, hints="spec", **options)
+    by_face = bool(options.get("group_by_face"))
+    df, res = prepare_dataset(adapter, root, seed=seed, hints="spec",
+                              **{k: v for k, v in options.items() if k != "group_by_face"})
+    if by_face:
+        from .facegroups import group_prepared
+
+        df = group_prepared(df, res, seed=seed)
     write_manifest(df, out)
     rows = skips.from_prepare(res)
     names = skips.write(rows, skips.prepare_list_path(out))
@@ -316,7 +323,7 @@ def _prepare_step(spec: dict, adapter, root: Path, options: dict, seed: int, for
     echo(f"[prepare] {out}: {len(df) + len(res.skipped):,} rows or images found, {len(df):,} in the manifest, "
          f"{len(res.skipped):,} left out")
     if (df["split"] != "").any() or df["fold"].notna().any():
-        from .manifest import balance_lines
+        from .data.manifest import balance_lines
 
         for line in balance_lines(df):
             echo(f"[prepare] {line}")
@@ -349,8 +356,8 @@ TARGET_COLUMNS = {"age": "age_col", "bins": "age_col", "gender": "gender_col"}
 def _check_targets(spec: dict, manifest: Path, heads: list[dict]) -> None:
     """Before any heavy step: every head's target has usable labels in the manifest, else one line naming
     the spec key to set (a missing column, or labels that are all unusable)."""
-    from .labels import encode_target
-    from .manifest import read_manifest
+    from .data.labels import encode_target
+    from .data.manifest import read_manifest
 
     df = read_manifest(manifest)
     for h in {target_name(h["target"], h["cats"]): h for h in heads}.values():
@@ -522,8 +529,8 @@ def faces_lines(manifest: Path | None, features: Path, heads: list[dict], root: 
     usable label; each step's losses counted per reason and named (up to ``limit`` in the report). The
     counts add up: found = manifest + left out at prepare; manifest = extracted + skipped at extraction;
     extracted = used by a target's heads + left out for want of its label."""
-    from .labels import encode_target
-    from .manifest import read_manifest
+    from .data.labels import encode_target
+    from .data.manifest import read_manifest
     from .store import FeatureStore
 
     rows = skips.read(skips.prepare_list_path(manifest)) if manifest is not None else []

@@ -40,8 +40,8 @@ from . import __version__, config
 from .backbones import Backbone, Runner, default_providers
 from .errors import DiskFull, FeatlabError, disk_full
 from .staging import checkpoint, keep
-from .faces import prepare_many, uses_dlib
-from .manifest import dataset_name, file_sha256, read_manifest
+from .data.faces import prepare_many, uses_dlib
+from .data.manifest import dataset_name, file_sha256, read_manifest
 from .store import FeatureStore, full_store_error, label_row, parse_key, pool_features, pooled_shape
 
 
@@ -60,7 +60,7 @@ class ExtractReport:
     plan: dict = field(default_factory=dict)  # workers, prep, threads, batch_size used
     labels_resynced: int = 0  # stored rows whose labels were rewritten from a changed manifest
     rows_not_in_manifest: int = 0  # stored rows whose image left the manifest: kept, split '' and fold -1
-    preprocessing: str = ""  # the named preprocessing the chips were cut with (featlab.faces.PREPROCESSINGS)
+    preprocessing: str = ""  # the named preprocessing the chips were cut with (featlab.data.faces.PREPROCESSINGS)
     warnings: list = field(default_factory=list)  # (path, warning) of faces stored in this run with a warning
 
     @property
@@ -76,7 +76,7 @@ def default_out(backbone: str, dataset: str, align: bool = False, flip: bool = F
     suffix = "-align" if align else ""
     if preprocessing:
         from .backbones import get_spec
-        from .faces import check_preprocessing, default_preprocessing
+        from .data.faces import check_preprocessing, default_preprocessing
 
         kind = get_spec(backbone).geometry[0]
         if check_preprocessing(kind, preprocessing) != default_preprocessing(kind):
@@ -237,7 +237,7 @@ class _ProcessPool:
         self.free: queue.Queue = queue.Queue()
         self.procs = []
         for _ in range(workers):
-            p = subprocess.Popen([sys.executable, "-c", "from featlab.faces import serve_prepare; serve_prepare()"],
+            p = subprocess.Popen([sys.executable, "-c", "from featlab.data.faces import serve_prepare; serve_prepare()"],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
             self.procs.append(p)
             self._send(p, (geometry, align))
@@ -351,7 +351,7 @@ def extract(
 ) -> ExtractReport:
     """Extract ``layers`` of ``backbone`` for every image of ``manifest`` into ``out`` (resumable).
 
-    ``preprocessing``: how each chip is cut (:data:`featlab.faces.PREPROCESSINGS`; None: the network's own,
+    ``preprocessing``: how each chip is cut (:data:`featlab.data.faces.PREPROCESSINGS`; None: the network's own,
     ``template-5pt`` for dlib and ArcFace networks), recorded by name in the file's ``preprocessing``
     attribute; resuming a file made with another one is refused. ``align``: find the face with the
     detector first (uncropped images) instead of taking the whole image as the face region.
@@ -445,7 +445,7 @@ def extract(
                         r = records[start + i]
                         skipped.append((r["image_id"].encode(), r["path"].encode("utf-8")[:1024], why.encode("utf-8")[:256]))
                         report.skip_reasons[why] = report.skip_reasons.get(why, 0) + 1
-                    elif why:  # stored, with a warning (featlab.faces.face_warning)
+                    elif why:  # stored, with a warning (featlab.data.faces.face_warning)
                         r = records[start + i]
                         warned.append((r["image_id"].encode(), r["path"].encode("utf-8")[:1024], why.encode("utf-8")[:256]))
                         report.warnings.append((r["path"], why))
@@ -473,8 +473,8 @@ def extract(
 
 def _write_skip_list(store: FeatureStore, out: Path) -> None:
     """Every image the file skipped or stored with a warning, by name and reason, beside it
-    (:func:`featlab.skips.extract_list_path`); no file when there is none."""
-    from . import skips
+    (:func:`featlab.data.skips.extract_list_path`); no file when there is none."""
+    from .data import skips
 
     rows = skips.from_store(store)
     path = skips.extract_list_path(out)

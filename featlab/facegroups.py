@@ -131,7 +131,7 @@ class FaceGroupReport:
         """Count, on the manifest as written (its ``split`` and ``group`` columns, read back from disk; the fold
         where a row has no split), the same-group pairs and near-duplicate pairs on two sides and the test faces
         with a training face of their group."""
-        from .manifest import read_manifest
+        from .data.manifest import read_manifest
 
         df = read_manifest(manifest)
         side = _sides(df)
@@ -192,7 +192,7 @@ def embed_faces(paths: list[str], model: str | None = None, batch: int = 64, pro
     Rows of faces whose chip cannot be cut are NaN and named in the dict, as are non-finite embeddings.
     """
     from .backbones import Backbone
-    from .faces import prepare
+    from .data.faces import prepare
 
     bb = Backbone("dlib-rec", model)
     runner = bb.runner([bb.tap("embedding")])
@@ -373,6 +373,13 @@ def group_ids(image_ids, labels: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return np.asarray([f"face:{smallest[lab]}" if good else "" for lab, good in zip(labels, ok)], dtype=object)
 
 
+def group_prepared(df, result, seed: int = 0, progress=None):
+    """The prepare step's grouping: :func:`group_by_face` on an adapter's manifest ``df`` (re-split unless the
+    dataset has its own splits); its report lands in ``result.face_groups``. Returns the grouped frame."""
+    df, result.face_groups = group_by_face(df, seed=seed, resplit=not result.has_splits, progress=progress)
+    return df
+
+
 def group_by_face(df, seed: int = 0, resplit: bool = True, model: str | None = None, progress=None,
                   embeddings: np.ndarray | None = None):
     """Give ``df`` face groups (and, with ``resplit``, a new split by group); return ``(df, FaceGroupReport)``.
@@ -380,7 +387,7 @@ def group_by_face(df, seed: int = 0, resplit: bool = True, model: str | None = N
     ``df`` is a manifest frame with the split made before grouping (what the
     report measures; rows without a split are compared by ``fold``). ``embeddings`` skips the backbone (rows in ``df`` order).
     """
-    from .manifest import assign_splits
+    from .data.manifest import assign_splits
 
     df = df.copy()
     rep = FaceGroupReport(faces=len(df))

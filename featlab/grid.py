@@ -61,7 +61,7 @@ import numpy as np
 from .errors import FeatlabError
 from .featureio import fusion_parts, row_bytes
 from .keras_env import keras as _keras
-from .labels import check_ranges, encode_target, split_rows, target_name
+from .data.labels import check_ranges, encode_target, split_rows, target_name
 from .model import build_model, head_layers, standardised_input
 from .staging import checkpoint
 from .store import FeatureStore

@@ -13,7 +13,7 @@ import numpy as np
 from .errors import FeatlabError
 from .featureio import read_blocks, read_input
 from .keras_env import keras as _keras
-from .labels import to_years_np
+from .data.labels import to_years_np
 from .store import FeatureStore
 
 

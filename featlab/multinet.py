@@ -46,7 +46,7 @@ from pathlib import Path
 from . import config
 from .errors import FeatlabError
 from .featureio import fusion_parts
-from .labels import target_name
+from .data.labels import target_name
 from .paths import FUSION, dataset_key, feature_set
 
 
@@ -236,7 +236,7 @@ def _similarity_step(spec: dict, names: list[str], files: dict, force: bool, ech
 def write_networks_report(spec, names, nets, reps, dkeys, side, cka, best, echo) -> Path:
     """``results/compare/{A}+{B}/{dataset-key}/report.md``: per target, the networks side by side (table and
     chart), the paired tests between their choices and the best cross fusion, then the CKA map."""
-    from .labels import format_figure
+    from .data.labels import format_figure
     from .report.crossnet import network_table
 
     root = compare_root(names, dkeys[names[0]])

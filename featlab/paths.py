@@ -5,9 +5,9 @@ A **feature set** is identified by what changes the numbers in a features file: 
 :func:`feature_set` reads it from a file's attributes; heads record it in ``config.json``.
 
 The preprocessing is a dict (geometry, colour, normalisation) whose ``name`` is the named way the chips
-were cut (``template-5pt``, ``resize``, ``center-crop``: :data:`featlab.faces.PREPROCESSINGS`). Files and
+were cut (``template-5pt``, ``resize``, ``center-crop``: :data:`featlab.data.faces.PREPROCESSINGS`). Files and
 heads from before it was named carry no ``name``; :func:`canonical_preprocessing` gives them the one
-featlab used then (:func:`featlab.faces.legacy_preprocessing`: the template, except ``resize`` for an
+featlab used then (:func:`featlab.data.faces.legacy_preprocessing`: the template, except ``resize`` for an
 ArcFace network on pre-cropped images), so that every comparison of preprocessings is by name.
 
 Results go to ``{results}/{backbone}/{dataset-key}/{head-key}/{target}/`` where
@@ -31,7 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import config
-from .faces import default_preprocessing, legacy_preprocessing
+from .data.faces import default_preprocessing, legacy_preprocessing
 
 IDENTITY_KEYS = ("backbone", "model_sha256", "preprocessing", "align", "flip", "manifest_sha256", "imported")
 TAP_KEYS = ("pool", "dtype")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeatlabError
-from .images import IMAGE_EXTS, BadImage, load_rgb
+from .data.images import IMAGE_EXTS, BadImage, load_rgb
 
 
 def expand_images(items) -> list[Path]:
@@ -115,10 +115,10 @@ def _label(cfg: dict, pred: dict, i: int) -> tuple[str, str]:
 
 
 def training_template(cfg: dict, limit: int = 64):
-    """Where faces sit in the crops the head was trained on (:class:`featlab.faces.CropTemplate`), measured
+    """Where faces sit in the crops the head was trained on (:class:`featlab.data.faces.CropTemplate`), measured
     on up to ``limit`` of the training images its features file lists; UTKFace's template when none of
     them is on disk or shows a face."""
-    from .faces import UTKFACE_TEMPLATE, crop_template
+    from .data.faces import UTKFACE_TEMPLATE, crop_template
     from .store import FeatureStore
 
     feats = Path(cfg.get("features", ""))
@@ -138,7 +138,7 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
     (alignment, flip, preprocessing from the heads' record).
 
     ``detect``: None (default) finds the faces of every image; for heads trained on face crops each face is
-    cut like their training crops (:func:`featlab.faces.training_crops`: an image that is such a crop is
+    cut like their training crops (:func:`featlab.data.faces.training_crops`: an image that is such a crop is
     read whole), for heads trained on aligned detections each face is aligned as then. True: every face is
     detected and aligned with the backbone's geometry even for heads trained on crops (``extract --align``'s
     chips). False: each image is taken as one face crop, no detection (for images known to be training-like
@@ -148,7 +148,7 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
     from .backbones import Runner
     from .crosshead import NetworkRunners, is_cross_head
     from .extract import stored_features
-    from .faces import UTKFACE_TEMPLATE
+    from .data.faces import UTKFACE_TEMPLATE
     from .model import load_head, outputs_to_prediction
     from .store import parse_key
 
@@ -240,7 +240,7 @@ def _cut(img: np.ndarray, geometries: dict, template, align: bool, upsample: int
     """(boxes, whole-image flags, {network: chips}) of every face of ``img``: cut like the heads' training crops
     (``template``), detected and aligned (``align``), or the image as one crop; each network's chip cut by its
     own geometry from the same face. A face one network cannot cut (no usable landmarks) is left out for all."""
-    from .faces import detect, training_crops
+    from .data.faces import detect, training_crops
 
     if template is not None:
         crops = training_crops(img, template, upsample=upsample)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import FeatlabError
-from .labels import HEADLINE, TARGETS, format_figure
+from .data.labels import HEADLINE, TARGETS, format_figure
 
 
 
@@ -31,7 +31,7 @@ def head_target(target: str | None, cats: int | None, regression: bool = False) 
     if target == "bins":
         if cats is None:
             raise FeatlabError("--target bins needs --cats 5, 7 or 8")
-        from .bins import get_scheme
+        from .data.bins import get_scheme
 
         get_scheme(cats)
         return "bins", int(cats)

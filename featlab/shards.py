@@ -53,7 +53,7 @@ _FULL_EXIT = 3  # a worker's exit status when its shard's disk filled up (its on
 
 
 def _rows_and_bounds(manifest: Path, limit: int | None, n: int):
-    from .manifest import read_manifest
+    from .data.manifest import read_manifest
     from .store import shard_bounds
 
     df = read_manifest(manifest)
@@ -278,7 +278,7 @@ def extract_sharded(manifest, layers: list[str], shards: int, backbone: str = "r
     :func:`featlab.extract.extract` (model, pool, dtype, compression, batch_size, workers, threads, prep,
     providers). Returns a :class:`featlab.extract.ExtractReport` over the whole set."""
     from .extract import ExtractReport, default_out
-    from .manifest import dataset_name, file_sha256
+    from .data.manifest import dataset_name, file_sha256
     from .store import shard_path, write_shard_index
 
     if shards is None or int(shards) < 1:

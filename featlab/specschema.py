@@ -26,11 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import FeatlabError
 
-#: The dataset adapters (featlab.datasets.ADAPTERS; a test keeps the two equal).
+#: The dataset adapters (featlab.data.datasets.ADAPTERS; a test keeps the two equal).
 ADAPTER_NAMES = ("utkface", "imdb", "wiki", "adience", "aaf", "facial-age", "chalearn", "csv")
 #: HDF5 compression of the features file (featlab.store.COMPRESSION; a test keeps the two equal).
 COMPRESSIONS = ("none", "lz4", "zstd", "blosclz")
-#: The named preprocessings (featlab.faces.PREPROCESSINGS; a test keeps the two equal).
+#: The named preprocessings (featlab.data.faces.PREPROCESSINGS; a test keeps the two equal).
 PREPROCESSING_NAMES = ("template-5pt", "resize", "center-crop")
 #: Keys of ``fit_head`` a spec does not set per head: the spec's own ``seed``, and featlab's plumbing.
 NOT_HEAD_KEYS = ("seed", "out_root", "verbose", "seed_dir")

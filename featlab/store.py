@@ -634,7 +634,7 @@ class FeatureStore:
 
         Nothing is refused when the manifest file is gone (a copied features
         file) or the file records no manifest hash."""
-        from .manifest import file_sha256
+        from .data.manifest import file_sha256
 
         a = self.attrs
         manifest, sha = a.get("manifest"), a.get("manifest_sha256")

@@ -420,7 +420,7 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
     ``dataset``: the dataset name heads are filed under (default: the labels file's stem).
     """
     from . import __version__
-    from .manifest import dataset_name, file_sha256, read_manifest
+    from .data.manifest import dataset_name, file_sha256, read_manifest
 
     t0 = time.perf_counter()
     names = check_options(tapfiles, names, layout, dtype)

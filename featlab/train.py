@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .bins import get_scheme
+from .data.bins import get_scheme
 from .errors import FeatlabError
 from .featureio import ShuffledBatches, feature_stats, fusion_parts, read_input, row_bytes
 from .keras_env import keras as _keras
 from .keras_env import tensorflow as _tensorflow
-from .labels import (RANGE_POLICIES, TARGETS, check_ranges, class_names, class_weights, dropped_reasons,
+from .data.labels import (RANGE_POLICIES, TARGETS, check_ranges, class_names, class_weights, dropped_reasons,
                      encode_target, make_targets, soft_bin_labels, split_rows, target_name, to_years_np)
 from .model import build_model
 from .paths import dataset_key, feature_set, head_dir, input_key
@@ -128,7 +128,7 @@ def fit_head(features, layer, target, cats=None, *, out_root=None, fold=None, hi
     ``ranges``: range labels (Adience's ``(15, 20)``) that the target cannot place (a range across two
     groups of ``cats``; every range for age regression): ``"refuse"`` stops with one line giving their
     count, ``"drop"`` trains on the other rows and records the count per range in ``config.json``
-    (``ranges``); see :func:`featlab.labels.check_ranges`.
+    (``ranges``); see :func:`featlab.data.labels.check_ranges`.
 
     Returns the head's folder (``.../seed{S}`` with ``seed_dir``).
     """

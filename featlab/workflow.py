@@ -19,7 +19,7 @@ import numpy as np
 
 from . import config
 from .errors import FeatlabError
-from .labels import HEADLINE, format_figure
+from .data.labels import HEADLINE, format_figure
 from .paths import dataset_key, feature_set
 from .staging import Stage, checkpoint, keep
 from .store import FeatureStore

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bins import get_scheme
+from .data.bins import get_scheme
 from .report.evaluate import score_predictions, write_faces
-from .labels import encode_target, target_name
+from .data.labels import encode_target, target_name
 from .paths import feature_set, zeroshot_dir
 from .store import FeatureStore
 

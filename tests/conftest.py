@@ -67,8 +67,8 @@ def utk_dir() -> Path:
 @pytest.fixture(scope="session")
 def utk_manifest(utk_dir, tmp_path_factory) -> Path:
     """Manifest of every usable real face of ``utk_dir`` (8,000, or 600 on the sample)."""
-    from featlab.datasets import prepare_dataset
-    from featlab.manifest import write_manifest
+    from featlab.data.datasets import prepare_dataset
+    from featlab.data.manifest import write_manifest
 
     df, _ = prepare_dataset("utkface", utk_dir)
     return write_manifest(df, tmp_path_factory.mktemp("manifests") / "utkface.csv")
@@ -86,7 +86,7 @@ def utk_full_manifest(request) -> Path:
 @pytest.fixture(scope="session")
 def utk_small(utk_manifest, tmp_path_factory) -> Path:
     """A 240-image manifest (every split present), for fast end-to-end runs."""
-    from featlab.manifest import read_manifest, write_manifest
+    from featlab.data.manifest import read_manifest, write_manifest
 
     df = read_manifest(utk_manifest)
     small = df.sample(n=240, random_state=0).sort_values("image_id")

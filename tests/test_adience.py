@@ -16,7 +16,7 @@ import pytest
 
 from featlab.cli import main
 from featlab.errors import FeatlabError
-from featlab.manifest import read_manifest, write_manifest
+from featlab.data.manifest import read_manifest, write_manifest
 from featlab.store import FeatureStore, label_row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def _lost(cats: int) -> dict[str, int]:
 def adience(tmp_path_factory):
     """(manifest, features): 200 faces, 20 per Adience range label and 40 exact ages, 50 users of 4 photos,
     fold = user % 5; a 12-feature tap 'vec' whose first feature is the 8-group index plus noise."""
-    from featlab.bins import get_scheme
+    from featlab.data.bins import get_scheme
 
     d = tmp_path_factory.mktemp("adience")
     rng = np.random.default_rng(0)
@@ -76,7 +76,7 @@ def no_tensorflow(monkeypatch):
 
 
 def test_the_range_losses_of_every_scheme(adience):
-    from featlab.labels import range_losses
+    from featlab.data.labels import range_losses
 
     with FeatureStore.open_read(adience[1]) as s:
         labels = s.labels()
@@ -177,7 +177,7 @@ def test_the_shipped_adience_spec_runs_the_protocol_end_to_end(tmp_path, monkeyp
     users, and the report."""
     import shutil
 
-    from featlab.bins import get_scheme
+    from featlab.data.bins import get_scheme
     from featlab.experiment import run_spec
 
     chips = sorted((ROOT / "featlab" / "data" / "utkface-sample").glob("*.jpg"))[::5][:120]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from featlab import baselines as B
-from featlab.labels import class_names, encode_target, split_rows
+from featlab.data.labels import class_names, encode_target, split_rows
 from featlab.store import FeatureStore, label_row
 
 SHA = "cd" * 32
@@ -272,9 +272,9 @@ def test_grid_probes_on_real_demo_features_lie_inside_scikit_learns_intervals(tm
     grid's ProbeCache, every probe's test figure (gender, 8 bins and age on the 128-d embedding, the
     fast solver; on res14, 1,024 values per face, wider than the train rows, the shared read with
     scikit-learn's solver) lies inside the 95 % interval of the scikit-learn probe fitted alone."""
-    from featlab.datasets import prepare_dataset
+    from featlab.data.datasets import prepare_dataset
     from featlab.extract import extract
-    from featlab.manifest import write_manifest
+    from featlab.data.manifest import write_manifest
 
     sample = Path(__file__).resolve().parents[1] / "featlab" / "data" / "utkface-sample"
     df, _ = prepare_dataset("utkface", sample)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from featlab.bins import SCHEMES, get_scheme, parse_range
+from featlab.data.bins import SCHEMES, get_scheme, parse_range
 from featlab.errors import FeatlabError
 
 NAMES = {

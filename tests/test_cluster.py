@@ -18,7 +18,7 @@ import pytest
 
 from featlab.errors import FeatlabError
 from featlab.extract import extract
-from featlab.manifest import read_manifest, write_manifest
+from featlab.data.manifest import read_manifest, write_manifest
 from featlab.store import FeatureStore
 
 pytest.importorskip("ray", reason="Ray is optional (featlab[ray]): pip install 'featlab[ray]'")

@@ -40,7 +40,7 @@ def study(utk_manifest, tmp_path_factory):
     """Pair A (120 real faces) and pair B (60 other faces), each extracted by dlib-rec and SFace; a gender
     head across both networks trained on pair A."""
     from featlab.extract import extract
-    from featlab.manifest import read_manifest, write_manifest
+    from featlab.data.manifest import read_manifest, write_manifest
 
     root = tmp_path_factory.mktemp("crosshead")
     df = read_manifest(utk_manifest).sort_values("image_id")
@@ -175,7 +175,7 @@ def test_the_fixed_cut_is_the_extraction_chip_and_stays_put_under_occlusion(utk_
     clean image's place: every chip pixel the occluded square does not reach is unchanged."""
     from featlab.backbones import Backbone
     from featlab.crosshead import fixed_cutter
-    from featlab.images import load_rgb
+    from featlab.data.images import load_rgb
 
     img = load_rgb(sorted(utk_dir.glob("*.jpg"))[5])
     occluded, mask = img.copy(), np.zeros_like(img)

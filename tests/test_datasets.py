@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import MALFORMED_UTK_NAMES, UTK_IS_SAMPLE, expected_split, usable_faces
-from featlab.datasets import ADAPTERS, get_adapter, prepare_dataset
+from featlab.data.datasets import ADAPTERS, get_adapter, prepare_dataset
 from featlab.errors import FeatlabError
-from featlab.manifest import COLUMNS, make_image_id
+from featlab.data.manifest import COLUMNS, make_image_id
 
 
 _JPEG = None
@@ -248,7 +248,7 @@ def test_adience(tmp_path):
 
 
 def test_adience_age_labels():
-    from featlab.datasets.adience import adience_age
+    from featlab.data.datasets.adience import adience_age
 
     assert adience_age("(0, 2)") == (1.0, "")
     assert adience_age("(8, 12)") == (10.0, "")

@@ -120,7 +120,7 @@ def test_featlab_toml_descriptor_and_layers(net, tmp_path, monkeypatch, capsys):
 def _manifest(utk_dir: Path, out: Path, n: int = 6) -> Path:
     import pandas as pd
 
-    from featlab.manifest import COLUMNS, write_manifest
+    from featlab.data.manifest import COLUMNS, write_manifest
 
     files = sorted(p for p in utk_dir.iterdir() if p.name.endswith(".jpg") and p.name.count("_") >= 3)[:n]
     rows = [{"image_id": f"utk/{p.name}", "path": str(p), "age": float(p.name.split("_")[0]), "gender": "m",
@@ -134,7 +134,7 @@ def test_extract_equals_onnxruntime_on_the_node(net, utk_dir, tmp_path):
     import onnxruntime as ort
 
     from featlab.extract import extract
-    from featlab.faces import Geometry, prepare
+    from featlab.data.faces import Geometry, prepare
     from featlab.store import FeatureStore
 
     describe(net, tap_pattern=r"b\d+_pw_act", tap_ops=["Relu"])

@@ -82,7 +82,7 @@ def test_extraction_past_the_limit_is_one_line_and_resumes_to_the_whole_file(who
 def test_import_past_the_limit_is_one_line_and_leaves_no_file(utk_small, tmp_path, capsys):
     """The copy goes to a temporary file (here in one 32 MB block, so none of its rows was written): past the
     limit it is removed, one line says so; run again, the file is whole."""
-    from featlab.manifest import read_manifest
+    from featlab.data.manifest import read_manifest
 
     n = len(read_manifest(utk_small))
     x = np.random.default_rng(0).normal(size=(n, 256, 3, 3)).astype(np.float32)  # 2.2 MB

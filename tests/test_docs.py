@@ -151,7 +151,7 @@ def test_compare_help_describes_the_chart_it_draws():
 
 def test_utkface_gender_coding_in_the_docs_is_the_adapter_s(tmp_path):
     """docs/data.md states UTKFace's file-name coding (0 = male, 1 = female); the adapter reads it so."""
-    from featlab.datasets.utkface import prepare
+    from featlab.data.datasets.utkface import prepare
 
     data = (ROOT / "docs" / "data.md").read_text()
     assert "gender **0 = male, 1 = female**" in data

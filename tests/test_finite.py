@@ -15,7 +15,7 @@ import pytest
 
 from featlab.errors import FeatlabError
 from featlab.extract import extract
-from featlab.manifest import read_manifest, write_manifest
+from featlab.data.manifest import read_manifest, write_manifest
 from featlab.store import FeatureStore
 
 LOUD = np.float32(2.0**17)
@@ -49,7 +49,7 @@ def _scale_model(path: Path, scales: dict[str, float], sqrt_of_negative: str | N
 def _expected(paths: list[str], k: np.float32) -> np.ndarray:
     """The tap computed independently in NumPy from the chips: (chip - dlib mean) / 256 * k, NCHW, float32."""
     from featlab.backbones import DLIB_MEAN
-    from featlab.faces import Geometry, prepare_many
+    from featlab.data.faces import Geometry, prepare_many
 
     chips = np.stack([c for c, _ in prepare_many(paths, Geometry("dlib-chip", 64, 0.2), False)])
     x = (chips.astype(np.float32) - np.asarray(DLIB_MEAN, np.float32)) * np.float32(1 / 256)
@@ -132,7 +132,7 @@ def test_an_overflow_in_a_later_batch_keeps_the_earlier_rows(model, tmp_path):
         Image.new("RGB", (120, 120), (v, v, v)).save(p)
         rows.append({"image_id": f"{i:016d}", "path": str(p), "age": 30.0, "gender": "f", "race": "", "split": "train",
                      "fold": None, "source": "test"})
-    from featlab.manifest import to_frame
+    from featlab.data.manifest import to_frame
 
     df = to_frame(rows)
     m = write_manifest(df, tmp_path / "grey.csv")

@@ -61,7 +61,7 @@ def test_grid_heads_score_like_heads_trained_alone(feats, grid, tmp_path):
 def test_grid_head_is_a_standalone_head(feats, grid, tmp_path):
     """Each grid head loads on its own and reproduces its recorded test figure from the raw tap; its
     folder holds the same files as a head trained alone, and its config.json the same fields."""
-    from featlab.labels import encode_target, split_rows
+    from featlab.data.labels import encode_target, split_rows
     from featlab.model import load_head, outputs_to_prediction
     from featlab.workflow import train_head
 

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from featlab.bins import SCHEMES
+from featlab.data.bins import SCHEMES
 from featlab.cli import main
-from featlab.datasets import prepare_dataset
+from featlab.data.datasets import prepare_dataset
 from featlab.errors import FeatlabError
-from featlab.manifest import (
+from featlab.data.manifest import (
     COLUMNS,
     assign_splits,
     hold_out_groups,
@@ -300,7 +300,7 @@ def test_group_by_face_keeps_a_real_face_and_its_mirrored_recrop_together(utk_di
 
     from PIL import Image
 
-    from featlab.images import load_rgb
+    from featlab.data.images import load_rgb
 
     names = sorted(p.name for p in utk_dir.glob("*.chip.jpg"))
     adults = [n for n in names if n.split("_")[0].isdigit() and 25 <= int(n.split("_")[0]) <= 60]

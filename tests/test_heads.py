@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featlab.bins import get_scheme
+from featlab.data.bins import get_scheme
 from featlab.errors import FeatlabError
 from featlab.store import FeatureStore, label_row
 
@@ -270,7 +270,7 @@ def test_training_never_reads_a_test_row_and_standardises_on_train_only(feats, t
     """Spy on every read of the tap and on the statistics: fitting a head touches train and val rows only,
     and the standardisation is computed from exactly the train rows."""
     import featlab.train as T
-    from featlab.labels import encode_target, split_rows
+    from featlab.data.labels import encode_target, split_rows
 
     reads, stats = [], []
     real_read, real_stats = FeatureStore.read, T.feature_stats

@@ -19,7 +19,7 @@ import tables
 import featlab
 from featlab.cli import main
 from featlab.errors import FeatlabError
-from featlab.manifest import file_sha256, read_manifest, write_manifest
+from featlab.data.manifest import file_sha256, read_manifest, write_manifest
 from featlab.store import FeatureStore
 
 TAPS = ["res4", "logits"]  # a (256, 3, 3) map and an (81,) vector
@@ -65,7 +65,7 @@ def _import(*args) -> None:
 
 def _sample_manifest(tmp_path: Path, n: int = 200) -> Path:
     """The first ``n`` faces of the UTKFace sample shipped inside featlab, as a manifest."""
-    from featlab.datasets import prepare_dataset
+    from featlab.data.datasets import prepare_dataset
 
     df, _ = prepare_dataset("utkface", Path(featlab.__file__).parent / "data" / "utkface-sample")
     return write_manifest(df.iloc[:n], tmp_path / "utkface.csv")
@@ -318,7 +318,7 @@ def test_readme_seed_example_through_the_cli(tmp_path, monkeypatch, capsys):
     """Three seed-named tap files (TensorFlow NHWC maps in PyTables, one array each), imported with the
     sample's manifest, then `featlab train-head --cats 7 --layer stage4_unit1_conv1`. The age bin is
     planted in stage4_unit1_conv1, so the head must find it."""
-    from featlab.bins import get_scheme
+    from featlab.data.bins import get_scheme
 
     monkeypatch.chdir(tmp_path)
     labels = _sample_manifest(tmp_path)

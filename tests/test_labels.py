@@ -1,11 +1,11 @@
-"""featlab.labels: targets from range labels, and validation rows held out as whole groups."""
+"""featlab.data.labels: targets from range labels, and validation rows held out as whole groups."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from featlab.labels import dropped_reasons, encode_target, split_rows
+from featlab.data.labels import dropped_reasons, encode_target, split_rows
 
 
 def _labels(n=600, seed=0, folds=True):

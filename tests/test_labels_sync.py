@@ -11,7 +11,7 @@ import pytest
 
 from featlab.errors import FeatlabError
 from featlab.extract import extract
-from featlab.manifest import assign_splits, read_manifest, write_manifest
+from featlab.data.manifest import assign_splits, read_manifest, write_manifest
 from featlab.store import FeatureStore
 
 TAP = "res5@avg"

@@ -270,7 +270,7 @@ def dlib_rec(utk_manifest, tmp_path_factory):
     on res14 (random weights, saved by Keras)."""
     from featlab.backbones import Backbone
     from featlab.cli import main
-    from featlab.manifest import read_manifest, write_manifest
+    from featlab.data.manifest import read_manifest, write_manifest
 
     d = tmp_path_factory.mktemp("lrp-dlib")
     df = read_manifest(utk_manifest).head(4)
@@ -297,7 +297,7 @@ def dlib_rec(utk_manifest, tmp_path_factory):
 
 def test_dlib_rec_in_numpy_reproduces_onnxruntime_stored_features_and_keras(dlib_rec):
     from featlab.backbones import Runner
-    from featlab.images import load_rgb
+    from featlab.data.images import load_rgb
     from featlab.model import load_head, outputs_to_prediction
     from featlab.store import FeatureStore
 

@@ -187,7 +187,7 @@ def test_bad_input_is_one_line_before_any_heavy_import(tiny, tmp_path):
 
 
 def test_read_manifest_refuses_impossible_ages_naming_the_row(tmp_path):
-    from featlab.manifest import read_manifest
+    from featlab.data.manifest import read_manifest
 
     head = "image_id,path,age,gender,race,split,fold,source\n"
     ok = tmp_path / "ok.csv"
@@ -329,7 +329,7 @@ def test_prepare_names_a_missing_label_column(tmp_path, capsys):
     from PIL import Image
 
     from featlab.cli import main
-    from featlab.manifest import read_manifest
+    from featlab.data.manifest import read_manifest
 
     lines = ["path,age"]
     for i in range(5):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from featlab import metrics as M
-from featlab.bins import get_scheme
+from featlab.data.bins import get_scheme
 
 
 # true:  0 0 0 1 1 2 2 2 2 3

@@ -9,7 +9,7 @@ import pytest
 
 from featlab import peek
 from featlab.errors import FeatlabError
-from featlab.manifest import COLUMNS, to_frame
+from featlab.data.manifest import COLUMNS, to_frame
 
 
 def fake_manifest(tmp_path: Path, n_good: int = 5):

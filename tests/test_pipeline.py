@@ -51,7 +51,7 @@ def test_demo_writes_every_artifact(demo_dir):
 def test_demo_heads_beat_the_majority_class(demo_dir):
     """Each demo head beats its majority baseline, and that baseline is the share of the most frequent
     training class among the test faces (computed here from the labels)."""
-    from featlab.bins import get_scheme
+    from featlab.data.bins import get_scheme
     from featlab.store import FeatureStore
 
     out, _ = demo_dir

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from featlab import plots
-from featlab.bins import SCHEMES, get_scheme, group_labels
+from featlab.data.bins import SCHEMES, get_scheme, group_labels
 
 TAPS = ["res12", "res14", "embedding", "res12+res14+embedding"]
 

@@ -23,8 +23,8 @@ FAST = dict(epochs=3, patience=2, verbose=0, baselines=False)
 
 # ------------------------------------------------------------------ geometry (dlib only, no TensorFlow)
 def test_group_photo_gives_one_training_like_crop_per_face():
-    from featlab.faces import UTKFACE_TEMPLATE, training_crops
-    from featlab.images import load_rgb
+    from featlab.data.faces import UTKFACE_TEMPLATE, training_crops
+    from featlab.data.images import load_rgb
 
     crops = training_crops(load_rgb(T1), UTKFACE_TEMPLATE)
     assert len(crops) == 6 and not any(c.whole for c in crops)
@@ -37,8 +37,8 @@ def test_a_training_chip_is_read_whole_and_a_small_copy_of_it_is_cut_back_out():
     training chips' scale and place, which gives the chip back (up to the resampling)."""
     import cv2
 
-    from featlab.faces import UTKFACE_TEMPLATE, training_crops
-    from featlab.images import load_rgb
+    from featlab.data.faces import UTKFACE_TEMPLATE, training_crops
+    from featlab.data.images import load_rgb
 
     chip = load_rgb(SAMPLE / "26_0_0_20170113182141220.jpg.chip.jpg")
     (c,) = training_crops(chip, UTKFACE_TEMPLATE)
@@ -56,7 +56,7 @@ def test_a_training_chip_is_read_whole_and_a_small_copy_of_it_is_cut_back_out():
 
 
 def test_the_utkface_template_is_what_the_sample_chips_measure():
-    from featlab.faces import UTKFACE_TEMPLATE, crop_template
+    from featlab.data.faces import UTKFACE_TEMPLATE, crop_template
 
     tpl = crop_template(sorted(SAMPLE.glob("*.jpg")), limit=48)
     assert tpl.size == UTKFACE_TEMPLATE.size and tpl.n >= 46

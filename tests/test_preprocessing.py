@@ -15,23 +15,23 @@ import numpy as np
 import pytest
 
 from featlab.cli import main
-from featlab.manifest import read_manifest, write_manifest
+from featlab.data.manifest import read_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def face(utk_manifest):
-    from featlab.images import load_rgb
+    from featlab.data.images import load_rgb
 
     return load_rgb(read_manifest(utk_manifest)["path"].iloc[0])
 
 
 def _dlib5(img):
-    """dlib's 5 landmarks inside the whole image, computed here with dlib itself (not featlab.faces)."""
+    """dlib's 5 landmarks inside the whole image, computed here with dlib itself (not featlab.data.faces)."""
     import dlib
 
-    from featlab.faces import shape_predictor_path
+    from featlab.data.faces import shape_predictor_path
 
     h, w = img.shape[:2]
     shape = dlib.shape_predictor(str(shape_predictor_path()))(img, dlib.rectangle(0, 0, w - 1, h - 1))
@@ -42,7 +42,7 @@ def test_the_choices_cut_different_chips_and_template_5pt_is_the_landmark_warp(f
     import cv2
     import dlib
 
-    from featlab.faces import Geometry, warp_arcface
+    from featlab.data.faces import Geometry, warp_arcface
 
     shape, pts = _dlib5(face)
     warp = Geometry("arcface", 112).chip(face)  # default: template-5pt
@@ -69,8 +69,8 @@ def test_unusable_landmarks_are_a_recorded_skip_not_a_crash(utk_small, tmp_path)
     from PIL import Image
 
     from featlab.extract import extract
-    from featlab.faces import NO_LANDMARKS, Geometry, prepare
-    from featlab.images import BadImage
+    from featlab.data.faces import NO_LANDMARKS, Geometry, prepare
+    from featlab.data.images import BadImage
     from featlab.store import FeatureStore
 
     df = read_manifest(utk_small).iloc[:5]
@@ -95,7 +95,7 @@ def test_unusable_landmarks_are_a_recorded_skip_not_a_crash(utk_small, tmp_path)
 
 def test_choice_checked_per_geometry_in_one_line(utk_small, capsys):
     from featlab.errors import FeatlabError
-    from featlab.faces import check_preprocessing, default_preprocessing
+    from featlab.data.faces import check_preprocessing, default_preprocessing
 
     assert default_preprocessing("arcface") == default_preprocessing("dlib-chip") == "template-5pt"
     assert default_preprocessing("resize") == "resize"
@@ -204,7 +204,7 @@ def test_dlib_rec_default_still_cuts_the_study_chips(utk_small, tmp_path):
 
 
 def test_spec_schema_names_every_preprocessing():
-    from featlab.faces import PREPROCESSINGS
+    from featlab.data.faces import PREPROCESSINGS
     from featlab.specschema import PREPROCESSING_NAMES
 
     assert tuple(PREPROCESSINGS) == PREPROCESSING_NAMES

@@ -16,7 +16,7 @@ def _int(text: str) -> int:
 
 def _demo_manifest():
     """The manifest `featlab demo` makes: its built-in spec's adapter, root, options and seed (the cheap first step)."""
-    from featlab.datasets import prepare_dataset
+    from featlab.data.datasets import prepare_dataset
     from featlab.experiment import SAMPLE, builtin_spec, load_spec, sample_root
 
     spec = load_spec(builtin_spec("demo"))

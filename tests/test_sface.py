@@ -29,7 +29,7 @@ def sface():
 @pytest.fixture(scope="module")
 def chips(utk_dir):
     """ArcFace-template chips (112x112, dlib 5-point warp after detection) of real faces."""
-    from featlab.faces import Geometry, prepare
+    from featlab.data.faces import Geometry, prepare
 
     out = []
     for p in _faces(utk_dir, 2 * N_FACES):
@@ -81,7 +81,7 @@ def test_fc1_through_featlab_equals_onnxruntime(sface, chips, tmp_path):
     import pandas as pd
 
     from featlab.extract import extract
-    from featlab.manifest import COLUMNS, write_manifest
+    from featlab.data.manifest import COLUMNS, write_manifest
     from featlab.store import FeatureStore
 
     rows = [{"image_id": f"utk/{p.name}", "path": str(p), "age": 30.0, "gender": "m", "race": "", "split": "train",

@@ -14,7 +14,7 @@ import pytest
 
 from featlab.errors import FeatlabError
 from featlab.extract import extract
-from featlab.manifest import read_manifest, write_manifest
+from featlab.data.manifest import read_manifest, write_manifest
 from featlab.shards import extract_sharded
 from featlab.store import FeatureStore, ShardedStore, shard_bounds, shard_path
 

@@ -111,7 +111,7 @@ def _without_gender(bad_csv: Path, tmp_path: Path) -> Path:
 
 
 def test_prepare_hints_name_the_flag_and_run_names_the_spec_key(bad_csv, tmp_path, monkeypatch, capsys):
-    from featlab.datasets import prepare_dataset
+    from featlab.data.datasets import prepare_dataset
 
     monkeypatch.chdir(tmp_path)
     nog = _without_gender(bad_csv, tmp_path)

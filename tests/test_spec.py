@@ -152,8 +152,8 @@ def test_the_reference_names_every_key_with_its_default():
 def test_schema_matches_the_code_it_describes():
     """The [[heads]] keys are fit_head's keywords (plus target, cats, fold, seeds, ranges); the adapters, the
     compressions and the csv options are the ones the code knows."""
-    from featlab.datasets import ADAPTERS
-    from featlab.datasets.csvfile import prepare as csv_prepare
+    from featlab.data.datasets import ADAPTERS
+    from featlab.data.datasets.csvfile import prepare as csv_prepare
     from featlab.specschema import ADAPTER_NAMES, COMPRESSIONS, NOT_HEAD_KEYS, Head, Options
     from featlab.store import COMPRESSION
     from featlab.train import fit_head
@@ -174,7 +174,7 @@ def test_the_csv_example_of_the_reference_prepares_a_csv_of_your_own(tmp_path, m
     import shutil
 
     from featlab.experiment import _prepare_step, load_spec
-    from featlab.manifest import read_manifest
+    from featlab.data.manifest import read_manifest
     from featlab.specschema import CSV_EXAMPLE
 
     sample = sorted((ROOT / "featlab" / "data" / "utkface-sample").glob("*.jpg"))[:12]

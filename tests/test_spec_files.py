@@ -133,10 +133,10 @@ def test_compare_never_shows_a_zero_shot_row_scored_on_another_manifest(utk30, t
     row is there. Re-prepare the manifest (another split), re-extract, re-record the heads: the old zero-shot
     record is never shown beside them; scored again on the new split, it is."""
     from featlab.report.compare import compare
-    from featlab.datasets import prepare_dataset
+    from featlab.data.datasets import prepare_dataset
     from featlab.extract import extract
-    from featlab.labels import encode_target, split_rows
-    from featlab.manifest import write_manifest
+    from featlab.data.labels import encode_target, split_rows
+    from featlab.data.manifest import write_manifest
     from featlab.paths import feature_set, zeroshot_dir
     from featlab.store import FeatureStore
     from featlab.zeroshot import score_zero_shot
@@ -186,7 +186,7 @@ def test_compare_never_shows_a_zero_shot_row_scored_on_another_manifest(utk30, t
 
 
 def test_a_study_prepared_under_another_split_scheme_is_prepared_again(utk30, tmp_path, monkeypatch):
-    """A featlab that places faces differently (featlab.manifest.SPLIT_SCHEME) re-prepares a spec's manifest
+    """A featlab that places faces differently (featlab.data.manifest.SPLIT_SCHEME) re-prepares a spec's manifest
     instead of calling the old split current."""
     import featlab.experiment as ex
 

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from featlab.cli import main
-from featlab.datasets import prepare_dataset
+from featlab.data.datasets import prepare_dataset
 from featlab.facegroups import group_by_face
-from featlab.manifest import assign_splits, balance_lines, hold_out_groups, read_manifest, split_balance
+from featlab.data.manifest import assign_splits, balance_lines, hold_out_groups, read_manifest, split_balance
 
 
 def faces(utk_manifest, n: int, seed: int = 0) -> pd.DataFrame:

@@ -48,7 +48,7 @@ import numpy as np
 from .. import config
 from ..errors import FeatlabError
 from ..featureio import fusion_parts, is_fusion
-from ..labels import HEADLINE, LOWER_IS_BETTER, selection_metric, target_name
+from ..data.labels import HEADLINE, LOWER_IS_BETTER, selection_metric, target_name
 from ..paths import IDENTITY_KEYS, differences, zeroshot_dir
 from ..store import parse_key
 from .uncertainty import (ALPHA, MARGINS, VERDICTS, adjust_within, design_effect, interval, paired_difference,

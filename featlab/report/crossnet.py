@@ -35,7 +35,7 @@ import numpy as np
 from .. import config
 from ..errors import FeatlabError
 from ..featureio import is_fusion
-from ..labels import HEADLINE, LOWER_IS_BETTER, selection_metric, target_name
+from ..data.labels import HEADLINE, LOWER_IS_BETTER, selection_metric, target_name
 from ..paths import FUSION
 from .compare import _ordered, _read_faces, choose, gather, margins_for, same_faces
 from .format import format_diff, format_p
@@ -319,7 +319,7 @@ def network_png(rows: list[dict], metrics: list[str], sel: str, path, title: str
 def network_table(res: dict) -> list[str]:
     """Markdown: one row per head of every network (relative depth, val figure, test figures [95 % CI]),
     each network's choice in bold; then the paired tests between the choices."""
-    from ..labels import format_figure
+    from ..data.labels import format_figure
 
     ms, sel = res["metrics"], res["summary"]["selection_metric"]
     head = ["network", "input", "depth", f"val {sel}", *[f"test {m} [95 % CI]" for m in ms]]

@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics as M
-from ..bins import get_scheme, group_labels
+from ..data.bins import get_scheme, group_labels
 from ..errors import FeatlabError
 from ..featureio import check_finite
-from ..labels import GENDERS, HEADLINE, encode_target, face_scores, split_rows
+from ..data.labels import GENDERS, HEADLINE, encode_target, face_scores, split_rows
 from ..paths import dataset_key, differences, feature_set
 from ..store import FeatureStore
 from .uncertainty import design_effect, interval, unit_of

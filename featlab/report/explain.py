@@ -718,7 +718,7 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _chip_for(scorer: HeadScorer, path: Path, align: bool) -> np.ndarray:
-    from ..images import BadImage, load_rgb
+    from ..data.images import BadImage, load_rgb
 
     try:
         img = load_rgb(path)
@@ -862,8 +862,8 @@ def compare_heads(features, target_name: str, results=None) -> list[Path]:
 
 def _groups(cfgs: list[dict], labels, groups: str | int | None):
     """(group index per row (-1: none), group names, what the groups are)."""
-    from ..bins import get_scheme
-    from ..labels import GENDERS
+    from ..data.bins import get_scheme
+    from ..data.labels import GENDERS
 
     targets = {c["target"] for c in cfgs}
     if "gender" in targets and len(targets) > 1:
@@ -951,7 +951,7 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
             elif c["target"] == "gender":
                 classes.append(0 if gender[i] == "f" else 1)
             else:
-                from ..bins import get_scheme
+                from ..data.bins import get_scheme
 
                 classes.append(int(get_scheme(c["cats"]).assign(np.array([age[i]]))[0]))
         f = scorer.function(classes)

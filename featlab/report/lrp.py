@@ -639,7 +639,7 @@ class NumpyHead:
         """The explained output's weights v (N, K) over the last logits: s = z . v (see the module's docstring)."""
         n, k = z.shape
         if self.kind == "expectation":
-            from ..labels import to_years_np
+            from ..data.labels import to_years_np
 
             years = np.asarray(to_years_np(self.cfg["age_grid"], self.cfg["target_transform"]), dtype=np.float64)
             e = out @ years

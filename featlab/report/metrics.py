@@ -136,7 +136,7 @@ def cs_at(y_true, y_pred, k: float = 5.0) -> float:
 
 
 def mae_per_bin(y_true, y_pred, scheme) -> list[dict]:
-    """MAE within each age bin of ``scheme`` (a :class:`featlab.bins.BinScheme`), by true age, with counts."""
+    """MAE within each age bin of ``scheme`` (a :class:`featlab.data.bins.BinScheme`), by true age, with counts."""
     t = np.asarray(y_true, dtype=np.float64).ravel()
     p = np.asarray(y_pred, dtype=np.float64).ravel()
     b = scheme.assign(t)

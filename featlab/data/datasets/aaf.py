@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import FeatlabError
+from ...errors import FeatlabError
 from ..manifest import PrepareResult, assign_splits, to_frame
 from . import IMAGE_EXTS, iter_images, row
 

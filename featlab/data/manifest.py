@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeatlabError
+from ..errors import FeatlabError
 
 COLUMNS = ["image_id", "path", "age", "gender", "race", "split", "fold", "source", "group", "age_low", "age_high"]
 TEXT_COLUMNS = ("image_id", "path", "gender", "race", "split", "source", "group")

@@ -36,7 +36,7 @@ same image as an earlier one is skipped ("duplicate record").
 ``fold`` is N, ``split`` is empty, ``has_splits`` is True. ``group`` is the
 record's ``user_id`` (the Flickr album, i.e. the subject or photo session):
 validation rows carved from training folds must be whole ``user_id`` groups
-(:func:`featlab.manifest.hold_out_groups`).
+(:func:`featlab.data.manifest.hold_out_groups`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import re
 from pathlib import Path
 
 from ..bins import _ADIENCE_GROUPS, parse_range
-from ..errors import FeatlabError
+from ...errors import FeatlabError
 from ..manifest import PrepareResult
 from . import row
 

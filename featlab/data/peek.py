@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeatlabError
+from ..errors import FeatlabError
 
 THUMB = 128
 LABEL_H = 30

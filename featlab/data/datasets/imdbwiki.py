@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FeatlabError
+from ...errors import FeatlabError
 from ..manifest import PrepareResult
 from . import row
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .bins import get_scheme
-from .errors import FeatlabError
+from ..errors import FeatlabError
 
 TARGETS = ("bins", "age", "gender")
 GENDERS = ("f", "m")
@@ -135,7 +135,7 @@ def check_ranges(labels, target: str, cats=None, ranges: str = "refuse") -> dict
 
 def hold_out(rows: np.ndarray, labels, seed: int, share: float) -> tuple[np.ndarray, np.ndarray]:
     """A seeded ``share`` of whole groups among ``rows`` -> (rest, held out), both sorted
-    (:func:`featlab.manifest.hold_out_groups`: a group is held out by the hash of its key, so the held-out
+    (:func:`featlab.data.manifest.hold_out_groups`: a group is held out by the hash of its key, so the held-out
     faces do not depend on the other rows; rows without a group are groups of their own, keyed by image id)."""
     from .manifest import hold_out_groups
 

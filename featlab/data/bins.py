@@ -161,7 +161,7 @@ def get_scheme(cats: int | str) -> BinScheme:
     try:
         return SCHEMES[str(cats)]
     except KeyError:
-        from .errors import FeatlabError
+        from ..errors import FeatlabError
 
         raise FeatlabError(f"no age-bin scheme with {cats} groups; choose one of {', '.join(sorted(SCHEMES))}") from None
 

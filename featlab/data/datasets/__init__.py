@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import FeatlabError
+from ...errors import FeatlabError
 from ..manifest import PrepareResult, assign_splits, to_frame
 
 from ..images import IMAGE_EXTS  # noqa: F401 - one definition of what counts as an image
@@ -60,24 +60,22 @@ def get_adapter(name: str) -> Callable[..., PrepareResult]:
     return fn
 
 
-def prepare_dataset(name: str, root: Path, *, seed: int = 0, group_by_face: bool = False, progress=None,
-                    hints: str = "cli", **options):
+def prepare_dataset(name: str, root: Path, *, seed: int = 0, hints: str = "cli", **options):
     """Run adapter ``name`` over ``root``; return (manifest DataFrame, PrepareResult).
 
     Datasets without their own split get a seeded one that never divides a
-    ``group``. ``group_by_face``: first give faces groups from what they look
-    like (:func:`featlab.facegroups.group_by_face`, ``progress(done, total)``
-    called per batch of faces); the report lands in ``PrepareResult.face_groups``. ``hints``: ``"cli"`` or
+    ``group``. Grouping faces by what they look like needs a backbone, a stage above this one: the prepare
+    step calls :func:`featlab.facegroups.group_prepared` on the result. ``hints``: ``"cli"`` or
     ``"spec"``, whether messages name an option by its flag or by its spec key (:func:`option_hint`).
     """
     token = _HINTS.set(hints)
     try:
-        return _prepare_dataset(name, root, seed=seed, group_by_face=group_by_face, progress=progress, **options)
+        return _prepare_dataset(name, root, seed=seed, **options)
     finally:
         _HINTS.reset(token)
 
 
-def _prepare_dataset(name: str, root: Path, *, seed: int, group_by_face: bool, progress, **options):
+def _prepare_dataset(name: str, root: Path, *, seed: int, **options):
     root = Path(root)
     if not root.exists():
         raise FeatlabError(f"dataset root does not exist: {root}")
@@ -88,11 +86,6 @@ def _prepare_dataset(name: str, root: Path, *, seed: int, group_by_face: bool, p
     df = to_frame(result.rows)
     if not result.has_splits:
         df = assign_splits(df, seed=seed)
-    if group_by_face:
-        from ..facegroups import group_by_face as _group_by_face
-
-        df, result.face_groups = _group_by_face(df, seed=seed, resplit=not result.has_splits,
-                                                  progress=progress)
     return df, result
 
 

@@ -40,7 +40,7 @@ def extract_list_path(features: Path | str) -> Path:
 
 
 def from_prepare(res) -> list[dict]:
-    """The rows of a :class:`featlab.manifest.PrepareResult`: its skipped list, then its label skips."""
+    """The rows of a :class:`featlab.data.manifest.PrepareResult`: its skipped list, then its label skips."""
     rows = [{"step": "prepare", "image_id": "", "item": str(what), "reason": str(why)} for what, why in res.skipped]
     rows += [{"step": "labels", "image_id": str(i), "item": str(what), "reason": str(why)}
              for i, what, why in getattr(res, "label_skips", ())]

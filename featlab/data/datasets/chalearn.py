@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import FeatlabError
+from ...errors import FeatlabError
 from ..manifest import AGE_RANGE, MAX_AGE, SPLITS, PrepareResult
 from . import IMAGE_EXTS, iter_images, row
 from .csvfile import find_column, read_table

@@ -18,7 +18,7 @@ Columns (options; names matched exactly, else case-insensitively):
 
 Values:
 
-- age: a number in 0..120 (:data:`featlab.manifest.MAX_AGE`); an empty cell, a value that is not a number
+- age: a number in 0..120 (:data:`featlab.data.manifest.MAX_AGE`); an empty cell, a value that is not a number
   and one outside 0..120 leave the row without an age, counted and named by row and value
   (``kept without age: empty`` / ``not a number`` / ``outside 0..120``; :attr:`PrepareResult.label_skips`):
   age and age-bin heads leave it out, gender heads keep it.
@@ -44,7 +44,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ..errors import FeatlabError
+from ...errors import FeatlabError
 from ..manifest import AGE_RANGE, MAX_AGE, PrepareResult
 from . import option_hint, row
 

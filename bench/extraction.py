@@ -128,7 +128,7 @@ def profile(bb, taps, paths, batch, providers, tmp: Path) -> tuple[list, str]:
     """Single-thread cost of each stage, ms per image, on ``paths``."""
     import dlib
 
-    from featlab import faces
+    from featlab.data import faces
     from featlab.data.images import load_rgb
     from featlab.store import FeatureStore, label_row
 

@@ -279,7 +279,7 @@ def test_scrfd_keypoints_drive_the_arcface_warp_when_its_pack_exists(utk_manifes
     import numpy as np
     from PIL import Image
 
-    from featlab import faces
+    from featlab.data import faces
 
     class FakeSCRFD:
         def detect(self, img_bgr):

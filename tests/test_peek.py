@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featlab import peek
+from featlab.data import peek
 from featlab.errors import FeatlabError
 from featlab.data.manifest import COLUMNS, to_frame
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report.evaluate import score_predictions
+from .scoring.scores import score_predictions
 from .featureio import read_blocks, read_pooled, row_bytes
 from .data.labels import encode_target, face_scores, selection_metric, split_rows
 from .staging import checkpoint

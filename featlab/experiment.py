@@ -67,7 +67,7 @@ from .data import skips
 from .errors import FeatlabError
 from .featureio import fusion_parts
 from .data.manifest import SPLIT_SCHEME
-from .report.format import format_diff, format_p
+from .scoring.format import format_diff, format_p
 from .paths import FUSION, dataset_key, feature_set, head_dir, input_key
 from .data.labels import HEADLINE, format_figure, target_name
 from .recipes import headline

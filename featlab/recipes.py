@@ -79,7 +79,7 @@ def summary_line(m: dict) -> str:
 
 def parse_margins(items) -> dict[str, float]:
     """``["accuracy=0.02", "mae=0.25"]`` -> ``{"accuracy": 0.02, "mae": 0.25}`` (one line on anything else)."""
-    from .report.uncertainty import MARGINS
+    from .scoring.uncertainty import MARGINS
 
     out = {}
     for item in items:

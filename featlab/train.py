@@ -539,7 +539,7 @@ def save_head(plan: dict, store: FeatureStore, model, h: dict, lrs: list, fit_se
 
 
 def _write_history(out: Path, h: dict, lrs: list, cfg: dict) -> None:
-    from .report.plots import history_png
+    from .scoring.plots import history_png
 
     keys = list(h)
     with open(out / "history.csv", "w", newline="") as f:

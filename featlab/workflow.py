@@ -23,7 +23,7 @@ from .data.labels import HEADLINE, format_figure
 from .paths import dataset_key, feature_set
 from .staging import Stage, checkpoint, keep
 from .store import FeatureStore
-from .report.uncertainty import interval
+from .scoring.uncertainty import interval
 
 
 def _train_and_record(features, layer, target, cats, *, fold, seed, seed_dir, baselines, out_root, verbose,
@@ -230,7 +230,7 @@ def summarise(dirs: list[Path], kind: str, root: Path) -> Path:
     figure from those faces with its interval, plus mean and std of the per-head figures."""
     import pandas as pd
 
-    from .report.evaluate import uncertainty_note
+    from .scoring.scores import uncertainty_note
 
     recs = [json.loads((Path(d) / "metrics.json").read_text()) for d in dirs]
     target = recs[0]["target"]

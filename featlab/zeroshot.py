@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .data.bins import get_scheme
-from .report.evaluate import score_predictions, write_faces
+from .scoring.scores import score_predictions, write_faces
 from .data.labels import encode_target, target_name
 from .paths import feature_set, zeroshot_dir
 from .store import FeatureStore

@@ -143,7 +143,7 @@ def test_compare_with_nothing_to_compare(tmp_path):
 
 
 def test_plots_are_written(tmp_path):
-    from featlab import plots
+    from featlab.scoring import plots
 
     cm = np.array([[5, 1, 0], [2, 7, 1], [0, 0, 0]])
     p = plots.confusion_png(cm, ["0-12", "13-19", "20-29"], tmp_path / "c.png", title="t", accuracy=0.7, one_off=0.95)
@@ -285,7 +285,7 @@ def test_single_fold_heads_name_the_command_that_summarises_them(tmp_path):
 
 
 def test_interval_width_matches_the_binomial_formula():
-    from featlab.report.uncertainty import interval
+    from featlab.scoring.uncertainty import interval
 
     p, n = 0.7, 2000
     v = np.zeros(n)

@@ -309,7 +309,7 @@ def test_importing_explain_loads_neither_tensorflow_nor_onnxruntime():
     import subprocess
     import sys
 
-    code = ("import sys, featlab.report.explain, featlab.report.heatmaps; "
+    code = ("import sys, featlab.report.explain, featlab.scoring.heatmaps; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'onnxruntime', 'matplotlib.pyplot') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
@@ -416,7 +416,7 @@ def _faithfulness(maps_of, n_faces: int = 8):
 
 def test_a_right_map_beats_random_under_the_other_perturbation():
     from featlab.report.explain import baseline_image, curve_auc
-    from featlab.report.uncertainty import interval
+    from featlab.scoring.uncertainty import interval
 
     x, curves, s = _faithfulness(lambda chip, i: occlusion(_contrast, chip, patch=8, stride=4, baseline="mean"))
     assert (s["map_baseline"], s["test_baseline"]) == ("mean", "blur")

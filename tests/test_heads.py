@@ -377,7 +377,7 @@ def test_a_heads_intervals_resample_people(tmp_path):
     import pandas as pd
     from test_uncertainty import scipy_group_interval
 
-    from featlab.report.uncertainty import interval
+    from featlab.scoring.uncertainty import interval
     from featlab.workflow import train_head
 
     rng = np.random.default_rng(4)

@@ -1,4 +1,4 @@
-"""featlab.report.metrics against hand-computed values on tiny examples (numpy only, no TensorFlow)."""
+"""featlab.scoring.metrics against hand-computed values on tiny examples (numpy only, no TensorFlow)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from featlab import metrics as M
+from featlab.scoring import metrics as M
 from featlab.data.bins import get_scheme
 
 
@@ -125,7 +125,7 @@ def test_mean_std_over_folds():
 def test_metrics_module_is_numpy_only():
     import subprocess
 
-    code = ("import sys, featlab.report.metrics, featlab.report.plots, featlab.report.compare, featlab.report.evaluate, featlab.workflow, featlab.train; "
+    code = ("import sys, featlab.scoring.metrics, featlab.scoring.plots, featlab.report.compare, featlab.report.evaluate, featlab.workflow, featlab.train; "
             "bad = [m for m in ('tensorflow', 'keras', 'matplotlib', 'torch') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from featlab import plots
+from featlab.scoring import plots
 from featlab.data.bins import SCHEMES, get_scheme, group_labels
 
 TAPS = ["res12", "res14", "embedding", "res12+res14+embedding"]
@@ -115,11 +115,11 @@ def test_eight_group_labels_show_the_real_contiguous_edges():
 
 
 def test_the_confusion_figure_of_eight_groups_carries_the_edges(figures, tmp_path):
-    from featlab.report.evaluate import _write_confusion
+    from featlab.scoring.scores import write_confusion
 
     s = get_scheme(8)
     cm = np.arange(64).reshape(8, 8) % 7
-    _write_confusion(tmp_path, "confusion", cm, list(s.names), "t", 0.5, 0.8, plots)
+    write_confusion(tmp_path, "confusion", cm, list(s.names), "t", 0.5, 0.8, plots)
     (fig,) = figures
     ax = fig.axes[0]
     fig.canvas.draw()

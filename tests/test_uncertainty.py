@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featlab.report.uncertainty import (adjust_within, design_effect, interval, paired_difference, unit_of, verdict)
+from featlab.scoring.uncertainty import (adjust_within, design_effect, interval, paired_difference, unit_of, verdict)
 
 P, K = 40, 10  # people x photos each
 
@@ -122,7 +122,7 @@ def test_a_resolved_difference_inside_the_margin_says_both(tmp_path, monkeypatch
     verdicts stay "worse" (-5 points) and "equivalent" (a copy); neither: "inconclusive"."""
     from featlab.report.compare import compare
     from featlab.experiment import VERDICT_MARKS_TEXT, summary_table
-    from featlab.report import plots
+    from featlab.scoring import plots
 
     rng = np.random.default_rng(7)
     people, photos = 3000, 3
@@ -252,7 +252,7 @@ def test_intervals_and_paired_differences_are_scipys_bootstrap(grouped):
 
     from scipy.stats import bootstrap
 
-    from featlab.report.uncertainty import _diff_ratio, _ratio, _sums, _codes, interval, paired_difference
+    from featlab.scoring.uncertainty import _diff_ratio, _ratio, _sums, _codes, interval, paired_difference
 
     rng = np.random.default_rng(11)
     n = 900

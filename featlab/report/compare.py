@@ -15,7 +15,7 @@ and ``.png``, taps in network order:
 - per headline metric, the paired bootstrap difference to the chosen tap on the same test faces (people
   resampled; ``diff_vs_best`` and its interval), its p-value ``p_vs_best`` and the two one-sided
   equivalence test within a stated margin (``p_equivalence``; defaults 1 point of accuracy, 0.15 years of
-  MAE, :data:`featlab.report.uncertainty.MARGINS`), each Benjamini-Hochberg adjusted **within its family**: the
+  MAE, :data:`featlab.scoring.uncertainty.MARGINS`), each Benjamini-Hochberg adjusted **within its family**: the
   heads (single taps and fusions) are one family, the baselines another (``family``). ``verdict`` reads
   them: ``worse``/``better`` (the difference is resolved), ``worse, within margin``/``better, within
   margin`` (resolved and also shown within the margin), ``equivalent`` (only shown to lie within the
@@ -51,7 +51,7 @@ from ..featureio import fusion_parts, is_fusion
 from ..data.labels import HEADLINE, LOWER_IS_BETTER, selection_metric, target_name
 from ..paths import IDENTITY_KEYS, differences, zeroshot_dir
 from ..store import parse_key
-from .uncertainty import (ALPHA, MARGINS, VERDICTS, adjust_within, design_effect, interval, paired_difference,
+from ..scoring.uncertainty import (ALPHA, MARGINS, VERDICTS, adjust_within, design_effect, interval, paired_difference,
                           unit_of, verdict)
 
 
@@ -311,7 +311,7 @@ def family_of(row: dict) -> str:
 
 
 def margins_for(metrics, margins: dict | None = None) -> dict:
-    """Equivalence margin per headline metric (defaults :data:`featlab.report.uncertainty.MARGINS`)."""
+    """Equivalence margin per headline metric (defaults :data:`featlab.scoring.uncertainty.MARGINS`)."""
     out = dict(MARGINS)
     out.update({k: float(v) for k, v in (margins or {}).items()})
     unknown = sorted(set(margins or {}) - set(MARGINS))
@@ -330,7 +330,7 @@ def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_r
             margins: dict | None = None) -> dict:
     """Write layer_comparison.csv/.png and choice.json (see the module doc). Returns {'csv', 'png', 'files',
     'taps', 'metrics', 'rows', 'chosen', 'summary'}; rows as in the CSV, taps in network order."""
-    from .plots import comparison_png
+    from ..scoring.plots import comparison_png
 
     tname = target_name(target, cats)
     recs = _ordered(gather(backbone, dataset, target, cats, results_root), backbone)
@@ -447,7 +447,7 @@ def sweep_plot(backbone: str, dataset: str, target: str = "bins", cats=7, metric
                reference_label: str = "") -> Path:
     """``metric`` (default: accuracy, or MAE for age) on test against tap depth, with 95 % intervals, the
     tap chosen on validation marked; writes ``sweep_{metric}.png`` and ``.csv`` next to the comparison."""
-    from .plots import sweep_png
+    from ..scoring.plots import sweep_png
 
     tname = target_name(target, cats)
     metric = metric or selection_metric(target)

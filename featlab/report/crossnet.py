@@ -38,8 +38,8 @@ from ..featureio import is_fusion
 from ..data.labels import HEADLINE, LOWER_IS_BETTER, selection_metric, target_name
 from ..paths import FUSION
 from .compare import _ordered, _read_faces, choose, gather, margins_for, same_faces
-from .format import format_diff, format_p
-from .uncertainty import ALPHA, adjust_within, paired_difference, unit_of, verdict
+from ..scoring.format import format_diff, format_p
+from ..scoring.uncertainty import ALPHA, adjust_within, paired_difference, unit_of, verdict
 
 
 def _datasets_with(root: Path, backbone: str, tname: str) -> list[str]:
@@ -274,7 +274,7 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
 def network_png(rows: list[dict], metrics: list[str], sel: str, path, title: str = "", note: str = "") -> Path:
     """Each headline metric (a panel) against relative depth, a line per network with 95 % intervals; each
     network's choice filled; fusion heads (within a network, and cross-file) as points right of depth 1."""
-    from .plots import TAP_COLOURS, _figure, _legends_below, _save, metric_label
+    from ..scoring.plots import TAP_COLOURS, _figure, _legends_below, _save, metric_label
 
     fig = _figure(5.2 * len(metrics), 4.4)
     axes = [fig.add_subplot(1, len(metrics), i + 1) for i in range(len(metrics))]

@@ -37,7 +37,7 @@ reference only. :func:`summarise_faithfulness` turns the curves of many faces
 into normalised areas (AUC: area under the mean curve over the replaced
 share [0, 1], divided by the mean output of the intact faces) and gives the
 AUC difference to random a 95 % bootstrap interval over faces
-(:func:`featlab.report.uncertainty.interval` of the per-face differences, each
+(:func:`featlab.scoring.uncertainty.interval` of the per-face differences, each
 divided by the same mean intact output, so their mean is the difference of
 the AUCs). A map is faithful when the deletion difference's interval lies
 below 0 (its order removes the evidence faster than random); insertion is
@@ -333,7 +333,7 @@ def compare_to_random(x: np.ndarray, ranked: np.ndarray, randomised: np.ndarray,
     Deletion wins when its area is smaller (difference < 0), insertion when it is larger (> 0); ``beats_random``
     means the interval excludes 0 on the winning side. With ``groups`` (each face's person or face group) the
     interval resamples whole groups."""
-    from .uncertainty import interval
+    from ..scoring.uncertainty import interval
 
     ranked, randomised = np.asarray(ranked, dtype=np.float64), np.asarray(randomised, dtype=np.float64)
     per = (_auc_rows(x, ranked) - _auc_rows(x, randomised)) / ref
@@ -360,7 +360,7 @@ def summarise_faithfulness(x: np.ndarray, curves: dict, map_baseline: str, seed:
     perturbation, :func:`test_baseline`) and ``same_deletion``, ``same_random_deletion`` (under the map's own),
     each (n faces, steps + 1). Per-face AUC differences stay in ``per_face`` (faces in the summary's ``faces``
     order); with ``groups`` (each face's person or face group) the intervals resample people."""
-    from .uncertainty import unit_of
+    from ..scoring.uncertainty import unit_of
 
     ref = float(np.asarray(curves["deletion"], dtype=np.float64)[:, 0].mean())
     if not math.isfinite(ref) or abs(ref) < 1e-12:
@@ -648,7 +648,7 @@ def compare_methods(per_method: dict, seed: int = 0, groups=None) -> dict:
     Deletion: below 0 = ``a`` removes the evidence faster; insertion: above 0 = ``a`` restores it faster."""
     from itertools import combinations
 
-    from .uncertainty import interval
+    from ..scoring.uncertainty import interval
 
     out: dict = {}
     names = list(per_method)
@@ -745,7 +745,7 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
                    model: str | None = None, align: bool | None = None, echo=print) -> dict:
     """Per image (its largest face) and method: one PNG with the chip and a signed map per head, the prediction
     in each title; and explain_summary.json. Every image is checked and explained before anything is written."""
-    from .heatmaps import deletion_png, image_png
+    from ..scoring.heatmaps import deletion_png, image_png
     from ..predict import expand_images
 
     settings = (settings or Settings()).check()
@@ -888,8 +888,8 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
     heads), mean maps in maps-METHOD.npz, and explain_summary.json.
 
     Classifier heads explain the probability of each face's true class; age heads the predicted age."""
-    from .evaluate import groups_of
-    from .heatmaps import class_grid_png, deletion_png
+    from ..scoring.scores import groups_of
+    from ..scoring.heatmaps import class_grid_png, deletion_png
     from ..store import FeatureStore
 
     settings = (settings or Settings()).check()

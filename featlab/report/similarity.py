@@ -352,7 +352,7 @@ def similarity(features: list, layers=None, pool: str | None = None, block: int 
             for k in keys:
                 s.check_finite(k)
         ids, rows = _rows(stores, split)
-        from .evaluate import groups_of
+        from ..scoring.scores import groups_of
 
         lab = stores[0].labels()
         group_of = dict(zip(lab["image_id"].astype(str), groups_of(lab)))
@@ -454,7 +454,7 @@ def _title(record: dict, n_files: int) -> str:
 def similarity_png(m: np.ndarray, rows: list[str], cols: list[str], path, se=None, title: str = "") -> Path:
     """Heatmap of a CKA matrix (0..1, network order: input at the top / left), each cell's value (and its
     standard error when given) written in it."""
-    from .plots import _figure, _save
+    from ..scoring.plots import _figure, _save
 
     nr, nc = m.shape
     fig = _figure(max(4.5, 0.9 * nc + 2.8), max(3.6, 0.7 * nr + 1.8))

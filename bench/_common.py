@@ -215,7 +215,7 @@ def r100_model() -> Path:
     if not out.is_file():
         import onnx
 
-        from featlab.iresnet import build_iresnet
+        from featlab.backbones.iresnet import build_iresnet
 
         print("[bench] building the random-weight R100 graph (once) ...", flush=True)
         onnx.save(build_iresnet(100, "pytorch"), str(out) + ".tmp")

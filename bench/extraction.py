@@ -45,7 +45,7 @@ R100_TAPS = ["add_98", "stage3_unit15_conv1", "stage4_unit1_conv1"]
 
 
 def providers_for(name: str) -> list[str]:
-    from featlab.backbones import default_providers
+    from featlab.backbones.registry import default_providers
 
     if name == "cpu":
         return ["CPUExecutionProvider"]
@@ -61,7 +61,7 @@ def providers_for(name: str) -> list[str]:
 def bare_session(bb, taps, providers, threads: int = 0, spinning: bool | None = None):
     import onnxruntime as ort
 
-    from featlab.taps import expose_outputs
+    from featlab.backbones.taps import expose_outputs
 
     tensors = list(dict.fromkeys(t.tensor for t in taps))
     so = ort.SessionOptions()
@@ -198,7 +198,7 @@ def profile(bb, taps, paths, batch, providers, tmp: Path) -> tuple[list, str]:
 
 
 def run_model(name, args, providers, tmp):
-    from featlab.backbones import Backbone
+    from featlab.backbones.registry import Backbone
     from featlab.extract import cpu_count
 
     n = {"dlib-age": args.n_age, "dlib-rec": args.n_rec, "sface": args.n_sface, "r100": args.n_r100}[name]

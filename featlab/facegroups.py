@@ -191,7 +191,7 @@ def embed_faces(paths: list[str], model: str | None = None, batch: int = 64, pro
 
     Rows of faces whose chip cannot be cut are NaN and named in the dict, as are non-finite embeddings.
     """
-    from .backbones import Backbone
+    from .backbones.registry import Backbone
     from .data.faces import prepare
 
     bb = Backbone("dlib-rec", model)

@@ -101,7 +101,7 @@ def _features_out(spec: dict, net: dict, ex: dict) -> Path:
 
 def run_networks(spec: dict, force: bool = False, echo=print) -> Path:
     """Run a spec with ``[[networks]]`` (see the module doc); returns the cross-network report's path."""
-    from .backbones import Backbone
+    from .backbones.registry import Backbone
     from .experiment import (_check_ranges, _check_targets, _heads, _heads_step, _zero_shot_step, extract_lines,
                              spec_manifest_step, write_report)
     from .extract import extract, resolve_keys

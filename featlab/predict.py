@@ -59,7 +59,7 @@ def check_images(paths: list[Path]) -> list[Path]:
 
 
 def backbone_for(cfgs: list[dict], model: str | None):
-    from .backbones import Backbone
+    from .backbones.registry import Backbone
     from .paths import canonical_preprocessing
     from .store import FeatureStore
 
@@ -145,7 +145,7 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
     crops). A record per face (``path``, ``face``, ``box``, ``whole``: the image is the crop, ``labels``),
     or per skipped image (``path``, ``error``). ``keep_features``: each face record also holds the tap values
     the heads read (``features``: {tap: array}), as stored."""
-    from .backbones import Runner
+    from .backbones.registry import Runner
     from .crosshead import NetworkRunners, is_cross_head
     from .extract import stored_features
     from .data.faces import UTKFACE_TEMPLATE

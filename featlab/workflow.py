@@ -301,7 +301,7 @@ def sweep(target: str, cats, backbone=None, features=None, manifest=None, pool: 
     and plot the metric against depth."""
     import re
 
-    from .backbones import Backbone
+    from .backbones.registry import Backbone
     from .report.compare import compare, sweep_plot
     from .extract import extract
 

@@ -106,7 +106,7 @@ def test_compare_uses_the_backbone_graph_order(tmp_path):
 def test_tap_positions_falls_back_only_for_an_unknown_backbone_not_on_a_bug(monkeypatch):
     """An unknown backbone (a FeatlabError) falls back to name order; an unexpected error in the graph lookup
     is raised, not hidden behind the fallback order."""
-    import featlab.backbones
+    import featlab.backbones.registry
 
     pos = tap_positions("no-such-backbone", ["res10", "res2"])
     assert pos == {"res10": (2, 0, pos["res10"][2]), "res2": (2, 0, pos["res2"][2])} and pos["res2"] < pos["res10"]
@@ -114,7 +114,7 @@ def test_tap_positions_falls_back_only_for_an_unknown_backbone_not_on_a_bug(monk
     def broken(self):
         raise KeyError("a bug in the graph lookup")
 
-    monkeypatch.setattr(featlab.backbones.Backbone, "taps", property(broken))
+    monkeypatch.setattr(featlab.backbones.registry.Backbone, "taps", property(broken))
     with pytest.raises(KeyError, match="a bug in the graph lookup"):
         tap_positions("dlib-age", ["res3", "res5"])
 

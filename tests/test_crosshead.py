@@ -173,7 +173,7 @@ def test_predict_model_per_network(study, capsys):
 def test_the_fixed_cut_is_the_extraction_chip_and_stays_put_under_occlusion(utk_dir):
     """Each network's cut of the clean image is its extraction chip, bit for bit; an occluded copy is cut at the
     clean image's place: every chip pixel the occluded square does not reach is unchanged."""
-    from featlab.backbones import Backbone
+    from featlab.backbones.registry import Backbone
     from featlab.crosshead import fixed_cutter
     from featlab.data.images import load_rgb
 

@@ -1,4 +1,4 @@
-"""Backbone descriptors (featlab.descriptor): a random-weight MobileNet-style graph of another family than
+"""Backbone descriptors (featlab.backbones.descriptor): a random-weight MobileNet-style graph of another family than
 featlab's built-ins, described by TOML only, lists the planted taps (by name pattern, by op, by name) and
 extracts exactly what onnxruntime computes on those nodes; relative depths follow the graph; a descriptor
 that does not fit its model file is one line and exit status 2."""
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featlab import backbones
+from featlab.backbones import registry as backbones
 from featlab.cli import main
 from featlab.errors import FeatlabError
 

@@ -1,4 +1,4 @@
-"""Tests for featlab.dlibnet: dlib face-recognition ResNet -> ONNX with taps."""
+"""Tests for featlab.backbones.dlibnet: dlib face-recognition ResNet -> ONNX with taps."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from featlab import dlibnet
+from featlab.backbones import dlibnet
 from featlab.errors import FeatlabError
-from featlab.taps import expose_outputs, find_tap
+from featlab.backbones.taps import expose_outputs, find_tap
 
 N_FACES = 8
 

@@ -36,7 +36,7 @@ def test_multi_tap_file_layout(full_run, utk_small):
     with FeatureStore.open_read(out) as s:
         a = s.attrs
         assert a["backbone"] == "dlib-age"
-        from featlab.backbones import Backbone
+        from featlab.backbones.registry import Backbone
 
         assert a["model_sha256"] == Backbone("dlib-age").sha256
         assert a["preprocessing"]["geometry"] == {"kind": "dlib-chip", "size": 64, "padding": 0.2}
@@ -153,7 +153,7 @@ def test_pooled_and_float32_taps(utk_small, tmp_path):
 def test_pool_features_takes_the_max_of_each_adaptive_cell():
     """pool_features (the NumPy pooling of grid taps, and of every tap when extracting with --flip): @max and
     @max2 on a 5x4 map against cells written out by hand (adaptive pooling: rows 0-2, 2-4; columns 0-1, 2-3)."""
-    from featlab.store import pool_features
+    from featlab.backbones.taps import pool_features
 
     x = np.random.default_rng(0).normal(0, 1, (3, 2, 5, 4)).astype(np.float32)
     np.testing.assert_array_equal(pool_features(x, "max", 0), x.max(axis=(2, 3)))
@@ -167,7 +167,7 @@ def test_pool_features_takes_the_max_of_each_adaptive_cell():
 def test_another_model_file_is_refused(full_run, utk_small, tmp_path):
     import onnx
 
-    from featlab.backbones import Backbone
+    from featlab.backbones.registry import Backbone
 
     out_ref, _ = full_run
     out = tmp_path / "mixed.h5"

@@ -48,7 +48,7 @@ def _scale_model(path: Path, scales: dict[str, float], sqrt_of_negative: str | N
 
 def _expected(paths: list[str], k: np.float32) -> np.ndarray:
     """The tap computed independently in NumPy from the chips: (chip - dlib mean) / 256 * k, NCHW, float32."""
-    from featlab.backbones import DLIB_MEAN
+    from featlab.backbones.registry import DLIB_MEAN
     from featlab.data.faces import Geometry, prepare_many
 
     chips = np.stack([c for c, _ in prepare_many(paths, Geometry("dlib-chip", 64, 0.2), False)])

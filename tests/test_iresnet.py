@@ -1,4 +1,4 @@
-"""Tests for featlab.iresnet: random IResNet graphs in both export styles, and
+"""Tests for featlab.backbones.iresnet: random IResNet graphs in both export styles, and
 tap resolution by structure checked against independent references."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from featlab import iresnet as ir
-from featlab.taps import UnknownTap, expose_outputs, find_tap
+from featlab.backbones import iresnet as ir
+from featlab.backbones.taps import UnknownTap, expose_outputs, find_tap
 
 WIDTHS = (8, 16, 32, 64)
 SIZE = 32

@@ -78,7 +78,7 @@ def _inputs(n, seed=3, size=SIZE):
 def _onnxruntime(model, x, tensor):
     import onnxruntime as ort
 
-    from featlab.taps import expose_outputs
+    from featlab.backbones.taps import expose_outputs
 
     m = expose_outputs(model, [tensor])
     so = ort.SessionOptions()
@@ -197,7 +197,7 @@ def _random_head(d, tap_shape, tap, rng, kind="softmax", n_out=2, hidden=8):
 
 @pytest.fixture(scope="module")
 def iresnet_files(tmp_path_factory):
-    from featlab import iresnet as ir
+    from featlab.backbones import iresnet as ir
 
     d = tmp_path_factory.mktemp("lrp-iresnet")
     out = {}
@@ -213,7 +213,7 @@ def test_iresnet_fixtures_run_and_conserve(iresnet_files, style):
     """Random-weight IResNet (both export styles: BatchNorms kept or folded, PReLU, residual sums) up to a
     late tap, plus a head: the numpy tap equals onnxruntime's, the maps are finite and signed, and
     epsilon-plus-flat conserves the explained output within the bound."""
-    from featlab.backbones import Backbone
+    from featlab.backbones.registry import Backbone
 
     d, files = iresnet_files
     bb = Backbone("r100", files[style])
@@ -222,7 +222,7 @@ def test_iresnet_fixtures_run_and_conserve(iresnet_files, style):
     head = _random_head(d / f"head-{style}", tap.shape, "stage4_unit1_out", rng, kind="linear", n_out=1)
     chips = np.random.default_rng(4).integers(0, 256, (1, 112, 112, 3)).astype(np.uint8)
     ex = LRPExplainer(bb, [head], rule="epsilon-plus-flat")
-    from featlab.backbones import Runner
+    from featlab.backbones.registry import Runner
 
     ort_tap = Runner(bb, [tap]).run(chips)[tap.name]
     assert np.allclose(ex.tap_values(chips)[0], ort_tap, rtol=1e-4, atol=1e-4 * np.abs(ort_tap).max())
@@ -268,7 +268,7 @@ def test_numpy_head_rejects_what_it_cannot_explain(tmp_path):
 def dlib_rec(utk_manifest, tmp_path_factory):
     """The dlib-rec backbone, four real faces' res14 features extracted by featlab, and a Keras expected-age head
     on res14 (random weights, saved by Keras)."""
-    from featlab.backbones import Backbone
+    from featlab.backbones.registry import Backbone
     from featlab.cli import main
     from featlab.data.manifest import read_manifest, write_manifest
 
@@ -296,7 +296,7 @@ def dlib_rec(utk_manifest, tmp_path_factory):
 
 
 def test_dlib_rec_in_numpy_reproduces_onnxruntime_stored_features_and_keras(dlib_rec):
-    from featlab.backbones import Runner
+    from featlab.backbones.registry import Runner
     from featlab.data.images import load_rgb
     from featlab.model import load_head, outputs_to_prediction
     from featlab.store import FeatureStore

@@ -206,7 +206,7 @@ def test_layers_and_info_say_which_provider_a_run_uses(tiny, capsys, monkeypatch
 
     import onnxruntime as ort
 
-    from featlab import backbones
+    from featlab.backbones import registry as backbones
     from featlab.cli import main
 
     want = "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPUExecutionProvider"
@@ -305,7 +305,7 @@ def _mobilefacenet(path: Path) -> Path:
 def test_a_model_file_that_is_not_the_backbone_is_one_line(tmp_path, capsys):
     """Issue #21: `layers --backbone r100 --model MOBILEFACENET.onnx` ended in a NotIResNet traceback. Now one
     line: what was found, and which backbone might fit (none here; dlib-age for dlib-age's own file)."""
-    from featlab.backbones import _package_model
+    from featlab.backbones.registry import _package_model
     from featlab.cli import main
 
     mfn = _mobilefacenet(tmp_path / "mobilefacenet.onnx")

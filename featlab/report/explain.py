@@ -453,7 +453,7 @@ class HeadScorer:
     predicted age in years (regression)."""
 
     def __init__(self, head_dirs, model: str | None = None):
-        from ..backbones import Runner
+        from ..backbones.registry import Runner
         from ..model import load_head
         from ..predict import backbone_for
         from ..store import parse_key
@@ -829,7 +829,7 @@ def compare_heads(features, target_name: str, results=None) -> list[Path]:
     """Every trained head of ``target_name`` (``age``, ``bins7``, ``gender``...) on the features file's backbone,
     dataset and model file, as ``compare`` files them (results/BACKBONE/DATASET/TAP/TARGET), shallow to deep."""
     from .. import config
-    from ..backbones import Backbone
+    from ..backbones.registry import Backbone
     from ..paths import dataset_key, feature_set
     from ..store import FeatureStore, parse_key
 

@@ -77,7 +77,7 @@ def _groups_of(sub, target, cats) -> dict:
 
 def write_reports(out_dir: Path, cfg: dict, scored: dict, where: str) -> list[str]:
     """Confusion matrices / scatter, subgroups and predictions of one scored split into ``out_dir``."""
-    from ..scoring import plots
+    from . import plots
 
     target = cfg["target"]
     rep, y, p = scored["report"], scored["y"], scored["pred"]["pred"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featlab.taps import TapInfo, UnknownTap, find_tap
+from featlab.backbones.taps import TapInfo, UnknownTap, find_tap
 
 __all__ = [
     "UNITS",
@@ -723,7 +723,7 @@ _ADD_RE = re.compile(r"^add(?:_(\d+))?$")
 
 
 def resolve(taps: list[TapInfo], wanted: str | int) -> TapInfo:
-    """:func:`featlab.taps.find_tap` for IResNet taps: an ``add_K`` past the end
+    """:func:`featlab.backbones.taps.find_tap` for IResNet taps: an ``add_K`` past the end
     says how many additions the graph has."""
     try:
         return find_tap(taps, wanted)

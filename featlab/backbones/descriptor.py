@@ -37,7 +37,7 @@ Example (every key but ``input_size`` and a model source is optional)::
 
 A tap's canonical name is its node's name (its output tensor's when the node has none); the tensor name
 is an alias when it differs. Taps are listed in graph order; ``depth`` (0 = input, 1 = embedding) is set
-for them like for every backbone (:func:`featlab.taps.tap_depths`).
+for them like for every backbone (:func:`featlab.backbones.taps.tap_depths`).
 
 Everything is checked, and a problem is one line (:class:`FeatlabError`): an unknown or mistyped key,
 a model file whose sha256 is not the pin, an input that is not in the graph or not of ``input_size``,
@@ -54,7 +54,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import FeatlabError
+from ..errors import FeatlabError
 
 Triple = Union[float, list[float]]
 
@@ -204,7 +204,7 @@ def read_file(path: str | Path, name: str | None = None) -> Descriptor:
 
 def from_config(name: str) -> Descriptor | None:
     """``[backbones.NAME]`` of featlab.toml, or None."""
-    from . import config
+    from .. import config
 
     tables = config.load().get("backbones") or {}
     if name not in tables:
@@ -213,7 +213,7 @@ def from_config(name: str) -> Descriptor | None:
 
 
 def config_names() -> list[str]:
-    from . import config
+    from .. import config
 
     try:
         return list(config.load().get("backbones") or {})
@@ -399,8 +399,8 @@ def locate(d: Descriptor, model: str | None) -> Path:
     its ``package``/``resource``; checked against the ``sha256`` pin."""
     from importlib import resources
 
-    from . import config
-    from .data.manifest import file_sha256
+    from .. import config
+    from ..data.manifest import file_sha256
 
     looked = []
     path = None

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from featlab.errors import FeatlabError
-from featlab.taps import TapInfo
+from featlab.backbones.taps import TapInfo
 
 __all__ = [
     "DAT_NAME",
@@ -895,7 +895,7 @@ def resolve_taps(model) -> list[TapInfo]:
         elif node.op_type == "GlobalAveragePool":
             last_global_pool = len(taps)
         if tensor not in shapes or any(d <= 0 for d in shapes[tensor]):
-            raise ValueError(f"shape inference gave no static shape for {tensor}; is this a featlab.dlibnet graph?")
+            raise ValueError(f"shape inference gave no static shape for {tensor}; is this a featlab.backbones.dlibnet graph?")
         taps.append(TapInfo(name=name, tensor=tensor, shape=shapes[tensor], index=len(taps), aliases=aliases, note=note))
     if last_global_pool is not None:
         t = taps[last_global_pool]

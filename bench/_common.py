@@ -106,7 +106,7 @@ def git_rev() -> str:
 
 
 def machine() -> dict:
-    from featlab.extract import cpu_count
+    from featlab.features.extract import cpu_count
 
     return {"cpu": cpu_model(), "cores": cpu_count(), "logical_cpus": os.cpu_count(), "ram_gib": round(ram_gib(), 1),
             "gpu": gpu_name(), "os": platform.platform()}
@@ -198,7 +198,7 @@ def sub_manifest(n: int, source: str | Path | None = None, name: str = "utk") ->
 
 def real_features(backbone: str, n: int, taps: list[str], model: str | None = None, source=None) -> Path:
     """A features file of ``taps`` for the first ``n`` real images, extracted once and cached (resumable)."""
-    from featlab.extract import extract
+    from featlab.features.extract import extract
 
     man = sub_manifest(n, source)
     out = workdir() / "features" / f"{backbone}-{n}.h5"

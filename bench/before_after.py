@@ -26,7 +26,7 @@ import _common as C  # noqa: E402
 
 CHILD = r'''
 import json, os, resource, sys
-from featlab.extract import extract
+from featlab.features.extract import extract
 man, bb, out = sys.argv[1], sys.argv[2], sys.argv[3]
 rep = extract(man, [], backbone=bb, out=out, progress=False)
 a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)

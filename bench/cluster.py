@@ -3,7 +3,7 @@
 Two parts, both on this machine:
 
 - **extraction**: the same real UTKFace images, backbone, taps and batch size,
-  through ``featlab.extract.extract`` in one process, then with
+  through ``featlab.features.extract.extract`` in one process, then with
   ``cluster=RayPlan(workers=N)`` (a local Ray runtime that featlab starts and
   stops: its start-up is in ``e2e``, and the time to its first batch is
   shown). The two files are checked to be equal.
@@ -53,9 +53,9 @@ class _TimedPlan:
 
 
 def part_extraction(args) -> tuple[list[list], str]:
-    from featlab.cluster import RayPlan
-    from featlab.extract import extract
-    from featlab.store import FeatureStore
+    from featlab.features.cluster import RayPlan
+    from featlab.features.extract import extract
+    from featlab.features.store import FeatureStore
 
     man = C.sub_manifest(args.n, args.manifest)
     taps = args.taps.split(",")
@@ -95,7 +95,7 @@ def part_extraction(args) -> tuple[list[list], str]:
 
 
 def _write_local(path: Path, feats: np.ndarray, batch: int, labels) -> float:
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     t = time.perf_counter()
     with FeatureStore.open_for_append(path, {"backbone": "bench"}) as s:
@@ -122,7 +122,7 @@ def part_transfer(args) -> tuple[list[list], str]:
     import ray
     import ray.data
 
-    from featlab.store import FeatureStore, label_row
+    from featlab.features.store import FeatureStore, label_row
 
     shape = (512, 14, 14) if args.row_kb == 196 else (int(args.row_kb * 512),)
     row_bytes = int(np.prod(shape)) * 2

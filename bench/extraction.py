@@ -1,4 +1,4 @@
-"""Extraction benchmark: ``featlab.extract.extract`` end to end against bare onnxruntime loops.
+"""Extraction benchmark: ``featlab.features.extract.extract`` end to end against bare onnxruntime loops.
 
 For each backbone, on the same real UTKFace images, same model, same taps and
 same batch size, interleaved ``--reps`` times (best run of each kept):
@@ -112,7 +112,7 @@ def bench_bare_decode(run, bb, paths, batch) -> tuple[float, float]:
 
 
 def bench_featlab(man, taps, name, model, batch, providers, tmp: Path, threads: int = 0, workers: int = 0):
-    from featlab.extract import extract
+    from featlab.features.extract import extract
 
     out = tmp / f"{name}-{time.time_ns()}.h5"
     c = cpu_seconds()
@@ -130,7 +130,7 @@ def profile(bb, taps, paths, batch, providers, tmp: Path) -> tuple[list, str]:
 
     from featlab.data import faces
     from featlab.data.images import load_rgb
-    from featlab.store import FeatureStore, label_row
+    from featlab.features.store import FeatureStore, label_row
 
     rows = []
 
@@ -199,7 +199,7 @@ def profile(bb, taps, paths, batch, providers, tmp: Path) -> tuple[list, str]:
 
 def run_model(name, args, providers, tmp):
     from featlab.backbones.registry import Backbone
-    from featlab.extract import cpu_count
+    from featlab.features.extract import cpu_count
 
     n = {"dlib-age": args.n_age, "dlib-rec": args.n_rec, "sface": args.n_sface, "r100": args.n_r100}[name]
     if name == "r100" and not n:

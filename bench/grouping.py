@@ -15,7 +15,7 @@ shifted by up to 6 px, resize back to 200x200): a known near-duplicate. Then:
    8,000 originals by group: test faces with a training face within 0.2 / 0.3;
 3. today's image-by-image split (seed 0): test faces with a training face
    within 0.2 / 0.3 / 0.4 / 0.6 (the issue's figures);
-4. the chosen rule end to end (``featlab.facegroups.group_by_face`` on the
+4. the chosen rule end to end (``featlab.features.facegroups.group_by_face`` on the
    cached embeddings): its report and its time.
 
 Signals are cached in ``$FEATLAB_BENCH_DIR/grouping-signals.npz`` (first run
@@ -70,7 +70,7 @@ def chip_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def face_signals(paths, progress=False):
-    """Embedding (as featlab.facegroups.embed_faces computes it) and chip thumbnail per image."""
+    """Embedding (as featlab.features.facegroups.embed_faces computes it) and chip thumbnail per image."""
     from featlab.backbones.registry import Backbone
     from featlab.data.faces import prepare
 
@@ -137,7 +137,7 @@ def main(argv=None):
     ap.add_argument("--random-pairs", type=int, default=400_000)
     args = ap.parse_args(argv)
     tiny = _common.tiny(args, random_pairs=4000)
-    from featlab import facegroups as fg
+    from featlab.features import facegroups as fg
     from featlab.data.manifest import assign_splits, read_manifest
 
     load_before = _common.load()
@@ -208,7 +208,7 @@ def main(argv=None):
     # 4. the chosen rule end to end
     t0 = time.perf_counter()
     _, rep = fg.group_by_face(base_frame(manifest, base), seed=0, embeddings=emb)
-    out.append(f"chosen rule (`featlab.facegroups`, complete linkage < {fg.LINK_DISTANCE:g}), "
+    out.append(f"chosen rule (`featlab.features.facegroups`, complete linkage < {fg.LINK_DISTANCE:g}), "
                f"{time.perf_counter() - t0:.1f} s on cached embeddings:")
     out += ["    " + x for x in rep.lines()]
     text = "\n".join(out)

@@ -2,8 +2,8 @@
 
 - **before**: the code of f67c4a7 (``NearestNeighbors(radius).radius_neighbors`` over all faces at once, then
   scipy's ``linkage(method="complete")`` on the dense distances of every connected component);
-- **after**: :func:`featlab.facegroups.cluster_faces` (the same radius search queried in blocks of rows, scipy's
-  linkage on components of up to ``DENSE_MAX`` faces, :func:`featlab.facegroups.sparse_complete_linkage` on
+- **after**: :func:`featlab.features.facegroups.cluster_faces` (the same radius search queried in blocks of rows, scipy's
+  linkage on components of up to ``DENSE_MAX`` faces, :func:`featlab.features.facegroups.sparse_complete_linkage` on
   larger ones, whose memory grows with the close pairs, not with the square of the component).
 
 Inputs: the 8,000 real dlib-rec embeddings of ``../shared/data/utkface-dev`` (cached by ``bench/grouping.py``
@@ -77,7 +77,7 @@ def before(emb: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
     from scipy.cluster.hierarchy import fcluster, linkage
     from sklearn.neighbors import NearestNeighbors
 
-    from featlab.facegroups import components
+    from featlab.features.facegroups import components
 
     n = len(emb)
     ok = np.flatnonzero(np.isfinite(emb).all(axis=1))
@@ -110,7 +110,7 @@ def make(case: str) -> np.ndarray:
 
 def child(case: str, impl: str, out: Path) -> None:
     """One measurement in this (fresh) process: writes labels and figures under ``out``."""
-    from featlab import facegroups as fg
+    from featlab.features import facegroups as fg
 
     emb = make(case)
     base = rss_mb()
@@ -129,7 +129,7 @@ def child(case: str, impl: str, out: Path) -> None:
 
 
 def search_times(emb: np.ndarray) -> list[list]:
-    from featlab.facegroups import close_pairs
+    from featlab.features.facegroups import close_pairs
 
     rows = []
     ref = None
@@ -190,7 +190,7 @@ def main(argv=None):
     text = [_common.md_table(["embeddings", "code", "cluster s", "peak RSS MB", "rise MB", f"pairs < {THRESHOLD}",
                               "largest component", "groups of 2+ / faces in them / largest", "same groups as before"],
                              rows), ""]
-    text.append("radius search alone (featlab.facegroups.close_pairs) on the 8,000 real embeddings:")
+    text.append("radius search alone (featlab.features.facegroups.close_pairs) on the 8,000 real embeddings:")
     text.append("")
     text.append(_common.md_table(["algorithm", "s", "pairs"], search_times(real_embeddings())))
     text = "\n".join(text)

@@ -48,7 +48,7 @@ def child(argv: list[str]) -> None:
     t = time.perf_counter()
     out = {}
     if kind == "extract":
-        from featlab.extract import extract
+        from featlab.features.extract import extract
 
         man, dest = argv[1], argv[2]
         rep = extract(man, [], backbone="dlib-age", out=dest, progress=False)
@@ -56,7 +56,7 @@ def child(argv: list[str]) -> None:
     elif kind == "baseline-tf":
         import featlab.train  # noqa: F401  (what a head run imports)
         import tensorflow  # noqa: F401
-        from featlab.store import FeatureStore
+        from featlab.features.store import FeatureStore
 
         with FeatureStore.open_read(argv[1]) as s:
             s.labels()
@@ -106,7 +106,7 @@ def main(argv=None):
                      f"files {s['file_mib']} / {l_['file_mib']} MiB; {l_['seconds']} s for {args.large}"])
 
         feats = C.real_features("dlib-age", n_feats, ["res3", "res4", "res5"], source=args.manifest)
-        from featlab.store import FeatureStore
+        from featlab.features.store import FeatureStore
 
         with FeatureStore.open_read(feats) as st:
             shape = tuple(int(v) for v in st.array(args.head_tap).shape)

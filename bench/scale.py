@@ -4,7 +4,7 @@ per epoch, peak memory at 10,000 and 100,000 rows and against ``--memory-mb``; a
 with person-level paired bootstraps on 40,000 test faces and 10 taps.
 
 The file: ``--rows`` rows (default 100,000) of one ``add_98``-shaped tap (512x7x7, float16: 50 KB a row,
-5.0 GB), written through :class:`featlab.store.FeatureStore` (the layout and chunk shape an extraction
+5.0 GB), written through :class:`featlab.features.store.FeatureStore` (the layout and chunk shape an extraction
 gives), with labels (age 1-80, gender, person groups of 1-3 faces, split 80/10/10 by person) from a fixed
 seed. Age and gender are planted in a few channels so heads learn something. Files go to ``--data``
 (default ``$FEATLAB_BENCH_DIR/scale``), outside the repository; ``--keep`` keeps them, otherwise they are
@@ -52,7 +52,7 @@ def build(path: Path, rows: int, seed: int = 0, shape=SHAPE, block: int = 2000) 
     plus its own age and gender signal in channels 0-1: cheap to make, nothing compressible."""
     import numpy as np
 
-    from featlab.store import FeatureStore, label_row
+    from featlab.features.store import FeatureStore, label_row
 
     rng = np.random.default_rng(seed)
     person = np.cumsum(rng.random(rows) < 0.5)  # runs of 1-3ish faces per person, in file order
@@ -111,7 +111,7 @@ def raw_read(path: Path, block: int = 16 << 20) -> float:
 
 def store_read(path: Path) -> tuple[float, int]:
     """Seconds to read every row of the tap in file order through the store (float16 -> float32), and bytes."""
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     t = time.perf_counter()
     with FeatureStore.open_read(path) as s:
@@ -128,7 +128,7 @@ def _count_reads():
     """Wrap FeatureStore.read: stored bytes read, split into set-up (statistics, finiteness) and the rest."""
     import numpy as np
 
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     counts = {"setup": 0, "epochs": 0}
     orig = FeatureStore.read

@@ -43,7 +43,7 @@ import _common as C  # noqa: E402
 def writer(path: str, gb: float, row_kb: float, batch: int, start_at: float, raw: bool = False) -> dict:
     """One writer process: append ``gb`` GB of rows to its own store at ``path``, then fsync. ``raw``: the
     same bytes with ``ndarray.tofile`` into a plain file (the bound without HDF5 or featlab's checks)."""
-    from featlab.store import FeatureStore, label_row
+    from featlab.features.store import FeatureStore, label_row
 
     shape = (512, 14, 14) if row_kb == 196 else (int(row_kb * 512),)
     row_bytes = int(np.prod(shape)) * 2
@@ -135,9 +135,9 @@ def part_writers(args) -> tuple[list[list], str]:
 
 
 def part_extraction(args) -> tuple[list[list], str]:
-    from featlab.extract import extract
-    from featlab.shards import extract_sharded
-    from featlab.store import FeatureStore
+    from featlab.features.extract import extract
+    from featlab.features.shards import extract_sharded
+    from featlab.features.store import FeatureStore
 
     man = C.sub_manifest(args.n, args.manifest, name="shards")
     taps = args.taps.split(",")
@@ -156,7 +156,7 @@ def part_extraction(args) -> tuple[list[list], str]:
                  f"{tap_bytes:,} (writes them)", f"{tap_bytes:,}", "-"])
     kinds = [("2 local processes", None)]
     if args.ray:
-        from featlab.cluster import RayPlan
+        from featlab.features.cluster import RayPlan
 
         kinds.append(("2 Ray tasks", RayPlan(workers=2)))
     for name, plan in kinds:

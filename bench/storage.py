@@ -13,7 +13,7 @@ the heads use) and ``FeatureStore.read(rows=train rows)`` (a 70 % sorted subset)
 against ``numpy.fromfile``. Files were just written, so reads come from the page
 cache on both sides (no cache dropping: other users share the machine).
 
-Every compression option of ``featlab.store.COMPRESSION`` is measured (write MB/s,
+Every compression option of ``featlab.features.store.COMPRESSION`` is measured (write MB/s,
 read MB/s, size), and chunk sizes around the default.
 
 Usage::
@@ -39,7 +39,7 @@ TAPS = ["res3", "res4", "res5"]
 
 
 def load_real(path: Path, n: int):
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     with FeatureStore.open_read(path) as s:
         feats = {k: s.array(k)[:n] for k in TAPS}
@@ -49,7 +49,7 @@ def load_real(path: Path, n: int):
 
 
 def write_featlab(path: Path, feats, labels, batch: int, compression: str, chunk_bytes: int) -> float:
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     n = len(labels)
     t = time.perf_counter()
@@ -63,7 +63,7 @@ def write_featlab(path: Path, feats, labels, batch: int, compression: str, chunk
 
 def write_tables_only(path: Path, feats, batch: int) -> float:
     """The HDF5 part alone: featlab's tap arrays (same file settings), EArray.append + flush per batch, no labels."""
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     n = len(next(iter(feats.values())))
     t = time.perf_counter()
@@ -89,7 +89,7 @@ def write_tofile(d: Path, feats, batch: int) -> float:
 
 
 def read_featlab(path: Path, rows) -> tuple[float, float, float]:
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     with FeatureStore.open_read(path) as s:
         t = time.perf_counter()
@@ -115,7 +115,7 @@ def read_fromfile(d: Path, feats) -> float:
 
 
 def main(argv=None):
-    from featlab.store import CHUNK_BYTES, COMPRESSION
+    from featlab.features.store import CHUNK_BYTES, COMPRESSION
 
     ap = C.parser(__doc__)
     ap.add_argument("--n", type=int, default=8000, help="real images (rows) [8000]")

@@ -44,10 +44,10 @@ from pathlib import Path
 import numpy as np
 
 from .scoring.scores import score_predictions
-from .featureio import read_blocks, read_pooled, row_bytes
+from .features.featureio import read_blocks, read_pooled, row_bytes
 from .data.labels import encode_target, face_scores, selection_metric, split_rows
 from .staging import checkpoint
-from .store import FeatureStore
+from .features.store import FeatureStore
 
 #: The first grids (decades); a choice on an edge of the searched grid extends it by a decade on that side,
 #: again and again, until the choice is inside or the bound is reached (then ``at_edge`` is true).

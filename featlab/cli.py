@@ -125,7 +125,7 @@ def prepare(
             typer.echo(f"\r  embedding faces {done:,}/{total:,}", err=True, nl=done >= total)
     df, res = prepare_dataset(dataset, root, seed=seed, **opts)
     if group_by_face:
-        from .facegroups import group_prepared
+        from .features.facegroups import group_prepared
 
         df = group_prepared(df, res, seed=seed, progress=progress)
     from . import config
@@ -291,20 +291,20 @@ def extract(
     backbone = _descriptor_backbone(descriptor, backbone)
     cluster = None
     if ray is not None:
-        from .cluster import RayPlan, require_ray
+        from .features.cluster import RayPlan, require_ray
 
         require_ray()
         cluster = RayPlan(address=ray, workers=2 if workers is None else workers, gpus_per_worker=gpus_per_worker)
         workers = None  # the local decode/align workers keep their default (only used to add a tap to old rows)
     elif gpus_per_worker:
         raise FeatlabError("--gpus-per-worker needs --ray")
-    from .extract import extract as run_extract
+    from .features.extract import extract as run_extract
 
     manifest = Path(_need(manifest or _cfg("paths", "manifest"), "--manifest", "pass --manifest M.csv or set [paths].manifest in featlab.toml"))
     backbone = backbone or _cfg("extract", "backbone", "r100")
     if dtype not in ("float16", "float32"):
         raise FeatlabError("--dtype must be float16 or float32")
-    from .store import COMPRESSION, parse_key
+    from .features.store import COMPRESSION, parse_key
 
     if compression not in COMPRESSION:
         raise FeatlabError(f"--compression must be one of {', '.join(COMPRESSION)}")
@@ -318,13 +318,13 @@ def extract(
 
     preprocessing = preprocessing or _cfg("extract", "preprocessing")
     check_preprocessing(get_spec(backbone).geometry[0], preprocessing)  # one line before the backbone loads
-    from .store import read_shard_index
+    from .features.store import read_shard_index
 
     index = read_shard_index(out) if out else None
     if shards is None and index is not None:
         shards = int(index.get("count", 0))  # a sharded set goes on as one
     if shards is not None:
-        from .shards import extract_sharded
+        from .features.shards import extract_sharded
 
         _positive(shards, "--shards")
         rep = extract_sharded(manifest, list(layer or []), shards, backbone=backbone, out=out, ray=cluster,
@@ -368,7 +368,7 @@ def merge_shards(
     out: Path = typer.Argument(..., help="the one features file to write (must not exist)"),
 ):
     """Copy a sharded set into one ordinary features file (optional: every command reads the set as it is)."""
-    from .shards import merge_shards as merge
+    from .features.shards import merge_shards as merge
 
     n = merge(features, out)
     _echo(f"{out}: {n:,} faces merged from {features}")
@@ -377,7 +377,7 @@ def merge_shards(
 @app.command()
 def info(features: Path = typer.Argument(..., help="features .h5 file")):
     """Summarise a features file: backbone, model hash, taps, rows, skipped images; and where extraction runs."""
-    from .store import FeatureStore
+    from .features.store import FeatureStore
 
     with FeatureStore.open_read(features) as s:
         a = s.attrs
@@ -388,7 +388,7 @@ def info(features: Path = typer.Argument(..., help="features .h5 file")):
         prep = describe_preprocessing(a.get("preprocessing"), bool(a.get("align")))
         if prep:
             _echo(f"  preprocessing {prep}")
-        from .tapimport import describe_import
+        from .features.tapimport import describe_import
 
         for line in describe_import(a):
             _echo(line)
@@ -443,14 +443,14 @@ def import_cmd(
 ):
     """Import taps extracted elsewhere (.npy, .npz, HDF5) into a featlab features file, each row matched to its
     labels row by --ids (or ids stored beside the taps), or in order with --rows-in-manifest-order."""
-    from .tapimport import check_options
+    from .features.tapimport import check_options
 
     tapfiles = _need(list(tapfiles or []), "tap files", "featlab import TAPFILE... --labels LABELS.csv --backbone NAME --out FILE.h5")
     labels = _need(labels, "--labels", "pass --labels LABELS.csv (a featlab manifest)")
     backbone = _need(backbone, "--backbone", "pass --backbone NAME (the network that made the taps)")
     out = _need(out, "--out", "pass --out FILE.h5")
     check_options(tapfiles, name, layout, dtype)
-    from .tapimport import import_taps
+    from .features.tapimport import import_taps
 
     rep = import_taps(tapfiles, labels, backbone, out, names=list(name or []), layout=layout, ids=ids, dtype=dtype,
                       dataset=dataset, source_id=source_id, overwrite=force, rows_in_manifest_order=rows_in_manifest_order)
@@ -534,7 +534,7 @@ def train_head(
     if not memory_mb > 0:
         raise FeatlabError("--memory-mb (or [head] memory_mb) must be a positive number of MiB")
     many = list(dict.fromkeys(features or []))
-    from .crossnet import is_cross
+    from .features.join import is_cross
 
     if len(many) > 1 or any(is_cross(x) for x in layer or []):
         return _train_cross(many, list(dict.fromkeys(layer or [])), tgts, fold_arg, hidden, dropout, epochs, lr,
@@ -562,8 +562,8 @@ def train_head(
 def _train_cross(files, layers, tgts, fold_arg, hidden, dropout, epochs, lr, ordinal, seed, seeds, memory_mb, ranges,
                  quiet):
     """train-head over several features files: each --layer NET:TAP+NET:TAP is joined by image id
-    (featlab.crossnet) into its own features file, whose heads go to results/NET+NET/..."""
-    from .crossnet import is_cross, join_features
+    (featlab.features.join) into its own features file, whose heads go to results/NET+NET/..."""
+    from .features.join import is_cross, join_features
     from .workflow import train_grid
 
     for f in files:
@@ -589,7 +589,7 @@ def _default_features():
     manifest, backbone = _cfg("paths", "manifest"), _cfg("extract", "backbone")
     if not (manifest and backbone):
         return None
-    from .extract import default_out
+    from .features.extract import default_out
     from .data.manifest import dataset_name
 
     p = default_out(backbone, dataset_name(manifest), bool(_cfg("extract", "align", False)), bool(_cfg("extract", "flip", False)),
@@ -598,7 +598,7 @@ def _default_features():
 
 
 def _only_tap(features: Path):
-    from .store import FeatureStore
+    from .features.store import FeatureStore
 
     with FeatureStore.open_read(features) as s:
         keys = s.keys()

@@ -1,4 +1,4 @@
-"""A head across networks (trained on a joined file, :mod:`featlab.crossnet`) applied to new data.
+"""A head across networks (trained on a joined file, :mod:`featlab.features.join`) applied to new data.
 
 Such a head reads ``NETWORK:TAP`` parts of several networks; its ``config.json`` records each part's network,
 source file and feature set (``join.parts``). To score it elsewhere, each network's part is checked against
@@ -65,7 +65,7 @@ def _names(nets) -> str:
 def match_files(cfg: dict, files) -> dict[str, Path]:
     """{network: file}: each file given matched to the head's network of its backbone (and preprocessing
     when the head reads that backbone twice); one line when a file fits none, two fit one, or one is missing."""
-    from .store import FeatureStore
+    from .features.store import FeatureStore
 
     nets = head_networks(cfg)
     out: dict[str, Path] = {}
@@ -144,9 +144,9 @@ def check_joined_file(store, cfg: dict) -> None:
 def join_for_head(cfg: dict, files, root, echo=None) -> tuple[Path, dict[str, Path], bool]:
     """(joined file under ``root``, {network: file}, whether these are the files the head was trained on):
     each file matched to its network and checked (:func:`check_network_file`), then joined by image id
-    (:func:`featlab.crossnet.join_features`) under the head's own keys."""
-    from .crossnet import SEP, join_features
-    from .store import FeatureStore
+    (:func:`featlab.features.join.join_features`) under the head's own keys."""
+    from .features.join import SEP, join_features
+    from .features.store import FeatureStore
 
     nets = match_files(cfg, files)
     for n, f in nets.items():
@@ -199,7 +199,7 @@ class NetworkRunners:
     def __init__(self, cfgs: list[dict], model=None, spinning: bool | None = None):
         from .backbones.registry import Runner
         from .predict import backbone_for
-        from .store import parse_key
+        from .features.store import parse_key
 
         nets = head_networks(cfgs[0])
         for c in cfgs[1:]:
@@ -258,7 +258,7 @@ class NetworkRunners:
 
     def features(self, chips: dict) -> dict[str, np.ndarray]:
         """{head key: float32 rows as stored} from each network's chips (``{network: (N, H, W, 3) uint8}``)."""
-        from .extract import stored_features
+        from .features.extract import stored_features
 
         out = {}
         for n in self.networks:

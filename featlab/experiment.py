@@ -65,7 +65,7 @@ from pathlib import Path
 from . import config
 from .data import skips
 from .errors import FeatlabError
-from .featureio import fusion_parts
+from .features.featureio import fusion_parts
 from .data.manifest import SPLIT_SCHEME
 from .scoring.format import format_diff, format_p
 from .paths import FUSION, dataset_key, feature_set, head_dir, input_key
@@ -178,7 +178,7 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
     """Run a single-network spec (a path, a built-in name, or a spec already loaded by :func:`load_spec`);
     a spec with ``[[networks]]`` runs through :func:`featlab.study.run_study`."""
     from .backbones.registry import Backbone
-    from .extract import extract
+    from .features.extract import extract
 
     spec = path if isinstance(path, dict) else load_spec(path, overrides)
     if spec.get("networks"):
@@ -203,12 +203,12 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
     from .staging import keep
 
     keep("features", f"{rep.out} ({rep.rows_total:,} faces)")
-    from .extract import resolve_keys
+    from .features.extract import resolve_keys
 
     keys = list(resolve_keys(bb, taps, ex.get("pool")))
     keys += fusion_keys(spec, keys)
     results = _heads_step(rep.out, keys, heads, int(spec.get("seed", 0)), force, echo)
-    from .store import FeatureStore
+    from .features.store import FeatureStore
 
     with FeatureStore.open_read(rep.out) as s:
         dkey = dataset_key(feature_set(s.attrs))  # where this feature set's results live
@@ -246,7 +246,7 @@ def spec_manifest_step(spec: dict, force: bool, echo) -> Path:
 def _zero_shot_step(features: Path, heads: list[dict], echo) -> None:
     """Score dlib-age / dlib-gender's own outputs on the val and test rows of the features file."""
     from .data.labels import encode_target, split_rows
-    from .store import FeatureStore
+    from .features.store import FeatureStore
     from .zeroshot import score_zero_shot
 
     with FeatureStore.open_read(features) as s:
@@ -307,7 +307,7 @@ def _prepare_step(spec: dict, adapter, root: Path, options: dict, seed: int, for
     df, res = prepare_dataset(adapter, root, seed=seed, hints="spec",
                               **{k: v for k, v in options.items() if k != "group_by_face"})
     if by_face:
-        from .facegroups import group_prepared
+        from .features.facegroups import group_prepared
 
         df = group_prepared(df, res, seed=seed)
     write_manifest(df, out)
@@ -435,7 +435,7 @@ def _heads_step(features: Path, keys: list[str], heads: list[dict], seed: int, f
     record is first marked superseded, so an interrupted forced run resumes (without ``--force``) from
     the heads it had finished."""
     from .staging import keep, recover
-    from .store import FeatureStore
+    from .features.store import FeatureStore
 
     with FeatureStore.open_read(features) as s:
         attrs, n = s.attrs, s.nrows
@@ -513,7 +513,7 @@ def _train_grid(features: Path, keys: list[str], hs: list[dict], seed: int, **kw
 
 def extract_lines(features: Path, echo, limit: int = 20) -> None:
     """The features file's skipped images and warnings on the console: the count per reason and the names."""
-    from .store import FeatureStore
+    from .features.store import FeatureStore
 
     with FeatureStore.open_read(features) as s:
         rows = skips.from_store(s)
@@ -531,7 +531,7 @@ def faces_lines(manifest: Path | None, features: Path, heads: list[dict], root: 
     extracted = used by a target's heads + left out for want of its label."""
     from .data.labels import encode_target
     from .data.manifest import read_manifest
-    from .store import FeatureStore
+    from .features.store import FeatureStore
 
     rows = skips.read(skips.prepare_list_path(manifest)) if manifest is not None else []
     with FeatureStore.open_read(features) as s:

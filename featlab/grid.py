@@ -59,12 +59,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeatlabError
-from .featureio import fusion_parts, row_bytes
+from .features.featureio import fusion_parts, row_bytes
 from .keras_env import keras as _keras
 from .data.labels import check_ranges, encode_target, split_rows, target_name
 from .model import build_model, head_layers, standardised_input
 from .staging import checkpoint
-from .store import FeatureStore
+from .features.store import FeatureStore
 from .train import (_setup_tf, check_hyperparameters, fit_head, input_stats, loss_and_metrics, make_optimizer,
                     plan_head, probe_config, save_head)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeatlabError
-from .featureio import read_blocks, read_input
+from .features.featureio import read_blocks, read_input
 from .keras_env import keras as _keras
 from .data.labels import to_years_np
-from .store import FeatureStore
+from .features.store import FeatureStore
 
 
 def custom_objects() -> dict:

@@ -21,11 +21,11 @@ than once; it names the network in the side-by-side table and in ``NETWORK:TAP``
 :func:`run_networks` prepares the manifest once, then per network: extracts its taps into
 ``features/{backbone}/{spec name}[-{preprocessing}].h5`` (``[extract]`` settings apply to all; a network's
 ``preprocessing`` is named in the path only when it is not the backbone's default, as in
-:func:`featlab.extract.default_out`), trains every head, scores the
+:func:`featlab.features.extract.default_out`), trains every head, scores the
 zero-shot nets, compares its taps and writes its own ``results/{backbone}/{dataset-key}/report.md``. Then:
 the spec's cross-file ``fusion`` heads and, with ``cross_fusion = "best"``, per target the fusion of the
 inputs the networks chose on validation (every combination of two or more networks; joined by image id,
-:mod:`featlab.crossnet`; results under ``results/{A}+{B}/...``), the cross-network comparison per target
+:mod:`featlab.features.join`; results under ``results/{A}+{B}/...``), the cross-network comparison per target
 (:mod:`featlab.report.crossnet`: ``results/compare/{A}+{B}/{dataset-key}/{target}/``, the best cross
 fusion chosen on validation), the CKA map with ``similarity = true``, and one report,
 ``results/compare/{A}+{B}/{dataset-key}/report.md``, with the side-by-side tables and charts.
@@ -45,7 +45,7 @@ from pathlib import Path
 
 from . import config
 from .errors import FeatlabError
-from .featureio import fusion_parts
+from .features.featureio import fusion_parts
 from .data.labels import target_name
 from .paths import FUSION, dataset_key, feature_set
 
@@ -60,7 +60,7 @@ def network_names(nets: list[dict]) -> list[str]:
 def split_fusions(spec: dict, names: list[str], keys: dict[str, list[str]]) -> tuple[dict[str, list[str]], list[str]]:
     """The spec's ``fusion`` items as ({network: [within-network fusion keys]}, [cross-file keys]); each part
     ``NETWORK:TAP`` names an extracted tap (one line otherwise)."""
-    from .crossnet import split_part
+    from .features.join import split_part
 
     within: dict[str, list[str]] = {n: [] for n in names}
     cross: list[str] = []
@@ -93,7 +93,7 @@ def split_fusions(spec: dict, names: list[str], keys: dict[str, list[str]]) -> t
 
 
 def _features_out(spec: dict, net: dict, ex: dict) -> Path:
-    from .extract import default_out
+    from .features.extract import default_out
 
     return default_out(net["name"], spec["name"], bool(ex.get("align", False)), bool(ex.get("flip", False)),
                        preprocessing=net.get("preprocessing"))
@@ -104,10 +104,10 @@ def run_networks(spec: dict, force: bool = False, echo=print) -> Path:
     from .backbones.registry import Backbone
     from .experiment import (_check_ranges, _check_targets, _heads, _heads_step, _zero_shot_step, extract_lines,
                              spec_manifest_step, write_report)
-    from .extract import extract, resolve_keys
+    from .features.extract import extract, resolve_keys
     from .report.compare import compare
     from .staging import keep
-    from .store import FeatureStore
+    from .features.store import FeatureStore
 
     nets, ex = [dict(n) for n in spec["networks"]], spec.get("extract", {})
     names = network_names(nets)
@@ -164,7 +164,7 @@ def run_networks(spec: dict, force: bool = False, echo=print) -> Path:
     fusion_results = {}
 
     def fuse(key: str, hs: list[dict]) -> None:
-        from .crossnet import join_features, split_part
+        from .features.join import join_features, split_part
 
         used = list(dict.fromkeys(split_part(p)[0] for p in fusion_parts(key)))
         path, jkey = join_features(None, key, labels={u: files[u] for u in used},
@@ -215,7 +215,7 @@ def _similarity_step(spec: dict, names: list[str], files: dict, force: bool, ech
     from .report.similarity import similarity
 
     a, b = names[:2]
-    from .store import FeatureStore
+    from .features.store import FeatureStore
 
     with FeatureStore.open_read(files[a]) as s:
         dkey = dataset_key(feature_set(s.attrs))

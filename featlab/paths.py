@@ -17,7 +17,7 @@ Results go to ``{results}/{backbone}/{dataset-key}/{head-key}/{target}/`` where
   of warped onto its template), then ``-flip`` and ``-imported``, when they apply, so heads of
   differently prepared features never share a folder. The default preprocessing adds nothing: existing
   paths (``results/dlib-rec/utkface-dlib-rec/...``) stay as they were. Features files follow the same
-  rule (:func:`featlab.extract.default_out`: ``features/BACKBONE/DATASET[-align][-PREPROCESSING][-flip].h5``);
+  rule (:func:`featlab.features.extract.default_out`: ``features/BACKBONE/DATASET[-align][-PREPROCESSING][-flip].h5``);
 - ``head-key`` is the tap key as stored (``res14``, ``res14@avg`` when pooled at extraction), plus
   ``~avg``/``~max`` when the head pools a map itself, plus ``.f32`` for a float32 tap; a fusion head's
   key joins its taps' keys with ``+``.

@@ -61,7 +61,7 @@ def check_images(paths: list[Path]) -> list[Path]:
 def backbone_for(cfgs: list[dict], model: str | None):
     from .backbones.registry import Backbone
     from .paths import canonical_preprocessing
-    from .store import FeatureStore
+    from .features.store import FeatureStore
 
     names = {c["backbone"] for c in cfgs}
     shas = {c.get("features_model_sha256") for c in cfgs}
@@ -119,7 +119,7 @@ def training_template(cfg: dict, limit: int = 64):
     on up to ``limit`` of the training images its features file lists; UTKFace's template when none of
     them is on disk or shows a face."""
     from .data.faces import UTKFACE_TEMPLATE, crop_template
-    from .store import FeatureStore
+    from .features.store import FeatureStore
 
     feats = Path(cfg.get("features", ""))
     if feats.is_file():
@@ -147,10 +147,10 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
     the heads read (``features``: {tap: array}), as stored."""
     from .backbones.registry import Runner
     from .crosshead import NetworkRunners, is_cross_head
-    from .extract import stored_features
+    from .features.extract import stored_features
     from .data.faces import UTKFACE_TEMPLATE
     from .model import load_head, outputs_to_prediction
-    from .store import parse_key
+    from .features.store import parse_key
 
     heads = [load_head(d) for d in head_dirs]
     cfgs = [c for _, c in heads]

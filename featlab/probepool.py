@@ -74,7 +74,7 @@ class ProbePool:
         :func:`featlab.baselines.write_baselines` once the head's folder is there. ``wait=False``: None
         rather than waiting for earlier taps' probes to make room."""
         from .baselines import prepare_baselines
-        from .featureio import row_bytes
+        from .features.featureio import row_bytes
 
         key = (cfg["tap"], str(cfg.get("hyperparameters", {}).get("pool")))
         if not self._taps or self._taps[-1][0] != key:

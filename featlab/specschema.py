@@ -28,7 +28,7 @@ from .errors import FeatlabError
 
 #: The dataset adapters (featlab.data.datasets.ADAPTERS; a test keeps the two equal).
 ADAPTER_NAMES = ("utkface", "imdb", "wiki", "adience", "aaf", "facial-age", "chalearn", "csv")
-#: HDF5 compression of the features file (featlab.store.COMPRESSION; a test keeps the two equal).
+#: HDF5 compression of the features file (featlab.features.store.COMPRESSION; a test keeps the two equal).
 COMPRESSIONS = ("none", "lz4", "zstd", "blosclz")
 #: The named preprocessings (featlab.data.faces.PREPROCESSINGS; a test keeps the two equal).
 PREPROCESSING_NAMES = ("template-5pt", "resize", "center-crop")

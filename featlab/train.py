@@ -28,14 +28,14 @@ import numpy as np
 from . import __version__
 from .data.bins import get_scheme
 from .errors import FeatlabError
-from .featureio import ShuffledBatches, feature_stats, fusion_parts, read_input, row_bytes
+from .features.featureio import ShuffledBatches, feature_stats, fusion_parts, read_input, row_bytes
 from .keras_env import keras as _keras
 from .keras_env import tensorflow as _tensorflow
 from .data.labels import (RANGE_POLICIES, TARGETS, check_ranges, class_names, class_weights, dropped_reasons,
                      encode_target, make_targets, soft_bin_labels, split_rows, target_name, to_years_np)
 from .model import build_model
 from .paths import dataset_key, feature_set, head_dir, input_key
-from .store import FeatureStore
+from .features.store import FeatureStore
 
 
 #: peak copies of in-memory rows during Keras' fit (measured: ~0.8 GB of float32 rows -> 2.4 GB over
@@ -65,7 +65,7 @@ PREFETCH_BATCHES = 2
 
 
 def keras_batches(batches: ShuffledBatches):
-    """A Keras PyDataset over :class:`featlab.featureio.ShuffledBatches` (a new permutation every epoch)."""
+    """A Keras PyDataset over :class:`featlab.features.featureio.ShuffledBatches` (a new permutation every epoch)."""
     keras = _keras()
 
     class _Batches(keras.utils.PyDataset):

@@ -22,7 +22,7 @@ from .errors import FeatlabError
 from .data.labels import HEADLINE, format_figure
 from .paths import dataset_key, feature_set
 from .staging import Stage, checkpoint, keep
-from .store import FeatureStore
+from .features.store import FeatureStore
 from .scoring.uncertainty import interval
 
 
@@ -303,7 +303,7 @@ def sweep(target: str, cats, backbone=None, features=None, manifest=None, pool: 
 
     from .backbones.registry import Backbone
     from .report.compare import compare, sweep_plot
-    from .extract import extract
+    from .features.extract import extract
 
     if not manifest:
         manifest = config.get("paths", "manifest")
@@ -319,7 +319,7 @@ def sweep(target: str, cats, backbone=None, features=None, manifest=None, pool: 
     keys = [f"{t}@{pool}" if pool else t for t in taps]
     for k, d in zip(keys, train_grid(rep.out, keys, [(target, cats)], verbose=0)):  # one pass: every tap at once
         echo(f"[sweep] {k}: {d}")
-    from .store import FeatureStore
+    from .features.store import FeatureStore
 
     with FeatureStore.open_read(rep.out) as s:
         dataset = dataset_key(feature_set(s.attrs))

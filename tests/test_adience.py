@@ -17,7 +17,7 @@ import pytest
 from featlab.cli import main
 from featlab.errors import FeatlabError
 from featlab.data.manifest import read_manifest, write_manifest
-from featlab.store import FeatureStore, label_row
+from featlab.features.store import FeatureStore, label_row
 
 ROOT = Path(__file__).resolve().parents[1]
 RANGES = [(0, 2), (4, 6), (8, 13), (15, 20), (25, 32), (38, 43), (48, 53), (60, 100)]  # every Adience group

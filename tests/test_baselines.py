@@ -12,7 +12,7 @@ import pytest
 
 from featlab import baselines as B
 from featlab.data.labels import class_names, encode_target, split_rows
-from featlab.store import FeatureStore, label_row
+from featlab.features.store import FeatureStore, label_row
 
 SHA = "cd" * 32
 D = 40
@@ -273,7 +273,7 @@ def test_grid_probes_on_real_demo_features_lie_inside_scikit_learns_intervals(tm
     fast solver; on res14, 1,024 values per face, wider than the train rows, the shared read with
     scikit-learn's solver) lies inside the 95 % interval of the scikit-learn probe fitted alone."""
     from featlab.data.datasets import prepare_dataset
-    from featlab.extract import extract
+    from featlab.features.extract import extract
     from featlab.data.manifest import write_manifest
 
     sample = Path(__file__).resolve().parents[1] / "featlab" / "data" / "utkface-sample"

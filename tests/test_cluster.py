@@ -1,4 +1,4 @@
-"""Extraction on Ray (featlab.cluster) against a single-process run, on real UTKFace faces with dlib-age:
+"""Extraction on Ray (featlab.features.cluster) against a single-process run, on real UTKFace faces with dlib-age:
 same file row for row, resume after the driver is SIGKILLed, a worker that raises on one batch.
 
 A local Ray of 2 CPUs. The first test lets featlab start and stop its own runtime; the later ones share one
@@ -17,14 +17,14 @@ import pandas as pd
 import pytest
 
 from featlab.errors import FeatlabError
-from featlab.extract import extract
+from featlab.features.extract import extract
 from featlab.data.manifest import read_manifest, write_manifest
-from featlab.store import FeatureStore
+from featlab.features.store import FeatureStore
 
 pytest.importorskip("ray", reason="Ray is optional (featlab[ray]): pip install 'featlab[ray]'")
 pytest.importorskip("pyarrow", reason="Ray is optional (featlab[ray]): pip install 'featlab[ray]'")
 
-from featlab.cluster import TEST_DIE_ONCE, TEST_FAIL_PATH, RayPlan  # noqa: E402
+from featlab.features.cluster import TEST_DIE_ONCE, TEST_FAIL_PATH, RayPlan  # noqa: E402
 
 TAPS = ["res4", "res5@avg"]
 N_FACES = 400

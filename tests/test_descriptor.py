@@ -133,9 +133,9 @@ def test_extract_equals_onnxruntime_on_the_node(net, utk_dir, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from featlab.extract import extract
+    from featlab.features.extract import extract
     from featlab.data.faces import Geometry, prepare
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     describe(net, tap_pattern=r"b\d+_pw_act", tap_ops=["Relu"])
     manifest = _manifest(utk_dir, tmp_path / "m.csv")

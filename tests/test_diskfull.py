@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("tables")
 
 from featlab.cli import main
-from featlab.store import FeatureStore
+from featlab.features.store import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRACT = ["-b", "dlib-age", "-l", "res4", "--batch-size", "32", "-q"]

@@ -129,7 +129,7 @@ def test_help_texts_and_the_spec_reference_give_the_heads_real_defaults():
 def test_grouping_by_face_is_described_as_the_code_does_it():
     """--group-by-face uses the dlib-rec embedding alone (complete linkage below LINK_DISTANCE), never chip
     similarity: the prepare help, the spec reference and the data page say so."""
-    from featlab.facegroups import LINK_DISTANCE
+    from featlab.features.facegroups import LINK_DISTANCE
 
     spec_row = [ln for ln in (ROOT / "docs" / "spec.md").read_text().splitlines() if ln.startswith("| `group_by_face` |")][0]
     data = (ROOT / "docs" / "data.md").read_text()

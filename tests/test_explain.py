@@ -370,7 +370,7 @@ def test_compare_finds_the_heads_of_the_features_file(age_head, capsys, tmp_path
 def test_dataset_view_refuses_images_changed_since_extraction(age_head):
     from featlab.errors import FeatlabError
     from featlab.report.explain import HeadScorer, _check_not_stale, _chip_for
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     _, feats, head = age_head
     with FeatureStore.open_read(feats) as s:

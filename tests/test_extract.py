@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from featlab.errors import FeatlabError
-from featlab.extract import extract
+from featlab.features.extract import extract
 from featlab.data.manifest import read_manifest, write_manifest
-from featlab.store import FeatureStore
+from featlab.features.store import FeatureStore
 
 TAPS = ["res4", "res5"]
 
@@ -77,7 +77,7 @@ def test_resume_after_kill_matches_uninterrupted(full_run, utk_small, tmp_path):
     out_ref, _ = full_run
     out = tmp_path / "resumed.h5"
     code = (
-        "from featlab.extract import extract; import sys; "
+        "from featlab.features.extract import extract; import sys; "
         f"extract(sys.argv[1], {TAPS!r}, backbone='dlib-age', out=sys.argv[2], batch_size=32, progress=False)"
     )
     env = dict(os.environ, FEATLAB_TEST_KILL_AFTER_ROWS="100")

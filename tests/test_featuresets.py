@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from featlab.errors import FeatlabError
-from featlab.extract import extract
-from featlab.store import FeatureStore
+from featlab.features.extract import extract
+from featlab.features.store import FeatureStore
 
 FAST = dict(epochs=3, patience=2, verbose=0, baselines=False)
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from featlab.errors import FeatlabError
-from featlab.extract import extract
+from featlab.features.extract import extract
 from featlab.data.manifest import read_manifest, write_manifest
-from featlab.store import FeatureStore
+from featlab.features.store import FeatureStore
 
 LOUD = np.float32(2.0**17)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featlab.store import FeatureStore, label_row
+from featlab.features.store import FeatureStore, label_row
 
 from test_heads import FAST, make_features
 

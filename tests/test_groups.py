@@ -251,7 +251,7 @@ def test_assign_range_adience_ranges_and_edges():
 
 # ---------------------------------------------------------------- face groups
 def test_complete_linkage_does_not_chain():
-    from featlab.facegroups import LINK_DISTANCE, cluster_faces
+    from featlab.features.facegroups import LINK_DISTANCE, cluster_faces
 
     step = LINK_DISTANCE * 0.8  # neighbours are linked, their neighbours are not (2 x step > LINK_DISTANCE)
     line = np.zeros((6, 128), dtype=np.float32)
@@ -268,7 +268,7 @@ def test_complete_linkage_does_not_chain():
 
 
 def test_group_by_face_report_and_existing_groups():
-    from featlab.facegroups import group_by_face
+    from featlab.features.facegroups import group_by_face
 
     rows = [{"image_id": f"id{i}", "path": f"/x/{i}.jpg", "age": 30.0, "gender": "f", "split": s, "group": g}
             for i, (s, g) in enumerate([("train", ""), ("test", ""), ("train", ""), ("val", "p"), ("test", "p"),
@@ -351,7 +351,7 @@ def _full_linkage(emb: np.ndarray, threshold: float) -> np.ndarray:
 def test_scalable_grouping_gives_the_groups_of_full_complete_linkage(seed):
     from scipy.spatial.distance import cdist, pdist
 
-    from featlab.facegroups import LINK_DISTANCE, close_pairs, cluster_faces, components
+    from featlab.features.facegroups import LINK_DISTANCE, close_pairs, cluster_faces, components
 
     emb = _clustered_embeddings(seed)
     i, j, d = close_pairs(emb, LINK_DISTANCE)
@@ -374,7 +374,7 @@ def test_scalable_grouping_gives_the_groups_of_full_complete_linkage(seed):
 
 
 def test_group_report_counts_age_bands_warns_on_infants_and_measures_the_written_split(tmp_path):
-    from featlab.facegroups import group_by_face
+    from featlab.features.facegroups import group_by_face
 
     ages = [1, 1, 2, 30, 5, 30, 31, 70, 1, 40, 40, np.nan]
     # groups: {0,1,2} infants; {3,4}: one 30 + one 5 (tie -> younger band); {5,6} adults; {8,9,10}: one infant

@@ -11,7 +11,7 @@ import pytest
 
 from featlab.data.bins import get_scheme
 from featlab.errors import FeatlabError
-from featlab.store import FeatureStore, label_row
+from featlab.features.store import FeatureStore, label_row
 
 SHA = "ab" * 32
 FAST = dict(epochs=12, patience=4, batch_size=64, verbose=0)
@@ -179,7 +179,7 @@ def test_streaming_matches_in_memory(feats, tmp_path, trained):
 def test_stream_shuffles_the_whole_split_every_epoch(feats):
     """Each block of a streamed epoch is a uniform draw from the whole split (not file-order chunks), every row
     comes once per epoch with its own label, and validation streams read only their own rows."""
-    from featlab.featureio import ShuffledBatches
+    from featlab.features.featureio import ShuffledBatches
 
     with FeatureStore.open_read(feats) as s:
         df = s.labels()

@@ -20,7 +20,7 @@ import featlab
 from featlab.cli import main
 from featlab.errors import FeatlabError
 from featlab.data.manifest import file_sha256, read_manifest, write_manifest
-from featlab.store import FeatureStore
+from featlab.features.store import FeatureStore
 
 TAPS = ["res4", "logits"]  # a (256, 3, 3) map and an (81,) vector
 FAST = dict(epochs=3, patience=2, batch_size=64, verbose=0)
@@ -30,7 +30,7 @@ FAST = dict(epochs=3, patience=2, batch_size=64, verbose=0)
 @pytest.fixture(scope="module")
 def original(utk_small, tmp_path_factory):
     """A real featlab extraction (dlib-age, 240 UTKFace faces, float16)."""
-    from featlab.extract import extract
+    from featlab.features.extract import extract
 
     out = tmp_path_factory.mktemp("orig") / "utksmall.h5"
     extract(utk_small, TAPS, backbone="dlib-age", out=out, batch_size=32, progress=False)
@@ -283,9 +283,9 @@ BAD = {"rows-vs-labels": "199 rows but", "non-finite": "non-finite value nan at 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_gives_one_line_and_leaves_no_file(case, tmp_path, capsys, monkeypatch):
-    import featlab.tapimport
+    import featlab.features.tapimport
 
-    monkeypatch.setattr(featlab.tapimport, "BLOCK_BYTES", 32 * 4 * 36)  # 32-row blocks
+    monkeypatch.setattr(featlab.features.tapimport, "BLOCK_BYTES", 32 * 4 * 36)  # 32-row blocks
     labels = _sample_manifest(tmp_path)
     d = tmp_path / "in"
     d.mkdir()
@@ -362,9 +362,9 @@ def test_large_inputs_are_copied_in_blocks(kind, tmp_path, monkeypatch):
     (loading it whole would take 34 MB at once)."""
     import tracemalloc
 
-    import featlab.tapimport
+    import featlab.features.tapimport
 
-    monkeypatch.setattr(featlab.tapimport, "BLOCK_BYTES", 1 << 20)
+    monkeypatch.setattr(featlab.features.tapimport, "BLOCK_BYTES", 1 << 20)
     labels = _sample_manifest(tmp_path, 600)
     x = np.random.default_rng(0).normal(size=(600, 7, 2000)).astype(np.float32)  # 33.6 MB
     src = tmp_path / f"big.{kind}"
@@ -390,7 +390,7 @@ def test_large_inputs_are_copied_in_blocks(kind, tmp_path, monkeypatch):
 
 
 def test_model_sha256_never_looks_like_a_model_file_and_source_id_joins_imports(tmp_path):
-    from featlab.tapimport import import_taps
+    from featlab.features.tapimport import import_taps
 
     labels = _sample_manifest(tmp_path, 10)
     rng = np.random.default_rng(0)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from featlab.errors import FeatlabError
-from featlab.extract import extract
+from featlab.features.extract import extract
 from featlab.data.manifest import assign_splits, read_manifest, write_manifest
-from featlab.store import FeatureStore
+from featlab.features.store import FeatureStore
 
 TAP = "res5@avg"
 
@@ -43,7 +43,7 @@ def work(extracted, tmp_path):
 
 def _no_backbone(monkeypatch):
     """Make any backbone run fail the test."""
-    import featlab.extract as ex
+    import featlab.features.extract as ex
 
     def boom(*a, **k):
         raise AssertionError("the backbone ran")

@@ -299,7 +299,7 @@ def test_dlib_rec_in_numpy_reproduces_onnxruntime_stored_features_and_keras(dlib
     from featlab.backbones.registry import Runner
     from featlab.data.images import load_rgb
     from featlab.model import load_head, outputs_to_prediction
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     bb, df, feats, head = dlib_rec
     with FeatureStore.open_read(feats) as s:

@@ -23,7 +23,7 @@ NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operati
 
 def _features(path: Path, sha: str, n: int = 160) -> Path:
     """A tiny features file: tap 'vec' (8,), gender planted in column 0, a train/val/test split."""
-    from featlab.store import FeatureStore, label_row
+    from featlab.features.store import FeatureStore, label_row
 
     rng = np.random.default_rng(0)
     gender = rng.choice(["f", "m"], n)
@@ -114,7 +114,7 @@ def _bad_cases(tiny, tmp_path) -> dict[str, tuple[list[str], str]]:
     nopath = tmp_path / "nopath.csv"
     nopath.write_text("file,age\nx.jpg,30\n")
     ranges = tmp_path / "ranges.h5"  # Adience-style range labels: (15, 20) spans the 7-group edge at 20
-    from featlab.store import FeatureStore, label_row
+    from featlab.features.store import FeatureStore, label_row
 
     with FeatureStore.open_for_append(ranges, {"backbone": "synthetic", "model_sha256": "ef" * 32}) as st:
         st.ensure_array("vec", (8,), expected_rows=40)

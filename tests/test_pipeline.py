@@ -41,7 +41,7 @@ def test_demo_writes_every_artifact(demo_dir):
         assert (root / "compare" / t / "layer_comparison.csv").is_file()
         assert (root / "compare" / t / "layer_comparison.png").is_file()
     # the features file carries the config that made it
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     with FeatureStore.open_read(out / "features" / "dlib-rec" / "utkface-sample.h5") as s:
         assert s.nrows == 600 and len(s.skipped()) == 0
@@ -52,7 +52,7 @@ def test_demo_heads_beat_the_majority_class(demo_dir):
     """Each demo head beats its majority baseline, and that baseline is the share of the most frequent
     training class among the test faces (computed here from the labels)."""
     from featlab.data.bins import get_scheme
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     out, _ = demo_dir
     with FeatureStore.open_read(out / "features" / "dlib-rec" / "utkface-sample.h5") as s:
@@ -196,7 +196,7 @@ def test_r100_path_on_a_generated_graph(utk_small, tmp_path, capsys, monkeypatch
                "-l", "add_98", "-l", "stage3_unit15_conv1", "-l", "stage4_unit1_conv1"])
     assert rc == 0
     feats = tmp_path / "features" / "r100" / "utksmall.h5"
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     with FeatureStore.open_read(feats) as s:
         assert s.array("add_98").shape == (240, 64, 7, 7)

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from featlab.cli import main
-from featlab.extract import extract
-from featlab.store import FeatureStore
+from featlab.features.extract import extract
+from featlab.features.store import FeatureStore
 
 T1 = Path(str(resources.files("insightface") / "data" / "images" / "t1.jpg"))  # the six friends
 SAMPLE = Path(str(resources.files("featlab") / "data" / "utkface-sample"))

@@ -68,10 +68,10 @@ def test_unusable_landmarks_are_a_recorded_skip_not_a_crash(utk_small, tmp_path)
     import cv2
     from PIL import Image
 
-    from featlab.extract import extract
+    from featlab.features.extract import extract
     from featlab.data.faces import NO_LANDMARKS, Geometry, prepare
     from featlab.data.images import BadImage
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     df = read_manifest(utk_small).iloc[:5]
     thumb = cv2.resize(np.asarray(Image.open(df["path"].iloc[0]).convert("RGB")), (8, 8), interpolation=cv2.INTER_AREA)
@@ -115,7 +115,7 @@ def tiny_manifest(utk_small, tmp_path):
 
 def test_recorded_shown_refused_on_resume_and_part_of_the_paths(tiny_manifest, tmp_path, capsys, monkeypatch):
     from featlab.paths import dataset_key, feature_set, head_dir
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     monkeypatch.chdir(tmp_path)
     base = ["extract", "-m", str(tiny_manifest), "-b", "dlib-gender", "-l", "layer_10_relu", "-q"]
@@ -153,7 +153,7 @@ def test_recorded_shown_refused_on_resume_and_part_of_the_paths(tiny_manifest, t
 
 def test_a_file_from_before_names_were_recorded_reads_as_the_choice_used_then(tmp_path):
     from featlab.paths import canonical_preprocessing, dataset_key, differences, feature_set
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     old_dlib = {"geometry": {"kind": "dlib-chip", "size": 150, "padding": 0.25}, "color": "RGB"}
     old_arc = {"geometry": {"kind": "arcface", "size": 112, "padding": 0.0}, "color": "RGB"}
@@ -186,8 +186,8 @@ def test_dlib_rec_default_still_cuts_the_study_chips(utk_small, tmp_path):
     """The default preprocessing of dlib-rec gives the embeddings the UTKFace study stored before preprocessing
     became a named choice: 5 rows of its features file (made at 866ce5f), kept in tests/data, whose images
     are in the shipped sample."""
-    from featlab.extract import extract
-    from featlab.store import FeatureStore
+    from featlab.features.extract import extract
+    from featlab.features.store import FeatureStore
 
     ref = np.load(STUDY_ROWS)
     template = read_manifest(utk_small).iloc[[0] * len(ref["files"])].reset_index(drop=True)

@@ -13,7 +13,7 @@ import pytest
 
 from featlab import baselines as B
 from featlab.probepool import ProbePool
-from featlab.store import FeatureStore
+from featlab.features.store import FeatureStore
 
 from test_baselines import _std_head, make_probe_features
 

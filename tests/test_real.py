@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import expected_split, usable_faces
-from featlab.extract import extract
-from featlab.store import FeatureStore
+from featlab.features.extract import extract
+from featlab.features.store import FeatureStore
 
 
 @pytest.fixture(scope="module")

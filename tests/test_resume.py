@@ -236,7 +236,7 @@ def test_ctrl_c_in_train_head_keeps_the_finished_records(study, tmp_path, monkey
 
 def test_ctrl_c_in_extract_names_the_faces_kept(study, utk_small, tmp_path, monkeypatch, capsys):
     """Ctrl-C during extract: one line naming the file and the faces stored in it, and the command."""
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     args = ["extract", "-m", str(utk_small), "-b", "dlib-rec", "-l", "embedding", "-o", "x.h5", "--batch-size", "16", "-q"]
     capsys.readouterr()

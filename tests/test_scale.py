@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from featlab.store import FeatureStore
+from featlab.features.store import FeatureStore
 
 from test_heads import make_features
 

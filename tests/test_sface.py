@@ -80,9 +80,9 @@ def _reference_session(path: Path):
 def test_fc1_through_featlab_equals_onnxruntime(sface, chips, tmp_path):
     import pandas as pd
 
-    from featlab.extract import extract
+    from featlab.features.extract import extract
     from featlab.data.manifest import COLUMNS, write_manifest
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     rows = [{"image_id": f"utk/{p.name}", "path": str(p), "age": 30.0, "gender": "m", "race": "", "split": "train",
              "fold": pd.NA, "source": "utkface", "group": f"g{i}", "age_low": pd.NA, "age_high": pd.NA}

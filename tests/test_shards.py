@@ -1,4 +1,4 @@
-"""Sharded extraction (featlab.shards): 2 writers over 400 real UTKFace faces with planted bad images read back
+"""Sharded extraction (featlab.features.shards): 2 writers over 400 real UTKFace faces with planted bad images read back
 as one store, row for row a single-process run's; a SIGKILLed worker resumes with exactly its missing rows;
 a shard of another identity, count or slicing is refused in one line. Backbone: the embedded dlib-age (cheap)."""
 
@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 
 from featlab.errors import FeatlabError
-from featlab.extract import extract
+from featlab.features.extract import extract
 from featlab.data.manifest import read_manifest, write_manifest
-from featlab.shards import extract_sharded
-from featlab.store import FeatureStore, ShardedStore, shard_bounds, shard_path
+from featlab.features.shards import extract_sharded
+from featlab.features.store import FeatureStore, ShardedStore, shard_bounds, shard_path
 
 TAPS = ["res4", "res5"]
 BAD_AT = {37: "garbage", 201: "truncated", 355: "empty"}  # manifest rows replaced by unusable files
@@ -77,7 +77,7 @@ def test_two_shards_read_back_as_the_single_process_run(manifest, single, tmp_pa
     assert rep.plan["tap_bytes"] == 397 * row_bytes
     assert rep.plan["driver_bytes"] < 20_000 < rep.plan["tap_bytes"]
     # merging is optional, and gives the single file's rows (small blocks: several per shard)
-    from featlab.shards import merge_shards
+    from featlab.features.shards import merge_shards
 
     assert merge_shards(out, tmp_path / "merged.h5", block_bytes=100_000) == 397
     with FeatureStore.open_read(tmp_path / "merged.h5") as m, FeatureStore.open_read(single) as b:
@@ -140,7 +140,7 @@ def test_refusals_are_one_line(manifest, single, tmp_path):
 def test_heads_read_a_sharded_set_as_the_single_file(manifest, single, tmp_path, capsys):
     """What heads and `featlab info` read (featureio: statistics, shuffled batches) is the single file's."""
     from featlab.cli import main
-    from featlab.featureio import ShuffledBatches, feature_stats
+    from featlab.features.featureio import ShuffledBatches, feature_stats
 
     out = tmp_path / "cli.h5"
     assert main(["extract", "-m", str(manifest), "-b", "dlib-age", "-l", "res5", "-o", str(out), "--limit", "150",
@@ -169,7 +169,7 @@ def test_ray_tasks_write_the_shards(manifest, single, tmp_path):
     """--ray --shards: each Ray task writes its own shard; the driver gets only reports."""
     pytest.importorskip("ray", reason="Ray is optional (featlab[ray]): pip install 'featlab[ray]'")
     pytest.importorskip("pyarrow", reason="Ray is optional (featlab[ray]): pip install 'featlab[ray]'")
-    from featlab.cluster import RayPlan
+    from featlab.features.cluster import RayPlan
 
     out = tmp_path / "ray.h5"
     rep = extract_sharded(manifest, TAPS, 2, backbone="dlib-age", out=out, batch_size=32, ray=RayPlan(workers=2))

@@ -10,7 +10,7 @@ import pytest
 
 from featlab.errors import FeatlabError
 from featlab.report.similarity import blocks_of, cka, exact_cka, gram, hsic_unbiased, read_matrix, similarity
-from featlab.store import FeatureStore, label_row
+from featlab.features.store import FeatureStore, label_row
 
 SHA = "a" * 64
 

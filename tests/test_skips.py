@@ -84,7 +84,7 @@ def test_a_run_names_every_row_it_leaves_out_and_its_counts_add_up(bad_csv, tmp_
     listed = list(csv.DictReader(open(next(Path("results").rglob("skipped.csv")))))
     assert sorted(r["step"] for r in listed) == ["extract", "extract", "labels", "labels", "prepare"]
     assert "[skipped.csv](skipped.csv)" in report
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     with FeatureStore.open_read(next(Path("features").rglob("bad.h5"))) as s:
         assert s.nrows == 40 and len(s.skipped()) == 2
@@ -150,7 +150,7 @@ def test_a_chip_without_a_face_is_stored_with_a_named_warning(utk_dir, tmp_path,
     assert main(["extract", "-m", "m.csv", "-b", "dlib-age", "-l", "res4", "-o", "f.h5", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert re.search(rf"warning {re.escape(str((d / EYE).resolve()))}: no face found", out), out
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
 
     with FeatureStore.open_read("f.h5") as s:
         assert s.nrows == 12  # stored, flagged

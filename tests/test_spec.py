@@ -155,7 +155,7 @@ def test_schema_matches_the_code_it_describes():
     from featlab.data.datasets import ADAPTERS
     from featlab.data.datasets.csvfile import prepare as csv_prepare
     from featlab.specschema import ADAPTER_NAMES, COMPRESSIONS, NOT_HEAD_KEYS, Head, Options
-    from featlab.store import COMPRESSION
+    from featlab.features.store import COMPRESSION
     from featlab.train import fit_head
     from featlab.workflow import train_grid
 

@@ -134,11 +134,11 @@ def test_compare_never_shows_a_zero_shot_row_scored_on_another_manifest(utk30, t
     record is never shown beside them; scored again on the new split, it is."""
     from featlab.report.compare import compare
     from featlab.data.datasets import prepare_dataset
-    from featlab.extract import extract
+    from featlab.features.extract import extract
     from featlab.data.labels import encode_target, split_rows
     from featlab.data.manifest import write_manifest
     from featlab.paths import feature_set, zeroshot_dir
-    from featlab.store import FeatureStore
+    from featlab.features.store import FeatureStore
     from featlab.zeroshot import score_zero_shot
 
     monkeypatch.chdir(tmp_path)

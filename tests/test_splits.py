@@ -16,7 +16,7 @@ import pytest
 
 from featlab.cli import main
 from featlab.data.datasets import prepare_dataset
-from featlab.facegroups import group_by_face
+from featlab.features.facegroups import group_by_face
 from featlab.data.manifest import assign_splits, balance_lines, hold_out_groups, read_manifest, split_balance
 
 

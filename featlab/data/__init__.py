@@ -14,5 +14,5 @@ a function of each face's group key, and a named list of what was left out.
 - :mod:`~featlab.data.skips`: the rows and files left out, each with its reason.
 
 The shipped 600-face UTKFace sample (``utkface-sample/``) is package data here. Grouping faces by what they
-look like needs a backbone, so it lives a stage up (:mod:`featlab.facegroups`), called by the prepare step.
+look like needs a backbone, so it lives a stage up (:mod:`featlab.features.facegroups`), called by the prepare step.
 """

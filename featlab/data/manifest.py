@@ -68,7 +68,7 @@ class PrepareResult:
     # (``kept without age: outside 0..120``); the heads of that label leave them out
     label_skips: list[tuple[str, str, str]] = field(default_factory=list)
     has_splits: bool = False
-    face_groups: object = None  # featlab.facegroups.FaceGroupReport after --group-by-face
+    face_groups: object = None  # featlab.features.facegroups.FaceGroupReport after --group-by-face
 
     def skip(self, what: str, reason: str) -> None:
         self.skipped.append((what, reason))

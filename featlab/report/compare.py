@@ -47,10 +47,10 @@ import numpy as np
 
 from .. import config
 from ..errors import FeatlabError
-from ..featureio import fusion_parts, is_fusion
+from ..features.featureio import fusion_parts, is_fusion
 from ..data.labels import HEADLINE, LOWER_IS_BETTER, selection_metric, target_name
 from ..paths import IDENTITY_KEYS, differences, zeroshot_dir
-from ..store import parse_key
+from ..features.store import parse_key
 from ..scoring.uncertainty import (ALPHA, MARGINS, VERDICTS, adjust_within, design_effect, interval, paired_difference,
                           unit_of, verdict)
 
@@ -193,7 +193,7 @@ def tap_positions(backbone: str, keys: list[str], features_files: list[str] = ()
         order: list[str] = []
         for f in dict.fromkeys(x for x in features_files if x):
             try:
-                from ..store import FeatureStore
+                from ..features.store import FeatureStore
 
                 with FeatureStore.open_read(f) as s:
                     for k, info in (s.attrs.get("taps") or {}).items():

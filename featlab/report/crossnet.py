@@ -2,7 +2,7 @@
 
 For one target, reads every evaluated head of each network (``{results}/{network}/{dataset-key}/*/{target}``,
 as :func:`featlab.report.compare.gather` does) and the cross-file fusion heads of those networks
-(``{results}/{A}+{B}/...``, :mod:`featlab.crossnet`), and writes
+(``{results}/{A}+{B}/...``, :mod:`featlab.features.join`), and writes
 ``{results}/compare/{A}+{B}/{dataset-key of A}/{target}/``:
 
 - ``network_comparison.csv``: one row per head: network, tap, **relative depth** (0 = input, 1 =
@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import config
 from ..errors import FeatlabError
-from ..featureio import is_fusion
+from ..features.featureio import is_fusion
 from ..data.labels import HEADLINE, LOWER_IS_BETTER, selection_metric, target_name
 from ..paths import FUSION
 from .compare import _ordered, _read_faces, choose, gather, margins_for, same_faces
@@ -67,7 +67,7 @@ def _depths(recs: list[dict], backbone: str) -> dict:
     ``depth`` in its features file (0 = input, 1 = embedding); where the file records none, the tap's rank
     among the file's taps in network order, index / (n - 1) (source ``rank``); a tap the file does not list
     (a moved file): its rank among the compared taps."""
-    from ..store import FeatureStore, parse_key
+    from ..features.store import FeatureStore, parse_key
     from .compare import tap_positions
 
     single = [r for r in recs if not is_fusion(r["key"])]

@@ -32,10 +32,10 @@ import numpy as np
 
 from ..data.labels import encode_target, split_rows
 from ..errors import FeatlabError
-from ..featureio import check_finite
+from ..features.featureio import check_finite
 from ..paths import dataset_key, differences, feature_set
 from ..scoring.scores import score_predictions, write_faces, write_predictions, write_reports
-from ..store import FeatureStore
+from ..features.store import FeatureStore
 
 SPLITS = ("test", "val", "train", "all")
 

@@ -456,7 +456,7 @@ class HeadScorer:
         from ..backbones.registry import Runner
         from ..model import load_head
         from ..predict import backbone_for
-        from ..store import parse_key
+        from ..features.store import parse_key
 
         self.heads = [load_head(d) for d in head_dirs]
         self.cfgs = [c for _, c in self.heads]
@@ -480,7 +480,7 @@ class HeadScorer:
 
     def predictions(self, chips: np.ndarray) -> list[dict]:
         """Per head, ``outputs_to_prediction`` of the chips (uint8 (N, H, W, 3))."""
-        from ..extract import stored_features
+        from ..features.extract import stored_features
         from ..model import outputs_to_prediction
 
         feats = stored_features(self.runner, np.asarray(chips, dtype=np.uint8), self.keys, self.flip)
@@ -803,8 +803,8 @@ def _check_not_stale(scorer: HeadScorer, features: Path, rows: np.ndarray, chips
                      tolerance: float = 0.02) -> None:
     """The chips cut now must give the tap rows the features file holds (relative L2 difference per face within
     ``tolerance``): otherwise the images changed since extraction, or the chips are not cut the same way."""
-    from ..extract import stored_features
-    from ..store import FeatureStore
+    from ..features.extract import stored_features
+    from ..features.store import FeatureStore
 
     with FeatureStore.open_read(features) as s:
         for key in scorer.keys:
@@ -831,7 +831,7 @@ def compare_heads(features, target_name: str, results=None) -> list[Path]:
     from .. import config
     from ..backbones.registry import Backbone
     from ..paths import dataset_key, feature_set
-    from ..store import FeatureStore, parse_key
+    from ..features.store import FeatureStore, parse_key
 
     features = Path(features)
     if not features.is_file():
@@ -890,7 +890,7 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
     Classifier heads explain the probability of each face's true class; age heads the predicted age."""
     from ..scoring.scores import groups_of
     from ..scoring.heatmaps import class_grid_png, deletion_png
-    from ..store import FeatureStore
+    from ..features.store import FeatureStore
 
     settings = (settings or Settings()).check()
     methods = check_methods(methods)

@@ -687,7 +687,7 @@ class LRPExplainer:
     """LRP maps of a backbone's heads: ``explain(chips, classes) -> LRPResult``."""
 
     def __init__(self, backbone, head_dirs, cfgs=None, rule: str = "epsilon-plus-flat", epsilon: float = EPSILON):
-        from ..store import parse_key
+        from ..features.store import parse_key
 
         self.rule = check_rule(rule)
         self.epsilon = float(epsilon)

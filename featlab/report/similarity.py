@@ -316,7 +316,7 @@ def _rows(stores, split: str) -> tuple[np.ndarray, list[np.ndarray]]:
 
 
 def _features(store, key: str, rows: np.ndarray, pool: str | None) -> np.ndarray:
-    from ..featureio import pool_np
+    from ..features.featureio import pool_np
 
     return pool_np(store.read(key, rows), pool).reshape(len(rows), -1)
 
@@ -327,7 +327,7 @@ def similarity(features: list, layers=None, pool: str | None = None, block: int 
 
     Returns ``{"taps": [row taps, column taps], "cka", "se", "n", "blocks", "seconds", "dir", "files"}``."""
     from ..paths import dataset_key, feature_set
-    from ..store import FeatureStore
+    from ..features.store import FeatureStore
 
     features = [Path(f) for f in features]
     if not 1 <= len(features) <= 2:

@@ -65,7 +65,7 @@ def prepare_dataset(name: str, root: Path, *, seed: int = 0, hints: str = "cli",
 
     Datasets without their own split get a seeded one that never divides a
     ``group``. Grouping faces by what they look like needs a backbone, a stage above this one: the prepare
-    step calls :func:`featlab.facegroups.group_prepared` on the result. ``hints``: ``"cli"`` or
+    step calls :func:`featlab.features.facegroups.group_prepared` on the result. ``hints``: ``"cli"`` or
     ``"spec"``, whether messages name an option by its flag or by its spec key (:func:`option_hint`).
     """
     token = _HINTS.set(hints)

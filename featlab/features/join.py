@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config
-from .errors import FeatlabError
-from .paths import FUSION, dataset_key, feature_set
+from .. import config
+from ..errors import FeatlabError
+from ..paths import FUSION, dataset_key, feature_set
 from .store import FeatureStore
 
 SEP = ":"  # NETWORK:TAP

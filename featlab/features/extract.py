@@ -12,13 +12,13 @@ Labels follow the manifest: a rerun on a re-prepared manifest rewrites the
 labels of the rows already stored (by image id) without running the backbone
 for them. Nothing non-finite is stored: a batch with inf or nan in a tap (a
 float16 overflow, or the backbone's own nan) stops the run with one line
-before any of it is written (:meth:`featlab.store.FeatureStore.append`).
+before any of it is written (:meth:`featlab.features.store.FeatureStore.append`).
 
 Every batch is committed to the HDF5 store (taps, labels, skipped images,
 one flush), in order, so an interrupted run, even by ``kill -9``, resumes
 where it stopped: rows already stored or skipped are recognised by image id
 and not redone. A tap that the file lacks is filled for the rows already
-there, in the same file. See :mod:`featlab.store` for the layout and its
+there, in the same file. See :mod:`featlab.features.store` for the layout and its
 guarantees.
 """
 
@@ -36,14 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, config
-from .backbones.registry import Backbone, Runner, default_providers
-from .errors import DiskFull, FeatlabError, disk_full
-from .staging import checkpoint, keep
-from .data.faces import prepare_many, uses_dlib
-from .data.manifest import dataset_name, file_sha256, read_manifest
+from .. import __version__, config
+from ..backbones.registry import Backbone, Runner, default_providers
+from ..errors import DiskFull, FeatlabError, disk_full
+from ..staging import checkpoint, keep
+from ..data.faces import prepare_many, uses_dlib
+from ..data.manifest import dataset_name, file_sha256, read_manifest
 from .store import FeatureStore, full_store_error, label_row, parse_key
-from .backbones.taps import pool_features, pooled_shape
+from ..backbones.taps import pool_features, pooled_shape
 
 
 @dataclass
@@ -76,8 +76,8 @@ def default_out(backbone: str, dataset: str, align: bool = False, flip: bool = F
     is not the backbone's default (the same rule as :func:`featlab.paths.dataset_key`)."""
     suffix = "-align" if align else ""
     if preprocessing:
-        from .backbones.registry import get_spec
-        from .data.faces import check_preprocessing, default_preprocessing
+        from ..backbones.registry import get_spec
+        from ..data.faces import check_preprocessing, default_preprocessing
 
         kind = get_spec(backbone).geometry[0]
         if check_preprocessing(kind, preprocessing) != default_preprocessing(kind):
@@ -231,7 +231,7 @@ class _ProcessPool:
         import subprocess
         import sys
 
-        root = str(Path(__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])  # the folder holding the featlab package
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH")) if x),
                    OMP_NUM_THREADS="1", OPENCV_FOR_THREADS_NUM="1")
         self.geometry, self.align = geometry, align
@@ -312,7 +312,7 @@ def _maybe_die(store: FeatureStore) -> None:
 
 def _one_line_when_full(fn):
     """A write refused for lack of space (or over the file size limit) stops the extraction with one line
-    (:func:`featlab.store.full_store_error`: the file, what filled up, the faces kept) instead of HDF5's back
+    (:func:`featlab.features.store.full_store_error`: the file, what filled up, the faces kept) instead of HDF5's back
     trace; the file keeps its whole batches and the same command resumes it."""
     @functools.wraps(fn)
     def run(*args, **kw):
@@ -359,10 +359,10 @@ def extract(
 
     ``workers``/``prep``: decode/align workers and whether they are threads or
     processes; ``threads``: onnxruntime intra-op threads (0: all cores). The
-    defaults come from :func:`plan_workers`. ``cluster`` (a :class:`featlab.cluster.RayPlan`): the batches
+    defaults come from :func:`plan_workers`. ``cluster`` (a :class:`featlab.features.cluster.RayPlan`): the batches
     run on Ray instead, and their rows are committed here, through the same write path. ``rows`` ``(lo, hi)``:
     only that range of the manifest's rows (after ``limit``, each image id once): one shard of a sharded
-    extraction (:mod:`featlab.shards`), whose rows, concatenated in shard order, are a single-process run's.
+    extraction (:mod:`featlab.features.shards`), whose rows, concatenated in shard order, are a single-process run's.
     """
     t0 = time.perf_counter()
     manifest = Path(manifest)
@@ -456,7 +456,7 @@ def extract(
                     feats = stored_features(tuner.runner, chips, all_keys, flip)
                 commit(feats, [label_row(records[start + i]) for i in ok], skipped, len(results), warned)
                 tuner.tick(len(results))
-            if cluster is not None:  # featlab.cluster: batches computed by Ray workers, committed here in order
+            if cluster is not None:  # featlab.features.cluster: batches computed by Ray workers, committed here in order
                 for block in cluster.blocks(bb, records, all_keys, outputs, geometry, align, flip, batch_size, report):
                     commit(*block)
         if tuner.rates:
@@ -475,7 +475,7 @@ def extract(
 def _write_skip_list(store: FeatureStore, out: Path) -> None:
     """Every image the file skipped or stored with a warning, by name and reason, beside it
     (:func:`featlab.data.skips.extract_list_path`); no file when there is none."""
-    from .data import skips
+    from ..data import skips
 
     rows = skips.from_store(store)
     path = skips.extract_list_path(out)

@@ -131,7 +131,7 @@ class FaceGroupReport:
         """Count, on the manifest as written (its ``split`` and ``group`` columns, read back from disk; the fold
         where a row has no split), the same-group pairs and near-duplicate pairs on two sides and the test faces
         with a training face of their group."""
-        from .data.manifest import read_manifest
+        from ..data.manifest import read_manifest
 
         df = read_manifest(manifest)
         side = _sides(df)
@@ -191,8 +191,8 @@ def embed_faces(paths: list[str], model: str | None = None, batch: int = 64, pro
 
     Rows of faces whose chip cannot be cut are NaN and named in the dict, as are non-finite embeddings.
     """
-    from .backbones.registry import Backbone
-    from .data.faces import prepare
+    from ..backbones.registry import Backbone
+    from ..data.faces import prepare
 
     bb = Backbone("dlib-rec", model)
     runner = bb.runner([bb.tap("embedding")])
@@ -387,7 +387,7 @@ def group_by_face(df, seed: int = 0, resplit: bool = True, model: str | None = N
     ``df`` is a manifest frame with the split made before grouping (what the
     report measures; rows without a split are compared by ``fold``). ``embeddings`` skips the backbone (rows in ``df`` order).
     """
-    from .data.manifest import assign_splits
+    from ..data.manifest import assign_splits
 
     df = df.copy()
     rep = FaceGroupReport(faces=len(df))

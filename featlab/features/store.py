@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DiskFull, FeatlabError, disk_full, filled_up
+from ..errors import DiskFull, FeatlabError, disk_full, filled_up
 
 PATH_BYTES = 1024
 GROUP_BYTES = 64
@@ -242,7 +242,7 @@ class FeatureStore:
             if isinstance(have, np.generic):
                 have = have.item()
             if k == "preprocessing":  # by name; a file from before names were recorded gets the one used then
-                from .paths import canonical_preprocessing
+                from ..paths import canonical_preprocessing
 
                 a_have = attrs["align"] if "align" in attrs else identity.get("align", False)
                 if isinstance(a_have, np.generic):
@@ -485,7 +485,7 @@ class FeatureStore:
                warned: list[tuple] = ()) -> None:
         """Append one block: tap rows first, then labels, then skipped and warnings (rows of
         ``(image_id, path, reason)`` bytes); then flush."""
-        quiet_hdf5()  # the writer may be a thread of its own (featlab.extract's committer)
+        quiet_hdf5()  # the writer may be a thread of its own (featlab.features.extract's committer)
         n = len(labels)
         for key, x in (features.items() if n else ()):
             if len(x) != n:
@@ -611,7 +611,7 @@ class FeatureStore:
 
         Nothing is refused when the manifest file is gone (a copied features
         file) or the file records no manifest hash."""
-        from .data.manifest import file_sha256
+        from ..data.manifest import file_sha256
 
         a = self.attrs
         manifest, sha = a.get("manifest"), a.get("manifest_sha256")

@@ -1,7 +1,7 @@
 """Cluster: one extraction spread over Ray (local runtime or an existing cluster), one features file at the end.
 
 ``featlab extract ... --ray [ADDRESS] --workers N --gpus-per-worker G`` runs
-the batches of :func:`featlab.extract.extract` on a Ray Data pipeline:
+the batches of :func:`featlab.features.extract.extract` on a Ray Data pipeline:
 
 - **decode/align** as Ray tasks (``map_batches`` over a function, one CPU
   each): :func:`featlab.data.faces.prepare_many`, so a bad image becomes a reason
@@ -10,11 +10,11 @@ the batches of :func:`featlab.extract.extract` on a Ray Data pipeline:
   ``ActorPoolStrategy(size=N)``, ``num_gpus=G``): each actor holds one
   onnxruntime session (:class:`featlab.backbones.registry.Runner`, CUDA provider when
   it was given a GPU) and returns the rows as stored
-  (:func:`featlab.extract.stored_features`: pooled, cast to the stored dtype).
+  (:func:`featlab.features.extract.stored_features`: pooled, cast to the stored dtype).
 
 How the shards become one file: the blocks stream back, in manifest order
 (``preserve_order``), to the driver, which commits each one through the same
-:class:`featlab.store.FeatureStore` write path as a local run (``_Committer``:
+:class:`featlab.features.store.FeatureStore` write path as a local run (``_Committer``:
 taps, labels, skipped, one flush per batch). Nothing is written twice: no
 shard files, no merge pass, no second copy on disk, and the file is the same
 layout/rows/attributes as a single-process run because it is written by the
@@ -31,7 +31,7 @@ one at a time and only those that still fail are skipped, with the reason
 and its batch retried (Ray Data's defaults for actor pools: ``max_restarts=-1``,
 ``max_task_retries=-1``); a decode task whose process dies is retried too.
 
-``--ray --shards N`` takes the other way (:mod:`featlab.shards`): each Ray task
+``--ray --shards N`` takes the other way (:mod:`featlab.features.shards`): each Ray task
 runs a whole extraction over its slice of the manifest and writes its own
 shard file, and the driver writes only a small index: no single writer.
 
@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import FeatlabError
+from ..errors import FeatlabError
 
 INSTALL_HINT = "pip install 'featlab[ray]'  (or: pip install 'ray[data]')"
 TEST_FAIL_PATH = "FEATLAB_TEST_FAIL_PATH"  # test hook: inference raises on any batch holding a path containing this
@@ -99,7 +99,7 @@ class RayPlan:
     def blocks(self, bb, records: list[dict], keys: dict, outputs: dict | None, geometry, align: bool, flip: bool,
                batch_size: int, report):
         """Yield ``(features, labels, skipped, n_items)`` per batch of ``records``, in their order, ready for
-        :class:`featlab.extract._Committer`. Starts (or joins) Ray, and shuts it down at the end."""
+        :class:`featlab.features.extract._Committer`. Starts (or joins) Ray, and shuts it down at the end."""
         if not records:
             return
         require_ray()
@@ -223,7 +223,7 @@ def _first_line(e: BaseException) -> str:
 
 def _prepare_batch(batch: dict, geometry, align: bool) -> dict:
     """Ray task: decode and cut the chips of one batch; a failed image gets a zero chip and its reason."""
-    from .data.faces import prepare_many
+    from ..data.faces import prepare_many
 
     paths = [str(p) for p in batch["path"]]
     results = prepare_many(paths, geometry, align)
@@ -250,7 +250,7 @@ class _Infer:
         import onnx
         import onnxruntime as ort
 
-        from .backbones.registry import Runner
+        from ..backbones.registry import Runner
 
         if not isinstance(model, (bytes, bytearray)):  # an object reference, when Ray hands it over as such
             import ray
@@ -280,7 +280,7 @@ class _Infer:
         return stored_features(self.runner, chips, self.keys, self.flip)
 
     def __call__(self, batch: dict) -> dict:
-        from .backbones.taps import pooled_shape
+        from ..backbones.taps import pooled_shape
 
         if self.die_once:
             try:

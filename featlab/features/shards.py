@@ -3,14 +3,14 @@
 ``featlab extract ... --shards N`` (local processes: one per GPU, or per group
 of cores) and ``featlab extract ... --ray [ADDRESS] --shards N`` (one Ray task
 per shard) cut the manifest's rows (after ``--limit``, each image id once) into
-N contiguous, even ranges (:func:`featlab.store.shard_bounds`). Worker ``i``
-runs the ordinary :func:`featlab.extract.extract` over its range into
+N contiguous, even ranges (:func:`featlab.features.store.shard_bounds`). Worker ``i``
+runs the ordinary :func:`featlab.features.extract.extract` over its range into
 ``OUT.shards/shard-00i-of-00N.h5``, an ordinary features file with the same
 identity attributes (backbone, model sha256, preprocessing, flip, align): same
 write path, same resume, same refusals. Once every shard is done, the driver
-writes ``OUT`` as a small index (:func:`featlab.store.write_shard_index`:
+writes ``OUT`` as a small index (:func:`featlab.features.store.write_shard_index`:
 shards in order, row ranges, rows stored, sha256 of each shard's image ids,
-identity), and :meth:`featlab.store.FeatureStore.open_read` reads the set as
+identity), and :meth:`featlab.features.store.FeatureStore.open_read` reads the set as
 one store, rows in manifest order: the same rows, labels, skipped images and
 tap values as a single-process run.
 
@@ -19,13 +19,13 @@ of arguments and gets back a small report (``ExtractReport.plan['driver_bytes']`
 counts both ways, and ``tap_bytes`` what the workers wrote).
 
 Resume is per shard: a rerun of the same command reopens each shard where it
-stopped (whole batches; :mod:`featlab.store`) and does only its missing rows.
+stopped (whole batches; :mod:`featlab.features.store`) and does only its missing rows.
 A rerun that would move an already stored image to another shard (a different
 ``--limit``, or a manifest with rows added or removed before it) is refused in
 one line, as is a set made with another shard count or another identity.
 
 Local workers are plain child interpreters (``python -c``), each pinned to its
-share of the cores (``sched_setaffinity``; :func:`featlab.extract.plan_workers`
+share of the cores (``sched_setaffinity``; :func:`featlab.features.extract.plan_workers`
 then plans within it) and, when GPUs are visible, to one GPU
 (``CUDA_VISIBLE_DEVICES``, round robin). Ray workers need the manifest, images,
 model file and ``OUT``'s folder on a filesystem every node sees.
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DiskFull, FeatlabError, copy_disk_full
+from ..errors import DiskFull, FeatlabError, copy_disk_full
 
 TEST_KILL_SHARD = "FEATLAB_TEST_KILL_SHARD"  # test hook: only this shard's worker gets FEATLAB_TEST_KILL_AFTER_ROWS
 _REPORT_TAG = "FEATLAB-SHARD-REPORT "
@@ -53,7 +53,7 @@ _FULL_EXIT = 3  # a worker's exit status when its shard's disk filled up (its on
 
 
 def _rows_and_bounds(manifest: Path, limit: int | None, n: int):
-    from .data.manifest import read_manifest
+    from ..data.manifest import read_manifest
     from .store import shard_bounds
 
     df = read_manifest(manifest)
@@ -128,7 +128,7 @@ def _core_share(i: int, n: int) -> list[int] | None:
 
 
 def run_shard(job: dict) -> dict:
-    """One worker: extract one shard (``job``: the arguments of :func:`featlab.extract.extract` plus ``out``
+    """One worker: extract one shard (``job``: the arguments of :func:`featlab.features.extract.extract` plus ``out``
     and ``rows``); returns a small report (never tap bytes)."""
     from .extract import extract
     from .store import FeatureStore
@@ -152,7 +152,7 @@ def _plain(x):
 
 
 def _child() -> None:
-    """Entry point of a local worker process: ``python -c 'from featlab.shards import _child; _child()' JOB``."""
+    """Entry point of a local worker process: ``python -c 'from featlab.features.shards import _child; _child()' JOB``."""
     job = json.loads(sys.argv[1])
     cores = job.pop("cores", None)
     if cores:
@@ -172,7 +172,7 @@ def _child() -> None:
 def _run_local(jobs: list[dict], counter: dict) -> list[dict]:
     n = len(jobs)
     gpus = _gpu_list()
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding the featlab package
     kill_shard = os.environ.get(TEST_KILL_SHARD)
     procs = []
     for i, job in enumerate(jobs):
@@ -183,7 +183,7 @@ def _run_local(jobs: list[dict], counter: dict) -> list[dict]:
             env.pop("FEATLAB_TEST_KILL_AFTER_ROWS", None)
         arg = json.dumps(dict(job, cores=_core_share(i, n)))
         counter["sent"] += len(arg.encode())
-        procs.append(subprocess.Popen([sys.executable, "-c", "from featlab.shards import _child; _child()", arg],
+        procs.append(subprocess.Popen([sys.executable, "-c", "from featlab.features.shards import _child; _child()", arg],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env))
     outputs: list = [None] * n
 
@@ -274,11 +274,11 @@ def _run_ray(jobs: list[dict], plan, counter: dict) -> list[dict]:
 def extract_sharded(manifest, layers: list[str], shards: int, backbone: str = "r100", out=None, ray=None,
                     limit: int | None = None, align: bool = False, flip: bool = False, **kw):
     """Extract into ``shards`` shard files (local processes, or Ray tasks with ``ray`` a
-    :class:`featlab.cluster.RayPlan`), then index them as ``out``. ``kw``: the other arguments of
-    :func:`featlab.extract.extract` (model, pool, dtype, compression, batch_size, workers, threads, prep,
-    providers). Returns a :class:`featlab.extract.ExtractReport` over the whole set."""
+    :class:`featlab.features.cluster.RayPlan`), then index them as ``out``. ``kw``: the other arguments of
+    :func:`featlab.features.extract.extract` (model, pool, dtype, compression, batch_size, workers, threads, prep,
+    providers). Returns a :class:`featlab.features.extract.ExtractReport` over the whole set."""
     from .extract import ExtractReport, default_out
-    from .data.manifest import dataset_name, file_sha256
+    from ..data.manifest import dataset_name, file_sha256
     from .store import shard_path, write_shard_index
 
     if shards is None or int(shards) < 1:

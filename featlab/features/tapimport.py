@@ -11,7 +11,7 @@ named ``image_id``/``image_ids``/``path``/``paths`` stored beside the tap in its
 (``--rows-in-manifest-order``), taken to be the labels' rows in order. Without either the import is
 refused: rows in another order would otherwise get other faces' labels without a sound.
 
-The result is an ordinary features file written through :class:`featlab.store.FeatureStore`
+The result is an ordinary features file written through :class:`featlab.features.store.FeatureStore`
 (labels and skipped tables, ``taps`` info, attributes backbone, dataset, manifest,
 manifest_sha256, featlab_version, config) plus:
 
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeatlabError, copy_disk_full, disk_full
+from ..errors import FeatlabError, copy_disk_full, disk_full
 
 BLOCK_BYTES = 32 << 20  # float32 bytes of all taps together copied per block
 LAYOUTS = ("nchw", "nhwc")
@@ -419,8 +419,8 @@ def import_taps(tapfiles: list[str], labels: str | Path, backbone: str, out: str
     source is stored as float16 (half the bytes of float32), every other source as float32.
     ``dataset``: the dataset name heads are filed under (default: the labels file's stem).
     """
-    from . import __version__
-    from .data.manifest import dataset_name, file_sha256, read_manifest
+    from .. import __version__
+    from ..data.manifest import dataset_name, file_sha256, read_manifest
 
     t0 = time.perf_counter()
     names = check_options(tapfiles, names, layout, dtype)

@@ -1,6 +1,6 @@
 """Reading taps for heads: row blocks within a memory budget, statistics, shuffled batches.
 
-Everything here works on a :class:`featlab.store.FeatureStore` and numpy; no TensorFlow.
+Everything here works on a :class:`featlab.features.store.FeatureStore` and numpy; no TensorFlow.
 
 - :func:`read_blocks`: sorted row groups of at most ``budget`` bytes (as float32).
 - :func:`feature_stats`: mean and std of the (pooled, flattened) features over some rows, in blocks,
@@ -20,8 +20,8 @@ import math
 
 import numpy as np
 
-from .errors import FeatlabError
-from .paths import FUSION
+from ..errors import FeatlabError
+from ..paths import FUSION
 from .store import FeatureStore
 
 

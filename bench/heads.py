@@ -5,10 +5,10 @@ Same real features (dlib-rec taps of the UTKFace development set, extracted once
 ``--features``), same hyperparameters (train_head's defaults), same seed. Both sides do the whole job:
 train, score on val and test (``record_head``) and fit the baselines (``--no-baselines``: not). The
 sequential side fits each head's linear probe alone with scikit-learn; the grid's probes share their work
-(:class:`featlab.baselines.ProbeCache`: each tap read and standardised once, one Gram matrix and
+(:class:`featlab.heads.baselines.ProbeCache`: each tap read and standardised once, one Gram matrix and
 preconditioner per tap for every target, C and alpha, each C solved by a preconditioned L-BFGS and finished
 by scikit-learn) and are fitted in worker threads while the heads are saved and scored
-(:mod:`featlab.probepool`). By default both sides run in this process, TensorFlow started before either
+(:mod:`featlab.heads.probepool`). By default both sides run in this process, TensorFlow started before either
 clock; ``--cli`` runs them as users do, ``featlab train-head`` processes. Reported: wall time of each
 side and their ratio (goal: the grid at least 3x faster), the summed fit seconds, and per head the
 sequential head's test figure with its 95 % bootstrap interval beside the grid head's (goal: every
@@ -88,7 +88,7 @@ def main(argv=None):
     targets = _targets(args.targets)
     feats = (Path(args.features) if args.features else
              C.real_features("dlib-rec", 160 if tiny else 8000, taps, source=args.manifest))
-    from featlab.keras_env import keras
+    from featlab.heads.keras_env import keras
     from featlab.data.labels import HEADLINE, target_name
     from featlab.workflow import train_grid, train_head
 
@@ -147,12 +147,12 @@ def main(argv=None):
                "grid), each paying Python's, TensorFlow's and featlab's start-up" if args.cli else
                "TensorFlow was started before either clock")
     notes = (summary + " Both sides train and score (record_head: val and test"
-             + ("" if args.no_baselines else ", and fit the baselines") + "); " + started + ". The grid (featlab.grid) holds every head in one graph (own layers, loss, early "
+             + ("" if args.no_baselines else ", and fit the baselines") + "); " + started + ". The grid (featlab.heads.grid) holds every head in one graph (own layers, loss, early "
              "stopping and best weights; one learning-rate schedule), heads reading a tap the same way share its "
              "standardised, dropped-out input and one wide first layer, one epoch is one traced loop, fed from one "
              "read of each tap" + ("" if args.no_baselines else "; its linear probes share each tap's read, "
-             "standardisation and Gram matrix (featlab.baselines.ProbeCache) and are fitted in worker threads while "
-             "the heads are saved and scored (featlab.probepool)") + ". The sequential side is "
+             "standardisation and Gram matrix (featlab.heads.baselines.ProbeCache) and are fitted in worker threads while "
+             "the heads are saved and scored (featlab.heads.probepool)") + ". The sequential side is "
              "train_head as users call it (Keras fit per head, each probe alone with scikit-learn).")
     C.record("Heads: grid vs sequential", [sys.argv[0], *(argv if argv is not None else sys.argv[1:])], table, notes,
              load_before=load0, extra_versions=("tensorflow-cpu", "tensorflow", "keras", "scikit-learn"),

@@ -10,11 +10,11 @@ them). The parent only compares.
    number of images (target: 8,000 / 2,000 <= 1.2x). Both sizes are large enough for the
    run-time tuner (from 12 batches), whose second onnxruntime session is a fixed ~130 MiB:
    with ``--small 1000`` (no tuning) the ratio measures the tuner, not the streaming.
-2. Head training (``featlab.train.fit_head``) on dlib-age ``res3`` of 8,000 images
+2. Head training (``featlab.heads.train.fit_head``) on dlib-age ``res3`` of 8,000 images
    (6,272 values per row: ~140 MB of float32 train rows), once with a memory budget
    larger than that (rows read in one go) and once with ``memory_mb`` far
    below it (streamed in chunks). The baseline is a process that imports TensorFlow
-   and featlab.train and reads the labels only.
+   and featlab.heads.train and reads the labels only.
 
 Usage::
 
@@ -54,14 +54,14 @@ def child(argv: list[str]) -> None:
         rep = extract(man, [], backbone="dlib-age", out=dest, progress=False)
         out = {"rows": int(rep.rows_total), "plan": rep.plan, "file_mib": round(Path(dest).stat().st_size / 2**20, 1)}
     elif kind == "baseline-tf":
-        import featlab.train  # noqa: F401  (what a head run imports)
+        import featlab.heads.train  # noqa: F401  (what a head run imports)
         import tensorflow  # noqa: F401
         from featlab.features.store import FeatureStore
 
         with FeatureStore.open_read(argv[1]) as s:
             s.labels()
     elif kind == "head":
-        from featlab.train import fit_head
+        from featlab.heads.train import fit_head
 
         features, key, budget, epochs, root = argv[1], argv[2], float(argv[3]), int(argv[4]), argv[5]
         d = fit_head(features, key, "gender", out_root=root, epochs=epochs, patience=epochs, memory_mb=budget,
@@ -113,7 +113,7 @@ def main(argv=None):
         per_row = int(__import__("numpy").prod(shape[1:])) * 4
         train_mib = 0.7 * shape[0] * per_row / 2**20
         base = run_child("baseline-tf", feats)
-        print(f"baseline (import TensorFlow + featlab.train, read labels): {base['rss_mib']:.0f} MiB", flush=True)
+        print(f"baseline (import TensorFlow + featlab.heads.train, read labels): {base['rss_mib']:.0f} MiB", flush=True)
         big = run_child("head", feats, args.head_tap, 4096, args.epochs, tmp / "heads-mem")
         print(f"head, budget 4096 MB ({big['data_loading']}): {big['rss_mib']:.0f} MiB", flush=True)
         small = run_child("head", feats, args.head_tap, args.budget_mb, args.epochs, tmp / "heads-stream")

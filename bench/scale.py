@@ -157,14 +157,14 @@ def child(argv: list[str]) -> None:
     t = time.perf_counter()
     out: dict = {}
     if kind == "head":
-        from featlab.train import fit_head
+        from featlab.heads.train import fit_head
 
         d = fit_head(spec.pop("features"), TAP, spec.pop("target"), spec.pop("cats", None), **spec)
         cfg = json.loads((d / "config.json").read_text())
         out = {"fit_seconds": cfg["training"]["fit_seconds"], "epochs": cfg["training"]["epochs_run"],
                "loading": cfg["data_loading"], "counts": cfg["counts"]}
     elif kind == "grid":
-        from featlab.grid import fit_grid
+        from featlab.heads.grid import fit_grid
 
         dirs = fit_grid(spec.pop("features"), [TAP], [("age", None), ("gender", None), ("bins", 7)], **spec)
         cfgs = [json.loads((d / "config.json").read_text()) for d in dirs]
@@ -173,7 +173,7 @@ def child(argv: list[str]) -> None:
                "epochs": g.get("epochs_run_all_heads", max(c["training"]["epochs_run"] for c in cfgs)),
                "counts": cfgs[0]["counts"], "grid": {k: g.get(k) for k in ("groups", "streamed", "traces")}}
     elif kind == "baseline":
-        import featlab.train  # noqa: F401
+        import featlab.heads.train  # noqa: F401
         import tensorflow  # noqa: F401
     me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print("RESULT " + json.dumps({**out, "read_bytes": counts, "wall": time.perf_counter() - t,
@@ -341,7 +341,7 @@ def main() -> None:
                     add(f"peak RSS, head age, {n:,} rows, --memory-mb {mb:g}", f"{r['rss_mib']:,.0f} MiB",
                         f"{'streamed' if r['loading'].startswith('streamed') else 'in memory'} ({load()})")
             r = run_child({"kind": "baseline"})
-            add("peak RSS, baseline (TensorFlow + featlab.train imported)", f"{r['rss_mib']:,.0f} MiB")
+            add("peak RSS, baseline (TensorFlow + featlab.heads.train imported)", f"{r['rss_mib']:,.0f} MiB")
         if "compare" in stages:
             root = data / "compare"
             compare_records(root, args.compare_faces, args.compare_taps)

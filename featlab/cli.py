@@ -509,7 +509,7 @@ def train_head(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no per-head progress lines"),
 ):
     """Train lean Keras heads on taps; score each on val (for choices) and test (to report), with baselines.
-    Several --layer and targets train every (tap, target) head together in one pass (featlab.grid)."""
+    Several --layer and targets train every (tap, target) head together in one pass (featlab.heads.grid)."""
     from .recipes import parse_hidden, run_head
 
     tgts = head_targets(target, cats, regression)

@@ -247,7 +247,7 @@ def _zero_shot_step(features: Path, heads: list[dict], echo) -> None:
     """Score dlib-age / dlib-gender's own outputs on the val and test rows of the features file."""
     from .data.labels import encode_target, split_rows
     from .features.store import FeatureStore
-    from .zeroshot import score_zero_shot
+    from .heads.zeroshot import score_zero_shot
 
     with FeatureStore.open_read(features) as s:
         labels = s.labels()

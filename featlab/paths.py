@@ -23,7 +23,7 @@ Results go to ``{results}/{backbone}/{dataset-key}/{head-key}/{target}/`` where
   key joins its taps' keys with ``+``.
 
 Zero-shot nets' scores go to :func:`zeroshot_dir` (feature set and manifest hash), the one rule both
-their writer (:mod:`featlab.zeroshot`) and :mod:`featlab.report.compare` use.
+their writer (:mod:`featlab.heads.zeroshot`) and :mod:`featlab.report.compare` use.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
     from .crosshead import NetworkRunners, is_cross_head
     from .features.extract import stored_features
     from .data.faces import UTKFACE_TEMPLATE
-    from .model import load_head, outputs_to_prediction
+    from .heads.model import load_head, outputs_to_prediction
     from .features.store import parse_key
 
     heads = [load_head(d) for d in head_dirs]

@@ -12,7 +12,7 @@ It is the one source of two things:
 Validation is strict: TOML already gives numbers, booleans, strings and lists their types, so nothing is
 coerced (``align = "false"`` is an error, not a true string). A whole number is accepted where a decimal is
 expected (``lr = 1``). Adding a key means adding a field here (with its description) and regenerating
-``docs/spec.md``; the tests check that every keyword of :func:`featlab.train.fit_head` is a ``[[heads]]`` key.
+``docs/spec.md``; the tests check that every keyword of :func:`featlab.heads.train.fit_head` is a ``[[heads]]`` key.
 """
 
 from __future__ import annotations
@@ -498,7 +498,7 @@ hidden = 0                          # a linear head
 
 def spec_reference() -> str:
     """The text of ``docs/spec.md``, generated from the schema (``featlab spec-doc``)."""
-    from .train import default_hyperparameters
+    from .heads.train import default_hyperparameters
 
     hp = default_hyperparameters()
     hp = {k: v for k, v in hp.items() if k not in NOT_HEAD_KEYS and k not in ("input_dropout", "age_sigma")}

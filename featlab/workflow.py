@@ -1,4 +1,4 @@
-"""Train, then score: the one place that chains :mod:`featlab.train` (or :mod:`featlab.grid`),
+"""Train, then score: the one place that chains :mod:`featlab.heads.train` (or :mod:`featlab.heads.grid`),
 :mod:`featlab.report.evaluate` and the baselines, for one head, a grid of heads, several seeds, or the fold protocol.
 
 :func:`train_head` is what ``featlab train-head``, experiment specs and the sweep call. With
@@ -6,7 +6,7 @@
 mean and spread over seeds (training variance) next to a bootstrap interval over faces of the
 per-face mean (test-sample variance). With ``fold="all"`` it runs every fold (``fold{K}/``) and
 summarises the same way, the faces of all folds pooled. :func:`train_grid` does the same for every
-(tap, target) head of a grid, trained together in one pass (:mod:`featlab.grid`).
+(tap, target) head of a grid, trained together in one pass (:mod:`featlab.heads.grid`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .scoring.uncertainty import interval
 
 def _train_and_record(features, layer, target, cats, *, fold, seed, seed_dir, baselines, out_root, verbose,
                       **hp) -> Path:
-    from .train import fit_head
+    from .heads.train import fit_head
 
     d = fit_head(features, layer, target, cats, fold=fold, seed=seed, seed_dir=seed_dir, out_root=out_root,
                  verbose=verbose, **hp)
@@ -38,12 +38,12 @@ def _train_and_record(features, layer, target, cats, *, fold, seed, seed_dir, ba
 
 def _record(features, d: Path, baselines: bool, verbose, memory_mb, pool=None, job=None):
     """Score a saved head on val and test (metrics.json) and fit its baselines. With ``pool`` (a grid's
-    :class:`featlab.probepool.ProbePool`) the baselines are fitted in the pool: returns their future (``job``
-    when they were submitted before, None without baselines), for :func:`featlab.baselines.write_baselines`
+    :class:`featlab.heads.probepool.ProbePool`) the baselines are fitted in the pool: returns their future (``job``
+    when they were submitted before, None without baselines), for :func:`featlab.heads.baselines.write_baselines`
     to write into ``d``; the head's folder is complete once that is done."""
-    from .baselines import fit_baselines, head_stats
+    from .heads.baselines import fit_baselines, head_stats
     from .report.evaluate import record_head
-    from .model import load_head
+    from .heads.model import load_head
 
     model, cfg = load_head(d)
     target = cfg["target"]
@@ -105,7 +105,7 @@ def _train_head(features, layer, target, cats=None, *, fold=None, seed: int = 0,
 def train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: int = 1, baselines: bool = True,
                out_root=None, verbose=1, skip=(), finish=None, installed=None, **hp) -> list[Path]:
     """Train and score every (tap, target) head of ``layers`` x ``targets`` (``[(target, cats)]``): one
-    :func:`featlab.grid.fit_grid` per seed and fold, then each head scored on its own (``record_head``,
+    :func:`featlab.heads.grid.fit_grid` per seed and fold, then each head scored on its own (``record_head``,
     baselines) and, with ``seeds`` > 1 or ``fold="all"``, summarised like :func:`train_head`. One head
     alone goes through :func:`train_head`. Returns the heads' record folders, layer-major.
 
@@ -114,7 +114,7 @@ def train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: in
     heads trained with the others (the grid is the same, so are their partners' numbers) but neither
     scored nor installed: their finished records are kept as they are. ``finish(i, staged_folder)``
     runs on each complete record just before it is installed, ``installed(i, folder)`` just after."""
-    from .grid import grid_heads
+    from .heads.grid import grid_heads
 
     skip = set(skip or ())
     n_new = len(set(range(len(grid_heads(layers, targets)))) - skip)
@@ -139,7 +139,7 @@ def train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: in
 
 def _train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: int = 1, baselines: bool = True,
                 out_root=None, verbose=1, skip=frozenset(), install=None, **hp) -> list[Path]:
-    from .grid import fit_grid, grid_heads
+    from .heads.grid import fit_grid, grid_heads
 
     seeds = int(seeds)
     if seeds < 1:
@@ -160,8 +160,8 @@ def _train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: i
             dirs.append(summarise([f[i] for f in per_fold], "folds", per_fold[0][i].parent))
             install(i, dirs[-1])
         return dirs
-    from .baselines import write_baselines
-    from .probepool import ProbePool
+    from .heads.baselines import write_baselines
+    from .heads.probepool import ProbePool
 
     per_seed = []
     waiting: list = []  # (head, folder, baselines' future or None), in order; seeds == 1: installed once done

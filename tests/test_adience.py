@@ -65,14 +65,14 @@ def adience(tmp_path_factory):
 @pytest.fixture
 def no_tensorflow(monkeypatch):
     """Fail the test if a head gets as far as setting up TensorFlow."""
-    import featlab.grid
-    import featlab.train
+    import featlab.heads.grid
+    import featlab.heads.train
 
     def refuse(seed):
         raise AssertionError("TensorFlow was set up before the range check")
 
-    monkeypatch.setattr(featlab.train, "_setup_tf", refuse)
-    monkeypatch.setattr(featlab.grid, "_setup_tf", refuse)
+    monkeypatch.setattr(featlab.heads.train, "_setup_tf", refuse)
+    monkeypatch.setattr(featlab.heads.grid, "_setup_tf", refuse)
 
 
 def test_the_range_losses_of_every_scheme(adience):
@@ -105,7 +105,7 @@ def test_a_scheme_that_drops_ranges_stops_with_the_count(adience, no_tensorflow,
 
 def test_eight_groups_keep_every_row(adience):
     """The Adience protocol's scheme: every row of every fold is a train, val or test row."""
-    from featlab.train import check_hyperparameters, plan_head
+    from featlab.heads.train import check_hyperparameters, plan_head
 
     hp = check_hyperparameters("bins", 8, {"verbose": 0})
     with FeatureStore.open_read(adience[1]) as s:

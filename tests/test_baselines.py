@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featlab import baselines as B
+from featlab.heads import baselines as B
 from featlab.data.labels import class_names, encode_target, split_rows
 from featlab.features.store import FeatureStore, label_row
 

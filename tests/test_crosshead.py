@@ -90,7 +90,7 @@ def test_evaluate_on_its_own_files_gives_the_records_test_figures(study):
 def test_evaluate_on_another_pair_scores_every_face_as_the_head_reads_them(study):
     """Pair B (other faces, another manifest): every face scored, each prediction equal to the head's output on
     the two files' rows joined by image id by hand."""
-    from featlab.model import load_head, outputs_to_prediction
+    from featlab.heads.model import load_head, outputs_to_prediction
     from featlab.report.evaluate import evaluate_head
 
     root, files, head = study

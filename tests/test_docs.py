@@ -116,7 +116,7 @@ def _spec_default(key: str, section: str) -> str:
 
 def test_help_texts_and_the_spec_reference_give_the_heads_real_defaults():
     """`train-head --help`'s [DEFAULT], docs/spec.md's default column and fit_head's keyword default agree."""
-    from featlab.train import default_hyperparameters
+    from featlab.heads.train import default_hyperparameters
 
     hp = default_hyperparameters()
     for key in ("hidden", "dropout", "epochs", "lr"):

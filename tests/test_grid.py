@@ -1,4 +1,4 @@
-"""The grid (featlab.grid): many heads in one Keras fit, each saved and scored as if trained alone;
+"""The grid (featlab.heads.grid): many heads in one Keras fit, each saved and scored as if trained alone;
 fusion heads on several taps. Small generated features (tests/test_heads.py's make_features)."""
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ def feats(tmp_path_factory):
 def grid(feats, tmp_path_factory):
     """taps conv, vec and their fusion x targets bins7, age, gender, trained and scored in one grid
     (validation scored in chunks of 17 rows, so that the chunks' seams are exercised)."""
-    import featlab.grid
+    import featlab.heads.grid
     from featlab.workflow import train_grid
 
     root = tmp_path_factory.mktemp("gridres")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(featlab.grid, "VAL_CHUNK", 17)
+        mp.setattr(featlab.heads.grid, "VAL_CHUNK", 17)
         dirs = train_grid(feats, ["conv", "vec", "conv+vec"], [("bins", 7), ("age", None), ("gender", None)],
                           out_root=root, **FAST)
     return root, dirs
@@ -62,7 +62,7 @@ def test_grid_head_is_a_standalone_head(feats, grid, tmp_path):
     """Each grid head loads on its own and reproduces its recorded test figure from the raw tap; its
     folder holds the same files as a head trained alone, and its config.json the same fields."""
     from featlab.data.labels import encode_target, split_rows
-    from featlab.model import load_head, outputs_to_prediction
+    from featlab.heads.model import load_head, outputs_to_prediction
     from featlab.workflow import train_head
 
     _, dirs = grid
@@ -169,7 +169,7 @@ def test_cli_trains_a_grid_and_compare_puts_fusions_last(feats, tmp_path, monkey
 def test_trunk_columns_start_like_a_lone_head():
     """Four heads share a 256-wide input and one 4x64-wide first layer: each head's columns start with
     a lone head's Glorot range sqrt(6 / (256 + 64)), not the wide layer's sqrt(6 / (256 + 256))."""
-    from featlab.grid import GridNet
+    from featlab.heads.grid import GridNet
 
     plans = [dict(parts=["t"], fused=False, mean=np.zeros(256), std=np.ones(256), pool=None, input_dropout=0.5,
                   n_inputs=256, n_classes=2, kind="softmax", age_grid=None, key="t", tname="gender")
@@ -195,9 +195,9 @@ def test_grid_traces_once_and_skipping_stopped_trunks_changes_no_figure(feats, t
     trunk to the end, the grid saves bit-identical weights and histories for every head."""
     import tensorflow as tf
 
-    import featlab.grid
-    from featlab.grid import fit_grid
-    from featlab.model import load_head
+    import featlab.heads.grid
+    from featlab.heads.grid import fit_grid
+    from featlab.heads.model import load_head
 
     made, real = [], tf.function
 
@@ -209,7 +209,7 @@ def test_grid_traces_once_and_skipping_stopped_trunks_changes_no_figure(feats, t
         return lambda fn: made.append(deco(fn)) or made[-1]
 
     monkeypatch.setattr(tf, "function", counting)
-    monkeypatch.setattr(featlab.grid, "VAL_CHUNK", 17)
+    monkeypatch.setattr(featlab.heads.grid, "VAL_CHUNK", 17)
     hp = dict(epochs=40, patience=1, lr=0.01, batch_size=64, verbose=0)
     layers, targets = ["conv", "vec", "conv+vec"], [("bins", 7), ("age", None), ("gender", None)]
     dirs = fit_grid(feats, layers, targets, out_root=tmp_path / "skip", **hp)
@@ -220,7 +220,7 @@ def test_grid_traces_once_and_skipping_stopped_trunks_changes_no_figure(feats, t
     # the fixture exercises the skip: at least two of the three trunks stopped before the fit ended
     assert sum(max(c["epochs_run"] for c in cfgs[j: j + 3]) < total for j in (0, 3, 6)) >= 2
 
-    monkeypatch.setattr(featlab.grid, "_live_trunks", lambda net, stopped: [1.0] * len(net.trunks))
+    monkeypatch.setattr(featlab.heads.grid, "_live_trunks", lambda net, stopped: [1.0] * len(net.trunks))
     dirs_all = fit_grid(feats, layers, targets, out_root=tmp_path / "all", **hp)
     for d, e in zip(dirs, dirs_all):
         assert (d / "history.csv").read_text() == (e / "history.csv").read_text(), d
@@ -232,7 +232,7 @@ def test_fusion_head_over_the_budget_trains_in_memory_when_the_machine_has_room(
     """A fusion head cannot stream and trains alone, so the budget cannot change its numbers: over a tiny
     --memory-mb it trains in memory (saying so) to the same figures as under a large one; where the machine
     lacks the room it stops with one line naming both figures."""
-    import featlab.train
+    import featlab.heads.train
     from featlab.errors import FeatlabError
     from featlab.workflow import train_grid
 
@@ -246,6 +246,6 @@ def test_fusion_head_over_the_budget_trains_in_memory_when_the_machine_has_room(
     a = pd.read_csv(big / "faces.csv")
     b = pd.read_csv(small / "faces.csv")
     assert a.equals(b)
-    monkeypatch.setattr(featlab.train, "available_memory", lambda: 1 << 10)
+    monkeypatch.setattr(featlab.heads.train, "available_memory", lambda: 1 << 10)
     with pytest.raises(FeatlabError, match=r"over the 0 MiB budget and 80% of the 0 MiB this machine has free"):
         train_grid(f, ["a+b"], [("gender", None)], out_root=tmp_path / "none", baselines=False, memory_mb=0.01, **opts)

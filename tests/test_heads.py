@@ -269,7 +269,7 @@ def test_bad_requests(feats, tmp_path):
 def test_training_never_reads_a_test_row_and_standardises_on_train_only(feats, tmp_path, monkeypatch):
     """Spy on every read of the tap and on the statistics: fitting a head touches train and val rows only,
     and the standardisation is computed from exactly the train rows."""
-    import featlab.train as T
+    import featlab.heads.train as T
     from featlab.data.labels import encode_target, split_rows
 
     reads, stats = [], []
@@ -348,8 +348,8 @@ def _log1p_plan(max_age: int = 79):
 def test_log1p_expectation_head_predicts_the_mean_age_in_years():
     """p = 1/2 on ages 1 and 79: the expected age is 40 years (the log-space expectation would say 11.6),
     both in the saved head's prediction and in the loss and MAE it trains and is monitored with."""
-    from featlab.model import outputs_to_prediction
-    from featlab.train import loss_and_metrics
+    from featlab.heads.model import outputs_to_prediction
+    from featlab.heads.train import loss_and_metrics
 
     ages, transform, grid = _log1p_plan()
     p = np.zeros((2, len(ages)))

@@ -278,7 +278,7 @@ def dlib_rec(utk_manifest, tmp_path_factory):
     feats = d / "four.h5"
     assert main(["extract", "-b", "dlib-rec", "-l", "res14", "-m", str(man), "--out", str(feats), "-q"]) == 0
     bb = Backbone("dlib-rec")
-    from featlab.model import build_model
+    from featlab.heads.model import build_model
 
     rng = np.random.default_rng(2)
     grid = np.linspace(-1.5, 3.0, 19)
@@ -298,7 +298,7 @@ def dlib_rec(utk_manifest, tmp_path_factory):
 def test_dlib_rec_in_numpy_reproduces_onnxruntime_stored_features_and_keras(dlib_rec):
     from featlab.backbones.registry import Runner
     from featlab.data.images import load_rgb
-    from featlab.model import load_head, outputs_to_prediction
+    from featlab.heads.model import load_head, outputs_to_prediction
     from featlab.features.store import FeatureStore
 
     bb, df, feats, head = dlib_rec

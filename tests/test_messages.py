@@ -16,7 +16,7 @@ from featlab.errors import FeatlabError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: TensorFlow's harmless lines as issue #14 quotes them (independent of featlab.keras_env.HARMLESS).
+#: TensorFlow's harmless lines as issue #14 quotes them (independent of featlab.heads.keras_env.HARMLESS).
 NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operations", "node_def_util.cc",
          "use_unbounded_threadpool", "cpu_feature_guard", "I0000 ", "E0000 ", "W0000 ")
 
@@ -82,7 +82,7 @@ def test_train_and_evaluate_print_no_tensorflow_noise_and_real_errors_still_show
 
 
 def test_keras_env_drops_only_the_listed_lines(capfd):
-    from featlab.keras_env import harmless_lines_dropped
+    from featlab.heads.keras_env import harmless_lines_dropped
 
     with harmless_lines_dropped():
         os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")
@@ -237,7 +237,7 @@ def _installed(metadata, name: str) -> bool:
                                                   (" 2 ", True, "3"), ("x", True, "3"), ("3", True, "3"),
                                                   ("4", True, "4"), ("0", False, "0")])
 def test_tf_log_level_below_3_stays_quiet_unless_0(monkeypatch, given, quiet, after):
-    from featlab.keras_env import configure_environment
+    from featlab.heads.keras_env import configure_environment
 
     if given is None:
         monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)

@@ -1,4 +1,4 @@
-"""A grid's probes fitted in worker threads (featlab.probepool) give the figures of one probe after the
+"""A grid's probes fitted in worker threads (featlab.heads.probepool) give the figures of one probe after the
 other, bit for bit; a probe written into another head's folder is refused; leaving the pool on an error
 stops a running probe at its next step. No TensorFlow."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featlab import baselines as B
-from featlab.probepool import ProbePool
+from featlab.heads import baselines as B
+from featlab.heads.probepool import ProbePool
 from featlab.features.store import FeatureStore
 
 from test_baselines import _std_head, make_probe_features

@@ -43,7 +43,7 @@ def _counting(monkeypatch):
 
 
 def test_streamed_grid_reads_the_tap_once_per_epoch(feats, tmp_path, monkeypatch):
-    from featlab.grid import fit_grid
+    from featlab.heads.grid import fit_grid
 
     with FeatureStore.open_read(feats) as s:
         split = s.labels().split.to_numpy()
@@ -68,7 +68,7 @@ def test_streamed_grid_reads_the_tap_once_per_epoch(feats, tmp_path, monkeypatch
 def test_streamed_grid_gives_the_in_memory_grid_figures(feats, tmp_path):
     """Same seed: the streamed epoch draws the same permutation and cuts it into the same batches (a block is
     whole batches in permutation order), so its heads are the in-memory grid's, figure for figure."""
-    from featlab.grid import fit_grid
+    from featlab.heads.grid import fit_grid
     from featlab.report.evaluate import evaluate_head
 
     kw = dict(KW, epochs=12, patience=4)

@@ -137,7 +137,7 @@ def test_spec_doc_command_prints_the_reference(capsys):
 
 def test_the_reference_names_every_key_with_its_default():
     from featlab.specschema import Backbone, Dataset, Extract, Head, Options, Spec, spec_reference
-    from featlab.train import default_hyperparameters
+    from featlab.heads.train import default_hyperparameters
 
     text = spec_reference()
     for model in (Spec, Dataset, Options, Backbone, Extract, Head):
@@ -156,7 +156,7 @@ def test_schema_matches_the_code_it_describes():
     from featlab.data.datasets.csvfile import prepare as csv_prepare
     from featlab.specschema import ADAPTER_NAMES, COMPRESSIONS, NOT_HEAD_KEYS, Head, Options
     from featlab.features.store import COMPRESSION
-    from featlab.train import fit_head
+    from featlab.heads.train import fit_head
     from featlab.workflow import train_grid
 
     kw = {k for k, p in inspect.signature(fit_head).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}

@@ -139,7 +139,7 @@ def test_compare_never_shows_a_zero_shot_row_scored_on_another_manifest(utk30, t
     from featlab.data.manifest import write_manifest
     from featlab.paths import feature_set, zeroshot_dir
     from featlab.features.store import FeatureStore
-    from featlab.zeroshot import score_zero_shot
+    from featlab.heads.zeroshot import score_zero_shot
 
     monkeypatch.chdir(tmp_path)
     df, _ = prepare_dataset("utkface", utk30)

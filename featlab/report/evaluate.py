@@ -80,7 +80,7 @@ def check_compatible(store: FeatureStore, cfg: dict) -> None:
 
 def score_rows(model, cfg: dict, store: FeatureStore, rows: np.ndarray, labels=None, seed: int = 0) -> dict:
     """Figures, intervals, report, per-face values and predictions of the head on ``rows``."""
-    from ..model import predict_rows
+    from ..heads.model import predict_rows
 
     labels = store.labels() if labels is None else labels
     check_finite(store, cfg["tap"], rows)
@@ -142,7 +142,7 @@ def record_head(model, cfg: dict, store: FeatureStore, head_dir: Path) -> dict:
 def evaluate_head(head_dir, features=None, split: str | None = None, out_dir=None) -> dict:
     """Score the head in ``head_dir`` on ``split`` of ``features`` (default: its own file's test split;
     every row of another file) into ``{head}/eval/{dataset-key}/{split}/metrics.json`` (or ``out_dir``)."""
-    from ..model import load_head
+    from ..heads.model import load_head
 
     head_dir = Path(head_dir)
     if split is not None and split not in SPLITS:

@@ -454,7 +454,7 @@ class HeadScorer:
 
     def __init__(self, head_dirs, model: str | None = None):
         from ..backbones.registry import Runner
-        from ..model import load_head
+        from ..heads.model import load_head
         from ..predict import backbone_for
         from ..features.store import parse_key
 
@@ -481,7 +481,7 @@ class HeadScorer:
     def predictions(self, chips: np.ndarray) -> list[dict]:
         """Per head, ``outputs_to_prediction`` of the chips (uint8 (N, H, W, 3))."""
         from ..features.extract import stored_features
-        from ..model import outputs_to_prediction
+        from ..heads.model import outputs_to_prediction
 
         feats = stored_features(self.runner, np.asarray(chips, dtype=np.uint8), self.keys, self.flip)
         self.calls += 1
@@ -527,7 +527,7 @@ class CrossScorer(HeadScorer):
         from types import SimpleNamespace
 
         from ..crosshead import NetworkRunners, is_cross_head
-        from ..model import load_head
+        from ..heads.model import load_head
 
         self.heads = [load_head(d) for d in head_dirs]
         self.cfgs = [c for _, c in self.heads]
@@ -550,7 +550,7 @@ class CrossScorer(HeadScorer):
         self.cutters = {n: fixed_cutter(g, chip, align) for n, g in self.nets.geometries.items()}
 
     def predictions(self, chips: np.ndarray) -> list[dict]:
-        from ..model import outputs_to_prediction
+        from ..heads.model import outputs_to_prediction
 
         images = np.asarray(chips, dtype=np.uint8)
         feats = self.nets.features({n: np.stack([cut(im) for im in images]) for n, cut in self.cutters.items()})

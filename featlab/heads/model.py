@@ -1,6 +1,6 @@
 """The Keras head: build it, load it, turn its outputs into predictions.
 
-Keras comes from :mod:`featlab.keras_env` inside the functions, never at import time.
+Keras comes from :mod:`featlab.heads.keras_env` inside the functions, never at import time.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeatlabError
-from .features.featureio import read_blocks, read_input
+from ..errors import FeatlabError
+from ..features.featureio import read_blocks, read_input
 from .keras_env import keras as _keras
-from .data.labels import to_years_np
-from .features.store import FeatureStore
+from ..data.labels import to_years_np
+from ..features.store import FeatureStore
 
 
 def custom_objects() -> dict:

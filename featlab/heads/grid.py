@@ -5,10 +5,10 @@ train and val rows of every target together, as float32) when they fit the memor
 the heads are split into groups of taps that fit, one fit per group. The heads of a tap whose rows
 alone do not fit are streamed together: every epoch reads the tap's train and val rows once for all of
 them (blocks of a fresh permutation, the next block read in a thread; the same batches, so the same
-figures, as in memory). A fusion head that does not fit is handed to :func:`featlab.train.fit_head`.
+figures, as in memory). A fusion head that does not fit is handed to :func:`featlab.heads.train.fit_head`.
 
 Within a group, one Keras graph (:class:`GridNet`) holds every head, each built from the same pieces
-as :func:`featlab.model.build_model` for its tap (or taps, for a fusion key ``a+b``) and target, with its
+as :func:`featlab.heads.model.build_model` for its tap (or taps, for a fusion key ``a+b``) and target, with its
 own layers, output and loss. Heads that read the same input the same way (:func:`trunk_signature`:
 taps, pooling, standardisation, input dropout) share a *trunk*: that input is standardised and
 dropped out once per batch, and their first hidden layers run as one wide Dense layer, each head
@@ -58,13 +58,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeatlabError
-from .features.featureio import fusion_parts, row_bytes
+from ..errors import FeatlabError
+from ..features.featureio import fusion_parts, row_bytes
 from .keras_env import keras as _keras
-from .data.labels import check_ranges, encode_target, split_rows, target_name
+from ..data.labels import check_ranges, encode_target, split_rows, target_name
 from .model import build_model, head_layers, standardised_input
-from .staging import checkpoint
-from .features.store import FeatureStore
+from ..staging import checkpoint
+from ..features.store import FeatureStore
 from .train import (_setup_tf, check_hyperparameters, fit_head, input_stats, loss_and_metrics, make_optimizer,
                     plan_head, probe_config, save_head)
 
@@ -83,10 +83,10 @@ def grid_heads(layers, targets) -> list[tuple[str, str, int | None]]:
 def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: bool = False, trained=None,
              **hp) -> list[Path]:
     """Train every (tap, target) head of ``layers`` x ``targets`` (a list of ``(target, cats)``) in one
-    process; returns the heads' folders, layer-major. ``hp``: :func:`featlab.train.fit_head`'s keyword
+    process; returns the heads' folders, layer-major. ``hp``: :func:`featlab.heads.train.fit_head`'s keyword
     hyperparameters, the same for every head. ``trained(i, store, probe_config, stats)``: called for each
     head trained in a group once the group has trained, before its heads are saved, with what the head's
-    baselines need (:func:`featlab.train.probe_config`, :func:`featlab.train.input_stats`): a grid starts
+    baselines need (:func:`featlab.heads.train.probe_config`, :func:`featlab.heads.train.input_stats`): a grid starts
     its probes while this thread saves the heads."""
     layers = [str(x) for x in (layers or [])]
     if not layers:
@@ -471,7 +471,7 @@ class GridNet:
     trunk: their taps' input is pooled, standardised and dropped out once, and their first hidden
     layers are one Dense layer as wide as all of them (a head owns its slice of its columns: its
     kernel columns, its biases). Dropout after it, further layers and the output are each head's own,
-    built by :func:`featlab.model.head_layers` with the names of a head trained alone, prefixed
+    built by :func:`featlab.heads.model.head_layers` with the names of a head trained alone, prefixed
     ``g{i}_``.
 
     Sharing the input dropout mask couples the heads' noise, not their weights: each head still sees a

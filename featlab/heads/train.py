@@ -25,17 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .data.bins import get_scheme
-from .errors import FeatlabError
-from .features.featureio import ShuffledBatches, feature_stats, fusion_parts, read_input, row_bytes
+from .. import __version__
+from ..data.bins import get_scheme
+from ..errors import FeatlabError
+from ..features.featureio import ShuffledBatches, feature_stats, fusion_parts, read_input, row_bytes
 from .keras_env import keras as _keras
 from .keras_env import tensorflow as _tensorflow
-from .data.labels import (RANGE_POLICIES, TARGETS, check_ranges, class_names, class_weights, dropped_reasons,
+from ..data.labels import (RANGE_POLICIES, TARGETS, check_ranges, class_names, class_weights, dropped_reasons,
                      encode_target, make_targets, soft_bin_labels, split_rows, target_name, to_years_np)
 from .model import build_model
-from .paths import dataset_key, feature_set, head_dir, input_key
-from .features.store import FeatureStore
+from ..paths import dataset_key, feature_set, head_dir, input_key
+from ..features.store import FeatureStore
 
 
 #: peak copies of in-memory rows during Keras' fit (measured: ~0.8 GB of float32 rows -> 2.4 GB over
@@ -539,7 +539,7 @@ def save_head(plan: dict, store: FeatureStore, model, h: dict, lrs: list, fit_se
 
 
 def _write_history(out: Path, h: dict, lrs: list, cfg: dict) -> None:
-    from .scoring.plots import history_png
+    from ..scoring.plots import history_png
 
     keys = list(h)
     with open(out / "history.csv", "w", newline="") as f:

@@ -4,15 +4,15 @@ After a grid has trained, its heads are saved (models, history plots) and scored
 head's predictions, reports and plots, mostly Python under the GIL), and their baselines fitted (the linear
 probes: mostly BLAS calls, which release the GIL, each single-threaded, ``baselines.BLAS_THREADS``). One after
 the other, one of two cores sat idle through all of it. The pool reads each head's baseline input in the
-calling thread (HDF5 stays in one thread: :func:`featlab.baselines.prepare_baselines`) and fits and scores
+calling thread (HDF5 stays in one thread: :func:`featlab.heads.baselines.prepare_baselines`) and fits and scores
 it in one of ``workers`` threads; the calling thread writes the result into the head's folder once the head
-is saved (:func:`featlab.baselines.write_baselines`, which checks that the probe read that head's config and
+is saved (:func:`featlab.heads.baselines.write_baselines`, which checks that the probe read that head's config and
 standardisation). :func:`featlab.workflow.train_grid` submits each head's probe as soon as the grid has
 trained, before the heads are saved; not while it trains: beside one probe thread, TensorFlow's training
 took twice as long on 2 cores (the probes are memory-bound, and so is training).
 
 The figures are those of one probe after the other: each probe is fitted by the same code on the same
-arrays, every BLAS call single-threaded, and the work the probes share (:class:`featlab.baselines.ProbeCache`:
+arrays, every BLAS call single-threaded, and the work the probes share (:class:`featlab.heads.baselines.ProbeCache`:
 a tap's design, its Gram matrix and preconditioner) is computed once, under a lock, by whichever probe asks
 first.
 
@@ -45,7 +45,7 @@ def usable_cores() -> int:
 
 class ProbePool:
     """``with ProbePool() as pool: fut = pool.submit(store, cfg, memory_mb, stats)``: a head's baselines
-    (what :func:`featlab.baselines.fit_baselines` does but the writing), read now and fitted in a worker
+    (what :func:`featlab.heads.baselines.fit_baselines` does but the writing), read now and fitted in a worker
     thread; ``write_baselines(head_dir, fut.result())`` writes them. With one usable core (or ``workers=1``)
     each head's baselines are fitted at once, in the calling thread, and the future comes back done."""
 
@@ -71,10 +71,10 @@ class ProbePool:
     def submit(self, store, cfg: dict, memory_mb: float = 2048, stats=None, wait: bool = True) -> Future | None:
         """The baselines of the head described by ``cfg`` (its config, or ``PROBE_CONFIG`` of it) and
         ``stats`` (its input's mean and std): read now, fitted in a worker; the future's result goes to
-        :func:`featlab.baselines.write_baselines` once the head's folder is there. ``wait=False``: None
+        :func:`featlab.heads.baselines.write_baselines` once the head's folder is there. ``wait=False``: None
         rather than waiting for earlier taps' probes to make room."""
         from .baselines import prepare_baselines
-        from .features.featureio import row_bytes
+        from ..features.featureio import row_bytes
 
         key = (cfg["tap"], str(cfg.get("hyperparameters", {}).get("pool")))
         if not self._taps or self._taps[-1][0] != key:

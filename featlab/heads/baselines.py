@@ -16,7 +16,7 @@
 
 :func:`fit_baselines` writes ``baselines.json`` (per baseline: settings, ``val`` and ``test`` figures
 with intervals) and ``baselines_faces.csv`` (image_id, split, baseline, per-face values) into the
-head's folder. The zero-shot nets are in :mod:`featlab.zeroshot`.
+head's folder. The zero-shot nets are in :mod:`featlab.heads.zeroshot`.
 
 A grid's probes (``fit_baselines(..., shared=ProbeCache())``, what :func:`featlab.workflow.train_grid`
 passes) fit the same models, searched and chosen the same way, but share their work: each tap is read and
@@ -43,11 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .scoring.scores import score_predictions
-from .features.featureio import read_blocks, read_pooled, row_bytes
-from .data.labels import encode_target, face_scores, selection_metric, split_rows
-from .staging import checkpoint
-from .features.store import FeatureStore
+from ..scoring.scores import score_predictions
+from ..features.featureio import read_blocks, read_pooled, row_bytes
+from ..data.labels import encode_target, face_scores, selection_metric, split_rows
+from ..staging import checkpoint
+from ..features.store import FeatureStore
 
 #: The first grids (decades); a choice on an edge of the searched grid extends it by a decade on that side,
 #: again and again, until the choice is inside or the bound is reached (then ``at_edge`` is true).
@@ -67,7 +67,7 @@ TOL = 1e-4
 #: 1 (110-180 s vs 4.5-6 s). On an idle many-core machine the wide-tap probes of a large split would gain from more.
 BLAS_THREADS = 1
 
-#: Per thread, the event that cancels its probe (set by :class:`featlab.probepool.ProbePool`'s workers).
+#: Per thread, the event that cancels its probe (set by :class:`featlab.heads.probepool.ProbePool`'s workers).
 _local = threading.local()
 
 
@@ -300,7 +300,7 @@ class _Shared:
     """The work a tap's probes share, for one set of train rows of one standardised design: the centred
     train rows (float32), their mean, the centred train Gram matrix X'X in float64 (ridge solves it, the
     logistic probe's preconditioner is read from it), and the preconditioner's eigenpairs, each computed
-    once (by whichever probe asks first: the probes of a :class:`featlab.probepool.ProbePool` ask from several
+    once (by whichever probe asks first: the probes of a :class:`featlab.heads.probepool.ProbePool` ask from several
     threads). Only for the primal case (the tap no wider than its train rows are many)."""
 
     def __init__(self, xtr: np.ndarray):
@@ -534,7 +534,7 @@ def head_stats(head_dir: Path):
     return z["mean"], z["std"]
 
 
-#: What of a head's config.json the baselines read (:func:`featlab.train.probe_config` gives it before the
+#: What of a head's config.json the baselines read (:func:`featlab.heads.train.probe_config` gives it before the
 #: head is saved; :func:`write_baselines` checks it against the saved config).
 PROBE_CONFIG = ("tap", "target", "cats", "class_names", "target_name", "fold", "hyperparameters.pool",
                 "hyperparameters.val_share")
@@ -552,7 +552,7 @@ def prepare_baselines(store: FeatureStore, cfg: dict, memory_mb: float = 2048, s
     probe's design, standardised by ``stats``: the head's (mean, std), None: no probe) and returns a function
     of no arguments that fits and scores the baselines; :func:`write_baselines` writes what it returns into
     the head's folder. That function touches no HDF5 file and no folder, so it may run in another thread
-    (:class:`featlab.probepool.ProbePool`), and before the head itself is trained and saved."""
+    (:class:`featlab.heads.probepool.ProbePool`), and before the head itself is trained and saved."""
     target, cats = cfg["target"], cfg.get("cats")
     labels = store.labels()
     y_all, valid = encode_target(labels, target, cats)

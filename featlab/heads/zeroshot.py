@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.bins import get_scheme
-from .scoring.scores import score_predictions, write_faces
-from .data.labels import encode_target, target_name
-from .paths import feature_set, zeroshot_dir
-from .features.store import FeatureStore
+from ..data.bins import get_scheme
+from ..scoring.scores import score_predictions, write_faces
+from ..data.labels import encode_target, target_name
+from ..paths import feature_set, zeroshot_dir
+from ..features.store import FeatureStore
 
 NETS = {"age": "dlib-age", "bins": "dlib-age", "gender": "dlib-gender"}
 AGE_WEIGHTS = np.array([0.25] + list(range(1, 81)), dtype=np.float64)
@@ -60,7 +60,7 @@ def score_zero_shot(features: Path, target: str, cats, rows_by_split: dict[str, 
                     results_root=None, progress: bool = False) -> dict:
     """Score the zero-shot net of ``target`` on ``rows_by_split`` (row indices of ``features``); filed by
     the feature set and manifest hash of ``features`` (:func:`featlab.paths.zeroshot_dir`)."""
-    from .features.extract import default_out, extract
+    from ..features.extract import default_out, extract
 
     net = NETS[target]
     with FeatureStore.open_read(features) as s:

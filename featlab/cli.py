@@ -765,12 +765,12 @@ def predict(
     is skipped by name. Exit status: 0 when every image gave at least one face, 1 when any was skipped,
     2 on bad input (one line).
     """
-    from .predict import check_images, expand_images, predict_paths
+    from .report.predict import check_images, expand_images, predict_paths
 
     for h in head:
         _check_head_dir(h)
     images = check_images(expand_images(images))
-    from .crosshead import parse_models
+    from .report.crosshead import parse_models
 
     records = predict_paths(images, head, annotate=annotate, model=parse_models(model), detect=True if detect else None,
                             echo=_echo)
@@ -813,7 +813,7 @@ def explain(
     settings = Settings(patch=patch, stride=stride, masks=masks, baseline=baseline, cell=cell, steps=steps,
                         batch=batch, seed=seed, rule=rule, epsilon=epsilon).check()
     methods = check_methods(method)
-    from .crosshead import parse_models
+    from .report.crosshead import parse_models
 
     model = parse_models(model)
     out = Path(_need(out, "--out", "pass --out DIR for the figures"))

@@ -139,7 +139,7 @@ def test_a_file_that_does_not_match_its_network_is_one_line_naming_it(study, tmp
 
 
 def test_predict_runs_both_networks_on_a_photo_as_the_features_were_stored(study):
-    from featlab.predict import predict_paths
+    from featlab.report.predict import predict_paths
 
     root, files, head = study
     cfg = json.loads((head / "config.json").read_text())
@@ -174,7 +174,7 @@ def test_the_fixed_cut_is_the_extraction_chip_and_stays_put_under_occlusion(utk_
     """Each network's cut of the clean image is its extraction chip, bit for bit; an occluded copy is cut at the
     clean image's place: every chip pixel the occluded square does not reach is unchanged."""
     from featlab.backbones.registry import Backbone
-    from featlab.crosshead import fixed_cutter
+    from featlab.report.crosshead import fixed_cutter
     from featlab.data.images import load_rgb
 
     img = load_rgb(sorted(utk_dir.glob("*.jpg"))[5])
@@ -191,7 +191,7 @@ def test_the_fixed_cut_is_the_extraction_chip_and_stays_put_under_occlusion(utk_
 
 
 def test_explain_occludes_both_networks_and_refuses_lrp_in_one_line(study, tmp_path, capsys):
-    from featlab.predict import predict_paths
+    from featlab.report.predict import predict_paths
     from featlab.report.explain import Settings, explain_images
 
     root, files, head = study

@@ -180,7 +180,7 @@ def _sample_faces(n: int) -> list[Path]:
 
 
 def test_explain_images_end_to_end(age_head, tmp_path, capsys):
-    from featlab.predict import predict_paths
+    from featlab.report.predict import predict_paths
 
     _, _, head = age_head
     faces = _sample_faces(2)

@@ -43,7 +43,7 @@ def test_plain_and_flip_heads_land_apart_and_never_mix(two_sets, tmp_path):
 
 
 def test_predict_with_a_flip_head_reproduces_the_stored_features(two_sets, tmp_path):
-    from featlab.predict import predict_paths
+    from featlab.report.predict import predict_paths
     from featlab.workflow import train_head
 
     _, _, flip = two_sets

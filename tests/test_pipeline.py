@@ -118,7 +118,7 @@ def test_predict_with_a_fusion_head_gives_its_recorded_test_predictions(demo_dir
     evaluation recorded from the stored features (predictions.csv)."""
     import pandas as pd
 
-    from featlab.predict import predict_paths
+    from featlab.report.predict import predict_paths
 
     out, _ = demo_dir
     root = out / "results" / "dlib-rec" / "utkface-sample" / "res12+res14+embedding"

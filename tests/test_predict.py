@@ -86,7 +86,7 @@ def test_predict_on_a_group_photo_gives_one_line_per_face_without_detect(heads, 
 
 
 def test_predict_on_training_chips_reproduces_the_stored_features_prediction(heads):
-    from featlab.predict import predict_paths
+    from featlab.report.predict import predict_paths
 
     feats, gender, age = heads
     with FeatureStore.open_read(feats) as s:

@@ -10,6 +10,8 @@ side by side, the similarity of their taps, predictions on new images and where 
 - :mod:`~featlab.report.similarity`: linear CKA between the taps of one or two features files.
 - :mod:`~featlab.report.explain`, :mod:`~featlab.report.lrp`: where in the face a head looks (occlusion,
   RISE, layer-wise relevance propagation), and whether that is true.
+- :mod:`~featlab.report.predict`: heads run on new images (``featlab predict``).
+- :mod:`~featlab.report.crosshead`: a head across networks run on each network's own features or images.
 
 Figures, intervals and tests are computed in :mod:`featlab.scoring`.
 """

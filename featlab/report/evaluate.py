@@ -19,7 +19,7 @@ beside it, the full breakdown, the per-face values and the predictions).
 ``{head}/eval/{dataset-key}/{split}/``; it never changes the head's own record. On another features
 file it uses every row unless a split is asked for, and refuses features made differently. A head across
 networks takes one features file per network (or a file they were joined into): each is checked against that
-network's own record (:mod:`featlab.crosshead`), then they are joined by image id as in training; on the files
+network's own record (:mod:`featlab.report.crosshead`), then they are joined by image id as in training; on the files
 it was trained on it gives its record's test figures.
 """
 
@@ -160,7 +160,7 @@ def evaluate_head(head_dir, features=None, split: str | None = None, out_dir=Non
         raise FeatlabError(f"{head_dir} is not a single head (evaluate one of its fold*/seed* folders)")
     files = [] if features is None else [Path(f) for f in (features if isinstance(features, (list, tuple))
                                                             else [features])]
-    from ..crosshead import check_network_file, is_cross_head, match_files
+    from .crosshead import check_network_file, is_cross_head, match_files
 
     if len(files) > 1 and is_cross_head(json.loads(cfg_path.read_text())):  # one line before TensorFlow loads
         cfg = json.loads(cfg_path.read_text())
@@ -187,14 +187,14 @@ def _evaluate_cross(model, cfg: dict, head_dir: Path, files: list[Path], split, 
     already joined, checked part by part; the head's own joined file when none is given."""
     import tempfile
 
-    from ..crosshead import check_joined_file, join_for_head
+    from .crosshead import check_joined_file, join_for_head
 
     unchecked = {**cfg, "features_model_sha256": None,  # the parts are checked, each against its network
                  "fusion": [{**p, "feature_set": None} for p in cfg["fusion"]]}
     if len(files) == 1:
         with FeatureStore.open_read(files[0]) as store:
             if not store.attrs.get("join"):
-                from ..crosshead import head_networks
+                from .crosshead import head_networks
 
                 nets = list(head_networks(cfg))
                 raise FeatlabError(f"{files[0]}: the head reads networks {' and '.join(nets)}; give one features "

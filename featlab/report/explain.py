@@ -455,7 +455,7 @@ class HeadScorer:
     def __init__(self, head_dirs, model: str | None = None):
         from ..backbones.registry import Runner
         from ..heads.model import load_head
-        from ..predict import backbone_for
+        from .predict import backbone_for
         from ..features.store import parse_key
 
         self.heads = [load_head(d) for d in head_dirs]
@@ -518,7 +518,7 @@ class HeadScorer:
 
 
 class CrossScorer(HeadScorer):
-    """Heads across networks (:mod:`featlab.crosshead`) as ``f(images) -> (N, K)``. What is explained is the
+    """Heads across networks (:mod:`featlab.report.crosshead`) as ``f(images) -> (N, K)``. What is explained is the
     image as read (the face crop, or the photo with ``align``): :meth:`focus` fixes where each network cuts its
     chip from the clean image (its detection and landmarks), and every occluded or masked copy is cut there by
     each network with its own preprocessing, run through that network, and the heads read the parts' taps."""
@@ -526,7 +526,7 @@ class CrossScorer(HeadScorer):
     def __init__(self, head_dirs, model=None):
         from types import SimpleNamespace
 
-        from ..crosshead import NetworkRunners, is_cross_head
+        from .crosshead import NetworkRunners, is_cross_head
         from ..heads.model import load_head
 
         self.heads = [load_head(d) for d in head_dirs]
@@ -544,7 +544,7 @@ class CrossScorer(HeadScorer):
 
     def focus(self, chip: np.ndarray, align: bool | None = None) -> None:
         """Cut every later image where ``chip`` (the clean image) puts each network's face; BadImage if none."""
-        from ..crosshead import fixed_cutter
+        from .crosshead import fixed_cutter
 
         align = self.align if align is None else bool(align)
         self.cutters = {n: fixed_cutter(g, chip, align) for n, g in self.nets.geometries.items()}
@@ -601,7 +601,7 @@ class _Curves:
 
 def _open_heads(head_dirs, model, methods, settings):
     """The heads' scorer (each config knowing its folder) and, with ``lrp`` among ``methods``, its LRP chain."""
-    from ..crosshead import is_cross_head
+    from .crosshead import is_cross_head
 
     if any(is_cross_head(json.loads((Path(d) / "config.json").read_text())) for d in head_dirs):
         if "lrp" in methods:
@@ -746,7 +746,7 @@ def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Set
     """Per image (its largest face) and method: one PNG with the chip and a signed map per head, the prediction
     in each title; and explain_summary.json. Every image is checked and explained before anything is written."""
     from ..scoring.heatmaps import deletion_png, image_png
-    from ..predict import expand_images
+    from .predict import expand_images
 
     settings = (settings or Settings()).check()
     methods = check_methods(methods)
@@ -903,7 +903,7 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
     with FeatureStore.open_read(features) as s:
         attrs, labels = s.attrs, s.labels()
     cfgs = [json.loads((Path(d) / "config.json").read_text()) for d in head_dirs]
-    from ..crosshead import is_cross_head
+    from .crosshead import is_cross_head
 
     if any(is_cross_head(c) for c in cfgs):
         raise FeatlabError("the dataset view (--features) does not take a head across networks yet: explain its "

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeatlabError
-from .paths import FUSION, differences, feature_set, preprocessing_name
+from ..errors import FeatlabError
+from ..paths import FUSION, differences, feature_set, preprocessing_name
 
 #: What a file's part must share with the head's record of that network (the manifest and dataset may differ).
 CHECKED = ("backbone", "preprocessing", "align", "flip", "pool", "dtype")
@@ -65,7 +65,7 @@ def _names(nets) -> str:
 def match_files(cfg: dict, files) -> dict[str, Path]:
     """{network: file}: each file given matched to the head's network of its backbone (and preprocessing
     when the head reads that backbone twice); one line when a file fits none, two fit one, or one is missing."""
-    from .features.store import FeatureStore
+    from ..features.store import FeatureStore
 
     nets = head_networks(cfg)
     out: dict[str, Path] = {}
@@ -145,8 +145,8 @@ def join_for_head(cfg: dict, files, root, echo=None) -> tuple[Path, dict[str, Pa
     """(joined file under ``root``, {network: file}, whether these are the files the head was trained on):
     each file matched to its network and checked (:func:`check_network_file`), then joined by image id
     (:func:`featlab.features.join.join_features`) under the head's own keys."""
-    from .features.join import SEP, join_features
-    from .features.store import FeatureStore
+    from ..features.join import SEP, join_features
+    from ..features.store import FeatureStore
 
     nets = match_files(cfg, files)
     for n, f in nets.items():
@@ -197,9 +197,9 @@ class NetworkRunners:
     the features files stored them}. All heads must read the same networks, made the same way."""
 
     def __init__(self, cfgs: list[dict], model=None, spinning: bool | None = None):
-        from .backbones.registry import Runner
+        from ..backbones.registry import Runner
         from .predict import backbone_for
-        from .features.store import parse_key
+        from ..features.store import parse_key
 
         nets = head_networks(cfgs[0])
         for c in cfgs[1:]:
@@ -258,7 +258,7 @@ class NetworkRunners:
 
     def features(self, chips: dict) -> dict[str, np.ndarray]:
         """{head key: float32 rows as stored} from each network's chips (``{network: (N, H, W, 3) uint8}``)."""
-        from .features.extract import stored_features
+        from ..features.extract import stored_features
 
         out = {}
         for n in self.networks:
@@ -272,8 +272,8 @@ def fixed_cutter(geometry, image: np.ndarray, align: bool):
     """``cut(img) -> chip``: the chip ``geometry`` cuts from ``image`` (as ``geometry.chip(image, align)``), with
     the detection and landmarks found on ``image`` kept for every image of its size (an occluded copy is cut
     at the same place, not re-detected). BadImage when ``image`` gives no face or no usable landmarks."""
-    from .data.faces import ARCFACE_DST, _dlib, check_landmarks, detect, warp_arcface, warp_to_template
-    from .data.images import BadImage
+    from ..data.faces import ARCFACE_DST, _dlib, check_landmarks, detect, warp_arcface, warp_to_template
+    from ..data.images import BadImage
 
     h, w = image.shape[:2]
     if align:

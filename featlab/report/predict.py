@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeatlabError
-from .data.images import IMAGE_EXTS, BadImage, load_rgb
+from ..errors import FeatlabError
+from ..data.images import IMAGE_EXTS, BadImage, load_rgb
 
 
 def expand_images(items) -> list[Path]:
@@ -59,9 +59,9 @@ def check_images(paths: list[Path]) -> list[Path]:
 
 
 def backbone_for(cfgs: list[dict], model: str | None):
-    from .backbones.registry import Backbone
-    from .paths import canonical_preprocessing
-    from .features.store import FeatureStore
+    from ..backbones.registry import Backbone
+    from ..paths import canonical_preprocessing
+    from ..features.store import FeatureStore
 
     names = {c["backbone"] for c in cfgs}
     shas = {c.get("features_model_sha256") for c in cfgs}
@@ -118,8 +118,8 @@ def training_template(cfg: dict, limit: int = 64):
     """Where faces sit in the crops the head was trained on (:class:`featlab.data.faces.CropTemplate`), measured
     on up to ``limit`` of the training images its features file lists; UTKFace's template when none of
     them is on disk or shows a face."""
-    from .data.faces import UTKFACE_TEMPLATE, crop_template
-    from .features.store import FeatureStore
+    from ..data.faces import UTKFACE_TEMPLATE, crop_template
+    from ..features.store import FeatureStore
 
     feats = Path(cfg.get("features", ""))
     if feats.is_file():
@@ -145,12 +145,12 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
     crops). A record per face (``path``, ``face``, ``box``, ``whole``: the image is the crop, ``labels``),
     or per skipped image (``path``, ``error``). ``keep_features``: each face record also holds the tap values
     the heads read (``features``: {tap: array}), as stored."""
-    from .backbones.registry import Runner
+    from ..backbones.registry import Runner
     from .crosshead import NetworkRunners, is_cross_head
-    from .features.extract import stored_features
-    from .data.faces import UTKFACE_TEMPLATE
-    from .heads.model import load_head, outputs_to_prediction
-    from .features.store import parse_key
+    from ..features.extract import stored_features
+    from ..data.faces import UTKFACE_TEMPLATE
+    from ..heads.model import load_head, outputs_to_prediction
+    from ..features.store import parse_key
 
     heads = [load_head(d) for d in head_dirs]
     cfgs = [c for _, c in heads]
@@ -240,7 +240,7 @@ def _cut(img: np.ndarray, geometries: dict, template, align: bool, upsample: int
     """(boxes, whole-image flags, {network: chips}) of every face of ``img``: cut like the heads' training crops
     (``template``), detected and aligned (``align``), or the image as one crop; each network's chip cut by its
     own geometry from the same face. A face one network cannot cut (no usable landmarks) is left out for all."""
-    from .data.faces import detect, training_crops
+    from ..data.faces import detect, training_crops
 
     if template is not None:
         crops = training_crops(img, template, upsample=upsample)

@@ -1,5 +1,5 @@
-"""Heads benchmark: a grid of heads in one pass (``featlab.workflow.train_grid``) against the same heads
-trained one by one (``featlab.workflow.train_head``).
+"""Heads benchmark: a grid of heads in one pass (``featlab.study.workflow.train_grid``) against the same heads
+trained one by one (``featlab.study.workflow.train_head``).
 
 Same real features (dlib-rec taps of the UTKFace development set, extracted once and cached, or
 ``--features``), same hyperparameters (train_head's defaults), same seed. Both sides do the whole job:
@@ -90,7 +90,7 @@ def main(argv=None):
              C.real_features("dlib-rec", 160 if tiny else 8000, taps, source=args.manifest))
     from featlab.heads.keras_env import keras
     from featlab.data.labels import HEADLINE, target_name
-    from featlab.workflow import train_grid, train_head
+    from featlab.study.workflow import train_grid, train_head
 
     if not args.cli:
         keras()  # TensorFlow's start-up is paid before either clock starts

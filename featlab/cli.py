@@ -465,7 +465,7 @@ def head_targets(targets, cats, regression: bool = False) -> list[tuple[str, int
     each ``--target`` (repeatable, or a comma list) is age, gender, ``bins8`` or ``bins`` (whose
     schemes are the ``--cats`` values). ``--cats 7``, ``--regression``, ``--target gender`` and
     ``--target bins --cats 7`` alone mean one head, as always."""
-    from .recipes import head_target
+    from .study.recipes import head_target
 
     targets = [t.strip() for v in (targets or []) for t in str(v).split(",") if t.strip()]
     cats = list(cats or [])
@@ -510,7 +510,7 @@ def train_head(
 ):
     """Train lean Keras heads on taps; score each on val (for choices) and test (to report), with baselines.
     Several --layer and targets train every (tap, target) head together in one pass (featlab.heads.grid)."""
-    from .recipes import parse_hidden, run_head
+    from .study.recipes import parse_hidden, run_head
 
     tgts = head_targets(target, cats, regression)
     fold_arg = _fold_choice(fold, folds)
@@ -551,7 +551,7 @@ def train_head(
                        memory_mb=memory_mb, verbose=0 if quiet else 1, **opts)
         _echo(f"head written to {out}")
         return
-    from .workflow import train_grid
+    from .study.workflow import train_grid
 
     outs = train_grid(features, layers, tgts, fold=fold_arg, seed=seed, seeds=seeds, memory_mb=memory_mb,
                       verbose=0 if quiet else 1, **opts)
@@ -564,7 +564,7 @@ def _train_cross(files, layers, tgts, fold_arg, hidden, dropout, epochs, lr, ord
     """train-head over several features files: each --layer NET:TAP+NET:TAP is joined by image id
     (featlab.features.join) into its own features file, whose heads go to results/NET+NET/..."""
     from .features.join import is_cross, join_features
-    from .workflow import train_grid
+    from .study.workflow import train_grid
 
     for f in files:
         _check_file(f, "features file", "make it with `featlab extract`")
@@ -622,7 +622,7 @@ def evaluate(
         _check_file(f, "features file", "make it with `featlab extract`")
     if split is not None and split not in SPLITS:
         raise FeatlabError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    from .recipes import summary_line
+    from .study.recipes import summary_line
 
     m = evaluate_head(head, features=features, split=split)
     _echo(summary_line(m) + f" -> {m['out_dir']}")
@@ -644,7 +644,7 @@ def compare(
                                      "or mae=0.25 (defaults: 0.01 for accuracy, 1-off and CS@5; 0.15 years for MAE)"),
 ):
     """Gather every evaluated tap of one backbone and dataset into a comparison table and a chart (each tap's test figure with its 95 % interval)."""
-    from .recipes import compare_cmd, head_target, parse_margins
+    from .study.recipes import compare_cmd, head_target, parse_margins
 
     margins = parse_margins(margin or [])
     tgt, cats = head_target(target, cats or (None if (target or regression) else 7), regression)
@@ -666,7 +666,7 @@ def compare(
         raise FeatlabError("give one --dataset for one --backbone")
     res = compare_cmd(tgt, cats, backbone=backbones[0] if backbones else None, dataset=datasets[0] if datasets else None,
                       sweep=sweep, features=features, manifest=manifest, margins=margins)
-    from .experiment import comparison_table, uncertainty_line
+    from .study.experiment import comparison_table, uncertainty_line
 
     _echo(f"chosen on validation: {res['chosen']}. {uncertainty_line({'': res})}")
     for line in comparison_table(res):
@@ -721,7 +721,7 @@ def run(
     force: bool = typer.Option(False, "--force", help="redo steps even when their outputs exist"),
 ):
     """Run an experiment spec: prepare -> extract -> train-head -> evaluate -> compare, skipping finished steps."""
-    from .study import run_study
+    from .study.runner import run_study
 
     report = run_study(spec, overrides=list(set_ or []), force=force)
     _echo(f"report: {report}")
@@ -730,7 +730,7 @@ def run(
 @app.command("spec-doc")
 def spec_doc():
     """Print the reference of experiment specs (every section and key, generated from the schema): docs/spec.md."""
-    from .specschema import spec_reference
+    from .study.schema import spec_reference
 
     typer.echo(spec_reference(), nl=False)
 
@@ -741,7 +741,7 @@ def demo(
     backbone: Optional[str] = typer.Option(None, "--backbone", help="dlib-rec (default when available) or dlib-age"),
 ):
     """The whole pipeline offline on the UTKFace sample shipped inside featlab (a few minutes on 2 cores)."""
-    from .experiment import run_demo
+    from .study.experiment import run_demo
 
     report = run_demo(out, backbone=backbone)
     _echo(f"report: {report}")

@@ -119,7 +119,7 @@ def test_eight_groups_keep_every_row(adience):
 
 
 def test_ranges_drop_trains_and_records_the_rows_lost_per_range(adience, tmp_path, monkeypatch):
-    from featlab.experiment import ranges_lines
+    from featlab.study.experiment import ranges_lines
 
     monkeypatch.chdir(tmp_path)
     rc = main(["train-head", "--features", str(adience[1]), "--layer", "vec", "--cats", "7", "--fold", "0",
@@ -148,7 +148,7 @@ def test_a_bad_ranges_value_is_one_line(adience, capsys):
 def test_the_shipped_adience_spec_runs_the_eight_group_fold_protocol(adience, tmp_path):
     """r100-adience.toml: 8 groups and gender over the 5 folds, nothing that drops a range; a spec asking for
     7 groups stops before extraction unless its [[heads]] say ranges = "drop"."""
-    from featlab.experiment import _check_ranges, _heads, load_spec
+    from featlab.study.experiment import _check_ranges, _heads, load_spec
 
     spec = load_spec(ROOT / "experiments" / "r100-adience.toml")
     heads = _heads(spec)
@@ -178,7 +178,7 @@ def test_the_shipped_adience_spec_runs_the_protocol_end_to_end(tmp_path, monkeyp
     import shutil
 
     from featlab.data.bins import get_scheme
-    from featlab.experiment import run_spec
+    from featlab.study.experiment import run_spec
 
     chips = sorted((ROOT / "featlab" / "data" / "utkface-sample").glob("*.jpg"))[::5][:120]
     scheme = get_scheme(8)

@@ -184,7 +184,7 @@ def test_best_fusion_is_chosen_on_validation_and_reported(tmp_path):
     """Among the fusion heads, a+b+c wins on validation and a+b on test: a+b+c is the best fusion; the
     report's sentence gives its test figure, interval and paired comparison with the chosen tap;
     fusions are listed after the single taps, fewer taps first."""
-    from featlab.experiment import best_fusion_line
+    from featlab.study.experiment import best_fusion_line
 
     root = tmp_path / "results"
     _write_metrics(root, "mystery", "ds", "a", "gender", {"accuracy": 0.78}, val={"accuracy": 0.80}, n=400)
@@ -299,7 +299,7 @@ def test_spec_fusion_keys_name_extracted_taps():
     """A spec's fusion heads join two or more extracted taps (spaces ignored); anything else stops with
     one line naming what is extracted and what is not."""
     from featlab.errors import FeatlabError
-    from featlab.experiment import fusion_keys
+    from featlab.study.experiment import fusion_keys
 
     keys = ["res12", "res14", "embedding@avg"]
     spec = {"name": "s", "fusion": ["res12 + res14", "res14+embedding@avg"]}

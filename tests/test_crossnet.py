@@ -239,7 +239,7 @@ def test_spec_with_two_networks(utk_small, tmp_path, monkeypatch):
     a rerun trains nothing."""
     import pandas as pd
 
-    from featlab.study import run_study
+    from featlab.study.runner import run_study
 
     monkeypatch.chdir(tmp_path)
     spec = tmp_path / "two.toml"
@@ -282,7 +282,7 @@ def test_spec_with_two_networks(utk_small, tmp_path, monkeypatch):
     (lambda t: t.replace('name = "dlib-gender"', 'name = "dlib-gender"\npreprocessing = 3'), "preprocessing"),
 ])
 def test_networks_spec_refusals_are_one_line(tmp_path, edit, message):
-    from featlab.experiment import load_spec
+    from featlab.study.experiment import load_spec
 
     spec = tmp_path / "s.toml"
     spec.write_text(edit(TWO_NETS.format(manifest=tmp_path / "m.csv")))
@@ -291,7 +291,7 @@ def test_networks_spec_refusals_are_one_line(tmp_path, edit, message):
 
 
 def test_single_network_spec_keys_refused_without_networks(tmp_path):
-    from featlab.experiment import load_spec
+    from featlab.study.experiment import load_spec
 
     spec = tmp_path / "s.toml"
     spec.write_text('similarity = true\n[dataset]\nadapter = "utkface"\nroot = "@sample"\n[backbone]\nname = "dlib-age"\n'
@@ -301,7 +301,7 @@ def test_single_network_spec_keys_refused_without_networks(tmp_path):
 
 
 def test_network_names_and_fusion_keys():
-    from featlab.multinet import network_names, split_fusions
+    from featlab.study.multinet import network_names, split_fusions
 
     nets = [{"name": "dlib-rec"}, {"name": "sface", "preprocessing": "template-5pt"},
             {"name": "sface", "preprocessing": "resize"}]

@@ -155,7 +155,7 @@ def test_settings_and_methods_fail_with_one_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def age_head(tmp_path_factory):
     """dlib-age features of the shipped sample and a regression head on res5 (a few epochs)."""
-    from featlab.experiment import sample_root
+    from featlab.study.experiment import sample_root
 
     work = tmp_path_factory.mktemp("explain")
     man = work / "sample.csv"

@@ -26,7 +26,7 @@ def two_sets(utk_small, tmp_path_factory):
 def test_plain_and_flip_heads_land_apart_and_never_mix(two_sets, tmp_path):
     from featlab.report.compare import compare
     from featlab.report.evaluate import evaluate_head
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     _, plain, flip = two_sets
     a = train_head(plain, "res5@avg", "gender", out_root=tmp_path, **FAST)
@@ -44,7 +44,7 @@ def test_plain_and_flip_heads_land_apart_and_never_mix(two_sets, tmp_path):
 
 def test_predict_with_a_flip_head_reproduces_the_stored_features(two_sets, tmp_path):
     from featlab.report.predict import predict_paths
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     _, _, flip = two_sets
     head = train_head(flip, "res5@avg", "gender", out_root=tmp_path, **FAST)

@@ -25,7 +25,7 @@ def grid(feats, tmp_path_factory):
     """taps conv, vec and their fusion x targets bins7, age, gender, trained and scored in one grid
     (validation scored in chunks of 17 rows, so that the chunks' seams are exercised)."""
     import featlab.heads.grid
-    from featlab.workflow import train_grid
+    from featlab.study.workflow import train_grid
 
     root = tmp_path_factory.mktemp("gridres")
     with pytest.MonkeyPatch.context() as mp:
@@ -43,7 +43,7 @@ def test_grid_heads_score_like_heads_trained_alone(feats, grid, tmp_path):
     """Same seed, same hyperparameters: each grid head's test figure is within a stated tolerance of the
     head trained alone (5 points of accuracy for gender, 10 for 7 bins on ~150 test faces, 1.5 years
     of MAE for age); a head that learned nothing (wrong rows, masks or weights) misses by far more."""
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     _, dirs = grid
     by = {(d.parent.name, d.name): d for d in dirs}
@@ -63,7 +63,7 @@ def test_grid_head_is_a_standalone_head(feats, grid, tmp_path):
     folder holds the same files as a head trained alone, and its config.json the same fields."""
     from featlab.data.labels import encode_target, split_rows
     from featlab.heads.model import load_head, outputs_to_prediction
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     _, dirs = grid
     alone = train_head(feats, "vec", "gender", out_root=tmp_path, **FAST)
@@ -135,7 +135,7 @@ def make_halves(path: Path, n: int = 2000, seed: int = 1) -> Path:
 def test_fusion_head_beats_each_tap_alone(tmp_path):
     """Each tap carries half of the planted signal (~75 % accuracy alone); the fusion head a+b sees both
     and is filed under its own key, with the right number of standardised features."""
-    from featlab.workflow import train_grid
+    from featlab.study.workflow import train_grid
 
     f = make_halves(tmp_path / "halves.h5")
     dirs = train_grid(f, ["a", "b", "a+b"], [("gender", None)], out_root=tmp_path / "r", baselines=False,
@@ -234,7 +234,7 @@ def test_fusion_head_over_the_budget_trains_in_memory_when_the_machine_has_room(
     lacks the room it stops with one line naming both figures."""
     import featlab.heads.train
     from featlab.errors import FeatlabError
-    from featlab.workflow import train_grid
+    from featlab.study.workflow import train_grid
 
     f = make_halves(tmp_path / "halves.h5")
     opts = {**FAST, "epochs": 3}

@@ -65,7 +65,7 @@ def feats(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(feats, tmp_path_factory):
     """One bins head (7 groups) shared by several tests."""
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     root = tmp_path_factory.mktemp("results")
     d = train_head(feats, "conv", "bins", 7, out_root=root, **FAST)
@@ -108,7 +108,7 @@ def test_bins_head_learns_and_writes_everything(trained, feats):
 
 
 def test_age_head_beats_the_mean(feats, tmp_path):
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     d = train_head(feats, "conv", "age", out_root=tmp_path, **FAST)
     m = json.loads((d / "metrics.json").read_text())
@@ -126,7 +126,7 @@ def test_age_head_beats_the_mean(feats, tmp_path):
 
 
 def test_gender_head(feats, tmp_path):
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     d = train_head(feats, "conv", "gender", out_root=tmp_path, pool="avg", **FAST)
     assert d.parts[-2:] == ("conv~avg", "gender")  # pooled by the head: never where a tap pooled at extraction goes
@@ -137,7 +137,7 @@ def test_gender_head(feats, tmp_path):
 
 
 def test_ordinal_bins_head(feats, tmp_path):
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     d = train_head(feats, "conv", "bins", 5, out_root=tmp_path, ordinal=True, **FAST)
     m = json.loads((d / "metrics.json").read_text())
@@ -156,7 +156,7 @@ def test_ordinal_bins_head(feats, tmp_path):
 
 
 def test_same_seed_same_predictions(feats, tmp_path, trained):
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     d2 = train_head(feats, "conv", "bins", 7, out_root=tmp_path, **FAST)
     assert (trained / "predictions.csv").read_text() == (d2 / "predictions.csv").read_text()
@@ -165,7 +165,7 @@ def test_same_seed_same_predictions(feats, tmp_path, trained):
 
 
 def test_streaming_matches_in_memory(feats, tmp_path, trained):
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     d = train_head(feats, "conv", "bins", 7, out_root=tmp_path, memory_mb=0.05, **FAST)
     cfg = json.loads((d / "config.json").read_text())
@@ -234,7 +234,7 @@ def test_evaluate_refuses_other_model_and_handles_held_out_file(trained, tmp_pat
 
 
 def test_folds(tmp_path):
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     f = make_features(tmp_path / "adience.h5", n=600, seed=2, folds=True, split=False)
     with pytest.raises(FeatlabError, match="--fold"):
@@ -256,7 +256,7 @@ def test_folds(tmp_path):
 
 
 def test_bad_requests(feats, tmp_path):
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     with pytest.raises(FeatlabError, match="cats"):
         train_head(feats, "vec", "bins", None, out_root=tmp_path)
@@ -300,7 +300,7 @@ def test_training_never_reads_a_test_row_and_standardises_on_train_only(feats, t
 
 
 def test_non_finite_features_and_stale_labels_are_refused(tmp_path):
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     f = make_features(tmp_path / "bad.h5", n=300, seed=4)
     with FeatureStore.open_for_append(f, {"backbone": "synthetic", "model_sha256": SHA}) as st:
@@ -320,7 +320,7 @@ def test_seeds_share_their_validation_faces_and_summarise_the_spread(tmp_path):
     the summary gives the mean over seeds, its spread, and an interval over the per-face mean."""
     import pandas as pd
 
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     f = make_features(tmp_path / "folds.h5", n=500, seed=3, folds=True, split=False)
     root = train_head(f, "vec", "gender", fold=0, seeds=2, out_root=tmp_path / "r", **{**FAST, "epochs": 3})
@@ -378,7 +378,7 @@ def test_a_heads_intervals_resample_people(tmp_path):
     from test_uncertainty import scipy_group_interval
 
     from featlab.scoring.uncertainty import interval
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     rng = np.random.default_rng(4)
     people, photos = 80, 6

@@ -99,7 +99,7 @@ def test_pytables_import_trains_the_same_head_and_is_never_mixed(original, expor
     """Seed-style PyTables files, stored float16 like the original: same bits, so a head with the same
     seed reaches the same metrics; evaluating it on the featlab extraction is refused."""
     from featlab.report.evaluate import evaluate_head
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     d, _ = exported
     out = tmp_path / "imported16.h5"
@@ -174,7 +174,7 @@ def test_reversed_rows_without_ids_are_refused_and_with_ids_train_the_original_h
     """The seed-study trap: tap rows in reversed order. Without ids the import refuses (one line, no file);
     --rows-in-manifest-order is the user's own word. With --ids the rows are put back in the labels' order:
     the file equals the original bit for bit and a head with the same seed reaches the same figures."""
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     d, values = exported
     df = read_manifest(utk_small)

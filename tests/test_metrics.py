@@ -125,7 +125,7 @@ def test_mean_std_over_folds():
 def test_metrics_module_is_numpy_only():
     import subprocess
 
-    code = ("import sys, featlab.scoring.metrics, featlab.scoring.plots, featlab.report.compare, featlab.report.evaluate, featlab.workflow, featlab.heads.train; "
+    code = ("import sys, featlab.scoring.metrics, featlab.scoring.plots, featlab.report.compare, featlab.report.evaluate, featlab.study.workflow, featlab.heads.train; "
             "bad = [m for m in ('tensorflow', 'keras', 'matplotlib', 'torch') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

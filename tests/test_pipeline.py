@@ -16,7 +16,7 @@ from featlab.cli import main
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    from featlab.experiment import run_demo
+    from featlab.study.experiment import run_demo
 
     out = tmp_path_factory.mktemp("demo")
     report = run_demo(out)
@@ -91,7 +91,7 @@ def test_demo_compare_chooses_on_validation(demo_dir):
 
 
 def test_demo_rerun_skips_finished_steps(demo_dir, capsys):
-    from featlab.experiment import run_demo
+    from featlab.study.experiment import run_demo
 
     out, _ = demo_dir
     capsys.readouterr()
@@ -141,7 +141,7 @@ def test_demo_grid_heads_score_like_heads_trained_alone_on_real_faces(demo_dir, 
     one grid; the same heads trained alone with the same seed and settings land within a stated
     tolerance on the 119 test faces (8 points of gender accuracy, 12 of 7-group accuracy, 1.5 years
     of MAE; a head that learned nothing scores ~53 %, ~25 % and MAE ~15)."""
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     out, _ = demo_dir
     feats = out / "features" / "dlib-rec" / "utkface-sample.h5"
@@ -242,7 +242,7 @@ def test_readme_demo_table_is_what_the_demo_makes(demo_dir):
     import re
 
     from featlab.report.compare import compare
-    from featlab.experiment import summary_table
+    from featlab.study.experiment import summary_table
 
     out, _ = demo_dir
     comps = {t: compare("dlib-rec", "utkface-sample", target=tg, cats=c, results_root=out / "results")

@@ -66,7 +66,7 @@ def test_the_utkface_template_is_what_the_sample_chips_measure():
 # ------------------------------------------------------------------ end to end with trained heads
 @pytest.fixture(scope="module")
 def heads(utk_small, tmp_path_factory):
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     root = tmp_path_factory.mktemp("predict")
     feats = extract(utk_small, ["res5@avg"], backbone="dlib-age", out=root / "f.h5", progress=False).out

@@ -205,6 +205,6 @@ def test_dlib_rec_default_still_cuts_the_study_chips(utk_small, tmp_path):
 
 def test_spec_schema_names_every_preprocessing():
     from featlab.data.faces import PREPROCESSINGS
-    from featlab.specschema import PREPROCESSING_NAMES
+    from featlab.study.schema import PREPROCESSING_NAMES
 
     assert tuple(PREPROCESSINGS) == PREPROCESSING_NAMES

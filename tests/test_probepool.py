@@ -115,7 +115,7 @@ def test_a_failing_probe_stops_the_grid_with_its_error_and_keeps_the_heads_befor
     failing head and those after it are not, and no staging folder is left."""
     from test_heads import FAST, make_features
 
-    from featlab.workflow import train_grid
+    from featlab.study.workflow import train_grid
 
     feats = make_features(tmp_path / "synth.h5")
 

@@ -16,14 +16,13 @@ def _int(text: str) -> int:
 
 def _demo_manifest():
     """The manifest `featlab demo` makes: its built-in spec's adapter, root, options and seed (the cheap first step)."""
-    from featlab.data.datasets import prepare_dataset
-    from featlab.experiment import SAMPLE, builtin_spec, load_spec, sample_root
+    from featlab.study.experiment import SAMPLE, builtin_spec, load_spec, prepare_frame, sample_root
 
     spec = load_spec(builtin_spec("demo"))
     ds = spec["dataset"]
     assert ds["root"] == SAMPLE
-    df, _ = prepare_dataset(ds.get("adapter") or ds["name"], sample_root(), seed=int(spec.get("seed", 0)),
-                            **ds.get("options", {}))
+    df, _ = prepare_frame(ds.get("adapter") or ds["name"], sample_root(), ds.get("options", {}),
+                          int(spec.get("seed", 0)))
     return df
 
 

@@ -43,7 +43,7 @@ def test_streamed_training_matches_in_memory_on_an_age_sorted_file(all_faces, ut
     """UTKFace's manifest is sorted by file name, i.e. by age: a stream that only shuffled within file chunks
     would see one age range after another. Streamed with a tiny budget, the head must score like in memory
     (within 1.5 points: needs the 1,638 test faces of the 8,000; 110 sample faces cannot resolve that)."""
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     out, _ = all_faces
     with FeatureStore.open_read(out) as s:
@@ -62,7 +62,7 @@ def test_streamed_training_matches_in_memory_on_an_age_sorted_file(all_faces, ut
 @pytest.mark.slow
 def test_heads_beat_the_zero_shot_dlib_nets(utk_full_manifest, tmp_path, monkeypatch):
     """On UTKFace, dlib-age's own output scores MAE ~6.2 and ~60 % on the 8 Adience groups, dlib-gender ~92 %."""
-    from featlab.workflow import train_head
+    from featlab.study.workflow import train_head
 
     monkeypatch.chdir(tmp_path)
     rep = extract(utk_full_manifest, ["res14"], backbone="dlib-rec", out=tmp_path / "rec.h5", progress=False)

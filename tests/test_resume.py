@@ -1,4 +1,4 @@
-"""An interrupted study never loses or changes a finished result (featlab.staging, featlab.experiment).
+"""An interrupted study never loses or changes a finished result (featlab.staging, featlab.study.experiment).
 
 A tiny study (240 real faces, two taps x gender and age: one grid of 4 heads, 4 epochs) is run once
 uninterrupted; then copies of it are interrupted at named points (featlab.staging.checkpoint: during
@@ -294,7 +294,7 @@ def test_stale_staging_of_a_dead_process_is_removed(tmp_path):
 def test_the_report_names_what_is_missing(tmp_path):
     """A head without its record, a linear probe that was skipped (with the recorded reason) or absent, and
     a missing majority baseline are each named."""
-    from featlab.experiment import missing_readers
+    from featlab.study.experiment import missing_readers
 
     a, b, c = (tmp_path / k for k in "abc")
     for d in (a, b, c):

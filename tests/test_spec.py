@@ -1,4 +1,4 @@
-"""Experiment specs are checked against featlab.specschema: a typo, a wrong type or a --set path the schema
+"""Experiment specs are checked against featlab.study.schema: a typo, a wrong type or a --set path the schema
 does not have stops with one line naming the nearest valid key; docs/spec.md is generated from the schema."""
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_specs_are_one_line(case, tmp_path):
-    from featlab.experiment import load_spec
+    from featlab.study.experiment import load_spec
 
     text, expect = BAD[case]
     p = tmp_path / "s.toml"
@@ -99,7 +99,7 @@ def test_bad_specs_are_one_line(case, tmp_path):
 
 
 def test_set_values_are_checked_too(tmp_path):
-    from featlab.experiment import load_spec
+    from featlab.study.experiment import load_spec
 
     p = tmp_path / "s.toml"
     p.write_text(GOOD)
@@ -114,7 +114,7 @@ def test_set_values_are_checked_too(tmp_path):
 def test_every_shipped_spec_validates_and_is_left_as_written(path):
     """Validation fills nothing in: the spec is the TOML as written (plus name and _path), so the fingerprints of
     finished steps stay the same."""
-    from featlab.experiment import load_spec
+    from featlab.study.experiment import load_spec
 
     spec = load_spec(path)
     raw = tomllib.loads(path.read_text())
@@ -123,20 +123,20 @@ def test_every_shipped_spec_validates_and_is_left_as_written(path):
 
 def test_docs_spec_md_is_the_generated_reference():
     """docs/spec.md is what `featlab spec-doc` prints (regenerate: `featlab spec-doc > docs/spec.md`)."""
-    from featlab.specschema import spec_reference
+    from featlab.study.schema import spec_reference
 
     assert (ROOT / "docs" / "spec.md").read_text() == spec_reference()
 
 
 def test_spec_doc_command_prints_the_reference(capsys):
-    from featlab.specschema import spec_reference
+    from featlab.study.schema import spec_reference
 
     assert main(["spec-doc"]) == 0
     assert capsys.readouterr().out == spec_reference()
 
 
 def test_the_reference_names_every_key_with_its_default():
-    from featlab.specschema import Backbone, Dataset, Extract, Head, Options, Spec, spec_reference
+    from featlab.study.schema import Backbone, Dataset, Extract, Head, Options, Spec, spec_reference
     from featlab.heads.train import default_hyperparameters
 
     text = spec_reference()
@@ -154,10 +154,10 @@ def test_schema_matches_the_code_it_describes():
     compressions and the csv options are the ones the code knows."""
     from featlab.data.datasets import ADAPTERS
     from featlab.data.datasets.csvfile import prepare as csv_prepare
-    from featlab.specschema import ADAPTER_NAMES, COMPRESSIONS, NOT_HEAD_KEYS, Head, Options
+    from featlab.study.schema import ADAPTER_NAMES, COMPRESSIONS, NOT_HEAD_KEYS, Head, Options
     from featlab.features.store import COMPRESSION
     from featlab.heads.train import fit_head
-    from featlab.workflow import train_grid
+    from featlab.study.workflow import train_grid
 
     kw = {k for k, p in inspect.signature(fit_head).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
     spec_keys = set(Head.model_fields) - {"target", "cats", "ranges"}  # ranges: a keyword or not, it is a key
@@ -173,9 +173,9 @@ def test_the_csv_example_of_the_reference_prepares_a_csv_of_your_own(tmp_path, m
     every row's age and gender (compared with the file names the images came from)."""
     import shutil
 
-    from featlab.experiment import _prepare_step, load_spec
+    from featlab.study.experiment import _prepare_step, load_spec
     from featlab.data.manifest import read_manifest
-    from featlab.specschema import CSV_EXAMPLE
+    from featlab.study.schema import CSV_EXAMPLE
 
     sample = sorted((ROOT / "featlab" / "data" / "utkface-sample").glob("*.jpg"))[:12]
     (tmp_path / "img").mkdir()

@@ -37,7 +37,7 @@ def _spec(path: Path, name: str, root: Path) -> Path:
 
 
 def _prepare(spec_path: Path, force: bool = False):
-    from featlab.experiment import _prepare_step, load_spec
+    from featlab.study.experiment import _prepare_step, load_spec
 
     spec = load_spec(spec_path)
     ds = spec["dataset"]
@@ -87,7 +87,7 @@ def test_a_spec_refused_through_the_cli_is_one_line(utk30, tmp_path, monkeypatch
 
 
 def test_every_utkface_spec_groups_by_face_and_names_its_own_files():
-    from featlab.experiment import builtin_spec, load_spec, spec_manifest
+    from featlab.study.experiment import builtin_spec, load_spec, spec_manifest
 
     specs = [load_spec(p) for p in sorted((ROOT / "experiments").glob("*.toml"))] + [load_spec(builtin_spec("demo"))]
     utk = [s for s in specs if s["dataset"].get("adapter") == "utkface" and s["dataset"].get("root") != "@sample"]
@@ -99,7 +99,7 @@ def test_every_utkface_spec_groups_by_face_and_names_its_own_files():
 
 
 def test_a_bad_spec_name_is_refused(tmp_path):
-    from featlab.experiment import load_spec
+    from featlab.study.experiment import load_spec
 
     with pytest.raises(FeatlabError, match="cannot name the spec's files"):
         load_spec(_spec(tmp_path / "x.toml", "a/b", tmp_path))
@@ -188,7 +188,7 @@ def test_compare_never_shows_a_zero_shot_row_scored_on_another_manifest(utk30, t
 def test_a_study_prepared_under_another_split_scheme_is_prepared_again(utk30, tmp_path, monkeypatch):
     """A featlab that places faces differently (featlab.data.manifest.SPLIT_SCHEME) re-prepares a spec's manifest
     instead of calling the old split current."""
-    import featlab.experiment as ex
+    import featlab.study.experiment as ex
 
     monkeypatch.chdir(tmp_path)
     spec = _spec(tmp_path / "specs" / "s.toml", "study-s", utk30)
@@ -202,7 +202,7 @@ def test_a_study_prepared_under_another_split_scheme_is_prepared_again(utk30, tm
 def test_a_heads_fingerprint_follows_the_labels_it_was_trained_on():
     """Re-synced labels (a re-prepared manifest: a label fixed, faces re-split) make a study's heads stale, so
     `featlab run` trains them again rather than keeping records of the old split as current."""
-    from featlab.experiment import _head_inputs
+    from featlab.study.experiment import _head_inputs
 
     h = {"target": "gender", "cats": None}
     attrs = {"backbone": "dlib-rec", "model_sha256": "m" * 64, "manifest_sha256": "a" * 64}

@@ -121,7 +121,7 @@ def test_a_resolved_difference_inside_the_margin_says_both(tmp_path, monkeypatch
     within margin" (report.md mark `*≈`, its own marker in the chart's legend); where one test passes the
     verdicts stay "worse" (-5 points) and "equivalent" (a copy); neither: "inconclusive"."""
     from featlab.report.compare import compare
-    from featlab.experiment import VERDICT_MARKS_TEXT, summary_table
+    from featlab.study.experiment import VERDICT_MARKS_TEXT, summary_table
     from featlab.scoring import plots
 
     rng = np.random.default_rng(7)
@@ -302,7 +302,7 @@ def test_seed_and_fold_summaries_resample_people(kind, tmp_path):
     interval, which is scipy's BCa bootstrap over the people, far wider than the one over photos."""
     import json
 
-    from featlab.workflow import summarise
+    from featlab.study.workflow import summarise
 
     v1, g = _correlated(2)
     v2, _ = _correlated(3)

@@ -18,7 +18,7 @@
 with intervals) and ``baselines_faces.csv`` (image_id, split, baseline, per-face values) into the
 head's folder. The zero-shot nets are in :mod:`featlab.heads.zeroshot`.
 
-A grid's probes (``fit_baselines(..., shared=ProbeCache())``, what :func:`featlab.workflow.train_grid`
+A grid's probes (``fit_baselines(..., shared=ProbeCache())``, what :func:`featlab.study.workflow.train_grid`
 passes) fit the same models, searched and chosen the same way, but share their work: each tap is read and
 standardised once for all its heads (when every row fits the budget), and per set of train rows one centred
 Gram matrix in float64 serves every ridge alpha and the logistic probes' preconditioner (its eigenpairs:

@@ -46,7 +46,7 @@ Differences from training each head alone (why the figures are close, not identi
 Each head is then saved as its own standalone model (rebuilt with ``build_model`` and given the
 trained weights) into exactly the folder and with the same files and ``config.json`` fields as
 ``fit_head``; ``config.json`` ``training.grid`` records the grid fit it came from. Scoring
-(``record_head``, baselines) is :mod:`featlab.workflow`'s job, not this module's.
+(``record_head``, baselines) is :mod:`featlab.study.workflow`'s job, not this module's.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: b
     if not targets:
         raise FeatlabError("the grid needs at least one target (--cats, --regression or --target)")
     if fold == "all":
-        raise FeatlabError("fit_grid trains one fold; featlab.workflow.train_grid runs --fold all")
+        raise FeatlabError("fit_grid trains one fold; featlab.study.workflow.train_grid runs --fold all")
     fold = None if fold is None else int(fold)
     for layer in layers:
         fusion_parts(layer)  # a malformed fusion key fails before any work

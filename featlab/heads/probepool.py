@@ -7,7 +7,7 @@ the other, one of two cores sat idle through all of it. The pool reads each head
 calling thread (HDF5 stays in one thread: :func:`featlab.heads.baselines.prepare_baselines`) and fits and scores
 it in one of ``workers`` threads; the calling thread writes the result into the head's folder once the head
 is saved (:func:`featlab.heads.baselines.write_baselines`, which checks that the probe read that head's config and
-standardisation). :func:`featlab.workflow.train_grid` submits each head's probe as soon as the grid has
+standardisation). :func:`featlab.study.workflow.train_grid` submits each head's probe as soon as the grid has
 trained, before the heads are saved; not while it trains: beside one probe thread, TensorFlow's training
 took twice as long on 2 cores (the probes are memory-bound, and so is training).
 

@@ -1,4 +1,4 @@
-"""Training one lean Keras head on one tap (no evaluation here: :mod:`featlab.workflow` chains both).
+"""Training one lean Keras head on one tap (no evaluation here: :mod:`featlab.study.workflow` chains both).
 
 :func:`fit_head` trains one small head (standardisation -> optional hidden layers with dropout ->
 output) on one tap and saves it with everything needed to reproduce it::
@@ -104,7 +104,7 @@ def fit_head(features, layer, target, cats=None, *, out_root=None, fold=None, hi
                age_head: str = "expectation", age_sigma: float | None = None, age_transform: str = "z",
                age_loss: str = "mae", monitor: str = "val_loss", val_share: float = 0.1,
                ranges: str = "refuse", seed_dir: bool = False) -> Path:
-    """Train one head on tap ``layer`` of ``features`` for ``target`` (no evaluation: see featlab.workflow).
+    """Train one head on tap ``layer`` of ``features`` for ``target`` (no evaluation: see featlab.study.workflow).
 
     target: ``"bins"`` (with ``cats`` 5, 7 or 8), ``"age"`` (years) or ``"gender"``.
     fold: None (the manifest's train/val/test split) or K (Adience-style: test on fold K, train on the
@@ -142,7 +142,7 @@ def fit_head(features, layer, target, cats=None, *, out_root=None, fold=None, hi
         val_share=val_share, monitor=monitor, ranges=ranges, seed_dir=seed_dir))
     tname = target_name(target, cats)
     if fold == "all":
-        raise FeatlabError("fit_head trains one fold; featlab.workflow.train_head runs --fold all")
+        raise FeatlabError("fit_head trains one fold; featlab.study.workflow.train_head runs --fold all")
     with FeatureStore.open_read(features) as store:
         return _train_one(store, layer, target, cats, tname, out_root, None if fold is None else int(fold), **kw)
 

@@ -17,18 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config
-from .errors import FeatlabError
-from .data.labels import HEADLINE, format_figure
-from .paths import dataset_key, feature_set
-from .staging import Stage, checkpoint, keep
-from .features.store import FeatureStore
-from .scoring.uncertainty import interval
+from .. import config
+from ..errors import FeatlabError
+from ..data.labels import HEADLINE, format_figure
+from ..paths import dataset_key, feature_set
+from ..staging import Stage, checkpoint, keep
+from ..features.store import FeatureStore
+from ..scoring.uncertainty import interval
 
 
 def _train_and_record(features, layer, target, cats, *, fold, seed, seed_dir, baselines, out_root, verbose,
                       **hp) -> Path:
-    from .heads.train import fit_head
+    from ..heads.train import fit_head
 
     d = fit_head(features, layer, target, cats, fold=fold, seed=seed, seed_dir=seed_dir, out_root=out_root,
                  verbose=verbose, **hp)
@@ -41,9 +41,9 @@ def _record(features, d: Path, baselines: bool, verbose, memory_mb, pool=None, j
     :class:`featlab.heads.probepool.ProbePool`) the baselines are fitted in the pool: returns their future (``job``
     when they were submitted before, None without baselines), for :func:`featlab.heads.baselines.write_baselines`
     to write into ``d``; the head's folder is complete once that is done."""
-    from .heads.baselines import fit_baselines, head_stats
-    from .report.evaluate import record_head
-    from .heads.model import load_head
+    from ..heads.baselines import fit_baselines, head_stats
+    from ..report.evaluate import record_head
+    from ..heads.model import load_head
 
     model, cfg = load_head(d)
     target = cfg["target"]
@@ -114,7 +114,7 @@ def train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: in
     heads trained with the others (the grid is the same, so are their partners' numbers) but neither
     scored nor installed: their finished records are kept as they are. ``finish(i, staged_folder)``
     runs on each complete record just before it is installed, ``installed(i, folder)`` just after."""
-    from .heads.grid import grid_heads
+    from ..heads.grid import grid_heads
 
     skip = set(skip or ())
     n_new = len(set(range(len(grid_heads(layers, targets)))) - skip)
@@ -139,7 +139,7 @@ def train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: in
 
 def _train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: int = 1, baselines: bool = True,
                 out_root=None, verbose=1, skip=frozenset(), install=None, **hp) -> list[Path]:
-    from .heads.grid import fit_grid, grid_heads
+    from ..heads.grid import fit_grid, grid_heads
 
     seeds = int(seeds)
     if seeds < 1:
@@ -160,8 +160,8 @@ def _train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: i
             dirs.append(summarise([f[i] for f in per_fold], "folds", per_fold[0][i].parent))
             install(i, dirs[-1])
         return dirs
-    from .heads.baselines import write_baselines
-    from .heads.probepool import ProbePool
+    from ..heads.baselines import write_baselines
+    from ..heads.probepool import ProbePool
 
     per_seed = []
     waiting: list = []  # (head, folder, baselines' future or None), in order; seeds == 1: installed once done
@@ -230,7 +230,7 @@ def summarise(dirs: list[Path], kind: str, root: Path) -> Path:
     figure from those faces with its interval, plus mean and std of the per-head figures."""
     import pandas as pd
 
-    from .scoring.scores import uncertainty_note
+    from ..scoring.scores import uncertainty_note
 
     recs = [json.loads((Path(d) / "metrics.json").read_text()) for d in dirs]
     target = recs[0]["target"]
@@ -301,9 +301,9 @@ def sweep(target: str, cats, backbone=None, features=None, manifest=None, pool: 
     and plot the metric against depth."""
     import re
 
-    from .backbones.registry import Backbone
-    from .report.compare import compare, sweep_plot
-    from .features.extract import extract
+    from ..backbones.registry import Backbone
+    from ..report.compare import compare, sweep_plot
+    from ..features.extract import extract
 
     if not manifest:
         manifest = config.get("paths", "manifest")
@@ -319,7 +319,7 @@ def sweep(target: str, cats, backbone=None, features=None, manifest=None, pool: 
     keys = [f"{t}@{pool}" if pool else t for t in taps]
     for k, d in zip(keys, train_grid(rep.out, keys, [(target, cats)], verbose=0)):  # one pass: every tap at once
         echo(f"[sweep] {k}: {d}")
-    from .features.store import FeatureStore
+    from ..features.store import FeatureStore
 
     with FeatureStore.open_read(rep.out) as s:
         dataset = dataset_key(feature_set(s.attrs))

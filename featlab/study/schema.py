@@ -24,7 +24,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import FeatlabError
+from ..errors import FeatlabError
 
 #: The dataset adapters (featlab.data.datasets.ADAPTERS; a test keeps the two equal).
 ADAPTER_NAMES = ("utkface", "imdb", "wiki", "adience", "aaf", "facial-age", "chalearn", "csv")
@@ -498,14 +498,14 @@ hidden = 0                          # a linear head
 
 def spec_reference() -> str:
     """The text of ``docs/spec.md``, generated from the schema (``featlab spec-doc``)."""
-    from .heads.train import default_hyperparameters
+    from ..heads.train import default_hyperparameters
 
     hp = default_hyperparameters()
     hp = {k: v for k, v in hp.items() if k not in NOT_HEAD_KEYS and k not in ("input_dropout", "age_sigma")}
     out = [
         "# Experiment specs",
         "",
-        "<!-- generated from featlab/specschema.py by `featlab spec-doc > docs/spec.md`; do not edit by hand -->",
+        "<!-- generated from featlab/study/schema.py by `featlab spec-doc > docs/spec.md`; do not edit by hand -->",
         "",
         "A spec is a TOML file that describes a whole study; `featlab run SPEC` does every step (prepare -> "
         "extract -> train-head + evaluate -> compare) and writes `results/BACKBONE/DATASET/report.md`. "

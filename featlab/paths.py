@@ -7,7 +7,7 @@ A **feature set** is identified by what changes the numbers in a features file: 
 The preprocessing is a dict (geometry, colour, normalisation) whose ``name`` is the named way the chips
 were cut (``template-5pt``, ``resize``, ``center-crop``: :data:`featlab.data.faces.PREPROCESSINGS`). Files and
 heads from before it was named carry no ``name``; :func:`canonical_preprocessing` gives them the one
-featlab used then (:func:`featlab.data.faces.legacy_preprocessing`: the template, except ``resize`` for an
+featlab used then (:func:`legacy_preprocessing`: the template, except ``resize`` for an
 ArcFace network on pre-cropped images), so that every comparison of preprocessings is by name.
 
 Results go to ``{results}/{backbone}/{dataset-key}/{head-key}/{target}/`` where
@@ -31,11 +31,29 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import config
-from .data.faces import default_preprocessing, legacy_preprocessing
 
 IDENTITY_KEYS = ("backbone", "model_sha256", "preprocessing", "align", "flip", "manifest_sha256", "imported")
 TAP_KEYS = ("pool", "dtype")
 FUSION = "+"  # joins the taps of a fusion head's input: res12+res14+embedding
+
+#: Geometries with a face template (which ``template-5pt`` warps onto); others only resize or centre-crop.
+TEMPLATE_GEOMETRIES = ("dlib-chip", "arcface")
+
+
+def default_preprocessing(kind: str) -> str:
+    """A geometry's own preprocessing: its template when it has one, else ``resize``."""
+    return "template-5pt" if kind in TEMPLATE_GEOMETRIES else "resize"
+
+
+def legacy_preprocessing(kind: str | None, align: bool) -> str | None:
+    """The preprocessing that featlab used before it was named and recorded (features files and heads
+    from before): the template for dlib chips and aligned detections, ``resize`` for an ArcFace network
+    on pre-cropped images and for plain geometries; None for no geometry (imported taps)."""
+    if kind is None:
+        return None
+    if kind == "arcface":
+        return "template-5pt" if align else "resize"
+    return default_preprocessing(kind)
 
 
 def canonical_preprocessing(pre, align: bool = False):

@@ -95,7 +95,8 @@ def test_unusable_landmarks_are_a_recorded_skip_not_a_crash(utk_small, tmp_path)
 
 def test_choice_checked_per_geometry_in_one_line(utk_small, capsys):
     from featlab.errors import FeatlabError
-    from featlab.data.faces import check_preprocessing, default_preprocessing
+    from featlab.data.faces import check_preprocessing
+    from featlab.paths import default_preprocessing
 
     assert default_preprocessing("arcface") == default_preprocessing("dlib-chip") == "template-5pt"
     assert default_preprocessing("resize") == "resize"

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..paths import TEMPLATE_GEOMETRIES, default_preprocessing
 from .images import BadImage
 
 # ArcFace 112x112 template (insightface.utils.face_align.arcface_dst): left eye,
@@ -149,14 +150,7 @@ PREPROCESSINGS = {
     "resize": "the whole face region resized to the input size, no landmarks",
     "center-crop": "the largest centred square of the face region, resized to the input size",
 }
-#: Geometries with a face template (which ``template-5pt`` warps onto); others only resize or centre-crop.
-TEMPLATE_GEOMETRIES = ("dlib-chip", "arcface")
 GEOMETRIES = ("resize", "dlib-chip", "arcface")
-
-
-def default_preprocessing(kind: str) -> str:
-    """A geometry's own preprocessing: its template when it has one, else ``resize``."""
-    return "template-5pt" if kind in TEMPLATE_GEOMETRIES else "resize"
 
 
 def preprocessings_for(kind: str) -> tuple[str, ...]:
@@ -176,17 +170,6 @@ def check_preprocessing(kind: str, name: str | None) -> str:
                 else f"preprocessing {name!r} needs a face template, which a {kind} network has not")
         raise FeatlabError(f"{what}: choose one of {', '.join(ok)}")
     return name
-
-
-def legacy_preprocessing(kind: str | None, align: bool) -> str | None:
-    """The preprocessing that featlab used before it was named and recorded (features files and heads
-    from before): the template for dlib chips and aligned detections, ``resize`` for an ArcFace network
-    on pre-cropped images and for plain geometries; None for no geometry (imported taps)."""
-    if kind is None:
-        return None
-    if kind == "arcface":
-        return "template-5pt" if align else "resize"
-    return default_preprocessing(kind)
 
 
 class Geometry:

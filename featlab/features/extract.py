@@ -77,7 +77,8 @@ def default_out(backbone: str, dataset: str, align: bool = False, flip: bool = F
     suffix = "-align" if align else ""
     if preprocessing:
         from ..backbones.registry import get_spec
-        from ..data.faces import check_preprocessing, default_preprocessing
+        from ..data.faces import check_preprocessing
+        from ..paths import default_preprocessing
 
         kind = get_spec(backbone).geometry[0]
         if check_preprocessing(kind, preprocessing) != default_preprocessing(kind):

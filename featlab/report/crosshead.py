@@ -198,7 +198,7 @@ class NetworkRunners:
 
     def __init__(self, cfgs: list[dict], model=None, spinning: bool | None = None):
         from ..backbones.registry import Runner
-        from .predict import backbone_for
+        from ..heads.model import backbone_for
         from ..features.store import parse_key
 
         nets = head_networks(cfgs[0])

@@ -455,7 +455,7 @@ class HeadScorer:
     def __init__(self, head_dirs, model: str | None = None):
         from ..backbones.registry import Runner
         from ..heads.model import load_head
-        from .predict import backbone_for
+        from ..heads.model import backbone_for
         from ..features.store import parse_key
 
         self.heads = [load_head(d) for d in head_dirs]

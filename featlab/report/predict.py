@@ -13,7 +13,6 @@ labels ("F 25-32"). An image without a face, or a file that is not an image, is 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -56,47 +55,6 @@ def check_images(paths: list[Path]) -> list[Path]:
         what = "is not an image" if len(paths) == 1 else "are not images"
         raise FeatlabError(f"{names} {what} (featlab reads {', '.join(sorted(IMAGE_EXTS))})")
     return paths
-
-
-def backbone_for(cfgs: list[dict], model: str | None):
-    from ..backbones.registry import Backbone
-    from ..paths import canonical_preprocessing
-    from ..features.store import FeatureStore
-
-    names = {c["backbone"] for c in cfgs}
-    shas = {c.get("features_model_sha256") for c in cfgs}
-    if len(names) > 1 or len(shas) > 1:
-        raise FeatlabError("the heads were trained on different backbones or model files; predict with one backbone at a time")
-    cfg = cfgs[0]
-    def prepared(c):  # the preprocessing by name (heads from before names were recorded: the one used then)
-        fs = c.get("feature_set") or {}
-        return {"align": fs.get("align"), "flip": fs.get("flip"),
-                "preprocessing": canonical_preprocessing(fs.get("preprocessing"), bool(fs.get("align")))}
-
-    sets = {json.dumps(prepared(c), sort_keys=True) for c in cfgs}
-    if len(sets) > 1:
-        raise FeatlabError("the heads' features were prepared differently (align, flip or preprocessing): "
-                           "predict with heads of one feature set at a time")
-    ident = cfg.get("feature_set") or {}
-    recorded = prepared(cfg)["preprocessing"]
-    flip = bool(ident.get("flip", False))
-    model_path = model
-    feats = Path(cfg.get("features", ""))
-    if feats.is_file() and not model_path:
-        with FeatureStore.open_read(feats) as s:
-            model_path = s.attrs.get("model_path")
-    if model_path and not Path(model_path).is_file():
-        model_path = None
-    # chips are cut with the heads' recorded preprocessing (None: a record without one, the network's own)
-    bb = Backbone(cfg["backbone"], model_path, recorded.get("name") if isinstance(recorded, dict) else None)
-    want = cfg.get("features_model_sha256")
-    if want and bb.sha256 != want:
-        raise FeatlabError(f"the model file {bb.model_path} (sha256 {bb.sha256[:12]}…) is not the one the heads were "
-                           f"trained on (sha256 {want[:12]}…); pass the right file with --model")
-    if ident.get("preprocessing") and bb.preprocessing() != recorded:
-        raise FeatlabError(f"{cfg['backbone']} now prepares images differently from the heads' training features "
-                           f"({bb.preprocessing()} vs {recorded})")
-    return bb, flip, bool(ident.get("align", False))
 
 
 def _label(cfg: dict, pred: dict, i: int) -> tuple[str, str]:
@@ -149,7 +107,7 @@ def predict_paths(images, head_dirs, annotate=None, model=None, detect: bool | N
     from .crosshead import NetworkRunners, is_cross_head
     from ..features.extract import stored_features
     from ..data.faces import UTKFACE_TEMPLATE
-    from ..heads.model import load_head, outputs_to_prediction
+    from ..heads.model import backbone_for, load_head, outputs_to_prediction
     from ..features.store import parse_key
 
     heads = [load_head(d) for d in head_dirs]

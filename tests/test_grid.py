@@ -249,3 +249,25 @@ def test_fusion_head_over_the_budget_trains_in_memory_when_the_machine_has_room(
     monkeypatch.setattr(featlab.heads.train, "available_memory", lambda: 1 << 10)
     with pytest.raises(FeatlabError, match=r"over the 0 MiB budget and 80% of the 0 MiB this machine has free"):
         train_grid(f, ["a+b"], [("gender", None)], out_root=tmp_path / "none", baselines=False, memory_mb=0.01, **opts)
+
+
+def test_a_head_and_a_grid_read_the_features_file_through_one_opening(feats, tmp_path, monkeypatch):
+    """Training, scoring, recording and the baselines of one head (and of a grid with a fusion head, and of
+    two seeds) open the features file once; before, one head opened it 5 times."""
+    from featlab.features.store import FeatureStore
+    from featlab.study.workflow import train_grid, train_head
+
+    opened = []
+    real = FeatureStore.open_read.__func__
+
+    def counting(cls, path):
+        opened.append(str(path))
+        return real(cls, path)
+
+    monkeypatch.setattr(FeatureStore, "open_read", classmethod(counting))
+    opts = {**FAST, "epochs": 2}
+    train_grid(feats, ["vec"], [("gender", None)], out_root=tmp_path / "one", **opts)
+    assert opened == [str(feats)]
+    train_grid(feats, ["conv", "vec", "conv+vec"], [("bins", 7), ("age", None)], out_root=tmp_path / "grid", **opts)
+    train_head(feats, "vec", "gender", None, seeds=2, out_root=tmp_path / "seeds", **opts)
+    assert opened == [str(feats)] * 3

@@ -40,6 +40,8 @@ after :meth:`FeatureStore.open_for_append`.
 
 from __future__ import annotations
 
+import contextlib
+
 import glob
 import json
 import os
@@ -146,6 +148,18 @@ class FeatureStore:
         self._labels_read = None  # the decoded labels of a file open for reading (see labels())
 
     # ---- opening -------------------------------------------------------------------------
+    @classmethod
+    @contextlib.contextmanager
+    def reading(cls, features):
+        """``with FeatureStore.reading(features) as store``: ``features`` as it is when it is an open store
+        (left open: its opener closes it), else the file at that path opened for reading and closed after;
+        so that one head's, or one grid's, whole data path reads through one opening of the file."""
+        if isinstance(features, FeatureStore):
+            yield features
+            return
+        with cls.open_read(features) as store:
+            yield store
+
     @classmethod
     def open_read(cls, path: Path | str) -> "FeatureStore":
         path = Path(path)

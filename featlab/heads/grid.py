@@ -107,7 +107,7 @@ def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: b
     base = hps[0]
     verbose = base["verbose"]
     out: dict[int, Path] = {}
-    with FeatureStore.open_read(features) as store:
+    with FeatureStore.reading(features) as store:
         store.check_labels_current()
         labels = store.labels()
         for layer in layers:
@@ -158,7 +158,7 @@ def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: b
         if verbose:
             print(f"[grid] {layer} -> {target_name(t, c)}: its rows do not fit {base['memory_mb']:g} MiB with the "
                   "others; trained alone (streamed)")
-        out[i] = fit_head(features, layer, t, c, out_root=out_root, fold=fold, **hps[i])
+        out[i] = fit_head(features, layer, t, c, out_root=out_root, fold=fold, **hps[i])  # a path or the open store
     return [out[i] for i in range(len(heads))]
 
 

@@ -143,7 +143,7 @@ def fit_head(features, layer, target, cats=None, *, out_root=None, fold=None, hi
     tname = target_name(target, cats)
     if fold == "all":
         raise FeatlabError("fit_head trains one fold; featlab.study.workflow.train_head runs --fold all")
-    with FeatureStore.open_read(features) as store:
+    with FeatureStore.reading(features) as store:
         return _train_one(store, layer, target, cats, tname, out_root, None if fold is None else int(fold), **kw)
 
 

@@ -47,7 +47,7 @@ def _record(features, d: Path, baselines: bool, verbose, memory_mb, pool=None, j
 
     model, cfg = load_head(d)
     target = cfg["target"]
-    with FeatureStore.open_read(features) as store:
+    with FeatureStore.reading(features) as store:
         rec = record_head(model, cfg, store, d)
         if baselines and pool is not None and job is None:  # fitted in the pool while the next heads are scored
             job = pool.submit(store, cfg, memory_mb, head_stats(d))
@@ -65,7 +65,7 @@ def _record(features, d: Path, baselines: bool, verbose, memory_mb, pool=None, j
 
 def folds_of(features) -> list[int]:
     """The folds of a features file (for ``--fold all``); one line when it has none."""
-    with FeatureStore.open_read(features) as store:
+    with FeatureStore.reading(features) as store:
         folds = store.labels()["fold"].to_numpy()
     have = sorted(set(int(f) for f in folds if f >= 0))
     if not have:
@@ -78,8 +78,9 @@ def train_head(features, layer, target, cats=None, *, fold=None, seed: int = 0, 
     """Train and score one head (or ``seeds`` heads, or every fold with ``fold="all"``); returns the
     folder holding its record (``metrics.json`` with ``val`` and ``test`` sections). The record is
     written beside the old one and swapped in only once complete (:mod:`featlab.staging`)."""
-    with Stage(out_root if out_root is not None else config.results_dir()) as st:
-        d = _train_head(features, layer, target, cats, fold=fold, seed=seed, seeds=seeds, baselines=baselines,
+    with Stage(out_root if out_root is not None else config.results_dir()) as st, \
+            FeatureStore.reading(features) as store:  # every step of the head reads through this one opening
+        d = _train_head(store, layer, target, cats, fold=fold, seed=seed, seeds=seeds, baselines=baselines,
                         out_root=st.root, verbose=verbose, **hp)
         return st.install(d)
 
@@ -132,8 +133,9 @@ def train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: in
             if installed is not None:
                 installed(i, done[i])
 
-        staged = _train_grid(features, layers, targets, fold=fold, seed=seed, seeds=seeds, baselines=baselines,
-                             out_root=st.root, verbose=verbose, skip=skip, install=install, **hp)
+        with FeatureStore.reading(features) as store:  # the grid, its records and probes read through one opening
+            staged = _train_grid(store, layers, targets, fold=fold, seed=seed, seeds=seeds, baselines=baselines,
+                                 out_root=st.root, verbose=verbose, skip=skip, install=install, **hp)
         return [done.get(i) or st.final(d) for i, d in enumerate(staged)]
 
 

@@ -12,15 +12,9 @@ import numpy as np
 import pytest
 
 from featlab.cli import main
-from featlab.report.explain import (
-    Settings,
-    cell_order,
-    deletion_curve,
-    occlusion,
-    random_order,
-    rise,
-    summarise_curves,
-)
+from featlab.report.explain import Settings
+from featlab.report.faithfulness import cell_order, deletion_curve, random_order, summarise_curves
+from featlab.report.perturbation import occlusion, rise
 
 SIZE = 64
 Q = SIZE // 2
@@ -316,7 +310,7 @@ def test_importing_explain_loads_neither_tensorflow_nor_onnxruntime():
 
 
 def test_blur_baseline_also_finds_the_quadrant(quadrant_model):
-    from featlab.report.explain import baseline_image
+    from featlab.report.perturbation import baseline_image
 
     chip = _chip(4)
     blur = baseline_image(chip, "blur", 8)
@@ -401,7 +395,8 @@ def _contrast_chip(seed: int) -> np.ndarray:
 
 
 def _faithfulness(maps_of, n_faces: int = 8):
-    from featlab.report.explain import deletion_pair, summarise_faithfulness
+    from featlab.report.explain import deletion_pair
+    from featlab.report.faithfulness import summarise_faithfulness
 
     st = Settings(patch=8, stride=4, cell=8, steps=16, baseline="mean").check()
     curves: dict = {}
@@ -415,7 +410,8 @@ def _faithfulness(maps_of, n_faces: int = 8):
 
 
 def test_a_right_map_beats_random_under_the_other_perturbation():
-    from featlab.report.explain import baseline_image, curve_auc
+    from featlab.report.faithfulness import curve_auc
+    from featlab.report.perturbation import baseline_image
     from featlab.scoring.uncertainty import interval
 
     x, curves, s = _faithfulness(lambda chip, i: occlusion(_contrast, chip, patch=8, stride=4, baseline="mean"))

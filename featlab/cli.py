@@ -78,7 +78,12 @@ def _check_head_dir(head: Path) -> None:
     if (head / "config.json").is_file() or (head / "fold0").is_dir() or (head / "seed0").is_dir():
         return  # evaluate says what it is (a --folds all summary, per-fold heads)
     if not head.exists():
-        raise FeatlabError(f"--head {head}: no such folder (heads are written under results/ by `featlab train-head`)")
+        from .errors import did_you_mean
+
+        up = head.parent
+        near = did_you_mean(str(head), [str(p) for p in up.iterdir() if p.is_dir()]) if up.is_dir() else ""
+        raise FeatlabError(f"--head {head}: no such folder; {near}(heads are written under results/ by "
+                           "`featlab train-head`)")
     raise FeatlabError(f"{head} is not a trained head (needs head.keras and config.json); train one with `featlab train-head`")
 
 
@@ -718,7 +723,9 @@ def similarity(
 def run(
     spec: Path = typer.Argument(..., help="experiment spec (TOML)"),
     set_: List[str] = typer.Option(None, "--set", help="override a spec value: section.key=value"),
-    force: bool = typer.Option(False, "--force", help="redo steps even when their outputs exist"),
+    force: bool = typer.Option(False, "--force", help="prepare the manifest again and retrain every head and its "
+                               "baselines even when current; extraction is not redone (it only adds missing faces "
+                               "and taps, and refuses a file made differently: delete the file to extract anew)"),
 ):
     """Run an experiment spec: prepare -> extract -> train-head -> evaluate -> compare, skipping finished steps."""
     from .study.runner import run_study
@@ -762,8 +769,9 @@ def predict(
 
     Each face is cut out the way the heads' training chips were made (an image that is such a crop is read
     whole; a group photo gives one chip per face). An image without a face, or a file that is not an image,
-    is skipped by name. Exit status: 0 when every image gave at least one face, 1 when any was skipped,
-    2 on bad input (one line).
+    is skipped by name. Exit status: 0 when every image gave at least one face; 1 when any was skipped
+    beside images that were read; 2 on bad input (one line, before any model loads), which includes files
+    none of which is an image.
     """
     from .report.predict import check_images, expand_images, predict_paths
 

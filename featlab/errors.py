@@ -7,6 +7,14 @@ import os
 import re
 
 
+def did_you_mean(word: str, names) -> str:
+    """``did you mean 'x'? `` (or ``'x' or 'y'``) for the names nearest ``word``; '' when none is near."""
+    import difflib
+
+    near = difflib.get_close_matches(str(word), [str(n) for n in names], n=2, cutoff=0.6)
+    return f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
+
+
 class FeatlabError(Exception):
     """An error whose message is meant for the user as-is (the CLI prints it and exits 2)."""
 

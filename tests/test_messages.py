@@ -341,3 +341,30 @@ def test_prepare_names_a_missing_label_column(tmp_path, capsys):
     assert "      5  kept without gender: no gender column 'gender' in t.csv (name it with --gender-col)" in out, out
     df = read_manifest(tmp_path / "m.csv")
     assert (df["gender"] == "").all() and sorted(df["age"]) == [20.0, 21.0, 22.0, 23.0, 24.0]
+
+
+def test_a_missing_tap_names_the_nearest_and_a_command_that_runs(utk_small, tmp_path, capsys, monkeypatch):
+    """`train-head --layer logit` on a file holding `logits` says "did you mean 'logits'?" and gives the
+    extract command filled in from what the file records (manifest, backbone, model file, preprocessing);
+    pasted as it is (with the tap wanted), it adds that tap to the same file, rows unchanged."""
+    import shlex
+
+    from featlab.cli import main
+    from featlab.data.manifest import read_manifest, write_manifest
+    from featlab.features.extract import extract
+    from featlab.features.store import FeatureStore
+
+    m = write_manifest(read_manifest(utk_small).head(24), tmp_path / "m24.csv")
+    feats = tmp_path / "f.h5"
+    extract(m, ["logits"], backbone="dlib-age", out=feats, batch_size=16, progress=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train-head", "-f", str(feats), "-l", "logit", "--target", "gender"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no tap 'logit'" in err and "did you mean 'logits'?" in err, err
+    cmd = shlex.split(err.split("to add it to this file: ", 1)[1])
+    assert cmd[:2] == ["featlab", "extract"] and cmd[cmd.index("-m") + 1] == str(m.resolve())
+    assert cmd[cmd.index("-b") + 1] == "dlib-age" and cmd[cmd.index("-o") + 1] == str(feats)
+    cmd[cmd.index("--layer") + 1] = "res4"
+    assert main(cmd[1:]) == 0
+    with FeatureStore.open_read(feats) as s:
+        assert sorted(s.keys()) == ["logits", "res4"] and s.nrows == 24 and not s.lagging()

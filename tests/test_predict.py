@@ -129,3 +129,12 @@ def test_predict_skips_by_name_and_says_so_in_its_exit_status(heads, tmp_path, c
     rc = main(["predict", str(readme), "--head", str(gender)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "README.md is not an image" in err
+    # and the help says exactly these codes
+    import re
+
+    from featlab.cli import app
+    from typer.main import get_command
+
+    doc = " ".join(get_command(app).commands["predict"].help.split())
+    assert re.search(r"0 when every image gave at least one face; 1 when any was skipped beside images that were "
+                     r"read; 2 on bad input .*files none of which is an image", doc), doc

@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import config
 from . import descriptor as _descriptor
-from ..errors import FeatlabError
+from ..errors import FeatlabError, did_you_mean
 from ..data.faces import Geometry, check_preprocessing
 from .taps import TapInfo, find_tap
 
@@ -311,7 +311,7 @@ def get_spec(name: str, model: str | Path | None = None) -> BackboneSpec:
         d = descriptor.read_file(descriptor.sidecar(model), name)
     if d is None:
         known = list(REGISTRY) + [n for n in descriptor.config_names() if n not in REGISTRY]
-        raise FeatlabError(f"unknown backbone {name!r}; known: {', '.join(known)} (or describe it: "
+        raise FeatlabError(f"unknown backbone {name!r}; {did_you_mean(name, known)}known: {', '.join(known)} (or describe it: "
                            "[backbones.NAME] in featlab.toml, MODEL.onnx.toml, or --descriptor FILE)")
     spec = descriptor_spec(d)
     register(spec)

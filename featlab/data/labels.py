@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .bins import get_scheme
-from ..errors import FeatlabError
+from ..errors import FeatlabError, did_you_mean
 
 TARGETS = ("bins", "age", "gender")
 GENDERS = ("f", "m")
@@ -27,7 +27,7 @@ LOWER_IS_BETTER = {"mae", "rmse", "mae_bin_centre"}
 def target_name(target: str, cats=None) -> str:
     """``bins`` + cats -> ``bins7``; ``age``; ``gender``."""
     if target not in TARGETS:
-        raise FeatlabError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+        raise FeatlabError(f"unknown target {target!r}; {did_you_mean(target, TARGETS)}choose one of {', '.join(TARGETS)}")
     if target == "bins":
         if cats is None:
             raise FeatlabError("target 'bins' needs --cats 5, 7 or 8")
@@ -72,7 +72,7 @@ def encode_target(labels, target: str, cats=None) -> tuple[np.ndarray, np.ndarra
         g = labels["gender"].astype(str).str.lower().str[:1].to_numpy()
         y = np.where(g == "m", 1, np.where(g == "f", 0, -1)).astype(np.int64)
         return y, y >= 0
-    raise FeatlabError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    raise FeatlabError(f"unknown target {target!r}; {did_you_mean(target, TARGETS)}choose one of {', '.join(TARGETS)}")
 
 
 def dropped_reasons(labels, target: str, valid: np.ndarray) -> dict[str, int]:

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DiskFull, FeatlabError, disk_full, filled_up
+from ..errors import DiskFull, FeatlabError, did_you_mean, disk_full, filled_up
 
 PATH_BYTES = 1024
 GROUP_BYTES = 64
@@ -382,9 +382,39 @@ class FeatureStore:
     def array(self, key: str):
         found = self.resolve_key(key)
         if found is None:
-            have = ", ".join(self.keys()) or "none"
-            raise FeatlabError(f"{self.path} has no tap {key!r} (it has: {have}); extract it with `featlab extract --layer {key}`")
+            raise self.missing_tap(key)
         return self.h5.get_node("/taps", found)
+
+    def missing_tap(self, key: str, where: str = "") -> FeatlabError:
+        """The one line for a tap this file lacks: the nearest stored names, and the command that adds the tap
+        to this file, filled in with what the file records (manifest, backbone, model file, preprocessing,
+        alignment, mirroring), ready to paste."""
+        have = self.keys()
+        return FeatlabError(f"{self.path}{where} has no tap {key!r} (it has: {', '.join(have) or 'none'}); "
+                            f"{did_you_mean(key, have)}"
+                            f"to add it to this file: {self.extract_command(key)}")
+
+    def extract_command(self, layer: str) -> str:
+        """``featlab extract`` that adds ``layer`` to this file, with the options it was made with."""
+        import shlex
+
+        a = self.attrs
+        pre = a.get("preprocessing")
+        args = ["featlab", "extract"]
+        if a.get("manifest"):
+            args += ["-m", str(a["manifest"])]
+        if a.get("backbone"):
+            args += ["-b", str(a["backbone"])]
+        if a.get("model_path"):
+            args += ["--model", str(a["model_path"])]
+        if isinstance(pre, dict) and pre.get("name"):
+            args += ["--preprocessing", str(pre["name"])]
+        if a.get("align"):
+            args.append("--align")
+        if a.get("flip"):
+            args.append("--flip")
+        args += ["--layer", layer, "-o", str(self.path)]
+        return " ".join(shlex.quote(x) for x in args)
 
     @property
     def nrows(self) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import __version__
 from ..data.bins import get_scheme
-from ..errors import FeatlabError
+from ..errors import FeatlabError, did_you_mean
 from ..features.featureio import ShuffledBatches, feature_stats, fusion_parts, read_input, row_bytes
 from .keras_env import keras as _keras
 from .keras_env import tensorflow as _tensorflow
@@ -158,7 +158,7 @@ def default_hyperparameters() -> dict:
 def check_hyperparameters(target, cats, hp: dict) -> dict:
     """Validate and normalise the keyword hyperparameters of :func:`fit_head` (one line on a bad value)."""
     if target not in TARGETS:
-        raise FeatlabError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+        raise FeatlabError(f"unknown target {target!r}; {did_you_mean(target, TARGETS)}choose one of {', '.join(TARGETS)}")
     hp = {**default_hyperparameters(), "verbose": 1, "seed_dir": False, **hp}
     if hp["age_sigma"] is None:
         hp["age_sigma"] = 2.0 if target == "age" else 0.0

@@ -107,9 +107,7 @@ def check_network_file(store, network: str, cfg: dict) -> None:
     for p in parts:
         k = store.resolve_key(p["tap"])
         if k is None:
-            raise FeatlabError(f"{store.path} (network {network}) has no tap {p['tap']!r} (it has: "
-                               f"{', '.join(store.keys()) or 'none'}); extract it with `featlab extract --backbone "
-                               f"{a.get('backbone')} --layer {p['tap']}`")
+            raise store.missing_tap(p["tap"], f" (network {network})")
         shape = [int(d) for d in store.array(k).shape[1:]]
         if p["tap_shape"] is not None and shape != list(p["tap_shape"]):
             raise FeatlabError(f"{store.path} (network {network}): tap {k} has shape {tuple(shape)}, the head expects "

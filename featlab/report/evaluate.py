@@ -64,8 +64,7 @@ def check_compatible(store: FeatureStore, cfg: dict) -> None:
         return
     key = cfg["tap"]
     if key not in store.keys():
-        have_keys = ", ".join(store.keys()) or "none"
-        raise FeatlabError(f"{store.path} has no tap {key!r} (it has: {have_keys}); extract it with `featlab extract --layer {key}`")
+        raise store.missing_tap(key)
     shape = list(store.array(key).shape[1:])
     if shape != list(cfg["tap_shape"]):
         raise FeatlabError(f"{store.path}: tap {key} has shape {tuple(shape)}, the head expects {tuple(cfg['tap_shape'])} "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import FeatlabError
+from ..errors import FeatlabError, did_you_mean
 from ..data.labels import HEADLINE, TARGETS, format_figure
 
 
@@ -27,7 +27,7 @@ def head_target(target: str | None, cats: int | None, regression: bool = False) 
             raise FeatlabError("say what to predict: --cats 5|7|8, --regression, or --target gender")
         target = "bins"
     if target not in TARGETS:
-        raise FeatlabError(f"unknown target {target!r}: use bins (with --cats), age or gender")
+        raise FeatlabError(f"unknown target {target!r}: {did_you_mean(target, TARGETS)}use bins (with --cats), age or gender")
     if target == "bins":
         if cats is None:
             raise FeatlabError("--target bins needs --cats 5, 7 or 8")

@@ -272,8 +272,9 @@ def write_networks_report(spec, names, nets, reps, dkeys, side, cka, best, echo)
     if cka is not None:
         a, b = cka["pair"]
         lines += ["## Representation similarity", "",
-                  f"Linear CKA (minibatch, unbiased HSIC) between every tap of {a} (rows) and {b} (columns), "
-                  f"{cka['faces']:,} faces in {cka['blocks']} blocks (± jackknife standard error).", "",
+                  f"Linear CKA (unbiased HSIC over all {cka['faces']:,} faces) between every tap of {a} (rows) and "
+                  f"{b} (columns); ± a delete-one-block jackknife standard error over {cka['blocks']} blocks of "
+                  "whole people.", "",
                   f"![CKA {a} vs {b}]({Path(cka['png']).resolve().relative_to(root.resolve())})", ""]
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text("\n".join(lines))

@@ -36,6 +36,16 @@ def _cfg(section: str, key: str, default=None):
     return config.get(section, key, default)
 
 
+def _quieted(quiet: bool):
+    """The step lines' printer: ``print``, or, with ``-q``, nothing (and no progress bars either)."""
+    if not quiet:
+        return print
+    from .progress import set_quiet
+
+    set_quiet(True)
+    return lambda *a, **k: None
+
+
 def _need(value, what: str, hint: str):
     if value in (None, "", []):
         raise FeatlabError(f"no {what} given: {hint}")
@@ -124,15 +134,11 @@ def prepare(
     root = Path(_need(root or _cfg("data", dataset), "--root", f"pass --root DIR or set [data].{dataset} in featlab.toml"))
     opts = {"face_score_min": face_score_min, "path_col": path_col, "age_col": age_col, "gender_col": gender_col,
             "race_col": race_col, "split_col": split_col, "group_col": group_col}
-    progress = None
-    if group_by_face and sys.stderr.isatty():
-        def progress(done: int, total: int) -> None:
-            typer.echo(f"\r  embedding faces {done:,}/{total:,}", err=True, nl=done >= total)
     df, res = prepare_dataset(dataset, root, seed=seed, **opts)
     if group_by_face:
         from .features.facegroups import group_prepared
 
-        df = group_prepared(df, res, seed=seed, progress=progress)
+        df = group_prepared(df, res, seed=seed)
     from . import config
     from .data import skips
 
@@ -511,7 +517,7 @@ def train_head(
     memory_mb: Optional[float] = typer.Option(None, "--memory-mb", help="memory budget for features [featlab.toml head.memory_mb, 2048]"),
     ranges: str = typer.Option("refuse", "--ranges", help="range labels a target cannot place (Adience (15, 20) with --cats 5 "
                                "or 7; every range for --regression): refuse (stop, giving the count) or drop (train on the rest)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no per-head progress lines"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no per-head lines and no epoch progress"),
 ):
     """Train lean Keras heads on taps; score each on val (for choices) and test (to report), with baselines.
     Several --layer and targets train every (tap, target) head together in one pass (featlab.heads.grid)."""
@@ -538,6 +544,7 @@ def train_head(
         memory_mb = -1.0
     if not memory_mb > 0:
         raise FeatlabError("--memory-mb (or [head] memory_mb) must be a positive number of MiB")
+    _quieted(quiet)  # -q: no per-head lines and no epoch bars
     many = list(dict.fromkeys(features or []))
     from .features.join import is_cross
 
@@ -723,6 +730,8 @@ def similarity(
 def run(
     spec: Path = typer.Argument(..., help="experiment spec (TOML)"),
     set_: List[str] = typer.Option(None, "--set", help="override a spec value: section.key=value"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no step lines: only the report's path "
+                               "(and errors)"),
     force: bool = typer.Option(False, "--force", help="prepare the manifest again and retrain every head and its "
                                "baselines even when current; extraction is not redone (it only adds missing faces "
                                "and taps, and refuses a file made differently: delete the file to extract anew)"),
@@ -730,7 +739,7 @@ def run(
     """Run an experiment spec: prepare -> extract -> train-head -> evaluate -> compare, skipping finished steps."""
     from .study.runner import run_study
 
-    report = run_study(spec, overrides=list(set_ or []), force=force)
+    report = run_study(spec, overrides=list(set_ or []), force=force, echo=_quieted(quiet))
     _echo(f"report: {report}")
 
 
@@ -746,11 +755,13 @@ def spec_doc():
 def demo(
     out: Path = typer.Option(Path("."), "--out", help="where features/ and results/ go"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="dlib-rec (default when available) or dlib-age"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no step lines: only the report's path "
+                               "(and errors)"),
 ):
     """The whole pipeline offline on the UTKFace sample shipped inside featlab (a few minutes on 2 cores)."""
     from .study.experiment import run_demo
 
-    report = run_demo(out, backbone=backbone)
+    report = run_demo(out, backbone=backbone, echo=_quieted(quiet))
     _echo(f"report: {report}")
 
 

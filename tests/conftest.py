@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+# progress bars off in the suite (and in the CLI processes it starts); tests/test_progress.py turns them on
+os.environ["FEATLAB_QUIET"] = "1"
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_UTK = ROOT.parent / "shared" / "data" / "utkface-dev"
 SAMPLE_UTK = ROOT / "featlab" / "data" / "utkface-sample"

@@ -39,6 +39,7 @@ import numpy as np
 from .. import __version__, config
 from ..backbones.registry import Backbone, Runner, default_providers
 from ..errors import DiskFull, FeatlabError, disk_full
+from ..progress import Bar
 from ..staging import checkpoint, keep
 from ..data.faces import prepare_many, uses_dlib
 from ..data.manifest import dataset_name, file_sha256, read_manifest
@@ -437,7 +438,7 @@ def extract(
         tuner = _Tuner(runner, lambda: Runner(bb, tap_list, providers, split_threads, spinning=False, outputs=outputs,
                                               uint8_input=True),
                        enabled=plan["tune"] and len(paths) >= 12 * batch_size)
-        with _progress(progress, len(paths), f"extract {backbone} -> {out.name}") as bar, \
+        with Bar(len(paths), f"extract {backbone} -> {out.name}", "img", enabled=progress) as bar, \
                 _Committer(store, report, bar) as commit:
             for start, results in (() if cluster is not None else _batches(paths, batch_size, geometry, align, workers, prep=prep)):
                 ok = [i for i, (chip, _) in enumerate(results) if chip is not None]
@@ -587,7 +588,7 @@ def _fill_lagging(store, bb, runner, all_keys, geometry, align, flip, batch_size
     labels = store.labels()
     start_row = min(lag.values())
     paths = labels["path"].tolist()[start_row:]
-    with _progress(progress, len(paths), f"add {', '.join(lag)}") as bar:
+    with Bar(len(paths), f"add {', '.join(lag)}", "img", enabled=progress) as bar:
         for start, results in _batches(paths, batch_size, geometry, align, workers, prep=prep):
             bad = [paths[start + i] for i, (c, _) in enumerate(results) if c is None]
             if bad:
@@ -604,32 +605,3 @@ def _fill_lagging(store, bb, runner, all_keys, geometry, align, flip, batch_size
                     store.fill(k, feats[k][skip:])
                     report.filled[k] = report.filled.get(k, 0) + len(chips) - skip
             bar(len(results))
-
-
-class _progress:
-    """A rich progress bar with images/s and ETA; a no-op when disabled."""
-
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.enabled, self.total, self.label = enabled and total > 0, total, label
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        class Rate(TextColumn):
-            def render(self, task):
-                from rich.text import Text
-
-                speed = task.finished_speed or task.speed
-                return Text(f"{speed:,.0f} img/s" if speed else "… img/s")
-
-        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(""),
-                          TextColumn("ETA"), TimeRemainingColumn(), transient=False)
-        self.p.start()
-        task = self.p.add_task(self.label, total=self.total)
-        return lambda n: self.p.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.p.stop()

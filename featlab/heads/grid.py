@@ -63,6 +63,7 @@ from ..features.featureio import fusion_parts, row_bytes
 from .keras_env import keras as _keras
 from ..data.labels import check_ranges, encode_target, split_rows, target_name
 from .model import build_model, head_layers, standardised_input
+from ..progress import Bar
 from ..staging import checkpoint
 from ..features.store import FeatureStore
 from .train import (_setup_tf, check_hyperparameters, fit_head, input_stats, loss_and_metrics, make_optimizer,
@@ -248,7 +249,9 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
     epoch_reads = []
     t_fit = time.perf_counter()
     epoch = 0
-    with warnings.catch_warnings():
+    bar = Bar(base["epochs"], f"train {len(plans)} head{'s' * (len(plans) > 1)} on {', '.join(parts)}", "epoch",
+              rate=False)
+    with warnings.catch_warnings(), bar:
         warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
         while epoch < base["epochs"] and not all(stopper.stopped):
             # a trunk whose heads have all stopped is skipped (tf.cond in the traced loop), not traced again
@@ -273,6 +276,10 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
             for o in optimizers[1:]:
                 o.learning_rate.assign(optimizer.learning_rate)
             epoch += 1
+            running = len(plans) - sum(bool(x) for x in stopper.stopped)
+            bar.note(f"{running} of {len(plans)} still training (early stopping on val), "
+                     f"{(time.perf_counter() - t_fit) / epoch:.1f} s/epoch")
+            bar(1)
             checkpoint("grid-epoch")
     traces = {"epoch_loop": int(step.experimental_get_tracing_count()),
               "predict": int(predict.experimental_get_tracing_count())}

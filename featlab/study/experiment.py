@@ -254,7 +254,7 @@ def _zero_shot_step(features: Path, heads: list[dict], echo) -> None:
     for h in {target_name(h["target"], h["cats"]): h for h in heads if h.get("fold") is None}.values():
         _, valid = encode_target(labels, h["target"], h["cats"])
         sp = split_rows(labels, valid)
-        rec = score_zero_shot(features, h["target"], h["cats"], {"val": sp["val"], "test": sp["test"]})
+        rec = score_zero_shot(features, h["target"], h["cats"], {"val": sp["val"], "test": sp["test"]}, progress=True)
         if "skipped" in rec:
             echo(f"[zero-shot] {target_name(h['target'], h['cats'])}: skipped ({rec['skipped']})")
         else:

@@ -21,6 +21,7 @@ from .. import config
 from ..errors import FeatlabError
 from ..data.labels import HEADLINE, format_figure
 from ..paths import dataset_key, feature_set
+from ..progress import Bar
 from ..staging import Stage, checkpoint, keep
 from ..features.store import FeatureStore
 from ..scoring.uncertainty import interval
@@ -173,6 +174,7 @@ def _train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: i
             write_baselines(d, job.result())
         if seeds == 1:
             install(i, d)
+        bar(1)
 
     def settle(block: bool) -> None:
         while waiting and (block or waiting[0][2] is None or waiting[0][2].done()):
@@ -182,7 +184,9 @@ def _train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: i
     # pool's threads from the moment the grid has trained, while this thread saves and scores the heads (not
     # while it trains: TensorFlow's threads slowed 2x beside one probe thread on 2 cores)
     memory_mb = hp.get("memory_mb", 2048)
-    with ProbePool() as pool:
+    n_records = sum(1 for s in range(seeds) for i in range(len(heads)) if not (seeds == 1 and i in skip))
+    bar = Bar(n_records, "score heads" + (", fit linear probes" if baselines else ""), "head", rate=False)
+    with ProbePool() as pool, bar:
         try:
             for s in range(seed, seed + seeds):
                 early: dict = {}

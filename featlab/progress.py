@@ -1,0 +1,103 @@
+"""Progress: what a step that takes more than a few seconds shows while it works.
+
+One bar per step (extraction, the heads' epochs, the probes, explaining faces, grouping faces), drawn by
+rich on a terminal and written as a plain line every few seconds elsewhere (a log, CI), so a long step is
+never silent. ``featlab -q`` (or :func:`set_quiet`, or ``FEATLAB_QUIET=1``) silences every bar and the
+steps' own lines; results and errors still print.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+_QUIET = os.environ.get("FEATLAB_QUIET", "") not in ("", "0")  # the test suite sets it; its own test unsets it
+#: off a terminal, a line at most this often (seconds)
+PLAIN_EVERY = 5.0
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence (or restore) every progress display of this process."""
+    global _QUIET
+    _QUIET = bool(quiet)
+
+
+def quiet() -> bool:
+    return _QUIET
+
+
+class Bar:
+    """``with Bar(total, label, unit) as bar: bar(n)`` advances by ``n``; ``bar.note(text)`` sets the
+    text shown beside the count (e.g. how many heads still train). A no-op when disabled, when quiet or
+    when ``total`` is 0. ``rate``: show items per second (``unit``/s) and the ETA."""
+
+    def __init__(self, total: int, label: str, unit: str = "", enabled: bool = True, rate: bool = True,
+                 stream=None):
+        self.total, self.label, self.unit, self.rate = int(total), label, unit, rate
+        self.enabled = enabled and not _QUIET and self.total > 0
+        self.stream = stream
+        self.done, self._note, self._p = 0, "", None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        stream = self.stream or sys.stderr
+        self._t0 = self._last = time.perf_counter()
+        if getattr(stream, "isatty", lambda: False)():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            unit = self.unit
+
+            class Rate(TextColumn):
+                def render(self, task):
+                    from rich.text import Text
+
+                    speed = task.finished_speed or task.speed
+                    return Text(f"{speed:,.1f} {unit}/s" if speed and speed < 10 else
+                                f"{speed:,.0f} {unit}/s" if speed else f"… {unit}/s")
+
+            cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+            if self.rate:
+                cols += [Rate(""), TextColumn("ETA"), TimeRemainingColumn()]
+            cols.append(TextColumn("{task.fields[note]}"))
+            self._p = Progress(*cols, console=Console(file=stream), transient=False)
+            self._p.start()
+            self._task = self._p.add_task(self.label, total=self.total, note="")
+        else:
+            self._stream = stream
+        return self
+
+    def __call__(self, n: int = 1) -> None:
+        if not self.enabled:
+            return
+        self.done += n
+        if self._p is not None:
+            self._p.update(self._task, advance=n, note=self._note)
+        else:
+            self._plain(final=False)
+
+    def note(self, text: str) -> None:
+        self._note = text
+        if self.enabled and self._p is not None:
+            self._p.update(self._task, note=text)
+
+    def _plain(self, final: bool) -> None:
+        now = time.perf_counter()
+        if not final and now - self._last < PLAIN_EVERY:
+            return
+        self._last = now
+        el = now - self._t0
+        rate = f", {self.done / el:,.1f} {self.unit}/s" if self.rate and el > 0 and self.done else ""
+        note = f"; {self._note}" if self._note else ""
+        print(f"  {self.label}: {self.done:,}/{self.total:,} {self.unit}{rate}, {el:.0f} s{note}",
+              file=self._stream, flush=True)
+
+    def __exit__(self, *exc):
+        if not self.enabled:
+            return
+        if self._p is not None:
+            self._p.stop()
+        elif self.done:
+            self._plain(final=True)

@@ -75,7 +75,7 @@ def test_comparison_legends_sit_below_each_panel_off_the_error_bars_and_baseline
         for ax in fig.axes:  # everything the panel's legend named is still in it
             labels = ax.get_legend().get_texts()
             assert any(t.get_text().startswith("majority") for t in labels)
-            assert any(t.get_text() == "linear probe" for t in labels)
+            assert any(t.get_text().startswith("linear probe: ") for t in labels)
 
 
 def test_history_scatter_and_sweep_legends_sit_outside_the_data(figures):
@@ -175,3 +175,55 @@ def test_the_scatter_median_line_reaches_the_oldest_faces(figures):
     assert sum(len(b) for b in bands) == len(t)
     np.testing.assert_allclose(xs, [np.median(t[b]) for b in bands])
     np.testing.assert_allclose(ys, [np.median(p[b]) for b in bands])
+
+
+def test_comparison_draws_the_baselines_verdicts_names_its_bands_and_labels_values_at_their_points(figures):
+    """A linear probe resolved worse than the chosen head is drawn (and named in the legend) as resolved; the
+    majority's band and line carry its verdict; every value label sits at its point's height, not at the
+    upper whisker; the x axis says the fusions come after the taps."""
+    rows = _rows(["accuracy", "one_off"], {"accuracy": 0.45, "one_off": 0.85}, {"accuracy": 0.3, "one_off": 0.6})
+    for r in rows:
+        if r["reader"] == "linear":
+            r["verdict"] = "worse" if r["tap"] == "res12" else "inconclusive"
+        elif r["reader"] == "majority":
+            r["verdict"] = "worse"
+    plots.comparison_png(rows, TAPS, ["accuracy", "one_off"], "bins.png")
+    ax = figures[0].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "linear probe: resolved from chosen (BH p < 0.05)" in labels, labels
+    assert "linear probe: inconclusive (neither resolved nor equivalent)" in labels
+    assert "majority 30.0 (worse than chosen)" in labels and "majority: 95 % CI band" in labels
+    heads = {r["tap"]: r for r in rows if r["reader"] == "head"}
+    values = [t for t in ax.texts if re.fullmatch(r"[\d.]+", t.get_text())]
+    assert len(values) == len(TAPS)
+    for t, tap in zip(values, TAPS):
+        assert t.xy[1] == pytest.approx(heads[tap]["accuracy"] * 100)  # at the point, not at its upper bound
+    assert ax.get_xlabel() == "input: taps in network order →, then fusions of taps (a+b)"
+
+
+def test_a_confusion_title_carries_its_intervals_and_rows_of_few_faces_are_marked(figures, tmp_path):
+    """The age head's binned view gets the interval over people of its own accuracy (equal to a direct
+    cluster bootstrap of its per-face hits); rows of fewer than 20 faces carry † and italic shares."""
+    from featlab.scoring.scores import _binned_intervals
+    from featlab.scoring.uncertainty import interval
+    from featlab.scoring import metrics as M
+
+    rng = np.random.default_rng(0)
+    y = np.concatenate([rng.uniform(0, 90, 200), rng.uniform(20, 35, 200)])  # most faces in their twenties
+    p = y + rng.normal(0, 6, 400)
+    groups = np.array([f"g{i // 2}" for i in range(400)], dtype=object)
+    s = get_scheme(7)
+    rep = M.regression_report(y, p, [s])["binned"]["bins7"]
+    acc_ci, off_ci = _binned_intervals(y, p, s, groups, rep)
+    t, q = s.assign(y), s.assign(np.clip(p, 0, None))
+    assert acc_ci == interval((t == q).astype(float), groups=groups)
+    assert acc_ci[0] < rep["accuracy"] < acc_ci[1] and off_ci[0] < rep["one_off"] < off_ci[1]
+    cm = np.asarray(rep["confusion"])
+    plots.confusion_png(cm, s.names, "c.png", title="t", accuracy=rep["accuracy"], one_off=rep["one_off"],
+                        accuracy_ci=acc_ci, one_off_ci=off_ci)
+    ax = figures[0].axes[0]
+    assert f"accuracy {100 * rep['accuracy']:.1f}% [{100 * acc_ci[0]:.1f}, {100 * acc_ci[1]:.1f}]" in ax.get_title()
+    rows = cm.sum(axis=1)
+    marked = [t.get_text().endswith("†)") for t in ax.get_yticklabels()]
+    assert marked == [bool(n < 20) for n in rows] and any(marked) and not all(marked)
+    assert "fewer than 20 faces" in ax.get_xlabel()

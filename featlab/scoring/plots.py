@@ -62,9 +62,19 @@ def _pct(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}%"
 
 
-def confusion_png(cm, names, path, title: str = "", accuracy=None, one_off=None) -> Path:
+#: a true class with fewer faces than this has its row's shares marked as unreliable in a confusion figure
+SMALL_ROW = 20
+
+
+def _pct_ci(v, ci) -> str:
+    return _pct(v) + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def confusion_png(cm, names, path, title: str = "", accuracy=None, one_off=None, accuracy_ci=None,
+                  one_off_ci=None) -> Path:
     """Rows = true class (with its count), columns = predicted; colour and big number = share of the
-    true class, small number = count."""
+    true class, small number = count. The title gives accuracy and 1-off with their 95 % intervals over
+    people; rows of fewer than :data:`SMALL_ROW` faces are marked (†, shares in italics)."""
     cm = np.asarray(cm, dtype=np.int64)
     n = len(names)
     tot = cm.sum(axis=1, keepdims=True)
@@ -82,23 +92,28 @@ def confusion_png(cm, names, path, title: str = "", accuracy=None, one_off=None)
                 continue
             dark = v > 0.55
             colour = "white" if dark else "#222222"
+            few = tot[i, 0] < SMALL_ROW
             ax.text(j, i - 0.12, f"{100 * v:.0f}%", ha="center", va="center", color=colour,
-                    fontsize=10 if small else 12, fontweight="bold" if i == j else "normal")
+                    fontsize=10 if small else 12, fontweight="bold" if i == j else "normal",
+                    fontstyle="italic" if few else "normal")
             ax.text(j, i + 0.25, f"{cm[i, j]}", ha="center", va="center", color=colour, fontsize=7 if small else 8.5)
     ax.set_xticks(range(n))
     long_names = max(len(s) for s in names) > 3
     ax.set_xticklabels(names, rotation=45 if long_names else 0, ha="right" if long_names else "center")
     ax.set_yticks(range(n))
-    ax.set_yticklabels([f"{nm}  (n={int(t)})" for nm, t in zip(names, tot.ravel())])
-    ax.set_xlabel("predicted")
+    ax.set_yticklabels([f"{nm}  (n={int(t)}{'†' if t < SMALL_ROW else ''})" for nm, t in zip(names, tot.ravel())])
+    few_rows = int((tot.ravel() < SMALL_ROW).sum())
+    ax.set_xlabel("predicted" + (f"\n† fewer than {SMALL_ROW} faces: that row's shares (italics) are unreliable"
+                                 if few_rows else ""))
     ax.set_ylabel("true")
     ax.set_xticks(np.arange(-0.5, n, 1), minor=True)
     ax.set_yticks(np.arange(-0.5, n, 1), minor=True)
     ax.grid(which="minor", color="white", linewidth=1.5)
     ax.tick_params(which="minor", length=0)
-    head = _headline(title, [f"accuracy {_pct(accuracy)}" if accuracy is not None else "",
-                             f"1-off {_pct(one_off)}" if one_off is not None else ""], int(cm.sum()))
-    ax.set_title(head + "\n(rows normalised per true class)", fontsize=10)
+    head = _headline(title, [f"accuracy {_pct_ci(accuracy, accuracy_ci)}" if accuracy is not None else "",
+                             f"1-off {_pct_ci(one_off, one_off_ci)}" if one_off is not None else ""], int(cm.sum()))
+    ax.set_title(head + "\n(rows normalised per true class" + (", 95 % intervals over people)" if accuracy_ci
+                                                                  else ")"), fontsize=10)
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     cb.set_label("share of true class")
     return _save(fig, path)
@@ -228,8 +243,9 @@ VERDICT_STYLES = (
 
 def comparison_png(rows: list[dict], taps: list[str], metrics: list[str], path, title: str = "") -> Path:
     """One panel per headline metric: per tap (network order) the head's test figure with its 95 % interval
-    and the linear probe beside it; the tap chosen on validation as a star, the others marked by the panel's
-    own verdict (:data:`VERDICT_STYLES`); the majority and zero-shot baselines as lines with their bands."""
+    and the linear probe beside it (a square), each marked by its own paired verdict against the input chosen
+    on validation (:data:`VERDICT_STYLES`; the chosen head is a star); values sit beside their points; the
+    majority and zero-shot baselines as lines, their verdicts in the legend, their bands named there too."""
     n = len(taps)
     fig = _figure(max(4.2, 0.75 * n + 2.2) * len(metrics) + 0.6, 5.0)
     x = np.arange(n)
@@ -263,23 +279,34 @@ def comparison_png(rows: list[dict], taps: list[str], metrics: list[str], path, 
             if sel.any():
                 ax.scatter(x[sel] - 0.1, v[sel], s=36, zorder=3, edgecolors="#4C72B0", label=f"head: {text}", **style)
         ax.scatter(x[ch] - 0.1, v[ch], marker="*", color="#C44E52", s=160, zorder=4, label="head, tap chosen on val")
+        # the value beside its point, on a white ground: at the point's height, never at a whisker's end
         for i in range(n):
             if np.isfinite(v[i]):
-                ax.annotate(f"{v[i]:.1f}" if unit == "%" else f"{v[i]:.2f}", (x[i] - 0.1, hi[i]),
-                            textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
-        lv, llo, lhi, _, _ = pts("linear")
+                ax.annotate(f"{v[i]:.1f}" if unit == "%" else f"{v[i]:.2f}", (x[i] - 0.1, v[i]),
+                            textcoords="offset points", xytext=(-7, 0), ha="right", va="center", fontsize=7.5,
+                            zorder=5, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+        # the linear probes with their own verdicts against the chosen head, drawn like the heads' (squares)
+        lv, llo, lhi, lverdicts, _ = pts("linear")
         if np.isfinite(lv).any():
-            ax.errorbar(x + 0.15, lv, yerr=[lv - llo, lhi - lv], fmt="s", color="#8C8C8C", ms=4, capsize=2, lw=1,
-                        label="linear probe")
+            ax.errorbar(x + 0.15, lv, yerr=[lv - llo, lhi - lv], fmt="none", ecolor="#8C8C8C", capsize=2, lw=1)
+            for (kind, style, text), face in zip(VERDICT_STYLES, ("#595959", "white", "#595959", "#D9D9D9")):
+                sel = np.isin(lverdicts, kind) & np.isfinite(lv)
+                if sel.any():  # the heads' shapes (diamond: resolved), in grey, squares where the heads have circles
+                    ax.scatter(x[sel] + 0.15, lv[sel], s=26, zorder=3, edgecolors="#595959",
+                               label=f"linear probe: {text}", marker=style.get("marker", "s"), facecolors=face)
         for r, colour, ls in [(r, c, s) for r in rows for c, s in [("#55A868", "--")] if r["reader"] == "majority"] + \
                 [(r, "#DD8452", ":") for r in rows if str(r["reader"]).startswith("zero-shot")]:
             val = _num(r.get(m)) * scale
             if np.isfinite(val):
-                ax.axhline(val, color=colour, ls=ls, lw=1.3, label=f"{r['reader']} {val:.1f}" if unit == "%" else
-                           f"{r['reader']} {val:.2f}")
+                vkey = "verdict" if m == _primary(metrics) else f"{m}_verdict"
+                verdict = r.get(vkey) or ""
+                shown = f"{val:.1f}" if unit == "%" else f"{val:.2f}"
+                ax.axhline(val, color=colour, ls=ls, lw=1.3,
+                           label=f"{r['reader']} {shown}" + (f" ({verdict} than chosen)" if verdict in ("worse", "better")
+                                                             else f" ({verdict})" if verdict else ""))
                 blo, bhi = _num(r.get(lo_key)) * scale, _num(r.get(hi_key)) * scale
                 if np.isfinite(blo) and np.isfinite(bhi):
-                    ax.axhspan(blo, bhi, color=colour, alpha=0.12, lw=0)
+                    ax.axhspan(blo, bhi, color=colour, alpha=0.12, lw=0, label=f"{r['reader']}: 95 % CI band")
         ax.set_xticks(x)
         ax.set_xticklabels(taps, rotation=30 if max((len(t) for t in taps), default=0) > 6 else 0,
                            ha="right" if max((len(t) for t in taps), default=0) > 6 else "center", fontsize=9)
@@ -287,7 +314,8 @@ def comparison_png(rows: list[dict], taps: list[str], metrics: list[str], path, 
         ax.set_ylabel(label.split(" (")[0] + (" (%)" if unit == "%" else " (years)" if unit == "y" else ""))
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
-        ax.set_xlabel("tap (network order →)")
+        ax.set_xlabel("input: taps in network order →" + (", then fusions of taps (a+b)" if any("+" in t for t in taps)
+                                                            else ""))
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -87,17 +87,22 @@ def write_reports(out_dir: Path, cfg: dict, scored: dict, where: str) -> list[st
     files = []
     if target in ("bins", "gender"):
         names = rep["names"]
+        met = scored["metrics"]
         files += write_confusion(out_dir, "confusion", np.asarray(rep["confusion"]), names,
-                                  f"{title}\n{where}", rep["accuracy"], rep.get("one_off"), plots)
+                                  f"{title}\n{where}", rep["accuracy"], rep.get("one_off"), plots,
+                                  met.get("accuracy_ci95"), met.get("one_off_ci95"))
         metric_name = "accuracy"
         correct = (y == p)
 
         def metric(m):
             return float(correct[m].mean()) if m.any() else float("nan")
     else:
+        groups = groups_of(scored["sub"])
         for name, b in rep["binned"].items():
+            ci = _binned_intervals(y, p, get_scheme(int(name[4:])), groups, b)
             files += write_confusion(out_dir, f"confusion_{name}", np.asarray(b["confusion"]), b["names"],
-                                      f"{title} (binned into {name})\n{where}", b["accuracy"], b["one_off"], plots)
+                                      f"{title} (binned into {name})\n{where}", b["accuracy"], b["one_off"], plots,
+                                      *ci)
         plots.scatter_png(y, p, out_dir / "scatter.png", title=f"{title}\n{where}", mae=rep["mae"],
                           cs5=rep["cs5"])
         files.append("scatter.png")
@@ -135,7 +140,24 @@ def write_faces(path: Path, sections: dict[str, dict]) -> None:
         w.writerows(rows)
 
 
-def write_confusion(out_dir: Path, stem: str, cm: np.ndarray, names, title, acc, one_off, plots) -> list[str]:
+def _binned_intervals(y, p, scheme, groups, rep) -> tuple:
+    """95 % intervals over people of an age head's accuracy and 1-off in ``scheme``'s groups (its binned
+    view); (None, None) where the per-face values do not give the report's figures."""
+    t = scheme.assign(np.asarray(y, dtype=np.float64))
+    q = scheme.assign(np.clip(np.asarray(p, dtype=np.float64), 0, None))
+    ok = t >= 0
+    correct = (t == q)[ok].astype(np.float64)
+    off = ((np.abs(t - q) <= 1) & (q >= 0))[ok].astype(np.float64)
+    g = np.asarray(groups, dtype=object)[ok] if len(groups) == len(t) else None
+    out = []
+    for v, key in ((correct, "accuracy"), (off, "one_off")):
+        want = rep.get(key)
+        out.append(interval(v, groups=g) if want is not None and len(v) and abs(v.mean() - want) < 1e-9 else None)
+    return tuple(out)
+
+
+def write_confusion(out_dir: Path, stem: str, cm: np.ndarray, names, title, acc, one_off, plots, acc_ci=None,
+                    one_off_ci=None) -> list[str]:
     norm = M.normalise_rows(cm)
 
     def cell(v, counts):
@@ -151,7 +173,8 @@ def write_confusion(out_dir: Path, stem: str, cm: np.ndarray, names, title, acc,
             for name, row in zip(names, mat):
                 w.writerow([name, *[cell(v, counts) for v in row]])
     # the figure names each age group with its real interval where the names leave gaps (8 groups)
-    plots.confusion_png(cm, group_labels(names), out_dir / f"{stem}.png", title=title, accuracy=acc, one_off=one_off)
+    plots.confusion_png(cm, group_labels(names), out_dir / f"{stem}.png", title=title, accuracy=acc, one_off=one_off,
+                        accuracy_ci=acc_ci, one_off_ci=one_off_ci)
     return [f"{stem}.csv", f"{stem}_counts.csv", f"{stem}.png"]
 
 

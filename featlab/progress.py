@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 _QUIET = os.environ.get("FEATLAB_QUIET", "") not in ("", "0")  # the test suite sets it; its own test unsets it
@@ -58,7 +59,9 @@ class Bar:
                     return Text(f"{speed:,.1f} {unit}/s" if speed and speed < 10 else
                                 f"{speed:,.0f} {unit}/s" if speed else f"… {unit}/s")
 
-            cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+            from rich.progress import TimeElapsedColumn
+
+            cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
             if self.rate:
                 cols += [Rate(""), TextColumn("ETA"), TimeRemainingColumn()]
             cols.append(TextColumn("{task.fields[note]}"))
@@ -66,8 +69,19 @@ class Bar:
             self._p.start()
             self._task = self._p.add_task(self.label, total=self.total, note="")
         else:
+            # off a terminal: a line now, then one at least every PLAIN_EVERY seconds while the step runs, even
+            # when nothing advanced (a long first epoch, TensorFlow loading)
             self._stream = stream
+            self._lock = threading.Lock()
+            self._stop = threading.Event()
+            self._plain(final=False, force=True)
+            self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+            self._beat.start()
         return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(max(PLAIN_EVERY, 0.05)):
+            self._plain(final=False)
 
     def __call__(self, n: int = 1) -> None:
         if not self.enabled:
@@ -83,11 +97,15 @@ class Bar:
         if self.enabled and self._p is not None:
             self._p.update(self._task, note=text)
 
-    def _plain(self, final: bool) -> None:
-        now = time.perf_counter()
-        if not final and now - self._last < PLAIN_EVERY:
-            return
-        self._last = now
+    def _plain(self, final: bool, force: bool = False) -> None:
+        with self._lock:
+            now = time.perf_counter()
+            if not (final or force) and now - self._last < PLAIN_EVERY:
+                return
+            self._last = now
+            self._line(now)
+
+    def _line(self, now: float) -> None:
         el = now - self._t0
         rate = f", {self.done / el:,.1f} {self.unit}/s" if self.rate and el > 0 and self.done else ""
         note = f"; {self._note}" if self._note else ""
@@ -99,5 +117,7 @@ class Bar:
             return
         if self._p is not None:
             self._p.stop()
-        elif self.done:
+        else:
+            self._stop.set()
+            self._beat.join()
             self._plain(final=True)

@@ -12,20 +12,30 @@ from test_heads import FAST, make_features
 
 @pytest.fixture
 def talking(monkeypatch):
-    """Progress on (the suite runs with it off), a line for every step off a terminal."""
+    """Progress on (the suite runs with it off); off a terminal, a line at the start and at the end only."""
     monkeypatch.setattr(P, "_QUIET", False)
-    monkeypatch.setattr(P, "PLAIN_EVERY", 0.0)
+    monkeypatch.setattr(P, "PLAIN_EVERY", 1000.0)
 
 
-def test_a_bar_off_a_terminal_writes_plain_lines_and_is_silent_when_quiet(talking):
+def test_a_bar_off_a_terminal_writes_plain_lines_and_is_silent_when_quiet(talking, monkeypatch):
+    """A line when the step starts, one at its end, and while it runs one every PLAIN_EVERY seconds even when
+    nothing advances (a long first epoch): never silent for longer."""
+    import time
+
     out = io.StringIO()
     with P.Bar(3, "embed faces", "face", stream=out) as bar:
         for _ in range(3):
             bar(1)
         bar.note("done")
     lines = out.getvalue().splitlines()
-    assert [ln.split(",")[0].strip() for ln in lines[:3]] == [f"embed faces: {i}/3 face" for i in (1, 2, 3)]
+    assert [ln.split(",")[0].strip() for ln in lines] == ["embed faces: 0/3 face", "embed faces: 3/3 face"]
     assert lines[-1].endswith("; done")
+    monkeypatch.setattr(P, "PLAIN_EVERY", 0.1)
+    out = io.StringIO()
+    with P.Bar(3, "first epoch", "epoch", stream=out, rate=False):
+        time.sleep(0.55)
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 5 and all(ln.startswith("  first epoch: 0/3 epoch") for ln in lines), lines
     P.set_quiet(True)
     try:
         out = io.StringIO()

@@ -186,101 +186,106 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
     its val rows once, in file order, for all the heads together (:func:`_streamed_epoch`)."""
     t_start = time.perf_counter()
     base = hps[0]
-    keras, tf = _setup_tf(base["seed"])
+    # the epochs' bar starts before TensorFlow loads and the loop is traced (15-25 s on 2 cores): never silent
     parts = list(dict.fromkeys(p for layer, _, _ in heads for p in fusion_parts(layer)))
-    cache_rows = np.union1d(tr_all, va_all)
-    t_read = time.perf_counter()
-    # ONE read of each tap for every head of the group (streamed: none here, one per epoch)
-    cache = {} if stream else {p: store.read(p, cache_rows) for p in parts}
-    read_seconds = time.perf_counter() - t_read
+    bar = Bar(base["epochs"], f"train {len(heads)} head{'s' * (len(heads) > 1)} on {', '.join(parts)}", "epoch",
+              rate=False).__enter__()
+    bar.note("loading TensorFlow, reading the taps, tracing the loop")
+    try:
+        keras, tf = _setup_tf(base["seed"])
+        cache_rows = np.union1d(tr_all, va_all)
+        t_read = time.perf_counter()
+        # ONE read of each tap for every head of the group (streamed: none here, one per epoch)
+        cache = {} if stream else {p: store.read(p, cache_rows) for p in parts}
+        read_seconds = time.perf_counter() - t_read
 
-    def read(p, rows):
-        rows = np.asarray(rows, dtype=np.int64)
-        if p in cache:
-            pos = np.searchsorted(cache_rows, rows)
-            if len(rows) == 0 or (pos < len(cache_rows)).all() and (cache_rows[np.minimum(pos, len(cache_rows) - 1)] == rows).all():
-                return cache[p][pos]
-        return store.read(p, rows)
+        def read(p, rows):
+            rows = np.asarray(rows, dtype=np.int64)
+            if p in cache:
+                pos = np.searchsorted(cache_rows, rows)
+                if len(rows) == 0 or (pos < len(cache_rows)).all() and (cache_rows[np.minimum(pos, len(cache_rows) - 1)] == rows).all():
+                    return cache[p][pos]
+            return store.read(p, rows)
 
-    plans, memo = [], {}
-    for (layer, t, c), hp in zip(heads, hps):
-        # the grid feeds the cache: no per-head copy of the train rows
-        plan = plan_head(store, layer, t, c, out_root, fold, hp, read=read, memo=memo, keep_x=False)
-        plan["n_inputs"] = row_bytes(store, layer) // 4
-        plans.append(plan)
-    shapes = {p: tuple(int(d) for d in store.array(p).shape[1:]) for p in parts}
-    net = GridNet(plans, hps, parts, shapes, seed=base["seed"])
-    rows = np.unique(np.concatenate([p["tr"] for p in plans]))
-    pos_fit = np.searchsorted(cache_rows, rows)
-    x_fit = {} if stream else {p: tf.constant(cache[p][pos_fit]) for p in parts}
-    y_fit, w_fit, m_fit = [], [], []
-    for plan in plans:
-        pos = np.searchsorted(rows, plan["tr"])
-        y = np.zeros((len(rows), *plan["y_tr"].shape[1:]), dtype=np.float32)
-        y[pos] = plan["y_tr"]
-        w = np.zeros(len(rows), dtype=np.float32)
-        w[pos] = plan["w_tr"] if plan["w_tr"] is not None else 1.0
-        member = np.zeros(len(rows), dtype=np.float32)
-        member[pos] = 1.0
-        y_fit.append(tf.constant(y))
-        w_fit.append(tf.constant(w))
-        m_fit.append(tf.constant(member))
-    val_rows = np.unique(np.concatenate([p["va"] for p in plans]))
-    x_val = {} if stream else {p: tf.constant(cache[p][np.searchsorted(cache_rows, val_rows)]) for p in parts}
-    cache.clear()  # the fit and val rows now live in x_fit and x_val
-    stopper = HeadStopping(plans, hps, net, val_rows, base["lr"], base["patience"])
-    # one optimizer per trunk (trunks share no weights), stepped together: Adam's moments are per parameter
-    # and every live trunk's step count is the grid's, so this is one optimizer over all weights, except
-    # that a skipped trunk's weights are left alone. One learning rate: the first's, copied to the others
-    optimizers = [make_optimizer(base) for _ in net.trunks]
-    for o, k in zip(optimizers, range(len(net.trunks))):
-        o.build(net.model_of([k])[1].trainable_variables)
-    optimizer = optimizers[0]
-    rng = np.random.default_rng(base["seed"])
-    order = [i for t in net.trunks for i in t["heads"]]  # the heads in trunk order: the loop's outputs
-    loop_args = (tf, net, [y_fit[i] for i in order], [w_fit[i] for i in order], [m_fit[i] for i in order])
-    if stream:
-        step = _block_loop(*loop_args, shapes, [stopper.loss_fns[i] for i in order], optimizers, base["batch_size"])
-        block_rows = max(1, int(plans[0]["block_budget"]) // max(1, sum(row_bytes(store, p) for p in parts)))
-        block_rows = max(base["batch_size"], block_rows // base["batch_size"] * base["batch_size"])
-    else:
-        step = _epoch_loop(*loop_args, x_fit, [stopper.loss_fns[i] for i in order], optimizers, base["batch_size"])
-    predict = _predictor(tf, net, shapes)
-    epoch_reads = []
-    t_fit = time.perf_counter()
-    epoch = 0
-    bar = Bar(base["epochs"], f"train {len(plans)} head{'s' * (len(plans) > 1)} on {', '.join(parts)}", "epoch",
-              rate=False)
-    with warnings.catch_warnings(), bar:
-        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
-        while epoch < base["epochs"] and not all(stopper.stopped):
-            # a trunk whose heads have all stopped is skipped (tf.cond in the traced loop), not traced again
-            live = tf.constant(_live_trunks(net, stopper.stopped), dtype=tf.float32)
-            active = tf.constant([0.0 if stopper.stopped[i] else 1.0 for i in order], dtype=tf.float32)
-            if stream:
-                t_r = time.perf_counter()
-                losses, read_s = _streamed_epoch(store, parts, rows, rng.permutation(len(rows)), block_rows, step,
-                                                 active, live, tf)
-                train_losses = dict(zip(order, losses))
-                chunks = [_as_list(predict([store.read(p, val_rows[j: j + VAL_CHUNK]) for p in parts], live))
-                          for j in range(0, max(len(val_rows), 1), VAL_CHUNK)]
-                epoch_reads.append({"seconds": round(time.perf_counter() - t_r, 2), "read_wait_seconds": round(read_s, 2)})
-            else:
-                perm = tf.constant(rng.permutation(len(rows)), dtype=tf.int32)
-                train_losses = dict(zip(order, np.asarray(step(perm, active, live)).tolist()))
-                chunks = [_as_list(predict([x_val[p][j: j + VAL_CHUNK] for p in parts], live))
-                          for j in range(0, max(len(val_rows), 1), VAL_CHUNK)]  # bounded activations on a large val split
-            outs = [np.concatenate([np.asarray(c[h]) for c in chunks]) for h in range(len(order))]
-            stopper.end_epoch(epoch, float(np.asarray(optimizer.learning_rate)), train_losses, dict(zip(order, outs)),
-                              optimizer)
-            for o in optimizers[1:]:
-                o.learning_rate.assign(optimizer.learning_rate)
-            epoch += 1
-            running = len(plans) - sum(bool(x) for x in stopper.stopped)
-            bar.note(f"{running} of {len(plans)} still training (early stopping on val), "
-                     f"{(time.perf_counter() - t_fit) / epoch:.1f} s/epoch")
-            bar(1)
-            checkpoint("grid-epoch")
+        plans, memo = [], {}
+        for (layer, t, c), hp in zip(heads, hps):
+            # the grid feeds the cache: no per-head copy of the train rows
+            plan = plan_head(store, layer, t, c, out_root, fold, hp, read=read, memo=memo, keep_x=False)
+            plan["n_inputs"] = row_bytes(store, layer) // 4
+            plans.append(plan)
+        shapes = {p: tuple(int(d) for d in store.array(p).shape[1:]) for p in parts}
+        net = GridNet(plans, hps, parts, shapes, seed=base["seed"])
+        rows = np.unique(np.concatenate([p["tr"] for p in plans]))
+        pos_fit = np.searchsorted(cache_rows, rows)
+        x_fit = {} if stream else {p: tf.constant(cache[p][pos_fit]) for p in parts}
+        y_fit, w_fit, m_fit = [], [], []
+        for plan in plans:
+            pos = np.searchsorted(rows, plan["tr"])
+            y = np.zeros((len(rows), *plan["y_tr"].shape[1:]), dtype=np.float32)
+            y[pos] = plan["y_tr"]
+            w = np.zeros(len(rows), dtype=np.float32)
+            w[pos] = plan["w_tr"] if plan["w_tr"] is not None else 1.0
+            member = np.zeros(len(rows), dtype=np.float32)
+            member[pos] = 1.0
+            y_fit.append(tf.constant(y))
+            w_fit.append(tf.constant(w))
+            m_fit.append(tf.constant(member))
+        val_rows = np.unique(np.concatenate([p["va"] for p in plans]))
+        x_val = {} if stream else {p: tf.constant(cache[p][np.searchsorted(cache_rows, val_rows)]) for p in parts}
+        cache.clear()  # the fit and val rows now live in x_fit and x_val
+        stopper = HeadStopping(plans, hps, net, val_rows, base["lr"], base["patience"])
+        # one optimizer per trunk (trunks share no weights), stepped together: Adam's moments are per parameter
+        # and every live trunk's step count is the grid's, so this is one optimizer over all weights, except
+        # that a skipped trunk's weights are left alone. One learning rate: the first's, copied to the others
+        optimizers = [make_optimizer(base) for _ in net.trunks]
+        for o, k in zip(optimizers, range(len(net.trunks))):
+            o.build(net.model_of([k])[1].trainable_variables)
+        optimizer = optimizers[0]
+        rng = np.random.default_rng(base["seed"])
+        order = [i for t in net.trunks for i in t["heads"]]  # the heads in trunk order: the loop's outputs
+        loop_args = (tf, net, [y_fit[i] for i in order], [w_fit[i] for i in order], [m_fit[i] for i in order])
+        if stream:
+            step = _block_loop(*loop_args, shapes, [stopper.loss_fns[i] for i in order], optimizers, base["batch_size"])
+            block_rows = max(1, int(plans[0]["block_budget"]) // max(1, sum(row_bytes(store, p) for p in parts)))
+            block_rows = max(base["batch_size"], block_rows // base["batch_size"] * base["batch_size"])
+        else:
+            step = _epoch_loop(*loop_args, x_fit, [stopper.loss_fns[i] for i in order], optimizers, base["batch_size"])
+        predict = _predictor(tf, net, shapes)
+        epoch_reads = []
+        t_fit = time.perf_counter()
+        epoch = 0
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+            while epoch < base["epochs"] and not all(stopper.stopped):
+                # a trunk whose heads have all stopped is skipped (tf.cond in the traced loop), not traced again
+                live = tf.constant(_live_trunks(net, stopper.stopped), dtype=tf.float32)
+                active = tf.constant([0.0 if stopper.stopped[i] else 1.0 for i in order], dtype=tf.float32)
+                if stream:
+                    t_r = time.perf_counter()
+                    losses, read_s = _streamed_epoch(store, parts, rows, rng.permutation(len(rows)), block_rows, step,
+                                                     active, live, tf)
+                    train_losses = dict(zip(order, losses))
+                    chunks = [_as_list(predict([store.read(p, val_rows[j: j + VAL_CHUNK]) for p in parts], live))
+                              for j in range(0, max(len(val_rows), 1), VAL_CHUNK)]
+                    epoch_reads.append({"seconds": round(time.perf_counter() - t_r, 2), "read_wait_seconds": round(read_s, 2)})
+                else:
+                    perm = tf.constant(rng.permutation(len(rows)), dtype=tf.int32)
+                    train_losses = dict(zip(order, np.asarray(step(perm, active, live)).tolist()))
+                    chunks = [_as_list(predict([x_val[p][j: j + VAL_CHUNK] for p in parts], live))
+                              for j in range(0, max(len(val_rows), 1), VAL_CHUNK)]  # bounded activations on a large val split
+                outs = [np.concatenate([np.asarray(c[h]) for c in chunks]) for h in range(len(order))]
+                stopper.end_epoch(epoch, float(np.asarray(optimizer.learning_rate)), train_losses, dict(zip(order, outs)),
+                                  optimizer)
+                for o in optimizers[1:]:
+                    o.learning_rate.assign(optimizer.learning_rate)
+                epoch += 1
+                running = len(plans) - sum(bool(x) for x in stopper.stopped)
+                bar.note(f"{running} of {len(plans)} still training (early stopping on val), "
+                         f"{(time.perf_counter() - t_fit) / epoch:.1f} s/epoch")
+                bar(1)
+                checkpoint("grid-epoch")
+    finally:
+        bar.__exit__(None, None, None)
     traces = {"epoch_loop": int(step.experimental_get_tracing_count()),
               "predict": int(predict.experimental_get_tracing_count())}
     fit_seconds = time.perf_counter() - t_fit

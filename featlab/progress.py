@@ -15,7 +15,7 @@ import time
 
 _QUIET = os.environ.get("FEATLAB_QUIET", "") not in ("", "0")  # the test suite sets it; its own test unsets it
 #: off a terminal, a line at most this often (seconds)
-PLAIN_EVERY = 5.0
+PLAIN_EVERY = 4.0
 
 
 def set_quiet(quiet: bool) -> None:
@@ -38,11 +38,12 @@ class Bar:
         self.total, self.label, self.unit, self.rate = int(total), label, unit, rate
         self.enabled = enabled and not _QUIET and self.total > 0
         self.stream = stream
-        self.done, self._note, self._p = 0, "", None
+        self.done, self._note, self._p, self._on = 0, "", None, False
 
     def __enter__(self):
-        if not self.enabled:
+        if not self.enabled or self._on:
             return self
+        self._on = True
         stream = self.stream or sys.stderr
         self._t0 = self._last = time.perf_counter()
         if getattr(stream, "isatty", lambda: False)():
@@ -84,9 +85,9 @@ class Bar:
             self._plain(final=False)
 
     def __call__(self, n: int = 1) -> None:
-        if not self.enabled:
-            return
         self.done += n
+        if not self._on:  # disabled, or not shown yet: counted only
+            return
         if self._p is not None:
             self._p.update(self._task, advance=n, note=self._note)
         else:
@@ -94,7 +95,7 @@ class Bar:
 
     def note(self, text: str) -> None:
         self._note = text
-        if self.enabled and self._p is not None:
+        if self._on and self._p is not None:
             self._p.update(self._task, note=text)
 
     def _plain(self, final: bool, force: bool = False) -> None:
@@ -113,8 +114,9 @@ class Bar:
               file=self._stream, flush=True)
 
     def __exit__(self, *exc):
-        if not self.enabled:
+        if not self._on:
             return
+        self._on = False
         if self._p is not None:
             self._p.stop()
         else:

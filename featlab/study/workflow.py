@@ -11,6 +11,7 @@ summarises the same way, the faces of all folds pooled. :func:`train_grid` does 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -185,8 +186,9 @@ def _train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: i
     # while it trains: TensorFlow's threads slowed 2x beside one probe thread on 2 cores)
     memory_mb = hp.get("memory_mb", 2048)
     n_records = sum(1 for s in range(seeds) for i in range(len(heads)) if not (seeds == 1 and i in skip))
+    # entered once the first grid has trained (the grid shows its own epochs before)
     bar = Bar(n_records, "score heads" + (", fit linear probes" if baselines else ""), "head", rate=False)
-    with ProbePool() as pool, bar:
+    with ProbePool() as pool, contextlib.ExitStack() as shown:
         try:
             for s in range(seed, seed + seeds):
                 early: dict = {}
@@ -197,6 +199,8 @@ def _train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: i
 
                 dirs = fit_grid(features, layers, targets, fold=fold, seed=s, seed_dir=seeds > 1, out_root=out_root,
                                 verbose=verbose, trained=trained, **hp)
+                if s == seed:
+                    shown.enter_context(bar)
                 for i, d in enumerate(dirs):
                     if seeds == 1 and i in skip:
                         continue  # a finished record is kept as it is: no need to score its twin

@@ -231,12 +231,23 @@ def test_lrp_in_the_dataset_view_beside_occlusion(age_head, tmp_path, capsys):
     assert lo <= pair["deletion_auc_difference"] <= hi
     with np.load(out / "maps-lrp.npz") as z:
         assert z["maps"].shape[1:] == (1, 64, 64) and np.isfinite(z["maps"]).all()
-        # the stored per-group mean maps, weighted by the groups' faces, sum to the mean input relevance
+        # the raw per-group mean maps, weighted by the groups' faces, sum to the mean input relevance
         counts = np.array([s["groups"][str(g)] for g in z["groups"]])
-        relevance = float((z["maps"].sum(axis=(1, 2, 3), dtype=np.float64) * counts).sum() / counts.sum())
+        relevance = float((z["maps_raw"].sum(axis=(1, 2, 3), dtype=np.float64) * counts).sum() / counts.sum())
         assert c["mean_input_relevance"] == pytest.approx(relevance, abs=2e-6)
+        # the drawn means weigh each face alike: every face's map has |.| summing to 1, so a group's mean map
+        # has at most 1, and exactly 1 where its faces' maps share one sign per pixel
+        l1 = np.abs(z["maps"]).sum(axis=(2, 3))
+        assert (l1 <= 1 + 1e-9).all() and (l1 > 0).all()
         # pixel resolution: not constant over 8x8 blocks as a patch method's map would be
         assert np.abs(np.diff(z["maps"][0, 0], axis=1)).max() > 0
+    from featlab.report.explain import per_face_normalised
+
+    m = np.random.default_rng(0).normal(size=(2, 8, 8))
+    m[1] = 0.0
+    n = per_face_normalised(m)
+    assert np.abs(n[0]).sum() == pytest.approx(1.0) and np.array_equal(n[1], m[1])
+    assert (out / "faces-lrp.png").stat().st_size > 5000 and (out / "faces-occlusion.png").stat().st_size > 5000
     assert "lrp - occlusion on res5 age: deletion AUC difference" in text
 
 
@@ -252,7 +263,7 @@ def test_lrp_conservation_error_is_the_one_of_the_stored_map(age_head, tmp_path,
     c = s["methods"]["lrp"]["res5 age"]["conservation"]
     with np.load(out / "maps-lrp.npz") as z:
         assert z["maps"].shape == (1, 1, 64, 64)
-        relevance = float(z["maps"].sum(dtype=np.float64))
+        relevance = float(z["maps_raw"].sum(dtype=np.float64))  # as the rules gave it (maps: normalised per face)
     output = c["mean_explained_output"]
     err = abs(relevance - output) / abs(output)
     assert c["mean_input_relevance"] == pytest.approx(relevance, abs=2e-6)

@@ -529,6 +529,20 @@ def compare_heads(features, target_name: str, results=None) -> list[Path]:
     return [d for d, _ in found]
 
 
+def per_face_normalised(maps: np.ndarray) -> np.ndarray:
+    """Each head's map of one face divided by its sum of |values| (a zero map stays zero): the map's shape
+    without its scale, so that a mean over faces weighs every face alike."""
+    m = np.asarray(maps, dtype=np.float64)
+    s = np.abs(m).reshape(len(m), -1).sum(axis=1)
+    return m / np.where(s > 0, s, 1.0)[:, None, None]
+
+
+def _said(cfg: dict, score: float) -> str:
+    """What head ``cfg`` said of a face, as its explained output: the predicted age, or the probability of
+    the true class."""
+    return f"predicted {score:.1f} y" if cfg["target"] == "age" else f"p(true class) {score:.2f}"
+
+
 def _groups(cfgs: list[dict], labels, groups: str | int | None):
     """(group index per row (-1: none), group names, what the groups are)."""
     from ..data.bins import get_scheme
@@ -553,12 +567,13 @@ def _groups(cfgs: list[dict], labels, groups: str | int | None):
 def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), settings: Settings | None = None,
                     model: str | None = None, groups: int | None = None, split: str = "test", echo=print) -> dict:
     """Dataset view: N seeded faces of ``split`` in the features file; per true class (age group or gender) the
-    mean map of each head drawn on the class's mean chip; one figure per method (rows = classes, columns =
-    heads), mean maps in maps-METHOD.npz, and explain_summary.json.
+    mean map of each head drawn on the class's mean chip (LRP's maps normalised per face first); one figure
+    per method (rows = classes, columns = heads), mean maps in maps-METHOD.npz, a panel of single faces (the
+    first of each class, with each head's prediction: faces-METHOD.png), and explain_summary.json.
 
     Classifier heads explain the probability of each face's true class; age heads the predicted age."""
     from ..scoring.scores import groups_of
-    from ..scoring.heatmaps import class_grid_png, deletion_png
+    from ..scoring.heatmaps import class_grid_png, deletion_png, faces_png
     from ..features.store import FeatureStore
 
     settings = (settings or Settings()).check()
@@ -606,6 +621,8 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
     h, w = chips[0].shape[:2]
     K, G = len(scorer.cfgs), len(names)
     sums = {m: np.zeros((G, K, h, w)) for m in methods}
+    raw_lrp = np.zeros((G, K, h, w)) if "lrp" in methods else None  # LRP's group sums as the rules give them
+    singles: list = []  # the first face of each group: (group, chip, {method: maps}, scores, true label)
     face_sum = np.zeros((G, h, w, 3))
     count = np.zeros(G, dtype=np.int64)
     curves = {(m, k): _Curves() for m in methods for k in range(K)}
@@ -625,9 +642,18 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
                 classes.append(int(get_scheme(c["cats"]).assign(np.array([age[i]]))[0]))
         f = scorer.function(classes)
         ref = f(chip[None])[0]
+        first = count[g] == 0
+        if first:
+            singles.append((g, chip, {}, ref, f"{age[i]:g} y, {gender[i] or '?'}"))
         for m in methods:
             maps = _timed_map(f, chip, m, settings, ref, lrp, classes, cons, spent)
-            sums[m][g] += maps
+            # LRP's maps are summed per face normalised (each face's map over its own sum of |relevance|), so a
+            # group's mean is not led by the few faces with the largest relevance; the others' in their units
+            sums[m][g] += per_face_normalised(maps) if m == "lrp" else maps
+            if m == "lrp":
+                raw_lrp[g] += maps
+            if first:
+                singles[-1][2][m] = maps
             for k, (x, c) in enumerate(deletion_pair(f, chip, maps, settings, i)):
                 curves[(m, k)].add(x, c)
         face_sum[g] += chip
@@ -651,13 +677,20 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
     col_names = [scorer.label(k) for k in range(K)]
     for m in methods:
         mean_maps = sums[m][have] / count[have, None, None, None]
+        raw = {"maps_raw": raw_lrp[have] / count[have, None, None, None]} if m == "lrp" else {}
         np.savez_compressed(out / f"maps-{m}.npz", maps=mean_maps, mean_faces=mean_faces.astype(np.float32),
-                            groups=np.array(names)[have], heads=np.array(col_names))
+                            groups=np.array(names)[have], heads=np.array(col_names), **raw)
         class_grid_png(mean_faces, mean_maps, row_names, col_names, out / f"classes-{m}.png",
                        title=f"{scorer.backbone.name} on {features.stem}: mean "
-                             f"{f'lrp ({settings.rule})' if m == 'lrp' else m} map per {grouped_by}, "
-                             f"{len(chips)} {split} faces (red = for, blue = against)")
+                             f"{f'lrp ({settings.rule}), each face normalised' if m == 'lrp' else m} map per "
+                             f"{grouped_by}, {len(chips)} {split} faces (red = for, blue = against)")
+        faces_png([s[1] for s in singles], np.stack([s[2][m] for s in singles]),
+                  [f"{names[s[0]]}: {s[4]}" for s in singles],
+                  [[_said(scorer.cfgs[k], s[3][k]) for k in range(K)] for s in singles], col_names,
+                  out / f"faces-{m}.png",
+                  title=f"{scorer.backbone.name}: {f'lrp ({settings.rule})' if m == 'lrp' else m} maps of single "
+                        f"faces, the first of each {grouped_by} among the {len(chips)} (red = for, blue = against)")
     deletion_png(summary, out / "deletion.png")
     _write_json(out / SUMMARY, summary)
-    echo(f"wrote classes-{{{','.join(methods)}}}.png, maps-*.npz, deletion.png and {SUMMARY} in {out}")
+    echo(f"wrote classes-{{{','.join(methods)}}}.png, faces-*.png, maps-*.npz, deletion.png and {SUMMARY} in {out}")
     return summary

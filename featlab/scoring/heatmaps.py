@@ -105,6 +105,29 @@ def class_grid_png(mean_faces: np.ndarray, maps: np.ndarray, row_names: list[str
     return _save(fig, path)
 
 
+def faces_png(chips: list, maps: np.ndarray, face_names: list[str], said: list[list[str]], col_names: list[str],
+              path, title: str = "") -> Path:
+    """Single faces: a column per face (its label above), a row per head, each map on its own chip with
+    its own colour scale and what the head said of that face beneath."""
+    n, k = maps.shape[:2]
+    fig = _figure(2.0 * n + 0.6, 2.35 * k + 0.9)
+    for i in range(n):
+        for j in range(k):
+            ax = fig.add_subplot(k, n, j * n + i + 1)
+            ax.imshow(overlay(chips[i], maps[i, j], scale_of(maps[i, j])))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_title(face_names[i], fontsize=7)
+            if i == 0:
+                ax.set_ylabel(col_names[j], fontsize=8)
+            ax.set_xlabel(said[i][j], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def deletion_png(summary: dict, path) -> Path:
     """Mean deletion (top) and insertion (bottom) curves of explain_summary.json, cells replaced by the test
     perturbation: per method a column, per head a colour; dashed = random order. Legends give each AUC and the

@@ -93,7 +93,7 @@ def test_each_stage_is_a_package_that_says_what_it_takes_and_gives():
         doc = ast.get_docstring(ast.parse((PKG / s / "__init__.py").read_text())) or ""
         assert doc.startswith(f"The {s} stage: ") and "->" in doc.splitlines()[0], (s, doc[:80])
     flat = sorted(p.name for p in PKG.glob("*.py"))
-    assert flat == ["__init__.py", "cli.py", "config.py", "errors.py", "paths.py", "staging.py"], flat
+    assert flat == ["__init__.py", "cli.py", "config.py", "errors.py", "paths.py", "progress.py", "staging.py"], flat
 
 
 def test_no_stand_in_modules():

@@ -67,15 +67,21 @@ def _run(where: Path, args: list[str], monkeypatch, kill_at: str | None = None) 
     from featlab import config
     from featlab.cli import main
 
+    import signal
+
     monkeypatch.chdir(where)
     config._load.cache_clear()
     if kill_at:
         monkeypatch.setenv("FEATLAB_KILL_AT", kill_at)
     else:
         monkeypatch.delenv("FEATLAB_KILL_AT", raising=False)
+    # Ctrl-C as a terminal gives it, also when the suite itself was started in the background (where a shell
+    # leaves SIGINT ignored, and the process's own SIGINT would do nothing)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main(args)
     finally:
+        signal.signal(signal.SIGINT, old)
         monkeypatch.delenv("FEATLAB_KILL_AT", raising=False)
 
 

@@ -51,6 +51,7 @@ from ..features.featureio import fusion_parts, is_fusion
 from ..data.labels import HEADLINE, LOWER_IS_BETTER, selection_metric, target_name
 from ..paths import IDENTITY_KEYS, differences, zeroshot_dir
 from ..features.store import parse_key
+from ..progress import Bar
 from ..scoring.uncertainty import (ALPHA, MARGINS, VERDICTS, adjust_within, design_effect, interval, paired_difference,
                           unit_of, verdict)
 
@@ -330,8 +331,6 @@ def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_r
             margins: dict | None = None) -> dict:
     """Write layer_comparison.csv/.png and choice.json (see the module doc). Returns {'csv', 'png', 'files',
     'taps', 'metrics', 'rows', 'chosen', 'summary'}; rows as in the CSV, taps in network order."""
-    from ..scoring.plots import comparison_png
-
     tname = target_name(target, cats)
     recs = _ordered(gather(backbone, dataset, target, cats, results_root), backbone)
     chosen = choose(recs, target)
@@ -344,53 +343,68 @@ def compare(backbone: str, dataset: str, target: str = "bins", cats=7, results_r
     out = _out_dir(backbone, dataset, tname, results_root, out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for x in readers:
-        r = x["rec"]
-        row = {"tap": x["tap"], "reader": x["reader"], "position": r["position"] if r and x["reader"] != "majority" else "",
-               "kind": x["kind"], "family": family_of(x), "chosen_on": "val",
-               "chosen": bool(x["reader"] == "head" and r is chosen), f"val_{sel}": x["val"].get(sel)}
-        faces = x["faces"]
-        have = faces is not None and len(faces) > 0
-        row["n"] = int(len(faces)) if faces is not None else None
-        if have:
-            row.update(unit_of(faces["group"].to_numpy(dtype=object)))
-        for m in headline:
-            row[m] = x["metrics"].get(m)
-            stored = x.get("uncertainty") or {}
-            if stored.get("unit") and x["metrics"].get(f"{m}_ci95"):
-                # a head record of this featlab: its interval and design effect were computed from these very
-                # faces and groups (same seed) when it was scored; not bootstrapped a second time
-                ci = x["metrics"][f"{m}_ci95"]
-                row[_col(m, sel, "design_effect")] = (stored.get("design_effect") or {}).get(m)
-            elif have and m in faces:
-                g = faces["group"].to_numpy(dtype=object)
-                ci = interval(faces[m].to_numpy(), groups=g)
-                row[_col(m, sel, "design_effect")] = design_effect(faces[m].to_numpy(), g)
-            else:  # no per-face values: the record's own interval
-                ci = x["metrics"].get(f"{m}_ci95")
-            lo, hi = (ci or [None, None])
-            if m == sel:
-                row["ci95_low"], row["ci95_high"] = lo, hi
-            else:
-                row[f"{m}_ci95_low"], row[f"{m}_ci95_high"] = lo, hi
-            if x["metrics_std"].get(m) is not None:
-                row[f"{m}_std_over_{x['kind']}"] = x["metrics_std"][m]
-        j = None
-        if have and best_faces is not None and not row["chosen"]:
-            j = best_faces.merge(faces.drop(columns=["group"]), on="image_id", suffixes=("_best", ""))
-            row["n_paired"] = int(len(j))
-        for m in headline:
-            c = lambda name: _col(m, sel, name)  # noqa: E731
-            row[c("diff_vs_best")] = 0.0 if row["chosen"] else None
-            row[c("p_raw")] = row[c("p_equivalence_raw")] = None
-            if j is not None and len(j) and m in j and f"{m}_best" in j:
-                d = paired_difference(j[m].to_numpy(), j[f"{m}_best"].to_numpy(),
-                                      groups=j["group"].to_numpy(dtype=object), margin=margin[m])
-                row[c("diff_vs_best")], row[c("p_raw")] = d["diff"], d["p"]
-                row[c("diff_ci95_low")], row[c("diff_ci95_high")] = d["ci95"]
-                row[c("p_equivalence_raw")] = d["p_equivalence"]
-        row["head_dir"] = r["dir"] if r else ""
-        rows.append(row)
+    bar = Bar(len(readers), f"compare {tname}: paired tests against the chosen input", "input", rate=False)
+    with bar:
+        for x in readers:
+            rows.append(_compared_row(x, chosen, sel, headline, margin, best_faces))
+            bar(1)
+    return _finish_compare(rows, headline, sel, recs, chosen, out, tname, backbone, dataset, target, cats, margin)
+
+
+def _compared_row(x, chosen, sel, headline, margin, best_faces) -> dict:
+    """One reader's row: its test figures with intervals over people, and its paired test against the chosen
+    input on the same faces."""
+    r = x["rec"]
+    row = {"tap": x["tap"], "reader": x["reader"], "position": r["position"] if r and x["reader"] != "majority" else "",
+           "kind": x["kind"], "family": family_of(x), "chosen_on": "val",
+           "chosen": bool(x["reader"] == "head" and r is chosen), f"val_{sel}": x["val"].get(sel)}
+    faces = x["faces"]
+    have = faces is not None and len(faces) > 0
+    row["n"] = int(len(faces)) if faces is not None else None
+    if have:
+        row.update(unit_of(faces["group"].to_numpy(dtype=object)))
+    for m in headline:
+        row[m] = x["metrics"].get(m)
+        stored = x.get("uncertainty") or {}
+        if stored.get("unit") and x["metrics"].get(f"{m}_ci95"):
+            # a head record of this featlab: its interval and design effect were computed from these very
+            # faces and groups (same seed) when it was scored; not bootstrapped a second time
+            ci = x["metrics"][f"{m}_ci95"]
+            row[_col(m, sel, "design_effect")] = (stored.get("design_effect") or {}).get(m)
+        elif have and m in faces:
+            g = faces["group"].to_numpy(dtype=object)
+            ci = interval(faces[m].to_numpy(), groups=g)
+            row[_col(m, sel, "design_effect")] = design_effect(faces[m].to_numpy(), g)
+        else:  # no per-face values: the record's own interval
+            ci = x["metrics"].get(f"{m}_ci95")
+        lo, hi = (ci or [None, None])
+        if m == sel:
+            row["ci95_low"], row["ci95_high"] = lo, hi
+        else:
+            row[f"{m}_ci95_low"], row[f"{m}_ci95_high"] = lo, hi
+        if x["metrics_std"].get(m) is not None:
+            row[f"{m}_std_over_{x['kind']}"] = x["metrics_std"][m]
+    j = None
+    if have and best_faces is not None and not row["chosen"]:
+        j = best_faces.merge(faces.drop(columns=["group"]), on="image_id", suffixes=("_best", ""))
+        row["n_paired"] = int(len(j))
+    for m in headline:
+        c = lambda name: _col(m, sel, name)  # noqa: E731
+        row[c("diff_vs_best")] = 0.0 if row["chosen"] else None
+        row[c("p_raw")] = row[c("p_equivalence_raw")] = None
+        if j is not None and len(j) and m in j and f"{m}_best" in j:
+            d = paired_difference(j[m].to_numpy(), j[f"{m}_best"].to_numpy(),
+                                  groups=j["group"].to_numpy(dtype=object), margin=margin[m])
+            row[c("diff_vs_best")], row[c("p_raw")] = d["diff"], d["p"]
+            row[c("diff_ci95_low")], row[c("diff_ci95_high")] = d["ci95"]
+            row[c("p_equivalence_raw")] = d["p_equivalence"]
+    row["head_dir"] = r["dir"] if r else ""
+    return row
+
+def _finish_compare(rows, headline, sel, recs, chosen, out, tname, backbone, dataset, target, cats, margin) -> dict:
+    """The BH families and verdicts over the rows, then layer_comparison.csv/.png and choice.json."""
+    from ..scoring.plots import comparison_png
+
     families = [None if row["chosen"] else row["family"] for row in rows]
     for m in headline:
         c = lambda name: _col(m, sel, name)  # noqa: E731

@@ -730,7 +730,7 @@ def similarity(
 def run(
     spec: Path = typer.Argument(..., help="experiment spec (TOML)"),
     set_: List[str] = typer.Option(None, "--set", help="override a spec value: section.key=value"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no step lines: only the report's path "
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no step lines: only the results table and the report path "
                                "(and errors)"),
     force: bool = typer.Option(False, "--force", help="prepare the manifest again and retrain every head and its "
                                "baselines even when current; extraction is not redone (it only adds missing faces "
@@ -755,7 +755,7 @@ def spec_doc():
 def demo(
     out: Path = typer.Option(Path("."), "--out", help="where features/ and results/ go"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="dlib-rec (default when available) or dlib-age"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no step lines: only the report's path "
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no step lines: only the results table and the report path "
                                "(and errors)"),
 ):
     """The whole pipeline offline on the UTKFace sample shipped inside featlab (a few minutes on 2 cores)."""

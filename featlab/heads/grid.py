@@ -300,14 +300,16 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
                  "shared_input": [[f"{plans[i]['key']} -> {plans[i]['tname']}" for i in t["heads"]] for t in net.trunks],
                  "learning_rate": "one ReduceLROnPlateau for the grid: halved when no running head improved "
                                   f"for {max(2, base['patience'] // 3)} epochs"}
-    for i, (plan, hp) in enumerate(zip(plans, hps)):
-        alone = build_model(plan["tap_shape"], plan["n_classes"], plan["kind"], plan["mean"], plan["std"],
-                            hp["hidden"], hp["dropout"], plan["pool"], plan["input_dropout"], hp["weight_decay"],
-                            plan["age_grid"])
-        for name, ws in stopper.best_weights[i].items():
-            alone.get_layer(name).set_weights(ws)
-        dirs.append(save_head(plan, store, alone, stopper.history[i], stopper.lrs[i], fit_seconds / len(plans),
-                              t_start, hp, training={"grid": {**grid_info, "index": i}}))
+    with Bar(len(plans), "save the heads (weights, history plots)", "head", rate=False) as saved:
+        for i, (plan, hp) in enumerate(zip(plans, hps)):
+            alone = build_model(plan["tap_shape"], plan["n_classes"], plan["kind"], plan["mean"], plan["std"],
+                                hp["hidden"], hp["dropout"], plan["pool"], plan["input_dropout"], hp["weight_decay"],
+                                plan["age_grid"])
+            for name, ws in stopper.best_weights[i].items():
+                alone.get_layer(name).set_weights(ws)
+            dirs.append(save_head(plan, store, alone, stopper.history[i], stopper.lrs[i], fit_seconds / len(plans),
+                                  t_start, hp, training={"grid": {**grid_info, "index": i}}))
+            saved(1)
     if base["verbose"]:
         print(f"[grid] {len(plans)} heads on {', '.join(parts)} in one fit: {epoch} epochs, "
               f"{time.perf_counter() - t_start:.1f} s")

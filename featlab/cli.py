@@ -123,7 +123,7 @@ def prepare(
     show_skipped: int = typer.Option(10, help="how many skipped images to name"),
 ):
     """Turn a dataset on disk into a featlab manifest (one schema for every dataset)."""
-    from .data.datasets import ADAPTERS, prepare_dataset
+    from .data.datasets import ADAPTERS
     from .data.manifest import write_manifest
 
     if list_:
@@ -134,11 +134,9 @@ def prepare(
     root = Path(_need(root or _cfg("data", dataset), "--root", f"pass --root DIR or set [data].{dataset} in featlab.toml"))
     opts = {"face_score_min": face_score_min, "path_col": path_col, "age_col": age_col, "gender_col": gender_col,
             "race_col": race_col, "split_col": split_col, "group_col": group_col}
-    df, res = prepare_dataset(dataset, root, seed=seed, **opts)
-    if group_by_face:
-        from .features.facegroups import group_prepared
+    from .study.experiment import prepare_frame
 
-        df = group_prepared(df, res, seed=seed)
+    df, res = prepare_frame(dataset, root, {**opts, "group_by_face": group_by_face}, seed, hints="cli")
     from . import config
     from .data import skips
 
@@ -544,7 +542,10 @@ def train_head(
         memory_mb = -1.0
     if not memory_mb > 0:
         raise FeatlabError("--memory-mb (or [head] memory_mb) must be a positive number of MiB")
-    _quieted(quiet)  # -q: no per-head lines and no epoch bars
+    if quiet:  # no per-head lines, and no epoch bars
+        from .progress import set_quiet
+
+        set_quiet(True)
     many = list(dict.fromkeys(features or []))
     from .features.join import is_cross
 

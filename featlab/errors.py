@@ -7,11 +7,12 @@ import os
 import re
 
 
-def did_you_mean(word: str, names) -> str:
-    """``did you mean 'x'? `` (or ``'x' or 'y'``) for the names nearest ``word``; '' when none is near."""
+def did_you_mean(word: str, names, n: int = 2, cutoff: float = 0.6) -> str:
+    """``did you mean 'x'? `` (or ``'x' or 'y'``) for the (at most ``n``) names nearest ``word``; '' when none
+    is near (difflib's ratio below ``cutoff``)."""
     import difflib
 
-    near = difflib.get_close_matches(str(word), [str(n) for n in names], n=2, cutoff=0.6)
+    near = difflib.get_close_matches(str(word), [str(x) for x in names], n=n, cutoff=cutoff)
     return f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
 
 

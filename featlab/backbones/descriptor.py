@@ -54,7 +54,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from ..errors import FeatlabError
+from ..errors import FeatlabError, did_you_mean
 
 Triple = Union[float, list[float]]
 
@@ -155,8 +155,8 @@ def _message(err: dict) -> str:
     loc = ".".join(str(x) for x in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        near = difflib.get_close_matches(str(err["loc"][-1]), list(Descriptor.model_fields), n=1)
-        return f"unknown key {loc!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+        near = did_you_mean(err["loc"][-1], Descriptor.model_fields, n=1).strip()
+        return f"unknown key {loc!r}" + (f" ({near})" if near else "")
     return f"{loc}: {msg}" if loc else msg
 
 

@@ -373,18 +373,15 @@ def group_ids(image_ids, labels: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return np.asarray([f"face:{smallest[lab]}" if good else "" for lab, good in zip(labels, ok)], dtype=object)
 
 
-def group_prepared(df, result, seed: int = 0, progress=None):
+def group_prepared(df, result, seed: int = 0):
     """The prepare step's grouping: :func:`group_by_face` on an adapter's manifest ``df`` (re-split unless the
-    dataset has its own splits); its report lands in ``result.face_groups``. Returns the grouped frame."""
+    dataset has its own splits), with a progress bar; its report lands in ``result.face_groups``. Returns the
+    grouped frame."""
     from ..progress import Bar
 
     with Bar(len(df), "embed faces for grouping", "face") as bar:
-        def shown(done: int, total: int) -> None:
-            bar(done - bar.done)
-            if progress is not None:
-                progress(done, total)
-
-        df, result.face_groups = group_by_face(df, seed=seed, resplit=not result.has_splits, progress=shown)
+        df, result.face_groups = group_by_face(df, seed=seed, resplit=not result.has_splits,
+                                               progress=lambda done, total: bar(done - bar.done))
     return df
 
 

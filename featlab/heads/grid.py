@@ -188,10 +188,9 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
     base = hps[0]
     # the epochs' bar starts before TensorFlow loads and the loop is traced (15-25 s on 2 cores): never silent
     parts = list(dict.fromkeys(p for layer, _, _ in heads for p in fusion_parts(layer)))
-    bar = Bar(base["epochs"], f"train {len(heads)} head{'s' * (len(heads) > 1)} on {', '.join(parts)}", "epoch",
-              rate=False).__enter__()
-    bar.note("loading TensorFlow, reading the taps, tracing the loop")
-    try:
+    with Bar(base["epochs"], f"train {len(heads)} head{'s' * (len(heads) > 1)} on {', '.join(parts)}", "epoch",
+             rate=False) as bar:
+        bar.note("loading TensorFlow, reading the taps, tracing the loop")
         keras, tf = _setup_tf(base["seed"])
         cache_rows = np.union1d(tr_all, va_all)
         t_read = time.perf_counter()
@@ -284,8 +283,6 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
                          f"{(time.perf_counter() - t_fit) / epoch:.1f} s/epoch")
                 bar(1)
                 checkpoint("grid-epoch")
-    finally:
-        bar.__exit__(None, None, None)
     traces = {"epoch_loop": int(step.experimental_get_tracing_count()),
               "predict": int(predict.experimental_get_tracing_count())}
     fit_seconds = time.perf_counter() - t_fit

@@ -278,12 +278,13 @@ def _check_ranges(manifest: Path, heads: list[dict]) -> None:
         check_ranges(df, h["target"], h["cats"], h.get("ranges", "refuse"))
 
 
-def prepare_frame(adapter: str, root: Path, options: dict, seed: int):
-    """A spec's manifest frame and the adapter's result: the adapter's rows and split, then, with
-    ``options.group_by_face``, the faces grouped by their embedding and re-split by group."""
+def prepare_frame(adapter: str, root: Path, options: dict, seed: int, hints: str = "spec"):
+    """The manifest frame and the adapter's result, for a spec or ``featlab prepare`` (``hints``: whether
+    messages name spec keys or flags): the adapter's rows and split, then, with ``options.group_by_face``,
+    the faces grouped by their embedding and re-split by group."""
     from ..data.datasets import prepare_dataset
 
-    df, res = prepare_dataset(adapter, root, seed=seed, hints="spec",
+    df, res = prepare_dataset(adapter, root, seed=seed, hints=hints,
                               **{k: v for k, v in options.items() if k != "group_by_face"})
     if options.get("group_by_face"):
         from ..features.facegroups import group_prepared

@@ -24,7 +24,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import FeatlabError
+from ..errors import FeatlabError, did_you_mean
 
 #: The dataset adapters (featlab.data.datasets.ADAPTERS; a test keeps the two equal).
 ADAPTER_NAMES = ("utkface", "imdb", "wiki", "adience", "aaf", "facial-age", "chalearn", "csv")
@@ -273,10 +273,7 @@ def _walk(loc: tuple) -> tuple[type[BaseModel], list[str], str | None]:
 def nearest(key: str, valid) -> str:
     """``; did you mean 'x'?`` for the closest of ``valid``, else the list of valid keys."""
     valid = list(valid)
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if close:
-        return f"did you mean {close[0]!r}?"
-    return "valid keys: " + ", ".join(valid)
+    return did_you_mean(key, valid, n=1, cutoff=0.5).strip() or "valid keys: " + ", ".join(valid)
 
 
 def _where(path: list[str]) -> str:

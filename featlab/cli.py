@@ -597,6 +597,61 @@ def _train_cross(files, layers, tgts, fold_arg, hidden, dropout, epochs, lr, ord
             _echo(f"head written to {d}")
 
 
+@app.command("train-cnn")
+def train_cnn(
+    manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="manifest CSV (featlab prepare) [featlab.toml paths.manifest]"),
+    cats: Optional[List[int]] = typer.Option(None, "--cats", help="age bins: 5, 7 or 8 groups; repeat for several"),
+    regression: bool = typer.Option(False, "--regression", help="age in years"),
+    target: Optional[List[str]] = typer.Option(None, "--target", help="bins, age or gender (or bins8); repeat or comma-separate"),
+    arch: str = typer.Option("levi-hassner", "--arch", help="levi-hassner (Levi & Hassner 2015) or a keras.applications "
+                             "architecture (MobileNetV2, VGG16, ...), built with weights=None"),
+    size: int = typer.Option(227, "--size", help="crop side in pixels (the paper's 227; chips are cut at 256/227 of it)"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="keras.applications weights file without the top, "
+                                           "on disk (nothing is downloaded)"),
+    epochs: int = typer.Option(60, "--epochs", help="epoch cap; early stopping on val usually ends sooner"),
+    batch_size: int = typer.Option(64, "--batch-size", help="faces per training step"),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate (halved when val loss stalls)"),
+    patience: int = typer.Option(8, "--patience", help="epochs without a better val loss before stopping"),
+    seed: int = typer.Option(0, "--seed", help="seeds the initial weights, shuffling, crops, mirrors and dropout"),
+    fold: Optional[str] = typer.Option(None, "--fold", help="Adience protocol: test fold K (train on the others)"),
+    predict: str = typer.Option("center", "--predict", help="center (the centre crop) or 10crop (mean over 4 corners "
+                                "and the centre, each mirrored)"),
+    chips_from: str = typer.Option("dlib-rec", "--chips-from", help="the backbone whose chips (geometry, "
+                                   "preprocessing) the CNN trains on"),
+    preprocessing: Optional[str] = typer.Option(None, "--preprocessing", help="template-5pt, resize or center-crop "
+                                                "[the backbone's own]"),
+    ranges: str = typer.Option("refuse", "--ranges", help="range labels a target cannot place: refuse or drop"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
+):
+    """Train a network from pixels on a manifest's own split (the seed papers' reference systems), recorded like a
+    head: compare puts it beside the heads on the same test faces; explain shows where it looks."""
+    from .heads.cnntrain import check_cnn_options
+
+    tgts = head_targets(target, cats, regression)
+    fold_arg = _fold_choice(fold, None)
+    if fold_arg == "all":
+        raise FeatlabError("train-cnn trains one fold at a time: run --fold K for each fold")
+    manifest = Path(_need(manifest or _cfg("paths", "manifest"), "--manifest",
+                          "pass --manifest M.csv or set [paths].manifest in featlab.toml"))
+    _check_file(manifest, "manifest", "write one with `featlab prepare`")
+    for t, c in tgts:
+        check_cnn_options(t, c, arch, size, weights, predict, epochs, batch_size, lr, patience, ranges)
+    from .backbones.registry import get_spec
+    from .data.faces import check_preprocessing
+
+    check_preprocessing(get_spec(chips_from).geometry[0], preprocessing)
+    say = _quieted(quiet)
+    from .heads.cnntrain import train_cnn as run_cnn
+
+    for t, c in tgts:
+        d = run_cnn(manifest, t, c, arch=arch, size=size, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
+                    patience=patience, seed=seed, fold=fold_arg, prediction=predict, backbone=chips_from,
+                    preprocessing=preprocessing, ranges=ranges, verbose=0 if quiet else 1)
+        say(f"cnn written to {d}")
+        if quiet:
+            _echo(str(d))
+
+
 def _default_features():
     """features/{backbone}/{dataset}.h5 from featlab.toml's manifest and backbone, if that file exists."""
     manifest, backbone = _cfg("paths", "manifest"), _cfg("extract", "backbone")

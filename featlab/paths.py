@@ -22,6 +22,7 @@ Results go to ``{results}/{backbone}/{dataset-key}/{head-key}/{target}/`` where
   ``~avg``/``~max`` when the head pools a map itself, plus ``.f32`` for a float32 tap; a fusion head's
   key joins its taps' keys with ``+``.
 
+Networks trained from pixels go to :func:`cnn_dir` (dataset, manifest hash, architecture and size).
 Zero-shot nets' scores go to :func:`zeroshot_dir` (feature set and manifest hash), the one rule both
 their writer (:mod:`featlab.heads.zeroshot`) and :mod:`featlab.report.compare` use.
 """
@@ -165,6 +166,24 @@ def zeroshot_dir(identity: dict, tname: str, results_root=None) -> Path:
     sha = str(ident.get("manifest_sha256") or "unknown")
     return (root / "zeroshot" / str(ident.get("backbone") or "unknown") / dataset_key(ident)
             / f"manifest-{sha[:12]}" / tname)
+
+
+def cnn_dir(dataset: str, manifest_sha: str, key: str, tname: str, fold=None, out_root=None) -> Path:
+    """Where a network trained from pixels on a manifest is filed (:mod:`featlab.heads.cnntrain`), and where
+    :mod:`featlab.report.compare` looks for it beside heads of the same manifest: ``{results}/cnn/{dataset}/
+    manifest-{sha256[:12]}/{key}/{target}[/fold{K}]``."""
+    root = Path(out_root) if out_root is not None else config.results_dir()
+    d = root / "cnn" / str(dataset) / f"manifest-{str(manifest_sha)[:12]}" / key / tname
+    return d / f"fold{int(fold)}" if fold is not None else d
+
+
+def cnn_records(manifest_sha: str | None, tname: str, results_root=None, fold=None) -> list[Path]:
+    """The folders of every CNN trained on the manifest with sha256 ``manifest_sha`` for target ``tname``."""
+    if not manifest_sha:
+        return []
+    root = Path(results_root) if results_root is not None else config.results_dir()
+    sub = f"{tname}/fold{int(fold)}" if fold is not None else tname
+    return sorted(p.parent for p in root.glob(f"cnn/*/manifest-{str(manifest_sha)[:12]}/*/{sub}/metrics.json"))
 
 
 def differences(a: dict, b: dict, keys=IDENTITY_KEYS + TAP_KEYS) -> list[str]:

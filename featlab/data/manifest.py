@@ -326,6 +326,22 @@ def read_manifest(path: Path | str):
     return df[COLUMNS]
 
 
+def as_labels(df):
+    """Manifest rows as a features file's labels table holds them (:meth:`featlab.features.store.FeatureStore.labels`):
+    gender's first letter, fold -1 and group '' where unknown, a range's bounds defaulting to the age. For what
+    reads faces straight from a manifest (networks trained from pixels) with the heads' label rules."""
+    out = df.copy()
+    out["gender"] = out["gender"].fillna("").astype(str).str[:1]
+    out["race"] = out["race"].fillna("").astype(str)
+    out["split"] = out["split"].fillna("").astype(str)
+    out["group"] = out["group"].fillna("").astype(str)
+    out["fold"] = out["fold"].fillna(-1).astype(np.int64)
+    out["age"] = out["age"].astype(np.float64)
+    for c in ("age_low", "age_high"):
+        out[c] = out[c].astype(np.float64).where(out[c].notna(), out["age"])
+    return out.reset_index(drop=True)
+
+
 def _checked_ages(df, path: Path):
     """The age column as float years; a cell that is not empty and not a number in 0..MAX_AGE is an error naming
     its row (adapters already skip such records, so one here means a hand-edited or foreign manifest)."""

@@ -22,7 +22,9 @@ and ``.png``, taps in network order:
   margin) or ``inconclusive`` (neither: "not significant" is never "equal"); other metrics' columns carry
   their name as a prefix (``one_off_verdict``);
 - baselines on the same faces: the linear probe of each tap (``reader = linear``), the majority
-  class / median age, and the zero-shot net (dlib-age / dlib-gender) when it was scored.
+  class / median age, and the zero-shot net (dlib-age / dlib-gender) when it was scored;
+- reference rows: every network trained from pixels on the same manifest (``featlab train-cnn``,
+  ``reader = cnn KEY``, family ``references``), never chosen, each with its paired test against the chosen input.
 
 ``choice.json`` names the chosen tap, the best fusion on validation, the families, the margins, the unit
 and every row's verdict.
@@ -281,6 +283,31 @@ def _readers(recs: list[dict], target: str, results_root, dataset: str, tname: s
                      "val": {m: float(val[m].mean()) for m in HEADLINE[target]} if val is not None and len(val) else {},
                      "metrics": {m: float(z[m].mean()) for m in HEADLINE[target]}, "metrics_std": {},
                      "kind": "baseline"})
+    rows += cnn_readers(recs, tname, results_root)
+    return rows
+
+
+def cnn_readers(recs: list[dict], tname: str, results_root) -> list[dict]:
+    """Reference rows: every network trained from pixels on the heads' manifest (``featlab train-cnn``), with its
+    record's val and test figures and per-face values. One trained on this manifest that scored other test faces
+    (another split, other chips) stops the comparison with one line, as heads do."""
+    from ..paths import cnn_records
+
+    rows = []
+    for d in cnn_records(recs[0]["identity"].get("manifest_sha256"), tname, results_root):
+        m = json.loads((d / "metrics.json").read_text())
+        if "test" not in m or "val" not in m:
+            continue
+        faces = _read_faces(d / "faces.csv")
+        rows.append({"tap": m.get("head_key", d.parent.name), "reader": f"cnn {m.get('head_key', d.parent.name)}",
+                     "rec": None, "dir": str(d), "faces": faces, "val": m["val"]["metrics"],
+                     "metrics": m["test"]["metrics"], "metrics_std": {}, "kind": "reference",
+                     "uncertainty": m["test"].get("uncertainty"),
+                     "test_ids": None if faces is None else frozenset(faces["image_id"])})
+    heads = [r for r in recs if r.get("test_ids") is not None][:1]
+    same_faces(heads + rows, f"the heads ({{a}}) and the network trained from pixels {{b}}",
+               "train it again on the heads' manifest and split (featlab train-cnn -m MANIFEST)",
+               name=lambda r: r.get("dir") or r["key"])
     return rows
 
 
@@ -308,7 +335,9 @@ def _with_groups(readers: list[dict]) -> None:
 def family_of(row: dict) -> str:
     """The multiple-testing family of a comparison row: the heads (single taps and fusions) against the
     chosen one are one family, the baselines (linear probes, majority, zero-shot) another."""
-    return "heads" if row["reader"] == "head" else "baselines"
+    if row["reader"] == "head":
+        return "heads"
+    return "references" if str(row["reader"]).startswith("cnn ") else "baselines"
 
 
 def margins_for(metrics, margins: dict | None = None) -> dict:
@@ -398,7 +427,7 @@ def _compared_row(x, chosen, sel, headline, margin, best_faces) -> dict:
             row[c("diff_vs_best")], row[c("p_raw")] = d["diff"], d["p"]
             row[c("diff_ci95_low")], row[c("diff_ci95_high")] = d["ci95"]
             row[c("p_equivalence_raw")] = d["p_equivalence"]
-    row["head_dir"] = r["dir"] if r else ""
+    row["head_dir"] = r["dir"] if r else x.get("dir", "")
     return row
 
 def _finish_compare(rows, headline, sel, recs, chosen, out, tname, backbone, dataset, target, cats, margin) -> dict:
@@ -435,7 +464,9 @@ def _finish_compare(rows, headline, sel, recs, chosen, out, tname, backbone, dat
     chosen_row = next(row for row in rows if row["chosen"])
 
     def name(row):  # `res12` for a head, `res12 linear`, `majority`, `zero-shot dlib-age` for the baselines
-        return row["tap"] if row["reader"] == "head" else f"{row['tap']} {row['reader']}".strip()
+        if row["reader"] == "head" or str(row["reader"]).startswith("cnn "):
+            return row["tap"] if row["reader"] == "head" else row["reader"]
+        return f"{row['tap']} {row['reader']}".strip()
 
     summary = {"chosen": chosen["key"], "chosen_on": "val", "selection_metric": sel,
                "best_fusion": choose(fusions, target)["key"] if fusions else None,
@@ -445,9 +476,10 @@ def _finish_compare(rows, headline, sel, recs, chosen, out, tname, backbone, dat
                "design_effect": chosen_row.get("design_effect"),
                "alpha": ALPHA, "margins": margin,
                "families": {f: [name(row) for row in rows if row["family"] == f and not row["chosen"]]
-                            for f in ("heads", "baselines")},
+                            for f in ("heads", "baselines", "references")},
                "correction": "Benjamini-Hochberg within each family (heads vs the chosen head; baselines vs the "
-                             "chosen head), separately for the difference and the equivalence tests",
+                             "chosen head; networks trained from pixels vs the chosen head), separately for the "
+                             "difference and the equivalence tests",
                "verdict_rule": "worse/better: paired bootstrap p (BH) < alpha; equivalent: two one-sided tests "
                                "(BH) < alpha that the difference lies within +-margin; both: worse/better, within "
                                "margin; otherwise inconclusive"}

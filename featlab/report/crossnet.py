@@ -19,6 +19,9 @@ as :func:`featlab.report.compare.gather` does) and the cross-file fusion heads o
   intervals, its choice marked, fusion heads at the right;
 - ``network_comparison.json``: the choices, the tests, the unit, the margins and the depth note.
 
+Networks trained from pixels on the same manifest (``featlab train-cnn``) join as reference rows (network
+``cnn``, right of depth 1) and as contenders in the paired tests; they are never a network's choice.
+
 Networks of different manifests (``manifest_sha256``), or whose heads scored different test faces, are refused
 with one line. No TensorFlow here.
 """
@@ -187,12 +190,21 @@ def compare_networks(networks: list[str], datasets: list[str | None] | None = No
     for r in fusion_recs:
         add(r["network"], r["dataset"], r, None, "cross-file fusion", r is best_fusion)
 
+    from .compare import cnn_readers
+
+    references = []  # networks trained from pixels on the same manifest: contenders, never chosen
+    for c in cnn_readers(nets[0]["recs"], tname, root):
+        references.append(add("cnn", "", {"key": c["tap"], "dir": c["dir"], "val": c["val"], "metrics": c["metrics"],
+                                          "n": len(c["faces"]) if c["faces"] is not None else None},
+                              None, "trained from pixels", False))
+
     def row_of(network, rec):
         return next(x for x in rows if x["network"] == network and x["tap"] == rec["key"])
 
     contenders = [row_of(n["network"], n["chosen"]) for n in nets]
     if best_fusion is not None:
         contenders.append(row_of(best_fusion["network"], best_fusion))
+    contenders += references
     tests = []
     for a, b in itertools.combinations(contenders, 2):
         fa, fb = faces.get(a["name"]), faces.get(b["name"])
@@ -305,7 +317,8 @@ def network_png(rows: list[dict], metrics: list[str], sel: str, path, title: str
                 err = [[r[m] - r[f"{m}_ci95_low"]], [r[f"{m}_ci95_high"] - r[m]]]
             ax.errorbar([x], [r[m]], yerr=err, fmt="D" if FUSION in r["network"] else "s", color=c,
                         mfc=c if r["chosen_in_network"] else "white", capsize=3,
-                        label=(f"fusion {r['name']}" if FUSION in r["network"] else None))
+                        label=(f"fusion {r['name']}" if FUSION in r["network"] else
+                               f"trained from pixels: {r['tap']}" if r["network"] == "cnn" else None))
         lab, _ = metric_label(m)
         ax.set_xlabel("relative depth (0 = input, 1 = embedding); fusions right of 1")
         ax.set_ylabel(lab + (" (selection)" if m == sel else ""))

@@ -175,6 +175,10 @@ class HeadScorer:
     def focus(self, chip: np.ndarray, align: bool | None = None) -> None:
         """Nothing to fix here: a head of one network is explained over its own chip (see :class:`CrossScorer`)."""
 
+    def crop(self, chip: np.ndarray) -> np.ndarray:
+        """The part of a cut chip that is explained: all of it (see :class:`CNNScorer`)."""
+        return chip
+
     def predictions(self, chips: np.ndarray) -> list[dict]:
         """Per head, ``outputs_to_prediction`` of the chips (uint8 (N, H, W, 3))."""
         from ..features.extract import stored_features
@@ -257,13 +261,69 @@ class CrossScorer(HeadScorer):
                 for model, cfg in self.heads]
 
 
+class CNNScorer(HeadScorer):
+    """Networks trained from pixels (``featlab train-cnn``) as ``f(crops) -> (N, K)``: what is explained is the centre
+    crop each network sees, cut from the chip its training chips were cut like (backbone, preprocessing, side)."""
+
+    def __init__(self, cnn_dirs):
+        from types import SimpleNamespace
+
+        from ..features.pixels import chip_geometry
+        from ..heads.cnn import load_cnn
+
+        self.heads = [load_cnn(d) for d in cnn_dirs]
+        self.cfgs = [c for _, c in self.heads]
+        chips = {json.dumps({k: c["chips"][k] for k in ("backbone", "preprocessing", "side", "crop", "align")},
+                            sort_keys=True) for c in self.cfgs}
+        if len(chips) > 1:
+            raise FeatlabError("the CNNs were trained on chips cut differently (backbone, preprocessing, side or crop): "
+                               "explain one kind at a time")
+        c = self.cfgs[0]["chips"]
+        self.geometry = chip_geometry(c["backbone"], c["preprocessing"]["name"], c["side"])[0]
+        self.size = int(c["crop"])
+        self.align, self.flip = bool(c.get("align")), False
+        from ..backbones.registry import sha256_of
+
+        self.backbone = SimpleNamespace(name="cnn", sha256=[sha256_of(Path(d) / "cnn.keras") for d in cnn_dirs])
+        self.calls = 0
+        self.chips_scored = 0
+
+    def crop(self, chip: np.ndarray) -> np.ndarray:
+        from ..heads.cnn import center_crops
+
+        return center_crops(chip[None], self.size)[0].astype(np.uint8)
+
+    def predictions(self, chips: np.ndarray) -> list[dict]:
+        from ..heads.model import outputs_to_prediction
+
+        x = np.asarray(chips, dtype=np.float32)
+        self.calls += 1
+        self.chips_scored += len(x)
+        return [outputs_to_prediction(np.asarray(model(x, training=False)), cfg) for model, cfg in self.heads]
+
+
+def _is_cnn_dir(d) -> bool:
+    p = Path(d) / "config.json"
+    try:
+        return p.is_file() and json.loads(p.read_text()).get("kind") == "cnn"
+    except ValueError:
+        return False
+
+
 def check_head_dirs(head_dirs) -> list[Path]:
     """Cheap checks before anything heavy loads: each --head is a folder with config.json and head.keras."""
     if not head_dirs:
         raise FeatlabError("no --head given: pass a trained head folder (results/.../TARGET)")
+    kinds = {_is_cnn_dir(d) for d in head_dirs}
+    if len(kinds) > 1:
+        raise FeatlabError("give heads on taps and networks trained from pixels (train-cnn) in separate runs: they "
+                           "see different chips; the same --seed and --n explain the same faces")
     out = []
     for d in head_dirs:
         d = Path(d)
+        if _is_cnn_dir(d) and (d / "cnn.keras").is_file():
+            out.append(d)
+            continue
         if not (d / "config.json").is_file() or not (d / "head.keras").is_file():
             raise FeatlabError(f"{d} is not a trained head (needs head.keras and config.json); train one with "
                                "`featlab train-head`")
@@ -276,6 +336,10 @@ def _lrp_for(scorer: HeadScorer, head_dirs, methods, settings: Settings):
     """The LRP explainer of the scorer's heads (NumPy, float64) when ``lrp`` is among the methods."""
     if "lrp" not in methods:
         return None
+    if isinstance(scorer, CNNScorer):
+        from .cnnlrp import CNNExplainer
+
+        return CNNExplainer(head_dirs, scorer.cfgs, settings.rule, settings.epsilon)
     from .lrp import LRPExplainer
 
     return LRPExplainer(scorer.backbone, head_dirs, [json.loads((Path(d) / "config.json").read_text())
@@ -300,7 +364,9 @@ def _open_heads(head_dirs, model, methods, settings):
     """The heads' scorer (each config knowing its folder) and, with ``lrp`` among ``methods``, its LRP chain."""
     from .crosshead import is_cross_head
 
-    if any(is_cross_head(json.loads((Path(d) / "config.json").read_text())) for d in head_dirs):
+    if any(_is_cnn_dir(d) for d in head_dirs):
+        scorer = CNNScorer(head_dirs)
+    elif any(is_cross_head(json.loads((Path(d) / "config.json").read_text())) for d in head_dirs):
         if "lrp" in methods:
             raise FeatlabError("lrp does not run on a head across networks (relevance would have to pass back through "
                                "both networks' graphs and the join): use occlusion or rise")
@@ -401,13 +467,13 @@ def _chip_for(scorer: HeadScorer, path: Path, align: bool) -> np.ndarray:
         return img
     if not align:
         try:
-            return scorer.geometry.chip(img, align=False)
+            return scorer.crop(scorer.geometry.chip(img, align=False))
         except BadImage as e:  # template-5pt without usable landmarks
             raise FeatlabError(f"{path}: {e}") from None
     faces = scorer.geometry.faces(img, largest_only=True)
     if not faces:
         raise FeatlabError(f"{path}: no face found (pass --no-detect for images that are already face crops)")
-    return faces[0].chip
+    return scorer.crop(faces[0].chip)
 
 
 def explain_images(images, head_dirs, out, methods=("occlusion",), settings: Settings | None = None,
@@ -592,7 +658,13 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
     if any(is_cross_head(c) for c in cfgs):
         raise FeatlabError("the dataset view (--features) does not take a head across networks yet: explain its "
                            "faces as images (featlab explain IMAGE... --head DIR)")
+    cnn = any(c.get("kind") == "cnn" for c in cfgs)
     for d, c in zip(head_dirs, cfgs):
+        if cnn:  # a network trained from pixels: the faces and their split must be its manifest's
+            if c.get("manifest_sha256") != attrs.get("manifest_sha256"):
+                raise FeatlabError(f"the CNN {d} was trained on another manifest (sha256 {str(c.get('manifest_sha256'))[:12]}…) "
+                                   f"than {features.name} was extracted from ({str(attrs.get('manifest_sha256'))[:12]}…)")
+            continue
         if c.get("backbone") != attrs.get("backbone") or (c.get("features_model_sha256") and
                                                           c["features_model_sha256"] != attrs.get("model_sha256")):
             raise FeatlabError(f"the head {d} was trained on backbone {c.get('backbone')} (model sha256 "
@@ -616,8 +688,11 @@ def explain_dataset(head_dirs, features, n: int, out, methods=("occlusion",), se
     cons: dict = {}
     spent = {m: 0.0 for m in methods}
     align = bool(attrs.get("align", False))
+    if isinstance(scorer, CNNScorer):
+        align = scorer.align
     chips = [_chip_for(scorer, p, align) for p in paths]
-    _check_not_stale(scorer, features, rows, chips, paths)
+    if not isinstance(scorer, CNNScorer):  # a CNN reads pixels, not the stored taps
+        _check_not_stale(scorer, features, rows, chips, paths)
     h, w = chips[0].shape[:2]
     K, G = len(scorer.cfgs), len(names)
     sums = {m: np.zeros((G, K, h, w)) for m in methods}

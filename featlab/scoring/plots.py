@@ -295,7 +295,8 @@ def comparison_png(rows: list[dict], taps: list[str], metrics: list[str], path, 
                     ax.scatter(x[sel] + 0.15, lv[sel], s=26, zorder=3, edgecolors="#595959",
                                label=f"linear probe: {text}", marker=style.get("marker", "s"), facecolors=face)
         for r, colour, ls in [(r, c, s) for r in rows for c, s in [("#55A868", "--")] if r["reader"] == "majority"] + \
-                [(r, "#DD8452", ":") for r in rows if str(r["reader"]).startswith("zero-shot")]:
+                [(r, "#DD8452", ":") for r in rows if str(r["reader"]).startswith("zero-shot")] + \
+                [(r, "#8172B3", "-.") for r in rows if str(r["reader"]).startswith("cnn ")]:
             val = _num(r.get(m)) * scale
             if np.isfinite(val):
                 vkey = "verdict" if m == _primary(metrics) else f"{m}_verdict"

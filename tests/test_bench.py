@@ -28,6 +28,7 @@ SCRIPTS = {
     "shards.py": "| 2 local processes | 16 |",
     "lrp_zennit.py": "zennit comparison: ",  # "skipped (...)" without torch, the figures with it
     "scale.py": "| grid age+gender+bins7 on one tap, bytes read per epoch | 1.00 passes",
+    "cnn_input.py": "from the cache |",
 }
 SLOW = {"cluster.py", "heads.py", "memory.py", "scale.py"}  # Ray's start-up; TensorFlow's (several processes for memory.py)
 

@@ -209,3 +209,15 @@ def test_compare_puts_the_cnn_beside_the_heads_as_a_reference(tmp_path):
             0.5, "cnn", {}, "mobilenetv2-96")
     with pytest.raises(FeatlabError, match="scored different test faces"):
         compare("mystery", "ds", "gender", None, results_root=root)
+
+
+def test_a_spec_cnn_section_trains_each_target_once(sample_manifest, tmp_path, monkeypatch):
+    from featlab.study.experiment import cnn_step
+
+    monkeypatch.chdir(tmp_path)  # results/ and features/ of the working directory, as `featlab run` uses them
+    spec = {"name": "s", "seed": 0, "cnn": {"size": SIZE, "epochs": 1}}
+    said = []
+    first = cnn_step(spec, sample_manifest, [{"target": "gender", "cats": None}], False, said.append)
+    again = cnn_step(spec, sample_manifest, [{"target": "gender", "cats": None}], False, said.append)
+    assert first == again and first[0].name == "gender" and first[0].parent.name == f"levi-hassner-{SIZE}"
+    assert said[-1].endswith(": done") and json.loads((first[0] / "config.json").read_text())["training"]["epochs_run"] == 1

@@ -214,12 +214,50 @@ def run_spec(path, overrides: list[str] = (), force: bool = False, echo=print) -
         dkey = dataset_key(feature_set(s.attrs))  # where this feature set's results live
     if spec.get("zero_shot", True):
         _zero_shot_step(rep.out, heads, echo)
+    cnn_step(spec, manifest, heads, force, echo)
     from ..report.compare import compare
 
     margins = (spec.get("compare") or {}).get("margins")
     comparisons = {tname: compare(backbone, dkey, target=h["target"], cats=h["cats"], margins=margins)
                    for tname, h in {target_name(h["target"], h["cats"]): h for h in heads}.items()}
     return write_report(spec, backbone, dkey, rep, keys, heads, results, comparisons, echo, manifest=manifest)
+
+
+def cnn_step(spec: dict, manifest: Path, heads: list[dict], force: bool, echo) -> list[Path]:
+    """With a ``[cnn]`` section: the network trained from pixels for every target of the heads, on the spec's
+    manifest (a finished one is kept unless ``force``; an interrupted one resumes)."""
+    c = spec.get("cnn")
+    if not c:
+        return []
+    from ..data.labels import target_name
+    from ..data.manifest import dataset_name, file_sha256
+    from ..heads.cnntrain import cnn_key, train_cnn
+    from ..heads.cnn import check_arch
+    from ..paths import cnn_dir
+
+    out = []
+    sha = file_sha256(manifest)
+    from ..features.pixels import chip_geometry
+
+    cf = c.get("chips_from", "dlib-rec")
+    prep = chip_geometry(cf, None, 64)[1]
+    key = cnn_key(check_arch(c.get("arch", "levi-hassner")), c.get("size", 227), c.get("predict", "center"), cf, prep,
+                  cf == "dlib-rec" and prep == "template-5pt")
+    for tname, h in {target_name(h["target"], h["cats"]): h for h in heads}.items():
+        d = cnn_dir(dataset_name(manifest), sha, key, tname)
+        if (d / "metrics.json").is_file() and not force:
+            echo(f"[cnn] {d}: done")
+            out.append(d)
+            continue
+        t0 = time.perf_counter()
+        d = train_cnn(manifest, h["target"], h["cats"], arch=c.get("arch", "levi-hassner"), size=c.get("size", 227),
+                      epochs=c.get("epochs", 60), patience=c.get("patience", 8), batch_size=c.get("batch_size", 64),
+                      lr=c.get("lr", 1e-3), prediction=c.get("predict", "center"),
+                      backbone=c.get("chips_from", "dlib-rec"), seed=int(spec.get("seed", 0)),
+                      ranges=h.get("ranges") or "refuse", verbose=1)
+        echo(f"[cnn] {d}: {time.perf_counter() - t0:.0f} s")
+        out.append(d)
+    return out
 
 
 def spec_manifest_step(spec: dict, force: bool, echo) -> Path:

@@ -102,7 +102,7 @@ def _features_out(spec: dict, net: dict, ex: dict) -> Path:
 def run_networks(spec: dict, force: bool = False, echo=print) -> Path:
     """Run a spec with ``[[networks]]`` (see the module doc); returns the cross-network report's path."""
     from ..backbones.registry import Backbone
-    from .experiment import (_check_ranges, _check_targets, _heads, _heads_step, _zero_shot_step, extract_lines,
+    from .experiment import (_check_ranges, _check_targets, _heads, _heads_step, _zero_shot_step, cnn_step, extract_lines,
                              spec_manifest_step, write_report)
     from ..features.extract import extract, resolve_keys
     from ..report.compare import compare
@@ -147,6 +147,7 @@ def run_networks(spec: dict, force: bool = False, echo=print) -> Path:
                                f"results/{n['name']}/{dkeys[name]}/ (the same backbone, preprocessing and "
                                "alignment): list each feature set once")
 
+    cnn_step(spec, manifest, heads, force, echo)  # the reference row every network's comparison shows
     comparisons, per_results = {}, {}
     for name, n in zip(names, nets):
         nkeys = keys[name] + within[name]

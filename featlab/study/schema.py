@@ -215,6 +215,24 @@ class Compare(_Section):
         "(`compare --margin METRIC=VALUE`).", shown="1 point of accuracy, 1-off, CS@5; 0.15 years of MAE"))
 
 
+class Cnn(_Section):
+    """A network trained from pixels on the same manifest and split, for every target of the `[[heads]]`
+    (`featlab train-cnn`): the seed papers' reference row beside the heads in every comparison."""
+
+    arch: str = Field("levi-hassner", **_key(
+        "`levi-hassner` (Levi & Hassner 2015) or a keras.applications architecture built with weights=None "
+        "(`MobileNetV2`, `VGG16`, ...) (`--arch`)."))
+    size: Annotated[int, Field(ge=32)] = Field(227, **_key(
+        "Crop side in pixels; chips are cut at 256/227 of it (`--size`; 63 at least for levi-hassner)."))
+    epochs: Annotated[int, Field(ge=1)] = Field(60, **_key("Most epochs; early stopping on val ends sooner."))
+    patience: Annotated[int, Field(ge=1)] = Field(8, **_key("Epochs without a better val loss before stopping."))
+    batch_size: Annotated[int, Field(ge=1)] = Field(64, **_key("Faces per training step."))
+    lr: Annotated[float, Field(gt=0.0)] = Field(1e-3, **_key("Adam learning rate, halved when the val loss stalls."))
+    predict: Literal["center", "10crop"] = Field("center", **_key(
+        "Prediction from the centre crop, or the mean over 10 crops (corners and centre, mirrored)."))
+    chips_from: str = Field("dlib-rec", **_key("The backbone whose chips (geometry, preprocessing) the CNN reads."))
+
+
 class Spec(_Section):
     """The top level of a spec: the study's name, its seed, fusion heads, then the sections."""
 
@@ -238,10 +256,12 @@ class Spec(_Section):
     extract: Extract = Field(default_factory=Extract, **_key("[extract] section.", shown="every key's default"))
     heads: Annotated[list[Head], Field(min_length=1)] = Field(..., **_key("[[heads]] tables."))
     compare: Compare = Field(default_factory=Compare, **_key("[compare] section.", shown="every key's default"))
+    cnn: Optional[Cnn] = Field(None, **_key("[cnn] section: a network trained from pixels as a reference row.",
+                                            shown="none"))
 
 
 SECTIONS = {"dataset": Dataset, "backbone": Backbone, "networks": Network, "extract": Extract, "heads": Head,
-            "compare": Compare}
+            "compare": Compare, "cnn": Cnn}
 
 
 # ----------------------------------------------------------------------------- validation

@@ -511,7 +511,7 @@ def train_head(
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate [0.001]"),
     ordinal: Optional[bool] = typer.Option(None, "--ordinal/--softmax", help="bins: CORAL cumulative outputs or softmax"),
     seed: int = typer.Option(0, "--seed", help="seeds the initial weights, shuffling and dropout"),
-    seeds: int = typer.Option(1, "--seeds", help="train N seeds (seed, seed+1, ...): mean and spread over seeds"),
+    seeds: int = typer.Option(1, "--seeds", help="train N seeds (seed, seed+1, ...): their ensemble (mean prediction) is the head, the seeds' spread beside it"),
     memory_mb: Optional[float] = typer.Option(None, "--memory-mb", help="memory budget for features [featlab.toml head.memory_mb, 2048]"),
     ranges: str = typer.Option("refuse", "--ranges", help="range labels a target cannot place (Adience (15, 20) with --cats 5 "
                                "or 7; every range for --regression): refuse (stop, giving the count) or drop (train on the rest)"),

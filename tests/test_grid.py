@@ -271,3 +271,36 @@ def test_a_head_and_a_grid_read_the_features_file_through_one_opening(feats, tmp
     train_grid(feats, ["conv", "vec", "conv+vec"], [("bins", 7), ("age", None)], out_root=tmp_path / "grid", **opts)
     train_head(feats, "vec", "gender", None, seeds=2, out_root=tmp_path / "seeds", **opts)
     assert opened == [str(feats)] * 3
+
+
+def test_an_interrupted_seed_grid_gives_the_same_ensembles_and_compare_chooses_on_them(feats, tmp_path, monkeypatch):
+    """--seeds 2 over a grid: each head's record is its seeds' ensemble. A run interrupted while scoring the
+    second seed, then run again, leaves byte-identical ensembles; compare chooses on the ensembles' val figures."""
+    import signal
+
+    from featlab.report.compare import compare
+    from featlab.study.workflow import train_grid
+
+    opts = {**FAST, "epochs": 2}
+    args = (feats, ["conv", "vec"], [("gender", None)])
+    done = train_grid(*args, seeds=2, out_root=tmp_path / "a", baselines=False, **opts)
+    monkeypatch.setenv("FEATLAB_KILL_AT", "record:3")  # the second seed's first record
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_grid(*args, seeds=2, out_root=tmp_path / "b", baselines=False, **opts)
+    finally:
+        signal.signal(signal.SIGINT, old)
+        monkeypatch.delenv("FEATLAB_KILL_AT")
+    again = train_grid(*args, seeds=2, out_root=tmp_path / "b", baselines=False, **opts)
+    for a, b in zip(done, again):
+        assert json.loads((a / "metrics.json").read_text())["kind"] == "ensemble"
+        assert (a / "faces.csv").read_bytes() == (b / "faces.csv").read_bytes()
+    m = {d.parent.name: json.loads((d / "metrics.json").read_text()) for d in done}
+    backbone, dkey = done[0].parent.parent.parent.name, done[0].parent.parent.name
+    r = compare(backbone, dkey, "gender", None, results_root=tmp_path / "a")
+    best = max(m, key=lambda k: m[k]["val"]["metrics"]["accuracy"])
+    assert r["chosen"] == best
+    row = next(x for x in r["rows"] if x["reader"] == "head" and x["tap"] == best)
+    assert row["accuracy"] == m[best]["test"]["metrics"]["accuracy"]
+    assert row["accuracy_std_over_seeds"] == pytest.approx(m[best]["test"]["metrics_std"]["accuracy"])

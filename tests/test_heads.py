@@ -315,23 +315,36 @@ def test_non_finite_features_and_stale_labels_are_refused(tmp_path):
         train_head(f, "vec", "gender", out_root=tmp_path / "r", **FAST)
 
 
-def test_seeds_share_their_validation_faces_and_summarise_the_spread(tmp_path):
+def test_seeds_share_their_validation_faces_and_make_an_ensemble(tmp_path):
     """--seeds N: seeds differ in training only (the held-out validation groups do not move with the seed);
-    the summary gives the mean over seeds, its spread, and an interval over the per-face mean."""
+    the record is the seeds' ensemble, whose predictions are the mean of the seeds' probabilities (recomputed
+    here from each seed's saved head), with the seeds' mean figure and spread beside it."""
     import pandas as pd
 
+    from featlab.data.labels import encode_target, split_rows
+    from featlab.heads.model import load_head, predict_rows
     from featlab.study.workflow import train_head
 
     f = make_features(tmp_path / "folds.h5", n=500, seed=3, folds=True, split=False)
-    root = train_head(f, "vec", "gender", fold=0, seeds=2, out_root=tmp_path / "r", **{**FAST, "epochs": 3})
+    root = train_head(f, "vec", "gender", fold=0, seeds=3, out_root=tmp_path / "r", **{**FAST, "epochs": 3})
     faces = [pd.read_csv(root / f"seed{s}" / "faces.csv") for s in (0, 1)]
     vals = [set(x[x.split == "val"].image_id) for x in faces]
     assert vals[0] == vals[1] and len(vals[0]) > 20
     m = json.loads((root / "metrics.json").read_text())
-    accs = [json.loads((root / f"seed{s}" / "metrics.json").read_text())["test"]["metrics"]["accuracy"] for s in (0, 1)]
-    assert m["kind"] == "seeds" and m["seeds"] == [0, 1]
-    assert m["test"]["metrics"]["accuracy"] == pytest.approx(np.mean(accs))
+    accs = [json.loads((root / f"seed{s}" / "metrics.json").read_text())["test"]["metrics"]["accuracy"] for s in (0, 1, 2)]
+    assert m["kind"] == "ensemble" and m["seeds"] == [0, 1, 2] and m["ensemble"]["members"] == 3
+    assert m["test"]["metrics"]["accuracy_mean_of_seeds"] == pytest.approx(np.mean(accs))
     assert m["test"]["metrics_std"]["accuracy"] == pytest.approx(np.std(accs, ddof=1))  # sample std
+    with FeatureStore.open_read(f) as st:
+        labels = st.labels()
+        y, valid = encode_target(labels, "gender")
+        test = split_rows(labels, valid, 0)["test"]
+        proba = np.mean([predict_rows(*load_head(root / f"seed{s}"), st, test)["proba"] for s in (0, 1, 2)], axis=0)
+    hit = (proba.argmax(axis=1) == y[test]).astype(float)
+    assert m["test"]["metrics"]["accuracy"] == pytest.approx(hit.mean(), abs=1e-12)
+    ens = pd.read_csv(root / "faces.csv", dtype={"image_id": str})
+    ens = ens[ens.split == "test"].set_index("image_id")["accuracy"]
+    assert np.array_equal(ens.loc[labels["image_id"].to_numpy()[test]].to_numpy(), hit)
     lo, hi = m["test"]["metrics"]["accuracy_ci95"]
     assert lo <= m["test"]["metrics"]["accuracy"] <= hi
 

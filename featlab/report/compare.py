@@ -412,7 +412,7 @@ def _compared_row(x, chosen, sel, headline, margin, best_faces) -> dict:
         else:
             row[f"{m}_ci95_low"], row[f"{m}_ci95_high"] = lo, hi
         if x["metrics_std"].get(m) is not None:
-            row[f"{m}_std_over_{x['kind']}"] = x["metrics_std"][m]
+            row[f"{m}_std_over_{'seeds' if x['kind'] == 'ensemble' else x['kind']}"] = x["metrics_std"][m]
     j = None
     if have and best_faces is not None and not row["chosen"]:
         j = best_faces.merge(faces.drop(columns=["group"]), on="image_id", suffixes=("_best", ""))
@@ -453,7 +453,8 @@ def _finish_compare(rows, headline, sel, recs, chosen, out, tname, backbone, dat
         for row in rows:
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
     taps = [r["key"] for r in recs]
-    seeds = " (mean over seeds/folds)" if any(r["metrics_std"] for r in recs) else ""
+    seeds = (" (ensembles of seeds)" if any(r["kind"] == "ensemble" for r in recs) else
+             " (mean over seeds/folds)" if any(r["metrics_std"] for r in recs) else "")
     units = {row.get("unit") for row in rows if row.get("unit")}
     unit = "person" if "person" in units else "face"
     png = comparison_png(rows, taps, headline, out / "layer_comparison.png",

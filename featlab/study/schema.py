@@ -160,7 +160,8 @@ class Head(_Section):
         "Adience's protocol: `\"all\"` trains one head per fold (mean and spread), K tests on fold K only.",
         shown="the manifest's train/val/test split"))
     seeds: Annotated[int, Field(ge=1)] = Field(1, **_key(
-        "Train N heads (seed, seed+1, ...): each figure's mean and spread over seeds."))
+        "Train N heads (seed, seed+1, ...): their ensemble (the mean of their predictions) is the head "
+        "compared and chosen on validation, each figure's spread over seeds beside it."))
     hidden: Optional[Union[list[Annotated[int, Field(ge=0)]], str, Annotated[int, Field(ge=0)]]] = Field(None, **_key(
         "Hidden layer sizes, `[512, 128]` or `\"512,128\"`; `0` or `[]`: a linear head (`--hidden`)."))
     dropout: Optional[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(None, **_key("Dropout after each hidden layer (`--dropout`)."))

@@ -102,7 +102,7 @@ def _train_head(features, layer, target, cats=None, *, fold=None, seed: int = 0,
     dirs = [_train_and_record(features, layer, target, cats, fold=fold, seed=s, seed_dir=True,
                               baselines=baselines and s == seed, out_root=out_root, verbose=verbose, **hp)
             for s in range(seed, seed + seeds)]
-    return summarise(dirs, "seeds", dirs[0].parent)
+    return summarise(dirs, "seeds", dirs[0].parent, features)
 
 
 def train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: int = 1, baselines: bool = True,
@@ -229,15 +229,64 @@ def _train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: i
         return per_seed[0]
     dirs = []
     for i in range(len(heads)):
-        dirs.append(summarise([p[i] for p in per_seed], "seeds", per_seed[0][i].parent))
+        dirs.append(summarise([p[i] for p in per_seed], "seeds", per_seed[0][i].parent, features))
         install(i, dirs[-1])
     return dirs
 
 
-def summarise(dirs: list[Path], kind: str, root: Path) -> Path:
-    """Write ``root/metrics.json`` and ``root/faces.csv`` over several heads' records: for ``seeds`` the
-    per-face mean over seeds (same faces), for ``folds`` the faces of every fold together; each headline
-    figure from those faces with its interval, plus mean and std of the per-head figures."""
+ENSEMBLE_RULE = ("the mean of the seeds' predictions: class probabilities averaged, the class their argmax (bins, "
+                 "gender); predicted ages averaged (age)")
+
+
+def ensemble_predictions(dirs: list[Path], store, rows: np.ndarray) -> tuple[dict, list[dict]]:
+    """(the ensemble's prediction, each seed head's) on ``rows`` of the open features file: the mean of the
+    seeds' predicted probabilities (class: their argmax) or predicted ages (:data:`ENSEMBLE_RULE`)."""
+    from ..heads.model import load_head, predict_rows
+
+    per = []
+    for d in dirs:
+        model, cfg = load_head(d)
+        per.append(predict_rows(model, cfg, store, rows))
+    if "proba" in per[0]:
+        proba = np.mean([p["proba"] for p in per], axis=0)
+        return {"pred": proba.argmax(axis=1).astype(np.int64), "proba": proba}, per
+    return {"pred": np.mean([p["pred"] for p in per], axis=0)}, per
+
+
+def _ensemble(dirs: list[Path], store, root: Path, out: dict) -> dict:
+    """Score the seeds' ensemble on the val and test rows of their records and write its files into ``root``
+    (``faces.csv``, confusion or scatter, subgroups, predictions) as a head's; returns the scored sections."""
+    from ..data.labels import encode_target, split_rows
+    from ..scoring.scores import score_predictions, write_faces, write_predictions, write_reports
+
+    cfg = json.loads((Path(dirs[0]) / "config.json").read_text())
+    labels = store.labels()
+    y_all, valid = encode_target(labels, cfg["target"], cfg.get("cats"))
+    sp = split_rows(labels, valid, cfg.get("fold"), float(cfg.get("hyperparameters", {}).get("val_share", 0.1)))
+    sections = {}
+    for split in ("val", "test"):
+        rows = sp[split]
+        if not len(rows):
+            continue
+        pred, _ = ensemble_predictions(dirs, store, rows)
+        sections[split] = score_predictions(cfg["target"], cfg.get("cats"), y_all[rows], pred, labels.iloc[rows],
+                                            cfg.get("class_names"))
+        if split == "test":
+            write_reports(root, {**cfg, "head_key": cfg.get("head_key", cfg["tap"]) + f" (ensemble of {len(dirs)} seeds)"},
+                          sections[split], "test split")
+        else:
+            write_predictions(root / "predictions_val.csv", sections[split]["sub"], sections[split]["y"],
+                              sections[split]["pred"], cfg)
+    write_faces(root / "faces.csv", sections)
+    return sections
+
+
+def summarise(dirs: list[Path], kind: str, root: Path, store=None) -> Path:
+    """Write ``root/metrics.json`` and ``root/faces.csv`` over several heads' records: for ``seeds`` with the
+    open features file ``store``, the seeds' **ensemble** (:func:`ensemble_predictions`) scored like a head (its
+    figures, intervals, faces.csv and confusion; ``kind: ensemble``), the seeds' spread beside it; for ``seeds``
+    without it the per-face mean over seeds (same faces); for ``folds`` the faces of every fold together; each
+    headline figure from those faces with its interval, plus mean and std of the per-head figures."""
     import pandas as pd
 
     from ..scoring.scores import uncertainty_note
@@ -267,6 +316,14 @@ def summarise(dirs: list[Path], kind: str, root: Path) -> Path:
         out["seeds"] = [r.get("seed") for r in recs]
     else:
         out["folds"] = [r.get("fold") for r in recs]
+    scored = None
+    if kind == "seeds" and store is not None:
+        with FeatureStore.reading(store) as st:
+            scored = _ensemble(dirs, st, root, out)
+        out["kind"] = "ensemble"
+        out["ensemble"] = {"members": len(dirs), "rule": ENSEMBLE_RULE,
+                           "note": "val and test figures, intervals and faces.csv are the ensemble's; metrics_std is "
+                                   "the spread of the single seeds' figures, *_mean_of_seeds their mean"}
     for split in ("val", "test"):
         per = [r[split]["metrics"] for r in recs if split in r]
         if not per:
@@ -275,15 +332,26 @@ def summarise(dirs: list[Path], kind: str, root: Path) -> Path:
         groups = sub["group"].to_numpy(dtype=object)
         figures, spread = {}, {}
         for m in heads:
-            figures[m] = float(sub[m].mean())
-            figures[f"{m}_ci95"] = interval(sub[m].to_numpy(), groups=groups)
+            if scored is not None:
+                figures[m] = scored[split]["metrics"][m]
+                figures[f"{m}_ci95"] = scored[split]["metrics"][f"{m}_ci95"]
+            else:
+                figures[m] = float(sub[m].mean())
+                figures[f"{m}_ci95"] = interval(sub[m].to_numpy(), groups=groups)
             vals = [p[m] for p in per if p.get(m) is not None]
             spread[m] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None  # sample std over seeds/folds
             figures[f"{m}_mean_of_{kind}"] = float(np.mean(vals)) if vals else None
+        if scored is not None:
+            s = scored[split]
+            out[split] = {"n": s["n"], "metrics": {**s["metrics"], **figures}, "metrics_std": spread,
+                          "uncertainty": s["uncertainty"], "report": s["report"], "per_member": per,
+                          "spread_over": kind}
+            continue
         out[split] = {"n": int(len(sub)), "metrics": figures, "metrics_std": spread,
                       "uncertainty": uncertainty_note({m: sub[m].to_numpy() for m in heads}, groups, heads),
                       "per_member": per, "spread_over": kind}
-    faces.to_csv(root / "faces.csv", index=False)
+    if scored is None:
+        faces.to_csv(root / "faces.csv", index=False)
     base = [Path(d) / "baselines_faces.csv" for d in dirs if (Path(d) / "baselines_faces.csv").is_file()]
     if base:
         b = pd.concat([pd.read_csv(p, dtype={"image_id": str, "split": str}) for p in base], ignore_index=True)

@@ -29,8 +29,9 @@ SCRIPTS = {
     "lrp_zennit.py": "zennit comparison: ",  # "skipped (...)" without torch, the figures with it
     "scale.py": "| grid age+gender+bins7 on one tap, bytes read per epoch | 1.00 passes",
     "cnn_input.py": "from the cache |",
+    "seed_stability.py": "repeats agree with the most frequent choice",
 }
-SLOW = {"cluster.py", "heads.py", "memory.py", "scale.py"}  # Ray's start-up; TensorFlow's (several processes for memory.py)
+SLOW = {"cluster.py", "heads.py", "memory.py", "scale.py", "seed_stability.py"}  # Ray's start-up; TensorFlow's (several processes for memory.py)
 
 
 def test_every_bench_script_is_covered():

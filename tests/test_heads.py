@@ -347,6 +347,10 @@ def test_seeds_share_their_validation_faces_and_make_an_ensemble(tmp_path):
     assert np.array_equal(ens.loc[labels["image_id"].to_numpy()[test]].to_numpy(), hit)
     lo, hi = m["test"]["metrics"]["accuracy_ci95"]
     assert lo <= m["test"]["metrics"]["accuracy"] <= hi
+    curve = m["ensemble_val_curve"]  # the first seed alone, then the ensembles of 2 and 3: the last is the record's
+    assert [c["n"] for c in curve] == [1, 2, 3]
+    assert curve[0]["accuracy"] == pytest.approx(json.loads((root / "seed0" / "metrics.json").read_text())["val"]["metrics"]["accuracy"])
+    assert curve[-1]["accuracy"] == pytest.approx(m["val"]["metrics"]["accuracy"])
 
 
 def _log1p_plan(max_age: int = 79):

@@ -268,9 +268,11 @@ def _ensemble(dirs: list[Path], store, root: Path, out: dict) -> dict:
         rows = sp[split]
         if not len(rows):
             continue
-        pred, _ = ensemble_predictions(dirs, store, rows)
+        pred, per = ensemble_predictions(dirs, store, rows)
         sections[split] = score_predictions(cfg["target"], cfg.get("cats"), y_all[rows], pred, labels.iloc[rows],
                                             cfg.get("class_names"))
+        if split == "val":  # the val figure of the ensemble of the first n seeds, n = 1..N: how many are enough
+            out["ensemble_val_curve"] = _prefix_curve(cfg["target"], y_all[rows], per)
         if split == "test":
             write_reports(root, {**cfg, "head_key": cfg.get("head_key", cfg["tap"]) + f" (ensemble of {len(dirs)} seeds)"},
                           sections[split], "test split")
@@ -279,6 +281,21 @@ def _ensemble(dirs: list[Path], store, root: Path, out: dict) -> dict:
                               sections[split]["pred"], cfg)
     write_faces(root / "faces.csv", sections)
     return sections
+
+
+def _prefix_curve(target: str, y: np.ndarray, per: list[dict]) -> list[dict]:
+    """[{n, figure}] for the ensembles of the first n seeds: val accuracy (bins, gender) or MAE (age)."""
+    from ..data.labels import selection_metric
+
+    m = selection_metric(target)
+    out = []
+    for n in range(1, len(per) + 1):
+        if "proba" in per[0]:
+            v = float((np.mean([p["proba"] for p in per[:n]], axis=0).argmax(axis=1) == y).mean())
+        else:
+            v = float(np.abs(np.mean([p["pred"] for p in per[:n]], axis=0) - y).mean())
+        out.append({"n": n, m: v})
+    return out
 
 
 def summarise(dirs: list[Path], kind: str, root: Path, store=None) -> Path:

@@ -427,7 +427,8 @@ def _summary(scorer: HeadScorer, methods, settings: Settings, curves: dict, n_fa
                 s["conservation"] = cons
                 echo(f"lrp ({settings.rule}) on {scorer.label(k)}: input relevance vs explained output, median "
                      f"relative error {cons['median_relative_error']:.2%} (mean {cons['mean_relative_error']:.2%}, "
-                     f"{cons['faces_over_bound']:.0%} of faces over {cons['bound']:.0%}); the head alone "
+                     f"{cons['faces_over_bound']:.0%} of faces over {cons['bound']:.0%}); "
+                     f"{'its dense layers' if isinstance(scorer, CNNScorer) else 'the head'} alone "
                      f"{cons['tap']['median_relative_error']:.2%}")
                 if not cons["within_bound"]:
                     echo(f"warning: lrp ({settings.rule}) on {scorer.label(k)} does not conserve relevance within "

@@ -695,7 +695,8 @@ def uncertainty_line(comparisons: dict) -> str:
     margins = ", ".join(f"{m} {format_margin(m, v)}" for m, v in
                         {m: v for c in comparisons.values() for m, v in c["summary"].get("margins", {}).items()}.items())
     return (f"Intervals: 95 % bootstrap over {what}. Paired tests against the chosen input resample the same "
-            f"units; Benjamini-Hochberg within each family (heads; baselines). Each row is `worse`/`better` "
+            f"units; Benjamini-Hochberg within each family (heads; baselines; networks trained from pixels). Each "
+            f"row is `worse`/`better` "
             f"(difference resolved), `equivalent` (two one-sided tests show it within the margin: {margins}), "
             f"`worse, within margin`/`better, within margin` (both) or `inconclusive`.")
 
@@ -741,6 +742,8 @@ def missing_readers(comparisons: dict, keys: list[str]) -> list[str]:
 
 
 def _reader_name(r: dict) -> str:
+    if str(r["reader"]).startswith("cnn "):  # a network trained from pixels: its key is its name
+        return f"CNN from pixels `{r['tap']}`"
     return f"`{r['tap']}` {r['reader']}" if r["tap"] else r["reader"]
 
 
@@ -776,7 +779,9 @@ def summary_table(comparisons: dict) -> list[str]:
     verdict's mark (:data:`VERDICT_MARKS`: ``*`` resolved, ``≈`` equivalent, ``*≈`` both), the chosen tap's linear probe, the majority
     baseline and the zero-shot net on the same faces."""
     taps = list(dict.fromkeys(t for c in comparisons.values() for t in c["taps"]))
-    head = ["target", "chosen on val", *[f"`{t}`" for t in taps], "linear probe (chosen input)", "majority", "zero-shot net"]
+    cnn = any(str(r["reader"]).startswith("cnn ") for c in comparisons.values() for r in c["rows"])
+    head = ["target", "chosen on val", *[f"`{t}`" for t in taps], "linear probe (chosen input)", "majority",
+            "zero-shot net", *(["CNN from pixels"] if cnn else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for tname, comp in comparisons.items():
         sel = "mae" if tname == "age" else "accuracy"
@@ -797,6 +802,9 @@ def summary_table(comparisons: dict) -> list[str]:
         cells = [title, f"`{comp['chosen']}`", *[cell(find("head", t)) for t in taps],
                  cell(find("linear", comp["chosen"])), cell(find("majority")),
                  (cell(zs) + f" ({zs['reader'][len('zero-shot '):]})") if zs else ""]
+        if cnn:
+            cr = next((r for r in rows if str(r["reader"]).startswith("cnn ")), None)
+            cells.append((cell(cr) + f" (`{cr['tap']}`)") if cr else "")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

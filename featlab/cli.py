@@ -614,12 +614,14 @@ def train_cnn(
     patience: int = typer.Option(8, "--patience", help="epochs without a better val loss before stopping"),
     seed: int = typer.Option(0, "--seed", help="seeds the initial weights, shuffling, crops, mirrors and dropout"),
     fold: Optional[str] = typer.Option(None, "--fold", help="Adience protocol: test fold K (train on the others)"),
+    folds: Optional[str] = typer.Option(None, "--folds", help="'all' trains one CNN per fold and their summary"),
     predict: str = typer.Option("center", "--predict", help="center (the centre crop) or 10crop (mean over 4 corners "
                                 "and the centre, each mirrored)"),
     chips_from: str = typer.Option("dlib-rec", "--chips-from", help="the backbone whose chips (geometry, "
                                    "preprocessing) the CNN trains on"),
     preprocessing: Optional[str] = typer.Option(None, "--preprocessing", help="template-5pt, resize or center-crop "
                                                 "[the backbone's own]"),
+    align: bool = typer.Option(False, "--align", help="detect and align each face first (in-the-wild photos)"),
     ranges: str = typer.Option("refuse", "--ranges", help="range labels a target cannot place: refuse or drop"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
 ):
@@ -628,9 +630,7 @@ def train_cnn(
     from .heads.cnntrain import check_cnn_options
 
     tgts = head_targets(target, cats, regression)
-    fold_arg = _fold_choice(fold, None)
-    if fold_arg == "all":
-        raise FeatlabError("train-cnn trains one fold at a time: run --fold K for each fold")
+    fold_arg = _fold_choice(fold, folds)
     manifest = Path(_need(manifest or _cfg("paths", "manifest"), "--manifest",
                           "pass --manifest M.csv or set [paths].manifest in featlab.toml"))
     _check_file(manifest, "manifest", "write one with `featlab prepare`")
@@ -641,12 +641,12 @@ def train_cnn(
 
     check_preprocessing(get_spec(chips_from).geometry[0], preprocessing)
     say = _quieted(quiet)
-    from .heads.cnntrain import train_cnn as run_cnn
+    from .study.workflow import train_cnn as run_cnn
 
     for t, c in tgts:
         d = run_cnn(manifest, t, c, arch=arch, size=size, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
                     patience=patience, seed=seed, fold=fold_arg, prediction=predict, backbone=chips_from,
-                    preprocessing=preprocessing, ranges=ranges, verbose=0 if quiet else 1)
+                    preprocessing=preprocessing, align=align, ranges=ranges, verbose=0 if quiet else 1)
         say(f"cnn written to {d}")
         if quiet:
             _echo(str(d))

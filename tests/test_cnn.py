@@ -221,3 +221,22 @@ def test_a_spec_cnn_section_trains_each_target_once(sample_manifest, tmp_path, m
     again = cnn_step(spec, sample_manifest, [{"target": "gender", "cats": None}], False, said.append)
     assert first == again and first[0].name == "gender" and first[0].parent.name == f"levi-hassner-{SIZE}"
     assert said[-1].endswith(": done") and json.loads((first[0] / "config.json").read_text())["training"]["epochs_run"] == 1
+
+
+def test_the_fold_protocol_trains_one_cnn_per_fold_and_summarises_them(sample_manifest, tmp_path):
+    """--folds all (Adience's protocol) on the sample cut into 3 folds: one CNN per fold, then every fold's test
+    faces together in the summary compare reads."""
+    from featlab.data.manifest import read_manifest, write_manifest
+    from featlab.study.workflow import train_cnn
+
+    df = read_manifest(sample_manifest)
+    df["split"] = ""
+    df["fold"] = np.arange(len(df)) % 3
+    folds = write_manifest(df, tmp_path / "folds.csv")
+    d = train_cnn(folds, "gender", None, fold="all", size=SIZE, epochs=1, out_root=tmp_path / "r",
+                  features_root=tmp_path / "f", verbose=0)
+    m = json.loads((d / "metrics.json").read_text())
+    per = [json.loads((d / f"fold{k}" / "metrics.json").read_text())["test"] for k in range(3)]
+    assert m["kind"] == "folds" and m["folds"] == [0, 1, 2] and m["test"]["n"] == len(df) == sum(p["n"] for p in per)
+    hits = sum(p["metrics"]["accuracy"] * p["n"] for p in per)
+    assert m["test"]["metrics"]["accuracy"] == pytest.approx(hits / len(df))

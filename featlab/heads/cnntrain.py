@@ -110,7 +110,7 @@ def fit_cnn(manifest, target: str, cats=None, *, arch: str = DEFAULT_ARCH, size:
     opts = check_cnn_options(target, cats, arch, size, weights, prediction, epochs, batch_size, lr, patience, ranges)
     arch, size, weights = opts["arch"], opts["size"], opts["weights"]
     if fold == "all":
-        raise FeatlabError("train-cnn trains one fold at a time: --fold K for each fold")
+        raise FeatlabError("fit_cnn trains one fold; featlab.study.workflow.train_cnn runs --fold all")
     fold = None if fold is None else int(fold)
     t_start = time.perf_counter()
     manifest = Path(manifest)

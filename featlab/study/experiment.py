@@ -231,7 +231,8 @@ def cnn_step(spec: dict, manifest: Path, heads: list[dict], force: bool, echo) -
         return []
     from ..data.labels import target_name
     from ..data.manifest import dataset_name, file_sha256
-    from ..heads.cnntrain import cnn_key, train_cnn
+    from ..heads.cnntrain import cnn_key
+    from .workflow import train_cnn
     from ..heads.cnn import check_arch
     from ..paths import cnn_dir
 
@@ -240,20 +241,23 @@ def cnn_step(spec: dict, manifest: Path, heads: list[dict], force: bool, echo) -
     from ..features.pixels import chip_geometry
 
     cf = c.get("chips_from", "dlib-rec")
+    align = bool((spec.get("extract") or {}).get("align", False))  # chips cut as the heads' (detect + align)
     prep = chip_geometry(cf, None, 64)[1]
-    key = cnn_key(check_arch(c.get("arch", "levi-hassner")), c.get("size", 227), c.get("predict", "center"), cf, prep,
-                  cf == "dlib-rec" and prep == "template-5pt")
+    key = cnn_key(check_arch(c.get("arch", "levi-hassner")), c.get("size", 227), c.get("predict", "center"), cf,
+                  prep + ("-align" if align else ""), cf == "dlib-rec" and prep == "template-5pt" and not align)
     for tname, h in {target_name(h["target"], h["cats"]): h for h in heads}.items():
-        d = cnn_dir(dataset_name(manifest), sha, key, tname)
+        fold = h.get("fold")
+        d = cnn_dir(dataset_name(manifest), sha, key, tname, None if fold == "all" else fold)
         if (d / "metrics.json").is_file() and not force:
             echo(f"[cnn] {d}: done")
             out.append(d)
             continue
         t0 = time.perf_counter()
-        d = train_cnn(manifest, h["target"], h["cats"], arch=c.get("arch", "levi-hassner"), size=c.get("size", 227),
+        d = train_cnn(manifest, h["target"], h["cats"], fold=h.get("fold"), arch=c.get("arch", "levi-hassner"),
+                      size=c.get("size", 227),
                       epochs=c.get("epochs", 60), patience=c.get("patience", 8), batch_size=c.get("batch_size", 64),
                       lr=c.get("lr", 1e-3), prediction=c.get("predict", "center"),
-                      backbone=c.get("chips_from", "dlib-rec"), seed=int(spec.get("seed", 0)),
+                      backbone=cf, align=align, seed=int(spec.get("seed", 0)),
                       ranges=h.get("ranges") or "refuse", verbose=1)
         echo(f"[cnn] {d}: {time.perf_counter() - t0:.0f} s")
         out.append(d)

@@ -391,6 +391,23 @@ def _write_members_csv(path: Path, summary: dict, recs: list[dict], label: str) 
             w.writerow([r.get(label), *[r.get("test", {}).get("metrics", {}).get(n) for n in names]])
 
 
+def train_cnn(manifest, target: str, cats=None, *, fold=None, out_root=None, **kw) -> Path:
+    """:func:`featlab.heads.cnntrain.train_cnn`, and with ``fold="all"`` the Adience protocol: one CNN per fold of
+    the manifest (``fold{K}/``, each resumable), then their summary beside them (every fold's test faces
+    together, as ``--fold all`` heads), which compare reads."""
+    from ..heads.cnntrain import train_cnn as fit
+
+    if fold != "all":
+        return fit(manifest, target, cats, fold=fold, out_root=out_root, **kw)
+    from ..data.manifest import read_manifest
+
+    folds = sorted({int(f) for f in read_manifest(manifest)["fold"].dropna() if int(f) >= 0})
+    if not folds:
+        raise FeatlabError(f"--fold all: {Path(manifest).name} has no folds (its fold column is empty)")
+    dirs = [fit(manifest, target, cats, fold=k, out_root=out_root, **kw) for k in folds]
+    return summarise(dirs, "folds", dirs[0].parent)
+
+
 def sweep(target: str, cats, backbone=None, features=None, manifest=None, pool: str = "avg2", echo=print) -> dict:
     """Extract every residual-unit tap (pooled to a 2x2 grid by default), train and evaluate one head on each,
     and plot the metric against depth."""

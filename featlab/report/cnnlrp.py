@@ -17,24 +17,14 @@ them with occlusion or RISE.
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import FeatlabError
-from .lrp import (EPSILON, ConvGeom, NumpyHead, check_rule, composite, contribution_rule, conv, conv_t,
+from .lrp import (EPSILON, ConvGeom, NumpyHead, check_rule, composite, contribution_rule, conv, conv_t, keras_layers,
                   linear_rule)
-
-
-def _snake(name: str) -> str:
-    """Keras' folder name of a layer class in model.weights.h5 (``Conv2D`` -> ``conv2d``)."""
-    import re
-
-    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 class NumpyCNN(NumpyHead):
@@ -42,56 +32,39 @@ class NumpyCNN(NumpyHead):
     max-pool, flatten (channels last, as Keras), dense layers, the output."""
 
     def __init__(self, cnn_dir, cfg: dict | None = None):
-        import h5py
-
         cnn_dir = Path(cnn_dir)
         self.cfg = cfg or json.loads((cnn_dir / "config.json").read_text())
         if self.cfg.get("arch") != "levi-hassner":
             raise FeatlabError(f"{cnn_dir}: LRP explains the levi-hassner CNN, not {self.cfg.get('arch')} (batch "
                                "normalisation and depthwise convolutions have no rule here): use occlusion or rise")
-        try:
-            with zipfile.ZipFile(cnn_dir / "cnn.keras") as z:
-                arch = json.loads(z.read("config.json"))
-                weights = z.read("model.weights.h5")
-        except (OSError, KeyError, zipfile.BadZipFile) as e:
-            raise FeatlabError(f"cannot read {cnn_dir / 'cnn.keras'}: {e}") from None
-        counts: dict[str, int] = {}
         layers = []
-        with h5py.File(io.BytesIO(weights), "r") as h5:
-            for layer in arch["config"]["layers"]:
-                cls, c = layer["class_name"], layer["config"]
-                key = _snake(cls)
-                k = counts.get(key, 0)
-                counts[key] = k + 1
-                path = f"layers/{key}" + (f"_{k}" if k else "") + "/vars"
-                var = ([np.asarray(h5[path][str(i)], dtype=np.float64) for i in range(len(h5[path]))]
-                       if path in h5 else [])
-                if cls in ("InputLayer", "Dropout"):
-                    continue
-                if cls == "Normalization":
-                    mean = np.asarray(c["mean"], dtype=np.float64).reshape(-1)
-                    std = np.sqrt(np.asarray(c["variance"], dtype=np.float64).reshape(-1))
-                    layers.append(("standardise", mean, np.maximum(std, 1e-7)))
-                elif cls == "Conv2D":
-                    if c.get("activation") != "relu":
-                        raise FeatlabError(f"{cnn_dir}: conv layer {c['name']} is not followed by a ReLU")
-                    w = var[0].transpose(3, 2, 0, 1)  # (kh, kw, C, O) -> (O, C, kh, kw)
-                    kh = w.shape[2]
-                    p = kh // 2 if c["padding"] == "same" else 0
-                    layers.append(("conv", c["name"], w, var[1], ConvGeom(tuple(c["strides"]), (p, p, p, p))))
-                elif cls == "MaxPooling2D":
-                    layers.append(("maxpool", int(c["pool_size"][0]), int(c["strides"][0])))
-                elif cls == "LocalResponseNormalization":
-                    layers.append(("lrn", c["size"], c["alpha"], c["beta"], c["k"]))
-                elif cls == "Flatten":
-                    layers.append(("flatten",))
-                elif cls == "Dense":
-                    act = c.get("activation", "linear")
-                    if act not in ("relu", "linear", "softmax"):
-                        raise FeatlabError(f"{cnn_dir}: LRP has no rule for the dense activation {act!r}")
-                    layers.append(("dense", var[0], var[1], act))
-                else:
-                    raise FeatlabError(f"{cnn_dir}: LRP has no rule for the CNN's {cls} layer {c.get('name')!r}")
+        for cls, c, var in keras_layers(cnn_dir / "cnn.keras"):
+            if cls in ("InputLayer", "Dropout"):
+                continue
+            if cls == "Normalization":
+                mean = np.asarray(c["mean"], dtype=np.float64).reshape(-1)
+                std = np.sqrt(np.asarray(c["variance"], dtype=np.float64).reshape(-1))
+                layers.append(("standardise", mean, np.maximum(std, 1e-7)))
+            elif cls == "Conv2D":
+                if c.get("activation") != "relu":
+                    raise FeatlabError(f"{cnn_dir}: conv layer {c['name']} is not followed by a ReLU")
+                w = var[0].transpose(3, 2, 0, 1)  # (kh, kw, C, O) -> (O, C, kh, kw)
+                kh = w.shape[2]
+                p = kh // 2 if c["padding"] == "same" else 0
+                layers.append(("conv", c["name"], w, var[1], ConvGeom(tuple(c["strides"]), (p, p, p, p))))
+            elif cls == "MaxPooling2D":
+                layers.append(("maxpool", int(c["pool_size"][0]), int(c["strides"][0])))
+            elif cls == "LocalResponseNormalization":
+                layers.append(("lrn", c["size"], c["alpha"], c["beta"], c["k"]))
+            elif cls == "Flatten":
+                layers.append(("flatten",))
+            elif cls == "Dense":
+                act = c.get("activation", "linear")
+                if act not in ("relu", "linear", "softmax"):
+                    raise FeatlabError(f"{cnn_dir}: LRP has no rule for the dense activation {act!r}")
+                layers.append(("dense", var[0], var[1], act))
+            else:
+                raise FeatlabError(f"{cnn_dir}: LRP has no rule for the CNN's {cls} layer {c.get('name')!r}")
         self.layers = layers
         self.kind = self.cfg["output"]
 

@@ -531,9 +531,38 @@ class Graph:
 
 # ------------------------------------------------------------------------------------ the head
 def _snake(name: str) -> str:
+    """Keras' folder name of a layer class in model.weights.h5 (``Dense`` -> ``dense``, ``Conv2D`` -> ``conv2d``)."""
     import re
 
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def keras_layers(model_file: Path):
+    """(class name, config, weights as float64 arrays) of every layer of a saved ``.keras`` model, in order,
+    read with h5py (no TensorFlow); one line when the file cannot be read."""
+    import h5py
+
+    try:
+        with zipfile.ZipFile(model_file) as z:
+            arch = json.loads(z.read("config.json"))
+            weights = z.read("model.weights.h5")
+    except (OSError, KeyError, zipfile.BadZipFile) as e:
+        raise FeatlabError(f"cannot read {model_file}: {e}") from None
+    import io
+
+    counts: dict[str, int] = {}
+    out = []
+    with h5py.File(io.BytesIO(weights), "r") as h5:
+        for layer in arch["config"]["layers"]:
+            cls, c = layer["class_name"], layer["config"]
+            key = _snake(cls)
+            k = counts.get(key, 0)
+            counts[key] = k + 1
+            path = f"layers/{key}" + (f"_{k}" if k else "") + "/vars"
+            out.append((cls, c, [np.asarray(h5[path][str(i)], dtype=np.float64) for i in range(len(h5[path]))]
+                        if path in h5 else []))
+    return out
 
 
 class NumpyHead:
@@ -544,54 +573,35 @@ class NumpyHead:
     tap unit's relevance is that of its standardised value (its deviation from the training faces' mean)."""
 
     def __init__(self, head_dir, cfg: dict | None = None):
-        import h5py
-
         head_dir = Path(head_dir)
         self.cfg = cfg or json.loads((head_dir / "config.json").read_text())
         if self.cfg.get("fusion") or isinstance((self.cfg.get("tap_shape") or [0])[0], (list, tuple)):
             raise FeatlabError(f"{head_dir}: LRP explains single-tap heads, not fusion heads")
         if self.cfg.get("flip") or (self.cfg.get("feature_set") or {}).get("flip"):
             raise FeatlabError(f"{head_dir}: LRP does not explain heads trained on flip-averaged features")
-        try:
-            with zipfile.ZipFile(head_dir / "head.keras") as z:
-                arch = json.loads(z.read("config.json"))
-                weights = z.read("model.weights.h5")
-        except (OSError, KeyError, zipfile.BadZipFile) as e:
-            raise FeatlabError(f"cannot read {head_dir / 'head.keras'}: {e}") from None
-        import io
-
-        counts: dict[str, int] = {}
         layers = []
-        with h5py.File(io.BytesIO(weights), "r") as h5:
-            for layer in arch["config"]["layers"]:
-                cls, c = layer["class_name"], layer["config"]
-                key = _snake(cls)
-                k = counts.get(key, 0)
-                counts[key] = k + 1
-                path = f"layers/{key}" + (f"_{k}" if k else "") + "/vars"
-                var = ([np.asarray(h5[path][str(i)], dtype=np.float64) for i in range(len(h5[path]))]
-                       if path in h5 else [])
-                if cls in ("InputLayer", "Dropout"):
-                    continue
-                if cls == "Flatten":
-                    layers.append(("flatten",))
-                elif cls in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
-                    if c.get("data_format") != "channels_first":
-                        raise FeatlabError(f"{head_dir}: pooling layer {c['name']} is not channels_first")
-                    layers.append(("pool", "avg" if "Average" in cls else "max"))
-                elif cls == "Normalization":
-                    mean = np.asarray(c["mean"], dtype=np.float64) if c.get("mean") is not None else var[0]
-                    v = np.asarray(c["variance"], dtype=np.float64) if c.get("variance") is not None else var[1]
-                    layers.append(("affine", 1.0 / np.maximum(np.sqrt(v), 1e-7), mean))
-                elif cls == "Dense":
-                    act = c.get("activation", "linear")
-                    if act not in ("relu", "linear", "softmax"):
-                        raise FeatlabError(f"{head_dir}: LRP has no rule for the dense activation {act!r}")
-                    layers.append(("dense", var[0], var[1] if len(var) > 1 else np.zeros(var[0].shape[1]), act))
-                elif cls == "CoralOutput":
-                    layers.append(("dense", np.repeat(var[0], var[1].shape[0], axis=1), var[1], "linear"))
-                else:
-                    raise FeatlabError(f"{head_dir}: LRP has no rule for the head's {cls} layer {c.get('name')!r}")
+        for cls, c, var in keras_layers(head_dir / "head.keras"):
+            if cls in ("InputLayer", "Dropout"):
+                continue
+            if cls == "Flatten":
+                layers.append(("flatten",))
+            elif cls in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
+                if c.get("data_format") != "channels_first":
+                    raise FeatlabError(f"{head_dir}: pooling layer {c['name']} is not channels_first")
+                layers.append(("pool", "avg" if "Average" in cls else "max"))
+            elif cls == "Normalization":
+                mean = np.asarray(c["mean"], dtype=np.float64) if c.get("mean") is not None else var[0]
+                v = np.asarray(c["variance"], dtype=np.float64) if c.get("variance") is not None else var[1]
+                layers.append(("affine", 1.0 / np.maximum(np.sqrt(v), 1e-7), mean))
+            elif cls == "Dense":
+                act = c.get("activation", "linear")
+                if act not in ("relu", "linear", "softmax"):
+                    raise FeatlabError(f"{head_dir}: LRP has no rule for the dense activation {act!r}")
+                layers.append(("dense", var[0], var[1] if len(var) > 1 else np.zeros(var[0].shape[1]), act))
+            elif cls == "CoralOutput":
+                layers.append(("dense", np.repeat(var[0], var[1].shape[0], axis=1), var[1], "linear"))
+            else:
+                raise FeatlabError(f"{head_dir}: LRP has no rule for the head's {cls} layer {c.get('name')!r}")
         out = layers
         if not out or out[-1][0] != "dense":
             raise FeatlabError(f"{head_dir}: the head does not end in a dense layer")

@@ -251,7 +251,7 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
             step = _epoch_loop(*loop_args, x_fit, [stopper.loss_fns[i] for i in order], optimizers, base["batch_size"])
         predict = _predictor(tf, net, shapes)
         epoch_reads = []
-        t_fit = time.perf_counter()
+        t_fit, c_fit = time.perf_counter(), time.process_time()
         epoch = 0
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
@@ -286,12 +286,14 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
     traces = {"epoch_loop": int(step.experimental_get_tracing_count()),
               "predict": int(predict.experimental_get_tracing_count())}
     fit_seconds = time.perf_counter() - t_fit
+    fit_cpu = time.process_time() - c_fit  # every thread of this process: comparable with a CNN's cpu_seconds
     if trained is not None:  # before the heads are saved (their models, their history plots)
         for j, (plan, hp) in enumerate(zip(plans, hps)):
             trained(j, store, probe_config(plan, hp), input_stats(plan))
     dirs = []
     grid_info = {"heads": len(plans), "groups": n_groups, "taps_read_once": parts, "rows_read": int(len(cache_rows)),
                  "read_seconds": round(read_seconds, 2), "fit_seconds_all_heads": round(fit_seconds, 2),
+                 "fit_cpu_seconds_all_heads": round(fit_cpu, 1),
                  "epochs_run_all_heads": epoch, "traces": traces,
                  **({"streamed": {"block_rows": int(block_rows), "epochs": epoch_reads}} if stream else {}),
                  "shared_input": [[f"{plans[i]['key']} -> {plans[i]['tname']}" for i in t["heads"]] for t in net.trunks],

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -172,7 +171,6 @@ def fit_cnn(manifest, target: str, cats=None, *, arch: str = DEFAULT_ARCH, size:
     y_tr = make_targets(target, False, n_classes, y_all[tr], transform)
     y_va = make_targets(target, False, n_classes, y_all[va], transform)
     x_va = center_crops(np.asarray(chips.chips[va]), size)
-    metric = "mae_years" if target == "age" else "accuracy"
     h, lrs, state = _fit_resumable(keras, model, chips.chips, tr, y_tr, x_va, y_va, size, hp, int(seed), resume,
                                    verbose, f"cnn {key} -> {tname}")
     fit_seconds = state["seconds"]  # every epoch's wall time, those of an interrupted run included

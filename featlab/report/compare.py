@@ -305,7 +305,7 @@ def cnn_readers(recs: list[dict], tname: str, results_root) -> list[dict]:
                      "uncertainty": m["test"].get("uncertainty"),
                      "test_ids": None if faces is None else frozenset(faces["image_id"])})
     heads = [r for r in recs if r.get("test_ids") is not None][:1]
-    same_faces(heads + rows, f"the heads ({{a}}) and the network trained from pixels {{b}}",
+    same_faces(heads + rows, "the heads ({a}) and the network trained from pixels {b}",
                "train it again on the heads' manifest and split (featlab train-cnn -m MANIFEST)",
                name=lambda r: r.get("dir") or r["key"])
     return rows

@@ -418,15 +418,17 @@ def loss_and_metrics(plan: dict, hp: dict):
             return l1 + ce
 
         def mae_years(y_true, y_pred):
+            # per face: Keras averages these over every face of the epoch (a batch mean here would be averaged
+            # over batches, the last short batch weighing as much as a full one)
             e = keras.ops.sum(y_pred * grid_y, axis=-1, keepdims=True)  # the expected age in years
-            return keras.ops.mean(keras.ops.abs(to_years(y_true) - e))
+            return keras.ops.abs(to_years(y_true) - e)[:, 0]
 
         return expectation_loss, [mae_years]
     loss = {"mae": keras.losses.MeanAbsoluteError(), "mse": keras.losses.MeanSquaredError(),
             "huber": keras.losses.Huber(delta=0.5)}[hp["age_loss"]]
 
-    def mae_years(y_true, y_pred):
-        return keras.ops.mean(keras.ops.abs(to_years(y_true) - to_years(y_pred)))
+    def mae_years(y_true, y_pred):  # per face, as above
+        return keras.ops.abs(to_years(y_true) - to_years(y_pred))[:, 0]
 
     return loss, [mae_years]
 

@@ -72,7 +72,7 @@ def main(argv=None):
     print(table)
     print(f"cache: {chips.path} ({chips.chips.nbytes / 2**20:.1f} MiB for {len(chips.rows)} faces at {side}px)")
     C.record(f"train-cnn input pipeline ({args.n} faces, {args.size}px crops)", sys.argv, table,
-             "The network itself trains at ~100 faces/s at 64 px and ~45 at 112 on these 2 cores (levi-hassner, "
+             "The network itself trained at 73-84 faces/s at 64 px and 45 at 112 on these 2 cores (levi-hassner, "
              "batch 64; from the training runs): the cached pipeline is never what an epoch waits for.",
              load_before=load0, enabled=not tiny and not args.no_record)
 

@@ -240,3 +240,28 @@ def test_the_fold_protocol_trains_one_cnn_per_fold_and_summarises_them(sample_ma
     assert m["kind"] == "folds" and m["folds"] == [0, 1, 2] and m["test"]["n"] == len(df) == sum(p["n"] for p in per)
     hits = sum(p["metrics"]["accuracy"] * p["n"] for p in per)
     assert m["test"]["metrics"]["accuracy"] == pytest.approx(hits / len(df))
+
+
+def test_compare_of_two_networks_tests_the_cnn_against_each_choice(tmp_path):
+    from featlab.paths import cnn_dir
+    from featlab.report.crossnet import compare_networks
+
+    sha = "ab" * 32
+    rng = np.random.default_rng(1)
+    n = 200
+    root = tmp_path / "results"
+    hits = {}
+    for net, p in (("neta", 0.7), ("netb", 0.75)):
+        ident = {"backbone": net, "model_sha256": net[-1] * 64, "manifest_sha256": sha}
+        hits[net] = (rng.random(n) < p).astype(float)
+        _record(root / net / "ds" / "t1" / "gender", {"val": hits[net][:50], "test": hits[net]}, 0.8, "head", ident, "t1")
+    cnn = (rng.random(n) < 0.6).astype(float)
+    _record(cnn_dir("ds", sha, "levi-hassner-64", "gender", out_root=root), {"val": cnn[:50], "test": cnn}, 0.99,
+            "cnn", {}, "levi-hassner-64")
+    r = compare_networks(["neta", "netb"], ["ds"], "gender", None, results_root=root)
+    row = next(x for x in r["rows"] if x["network"] == "cnn")
+    assert row["tap"] == "levi-hassner-64" and not row["chosen_in_network"]
+    pairs = {(t["first"], t["second"]): t for t in r["tests"]}
+    t = pairs[("neta:t1", "cnn:levi-hassner-64")]
+    assert t["accuracy_diff"] == pytest.approx(cnn.mean() - hits["neta"].mean())  # second minus first, same faces
+    assert set(r["choices"]) == {"neta", "netb"}  # never a network's choice

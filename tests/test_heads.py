@@ -382,9 +382,9 @@ def test_log1p_expectation_head_predicts_the_mean_age_in_years():
     true_t = ((np.log1p([[40.0], [36.0]]) - transform["mean"]) / transform["scale"]).astype(np.float32)
     # the true ages are each row's expected age: zero loss and zero error in years
     assert np.asarray(loss(true_t, p.astype(np.float32))) == pytest.approx([0.0, 0.0], abs=1e-4)
-    assert float(mae_years(true_t, p.astype(np.float32))) == pytest.approx(0.0, abs=1e-3)
+    assert np.asarray(mae_years(true_t, p.astype(np.float32))) == pytest.approx([0.0, 0.0], abs=1e-3)  # per face
     off = ((np.log1p([[50.0], [46.0]]) - transform["mean"]) / transform["scale"]).astype(np.float32)
-    assert float(mae_years(off, p.astype(np.float32))) == pytest.approx(10.0, abs=1e-3)
+    assert np.asarray(mae_years(off, p.astype(np.float32))) == pytest.approx([10.0, 10.0], abs=1e-3)
 
 
 def test_a_heads_intervals_resample_people(tmp_path):

@@ -234,7 +234,7 @@ def cnn_step(spec: dict, manifest: Path, heads: list[dict], force: bool, echo) -
     from ..heads.cnntrain import cnn_key
     from .workflow import train_cnn
     from ..heads.cnn import check_arch
-    from ..paths import cnn_dir
+    from ..paths import cnn_dir, cnn_records
 
     out = []
     sha = file_sha256(manifest)
@@ -248,10 +248,16 @@ def cnn_step(spec: dict, manifest: Path, heads: list[dict], force: bool, echo) -
     for tname, h in {target_name(h["target"], h["cats"]): h for h in heads}.items():
         fold = h.get("fold")
         d = cnn_dir(dataset_name(manifest), sha, key, tname, None if fold == "all" else fold)
-        if (d / "metrics.json").is_file() and not force:
-            echo(f"[cnn] {d}: done")
-            out.append(d)
-            continue
+        if not force:
+            # a CNN is a function of the manifest's bytes, not its file name: one trained on the same bytes by
+            # another spec (utkface-two-networks and utkface-dlib-rec prepare the same manifest) is kept and used
+            k = None if fold == "all" else fold
+            same = [d] if (d / "metrics.json").is_file() else [
+                p for p in cnn_records(sha, tname, fold=k) if p.parts[-2 if k is None else -3] == key]
+            if same:
+                echo(f"[cnn] {same[0]}: done" + ("" if same[0] == d else " (trained on the same manifest bytes)"))
+                out.append(same[0])
+                continue
         t0 = time.perf_counter()
         d = train_cnn(manifest, h["target"], h["cats"], fold=h.get("fold"), arch=c.get("arch", "levi-hassner"),
                       size=c.get("size", 227),

@@ -304,3 +304,37 @@ def test_an_interrupted_seed_grid_gives_the_same_ensembles_and_compare_chooses_o
     row = next(x for x in r["rows"] if x["reader"] == "head" and x["tap"] == best)
     assert row["accuracy"] == m[best]["test"]["metrics"]["accuracy"]
     assert row["accuracy_std_over_seeds"] == pytest.approx(m[best]["test"]["metrics_std"]["accuracy"])
+
+
+def test_a_seed_grid_reads_each_tap_once_and_fits_each_seed_as_a_grid_of_that_seed_alone(feats, tmp_path, monkeypatch):
+    """fit_grid(seeds=[0, 1, 2]) trains every seed in one pass: the taps are read from the file once for all
+    three seeds (before: once per seed), and each seed's heads learn exactly what a grid of that seed alone
+    learns (every epoch's train and val loss, bit for bit, and the same weights)."""
+    from featlab.heads.grid import fit_grid
+
+    opts = {**FAST, "epochs": 3}
+    args = (feats, ["conv", "vec", "conv+vec"], [("gender", None), ("age", None)])
+    reads = []
+    real = FeatureStore.read
+
+    def counting(self, key, rows=None, dtype=np.float32):
+        reads.append(key)
+        return real(self, key, rows, dtype)
+
+    monkeypatch.setattr(FeatureStore, "read", counting)
+    per_seed = fit_grid(*args, seeds=[0, 1, 2], seed_dir=True, out_root=tmp_path / "pass", **opts)
+    assert sorted(reads) == ["conv", "vec"]
+    assert len(per_seed) == 3 and all(len(d) == 6 for d in per_seed)
+    reads.clear()
+    alone = fit_grid(*args, seed=1, seed_dir=True, out_root=tmp_path / "alone", **opts)
+    assert sorted(reads) == ["conv", "vec"]  # one seed alone reads as often as three in one pass
+    import keras
+
+    for a, b in zip(per_seed[1], alone):
+        assert a.name == b.name == "seed1"
+        assert (a / "history.csv").read_bytes() == (b / "history.csv").read_bytes()
+        wa = keras.saving.load_model(a / "head.keras", compile=False).get_weights()
+        wb = keras.saving.load_model(b / "head.keras", compile=False).get_weights()
+        assert len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb))
+    # the seeds differ from each other (the pass did not train one seed three times)
+    assert (per_seed[0][0] / "history.csv").read_bytes() != (per_seed[1][0] / "history.csv").read_bytes()

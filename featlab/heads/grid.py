@@ -43,6 +43,10 @@ Differences from training each head alone (why the figures are close, not identi
   are not;
 - the random initialisation and the shuffling differ from a lone fit with the same seed.
 
+With ``seeds=[...]`` the grid is trained once per seed in the same pass: each group's taps are read (and
+their statistics and finiteness checks computed) once, then each seed fits exactly as a grid of that seed
+alone would (the seeds' ensembles are :mod:`featlab.study.workflow`'s).
+
 Each head is then saved as its own standalone model (rebuilt with ``build_model`` and given the
 trained weights) into exactly the folder and with the same files and ``config.json`` fields as
 ``fit_head``; ``config.json`` ``training.grid`` records the grid fit it came from. Scoring
@@ -82,13 +86,23 @@ def grid_heads(layers, targets) -> list[tuple[str, str, int | None]]:
 
 
 def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: bool = False, trained=None,
-             **hp) -> list[Path]:
+             seeds=None, **hp) -> list:
     """Train every (tap, target) head of ``layers`` x ``targets`` (a list of ``(target, cats)``) in one
     process; returns the heads' folders, layer-major. ``hp``: :func:`featlab.heads.train.fit_head`'s keyword
     hyperparameters, the same for every head. ``trained(i, store, probe_config, stats)``: called for each
     head trained in a group once the group has trained, before its heads are saved, with what the head's
     baselines need (:func:`featlab.heads.train.probe_config`, :func:`featlab.heads.train.input_stats`): a grid starts
-    its probes while this thread saves the heads."""
+    its probes while this thread saves the heads.
+
+    ``seeds`` (a list): train the grid once per seed in the same pass, and return one list of folders per
+    seed. Each group's taps are read once for all the seeds (and their statistics and finiteness checks
+    computed once); each seed's fit is exactly the fit of a grid of that seed alone (``seed=S``: the same
+    initial weights, batches, dropout and early stopping, so the same bytes). ``trained`` is called for the
+    first seed's heads only (the baselines do not depend on the seed)."""
+    one = seeds is None
+    seed_list = [int(hp.get("seed", 0))] if one else [int(x) for x in seeds]
+    if not seed_list:
+        raise FeatlabError("the grid needs at least one seed")
     layers = [str(x) for x in (layers or [])]
     if not layers:
         raise FeatlabError("the grid needs at least one --layer")
@@ -101,13 +115,20 @@ def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: b
         fusion_parts(layer)  # a malformed fusion key fails before any work
     heads = grid_heads(layers, targets)
     # --ordinal is for the bin heads of a grid (it is refused for age or gender alone)
-    hps = [check_hyperparameters(t, c, {**hp, "seed_dir": seed_dir, "ordinal": bool(hp.get("ordinal")) and t == "bins"})
-           for _, t, c in heads]
+    hps_by_seed = [[check_hyperparameters(t, c, {**hp, "seed": s, "seed_dir": seed_dir,
+                                                 "ordinal": bool(hp.get("ordinal")) and t == "bins"})
+                    for _, t, c in heads] for s in seed_list]
+    hps = hps_by_seed[0]
     for t, c in {(t, c) for _, t, c in heads}:
         target_name(t, c)
     base = hps[0]
     verbose = base["verbose"]
-    out: dict[int, Path] = {}
+    out: list[dict[int, Path]] = [{} for _ in seed_list]
+
+    def put(g, per_seed):
+        for k, dirs in enumerate(per_seed):
+            out[k].update(zip(g, dirs))
+
     with FeatureStore.reading(features) as store:
         store.check_labels_current()
         labels = store.labels()
@@ -144,23 +165,23 @@ def fit_grid(features, layers, targets, *, out_root=None, fold=None, seed_dir: b
         if cur:
             groups.append(cur)
         for g in groups:
-            dirs = _fit_group(store, [heads[i] for i in g], [hps[i] for i in g], out_root, fold, tr_all, va_all,
-                              len(groups), trained=_at(trained, g))
-            out.update(zip(g, dirs))
+            put(g, _fit_group(store, [heads[i] for i in g], [[h[i] for i in g] for h in hps_by_seed], out_root, fold,
+                              tr_all, va_all, len(groups), trained=_at(trained, g)))
         for layer, g in streamed.items():
             if verbose:
                 print(f"[grid] {layer}: its rows do not fit {base['memory_mb']:g} MiB; its {len(g)} heads are streamed "
                       "together (one read of the tap per epoch)")
-            dirs = _fit_group(store, [heads[i] for i in g], [hps[i] for i in g], out_root, fold, tr_all, va_all,
-                              len(groups) + len(streamed), stream=True, trained=_at(trained, g))
-            out.update(zip(g, dirs))
+            put(g, _fit_group(store, [heads[i] for i in g], [[h[i] for i in g] for h in hps_by_seed], out_root, fold,
+                              tr_all, va_all, len(groups) + len(streamed), stream=True, trained=_at(trained, g)))
     for i in alone:
         layer, t, c = heads[i]
         if verbose:
             print(f"[grid] {layer} -> {target_name(t, c)}: its rows do not fit {base['memory_mb']:g} MiB with the "
                   "others; trained alone (streamed)")
-        out[i] = fit_head(features, layer, t, c, out_root=out_root, fold=fold, **hps[i])  # a path or the open store
-    return [out[i] for i in range(len(heads))]
+        for k, h in enumerate(hps_by_seed):
+            out[k][i] = fit_head(features, layer, t, c, out_root=out_root, fold=fold, **h[i])  # a path or the open store
+    per_seed = [[o[i] for i in range(len(heads))] for o in out]
+    return per_seed[0] if one else per_seed
 
 
 def _at(hook, index: list[int]):
@@ -178,25 +199,41 @@ def trunk_signature(plan: dict, hp: dict) -> tuple:
             bool(hp["hidden"]), hashlib.sha256(stats).hexdigest())
 
 
-def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, n_groups: int,
-               stream: bool = False, trained=None) -> list[Path]:
-    """Fit one group of heads. In memory: each tap read once, then every epoch from memory. With ``stream``
-    (one tap whose rows do not fit the budget): every epoch reads the tap's fit rows once, in blocks of a
-    fresh permutation (each block read sorted, the next one read in a thread while this one trains), and
-    its val rows once, in file order, for all the heads together (:func:`_streamed_epoch`)."""
+def _fit_group(store: FeatureStore, heads, hps_by_seed, out_root, fold, tr_all, va_all, n_groups: int,
+               stream: bool = False, trained=None) -> list[list[Path]]:
+    """Fit one group of heads once per seed (``hps_by_seed``: the heads' hyperparameters for each seed);
+    returns their folders per seed. In memory: each tap read once for every seed, then every epoch from
+    memory. With ``stream`` (one tap whose rows do not fit the budget): every epoch reads the tap's fit rows
+    once, in blocks of a fresh permutation (each block read sorted, the next one read in a thread while this
+    one trains), and its val rows once, in file order, for all the heads together (:func:`_streamed_epoch`)."""
+    shared: dict = {"memo": {}}  # the taps' rows, statistics and checks: read and computed by the first seed
+    n = len(hps_by_seed)
+    return [_fit_seed(store, heads, hps, out_root, fold, tr_all, va_all, n_groups, stream, trained if k == 0 else None,
+                      shared, None if n == 1 else {"seeds": [h[0]["seed"] for h in hps_by_seed], "this": k})
+            for k, hps in enumerate(hps_by_seed)]
+
+
+def _fit_seed(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, n_groups: int, stream: bool, trained,
+              shared: dict, seed_pass: dict | None) -> list[Path]:
+    """One seed's fit of a group (:func:`_fit_group`); ``shared`` carries the group's rows in memory (and the
+    statistics' memo) from the first seed to the next."""
     t_start = time.perf_counter()
     base = hps[0]
+    label = "" if seed_pass is None else f" (seed {base['seed']}, {seed_pass['this'] + 1} of {len(seed_pass['seeds'])})"
     # the epochs' bar starts before TensorFlow loads and the loop is traced (15-25 s on 2 cores): never silent
     parts = list(dict.fromkeys(p for layer, _, _ in heads for p in fusion_parts(layer)))
-    with Bar(base["epochs"], f"train {len(heads)} head{'s' * (len(heads) > 1)} on {', '.join(parts)}", "epoch",
+    with Bar(base["epochs"], f"train {len(heads)} head{'s' * (len(heads) > 1)} on {', '.join(parts)}{label}", "epoch",
              rate=False) as bar:
         bar.note("loading TensorFlow, reading the taps, tracing the loop")
         keras, tf = _setup_tf(base["seed"])
         cache_rows = np.union1d(tr_all, va_all)
-        t_read = time.perf_counter()
-        # ONE read of each tap for every head of the group (streamed: none here, one per epoch)
-        cache = {} if stream else {p: store.read(p, cache_rows) for p in parts}
-        read_seconds = time.perf_counter() - t_read
+        first = "read_seconds" not in shared
+        if first:
+            t_read = time.perf_counter()
+            # ONE read of each tap for every head and seed of the group (streamed: none here, one per epoch)
+            shared["cache"] = {} if stream else {p: store.read(p, cache_rows) for p in parts}
+            shared["read_seconds"] = time.perf_counter() - t_read
+        cache, read_seconds = shared["cache"], shared["read_seconds"]
 
         def read(p, rows):
             rows = np.asarray(rows, dtype=np.int64)
@@ -206,7 +243,7 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
                     return cache[p][pos]
             return store.read(p, rows)
 
-        plans, memo = [], {}
+        plans, memo = [], shared["memo"]
         for (layer, t, c), hp in zip(heads, hps):
             # the grid feeds the cache: no per-head copy of the train rows
             plan = plan_head(store, layer, t, c, out_root, fold, hp, read=read, memo=memo, keep_x=False)
@@ -215,8 +252,13 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
         shapes = {p: tuple(int(d) for d in store.array(p).shape[1:]) for p in parts}
         net = GridNet(plans, hps, parts, shapes, seed=base["seed"])
         rows = np.unique(np.concatenate([p["tr"] for p in plans]))
-        pos_fit = np.searchsorted(cache_rows, rows)
-        x_fit = {} if stream else {p: tf.constant(cache[p][pos_fit]) for p in parts}
+        if first:
+            pos_fit = np.searchsorted(cache_rows, rows)
+            shared["x_fit"] = {} if stream else {p: tf.constant(cache[p][pos_fit]) for p in parts}
+            shared["fit_rows"] = rows
+        elif not np.array_equal(rows, shared["fit_rows"]):  # the split is the seed's business only through the data
+            raise FeatlabError("internal: a grid's seeds have different training rows")
+        x_fit = shared["x_fit"]
         y_fit, w_fit, m_fit = [], [], []
         for plan in plans:
             pos = np.searchsorted(rows, plan["tr"])
@@ -230,8 +272,11 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
             w_fit.append(tf.constant(w))
             m_fit.append(tf.constant(member))
         val_rows = np.unique(np.concatenate([p["va"] for p in plans]))
-        x_val = {} if stream else {p: tf.constant(cache[p][np.searchsorted(cache_rows, val_rows)]) for p in parts}
-        cache.clear()  # the fit and val rows now live in x_fit and x_val
+        if first:
+            shared["x_val"] = {} if stream else {p: tf.constant(cache[p][np.searchsorted(cache_rows, val_rows)])
+                                                 for p in parts}
+            cache.clear()  # the fit and val rows now live in x_fit and x_val, for every seed
+        x_val = shared["x_val"]
         stopper = HeadStopping(plans, hps, net, val_rows, base["lr"], base["patience"])
         # one optimizer per trunk (trunks share no weights), stepped together: Adam's moments are per parameter
         # and every live trunk's step count is the grid's, so this is one optimizer over all weights, except
@@ -292,7 +337,9 @@ def _fit_group(store: FeatureStore, heads, hps, out_root, fold, tr_all, va_all, 
             trained(j, store, probe_config(plan, hp), input_stats(plan))
     dirs = []
     grid_info = {"heads": len(plans), "groups": n_groups, "taps_read_once": parts, "rows_read": int(len(cache_rows)),
-                 "read_seconds": round(read_seconds, 2), "fit_seconds_all_heads": round(fit_seconds, 2),
+                 "read_seconds": round(read_seconds, 2),
+                 **({} if seed_pass is None else {"seed_pass": {
+                     **seed_pass, "note": "the seeds of one pass share one read of each tap (by the first seed)"}}), "fit_seconds_all_heads": round(fit_seconds, 2),
                  "fit_cpu_seconds_all_heads": round(fit_cpu, 1),
                  "epochs_run_all_heads": epoch, "traces": traces,
                  **({"streamed": {"block_rows": int(block_rows), "epochs": epoch_reads}} if stream else {}),

@@ -108,7 +108,7 @@ def _train_head(features, layer, target, cats=None, *, fold=None, seed: int = 0,
 def train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: int = 1, baselines: bool = True,
                out_root=None, verbose=1, skip=(), finish=None, installed=None, **hp) -> list[Path]:
     """Train and score every (tap, target) head of ``layers`` x ``targets`` (``[(target, cats)]``): one
-    :func:`featlab.heads.grid.fit_grid` per seed and fold, then each head scored on its own (``record_head``,
+    :func:`featlab.heads.grid.fit_grid` per fold (every seed in its one pass: each tap read once), then each head scored on its own (``record_head``,
     baselines) and, with ``seeds`` > 1 or ``fold="all"``, summarised like :func:`train_head`. One head
     alone goes through :func:`train_head`. Returns the heads' record folders, layer-major.
 
@@ -167,7 +167,6 @@ def _train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: i
     from ..heads.baselines import write_baselines
     from ..heads.probepool import ProbePool
 
-    per_seed = []
     waiting: list = []  # (head, folder, baselines' future or None), in order; seeds == 1: installed once done
 
     def finish(i: int, d: Path, job) -> None:
@@ -190,25 +189,24 @@ def _train_grid(features, layers, targets, *, fold=None, seed: int = 0, seeds: i
     bar = Bar(n_records, "score heads" + (", fit linear probes" if baselines else ""), "head", rate=False)
     with ProbePool() as pool, contextlib.ExitStack() as shown:
         try:
-            for s in range(seed, seed + seeds):
-                early: dict = {}
+            early: dict = {}
 
-                def trained(i, store, cfg, stats, s=s, early=early):
-                    if baselines and s == seed and not (seeds == 1 and i in skip):
-                        early[i] = pool.submit(store, cfg, memory_mb, stats, wait=False)
+            def trained(i, store, cfg, stats):  # the first seed's heads: the baselines do not depend on the seed
+                if baselines and not (seeds == 1 and i in skip):
+                    early[i] = pool.submit(store, cfg, memory_mb, stats, wait=False)
 
-                dirs = fit_grid(features, layers, targets, fold=fold, seed=s, seed_dir=seeds > 1, out_root=out_root,
-                                verbose=verbose, trained=trained, **hp)
-                if s == seed:
-                    shown.enter_context(bar)
+            # every seed in one pass of the grid: each group's taps read once for all seeds
+            per_seed = fit_grid(features, layers, targets, fold=fold, seeds=list(range(seed, seed + seeds)),
+                                seed_dir=seeds > 1, out_root=out_root, verbose=verbose, trained=trained, **hp)
+            shown.enter_context(bar)
+            for k, dirs in enumerate(per_seed):
                 for i, d in enumerate(dirs):
                     if seeds == 1 and i in skip:
                         continue  # a finished record is kept as it is: no need to score its twin
                     checkpoint("record")
-                    waiting.append((i, d, _record(features, d, baselines and s == seed, verbose, memory_mb, pool,
-                                                  early.get(i))))
+                    waiting.append((i, d, _record(features, d, baselines and k == 0, verbose, memory_mb, pool,
+                                                  early.get(i) if k == 0 else None)))
                     settle(block=False)
-                per_seed.append(dirs)
             settle(block=True)
         except BaseException:
             # interrupted (or failed): the probes not yet started are dropped; the heads whose record is

@@ -221,6 +221,18 @@ def test_a_spec_cnn_section_trains_each_target_once(sample_manifest, tmp_path, m
     again = cnn_step(spec, sample_manifest, [{"target": "gender", "cats": None}], False, said.append)
     assert first == again and first[0].name == "gender" and first[0].parent.name == f"levi-hassner-{SIZE}"
     assert said[-1].endswith(": done") and json.loads((first[0] / "config.json").read_text())["training"]["epochs_run"] == 1
+    # another spec whose manifest has the same bytes (utkface-two-networks and utkface-dlib-rec) uses that CNN:
+    # nothing is trained again
+    import featlab.study.workflow
+
+    twin = tmp_path / "twin.csv"
+    twin.write_bytes(sample_manifest.read_bytes())
+    monkeypatch.setattr(featlab.study.workflow, "train_cnn", lambda *a, **k: pytest.fail("trained again"))
+    used = cnn_step({**spec, "name": "twin"}, twin, [{"target": "gender", "cats": None}], False, said.append)
+    assert used == first and said[-1].endswith("(trained on the same manifest bytes)")
+    twin.write_bytes(sample_manifest.read_bytes() + b"\n")  # other bytes: not the same CNN
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        cnn_step({**spec, "name": "twin"}, twin, [{"target": "gender", "cats": None}], False, said.append)
 
 
 def test_the_fold_protocol_trains_one_cnn_per_fold_and_summarises_them(sample_manifest, tmp_path):

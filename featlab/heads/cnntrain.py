@@ -70,11 +70,14 @@ def check_cnn_options(target, cats, arch, size, weights, prediction, epochs, bat
     return {"arch": arch, "size": size, "weights": check_weights(weights, arch)}
 
 
-def cnn_key(arch: str, size: int, prediction: str, backbone: str, preprocessing: str, default_chips: bool) -> str:
+def cnn_key(arch: str, size: int, prediction: str, backbone: str, preprocessing: str, align: bool) -> str:
     """The folder a CNN is filed under: ``levi-hassner-227``, ``mobilenetv2-96-10crop``, ... plus the chips'
-    backbone and preprocessing when they are not dlib-rec's own."""
+    backbone and preprocessing (``-align`` when detected and aligned) when they are not dlib-rec's own
+    (its template, not aligned)."""
     k = f"{arch.lower()}-{int(size)}" + ("-10crop" if prediction == "10crop" else "")
-    return k if default_chips else f"{k}-{backbone}-{preprocessing}"
+    if backbone == "dlib-rec" and preprocessing == "template-5pt" and not align:
+        return k
+    return f"{k}-{backbone}-{preprocessing}" + ("-align" if align else "")
 
 
 def train_cnn(manifest, target: str, cats=None, *, out_root=None, features_root=None, **kw) -> Path:
@@ -144,8 +147,7 @@ def fit_cnn(manifest, target: str, cats=None, *, arch: str = DEFAULT_ARCH, size:
           "age_sigma": (2.0 if age_sigma is None else float(age_sigma)) if target == "age" else 0.0,
           "label_smoothing": 0.0, "age_loss": "mae", "augmentation": "random crops of the chip, mirrored with p 1/2",
           "monitor": "val_loss"}
-    default_chips = backbone == "dlib-rec" and prep_name == "template-5pt" and not align
-    key = cnn_key(arch, size, prediction, backbone, prep_name + ("-align" if align else ""), default_chips)
+    key = cnn_key(arch, size, prediction, backbone, prep_name, align)
     out = cnn_dir(dataset_name(manifest), made["manifest_sha256"], key, tname, fold, out_root)
     wsha = _sha(weights) if weights else None
     digest = hashlib.sha256(json.dumps({"manifest": made["manifest_sha256"], "chips": made["preprocessing"],
@@ -392,37 +394,22 @@ def record_cnn(model, cfg: dict, chips, labels, rows: dict, note: str, out: Path
     """Score the CNN on its val and test faces and write its record as a head's (``metrics.json``, ``faces.csv``,
     confusion, scatter, subgroups, predictions)."""
     from ..data.labels import encode_target
-    from ..scoring.scores import score_predictions, write_faces, write_predictions, write_reports
+    from ..scoring.scores import record_fields, score_predictions, write_scored
     from .cnn import predict_raw
     from .model import outputs_to_prediction
 
     y_all, _ = encode_target(labels, cfg["target"], cfg.get("cats"))
     prediction = cfg["hyperparameters"]["prediction"]
-    sections, files = {}, []
-    for split in ("val", "test"):
+
+    def score(split):
         r = np.asarray(rows[split], dtype=np.int64)
         if not len(r):
-            continue
+            return None
         raw = predict_raw(model, np.asarray(chips[r]), cfg["hyperparameters"]["size"], prediction)
-        pred = outputs_to_prediction(raw, cfg)
-        s = score_predictions(cfg["target"], cfg.get("cats"), y_all[r], pred, labels.iloc[r], cfg.get("class_names"))
-        sections[split] = s
-        if split == "test":
-            files += write_reports(out, cfg, s, "test split")
-        else:
-            write_predictions(out / "predictions_val.csv", s["sub"], s["y"], s["pred"], cfg)
-            files.append("predictions_val.csv")
-    write_faces(out / "faces.csv", sections)
-    result = {
-        "kind": "cnn", "head_dir": str(out.resolve()), "manifest": cfg["manifest"],
-        "feature_set": cfg["feature_set"], "backbone": "cnn", "dataset": cfg["dataset"],
-        "dataset_key": cfg["dataset_key"], "tap": cfg["tap"], "head_key": cfg["head_key"], "target": cfg["target"],
-        "target_name": cfg["target_name"], "fold": cfg.get("fold"), "seed": cfg.get("seed"), "split_note": note,
-        "chosen_on": "val",
-        **{k: {"n": v["n"], "split_note": note, "metrics": v["metrics"], "uncertainty": v["uncertainty"],
-               "report": v["report"]} for k, v in sections.items()},
-        "subgroups_test": sections.get("test", {}).get("subgroups"),
-        "files": ["metrics.json", "faces.csv", *files], "config": cfg,
-    }
+        return score_predictions(cfg["target"], cfg.get("cats"), y_all[r], outputs_to_prediction(raw, cfg),
+                                 labels.iloc[r], cfg.get("class_names"))
+
+    sections, files = write_scored(out, cfg, score)
+    result = {**record_fields("cnn", out, cfg, sections, note, files), "manifest": cfg["manifest"]}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result

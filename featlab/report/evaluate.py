@@ -34,7 +34,7 @@ from ..data.labels import encode_target, split_rows
 from ..errors import FeatlabError
 from ..features.featureio import check_finite
 from ..paths import dataset_key, differences, feature_set
-from ..scoring.scores import score_predictions, write_faces, write_predictions, write_reports
+from ..scoring.scores import record_fields, score_predictions, write_faces, write_reports, write_scored
 from ..features.store import FeatureStore
 
 SPLITS = ("test", "val", "train", "all")
@@ -89,11 +89,6 @@ def score_rows(model, cfg: dict, store: FeatureStore, rows: np.ndarray, labels=N
     return score_predictions(target, cats, y_all[rows], pred, labels.iloc[rows], cfg.get("class_names"), seed)
 
 
-def _section(s: dict, note: str) -> dict:
-    return {"n": s["n"], "split_note": note, "metrics": s["metrics"], "uncertainty": s["uncertainty"],
-            "report": s["report"]}
-
-
 def record_head(model, cfg: dict, store: FeatureStore, head_dir: Path) -> dict:
     """Score a freshly trained head on its val and test rows and write its record (see the module doc)."""
     head_dir = Path(head_dir)
@@ -101,39 +96,10 @@ def record_head(model, cfg: dict, store: FeatureStore, head_dir: Path) -> dict:
     y_all, valid = encode_target(labels, cfg["target"], cfg.get("cats"))
     hp = cfg.get("hyperparameters", {})
     sp = split_rows(labels, valid, cfg.get("fold"), float(hp.get("val_share", 0.1)))
-    sections, files = {}, []
-    for split in ("val", "test"):
-        if not len(sp[split]):
-            continue
-        sections[split] = score_rows(model, cfg, store, sp[split], labels)
-        if split == "test":
-            files += write_reports(head_dir, cfg, sections[split], "test split")
-        else:
-            write_predictions(head_dir / "predictions_val.csv", sections[split]["sub"], sections[split]["y"],
-                               sections[split]["pred"], cfg)
-            files.append("predictions_val.csv")
-    write_faces(head_dir / "faces.csv", sections)
-    result = {
-        "kind": "head",
-        "head_dir": str(head_dir.resolve()),
-        "features": str(_resolved(store.path)),
-        "feature_set": cfg.get("feature_set"),
-        "backbone": cfg["backbone"],
-        "dataset": cfg["dataset"],
-        "dataset_key": cfg.get("dataset_key", cfg["dataset"]),
-        "tap": cfg["tap"],
-        "head_key": cfg.get("head_key", cfg["tap"]),
-        "target": cfg["target"],
-        "target_name": cfg["target_name"],
-        "fold": cfg.get("fold"),
-        "seed": cfg.get("seed"),
-        "split_note": sp["note"],
-        "chosen_on": "val",
-        **{k: _section(v, sp["note"]) for k, v in sections.items()},
-        "subgroups_test": sections.get("test", {}).get("subgroups"),
-        "files": ["metrics.json", "faces.csv", *files],
-        "config": cfg,
-    }
+    sections, files = write_scored(head_dir, cfg, lambda split: score_rows(model, cfg, store, sp[split], labels)
+                                   if len(sp[split]) else None)
+    result = {**record_fields("head", head_dir, cfg, sections, sp["note"], files),
+              "features": str(_resolved(store.path))}
     (head_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
 

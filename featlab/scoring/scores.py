@@ -191,3 +191,39 @@ def write_predictions(path: Path, sub, y, pred, cfg) -> None:
             conf = pred["proba"].max(axis=1)
             for iid, t, p, c in zip(sub["image_id"], y, pred["pred"], conf):
                 w.writerow([iid, names[int(t)], names[int(p)], f"{float(c):.4f}"])
+
+
+def write_scored(out: Path, cfg: dict, score, head_key: str | None = None) -> tuple[dict, list[str]]:
+    """Score a record's ``val`` and ``test`` faces with ``score(split)`` (None: the split has no faces) and
+    write its files into ``out``: the test reports (confusion or scatter, subgroups, predictions; titled with
+    ``head_key`` when given), the val predictions and ``faces.csv``. Returns (the scored sections, the files
+    written besides faces.csv). One writer for heads, CNNs and seed ensembles."""
+    sections, files = {}, []
+    for split in ("val", "test"):
+        s = score(split)
+        if s is None:
+            continue
+        sections[split] = s
+        if split == "test":
+            files += write_reports(out, cfg if head_key is None else {**cfg, "head_key": head_key}, s, "test split")
+        else:
+            write_predictions(out / "predictions_val.csv", s["sub"], s["y"], s["pred"], cfg)
+            files.append("predictions_val.csv")
+    write_faces(out / "faces.csv", sections)
+    return sections, files
+
+
+def record_fields(kind: str, out: Path, cfg: dict, sections: dict, note: str, files: list[str]) -> dict:
+    """The fields every record's ``metrics.json`` shares (a head's, a CNN's): what was scored, how the split
+    was made, and each split's figures with their uncertainty."""
+    return {
+        "kind": kind, "head_dir": str(Path(out).resolve()), "feature_set": cfg.get("feature_set"),
+        "backbone": cfg["backbone"], "dataset": cfg["dataset"], "dataset_key": cfg.get("dataset_key", cfg["dataset"]),
+        "tap": cfg["tap"], "head_key": cfg.get("head_key", cfg["tap"]), "target": cfg["target"],
+        "target_name": cfg["target_name"], "fold": cfg.get("fold"), "seed": cfg.get("seed"), "split_note": note,
+        "chosen_on": "val",
+        **{k: {"n": v["n"], "split_note": note, "metrics": v["metrics"], "uncertainty": v["uncertainty"],
+               "report": v["report"]} for k, v in sections.items()},
+        "subgroups_test": sections.get("test", {}).get("subgroups"),
+        "files": ["metrics.json", "faces.csv", *files], "config": cfg,
+    }

@@ -243,8 +243,8 @@ def cnn_step(spec: dict, manifest: Path, heads: list[dict], force: bool, echo) -
     cf = c.get("chips_from", "dlib-rec")
     align = bool((spec.get("extract") or {}).get("align", False))  # chips cut as the heads' (detect + align)
     prep = chip_geometry(cf, None, 64)[1]
-    key = cnn_key(check_arch(c.get("arch", "levi-hassner")), c.get("size", 227), c.get("predict", "center"), cf,
-                  prep + ("-align" if align else ""), cf == "dlib-rec" and prep == "template-5pt" and not align)
+    key = cnn_key(check_arch(c.get("arch", "levi-hassner")), c.get("size", 227), c.get("predict", "center"), cf, prep,
+                  align)
     for tname, h in {target_name(h["target"], h["cats"]): h for h in heads}.items():
         fold = h.get("fold")
         d = cnn_dir(dataset_name(manifest), sha, key, tname, None if fold == "all" else fold)

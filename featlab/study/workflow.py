@@ -255,29 +255,24 @@ def _ensemble(dirs: list[Path], store, root: Path, out: dict) -> dict:
     """Score the seeds' ensemble on the val and test rows of their records and write its files into ``root``
     (``faces.csv``, confusion or scatter, subgroups, predictions) as a head's; returns the scored sections."""
     from ..data.labels import encode_target, split_rows
-    from ..scoring.scores import score_predictions, write_faces, write_predictions, write_reports
+    from ..scoring.scores import score_predictions, write_scored
 
     cfg = json.loads((Path(dirs[0]) / "config.json").read_text())
     labels = store.labels()
     y_all, valid = encode_target(labels, cfg["target"], cfg.get("cats"))
     sp = split_rows(labels, valid, cfg.get("fold"), float(cfg.get("hyperparameters", {}).get("val_share", 0.1)))
-    sections = {}
-    for split in ("val", "test"):
+
+    def score(split):
         rows = sp[split]
         if not len(rows):
-            continue
+            return None
         pred, per = ensemble_predictions(dirs, store, rows)
-        sections[split] = score_predictions(cfg["target"], cfg.get("cats"), y_all[rows], pred, labels.iloc[rows],
-                                            cfg.get("class_names"))
         if split == "val":  # the val figure of the ensemble of the first n seeds, n = 1..N: how many are enough
             out["ensemble_val_curve"] = _prefix_curve(cfg["target"], y_all[rows], per)
-        if split == "test":
-            write_reports(root, {**cfg, "head_key": cfg.get("head_key", cfg["tap"]) + f" (ensemble of {len(dirs)} seeds)"},
-                          sections[split], "test split")
-        else:
-            write_predictions(root / "predictions_val.csv", sections[split]["sub"], sections[split]["y"],
-                              sections[split]["pred"], cfg)
-    write_faces(root / "faces.csv", sections)
+        return score_predictions(cfg["target"], cfg.get("cats"), y_all[rows], pred, labels.iloc[rows],
+                                 cfg.get("class_names"))
+
+    sections, _ = write_scored(root, cfg, score, cfg.get("head_key", cfg["tap"]) + f" (ensemble of {len(dirs)} seeds)")
     return sections
 
 

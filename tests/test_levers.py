@@ -26,7 +26,7 @@ def _record(d: Path, test: np.ndarray, val_acc: float, key: str, ids=None):
 
 def test_the_answer_is_chosen_on_val_per_seed_or_ensemble_and_tested_paired(tmp_path):
     from featlab.scoring.uncertainty import paired_difference
-    from featlab.study.levers import answer, lever_rows, table
+    from featlab.study.levers import answer, lever_rows, seed_choices, table
 
     rng = np.random.default_rng(0)
     n = 300
@@ -41,6 +41,8 @@ def test_the_answer_is_chosen_on_val_per_seed_or_ensemble_and_tested_paired(tmp_
         _record(base / tap / "gender" / "seed1", hits[tap], vals[1], tap)
     one, ens = answer(tmp_path, "dlib-rec", "ds", "gender", seed=0), answer(tmp_path, "dlib-rec", "ds", "gender")
     assert (one["key"], ens["key"]) == ("res10", "res14") and answer(tmp_path, "dlib-rec", "ds", "gender", seed=1)["key"] == "res14"
+    assert seed_choices(tmp_path, "dlib-rec", "ds", "gender") == {"single seeds": {0: "res10", 1: "res14"},
+                                                                  "ensemble": "res14"}
     rows = lever_rows([("one seed", one), ("ensemble", ens)], "gender")
     assert "diff" not in rows[0] and rows[1]["input"] == "res14"
     groups = np.array([f"p{k // 3}" for k in range(n)])

@@ -124,15 +124,22 @@ def table(rows_by_target: dict[str, list[dict]]) -> str:
 
 
 SHIPPED = [  # (label, how its answer is found) for the shipped UTKFace studies; the first is the reference
-    ("one seed (the study before #32)", ("answer", "dlib-rec", "utkface-dlib-rec", 0)),
-    ("ensemble of 3 seeds", ("answer", "dlib-rec", "utkface-dlib-rec", None)),
+    ("one seed, no mirror (the study before #32)", ("answer", "dlib-rec", "utkface-dlib-rec", None)),
     ("one seed + mirror", ("answer", "dlib-rec", "utkface-dlib-rec-flip", 0)),
-    ("ensemble + mirror (utkface-dlib-rec.toml)", ("answer", "dlib-rec", "utkface-dlib-rec-flip", None)),
-    ("cross fusion, one seed, no mirror (two-network study before #32)",
+    ("ensemble of 3 seeds + mirror (utkface-dlib-rec.toml)", ("answer", "dlib-rec", "utkface-dlib-rec-flip", None)),
+    ("cross fusion, one seed, no mirror (the two-network study before #32)",
      ("fusion", "dlib-rec+sface-template-5pt+sface-resize", "utkface-two-networks")),
     ("cross fusion + ensemble + mirror (utkface-two-networks.toml)",
      ("fusion", "dlib-rec+sface-template-5pt+sface-resize", "utkface-two-networks-flip")),
 ]
+
+
+def seed_choices(results_root, backbone: str, dataset: str, tname: str) -> dict:
+    """What validation chooses with each seed alone (``seedK/`` records) and with their ensemble."""
+    base = Path(results_root) / backbone / dataset
+    seeds = sorted({int(p.parent.name[4:]) for p in base.glob(f"*/{tname}/seed*/metrics.json")})
+    return {"single seeds": {k: answer(results_root, backbone, dataset, tname, k)["key"] for k in seeds},
+            "ensemble": answer(results_root, backbone, dataset, tname)["key"]}
 
 
 def shipped_answers(results_root, tname: str) -> list[tuple[str, dict]]:
@@ -154,6 +161,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     rows = {t: lever_rows(shipped_answers(args.results, t), t) for t in ("bins8", "age", "gender")}
     print(table(rows))
+    print()
+    for t in rows:
+        c = seed_choices(args.results, "dlib-rec", "utkface-dlib-rec-flip", t)
+        print(f"{t}: validation chooses " + ", ".join(f"`{k}` with seed {s} alone" for s, k in c["single seeds"].items())
+              + f"; `{c['ensemble']}` with their ensemble")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
 

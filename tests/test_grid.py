@@ -304,6 +304,12 @@ def test_an_interrupted_seed_grid_gives_the_same_ensembles_and_compare_chooses_o
     row = next(x for x in r["rows"] if x["reader"] == "head" and x["tap"] == best)
     assert row["accuracy"] == m[best]["test"]["metrics"]["accuracy"]
     assert row["accuracy_std_over_seeds"] == pytest.approx(m[best]["test"]["metrics_std"]["accuracy"])
+    from featlab.study.experiment import comparison_table  # the study report shows the spread beside the interval
+
+    lines = comparison_table(r)
+    col = lines[0].split(" | ").index("SD of accuracy over seeds")
+    cells = next(x for x in lines if x.startswith(f"| `{best}` head")).split(" | ")
+    assert cells[col] == f"{100 * m[best]['test']['metrics_std']['accuracy']:.1f} pts"
 
 
 def test_a_seed_grid_reads_each_tap_once_and_fits_each_seed_as_a_grid_of_that_seed_alone(feats, tmp_path, monkeypatch):

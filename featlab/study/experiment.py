@@ -761,8 +761,11 @@ def comparison_table(comp: dict) -> list[str]:
     """A markdown table of a comparison's rows (test figures with intervals, paired tests)."""
     ms = comp["metrics"]
     sel = ms[0] if "mae" not in ms else "mae"
-    head = ["reader", f"val {sel}", *[f"test {m} [95 % CI]" for m in ms], "diff vs chosen [95 % CI]", "p (BH)",
-            "p equiv. (BH)", "verdict"]
+    # heads trained with several seeds: the spread of the single seeds' test figure beside the ensemble's interval
+    spread = any(r.get(f"{sel}_std_over_seeds") is not None for r in comp["rows"])
+    head = ["reader", f"val {sel}", *[f"test {m} [95 % CI]" for m in ms],
+            *([f"SD of {sel} over seeds"] if spread else []), "diff vs chosen [95 % CI]", "p (BH)", "p equiv. (BH)",
+            "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in comp["rows"]:
         cells = [_reader_name(r), format_figure(sel, r[f"val_{sel}"]) if r.get(f"val_{sel}") is not None else ""]
@@ -772,6 +775,9 @@ def comparison_table(comp: dict) -> list[str]:
             v = r.get(m)
             cells.append(format_figure(m, v, [lo, hi] if lo is not None and hi is not None else None)
                          if v is not None else "")
+        if spread:
+            sd = r.get(f"{sel}_std_over_seeds")
+            cells.append("" if sd is None or sd != sd else (f"{sd:.2f} years" if sel == "mae" else f"{100 * sd:.1f} pts"))
         d = r.get("diff_vs_best")
         lo, hi = r.get("diff_ci95_low"), r.get("diff_ci95_high")
         cells.append("" if r.get("chosen") or d is None else format_diff(sel, d, lo, hi))

@@ -55,3 +55,17 @@ def test_the_answer_is_chosen_on_val_per_seed_or_ensemble_and_tested_paired(tmp_
     _record(tmp_path / "x" / "ds" / "res14" / "gender", hits["res14"], 0.9, "res14", ids=[f"o{i}" for i in range(n)])
     with pytest.raises(FeatlabError, match="other test faces"):
         lever_rows([("one seed", one), ("other", answer(tmp_path, "x", "ds", "gender"))], "gender")
+
+
+def test_the_shipped_table_leaves_out_what_has_not_run_but_never_its_reference(tmp_path):
+    from featlab.study.levers import SHIPPED, shipped_answers
+
+    with pytest.raises(FeatlabError, match="no gender record"):
+        shipped_answers(tmp_path, "gender", [])  # no reference: one line, even when the others may be left out
+    kind, backbone, dataset, _ = SHIPPED[0][1]
+    _record(tmp_path / backbone / dataset / "res14" / "gender", np.zeros(6), 0.5, "res14")
+    missing: list = []
+    got = shipped_answers(tmp_path, "gender", missing)
+    assert [label for label, _ in got] == [SHIPPED[0][0]] and len(missing) == len(SHIPPED) - 1
+    with pytest.raises(FeatlabError):
+        shipped_answers(tmp_path, "gender")

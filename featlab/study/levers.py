@@ -142,13 +142,20 @@ def seed_choices(results_root, backbone: str, dataset: str, tname: str) -> dict:
             "ensemble": answer(results_root, backbone, dataset, tname)["key"]}
 
 
-def shipped_answers(results_root, tname: str) -> list[tuple[str, dict]]:
+def shipped_answers(results_root, tname: str, missing: list | None = None) -> list[tuple[str, dict]]:
+    """The answers of :data:`SHIPPED` for ``tname``. A configuration not run yet stops with its one line, or,
+    with ``missing`` (a list), is left out and its line appended there (the reference never is)."""
     out = []
-    for label, how in SHIPPED:
-        if how[0] == "answer":
-            out.append((label, answer(results_root, how[1], how[2], tname, how[3])))
-        else:
-            out.append((label, fusion_answer(results_root, how[1], how[2], tname)))
+    for i, (label, how) in enumerate(SHIPPED):
+        try:
+            if how[0] == "answer":
+                out.append((label, answer(results_root, how[1], how[2], tname, how[3])))
+            else:
+                out.append((label, fusion_answer(results_root, how[1], how[2], tname)))
+        except FeatlabError as e:
+            if missing is None or i == 0:
+                raise
+            missing.append(f"{tname}: {label}: {e}")
     return out
 
 
@@ -159,8 +166,11 @@ def main(argv=None) -> None:
     ap.add_argument("--results", default="results", help="the results folder [results]")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
-    rows = {t: lever_rows(shipped_answers(args.results, t), t) for t in ("bins8", "age", "gender")}
+    missing: list = []
+    rows = {t: lever_rows(shipped_answers(args.results, t, missing), t) for t in ("bins8", "age", "gender")}
     print(table(rows))
+    for line in missing:
+        print(f"not run yet, left out: {line}")
     print()
     for t in rows:
         c = seed_choices(args.results, "dlib-rec", "utkface-dlib-rec-flip", t)

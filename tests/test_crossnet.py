@@ -315,3 +315,21 @@ def test_network_names_and_fusion_keys():
                      ("dlib-rec:res10+sface-resize:fc1", "does not extract 'res10'")):
         with pytest.raises(FeatlabError, match=msg):
             split_fusions({"name": "s", "fusion": [bad]}, names, keys)
+
+
+def test_the_cross_fusion_reads_the_chosen_key_of_a_seed_ensemble(tmp_path):
+    """A spec with seeds = N chooses ensembles, whose folders hold metrics.json and seed*/ but no config.json
+    (the two-network study with 3 seeds stopped here with FileNotFoundError)."""
+    import json
+
+    from featlab.study.multinet import _store_key
+
+    ens = tmp_path / "res14" / "bins8"
+    (ens / "seed0").mkdir(parents=True)
+    (ens / "seed0" / "config.json").write_text(json.dumps({"tap": "res14"}))
+    (ens / "metrics.json").write_text(json.dumps({"kind": "ensemble", "tap": "res14@avg4"}))
+    assert _store_key({"rows": [{"head_dir": str(tmp_path / "x")}, {"chosen": True, "head_dir": str(ens)}]}) == "res14@avg4"
+    head = tmp_path / "embedding" / "age"
+    head.mkdir(parents=True)
+    (head / "config.json").write_text(json.dumps({"tap": "embedding"}))
+    assert _store_key({"rows": [{"chosen": True, "head_dir": str(head)}]}) == "embedding"

@@ -201,9 +201,12 @@ def run_networks(spec: dict, force: bool = False, echo=print) -> Path:
 
 
 def _store_key(comp: dict) -> str:
-    """The stored tap key (or fusion key) of a comparison's chosen head, from its config.json."""
+    """The stored tap key (or fusion key) of a comparison's chosen head, from its record's metrics.json (a
+    head's, or a seed ensemble's or folds summary's, whose folder has no config.json of its own)."""
     row = next(r for r in comp["rows"] if r.get("chosen"))
-    return json.loads((Path(row["head_dir"]) / "config.json").read_text())["tap"]
+    d = Path(row["head_dir"])
+    m = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
+    return m.get("tap") or json.loads((d / "config.json").read_text())["tap"]
 
 
 def compare_root(names: list[str], dkey: str) -> Path:

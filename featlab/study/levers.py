@@ -15,8 +15,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data.labels import selection_metric
 from ..errors import FeatlabError
+
+
+def _target(tname: str) -> str:
+    return "age" if tname == "age" else "gender" if tname == "gender" else "bins"
 
 
 def _record(d: Path) -> dict:
@@ -35,11 +38,9 @@ def answer(results_root, backbone: str, dataset: str, tname: str, seed: int | No
         dirs = [d / f"seed{int(seed)}" for d in dirs if (d / f"seed{int(seed)}" / "metrics.json").is_file()]
     if not dirs:
         raise FeatlabError(f"no {tname} record under {base}" + ("" if seed is None else f" with a seed{seed}/ folder"))
-    target = "age" if tname == "age" else "gender" if tname == "gender" else "bins"
-    m = selection_metric(target)
-    recs = [_record(d) for d in dirs]
-    lower = m == "mae"
-    return min(recs, key=lambda r: r["val"][m] if lower else -r["val"][m])  # min keeps the first of a tie
+    from ..report.compare import choose
+
+    return choose([_record(d) for d in dirs], _target(tname))  # compare's rule: best val figure, ties to the first
 
 
 def fusion_answer(results_root, networks: str, dataset: str, tname: str) -> dict:
@@ -71,7 +72,7 @@ def lever_rows(answers: list[tuple[str, dict]], tname: str, margins: dict | None
     from ..report.compare import margins_for
     from ..scoring.uncertainty import adjust, paired_difference, verdict
 
-    target = "age" if tname == "age" else "gender" if tname == "gender" else "bins"
+    target = _target(tname)
     metrics = ["mae", "cs5"] if target == "age" else ["accuracy"] + (["one_off"] if target == "bins" else [])
     margin = margins_for(metrics, margins)
     ref_label, ref = answers[0]
